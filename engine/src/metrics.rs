@@ -1,0 +1,88 @@
+//! Counters shared between a running pipeline and whoever reports on it (`SHOW …`, `/metrics`).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::time::EventTime;
+
+/// Live counters of one source or stream. Cheap to update from the hot path (relaxed atomics,
+/// one update per batch, never per row).
+#[derive(Debug)]
+pub struct Metrics {
+    rows_in: AtomicU64,
+    rows_out: AtomicU64,
+    bad_records: AtomicU64,
+    batches: AtomicU64,
+    last_event_time: AtomicI64,
+    watermark: AtomicI64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            rows_in: AtomicU64::new(0),
+            rows_out: AtomicU64::new(0),
+            bad_records: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            last_event_time: AtomicI64::new(i64::MIN),
+            watermark: AtomicI64::new(i64::MIN),
+        }
+    }
+}
+
+/// A point-in-time copy of [`Metrics`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// Rows received.
+    pub rows_in: u64,
+    /// Rows emitted.
+    pub rows_out: u64,
+    /// Records sent to the errors zone.
+    pub bad_records: u64,
+    /// Batches processed.
+    pub batches: u64,
+    /// The largest event time seen, if any.
+    pub last_event_time: Option<EventTime>,
+    /// The current watermark, if any was emitted.
+    pub watermark: Option<EventTime>,
+}
+
+impl Metrics {
+    /// Counts rows received.
+    pub fn add_rows_in(&self, n: usize) {
+        self.rows_in.fetch_add(n as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts rows emitted.
+    pub fn add_rows_out(&self, n: usize) {
+        self.rows_out.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts records sent to the errors zone.
+    pub fn add_bad_records(&self, n: usize) {
+        self.bad_records.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Records an event time seen; keeps the maximum.
+    pub fn observe_event_time(&self, t: EventTime) {
+        self.last_event_time.fetch_max(t.0, Ordering::Relaxed);
+    }
+
+    /// Records the current watermark; keeps the maximum.
+    pub fn observe_watermark(&self, t: EventTime) {
+        self.watermark.fetch_max(t.0, Ordering::Relaxed);
+    }
+
+    /// Reads all counters.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let opt = |v: i64| (v != i64::MIN).then_some(EventTime(v));
+        MetricsSnapshot {
+            rows_in: self.rows_in.load(Ordering::Relaxed),
+            rows_out: self.rows_out.load(Ordering::Relaxed),
+            bad_records: self.bad_records.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+            last_event_time: opt(self.last_event_time.load(Ordering::Relaxed)),
+            watermark: opt(self.watermark.load(Ordering::Relaxed)),
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The [`Operator`] trait and the [`OperatorChain`] that runs operators in one task.
+
+use arrow::record_batch::RecordBatch;
+
+use crate::error::Result;
+use crate::message::{BadRecord, Barrier, Message};
+use crate::time::EventTime;
+
+/// Where an operator puts what it emits while handling one message.
+#[derive(Debug, Default)]
+pub struct Collector {
+    out: Vec<Message>,
+    bad: Vec<BadRecord>,
+}
+
+impl Collector {
+    /// Emits a batch downstream; empty batches are dropped.
+    pub fn emit(&mut self, batch: RecordBatch) {
+        if batch.num_rows() > 0 {
+            self.out.push(Message::Data(batch));
+        }
+    }
+
+    /// Emits a watermark downstream.
+    pub fn emit_watermark(&mut self, t: EventTime) {
+        self.out.push(Message::Watermark(t));
+    }
+
+    /// Emits a barrier downstream.
+    pub fn emit_barrier(&mut self, b: Barrier) {
+        self.out.push(Message::Barrier(b));
+    }
+
+    /// Sends a record to the errors zone.
+    pub fn reject(&mut self, record: BadRecord) {
+        self.bad.push(record);
+    }
+
+    /// Takes what was emitted downstream.
+    pub fn take_messages(&mut self) -> Vec<Message> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Takes what was rejected.
+    pub fn take_rejected(&mut self) -> Vec<BadRecord> {
+        std::mem::take(&mut self.bad)
+    }
+}
+
+/// A synchronous, batch-at-a-time transformation.
+///
+/// The hooks are called from one task, one at a time, in the order the messages arrive on
+/// the operator's input; none of them may block on I/O. Each hook may emit any number of
+/// messages through the [`Collector`]; they are delivered downstream in emission order,
+/// before anything emitted for the next input message.
+///
+/// Returning an error fails the whole pipeline: rows that merely cannot be processed
+/// (a cast that fails on one row, say) are rejected through [`Collector::reject`] instead.
+pub trait Operator: Send + Sync {
+    /// A short name for logs and `EXPLAIN`, e.g. `filter`.
+    fn name(&self) -> &str;
+
+    /// Called for each batch of rows.
+    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()>;
+
+    /// Called when event time on the input advances to `t`. The default forwards it.
+    fn on_watermark(&mut self, t: EventTime, out: &mut Collector) -> Result<()> {
+        out.emit_watermark(t);
+        Ok(())
+    }
+
+    /// Called when a checkpoint barrier passes. Stateful operators snapshot their state here,
+    /// before the barrier is forwarded. The default forwards it.
+    fn on_barrier(&mut self, barrier: Barrier, out: &mut Collector) -> Result<()> {
+        out.emit_barrier(barrier);
+        Ok(())
+    }
+
+    /// Called once when the input ends, before `End` is forwarded. Operators that hold rows
+    /// emit them here.
+    fn on_close(&mut self, _out: &mut Collector) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Several operators run back to back in one task, as Flink chains operators: the output of
+/// each is the input of the next, with no channel in between.
+#[derive(Default)]
+pub struct OperatorChain {
+    operators: Vec<Box<dyn Operator>>,
+}
+
+impl std::fmt::Debug for OperatorChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.operators.iter().map(|o| o.name()))
+            .finish()
+    }
+}
+
+impl OperatorChain {
+    /// A chain of the given operators, first to last.
+    pub fn new(operators: Vec<Box<dyn Operator>>) -> Self {
+        Self { operators }
+    }
+
+    /// Appends an operator at the end of the chain.
+    pub fn push(&mut self, op: Box<dyn Operator>) {
+        self.operators.push(op);
+    }
+
+    /// The names of the operators, first to last.
+    pub fn names(&self) -> Vec<&str> {
+        self.operators.iter().map(|o| o.name()).collect()
+    }
+
+    /// Runs one input message through every operator; what the last one emits lands in
+    /// `out`, together with every rejected record of the whole chain.
+    pub fn process(&mut self, msg: Message, out: &mut Collector) -> Result<()> {
+        let mut current = vec![msg];
+        for op in &mut self.operators {
+            let mut next = Collector::default();
+            for m in current.drain(..) {
+                match m {
+                    Message::Data(batch) => op.process_batch(batch, &mut next)?,
+                    Message::Watermark(t) => op.on_watermark(t, &mut next)?,
+                    Message::Barrier(b) => op.on_barrier(b, &mut next)?,
+                    Message::End => {
+                        op.on_close(&mut next)?;
+                        next.out.push(Message::End);
+                    }
+                }
+            }
+            out.bad.append(&mut next.bad);
+            current = next.out;
+        }
+        out.out.append(&mut current);
+        Ok(())
+    }
+}
