@@ -1,1 +1,21 @@
-//! placeholder
+//! Sluice's connectors: where rows come from and where they go.
+//!
+//! One folder per connector, one shape: `mod.rs` holds its options (validated from the SQL
+//! `WITH (…)` map) and the reading or writing side lives next to it. Transports are kept
+//! apart from formats (`formats/`), so every format works on every transport.
+//!
+//! - [`lake`]: the object-store lake (a local directory or `s3://bucket/prefix`): the
+//!   Parquet writer of the processed zone, the raw and errors zones.
+//! - [`datagen`]: a deterministic generator driven by the declared schema.
+//! - [`http`]: push ingestion (`POST /v1/sources/{name}/events`).
+//! - [`registry`]: the one list of connectors, and option validation for `CREATE SOURCE`.
+
+pub mod datagen;
+pub mod error;
+pub mod formats;
+pub mod http;
+pub mod lake;
+pub mod registry;
+
+pub use error::{ConnectorError, Result};
+pub use registry::{SourceConfig, source_config};

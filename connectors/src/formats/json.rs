@@ -1,0 +1,173 @@
+//! JSON records decoded into Arrow batches with arrow-json's decoder.
+//!
+//! The whole input is decoded in one pass (the fast path). Only when that fails is each
+//! record decoded on its own, to tell the good records from the bad ones and say why each
+//! bad one failed; the good ones are then decoded together again.
+//!
+//! Decoding rules (arrow-json's): fields not in the schema are ignored; a missing or `null`
+//! field is NULL, which a `NOT NULL` column rejects; timestamps are RFC 3339 strings
+//! (`2024-05-01T12:00:00Z`, `2024-05-01 12:00:00`) or integers in epoch microseconds.
+
+use arrow::datatypes::SchemaRef;
+use arrow::json::ReaderBuilder;
+use arrow::record_batch::RecordBatch;
+
+use crate::error::Result;
+
+/// A record that failed to decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordError {
+    /// Index of the record in the input (0-based).
+    pub index: usize,
+    /// Why it failed, for a human.
+    pub reason: String,
+}
+
+/// The result of decoding a set of records.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The good records, in input order.
+    pub batch: RecordBatch,
+    /// The bad ones.
+    pub errors: Vec<RecordError>,
+}
+
+/// Decodes JSON objects into batches of one schema.
+#[derive(Debug, Clone)]
+pub struct JsonDecoder {
+    schema: SchemaRef,
+}
+
+impl JsonDecoder {
+    /// A decoder producing `schema`.
+    pub fn new(schema: SchemaRef) -> Self {
+        Self { schema }
+    }
+
+    /// Decodes `records` (each one JSON object, without a trailing newline).
+    pub fn decode(&self, records: &[&[u8]]) -> Result<Decoded> {
+        match self.decode_all(records) {
+            Ok(batch) => Ok(Decoded {
+                batch,
+                errors: vec![],
+            }),
+            Err(_) => {
+                let mut good = Vec::with_capacity(records.len());
+                let mut errors = Vec::new();
+                for (index, r) in records.iter().enumerate() {
+                    match self.decode_all(std::slice::from_ref(r)) {
+                        Ok(_) => good.push(*r),
+                        Err(reason) => errors.push(RecordError { index, reason }),
+                    }
+                }
+                let batch = self.decode_all(&good).map_err(|e| {
+                    sluice_engine::EngineError::Internal(format!(
+                        "records that decode one by one failed together: {e}"
+                    ))
+                })?;
+                Ok(Decoded { batch, errors })
+            }
+        }
+    }
+
+    fn decode_all(&self, records: &[&[u8]]) -> Result<RecordBatch, String> {
+        let mut decoder = ReaderBuilder::new(std::sync::Arc::clone(&self.schema))
+            .with_batch_size(records.len().max(1))
+            .build_decoder()
+            .map_err(|e| e.to_string())?;
+        for r in records {
+            if !r.trim_ascii_start().starts_with(b"{") {
+                return Err("not a JSON object".to_string());
+            }
+            let n = decoder.decode(r).map_err(|e| explain(&e.to_string()))?;
+            if n != r.len() {
+                return Err("more than one JSON value in a record".to_string());
+            }
+            // A newline ends the value, so that two records never merge.
+            decoder.decode(b"\n").map_err(|e| explain(&e.to_string()))?;
+        }
+        let batch = decoder
+            .flush()
+            .map_err(|e| explain(&e.to_string()))?
+            .unwrap_or_else(|| RecordBatch::new_empty(std::sync::Arc::clone(&self.schema)));
+        // An unterminated record would swallow the next one; the row count catches that.
+        if batch.num_rows() != records.len() {
+            return Err("incomplete JSON object".to_string());
+        }
+        Ok(batch)
+    }
+}
+
+/// Rewords arrow-json's messages where they would puzzle a user.
+fn explain(message: &str) -> String {
+    let m = message.strip_prefix("Json error: ").unwrap_or(message);
+    // arrow-json names the column inside a `Field` debug print, e.g.
+    // `… non-nullable StructArray child: Field { "id": Utf8 }`.
+    let name_at = ["Field { \"", "name: \""]
+        .iter()
+        .find_map(|p| m.find(p).map(|i| i + p.len()));
+    if m.contains("non-nullable")
+        && let Some(start) = name_at
+    {
+        let rest = &m[start..];
+        if let Some(end) = rest.find('"') {
+            return format!("missing value for NOT NULL column `{}`", &rest[..end]);
+        }
+    }
+    m.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+
+    use super::*;
+
+    fn decoder() -> JsonDecoder {
+        JsonDecoder::new(Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new("amount", DataType::Float64, true),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
+        ])))
+    }
+
+    #[test]
+    fn good_records_decode_in_one_pass() {
+        let recs: Vec<&[u8]> = vec![
+            br#"{"id":"a","amount":1.5,"ts":"2024-05-01T12:00:00Z"}"#,
+            br#"{"id":"b","ts":"2024-05-01 12:00:01","extra":true}"#,
+        ];
+        let d = decoder().decode(&recs).unwrap();
+        assert_eq!(d.batch.num_rows(), 2);
+        assert!(d.errors.is_empty());
+    }
+
+    #[test]
+    fn bad_records_are_isolated_with_reasons() {
+        let recs: Vec<&[u8]> = vec![
+            br#"{"id":"a","amount":1.5,"ts":"2024-05-01T12:00:00Z"}"#,
+            br#"{"id":"b","amount":"lots","ts":"2024-05-01T12:00:00Z"}"#,
+            br#"{"amount":2,"ts":"2024-05-01T12:00:00Z"}"#,
+            br#"{"id":"c", "#,
+            br#"[1,2]"#,
+            br#"{"id":"d","ts":"2024-05-01T12:00:03Z"}"#,
+        ];
+        let d = decoder().decode(&recs).unwrap();
+        assert_eq!(d.batch.num_rows(), 2);
+        let idx: Vec<usize> = d.errors.iter().map(|e| e.index).collect();
+        assert_eq!(idx, vec![1, 2, 3, 4]);
+        assert!(
+            d.errors[0].reason.contains("amount"),
+            "{}",
+            d.errors[0].reason
+        );
+        assert_eq!(d.errors[1].reason, "missing value for NOT NULL column `id`");
+        assert_eq!(d.errors[3].reason, "not a JSON object");
+    }
+}

@@ -1,0 +1,3 @@
+//! Record formats, shared by every transport.
+
+pub mod json;

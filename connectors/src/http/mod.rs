@@ -1,0 +1,220 @@
+//! `http`: push ingestion, the way API Gateway fronted one stream per entity type.
+//!
+//! ```sql
+//! CREATE SOURCE orders (order_id TEXT NOT NULL, amount DOUBLE, ts TIMESTAMP NOT NULL)
+//! WITH (connector = 'http');
+//! ```
+//! Clients `POST /v1/sources/orders/events` with NDJSON (one object per line) or a JSON
+//! array. For each request, in this order:
+//! 1. the body is stored as received under `raw/<source>/…` (durable before anything else);
+//! 2. each record is decoded against the declared schema ([`JsonDecoder`]);
+//! 3. records that fail are stored under `errors/<source>/…` with their line and reason;
+//! 4. the good records are published to the streams reading the source.
+//!
+//! Only then is the request answered, so an acknowledged record is in the lake. Good records
+//! of a body with bad ones are kept (the client is told which lines failed and why, and can
+//! resend just those); the alternative — rejecting the whole body — would make one bad line
+//! hold back every good one.
+//!
+//! Options: `max_request_size` (default `'10MB'`; larger bodies get 413) and `format`
+//! (`'json'`, the default and for now the only one).
+
+use arrow::datatypes::SchemaRef;
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use sluice_engine::source::{WatermarkTracker, publish};
+use sluice_engine::{BadRecord, SourceContext, WithOptions};
+
+use crate::error::{ConnectorError, Result};
+use crate::formats::json::JsonDecoder;
+use crate::lake::{Lake, RecordZone, Zone};
+
+/// Validated options of an `http` source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Largest accepted request body, in bytes.
+    pub max_request_size: u64,
+}
+
+impl HttpConfig {
+    /// Takes the `http` options from `opts`.
+    pub fn try_new(opts: &mut WithOptions) -> Result<Self> {
+        if let Some(f) = opts.take_str("format")
+            && !f.eq_ignore_ascii_case("json")
+        {
+            return Err(opts.bad("format", &f, "'json'").into());
+        }
+        let max_request_size = opts.take_bytes("max_request_size")?.unwrap_or(10 << 20);
+        Ok(Self { max_request_size })
+    }
+}
+
+/// A record of a request that was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RejectedLine {
+    /// 1-based line number (NDJSON) or element position (JSON array).
+    pub line: usize,
+    /// Why it was rejected.
+    pub reason: String,
+}
+
+/// What happened to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IngestReport {
+    /// Records accepted and published.
+    pub accepted: usize,
+    /// Records rejected, in input order.
+    pub rejected: Vec<RejectedLine>,
+}
+
+/// Why a whole request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The body cannot be split into records (the client's fault). It was stored in the
+    /// errors zone whole.
+    #[error("{0}")]
+    Malformed(String),
+    /// The lake could not store the body (retrying may help); nothing was published.
+    #[error("cannot store the request: {0}")]
+    Storage(#[from] ConnectorError),
+}
+
+/// The receiving end of one `http` source.
+#[derive(Debug)]
+pub struct HttpIngest {
+    name: String,
+    decoder: JsonDecoder,
+    raw: RecordZone,
+    errors: RecordZone,
+    ctx: SourceContext,
+    tracker: tokio::sync::Mutex<Option<WatermarkTracker>>,
+    config: HttpConfig,
+}
+
+impl HttpIngest {
+    /// The ingest endpoint of source `name` with `schema`.
+    pub fn new(
+        name: impl Into<String>,
+        schema: SchemaRef,
+        config: HttpConfig,
+        lake: Lake,
+        ctx: SourceContext,
+    ) -> Result<Self> {
+        let name = name.into();
+        let tracker = match &ctx.watermark {
+            Some(spec) => Some(WatermarkTracker::try_new(spec, &schema)?),
+            None => None,
+        };
+        Ok(Self {
+            decoder: JsonDecoder::new(schema),
+            raw: RecordZone::new(lake.clone(), Zone::Raw, name.clone()),
+            errors: RecordZone::new(lake, Zone::Errors, name.clone()),
+            name,
+            ctx,
+            tracker: tokio::sync::Mutex::new(tracker),
+            config,
+        })
+    }
+
+    /// The largest body this source accepts.
+    pub fn max_request_size(&self) -> u64 {
+        self.config.max_request_size
+    }
+
+    /// Stores, validates and publishes one request body. `origin` describes the request in
+    /// errors-zone records. See the module docs for the order of steps.
+    pub async fn ingest(&self, body: Bytes, origin: &str) -> Result<IngestReport, IngestError> {
+        let is_array = body.trim_ascii_start().starts_with(b"[");
+        self.raw
+            .put_raw(body.clone(), if is_array { "json" } else { "ndjson" })
+            .await?;
+        let records = match split_records(&body, is_array) {
+            Ok(r) if !r.is_empty() => r,
+            Ok(_) => return Err(IngestError::Malformed("the body holds no records".into())),
+            Err(reason) => {
+                let bad = BadRecord {
+                    payload: String::from_utf8_lossy(&body).into_owned(),
+                    reason: reason.clone(),
+                    origin: origin.to_string(),
+                };
+                self.errors.put_bad_records(&[bad]).await?;
+                self.ctx.metrics.add_bad_records(1);
+                return Err(IngestError::Malformed(reason));
+            }
+        };
+        let slices: Vec<&[u8]> = records.iter().map(|(_, r)| *r).collect();
+        let decoded = self.decoder.decode(&slices)?;
+        let rejected: Vec<RejectedLine> = decoded
+            .errors
+            .iter()
+            .map(|e| RejectedLine {
+                line: records[e.index].0,
+                reason: e.reason.clone(),
+            })
+            .collect();
+        if !rejected.is_empty() {
+            let bad: Vec<BadRecord> = decoded
+                .errors
+                .iter()
+                .map(|e| BadRecord {
+                    payload: String::from_utf8_lossy(records[e.index].1).into_owned(),
+                    reason: e.reason.clone(),
+                    origin: format!("{origin} line {}", records[e.index].0),
+                })
+                .collect();
+            self.errors.put_bad_records(&bad).await?;
+            self.ctx.metrics.add_bad_records(bad.len());
+        }
+        let accepted = decoded.batch.num_rows();
+        let mut tracker = self.tracker.lock().await;
+        publish(&self.ctx, &mut tracker, decoded.batch).await;
+        tracing::debug!(source = %self.name, accepted, rejected = rejected.len(), "ingested");
+        Ok(IngestReport { accepted, rejected })
+    }
+}
+
+/// Splits a body into `(line number, record)` pairs: non-blank lines of NDJSON, or the
+/// elements of a JSON array.
+fn split_records(body: &[u8], is_array: bool) -> std::result::Result<Vec<(usize, &[u8])>, String> {
+    if is_array {
+        let items: Vec<&RawValue> = serde_json::from_slice(body)
+            .map_err(|e| format!("the body is not a valid JSON array: {e}"))?;
+        // `RawValue`s borrow from `body`; recover their byte ranges.
+        return Ok(items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (i + 1, v.get().as_bytes()))
+            .collect());
+    }
+    Ok(body
+        .split(|b| *b == b'\n')
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.strip_suffix(b"\r").unwrap_or(l)))
+        .filter(|(_, l)| !l.trim_ascii().is_empty())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ndjson_lines_keep_their_numbers_and_skip_blanks() {
+        let body = b"{\"a\":1}\r\n\n  \n{\"a\":2}\n";
+        let r = split_records(body, false).unwrap();
+        assert_eq!(r, vec![(1, &b"{\"a\":1}"[..]), (4, &b"{\"a\":2}"[..])]);
+    }
+
+    #[test]
+    fn arrays_split_into_elements() {
+        let body = br#"[{"a":1}, {"a":2}]"#;
+        let r = split_records(body, true).unwrap();
+        assert_eq!(r, vec![(1, &br#"{"a":1}"#[..]), (2, &br#"{"a":2}"#[..])]);
+        assert!(
+            split_records(b"[{\"a\":1}", true)
+                .unwrap_err()
+                .starts_with("the body is not a valid JSON array")
+        );
+    }
+}

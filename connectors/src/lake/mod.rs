@@ -1,0 +1,245 @@
+//! The lake: one object-store root holding every zone, on a local directory or on S3.
+//!
+//! ```text
+//! <lake>/raw/<source>/dt=YYYY-MM-DD/hour=HH/…        payloads as received (arrival time)
+//! <lake>/errors/<name>/dt=YYYY-MM-DD/hour=HH/…       rejected records, JSON lines (arrival time)
+//! <lake>/processed/<stream>/dt=YYYY-MM-DD/hour=HH/…  stream output, Parquet (event time)
+//! <lake>/_sluice/…                                   catalog and internal state
+//! ```
+//!
+//! Both back ends go through the same `object_store` code path; a file becomes visible
+//! only once complete (a single PUT, or a completed multipart upload, which the local back
+//! end implements as write-to-staging-file + rename).
+
+mod parquet_writer;
+mod records;
+
+pub use parquet_writer::{LakeWriterConfig, ParquetLakeWriter, lake_schema};
+pub use records::{RecordZone, run_errors_writer};
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Datelike, Timelike};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use url::Url;
+
+use crate::error::{ConnectorError, Result};
+
+/// Microseconds in one hour: the partition granularity.
+pub const MICROS_PER_HOUR: i64 = 3_600_000_000;
+
+/// The zones of the lake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Zone {
+    /// Payloads as received, per source.
+    Raw,
+    /// Rejected records with their reasons, per source or stream.
+    Errors,
+    /// Stream output as Parquet, per stream.
+    Processed,
+    /// Sluice's own files (catalog, checkpoints).
+    Internal,
+}
+
+impl Zone {
+    /// The zone's top-level folder.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Zone::Raw => "raw",
+            Zone::Errors => "errors",
+            Zone::Processed => "processed",
+            Zone::Internal => "_sluice",
+        }
+    }
+}
+
+/// An opened lake.
+#[derive(Debug, Clone)]
+pub struct Lake {
+    store: Arc<dyn ObjectStore>,
+    /// Path of the lake root inside `store`.
+    root: Path,
+    /// URL of `store`'s root (`file:///` or `s3://bucket/`), as DataFusion registers stores.
+    store_url: Url,
+    /// The location as the user gave it, normalised, for messages.
+    location: String,
+}
+
+impl Lake {
+    /// Opens the lake at `location`: a local path (created if missing), a `file://` URL, or
+    /// `s3://bucket[/prefix]` (credentials, region and endpoint from the standard AWS
+    /// environment variables; `AWS_ENDPOINT_URL` selects an S3-compatible server).
+    pub fn open(location: &str) -> Result<Lake> {
+        let bad = |reason: String| ConnectorError::InvalidLake {
+            location: location.to_string(),
+            reason,
+        };
+        if let Some(rest) = location.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("no bucket name".into()));
+            }
+            let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_virtual_hosted_style_request(false);
+            if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
+                builder = builder
+                    .with_allow_http(endpoint.starts_with("http://"))
+                    .with_endpoint(endpoint);
+            }
+            let store = builder.build().map_err(|e| bad(e.to_string()))?;
+            let store_url =
+                Url::parse(&format!("s3://{bucket}/")).map_err(|e| bad(e.to_string()))?;
+            return Ok(Lake {
+                store: Arc::new(store),
+                root: Path::from(prefix.trim_end_matches('/')),
+                store_url,
+                location: location.trim_end_matches('/').to_string(),
+            });
+        }
+        let local = match location.strip_prefix("file://") {
+            Some(p) => std::path::PathBuf::from(p),
+            None if location.contains("://") => {
+                return Err(bad(
+                    "unsupported scheme: use a local path, file:// or s3://".into(),
+                ));
+            }
+            None => std::path::PathBuf::from(location),
+        };
+        std::fs::create_dir_all(&local)
+            .map_err(|e| bad(format!("cannot create the directory: {e}")))?;
+        let abs = std::fs::canonicalize(&local).map_err(|e| bad(e.to_string()))?;
+        let root = Path::from_filesystem_path(&abs).map_err(|e| bad(e.to_string()))?;
+        Ok(Lake {
+            store: Arc::new(LocalFileSystem::new()),
+            root,
+            store_url: Url::parse("file:///").expect("static URL"),
+            location: abs.display().to_string(),
+        })
+    }
+
+    /// The object store holding the lake.
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        Arc::clone(&self.store)
+    }
+
+    /// URL of the object store's root (`file:///` or `s3://bucket/`).
+    pub fn store_url(&self) -> &Url {
+        &self.store_url
+    }
+
+    /// The lake's location, for messages.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// `<lake>/<zone>/<name>`.
+    pub fn dir(&self, zone: Zone, name: &str) -> Path {
+        let p = self.root.clone().join(zone.dir());
+        if name.is_empty() { p } else { p.join(name) }
+    }
+
+    /// The URL of `<lake>/<zone>/<name>/` with a trailing slash (a DataFusion table URL).
+    pub fn dir_url(&self, zone: Zone, name: &str) -> String {
+        format!("{}{}/", self.store_url, self.dir(zone, name))
+    }
+
+    /// `<lake>/<zone>/<name>/dt=YYYY-MM-DD/hour=HH` for the hour holding `micros`, or the
+    /// Hive default partition for `None`.
+    pub fn partition_dir(&self, zone: Zone, name: &str, micros: Option<i64>) -> Path {
+        let (dt, hour) = partition_values(micros);
+        self.dir(zone, name)
+            .join(format!("dt={dt}"))
+            .join(format!("hour={hour}"))
+    }
+
+    /// Writes a whole object in one request; it becomes visible complete or not at all.
+    pub async fn put(&self, path: &Path, bytes: impl Into<PutPayload>) -> Result<()> {
+        self.store.put(path, bytes.into()).await?;
+        Ok(())
+    }
+
+    /// Reads a whole object, or `None` if it does not exist.
+    pub async fn get_opt(&self, path: &Path) -> Result<Option<bytes::Bytes>> {
+        match self.store.get(path).await {
+            Ok(r) => Ok(Some(r.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The `dt` and `hour` partition values for a time in microseconds (`None`: Hive's default
+/// partition, for rows without an event time).
+pub fn partition_values(micros: Option<i64>) -> (String, String) {
+    const DEFAULT: &str = "__HIVE_DEFAULT_PARTITION__";
+    match micros.and_then(DateTime::from_timestamp_micros) {
+        Some(t) => (
+            format!("{:04}-{:02}-{:02}", t.year(), t.month(), t.day()),
+            format!("{:02}", t.hour()),
+        ),
+        None => (DEFAULT.to_string(), DEFAULT.to_string()),
+    }
+}
+
+/// A file name unique across processes, ordered by creation time:
+/// `<micros>-<random>.<ext>`.
+pub fn unique_file_name(ext: &str) -> String {
+    let now = sluice_engine::EventTime::now().micros();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{now:016}-{}.{ext}", &id[..12])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_hive_style_by_utc_hour() {
+        // 2024-03-05T07:59:59.999999Z
+        let t = 1_709_625_599_999_999;
+        assert_eq!(
+            partition_values(Some(t)),
+            ("2024-03-05".into(), "07".into())
+        );
+        assert_eq!(
+            partition_values(None).0,
+            "__HIVE_DEFAULT_PARTITION__".to_string()
+        );
+    }
+
+    #[tokio::test]
+    async fn local_lake_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+        let p = lake.partition_dir(Zone::Processed, "s", Some(0));
+        assert!(
+            p.as_ref().ends_with("processed/s/dt=1970-01-01/hour=00"),
+            "{p}"
+        );
+        assert!(lake.dir_url(Zone::Processed, "s").starts_with("file:///"));
+        assert!(
+            lake.dir_url(Zone::Processed, "s")
+                .ends_with("/processed/s/")
+        );
+        lake.put(&p.clone().join("x.txt"), b"hi".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(
+            lake.get_opt(&p.clone().join("x.txt"))
+                .await
+                .unwrap()
+                .unwrap()
+                .as_ref(),
+            b"hi"
+        );
+        assert!(
+            lake.get_opt(&p.clone().join("nope"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}

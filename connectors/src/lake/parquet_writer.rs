@@ -1,0 +1,351 @@
+//! `ParquetLakeWriter`: the processed-zone sink of a stream.
+//!
+//! Writes each row to `processed/<stream>/dt=…/hour=…/` by the hour of its event time (the
+//! stream's event-time column; rows of a stream without one are placed by arrival time).
+//! One open file per partition; a file is closed — and only then visible — when it reaches
+//! `target_file_size`, when it has been open for `rollover_interval`, or when the stream
+//! ends. Types are normalised so Athena can read them (see [`lake_schema`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, ArrayRef, Int64Array, TimestampMicrosecondArray};
+use arrow::compute::kernels::cmp::eq;
+use arrow::compute::{cast, filter_record_batch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use object_store::buffered::BufWriter;
+use parquet::arrow::AsyncArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use sluice_engine::{EngineError, Sink};
+
+use super::{Lake, MICROS_PER_HOUR, Zone, unique_file_name};
+
+/// How a stream's files roll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LakeWriterConfig {
+    /// Close a file after it has been open this long (freshness).
+    pub rollover_interval: Duration,
+    /// Close a file once it reaches about this many bytes (file size for Athena).
+    pub target_file_size: u64,
+}
+
+impl Default for LakeWriterConfig {
+    fn default() -> Self {
+        Self {
+            rollover_interval: Duration::from_secs(10),
+            target_file_size: 128 * 1024 * 1024,
+        }
+    }
+}
+
+/// The schema a stream's rows have in the lake: every timestamp becomes
+/// `Timestamp(Microsecond, "UTC")` (Parquet `INT64 TIMESTAMP(MICROS, UTC)`), unsigned
+/// integers become the next wider signed type (Athena has none), everything else is kept.
+pub fn lake_schema(schema: &Schema) -> SchemaRef {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_data_type(lake_type(f.data_type())))
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
+fn lake_type(t: &DataType) -> DataType {
+    match t {
+        DataType::Timestamp(_, _) => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        DataType::UInt8 => DataType::Int16,
+        DataType::UInt16 => DataType::Int32,
+        DataType::UInt32 | DataType::UInt64 => DataType::Int64,
+        other => other.clone(),
+    }
+}
+
+struct OpenFile {
+    writer: AsyncArrowWriter<BufWriter>,
+    opened: Instant,
+}
+
+/// The processed-zone writer of one stream. See the module docs.
+pub struct ParquetLakeWriter {
+    lake: Lake,
+    stream: String,
+    schema: SchemaRef,
+    event_time_column: Option<usize>,
+    config: LakeWriterConfig,
+    open: BTreeMap<Option<i64>, OpenFile>,
+    files_written: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ParquetLakeWriter {
+    /// A writer for `stream`, whose batches have `input_schema`; `event_time_column` names
+    /// the column that decides the partition; `files_written` counts files made visible.
+    pub fn new(
+        lake: Lake,
+        stream: impl Into<String>,
+        input_schema: &Schema,
+        event_time_column: Option<&str>,
+        config: LakeWriterConfig,
+        files_written: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
+        let schema = lake_schema(input_schema);
+        let event_time_column = event_time_column
+            .and_then(|c| schema.index_of(c).ok())
+            .filter(|i| matches!(schema.field(*i).data_type(), DataType::Timestamp(..)));
+        Self {
+            lake,
+            stream: stream.into(),
+            schema,
+            event_time_column,
+            config,
+            open: BTreeMap::new(),
+            files_written,
+        }
+    }
+
+    /// Casts `batch` to the lake schema where a type differs.
+    fn normalise(&self, batch: RecordBatch) -> sluice_engine::Result<RecordBatch> {
+        if batch.schema().fields() == self.schema.fields() {
+            return Ok(batch);
+        }
+        let columns = batch
+            .columns()
+            .iter()
+            .zip(self.schema.fields())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(Arc::clone(c))
+                } else {
+                    cast(c, f.data_type())
+                }
+            })
+            .collect::<Result<Vec<ArrayRef>, _>>()?;
+        Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
+    }
+
+    /// Splits a batch by partition hour (`None`: no event time).
+    fn split_by_hour(
+        &self,
+        batch: RecordBatch,
+    ) -> sluice_engine::Result<Vec<(Option<i64>, RecordBatch)>> {
+        let Some(col) = self.event_time_column else {
+            let now = sluice_engine::EventTime::now().micros();
+            return Ok(vec![(Some(now.div_euclid(MICROS_PER_HOUR)), batch)]);
+        };
+        let ts = batch
+            .column(col)
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .ok_or_else(|| EngineError::Internal("event-time column is not µs".into()))?;
+        let hours: Int64Array =
+            arrow::compute::kernels::arity::unary(ts, |v: i64| v.div_euclid(MICROS_PER_HOUR));
+        let (min, max) = (arrow::compute::min(&hours), arrow::compute::max(&hours));
+        if hours.null_count() == 0 && min == max {
+            return Ok(vec![(min, batch)]);
+        }
+        let mut distinct: Vec<i64> = hours.iter().flatten().collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut parts = Vec::with_capacity(distinct.len() + 1);
+        for h in distinct {
+            let mask = eq(&hours, &Int64Array::new_scalar(h))?;
+            parts.push((Some(h), filter_record_batch(&batch, &mask)?));
+        }
+        if hours.null_count() > 0 {
+            let mask = arrow::compute::is_null(&hours)?;
+            parts.push((None, filter_record_batch(&batch, &mask)?));
+        }
+        Ok(parts)
+    }
+
+    fn open_file(&self, hour: Option<i64>) -> sluice_engine::Result<OpenFile> {
+        let dir = self.lake.partition_dir(
+            Zone::Processed,
+            &self.stream,
+            hour.map(|h| h * MICROS_PER_HOUR),
+        );
+        let path = dir.join(unique_file_name("parquet"));
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build();
+        let writer = AsyncArrowWriter::try_new(
+            BufWriter::new(self.lake.store(), path),
+            Arc::clone(&self.schema),
+            Some(props),
+        )
+        .map_err(|e| EngineError::external("opening a Parquet file", e))?;
+        Ok(OpenFile {
+            writer,
+            opened: Instant::now(),
+        })
+    }
+}
+
+/// Finishes a file: writes the Parquet footer and completes the upload, which makes the
+/// file visible. (A free function: the writer is `Send` but not `Sync`.)
+async fn close_file(
+    file: OpenFile,
+    stream: &str,
+    files_written: &std::sync::atomic::AtomicU64,
+) -> sluice_engine::Result<()> {
+    file.writer.close().await.map_err(|e| {
+        EngineError::external(format!("stream `{stream}`: closing a Parquet file"), e)
+    })?;
+    files_written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+#[async_trait]
+impl Sink for ParquetLakeWriter {
+    fn name(&self) -> &str {
+        "lake"
+    }
+
+    async fn write_batch(&mut self, batch: RecordBatch) -> sluice_engine::Result<()> {
+        let batch = self.normalise(batch)?;
+        for (hour, part) in self.split_by_hour(batch)? {
+            if !self.open.contains_key(&hour) {
+                let f = self.open_file(hour)?;
+                self.open.insert(hour, f);
+            }
+            let file = self.open.get_mut(&hour).expect("inserted above");
+            file.writer
+                .write(&part)
+                .await
+                .map_err(|e| EngineError::external("writing Parquet", e))?;
+            let size = file.writer.bytes_written() + file.writer.in_progress_size();
+            if size as u64 >= self.config.target_file_size {
+                let f = self.open.remove(&hour).expect("present");
+                close_file(f, &self.stream, &self.files_written).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn tick_interval(&self) -> Option<Duration> {
+        Some(
+            (self.config.rollover_interval / 4)
+                .clamp(Duration::from_millis(50), Duration::from_secs(1)),
+        )
+    }
+
+    async fn on_tick(&mut self) -> sluice_engine::Result<()> {
+        let due: Vec<Option<i64>> = self
+            .open
+            .iter()
+            .filter(|(_, f)| f.opened.elapsed() >= self.config.rollover_interval)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in due {
+            let f = self.open.remove(&h).expect("present");
+            close_file(f, &self.stream, &self.files_written).await?;
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) -> sluice_engine::Result<()> {
+        for (_, f) in std::mem::take(&mut self.open) {
+            close_file(f, &self.stream, &self.files_written).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use arrow::array::{Int64Array, TimestampNanosecondArray};
+    use parquet::basic::LogicalType;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+
+    use super::*;
+
+    fn files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = vec![];
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    out.push(e.path());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn rows_land_in_their_event_hour_and_files_appear_only_when_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+        // Nanosecond input (as `CAST(… AS TIMESTAMP)` produces) must land as µs UTC.
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Nanosecond, None), false),
+        ]));
+        let hour_ns = 3_600_000_000_000i64;
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(Int64Array::from(vec![1, 2, 3])),
+                Arc::new(TimestampNanosecondArray::from(vec![10, hour_ns + 5, 20])),
+            ],
+        )
+        .unwrap();
+        let written = Arc::new(AtomicU64::new(0));
+        let mut w = ParquetLakeWriter::new(
+            lake,
+            "s",
+            &schema,
+            Some("ts"),
+            LakeWriterConfig::default(),
+            Arc::clone(&written),
+        );
+        w.write_batch(batch).await.unwrap();
+        let parquet_files = |d: &std::path::Path| {
+            files(d)
+                .into_iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            parquet_files(dir.path()).is_empty(),
+            "nothing visible before close"
+        );
+        w.close().await.unwrap();
+        assert_eq!(written.load(Ordering::Relaxed), 2);
+        let got = parquet_files(dir.path());
+        let rel: Vec<String> = got
+            .iter()
+            .map(|p| {
+                let r = p.strip_prefix(dir.path()).unwrap().parent().unwrap();
+                r.display().to_string()
+            })
+            .collect();
+        assert_eq!(
+            rel,
+            vec![
+                "processed/s/dt=1970-01-01/hour=00",
+                "processed/s/dt=1970-01-01/hour=01"
+            ]
+        );
+        let reader = SerializedFileReader::new(std::fs::File::open(&got[0]).unwrap()).unwrap();
+        assert_eq!(reader.metadata().file_metadata().num_rows(), 2);
+        let ts = &reader.metadata().file_metadata().schema_descr().columns()[1];
+        let Some(LogicalType::Timestamp(t)) = ts.logical_type_ref() else {
+            panic!("not a timestamp: {:?}", ts.logical_type_ref())
+        };
+        assert!(t.is_adjusted_to_u_t_c);
+        assert!(
+            format!("{:?}", t.unit).starts_with("MICROS"),
+            "{:?}",
+            t.unit
+        );
+    }
+}

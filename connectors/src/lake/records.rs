@@ -1,0 +1,124 @@
+//! The raw and errors zones: JSON-lines files partitioned by arrival time.
+//!
+//! An errors-zone line is one JSON object:
+//! `{"received_at": "…Z", "origin": "…", "reason": "…", "payload": "…"}` — the payload is
+//! kept verbatim as a string, so a record that is not even valid JSON survives intact.
+
+use std::time::Duration;
+
+use object_store::path::Path;
+use serde::Serialize;
+use sluice_engine::{BadRecord, EventTime};
+use tokio::sync::mpsc;
+
+use super::{Lake, Zone, unique_file_name};
+use crate::error::Result;
+
+/// Writes JSON-lines files into one zone of one source or stream.
+#[derive(Debug, Clone)]
+pub struct RecordZone {
+    lake: Lake,
+    zone: Zone,
+    name: String,
+}
+
+#[derive(Serialize)]
+struct ErrorLine<'a> {
+    received_at: String,
+    origin: &'a str,
+    reason: &'a str,
+    payload: &'a str,
+}
+
+impl RecordZone {
+    /// The `zone` folder of `name` (a source or stream).
+    pub fn new(lake: Lake, zone: Zone, name: impl Into<String>) -> Self {
+        Self {
+            lake,
+            zone,
+            name: name.into(),
+        }
+    }
+
+    fn new_path(&self, ext: &str) -> Path {
+        let now = EventTime::now().micros();
+        self.lake
+            .partition_dir(self.zone, &self.name, Some(now))
+            .join(unique_file_name(ext))
+    }
+
+    /// Stores `bytes` as one new file (`ext` names its format, e.g. `ndjson`); returns its
+    /// path. Durable and visible when this returns.
+    pub async fn put_raw(&self, bytes: bytes::Bytes, ext: &str) -> Result<Path> {
+        let path = self.new_path(ext);
+        self.lake.put(&path, bytes).await?;
+        Ok(path)
+    }
+
+    /// Stores bad records as one new JSON-lines file. Durable when this returns.
+    pub async fn put_bad_records(&self, records: &[BadRecord]) -> Result<Option<Path>> {
+        if records.is_empty() {
+            return Ok(None);
+        }
+        let received_at = EventTime::now().to_string();
+        let mut buf = Vec::with_capacity(records.len() * 128);
+        for r in records {
+            let line = ErrorLine {
+                received_at: received_at.clone(),
+                origin: &r.origin,
+                reason: &r.reason,
+                payload: &r.payload,
+            };
+            serde_json::to_writer(&mut buf, &line).expect("serialising strings cannot fail");
+            buf.push(b'\n');
+        }
+        let path = self.new_path("jsonl");
+        self.lake.put(&path, buf).await?;
+        Ok(Some(path))
+    }
+}
+
+/// Drains `input` into the errors zone until every sender is gone, writing one file per
+/// `flush_interval` (or per 10 000 records) at most. Failures to write are logged and
+/// retried with the next flush; the records stay buffered, so none is dropped. Producers
+/// count the records they reject; this task does not count again.
+pub async fn run_errors_writer(
+    zone: RecordZone,
+    mut input: mpsc::Receiver<Vec<BadRecord>>,
+    flush_interval: Duration,
+) {
+    const MAX_BUFFERED: usize = 10_000;
+    let mut buffer: Vec<BadRecord> = Vec::new();
+    let mut ticker = tokio::time::interval(flush_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let closed = tokio::select! {
+            m = input.recv() => match m {
+                Some(mut records) => {
+                    buffer.append(&mut records);
+                    if buffer.len() < MAX_BUFFERED { continue; }
+                    false
+                }
+                None => true,
+            },
+            _ = ticker.tick() => false,
+        };
+        if !buffer.is_empty() {
+            match zone.put_bad_records(&buffer).await {
+                Ok(_) => buffer.clear(),
+                Err(e) => {
+                    tracing::warn!(zone = %zone.name, error = %e, "cannot write the errors zone; will retry")
+                }
+            }
+        }
+        if closed {
+            if !buffer.is_empty() {
+                // Last attempt at shutdown.
+                if let Err(e) = zone.put_bad_records(&buffer).await {
+                    tracing::error!(zone = %zone.name, error = %e, lost = buffer.len(), "errors-zone records could not be written at shutdown");
+                }
+            }
+            return;
+        }
+    }
+}
