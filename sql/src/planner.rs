@@ -1,0 +1,351 @@
+//! `CREATE STREAM … AS SELECT` → a [`StreamPlan`] of operator specs.
+//!
+//! DataFusion plans and optimises the query against the schemas of the sources and streams
+//! it reads (registered as empty tables); each node of the optimised `LogicalPlan` then
+//! becomes a runtime operator spec:
+//!
+//! | logical node      | runtime                                              |
+//! |-------------------|------------------------------------------------------|
+//! | `TableScan`       | a branch reading that source or stream (+ projection) |
+//! | `Filter`          | [`OpSpec::Filter`]: a DataFusion physical predicate   |
+//! | `Projection`      | [`OpSpec::Project`]: DataFusion physical expressions  |
+//! | `SubqueryAlias`   | nothing (names only)                                  |
+//! | `Union` (ALL)     | one branch per input, merged by the stream task       |
+//!
+//! Stateless operators over a `UNION ALL` are applied on every branch (they act row by
+//! row, so this is the same result). Everything else (aggregates without windows, joins,
+//! ORDER BY, LIMIT) is refused with SQLSTATE 0A000 until the runtime can run it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use datafusion::common::{DFSchema, TableReference};
+use datafusion::datasource::empty::EmptyTable;
+use datafusion::execution::context::ExecutionProps;
+use datafusion::execution::context::SessionContext;
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::physical_expr::{PhysicalExpr, create_physical_expr, expressions::Column};
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::Statement;
+use sluice_connectors::lake::LakeWriterConfig;
+use sluice_engine::operators::{Filter, Projection};
+use sluice_engine::{Operator, WithOptions};
+
+use crate::error::{Result, SqlError};
+use crate::parser::{CreateStream, ObjectKind};
+
+/// What the planner needs to know of a relation a stream may read.
+#[derive(Debug, Clone)]
+pub struct Relation {
+    /// Source or stream.
+    pub kind: ObjectKind,
+    /// Its rows.
+    pub schema: SchemaRef,
+    /// Its event-time column, if it has one.
+    pub event_time_column: Option<String>,
+}
+
+/// One runtime operator, ready to instantiate.
+#[derive(Debug, Clone)]
+pub enum OpSpec {
+    /// Keep rows where the predicate is true.
+    Filter {
+        /// Boolean expression over the input.
+        predicate: Arc<dyn PhysicalExpr>,
+    },
+    /// Compute output columns.
+    Project {
+        /// One expression per output column.
+        exprs: Vec<Arc<dyn PhysicalExpr>>,
+        /// The output schema.
+        schema: SchemaRef,
+    },
+}
+
+impl OpSpec {
+    /// Builds the runtime operator; `origin` names the stream in errors-zone records.
+    pub fn instantiate(&self, origin: &str) -> Box<dyn Operator> {
+        match self {
+            OpSpec::Filter { predicate } => Box::new(Filter::new(Arc::clone(predicate), origin)),
+            OpSpec::Project { exprs, schema } => {
+                Box::new(Projection::new(exprs.clone(), Arc::clone(schema), origin))
+            }
+        }
+    }
+}
+
+/// One input of a stream and its operators.
+#[derive(Debug, Clone)]
+pub struct BranchPlan {
+    /// The source or stream it reads.
+    pub input: String,
+    /// Its operators, first to last.
+    pub ops: Vec<OpSpec>,
+    /// Index of the event-time column in this branch's output, if it is carried through.
+    event_time: Option<usize>,
+}
+
+/// A planned stream, ready to run.
+#[derive(Debug, Clone)]
+pub struct StreamPlan {
+    /// The stream's name.
+    pub name: String,
+    /// Its branches (one per input; several for `UNION ALL`).
+    pub branches: Vec<BranchPlan>,
+    /// Schema of its output.
+    pub output_schema: SchemaRef,
+    /// The output column carrying event time (partitions the lake, drives watermarks).
+    pub event_time_column: Option<String>,
+    /// The sources and streams it reads.
+    pub inputs: BTreeSet<String>,
+    /// How its lake files roll.
+    pub writer: LakeWriterConfig,
+}
+
+impl StreamPlan {
+    /// A readable description of the pipeline (the output of `EXPLAIN CREATE STREAM`).
+    pub fn explain(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "stream {}", self.name);
+        for (i, b) in self.branches.iter().enumerate() {
+            let _ = write!(s, "  branch {i}: {}", b.input);
+            for op in &b.ops {
+                match op {
+                    OpSpec::Filter { predicate } => {
+                        let _ = write!(s, " -> filter({predicate})");
+                    }
+                    OpSpec::Project { exprs, schema } => {
+                        let cols: Vec<String> = exprs
+                            .iter()
+                            .zip(schema.fields())
+                            .map(|(e, f)| {
+                                let e = e.to_string();
+                                let plain = e.split('@').next() == Some(f.name().as_str());
+                                if plain {
+                                    e
+                                } else {
+                                    format!("{e} AS {}", f.name())
+                                }
+                            })
+                            .collect();
+                        let _ = write!(s, " -> project({})", cols.join(", "));
+                    }
+                }
+            }
+            s.push('\n');
+        }
+        let cols: Vec<String> = self
+            .output_schema
+            .fields()
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {}{}",
+                    f.name(),
+                    f.data_type(),
+                    if f.is_nullable() { "" } else { " NOT NULL" }
+                )
+            })
+            .collect();
+        let _ = writeln!(s, "  output: {}", cols.join(", "));
+        let _ = write!(
+            s,
+            "  event time: {}; lake: processed/{}/ rollover {:?}, target {} bytes",
+            self.event_time_column
+                .as_deref()
+                .unwrap_or("(arrival time)"),
+            self.name,
+            self.writer.rollover_interval,
+            self.writer.target_file_size
+        );
+        s
+    }
+}
+
+/// Plans `stmt` against the relations that exist (`relations`, by name).
+pub async fn plan_stream(
+    stmt: &CreateStream,
+    relations: &BTreeMap<String, Relation>,
+) -> Result<StreamPlan> {
+    let owner = format!("stream `{}`", stmt.name);
+    let mut opts = WithOptions::new(owner.clone(), stmt.options.iter().cloned());
+    let mut writer = LakeWriterConfig::default();
+    if let Some(d) = opts.take_duration("rollover_interval")? {
+        if d.is_zero() {
+            return Err(opts
+                .bad("rollover_interval", "0", "a positive duration")
+                .into());
+        }
+        writer.rollover_interval = d;
+    }
+    if let Some(b) = opts.take_bytes("target_file_size")? {
+        if b < 1024 {
+            return Err(opts
+                .bad("target_file_size", &b.to_string(), "at least 1KB")
+                .into());
+        }
+        writer.target_file_size = b;
+    }
+    let event_time_override = opts.take_str("event_time_column");
+    opts.finish()?;
+
+    let ctx = SessionContext::new();
+    for (name, rel) in relations {
+        ctx.register_table(
+            TableReference::bare(name.as_str()),
+            Arc::new(EmptyTable::new(Arc::clone(&rel.schema))),
+        )?;
+    }
+    let state = ctx.state();
+    let plan = state
+        .statement_to_plan(DFStatement::Statement(Box::new(Statement::Query(
+            stmt.query.clone(),
+        ))))
+        .await?;
+    let plan = state.optimize(&plan)?;
+    let props = ExecutionProps::new();
+    let branches = translate(&plan, relations, &props)?;
+    let output_schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
+    let inputs: BTreeSet<String> = branches.iter().map(|b| b.input.clone()).collect();
+    if inputs.contains(&stmt.name) {
+        return Err(SqlError::Invalid(format!("{owner} cannot read itself")));
+    }
+    let event_time_column = match event_time_override {
+        Some(c) => {
+            let f = output_schema.field_with_name(&c).map_err(|_| {
+                SqlError::InvalidOption(format!(
+                    "{owner}: option `event_time_column`: the stream has no column `{c}`"
+                ))
+            })?;
+            if !matches!(f.data_type(), arrow::datatypes::DataType::Timestamp(..)) {
+                return Err(SqlError::InvalidOption(format!(
+                    "{owner}: option `event_time_column`: `{c}` is not a timestamp"
+                )));
+            }
+            Some(c)
+        }
+        None => {
+            let first = branches[0].event_time;
+            first
+                .filter(|_| branches.iter().all(|b| b.event_time == first))
+                .map(|i| output_schema.field(i).name().clone())
+        }
+    };
+    Ok(StreamPlan {
+        name: stmt.name.clone(),
+        branches,
+        output_schema,
+        event_time_column,
+        inputs,
+        writer,
+    })
+}
+
+fn translate(
+    plan: &LogicalPlan,
+    relations: &BTreeMap<String, Relation>,
+    props: &ExecutionProps,
+) -> Result<Vec<BranchPlan>> {
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            let name = scan.table_name.table().to_string();
+            let rel = relations
+                .get(&name)
+                .ok_or_else(|| SqlError::Internal(format!("planned a scan of unknown `{name}`")))?;
+            if !scan.filters.is_empty() || scan.fetch.is_some() {
+                return Err(SqlError::Internal("scan with pushed-down filters or limit".into()));
+            }
+            let full = &rel.schema;
+            let mut event_time = rel
+                .event_time_column
+                .as_ref()
+                .and_then(|c| full.index_of(c).ok());
+            let mut ops = vec![];
+            if let Some(indices) = &scan.projection
+                && (indices.len() != full.fields().len()
+                    || indices.iter().enumerate().any(|(i, j)| i != *j))
+            {
+                let exprs = indices
+                    .iter()
+                    .map(|&i| Arc::new(Column::new(full.field(i).name(), i)) as Arc<dyn PhysicalExpr>)
+                    .collect();
+                event_time = event_time.and_then(|e| indices.iter().position(|&i| i == e));
+                ops.push(OpSpec::Project {
+                    exprs,
+                    schema: Arc::new(scan.projected_schema.as_arrow().clone()),
+                });
+            }
+            Ok(vec![BranchPlan {
+                input: name,
+                ops,
+                event_time,
+            }])
+        }
+        LogicalPlan::Filter(f) => {
+            let mut branches = translate(&f.input, relations, props)?;
+            let predicate = create_physical_expr(&f.predicate, f.input.schema(), props, &Default::default())?;
+            for b in &mut branches {
+                b.ops.push(OpSpec::Filter {
+                    predicate: Arc::clone(&predicate),
+                });
+            }
+            Ok(branches)
+        }
+        LogicalPlan::Projection(p) => {
+            let mut branches = translate(&p.input, relations, props)?;
+            let input_schema: &DFSchema = p.input.schema();
+            let exprs = p
+                .expr
+                .iter()
+                .map(|e| create_physical_expr(e, input_schema, props, &Default::default()))
+                .collect::<datafusion::error::Result<Vec<_>>>()?;
+            let schema: SchemaRef = Arc::new(p.schema.as_arrow().clone());
+            for b in &mut branches {
+                b.event_time = b.event_time.and_then(|ev| {
+                    p.expr.iter().position(|e| {
+                        matches!(e.clone().unalias(), Expr::Column(c) if input_schema.index_of_column(&c).ok() == Some(ev))
+                    })
+                });
+                b.ops.push(OpSpec::Project {
+                    exprs: exprs.clone(),
+                    schema: Arc::clone(&schema),
+                });
+            }
+            Ok(branches)
+        }
+        LogicalPlan::SubqueryAlias(s) => translate(&s.input, relations, props),
+        LogicalPlan::Union(u) => {
+            let mut out = vec![];
+            for input in &u.inputs {
+                out.extend(translate(input, relations, props)?);
+            }
+            Ok(out)
+        }
+        LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => Err(SqlError::NotSupported(
+            "a stream must read from a source or another stream (this query reads no table, or can never return a row)".into(),
+        )),
+        other => Err(SqlError::NotSupported(format!(
+            "streaming {} is not supported yet: a stream can filter, project, compute scalar expressions and UNION ALL its inputs",
+            describe_node(other)
+        ))),
+    }
+}
+
+fn describe_node(plan: &LogicalPlan) -> &'static str {
+    match plan {
+        LogicalPlan::Aggregate(_) => {
+            "aggregation (GROUP BY, DISTINCT or an aggregate function) without a window"
+        }
+        LogicalPlan::Join(_) => "JOIN",
+        LogicalPlan::Sort(_) => "ORDER BY",
+        LogicalPlan::Limit(_) => "LIMIT",
+        LogicalPlan::Window(_) => "a window function (OVER …)",
+        LogicalPlan::Distinct(_) => "DISTINCT",
+        LogicalPlan::Subquery(_) => "a subquery",
+        LogicalPlan::Unnest(_) => "UNNEST",
+        LogicalPlan::RecursiveQuery(_) => "a recursive query",
+        _ => "this query shape",
+    }
+}
