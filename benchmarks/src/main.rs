@@ -1,1 +1,2 @@
+//! The Sluice benchmark binary (see issue: written next).
 fn main() {}

@@ -186,7 +186,7 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
         "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
         _ => return None,
     };
-    (n.is_finite() && n >= 0.0).then(|| (n * mult) as u64)
+    (n.is_finite() && n >= 0.0).then_some((n * mult) as u64)
 }
 
 #[cfg(test)]

@@ -1,1 +1,17 @@
-//! placeholder
+//! The `sluice` server: a Postgres-wire endpoint for DDL and ad-hoc SQL, an HTTP endpoint
+//! for ingestion and health, the catalog in the lake, and the running pipelines.
+//!
+//! [`Sluice`] is the instance every connection shares; [`pg`] and [`http`] are its two
+//! front doors; [`serve`] starts both.
+
+pub mod adhoc;
+pub mod catalog;
+pub mod error;
+pub mod http;
+pub mod instance;
+pub mod pg;
+pub mod runtime;
+pub mod show;
+
+pub use error::{Result, ServerError};
+pub use instance::{Outcome, Sluice};

@@ -74,11 +74,11 @@ pub struct CreateStream {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SluiceStatement {
     /// `CREATE SOURCE …`.
-    CreateSource(CreateSource),
+    CreateSource(Box<CreateSource>),
     /// `CREATE STREAM …`.
-    CreateStream(CreateStream),
+    CreateStream(Box<CreateStream>),
     /// `EXPLAIN CREATE STREAM …`: show the pipeline without creating it.
-    ExplainStream(CreateStream),
+    ExplainStream(Box<CreateStream>),
     /// `DROP SOURCE|STREAM …`.
     Drop {
         /// What is dropped.
@@ -135,19 +135,25 @@ fn parse_statement(p: &mut DFParser<'_>) -> PResult<SluiceStatement> {
         if peek_word(p, 1, "SOURCE") {
             p.parser.next_token();
             p.parser.next_token();
-            return Ok(SluiceStatement::CreateSource(parse_create_source(p)?));
+            return Ok(SluiceStatement::CreateSource(Box::new(
+                parse_create_source(p)?,
+            )));
         }
         if peek_word(p, 1, "STREAM") {
             p.parser.next_token();
             p.parser.next_token();
-            return Ok(SluiceStatement::CreateStream(parse_create_stream(p)?));
+            return Ok(SluiceStatement::CreateStream(Box::new(
+                parse_create_stream(p)?,
+            )));
         }
     }
     if peek_word(p, 0, "EXPLAIN") && peek_word(p, 1, "CREATE") && peek_word(p, 2, "STREAM") {
         for _ in 0..3 {
             p.parser.next_token();
         }
-        return Ok(SluiceStatement::ExplainStream(parse_create_stream(p)?));
+        return Ok(SluiceStatement::ExplainStream(Box::new(
+            parse_create_stream(p)?,
+        )));
     }
     if peek_word(p, 0, "DROP") {
         let kind = if peek_word(p, 1, "SOURCE") {
@@ -167,13 +173,11 @@ fn parse_statement(p: &mut DFParser<'_>) -> PResult<SluiceStatement> {
                 .iter()
                 .map(object_name)
                 .collect::<PResult<Vec<_>>>()?;
-            let cascade = match p
-                .parser
-                .parse_one_of_keywords(&[Keyword::CASCADE, Keyword::RESTRICT])
-            {
-                Some(Keyword::CASCADE) => true,
-                _ => false,
-            };
+            let cascade = matches!(
+                p.parser
+                    .parse_one_of_keywords(&[Keyword::CASCADE, Keyword::RESTRICT]),
+                Some(Keyword::CASCADE)
+            );
             return Ok(SluiceStatement::Drop {
                 kind,
                 names,

@@ -1,0 +1,153 @@
+//! Ad-hoc queries: DataFusion over the Parquet files that streams landed in the lake.
+//!
+//! Each stream is a `ListingTable` over `processed/<stream>/` with the Hive partition
+//! columns `dt` and `hour` (strings, pruned by DataFusion) — the very files and layout
+//! Athena reads. Sources have no stored rows; they are registered as tables that explain
+//! this when scanned, so `SELECT … FROM a_source` gets a useful error instead of "not found".
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use datafusion::catalog::Session;
+use datafusion::common::TableReference;
+use datafusion::datasource::TableProvider;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::error::DataFusionError;
+use datafusion::logical_expr::{Expr, LogicalPlan, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement as DFStatement;
+use sluice_connectors::lake::{Lake, Zone, lake_schema};
+
+use crate::error::Result;
+
+/// The partition columns every stream's table has.
+pub const PARTITION_COLUMNS: [&str; 2] = ["dt", "hour"];
+
+/// The DataFusion context ad-hoc queries run in.
+#[derive(Clone)]
+pub struct AdHoc {
+    ctx: SessionContext,
+    lake: Lake,
+}
+
+impl std::fmt::Debug for AdHoc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdHoc")
+            .field("lake", &self.lake.location())
+            .finish()
+    }
+}
+
+impl AdHoc {
+    /// A context reading `lake`.
+    pub fn new(lake: Lake) -> Self {
+        let config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema("sluice", "public");
+        let ctx = SessionContext::new_with_config(config);
+        ctx.register_object_store(lake.store_url(), lake.store());
+        Self { ctx, lake }
+    }
+
+    /// Makes stream `name` (rows of `schema`) queryable.
+    pub fn register_stream(&self, name: &str, schema: &Schema) -> Result<()> {
+        let url = ListingTableUrl::parse(self.lake.dir_url(Zone::Processed, name))?;
+        let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+            .with_file_extension(".parquet")
+            .with_table_partition_cols(
+                PARTITION_COLUMNS
+                    .iter()
+                    .map(|c| (c.to_string(), DataType::Utf8))
+                    .collect(),
+            );
+        let config = ListingTableConfig::new(url)
+            .with_listing_options(options)
+            .with_schema(lake_schema(schema));
+        let table = ListingTable::try_new(config)?;
+        self.ctx
+            .register_table(TableReference::bare(name), Arc::new(table))?;
+        Ok(())
+    }
+
+    /// Registers source `name` as a table that explains it holds no rows.
+    pub fn register_source(&self, name: &str, schema: SchemaRef) -> Result<()> {
+        self.ctx.register_table(
+            TableReference::bare(name),
+            Arc::new(UnboundedSource {
+                name: name.to_string(),
+                schema,
+            }),
+        )?;
+        Ok(())
+    }
+
+    /// Forgets a source or stream.
+    pub fn deregister(&self, name: &str) -> Result<()> {
+        self.ctx.deregister_table(TableReference::bare(name))?;
+        Ok(())
+    }
+
+    /// Plans a statement (without running it).
+    pub async fn plan(&self, stmt: DFStatement) -> Result<LogicalPlan> {
+        Ok(self.ctx.state().statement_to_plan(stmt).await?)
+    }
+
+    /// Runs a planned statement to completion.
+    pub async fn run(&self, plan: LogicalPlan) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let df = self.ctx.execute_logical_plan(plan).await?;
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let batches = df.collect().await?;
+        Ok((schema, batches))
+    }
+}
+
+/// A source seen from an ad-hoc query: it has a schema but no stored rows.
+#[derive(Debug)]
+struct UnboundedSource {
+    name: String,
+    schema: SchemaRef,
+}
+
+#[async_trait]
+impl TableProvider for UnboundedSource {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        _projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        Err(DataFusionError::NotImplemented(format!(
+            "`{0}` is a source: its rows are not stored, so it cannot be queried ad hoc. \
+             Query a stream that reads it, e.g. CREATE STREAM {0}_all AS SELECT * FROM {0}",
+            self.name
+        )))
+    }
+}
+
+/// The schema a stream's ad-hoc table has: its columns, then `dt` and `hour`.
+pub fn queryable_schema(schema: &Schema) -> Schema {
+    let mut fields: Vec<Field> = lake_schema(schema)
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    for c in PARTITION_COLUMNS {
+        fields.push(Field::new(c, DataType::Utf8, false));
+    }
+    Schema::new(fields)
+}

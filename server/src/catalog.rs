@@ -1,0 +1,63 @@
+//! The catalog as stored in the lake: `_sluice/catalog.json`.
+//!
+//! It lists the `CREATE SOURCE` and `CREATE STREAM` statements that are in force, in the
+//! order they were made; a server starting on the lake runs them again. It is rewritten
+//! whole (one PUT, atomic on both back ends) after every DDL statement.
+
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+use sluice_connectors::lake::{Lake, Zone};
+
+use crate::error::{Result, ServerError};
+
+/// The catalog format version this build writes and reads.
+pub const CATALOG_VERSION: u32 = 1;
+
+/// One catalog entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// `source` or `stream`.
+    pub kind: String,
+    /// The object's name.
+    pub name: String,
+    /// The statement that creates it.
+    pub sql: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CatalogFile {
+    version: u32,
+    entries: Vec<Entry>,
+}
+
+fn path(lake: &Lake) -> Path {
+    lake.dir(Zone::Internal, "").join("catalog.json")
+}
+
+/// Reads the catalog; an absent file is an empty catalog.
+pub async fn load(lake: &Lake) -> Result<Vec<Entry>> {
+    let Some(bytes) = lake.get_opt(&path(lake)).await? else {
+        return Ok(vec![]);
+    };
+    let file: CatalogFile = serde_json::from_slice(&bytes)
+        .map_err(|e| ServerError::Internal(format!("{}: unreadable catalog: {e}", path(lake))))?;
+    if file.version > CATALOG_VERSION {
+        return Err(ServerError::Internal(format!(
+            "{}: catalog version {} was written by a newer Sluice (this one reads up to {CATALOG_VERSION})",
+            path(lake),
+            file.version
+        )));
+    }
+    Ok(file.entries)
+}
+
+/// Replaces the catalog with `entries`.
+pub async fn store(lake: &Lake, entries: &[Entry]) -> Result<()> {
+    let file = CatalogFile {
+        version: CATALOG_VERSION,
+        entries: entries.to_vec(),
+    };
+    let bytes = serde_json::to_vec_pretty(&file).expect("the catalog serialises");
+    lake.put(&path(lake), bytes).await?;
+    Ok(())
+}

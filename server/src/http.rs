@@ -1,0 +1,112 @@
+//! The HTTP front door: `POST /v1/sources/{name}/events` and `GET /health`.
+//!
+//! Responses are JSON:
+//! - `200 {"accepted": n, "rejected": []}` — every record stored and published;
+//! - `422 {"accepted": n, "rejected": [{"line": 3, "reason": "…"}, …], "error": "…"}` — the
+//!   good records were stored and published, the listed ones went to the errors zone
+//!   (resend only those, fixed);
+//! - `400 {"error": "…"}` — the body is not NDJSON or a JSON array (stored in the errors
+//!   zone whole);
+//! - `404` unknown source, `409` not an `http` source, `413` body over the source's
+//!   `max_request_size`, `503` the lake could not store the request (nothing was published;
+//!   retry).
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use sluice_connectors::http::IngestError;
+
+use crate::instance::Sluice;
+
+/// The HTTP routes of a Sluice instance.
+pub fn router(sluice: Sluice) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/sources/{name}/events", post(ingest))
+        .layer(DefaultBodyLimit::disable())
+        .with_state(sluice)
+}
+
+async fn health() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({"error": message.into()}))).into_response()
+}
+
+async fn ingest(
+    State(sluice): State<Sluice>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let lookup = match sluice.http_source(&name) {
+        Ok(None) => sluice.http_source(&name.to_lowercase()),
+        other => other,
+    };
+    let source = match lookup {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("source `{name}` does not exist"),
+            );
+        }
+        Err(m) => return error(StatusCode::CONFLICT, m),
+    };
+    let limit = source.max_request_size() as usize;
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the body is larger than the source's max_request_size ({limit} bytes); split it into several requests"
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return too_large();
+    }
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) if e.to_string().contains("length limit") => return too_large(),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the body: {e}"),
+            );
+        }
+    };
+    let origin = format!("http POST /v1/sources/{name}/events");
+    match source.ingest(bytes, &origin).await {
+        Ok(report) if report.rejected.is_empty() => {
+            axum::Json(json!({"accepted": report.accepted, "rejected": []})).into_response()
+        }
+        Ok(report) => {
+            let n = report.rejected.len();
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                axum::Json(json!({
+                    "accepted": report.accepted,
+                    "rejected": report.rejected,
+                    "error": format!(
+                        "{n} of {} records were rejected and stored in the errors zone; the other {} were accepted",
+                        n + report.accepted,
+                        report.accepted
+                    ),
+                })),
+            )
+                .into_response()
+        }
+        Err(IngestError::Malformed(m)) => error(StatusCode::BAD_REQUEST, m),
+        Err(IngestError::Storage(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}

@@ -1,0 +1,541 @@
+//! [`Sluice`]: one server instance — its lake, catalog, running pipelines — and the
+//! execution of every statement a client sends.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::Statement;
+use sluice_connectors::http::HttpIngest;
+use sluice_connectors::lake::Lake;
+use sluice_sql::parser::{CreateSource, CreateStream};
+use sluice_sql::{
+    ObjectKind, Relation, SluiceStatement, SqlError, parse_sql, plan_stream, source_def,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::adhoc::{AdHoc, PARTITION_COLUMNS};
+use crate::catalog::{self, Entry};
+use crate::error::{Result, ServerError};
+use crate::runtime::{RunningSource, RunningStream, start_source, start_stream};
+use crate::show;
+
+/// How long `DROP` waits for a pipeline to flush and stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What one statement returned.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A command completed; the tag is what Postgres calls it (`CREATE SOURCE`, `SET`, …).
+    Command(String),
+    /// Rows.
+    Rows {
+        /// Their schema.
+        schema: SchemaRef,
+        /// The rows.
+        batches: Vec<RecordBatch>,
+    },
+}
+
+/// A running Sluice: cheap to clone, shared by every connection.
+#[derive(Clone, Debug)]
+pub struct Sluice {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    lake: Lake,
+    adhoc: AdHoc,
+    state: tokio::sync::Mutex<State>,
+    http: RwLock<HashMap<String, Arc<HttpIngest>>>,
+    shutdown: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sources: BTreeMap<String, RunningSource>,
+    streams: BTreeMap<String, RunningStream>,
+    /// The catalog, in creation order.
+    entries: Vec<Entry>,
+}
+
+impl State {
+    fn kind_of(&self, name: &str) -> Option<ObjectKind> {
+        if self.sources.contains_key(name) {
+            Some(ObjectKind::Source)
+        } else if self.streams.contains_key(name) {
+            Some(ObjectKind::Stream)
+        } else {
+            None
+        }
+    }
+
+    fn relations(&self) -> BTreeMap<String, Relation> {
+        let mut r = BTreeMap::new();
+        for (n, s) in &self.sources {
+            r.insert(
+                n.clone(),
+                Relation {
+                    kind: ObjectKind::Source,
+                    schema: Arc::clone(&s.def.schema),
+                    event_time_column: s.def.watermark.as_ref().map(|w| w.column.clone()),
+                },
+            );
+        }
+        for (n, s) in &self.streams {
+            r.insert(
+                n.clone(),
+                Relation {
+                    kind: ObjectKind::Stream,
+                    schema: Arc::clone(&s.plan.output_schema),
+                    event_time_column: s.plan.event_time_column.clone(),
+                },
+            );
+        }
+        r
+    }
+
+    /// Streams reading `name`.
+    fn readers_of(&self, name: &str) -> Vec<String> {
+        self.streams
+            .iter()
+            .filter(|(_, s)| s.plan.inputs.contains(name))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+impl Sluice {
+    /// Opens the lake at `lake_location` and restores every source and stream of its catalog.
+    pub async fn open(lake_location: &str) -> Result<Sluice> {
+        let lake = Lake::open(lake_location)?;
+        let sluice = Sluice {
+            inner: Arc::new(Inner {
+                adhoc: AdHoc::new(lake.clone()),
+                lake,
+                state: tokio::sync::Mutex::new(State::default()),
+                http: RwLock::default(),
+                shutdown: CancellationToken::new(),
+            }),
+        };
+        let entries = catalog::load(&sluice.inner.lake).await?;
+        for e in entries {
+            let restored = match parse_sql(&e.sql) {
+                Ok(mut stmts) if stmts.len() == 1 => match stmts.remove(0) {
+                    SluiceStatement::CreateSource(c) => sluice.create_source(*c, false).await,
+                    SluiceStatement::CreateStream(c) => sluice.create_stream(*c, false).await,
+                    other => Err(ServerError::Internal(format!(
+                        "unexpected catalog statement {other:?}"
+                    ))),
+                },
+                Ok(_) => Err(ServerError::Internal(
+                    "catalog entry is not one statement".into(),
+                )),
+                Err(err) => Err(err.into()),
+            };
+            match restored {
+                Ok(_) => tracing::info!(kind = %e.kind, name = %e.name, "restored"),
+                Err(err) => {
+                    tracing::error!(kind = %e.kind, name = %e.name, error = %err, "cannot restore; it is left out of the catalog")
+                }
+            }
+        }
+        Ok(sluice)
+    }
+
+    /// The lake this instance writes.
+    pub fn lake(&self) -> &Lake {
+        &self.inner.lake
+    }
+
+    /// The ingest endpoint of `http` source `name`: `Ok(None)` if the source does not exist,
+    /// `Err` naming its connector if it is not an `http` source.
+    pub fn http_source(&self, name: &str) -> std::result::Result<Option<Arc<HttpIngest>>, String> {
+        if let Some(h) = self
+            .inner
+            .http
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Ok(Some(Arc::clone(h)));
+        }
+        match self.inner.state.try_lock() {
+            Ok(state) => match state.kind_of(name) {
+                Some(ObjectKind::Source) => Err(format!("source `{name}` is not an http source")),
+                Some(ObjectKind::Stream) => Err(format!("`{name}` is a stream, not a source")),
+                None => Ok(None),
+            },
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Stops every pipeline, flushing what they hold to the lake.
+    pub async fn shutdown(&self) {
+        let mut state = self.inner.state.lock().await;
+        let streams = std::mem::take(&mut state.streams);
+        let sources = std::mem::take(&mut state.sources);
+        self.inner
+            .http
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        // Stop sources first, so streams drain what is in flight and end on `End`.
+        for (_, s) in sources {
+            s.stop(STOP_TIMEOUT).await;
+        }
+        for (_, s) in streams {
+            s.stop(STOP_TIMEOUT).await;
+        }
+        self.inner.shutdown.cancel();
+    }
+
+    /// Executes every statement in `sql`, in order, stopping at the first error (which is
+    /// the last element then).
+    pub async fn execute(&self, sql: &str) -> Vec<Result<Outcome>> {
+        let stmts = match parse_sql(sql) {
+            Ok(s) => s,
+            Err(e) => return vec![Err(e.into())],
+        };
+        let mut out = Vec::with_capacity(stmts.len());
+        for stmt in stmts {
+            let r = self.execute_statement(stmt).await;
+            let failed = r.is_err();
+            out.push(r);
+            if failed {
+                break;
+            }
+        }
+        out
+    }
+
+    /// The schema of the rows `sql` (one statement) returns, without running it; `None`
+    /// for statements that return no rows.
+    pub async fn describe(&self, sql: &str) -> Result<Option<SchemaRef>> {
+        let mut stmts = parse_sql(sql)?;
+        if stmts.len() > 1 {
+            return Err(SqlError::Syntax {
+                message: "cannot insert multiple commands into a prepared statement".into(),
+                position: None,
+            }
+            .into());
+        }
+        let Some(stmt) = stmts.pop() else {
+            return Ok(None);
+        };
+        Ok(match stmt {
+            SluiceStatement::Show(ObjectKind::Source) => Some(show::sources_schema()),
+            SluiceStatement::Show(ObjectKind::Stream) => Some(show::streams_schema()),
+            SluiceStatement::Describe(_) => Some(show::describe_schema()),
+            SluiceStatement::ExplainStream(_) => Some(explain_schema()),
+            SluiceStatement::Other(s) if is_query(&s) => {
+                let plan = self.inner.adhoc.plan(*s).await?;
+                Some(Arc::new(plan.schema().as_arrow().clone()))
+            }
+            _ => None,
+        })
+    }
+
+    async fn execute_statement(&self, stmt: SluiceStatement) -> Result<Outcome> {
+        match stmt {
+            SluiceStatement::CreateSource(c) => self.create_source(*c, true).await,
+            SluiceStatement::CreateStream(c) => self.create_stream(*c, true).await,
+            SluiceStatement::ExplainStream(c) => {
+                let state = self.inner.state.lock().await;
+                let plan = plan_stream(&c, &state.relations()).await?;
+                let text = plan.explain();
+                let schema = explain_schema();
+                let batch = RecordBatch::try_new(
+                    Arc::clone(&schema),
+                    vec![Arc::new(arrow::array::StringArray::from_iter_values(
+                        text.lines().collect::<Vec<_>>(),
+                    ))],
+                )
+                .map_err(|e| ServerError::Internal(e.to_string()))?;
+                Ok(Outcome::Rows {
+                    schema,
+                    batches: vec![batch],
+                })
+            }
+            SluiceStatement::Drop {
+                kind,
+                names,
+                if_exists,
+                cascade,
+            } => self.drop_objects(kind, names, if_exists, cascade).await,
+            SluiceStatement::Show(kind) => {
+                let state = self.inner.state.lock().await;
+                let batch = match kind {
+                    ObjectKind::Source => show::sources(state.sources.values()),
+                    ObjectKind::Stream => show::streams(state.streams.values()),
+                }
+                .map_err(|e| ServerError::Internal(e.to_string()))?;
+                Ok(Outcome::Rows {
+                    schema: batch.schema(),
+                    batches: vec![batch],
+                })
+            }
+            SluiceStatement::Describe(name) => {
+                let state = self.inner.state.lock().await;
+                let batch = if let Some(s) = state.sources.get(&name) {
+                    show::describe(
+                        &s.def.schema,
+                        s.def.watermark.as_ref().map(|w| w.column.as_str()),
+                    )
+                } else if let Some(s) = state.streams.get(&name) {
+                    show::describe(&s.plan.output_schema, s.plan.event_time_column.as_deref())
+                } else {
+                    return Err(SqlError::UndefinedObject(format!(
+                        "relation `{name}` does not exist"
+                    ))
+                    .into());
+                }
+                .map_err(|e| ServerError::Internal(e.to_string()))?;
+                Ok(Outcome::Rows {
+                    schema: batch.schema(),
+                    batches: vec![batch],
+                })
+            }
+            SluiceStatement::Other(s) => self.other(*s).await,
+        }
+    }
+
+    async fn create_source(&self, c: CreateSource, persist: bool) -> Result<Outcome> {
+        let tag = Outcome::Command("CREATE SOURCE".into());
+        let mut state = self.inner.state.lock().await;
+        if let Some(kind) = state.kind_of(&c.name) {
+            if c.if_not_exists && kind == ObjectKind::Source {
+                return Ok(tag);
+            }
+            return Err(
+                SqlError::DuplicateObject(format!("{kind} `{}` already exists", c.name)).into(),
+            );
+        }
+        let def = source_def(&c)?;
+        let running = start_source(&self.inner.lake, def, &self.inner.shutdown)?;
+        self.inner
+            .adhoc
+            .register_source(&c.name, Arc::clone(&running.def.schema))?;
+        if let Some(h) = &running.http {
+            self.inner
+                .http
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(c.name.clone(), Arc::clone(h));
+        }
+        state.sources.insert(c.name.clone(), running);
+        state.entries.push(Entry {
+            kind: "source".into(),
+            name: c.name.clone(),
+            sql: c.to_string(),
+        });
+        if persist {
+            self.persist(&mut state).await?;
+        }
+        Ok(tag)
+    }
+
+    async fn create_stream(&self, c: CreateStream, persist: bool) -> Result<Outcome> {
+        let tag = Outcome::Command("CREATE STREAM".into());
+        let mut state = self.inner.state.lock().await;
+        if let Some(kind) = state.kind_of(&c.name) {
+            if c.if_not_exists && kind == ObjectKind::Stream {
+                return Ok(tag);
+            }
+            return Err(
+                SqlError::DuplicateObject(format!("{kind} `{}` already exists", c.name)).into(),
+            );
+        }
+        let plan = plan_stream(&c, &state.relations()).await?;
+        for col in PARTITION_COLUMNS {
+            if plan.output_schema.field_with_name(col).is_ok() {
+                return Err(SqlError::Invalid(format!(
+                    "stream `{}`: column name `{col}` is reserved for the lake's partitions (dt, hour); rename it, e.g. `{col} AS {col}_`",
+                    c.name
+                ))
+                .into());
+            }
+        }
+        let schema = Arc::clone(&plan.output_schema);
+        let running = {
+            let st = &*state;
+            start_stream(
+                &self.inner.lake,
+                c.clone(),
+                plan,
+                |n| {
+                    st.sources
+                        .get(n)
+                        .map(|s| s.fanout.clone())
+                        .or_else(|| st.streams.get(n).map(|s| s.fanout.clone()))
+                },
+                &self.inner.shutdown,
+            )?
+        };
+        self.inner.adhoc.register_stream(&c.name, &schema)?;
+        state.streams.insert(c.name.clone(), running);
+        state.entries.push(Entry {
+            kind: "stream".into(),
+            name: c.name.clone(),
+            sql: c.to_string(),
+        });
+        if persist {
+            self.persist(&mut state).await?;
+        }
+        Ok(tag)
+    }
+
+    async fn drop_objects(
+        &self,
+        kind: ObjectKind,
+        names: Vec<String>,
+        if_exists: bool,
+        cascade: bool,
+    ) -> Result<Outcome> {
+        let tag = Outcome::Command(format!("DROP {}", kind.to_string().to_uppercase()));
+        let mut state = self.inner.state.lock().await;
+        // Check everything before dropping anything.
+        let mut order: Vec<(ObjectKind, String)> = Vec::new();
+        for name in &names {
+            match state.kind_of(name) {
+                Some(k) if k == kind => {}
+                Some(k) => {
+                    return Err(SqlError::Invalid(format!(
+                        "`{name}` is a {k}, not a {kind}: use DROP {}",
+                        k.to_string().to_uppercase()
+                    ))
+                    .into());
+                }
+                None if if_exists => continue,
+                None => {
+                    return Err(SqlError::UndefinedObject(format!(
+                        "{kind} `{name}` does not exist"
+                    ))
+                    .into());
+                }
+            }
+            let readers = state.readers_of(name);
+            let outside: Vec<&String> = readers.iter().filter(|r| !names.contains(r)).collect();
+            if !outside.is_empty() && !cascade {
+                return Err(SqlError::DependentObjects(format!(
+                    "cannot drop {kind} `{name}`: stream{} {} read{} it (use DROP … CASCADE to drop {} too)",
+                    if outside.len() > 1 { "s" } else { "" },
+                    outside.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "),
+                    if outside.len() > 1 { "" } else { "s" },
+                    if outside.len() > 1 { "them" } else { "it" },
+                ))
+                .into());
+            }
+            collect_drop_order(&state, kind, name, &mut order);
+        }
+        // Readers first: `order` lists dependents before what they read.
+        for (k, name) in order {
+            match k {
+                ObjectKind::Stream => {
+                    if let Some(s) = state.streams.remove(&name) {
+                        s.stop(STOP_TIMEOUT).await;
+                    }
+                }
+                ObjectKind::Source => {
+                    self.inner
+                        .http
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&name);
+                    if let Some(s) = state.sources.remove(&name) {
+                        s.stop(STOP_TIMEOUT).await;
+                    }
+                }
+            }
+            self.inner.adhoc.deregister(&name)?;
+            state.entries.retain(|e| e.name != name);
+        }
+        self.persist(&mut state).await?;
+        Ok(tag)
+    }
+
+    async fn persist(&self, state: &mut State) -> Result<()> {
+        catalog::store(&self.inner.lake, &state.entries).await
+    }
+
+    async fn other(&self, stmt: DFStatement) -> Result<Outcome> {
+        if let DFStatement::Statement(s) = &stmt {
+            match s.as_ref() {
+                Statement::StartTransaction { .. } => return Ok(Outcome::Command("BEGIN".into())),
+                Statement::Commit { .. } => return Ok(Outcome::Command("COMMIT".into())),
+                Statement::Rollback { .. } => return Ok(Outcome::Command("ROLLBACK".into())),
+                Statement::Set(set) => {
+                    let text = set.to_string().to_ascii_lowercase();
+                    if !text.contains("datafusion.") {
+                        // Session settings clients send on connect (`SET extra_float_digits`,
+                        // `SET application_name`…) are accepted and have no effect.
+                        return Ok(Outcome::Command("SET".into()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !is_query(&stmt)
+            && !matches!(&stmt, DFStatement::Statement(s) if matches!(s.as_ref(), Statement::Set(_) | Statement::ShowVariable { .. }))
+        {
+            return Err(SqlError::NotSupported(format!(
+                "`{}` is not supported: Sluice's relations are sources (CREATE SOURCE) and streams (CREATE STREAM); other statements must be queries",
+                statement_head(&stmt)
+            ))
+            .into());
+        }
+        let plan = self.inner.adhoc.plan(stmt).await?;
+        let is_set = matches!(plan, datafusion::logical_expr::LogicalPlan::Statement(_));
+        let (schema, batches) = self.inner.adhoc.run(plan).await?;
+        if is_set {
+            return Ok(Outcome::Command("SET".into()));
+        }
+        Ok(Outcome::Rows { schema, batches })
+    }
+}
+
+/// Appends `name` and (first) every stream reading it, transitively, to `order`.
+fn collect_drop_order(
+    state: &State,
+    kind: ObjectKind,
+    name: &str,
+    order: &mut Vec<(ObjectKind, String)>,
+) {
+    for reader in state.readers_of(name) {
+        collect_drop_order(state, ObjectKind::Stream, &reader, order);
+    }
+    if !order.iter().any(|(_, n)| n == name) {
+        order.push((kind, name.to_string()));
+    }
+}
+
+fn is_query(stmt: &DFStatement) -> bool {
+    match stmt {
+        DFStatement::Statement(s) => matches!(
+            s.as_ref(),
+            Statement::Query(_)
+                | Statement::Explain { .. }
+                | Statement::ShowVariable { .. }
+                | Statement::ShowTables { .. }
+                | Statement::ShowColumns { .. }
+        ),
+        DFStatement::Explain(e) => is_query(&e.statement),
+        _ => false,
+    }
+}
+
+fn statement_head(stmt: &DFStatement) -> String {
+    let text = stmt.to_string();
+    text.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn explain_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("plan", DataType::Utf8, false)]))
+}

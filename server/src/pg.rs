@@ -1,0 +1,269 @@
+//! The Postgres wire protocol front door (simple and extended query protocols).
+//!
+//! User `sluice`, database `sluice`, no password (the listener is on loopback by default).
+//! Every error reaches the client as a Postgres error with a SQLSTATE; a statement's
+//! failure never affects other connections, and a panic while serving one connection ends
+//! only that connection (each runs in its own task).
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch};
+use async_trait::async_trait;
+use futures::Sink;
+use futures::stream;
+use pgwire::api::auth::StartupHandler;
+use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::stmt::QueryParser;
+use pgwire::api::store::PortalStore;
+use pgwire::api::{
+    ClientInfo, ClientPortalStore, METADATA_DATABASE, METADATA_USER, PgWireServerHandlers, Type,
+};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use tokio::net::TcpListener;
+
+use crate::error::ServerError;
+use crate::instance::{Outcome, Sluice};
+
+/// The only user and database name accepted.
+pub const USER: &str = "sluice";
+
+/// A prepared statement: its text and the schema of the rows it returns, if any.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    sql: String,
+    schema: Option<SchemaRef>,
+}
+
+/// Serves one Sluice instance over the Postgres protocol.
+#[derive(Debug, Clone)]
+pub struct PgHandler {
+    sluice: Sluice,
+}
+
+impl PgHandler {
+    /// A handler for `sluice`.
+    pub fn new(sluice: Sluice) -> Self {
+        Self { sluice }
+    }
+}
+
+/// Accepts connections on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, sluice: Sluice) {
+    let handlers = Arc::new(Handlers(Arc::new(PgHandler::new(sluice))));
+    loop {
+        match listener.accept().await {
+            Ok((socket, peer)) => {
+                let handlers = Arc::clone(&handlers);
+                tokio::spawn(async move {
+                    if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                        tracing::debug!(%peer, error = %e, "pg connection closed with an error");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pg accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+struct Handlers(Arc<PgHandler>);
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        Arc::clone(&self.0)
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        Arc::clone(&self.0)
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        Arc::clone(&self.0)
+    }
+}
+
+fn pg_error(e: &ServerError) -> ErrorInfo {
+    let mut info = ErrorInfo::new("ERROR".into(), e.sqlstate().into(), e.to_string());
+    info.position = e.position().map(|p| p.to_string());
+    info
+}
+
+fn user_error(code: &str, severity: &str, message: String) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        severity.into(),
+        code.into(),
+        message,
+    )))
+}
+
+fn rows_response(
+    schema: &SchemaRef,
+    batches: Vec<RecordBatch>,
+    format: &Format,
+) -> PgWireResult<Response> {
+    let fields: Arc<Vec<FieldInfo>> = Arc::new(arrow_schema_to_pg_fields(schema, format, None)?);
+    let mut rows = Vec::new();
+    for b in batches {
+        rows.extend(encode_recordbatch(Arc::clone(&fields), b));
+    }
+    Ok(Response::Query(QueryResponse::new(
+        fields,
+        stream::iter(rows),
+    )))
+}
+
+fn to_response(r: crate::Result<Outcome>, format: &Format) -> PgWireResult<Response> {
+    match r {
+        Ok(Outcome::Command(tag)) => Ok(Response::Execution(Tag::new(&tag))),
+        Ok(Outcome::Rows { schema, batches }) => rows_response(&schema, batches, format),
+        Err(e) => Ok(Response::Error(Box::new(pg_error(&e)))),
+    }
+}
+
+#[async_trait]
+impl NoopStartupHandler for PgHandler {
+    async fn post_startup<C>(
+        &self,
+        client: &mut C,
+        _message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let user = client
+            .metadata()
+            .get(METADATA_USER)
+            .cloned()
+            .unwrap_or_default();
+        if user != USER {
+            return Err(user_error(
+                "28000",
+                "FATAL",
+                format!("role \"{user}\" does not exist (connect as user \"{USER}\")"),
+            ));
+        }
+        let db = client
+            .metadata()
+            .get(METADATA_DATABASE)
+            .cloned()
+            .unwrap_or_else(|| user.clone());
+        if db != USER {
+            return Err(user_error(
+                "3D000",
+                "FATAL",
+                format!("database \"{db}\" does not exist (connect to database \"{USER}\")"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for PgHandler {
+    async fn do_query<C>(&self, _client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        self.sluice
+            .execute(query)
+            .await
+            .into_iter()
+            .map(|r| to_response(r, &Format::UnifiedText))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl QueryParser for PgHandler {
+    type Statement = Prepared;
+
+    async fn parse_sql<C>(
+        &self,
+        _client: &C,
+        sql: &str,
+        _types: &[Option<Type>],
+    ) -> PgWireResult<Option<Prepared>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let schema = self
+            .sluice
+            .describe(sql)
+            .await
+            .map_err(|e| PgWireError::UserError(Box::new(pg_error(&e))))?;
+        Ok(Some(Prepared {
+            sql: sql.to_string(),
+            schema,
+        }))
+    }
+
+    fn get_parameter_types(&self, _stmt: &Prepared) -> PgWireResult<Vec<Type>> {
+        Ok(vec![])
+    }
+
+    fn get_result_schema(
+        &self,
+        stmt: &Prepared,
+        format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        match &stmt.schema {
+            Some(s) => arrow_schema_to_pg_fields(s, format.unwrap_or(&Format::UnifiedText), None),
+            None => Ok(vec![]),
+        }
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for PgHandler {
+    type Statement = Prepared;
+    type QueryParser = PgHandler;
+
+    fn query_parser(&self) -> Arc<Self::QueryParser> {
+        Arc::new(self.clone())
+    }
+
+    async fn do_query<C>(
+        &self,
+        _client: &mut C,
+        portal: &Portal<Prepared>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if portal.parameter_len() > 0 {
+            return Err(user_error(
+                "0A000",
+                "ERROR",
+                "query parameters ($1, $2, …) are not supported yet; inline the values".into(),
+            ));
+        }
+        let mut results = self.sluice.execute(&portal.statement.statement.sql).await;
+        match results.len() {
+            0 => Ok(Response::EmptyQuery),
+            1 => to_response(results.remove(0), &portal.result_column_format),
+            _ => Err(user_error(
+                "42601",
+                "ERROR",
+                "cannot insert multiple commands into a prepared statement".into(),
+            )),
+        }
+    }
+}

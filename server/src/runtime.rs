@@ -1,0 +1,300 @@
+//! Starting and stopping the tasks of sources and streams.
+//!
+//! ```text
+//!  source:  reader task ──► FanOut(source) ──┐            errors writer ◄── bad records
+//!                                            ▼
+//!  stream:              StreamTask (operator chains, merge) ──► FanOut(stream) ──► lake writer
+//!                                                                  └──► streams reading it
+//! ```
+//! Each running object has a cancellation token (a child of the server's) and a supervisor
+//! task that records its status when its tasks end.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice_connectors::SourceConfig;
+use sluice_connectors::http::HttpIngest;
+use sluice_connectors::lake::{Lake, ParquetLakeWriter, RecordZone, Zone, run_errors_writer};
+use sluice_engine::pipeline::{Branch, StreamTask};
+use sluice_engine::sink::run_sink;
+use sluice_engine::{
+    BadRecord, DEFAULT_CHANNEL_CAPACITY, FanOut, Message, Metrics, OperatorChain, SourceContext,
+};
+use sluice_sql::parser::CreateStream;
+use sluice_sql::{SourceDef, StreamPlan};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Result, ServerError};
+
+/// How often rejected rows are flushed to the errors zone.
+const ERRORS_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The life-cycle state of a source or stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Its tasks are running.
+    Running,
+    /// Its input ended and everything was written.
+    Finished,
+    /// A task failed; the message says why.
+    Failed(String),
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Status::Running => f.write_str("running"),
+            Status::Finished => f.write_str("finished"),
+            Status::Failed(m) => write!(f, "failed: {m}"),
+        }
+    }
+}
+
+/// A status shared between a supervisor task and the catalog.
+pub type SharedStatus = Arc<Mutex<Status>>;
+
+fn set(status: &SharedStatus, s: Status) {
+    *status.lock().unwrap_or_else(|e| e.into_inner()) = s;
+}
+
+/// Reads a shared status.
+pub fn get(status: &SharedStatus) -> Status {
+    status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// A running source.
+#[derive(Debug)]
+pub struct RunningSource {
+    /// Its definition.
+    pub def: SourceDef,
+    /// Its output.
+    pub fanout: FanOut,
+    /// Its counters.
+    pub metrics: Arc<Metrics>,
+    /// Its state.
+    pub status: SharedStatus,
+    /// Stops it.
+    pub cancel: CancellationToken,
+    /// The ingest endpoint, for `http` sources.
+    pub http: Option<Arc<HttpIngest>>,
+    done: Option<JoinHandle<()>>,
+}
+
+/// A running stream.
+#[derive(Debug)]
+pub struct RunningStream {
+    /// The statement that made it.
+    pub create: CreateStream,
+    /// Its plan.
+    pub plan: StreamPlan,
+    /// Its output.
+    pub fanout: FanOut,
+    /// Its counters.
+    pub metrics: Arc<Metrics>,
+    /// Parquet files it made visible in the lake.
+    pub files_written: Arc<AtomicU64>,
+    /// Its state.
+    pub status: SharedStatus,
+    /// Stops it.
+    pub cancel: CancellationToken,
+    done: Option<JoinHandle<()>>,
+}
+
+fn errors_channel(lake: &Lake, name: &str) -> mpsc::Sender<Vec<BadRecord>> {
+    let (tx, rx) = mpsc::channel(64);
+    let zone = RecordZone::new(lake.clone(), Zone::Errors, name);
+    tokio::spawn(run_errors_writer(zone, rx, ERRORS_FLUSH_INTERVAL));
+    tx
+}
+
+/// Starts a source's tasks.
+pub fn start_source(
+    lake: &Lake,
+    def: SourceDef,
+    parent: &CancellationToken,
+) -> Result<RunningSource> {
+    let fanout = FanOut::new(def.name.as_str());
+    let metrics: Arc<Metrics> = Arc::default();
+    let cancel = parent.child_token();
+    let status: SharedStatus = Arc::new(Mutex::new(Status::Running));
+    let ctx = SourceContext {
+        output: fanout.clone(),
+        metrics: Arc::clone(&metrics),
+        bad_records: errors_channel(lake, &def.name),
+        cancel: cancel.clone(),
+        watermark: def.watermark.clone(),
+    };
+    let (http, done) = match (&def.config, def.config.reader(Arc::clone(&def.schema))) {
+        (_, Some(reader)) => {
+            let status = Arc::clone(&status);
+            let name = def.name.clone();
+            let output = fanout.clone();
+            let done = tokio::spawn(async move {
+                let result = tokio::spawn(reader.run(ctx)).await;
+                output.send(Message::End).await;
+                set(&status, outcome(&name, result));
+            });
+            (None, Some(done))
+        }
+        (SourceConfig::Http(cfg), None) => {
+            let ingest = HttpIngest::new(
+                def.name.clone(),
+                Arc::clone(&def.schema),
+                cfg.clone(),
+                lake.clone(),
+                ctx,
+            )?;
+            (Some(Arc::new(ingest)), None)
+        }
+        (other, None) => {
+            return Err(ServerError::Internal(format!(
+                "connector `{}` has no reader",
+                other.connector()
+            )));
+        }
+    };
+    Ok(RunningSource {
+        def,
+        fanout,
+        metrics,
+        status,
+        cancel,
+        http,
+        done,
+    })
+}
+
+/// Starts a stream's tasks. `input` finds the output hub of a source or stream by name.
+pub fn start_stream(
+    lake: &Lake,
+    create: CreateStream,
+    plan: StreamPlan,
+    input: impl Fn(&str) -> Option<FanOut>,
+    parent: &CancellationToken,
+) -> Result<RunningStream> {
+    let name = plan.name.clone();
+    let origin = format!("stream {name}");
+    let mut branches = Vec::with_capacity(plan.branches.len());
+    for b in &plan.branches {
+        let hub = input(&b.input).ok_or_else(|| {
+            ServerError::Internal(format!(
+                "stream `{name}` reads `{}`, which is not running",
+                b.input
+            ))
+        })?;
+        let chain = OperatorChain::new(b.ops.iter().map(|o| o.instantiate(&origin)).collect());
+        branches.push(Branch {
+            input: hub.subscribe(DEFAULT_CHANNEL_CAPACITY),
+            chain,
+        });
+    }
+    let fanout = FanOut::new(name.as_str());
+    let metrics: Arc<Metrics> = Arc::default();
+    let files_written = Arc::new(AtomicU64::new(0));
+    let cancel = parent.child_token();
+    let status: SharedStatus = Arc::new(Mutex::new(Status::Running));
+    let event_time_column = plan
+        .event_time_column
+        .as_ref()
+        .and_then(|c| plan.output_schema.index_of(c).ok());
+    let sink_input = fanout.subscribe(DEFAULT_CHANNEL_CAPACITY);
+    let writer = ParquetLakeWriter::new(
+        lake.clone(),
+        name.clone(),
+        &plan.output_schema,
+        plan.event_time_column.as_deref(),
+        plan.writer.clone(),
+        Arc::clone(&files_written),
+    );
+    let task = StreamTask {
+        name: name.clone(),
+        branches,
+        output: fanout.clone(),
+        output_schema: Arc::clone(&plan.output_schema),
+        event_time_column,
+        metrics: Arc::clone(&metrics),
+        bad_records: errors_channel(lake, &name),
+        cancel: cancel.clone(),
+    };
+    let done = {
+        let status = Arc::clone(&status);
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let task = tokio::spawn(task.run());
+            let sink = tokio::spawn(run_sink(sink_input, Box::new(writer)));
+            // The sink ends after the stream sends `End`, or early if it fails: then the
+            // stream must stop too, or its rows would go nowhere.
+            let sink_result = sink.await;
+            let sink_status = outcome(&name, sink_result);
+            if sink_status != Status::Finished {
+                cancel.cancel();
+            }
+            let task_status = outcome(&name, task.await);
+            set(
+                &status,
+                if sink_status != Status::Finished {
+                    sink_status
+                } else {
+                    task_status
+                },
+            );
+        })
+    };
+    Ok(RunningStream {
+        create,
+        plan,
+        fanout,
+        metrics,
+        files_written,
+        status,
+        cancel,
+        done: Some(done),
+    })
+}
+
+fn outcome(
+    name: &str,
+    r: std::result::Result<sluice_engine::Result<()>, tokio::task::JoinError>,
+) -> Status {
+    match r {
+        Ok(Ok(())) => Status::Finished,
+        Ok(Err(e)) => {
+            tracing::error!(name, error = %e, "pipeline failed");
+            Status::Failed(e.to_string())
+        }
+        Err(e) => {
+            tracing::error!(name, error = %e, "pipeline task panicked");
+            Status::Failed(format!("internal error (this is a bug in Sluice): {e}"))
+        }
+    }
+}
+
+/// Stops a running object and waits (up to `timeout`) for its tasks to flush and end.
+pub async fn stop(cancel: &CancellationToken, done: Option<JoinHandle<()>>, timeout: Duration) {
+    cancel.cancel();
+    if let Some(done) = done
+        && tokio::time::timeout(timeout, done).await.is_err()
+    {
+        tracing::warn!("a pipeline did not stop within {timeout:?}");
+    }
+}
+
+impl RunningSource {
+    /// Stops the source and waits for its tasks.
+    pub async fn stop(mut self, timeout: Duration) {
+        if self.http.is_some() {
+            self.fanout.send(Message::End).await;
+        }
+        stop(&self.cancel, self.done.take(), timeout).await;
+    }
+}
+
+impl RunningStream {
+    /// Stops the stream, waiting until its open files are written.
+    pub async fn stop(mut self, timeout: Duration) {
+        stop(&self.cancel, self.done.take(), timeout).await;
+    }
+}

@@ -1,0 +1,188 @@
+//! The rows of `SHOW SOURCES`, `SHOW STREAMS` and `DESCRIBE`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use arrow::array::{ArrayRef, BooleanArray, Int64Array, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+
+use crate::runtime::{RunningSource, RunningStream, get};
+
+fn ts_field(name: &str) -> Field {
+    Field::new(
+        name,
+        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        true,
+    )
+}
+
+/// Columns of `SHOW SOURCES`.
+pub fn sources_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("connector", DataType::Utf8, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("rows_in", DataType::Int64, false),
+        Field::new("errors", DataType::Int64, false),
+        ts_field("last_event_time"),
+        ts_field("watermark"),
+    ]))
+}
+
+/// Columns of `SHOW STREAMS`.
+pub fn streams_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("inputs", DataType::Utf8, false),
+        Field::new("rows_in", DataType::Int64, false),
+        Field::new("rows_out", DataType::Int64, false),
+        Field::new("errors", DataType::Int64, false),
+        Field::new("files", DataType::Int64, false),
+        ts_field("last_event_time"),
+        ts_field("watermark"),
+    ]))
+}
+
+/// Columns of `DESCRIBE`.
+pub fn describe_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("column_name", DataType::Utf8, false),
+        Field::new("data_type", DataType::Utf8, false),
+        Field::new("is_nullable", DataType::Boolean, false),
+        Field::new("event_time", DataType::Boolean, false),
+    ]))
+}
+
+fn ts(values: Vec<Option<i64>>) -> ArrayRef {
+    Arc::new(TimestampMicrosecondArray::from(values).with_timezone("UTC"))
+}
+
+fn i64s(values: Vec<u64>) -> ArrayRef {
+    Arc::new(Int64Array::from_iter_values(
+        values.into_iter().map(|v| v as i64),
+    ))
+}
+
+fn strings(values: Vec<String>) -> ArrayRef {
+    Arc::new(StringArray::from_iter_values(values))
+}
+
+/// `SHOW SOURCES`.
+pub fn sources<'a>(
+    sources: impl Iterator<Item = &'a RunningSource>,
+) -> Result<RecordBatch, ArrowError> {
+    let (mut name, mut connector, mut status, mut rows, mut errors, mut last, mut wm) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for s in sources {
+        let m = s.metrics.snapshot();
+        name.push(s.def.name.clone());
+        connector.push(s.def.config.connector().to_string());
+        status.push(get(&s.status).to_string());
+        rows.push(m.rows_in);
+        errors.push(m.bad_records);
+        last.push(m.last_event_time.map(|t| t.micros()));
+        wm.push(m.watermark.map(|t| t.micros()));
+    }
+    RecordBatch::try_new(
+        sources_schema(),
+        vec![
+            strings(name),
+            strings(connector),
+            strings(status),
+            i64s(rows),
+            i64s(errors),
+            ts(last),
+            ts(wm),
+        ],
+    )
+}
+
+/// `SHOW STREAMS`.
+pub fn streams<'a>(
+    streams: impl Iterator<Item = &'a RunningStream>,
+) -> Result<RecordBatch, ArrowError> {
+    let mut cols: (Vec<String>, Vec<String>, Vec<String>) = (vec![], vec![], vec![]);
+    let (mut rin, mut rout, mut errors, mut files, mut last, mut wm) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for s in streams {
+        let m = s.metrics.snapshot();
+        cols.0.push(s.plan.name.clone());
+        cols.1.push(get(&s.status).to_string());
+        cols.2
+            .push(s.plan.inputs.iter().cloned().collect::<Vec<_>>().join(", "));
+        rin.push(m.rows_in);
+        rout.push(m.rows_out);
+        errors.push(m.bad_records);
+        files.push(s.files_written.load(Ordering::Relaxed));
+        last.push(m.last_event_time.map(|t| t.micros()));
+        wm.push(m.watermark.map(|t| t.micros()));
+    }
+    RecordBatch::try_new(
+        streams_schema(),
+        vec![
+            strings(cols.0),
+            strings(cols.1),
+            strings(cols.2),
+            i64s(rin),
+            i64s(rout),
+            i64s(errors),
+            i64s(files),
+            ts(last),
+            ts(wm),
+        ],
+    )
+}
+
+/// `DESCRIBE` of a relation with `schema` whose event-time column is `event_time`.
+pub fn describe(schema: &Schema, event_time: Option<&str>) -> Result<RecordBatch, ArrowError> {
+    let names = schema.fields().iter().map(|f| f.name().clone()).collect();
+    let types = schema
+        .fields()
+        .iter()
+        .map(|f| sql_type(f.data_type()))
+        .collect();
+    let nullable: BooleanArray = schema
+        .fields()
+        .iter()
+        .map(|f| Some(f.is_nullable()))
+        .collect();
+    let et: BooleanArray = schema
+        .fields()
+        .iter()
+        .map(|f| Some(Some(f.name().as_str()) == event_time))
+        .collect();
+    RecordBatch::try_new(
+        describe_schema(),
+        vec![
+            strings(names),
+            strings(types),
+            Arc::new(nullable),
+            Arc::new(et),
+        ],
+    )
+}
+
+/// The SQL name of an Arrow type, as users declare it.
+pub fn sql_type(t: &DataType) -> String {
+    match t {
+        DataType::Boolean => "BOOLEAN".into(),
+        DataType::Int8 | DataType::Int16 => "SMALLINT".into(),
+        DataType::Int32 => "INTEGER".into(),
+        DataType::Int64 => "BIGINT".into(),
+        DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64 => {
+            format!("{t} (unsigned)")
+        }
+        DataType::Float32 => "REAL".into(),
+        DataType::Float64 => "DOUBLE".into(),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "TEXT".into(),
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView => "BYTEA".into(),
+        DataType::Timestamp(_, Some(_)) => "TIMESTAMP".into(),
+        DataType::Timestamp(_, None) => "TIMESTAMP (no time zone)".into(),
+        DataType::Date32 | DataType::Date64 => "DATE".into(),
+        DataType::Decimal128(p, s) | DataType::Decimal256(p, s) => format!("DECIMAL({p},{s})"),
+        other => other.to_string(),
+    }
+}
