@@ -9,8 +9,8 @@ pub enum ServerError {
     /// Parsing, validation or planning failed.
     #[error(transparent)]
     Sql(#[from] SqlError),
-    /// A query failed while running.
-    #[error(transparent)]
+    /// A query failed while running. (Shown without DataFusion's error-kind prefix.)
+    #[error("{}", .0.find_root().message())]
     Query(#[from] datafusion::error::DataFusionError),
     /// The lake could not be read or written; retrying may help.
     #[error("lake: {0}")]

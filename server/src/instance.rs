@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::adhoc::{AdHoc, PARTITION_COLUMNS};
 use crate::catalog::{self, Entry};
 use crate::error::{Result, ServerError};
-use crate::runtime::{RunningSource, RunningStream, start_source, start_stream};
+use crate::runtime::{Input, RunningSource, RunningStream, start_source, start_stream};
 use crate::show;
 
 /// How long `DROP` waits for a pipeline to flush and stop.
@@ -370,8 +370,8 @@ impl Sluice {
                 |n| {
                     st.sources
                         .get(n)
-                        .map(|s| s.fanout.clone())
-                        .or_else(|| st.streams.get(n).map(|s| s.fanout.clone()))
+                        .map(RunningSource::input)
+                        .or_else(|| st.streams.get(n).map(|s| Input::Hub(s.fanout.clone())))
                 },
                 &self.inner.shutdown,
             )?

@@ -2,7 +2,7 @@
 //! for ingestion and health, the catalog in the lake, and the running pipelines.
 //!
 //! [`Sluice`] is the instance every connection shares; [`pg`] and [`http`] are its two
-//! front doors; [`serve`] starts both.
+//! front doors; [`start`] binds both and opens the lake.
 
 pub mod adhoc;
 pub mod catalog;
@@ -11,7 +11,9 @@ pub mod http;
 pub mod instance;
 pub mod pg;
 pub mod runtime;
+pub mod server;
 pub mod show;
 
 pub use error::{Result, ServerError};
 pub use instance::{Outcome, Sluice};
+pub use server::{RunningServer, ServerConfig, start};

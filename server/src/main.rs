@@ -4,8 +4,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_server::Sluice;
-use tokio::net::TcpListener;
+use sluice_server::ServerConfig;
 
 /// Sluice: streaming SQL on Apache Arrow and DataFusion.
 ///
@@ -66,29 +65,21 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let pg = TcpListener::bind(args.pg_listen)
+    let config = ServerConfig {
+        lake: args.lake.clone(),
+        pg_listen: args.pg_listen,
+        http_listen: args.http_listen,
+    };
+    let server = sluice_server::start(&config)
         .await
-        .with_context(|| format!("cannot listen on {} (--pg-listen)", args.pg_listen))?;
-    let http = TcpListener::bind(args.http_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (--http-listen)", args.http_listen))?;
-    let sluice = Sluice::open(&args.lake)
-        .await
-        .with_context(|| format!("cannot open the lake at {}", args.lake))?;
+        .with_context(|| format!("cannot start with the lake at {}", args.lake))?;
     // These lines are the startup contract that scripts and tests read.
-    println!("sluice: lake {}", sluice.lake().location());
-    println!("sluice: pgwire listening on {}", pg.local_addr()?);
-    println!("sluice: http listening on {}", http.local_addr()?);
-
-    let pg_task = tokio::spawn(sluice_server::pg::serve(pg, sluice.clone()));
-    let app = sluice_server::http::router(sluice.clone());
-    let http_task = tokio::spawn(async move { axum::serve(http, app).await });
-
+    println!("sluice: lake {}", server.sluice.lake().location());
+    println!("sluice: pgwire listening on {}", server.pg_addr);
+    println!("sluice: http listening on {}", server.http_addr);
     shutdown_signal().await;
     tracing::info!("shutting down: flushing pipelines to the lake");
-    pg_task.abort();
-    http_task.abort();
-    sluice.shutdown().await;
+    server.shutdown().await;
     Ok(())
 }
 

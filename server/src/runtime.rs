@@ -1,13 +1,19 @@
 //! Starting and stopping the tasks of sources and streams.
 //!
 //! ```text
-//!  source:  reader task ──► FanOut(source) ──┐            errors writer ◄── bad records
-//!                                            ▼
-//!  stream:              StreamTask (operator chains, merge) ──► FanOut(stream) ──► lake writer
-//!                                                                  └──► streams reading it
+//!  pull source (datagen, …): one reader per stream that reads it, started with the stream
+//!  push source (http):       one shared FanOut, fed by ingest requests
+//!
+//!  reader ──► FanOut ──┐
+//!  http FanOut ────────┼─► StreamTask (operator chains, merge) ──► FanOut(stream) ──► lake writer
+//!  FanOut(stream) ─────┘                                             └──► streams reading it
 //! ```
-//! Each running object has a cancellation token (a child of the server's) and a supervisor
-//! task that records its status when its tasks end.
+//! As in Flink and RisingWave, every stream reads a pull source from the source's own start
+//! position with its own reader, so a stream created later still sees every row. A stream
+//! reading another stream sees that stream's rows from the moment it subscribes.
+//!
+//! Each stream has a cancellation token (a child of the server's) and a supervisor task that
+//! records its status when its tasks end.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -80,7 +86,6 @@ pub struct RunningSource {
     pub cancel: CancellationToken,
     /// The ingest endpoint, for `http` sources.
     pub http: Option<Arc<HttpIngest>>,
-    done: Option<JoinHandle<()>>,
 }
 
 /// A running stream.
@@ -110,7 +115,8 @@ fn errors_channel(lake: &Lake, name: &str) -> mpsc::Sender<Vec<BadRecord>> {
     tx
 }
 
-/// Starts a source's tasks.
+/// Registers a source: push sources (`http`) get their shared hub and ingest endpoint now;
+/// pull sources start a reader per stream that reads them (see [`Input`]).
 pub fn start_source(
     lake: &Lake,
     def: SourceDef,
@@ -120,26 +126,15 @@ pub fn start_source(
     let metrics: Arc<Metrics> = Arc::default();
     let cancel = parent.child_token();
     let status: SharedStatus = Arc::new(Mutex::new(Status::Running));
-    let ctx = SourceContext {
-        output: fanout.clone(),
-        metrics: Arc::clone(&metrics),
-        bad_records: errors_channel(lake, &def.name),
-        cancel: cancel.clone(),
-        watermark: def.watermark.clone(),
-    };
-    let (http, done) = match (&def.config, def.config.reader(Arc::clone(&def.schema))) {
-        (_, Some(reader)) => {
-            let status = Arc::clone(&status);
-            let name = def.name.clone();
-            let output = fanout.clone();
-            let done = tokio::spawn(async move {
-                let result = tokio::spawn(reader.run(ctx)).await;
-                output.send(Message::End).await;
-                set(&status, outcome(&name, result));
-            });
-            (None, Some(done))
-        }
-        (SourceConfig::Http(cfg), None) => {
+    let http = match &def.config {
+        SourceConfig::Http(cfg) => {
+            let ctx = SourceContext {
+                output: fanout.clone(),
+                metrics: Arc::clone(&metrics),
+                bad_records: errors_channel(lake, &def.name),
+                cancel: cancel.clone(),
+                watermark: def.watermark.clone(),
+            };
             let ingest = HttpIngest::new(
                 def.name.clone(),
                 Arc::clone(&def.schema),
@@ -147,14 +142,9 @@ pub fn start_source(
                 lake.clone(),
                 ctx,
             )?;
-            (Some(Arc::new(ingest)), None)
+            Some(Arc::new(ingest))
         }
-        (other, None) => {
-            return Err(ServerError::Internal(format!(
-                "connector `{}` has no reader",
-                other.connector()
-            )));
-        }
+        _ => None,
     };
     Ok(RunningSource {
         def,
@@ -163,38 +153,96 @@ pub fn start_source(
         status,
         cancel,
         http,
-        done,
     })
 }
 
-/// Starts a stream's tasks. `input` finds the output hub of a source or stream by name.
+/// What a stream's branch reads.
+#[derive(Debug)]
+pub enum Input {
+    /// The hub of a push source or of another stream.
+    Hub(FanOut),
+    /// A pull source: the stream starts its own reader.
+    Reader {
+        /// The source.
+        def: SourceDef,
+        /// The source's counters (shared by all its readers).
+        metrics: Arc<Metrics>,
+    },
+}
+
+/// Starts a reader of pull source `def` for one stream; returns the subscription to its
+/// output and the reader's task.
+fn start_reader(
+    lake: &Lake,
+    def: &SourceDef,
+    metrics: Arc<Metrics>,
+    cancel: &CancellationToken,
+) -> Result<(
+    sluice_engine::Subscription,
+    JoinHandle<sluice_engine::Result<()>>,
+)> {
+    let reader = def.config.reader(Arc::clone(&def.schema)).ok_or_else(|| {
+        ServerError::Internal(format!(
+            "connector `{}` has no reader",
+            def.config.connector()
+        ))
+    })?;
+    let output = FanOut::new(def.name.as_str());
+    let subscription = output.subscribe(DEFAULT_CHANNEL_CAPACITY);
+    let ctx = SourceContext {
+        output: output.clone(),
+        metrics,
+        bad_records: errors_channel(lake, &def.name),
+        cancel: cancel.clone(),
+        watermark: def.watermark.clone(),
+    };
+    let task = tokio::spawn(async move {
+        let result = reader.run(ctx).await;
+        output.send(Message::End).await;
+        result
+    });
+    Ok((subscription, task))
+}
+
+/// Starts a stream's tasks. `input` resolves a source or stream name to what the stream
+/// reads from it.
 pub fn start_stream(
     lake: &Lake,
     create: CreateStream,
     plan: StreamPlan,
-    input: impl Fn(&str) -> Option<FanOut>,
+    input: impl Fn(&str) -> Option<Input>,
     parent: &CancellationToken,
 ) -> Result<RunningStream> {
     let name = plan.name.clone();
     let origin = format!("stream {name}");
+    let cancel = parent.child_token();
     let mut branches = Vec::with_capacity(plan.branches.len());
+    let mut readers = Vec::new();
     for b in &plan.branches {
-        let hub = input(&b.input).ok_or_else(|| {
-            ServerError::Internal(format!(
-                "stream `{name}` reads `{}`, which is not running",
-                b.input
-            ))
-        })?;
+        let subscription = match input(&b.input) {
+            Some(Input::Hub(hub)) => hub.subscribe(DEFAULT_CHANNEL_CAPACITY),
+            Some(Input::Reader { def, metrics }) => {
+                let (sub, task) = start_reader(lake, &def, metrics, &cancel)?;
+                readers.push(task);
+                sub
+            }
+            None => {
+                cancel.cancel();
+                return Err(ServerError::Internal(format!(
+                    "stream `{name}` reads `{}`, which is not running",
+                    b.input
+                )));
+            }
+        };
         let chain = OperatorChain::new(b.ops.iter().map(|o| o.instantiate(&origin)).collect());
         branches.push(Branch {
-            input: hub.subscribe(DEFAULT_CHANNEL_CAPACITY),
+            input: subscription,
             chain,
         });
     }
     let fanout = FanOut::new(name.as_str());
     let metrics: Arc<Metrics> = Arc::default();
     let files_written = Arc::new(AtomicU64::new(0));
-    let cancel = parent.child_token();
     let status: SharedStatus = Arc::new(Mutex::new(Status::Running));
     let event_time_column = plan
         .event_time_column
@@ -232,13 +280,20 @@ pub fn start_stream(
             if sink_status != Status::Finished {
                 cancel.cancel();
             }
-            let task_status = outcome(&name, task.await);
+            // A reader's failure (the stream only saw its `End`) fails the stream too.
+            let mut final_status = outcome(&name, task.await);
+            for r in readers {
+                let reader_status = outcome(&name, r.await);
+                if final_status == Status::Finished {
+                    final_status = reader_status;
+                }
+            }
             set(
                 &status,
                 if sink_status != Status::Finished {
                     sink_status
                 } else {
-                    task_status
+                    final_status
                 },
             );
         })
@@ -283,12 +338,21 @@ pub async fn stop(cancel: &CancellationToken, done: Option<JoinHandle<()>>, time
 }
 
 impl RunningSource {
-    /// Stops the source and waits for its tasks.
-    pub async fn stop(mut self, timeout: Duration) {
-        if self.http.is_some() {
-            self.fanout.send(Message::End).await;
+    /// Stops the source: its hub ends (its readers belong to, and stop with, the streams).
+    pub async fn stop(self, timeout: Duration) {
+        self.fanout.send(Message::End).await;
+        stop(&self.cancel, None, timeout).await;
+    }
+
+    /// What a stream reading this source subscribes to.
+    pub fn input(&self) -> Input {
+        match self.http {
+            Some(_) => Input::Hub(self.fanout.clone()),
+            None => Input::Reader {
+                def: self.def.clone(),
+                metrics: Arc::clone(&self.metrics),
+            },
         }
-        stop(&self.cancel, self.done.take(), timeout).await;
     }
 }
 

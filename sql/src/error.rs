@@ -35,8 +35,8 @@ pub enum SqlError {
     /// The statement is invalid for another reason (wrong column, wrong type…).
     #[error("{0}")]
     Invalid(String),
-    /// DataFusion rejected the query.
-    #[error(transparent)]
+    /// DataFusion rejected the query. (Shown without DataFusion's error-kind prefix.)
+    #[error("{}", .0.find_root().message())]
     DataFusion(#[from] DataFusionError),
     /// A bug in Sluice.
     #[error("internal error (this is a bug in Sluice): {0}")]

@@ -10,9 +10,12 @@
 //! - `rows_per_second` — the rate; `0` means as fast as the pipeline takes them (default 1000).
 //! - `max_rows` — stop after this many rows (the source then ends); default: never.
 //! - `seed` — the same seed gives the same rows (default 0).
-//! - `start_time` — RFC 3339; when set, row *i* has event time `start_time + i / rows_per_second`
-//!   (one row per millisecond when the rate is 0), so the whole output is deterministic.
-//!   Otherwise event time is the wall clock when the row is generated.
+//! - `start_time` — RFC 3339; when set, row *i* has event time `start_time + i × time_step`,
+//!   so the whole output is deterministic. Otherwise event time is the wall clock when the
+//!   row is generated.
+//! - `time_step` — event-time distance between consecutive rows when `start_time` is set
+//!   (default `1 / rows_per_second`, or 1 ms when the rate is unlimited); e.g. `'1 minute'`
+//!   spreads a fast, bounded run over many hours of event time.
 //! - `batch_size` — rows per batch at most (default 8192).
 //! - `null_rate` — fraction of NULLs in nullable columns (default 0).
 //! - `fields.<column>.min` / `.max` — range of a numeric column (default 0 and 1000);
@@ -57,6 +60,8 @@ pub struct DatagenConfig {
     pub seed: u64,
     /// Event time of the first row (µs since the epoch), for deterministic event time.
     pub start_time: Option<i64>,
+    /// Event-time distance between rows (µs) when `start_time` is set.
+    pub time_step: i64,
     /// Largest batch.
     pub batch_size: usize,
     /// Fraction of NULLs in nullable columns.
@@ -87,6 +92,11 @@ impl DatagenConfig {
                     })?
                     .timestamp_micros(),
             ),
+        };
+        let time_step = match opts.take_duration("time_step")? {
+            Some(d) => d.as_micros() as i64,
+            None if rows_per_second == 0 => 1000,
+            None => (1_000_000 / rows_per_second.max(1)) as i64,
         };
         let batch_size: usize = opts
             .take_parsed("batch_size", "a whole number of rows")?
@@ -167,6 +177,7 @@ impl DatagenConfig {
             max_rows,
             seed,
             start_time,
+            time_step,
             batch_size,
             null_rate,
             fields,

@@ -129,13 +129,9 @@ impl DatagenReader {
     fn event_times(&self, n: usize) -> Vec<i64> {
         match self.config.start_time {
             Some(start) => {
-                let step = if self.config.rows_per_second == 0 {
-                    1000.0
-                } else {
-                    1e6 / self.config.rows_per_second as f64
-                };
-                (0..n as u64)
-                    .map(|k| start + ((self.generated + k) as f64 * step) as i64)
+                let step = self.config.time_step;
+                (0..n as i64)
+                    .map(|k| start + (self.generated as i64 + k) * step)
                     .collect()
             }
             None => vec![sluice_engine::EventTime::now().micros(); n],

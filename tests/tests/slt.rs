@@ -1,0 +1,173 @@
+//! Runs the `.slt` files in `tests/slt/` against an in-process Sluice, one fresh lake per file.
+//!
+//! Besides SQL, the harness understands one command of its own:
+//! `WAIT FOR STREAM <name>` — waits (up to 60 s) until the stream is no longer running, i.e.
+//! its bounded input ended and every file was written. Use it after a stream over a bounded
+//! `datagen` source (`max_rows`) before querying what landed.
+//!
+//! Errors read `SQLSTATE: message`, so a file can match both:
+//! `statement error 42P07: source `x` already exists`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use async_trait::async_trait;
+use sluice_server::{Outcome, Sluice};
+use sqllogictest::{AsyncDB, DBOutput, DefaultColumnType};
+
+#[derive(Debug)]
+struct SltError {
+    state: String,
+    message: String,
+}
+
+impl std::fmt::Display for SltError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.state, self.message)
+    }
+}
+
+impl std::error::Error for SltError {}
+
+struct SluiceDb {
+    sluice: Sluice,
+}
+
+impl SluiceDb {
+    async fn wait_for_stream(&self, name: &str) -> Result<(), SltError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut out = self.sluice.execute("SHOW STREAMS").await;
+            if let Some(Ok(Outcome::Rows { batches, .. })) = out.pop() {
+                let rows = format_rows(&batches);
+                match rows.iter().find(|r| r[0] == name) {
+                    None => {
+                        return Err(SltError {
+                            state: "42P01".into(),
+                            message: format!("stream `{name}` does not exist"),
+                        });
+                    }
+                    Some(r) if r[1] != "running" => return Ok(()),
+                    Some(_) => {}
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(SltError {
+                    state: "57014".into(),
+                    message: format!("stream `{name}` still running after 60 s"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn format_rows(batches: &[arrow::record_batch::RecordBatch]) -> Vec<Vec<String>> {
+    let options = FormatOptions::default().with_null("NULL");
+    let mut rows = vec![];
+    for b in batches {
+        let formatters: Vec<_> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).expect("formattable"))
+            .collect();
+        for i in 0..b.num_rows() {
+            rows.push(
+                formatters
+                    .iter()
+                    .map(|f| {
+                        let v = f.value(i).to_string();
+                        if v.is_empty() {
+                            "(empty)".to_string()
+                        } else {
+                            v
+                        }
+                    })
+                    .collect(),
+            );
+        }
+    }
+    rows
+}
+
+#[async_trait]
+impl AsyncDB for SluiceDb {
+    type Error = SltError;
+    type ColumnType = DefaultColumnType;
+
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, SltError> {
+        let trimmed = sql.trim().trim_end_matches(';');
+        if let Some(name) = trimmed.strip_prefix("WAIT FOR STREAM ") {
+            self.wait_for_stream(name.trim()).await?;
+            return Ok(DBOutput::StatementComplete(0));
+        }
+        let mut results = self.sluice.execute(sql).await;
+        match results.pop() {
+            None => Ok(DBOutput::StatementComplete(0)),
+            Some(Ok(Outcome::Command(_))) => Ok(DBOutput::StatementComplete(0)),
+            Some(Ok(Outcome::Rows { schema, batches })) => Ok(DBOutput::Rows {
+                types: vec![DefaultColumnType::Any; schema.fields().len()],
+                rows: format_rows(&batches),
+            }),
+            Some(Err(e)) => Err(SltError {
+                state: e.sqlstate().to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        self.sluice.shutdown().await;
+    }
+
+    fn engine_name(&self) -> &str {
+        "sluice"
+    }
+
+    async fn sleep(dur: Duration) {
+        tokio::time::sleep(dur).await;
+    }
+
+    fn error_sql_state(err: &SltError) -> Option<String> {
+        Some(err.state.clone())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slt_files() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("slt");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("tests/slt exists")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "slt"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no .slt files in {}", dir.display());
+    let mut failures = vec![];
+    for file in &files {
+        let lake = tempfile::tempdir().expect("a temporary lake");
+        let sluice = Sluice::open(lake.path().to_str().expect("UTF-8 path"))
+            .await
+            .expect("the lake opens");
+        let mut runner = sqllogictest::Runner::new(move || {
+            let sluice = sluice.clone();
+            async move { Ok(SluiceDb { sluice }) }
+        });
+        match runner.run_file_async(file).await {
+            Ok(()) => println!("ok   {}", file.display()),
+            Err(e) => {
+                println!("FAIL {}\n{e}", file.display());
+                failures.push(format!("{}: {e}", file.display()));
+            }
+        }
+        runner.shutdown_async().await;
+    }
+    assert!(
+        failures.is_empty(),
+        "{} slt file(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
