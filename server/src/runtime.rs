@@ -164,7 +164,7 @@ pub enum Input {
     /// A pull source: the stream starts its own reader.
     Reader {
         /// The source.
-        def: SourceDef,
+        def: Box<SourceDef>,
         /// The source's counters (shared by all its readers).
         metrics: Arc<Metrics>,
     },
@@ -349,7 +349,7 @@ impl RunningSource {
         match self.http {
             Some(_) => Input::Hub(self.fanout.clone()),
             None => Input::Reader {
-                def: self.def.clone(),
+                def: Box::new(self.def.clone()),
                 metrics: Arc::clone(&self.metrics),
             },
         }
