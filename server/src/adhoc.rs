@@ -18,6 +18,8 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::error::DataFusionError;
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::{Expr, LogicalPlan, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -50,7 +52,15 @@ impl AdHoc {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("sluice", "public");
-        let ctx = SessionContext::new_with_config(config);
+        // DataFusion caches file listings forever by default; streams add files all the
+        // time, so every query lists afresh. (Invalidating on each file commit would keep a
+        // cache correct; worth it once listing cost shows on S3.)
+        let cache = CacheManagerConfig::default().with_list_files_cache_limit(0);
+        let runtime = RuntimeEnvBuilder::new()
+            .with_cache_manager(cache)
+            .build_arc()
+            .expect("a runtime environment with default settings builds");
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
         ctx.register_object_store(lake.store_url(), lake.store());
         Self { ctx, lake }
     }

@@ -234,6 +234,13 @@ impl Sluice {
             SluiceStatement::ExplainStream(_) => Some(explain_schema()),
             SluiceStatement::Other(s) if is_query(&s) => {
                 let plan = self.inner.adhoc.plan(*s).await?;
+                if !plan.get_parameter_types()?.is_empty() {
+                    return Err(SqlError::NotSupported(
+                        "query parameters ($1, $2, …) are not supported yet; inline the values"
+                            .into(),
+                    )
+                    .into());
+                }
                 Some(Arc::new(plan.schema().as_arrow().clone()))
             }
             _ => None,
