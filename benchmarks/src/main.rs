@@ -45,12 +45,12 @@ struct Args {
     pipelines: String,
 }
 
-const SOURCE: &str = "CREATE SOURCE clicks (user_id BIGINT NOT NULL, url TEXT, ts TIMESTAMP NOT NULL,
+const SOURCE: &str =
+    "CREATE SOURCE clicks (user_id BIGINT NOT NULL, url TEXT, ts TIMESTAMP NOT NULL,
     WATERMARK FOR ts AS ts - INTERVAL '2 seconds')
     WITH (connector = 'datagen', rows_per_second = '0', seed = '1', null_rate = '0.1',
           start_time = '2024-01-01T00:00:00Z', time_step = '1 ms', fields.url.length = '24')";
-const QUERY: &str =
-    "CREATE STREAM clean_clicks AS SELECT user_id, lower(url) AS url, ts FROM clicks WHERE url IS NOT NULL";
+const QUERY: &str = "CREATE STREAM clean_clicks AS SELECT user_id, lower(url) AS url, ts FROM clicks WHERE url IS NOT NULL";
 
 /// A sink that counts rows and drops them.
 struct Discard(Arc<AtomicU64>);
@@ -100,8 +100,13 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
         anyhow::bail!("not a CREATE SOURCE")
     };
     let def = source_def(&create)?;
-    let SourceConfig::Datagen(_) = &def.config else { anyhow::bail!("not datagen") };
-    let reader = def.config.reader(Arc::clone(&def.schema)).context("datagen has a reader")?;
+    let SourceConfig::Datagen(_) = &def.config else {
+        anyhow::bail!("not datagen")
+    };
+    let reader = def
+        .config
+        .reader(Arc::clone(&def.schema))
+        .context("datagen has a reader")?;
     let cancel = CancellationToken::new();
     let source_out = FanOut::new("clicks");
     let (bad_tx, mut bad_rx) = tokio::sync::mpsc::channel(16);
@@ -153,7 +158,10 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
         let sink_input = out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY);
         let task = StreamTask {
             name: "clean_clicks".into(),
-            branches: vec![Branch { input: source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY), chain }],
+            branches: vec![Branch {
+                input: source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY),
+                chain,
+            }],
             output: out,
             output_schema: Arc::clone(&plan.output_schema),
             event_time_column: plan.output_schema.index_of("ts").ok(),
@@ -188,18 +196,30 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
     let wall = start_wall.elapsed();
     let cpu = cpu_time() - start_cpu;
     let events = generated.snapshot().rows_in;
-    anyhow::ensure!(events == args.events, "generated {events} of {} events", args.events);
+    anyhow::ensure!(
+        events == args.events,
+        "generated {events} of {} events",
+        args.events
+    );
     if kind == "discard" {
         // About 10 % of urls are NULL and filtered out.
         let kept = counted.load(Ordering::Relaxed);
-        anyhow::ensure!(kept > events * 8 / 10 && kept < events, "kept {kept} of {events}");
+        anyhow::ensure!(
+            kept > events * 8 / 10 && kept < events,
+            "kept {kept} of {events}"
+        );
     }
     let name = match kind {
         "source" => "datagen -> count (baseline)",
         "discard" => "datagen -> filter+project -> discard",
         _ => "datagen -> filter+project -> lake (Parquet)",
     };
-    Ok(Measured { name, events, wall, cpu })
+    Ok(Measured {
+        name,
+        events,
+        wall,
+        cpu,
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -213,9 +233,16 @@ fn main() -> anyhow::Result<()> {
         args.events,
         args.batch_size,
         args.threads,
-        if cfg!(debug_assertions) { "DEBUG (numbers are meaningless)" } else { "release" }
+        if cfg!(debug_assertions) {
+            "DEBUG (numbers are meaningless)"
+        } else {
+            "release"
+        }
     );
-    println!("{:<46} {:>12} {:>8} {:>14} {:>8} {:>16}", "pipeline", "events", "wall s", "events/s", "cpu s", "events/cpu-s");
+    println!(
+        "{:<46} {:>12} {:>8} {:>14} {:>8} {:>16}",
+        "pipeline", "events", "wall s", "events/s", "cpu s", "events/cpu-s"
+    );
     for kind in args.pipelines.split(',').map(str::trim) {
         let kind: &'static str = match kind {
             "source" => "source",

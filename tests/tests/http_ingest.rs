@@ -7,7 +7,12 @@ use std::time::Duration;
 use serde_json::Value;
 use sluice_tests::{files_with_ext, pg_connect, start_server, wait_for};
 
-async fn setup() -> (tempfile::TempDir, sluice_server::RunningServer, tokio_postgres::Client, String) {
+async fn setup() -> (
+    tempfile::TempDir,
+    sluice_server::RunningServer,
+    tokio_postgres::Client,
+    String,
+) {
     let lake = tempfile::tempdir().unwrap();
     let server = start_server(lake.path()).await;
     let client = pg_connect(server.pg_addr).await;
@@ -25,16 +30,29 @@ async fn setup() -> (tempfile::TempDir, sluice_server::RunningServer, tokio_post
 }
 
 async fn post(url: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-    let r = reqwest::Client::new().post(url).body(body).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(url)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap())
 }
 
 async fn landed(client: &tokio_postgres::Client, expected: i64) {
-    wait_for(&format!("{expected} rows in orders_out"), Duration::from_secs(30), || async {
-        let n: i64 = client.query_one("SELECT count(*) FROM orders_out", &[]).await.ok()?.get(0);
-        (n == expected).then_some(())
-    })
+    wait_for(
+        &format!("{expected} rows in orders_out"),
+        Duration::from_secs(30),
+        || async {
+            let n: i64 = client
+                .query_one("SELECT count(*) FROM orders_out", &[])
+                .await
+                .ok()?
+                .get(0);
+            (n == expected).then_some(())
+        },
+    )
     .await;
 }
 
@@ -56,21 +74,35 @@ async fn valid_ndjson_and_json_arrays_are_stored_and_processed() {
     let (lake, server, client, url) = setup().await;
     let ndjson = "{\"order_id\":\"a\",\"amount\":1.5,\"ts\":\"2024-05-01T12:00:00Z\"}\n\
                   {\"order_id\":\"b\",\"amount\":null,\"ts\":\"2024-05-01T12:30:00Z\"}\n";
-    assert_eq!(post(&url, ndjson).await, (200, serde_json::json!({"accepted": 2, "rejected": []})));
+    assert_eq!(
+        post(&url, ndjson).await,
+        (200, serde_json::json!({"accepted": 2, "rejected": []}))
+    );
     let array = r#"[{"order_id":"c","amount":3,"ts":"2024-05-01T13:00:00Z"}]"#;
     assert_eq!(post(&url, array).await.0, 200);
     landed(&client, 3).await;
 
     // Partitioned by the event time of the rows, not by arrival.
-    let mut parts: Vec<String> = files_with_ext(&lake.path().join("processed/orders_out"), "parquet")
-        .iter()
-        .map(|f| f.parent().unwrap().strip_prefix(lake.path()).unwrap().display().to_string())
-        .collect();
+    let mut parts: Vec<String> =
+        files_with_ext(&lake.path().join("processed/orders_out"), "parquet")
+            .iter()
+            .map(|f| {
+                f.parent()
+                    .unwrap()
+                    .strip_prefix(lake.path())
+                    .unwrap()
+                    .display()
+                    .to_string()
+            })
+            .collect();
     parts.sort();
     parts.dedup();
     assert_eq!(
         parts,
-        ["processed/orders_out/dt=2024-05-01/hour=12", "processed/orders_out/dt=2024-05-01/hour=13"]
+        [
+            "processed/orders_out/dt=2024-05-01/hour=12",
+            "processed/orders_out/dt=2024-05-01/hour=13"
+        ]
     );
     // The raw zone keeps each body exactly as received.
     let raw: Vec<String> = files_with_ext(&lake.path().join("raw/orders"), "ndjson")
@@ -82,7 +114,10 @@ async fn valid_ndjson_and_json_arrays_are_stored_and_processed() {
     assert!(raw.contains(&ndjson.to_string()) && raw.contains(&array.to_string()));
     assert!(error_lines(lake.path()).is_empty());
     let row = client
-        .query_one("SELECT string_agg(order_id, ',' ORDER BY order_id), sum(amount) FROM orders_out", &[])
+        .query_one(
+            "SELECT string_agg(order_id, ',' ORDER BY order_id), sum(amount) FROM orders_out",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "a,b,c");
@@ -103,14 +138,25 @@ async fn mixed_bodies_keep_good_lines_and_report_each_bad_one() {
     let (status, json) = post(&url, body).await;
     assert_eq!(status, 422);
     assert_eq!(json["accepted"], 2);
-    let lines: Vec<u64> = json["rejected"].as_array().unwrap().iter().map(|r| r["line"].as_u64().unwrap()).collect();
+    let lines: Vec<u64> = json["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["line"].as_u64().unwrap())
+        .collect();
     assert_eq!(lines, [2, 4, 5, 6]);
-    assert_eq!(json["rejected"][1]["reason"], "missing value for NOT NULL column `order_id`");
+    assert_eq!(
+        json["rejected"][1]["reason"],
+        "missing value for NOT NULL column `order_id`"
+    );
     landed(&client, 2).await;
 
     let errors = error_lines(lake.path());
     assert_eq!(errors.len(), 4);
-    let e = errors.iter().find(|e| e["origin"].as_str().unwrap().ends_with("line 2")).unwrap();
+    let e = errors
+        .iter()
+        .find(|e| e["origin"].as_str().unwrap().ends_with("line 2"))
+        .unwrap();
     assert_eq!(
         e["payload"],
         "{\"order_id\":\"b\",\"amount\":\"lots\",\"ts\":\"2024-05-01T12:00:00Z\"}"
@@ -138,14 +184,20 @@ async fn malformed_oversized_and_misdirected_requests_get_clear_answers() {
     // Not a JSON array: 400, stored whole in the errors zone.
     let (status, json) = post(&url, "[{\"order_id\":\"a\"").await;
     assert_eq!(status, 400);
-    assert!(json["error"].as_str().unwrap().starts_with("the body is not a valid JSON array"));
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("the body is not a valid JSON array")
+    );
     assert_eq!(error_lines(lake.path()).len(), 1);
     // Empty body.
     assert_eq!(post(&url, "\n\n").await.0, 400);
     // Over the source's max_request_size (64 KiB): 413, with and without Content-Length.
     let big = "x".repeat(70 * 1024);
     assert_eq!(post(&url, big.clone()).await.0, 413);
-    let chunks: Vec<Result<String, std::io::Error>> = (0..70).map(|_| Ok("y".repeat(1024))).collect();
+    let chunks: Vec<Result<String, std::io::Error>> =
+        (0..70).map(|_| Ok("y".repeat(1024))).collect();
     let streamed = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
     assert_eq!(post(&url, streamed).await.0, 413);
     // Unknown source; a source that is not an http source.
@@ -154,7 +206,9 @@ async fn malformed_oversized_and_misdirected_requests_get_clear_answers() {
     let (status, json) = post(&url.replace("/orders/", "/orders_out/"), "{}").await;
     assert_eq!(status, 409, "{json}");
     // Health.
-    let health = reqwest::get(format!("http://{}/health", server.http_addr)).await.unwrap();
+    let health = reqwest::get(format!("http://{}/health", server.http_addr))
+        .await
+        .unwrap();
     assert_eq!(health.status().as_u16(), 200);
     server.shutdown().await;
 }

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Sluice's whole test suite, on a fresh machine: installs the clients the tests use, then
+# checks formatting and lints and runs every test (unit, .slt, end-to-end over real sockets
+# with tokio-postgres, psql, HTTP and Parquet readers).
+#
+#   scripts/test.sh
+#
+# Dependencies are compiled into a persistent target directory (default
+# ~/.cache/sluice/target; override with CARGO_TARGET_DIR) so fresh clones build only
+# Sluice's own crates.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+say() { printf '\n== %s\n' "$*"; }
+
+need_psql() {
+  command -v psql >/dev/null 2>&1 && return 0
+  say "installing the PostgreSQL client (psql)"
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq postgresql-client >/dev/null
+  fi
+  command -v psql >/dev/null 2>&1 || { echo "psql is required by the tests: install the PostgreSQL client" >&2; exit 1; }
+}
+
+need_psql
+
+say "rustfmt"
+cargo fmt --all -- --check
+
+say "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+say "tests"
+cargo test --workspace --locked
+
+say "all checks passed"
