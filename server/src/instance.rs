@@ -74,6 +74,19 @@ impl State {
         }
     }
 
+    /// Whether `CREATE <kind> [IF NOT EXISTS] name` has nothing to do: `Ok(true)` if an
+    /// object of that kind exists and `IF NOT EXISTS` was given, an error if the name is
+    /// taken otherwise, `Ok(false)` if it is free.
+    fn exists_already(&self, name: &str, kind: ObjectKind, if_not_exists: bool) -> Result<bool> {
+        match self.kind_of(name) {
+            None => Ok(false),
+            Some(k) if k == kind && if_not_exists => Ok(true),
+            Some(k) => {
+                Err(SqlError::DuplicateObject(format!("{k} `{name}` already exists")).into())
+            }
+        }
+    }
+
     fn relations(&self) -> BTreeMap<String, Relation> {
         let mut r = BTreeMap::new();
         for (n, s) in &self.sources {
@@ -314,13 +327,8 @@ impl Sluice {
     async fn create_source(&self, c: CreateSource, persist: bool) -> Result<Outcome> {
         let tag = Outcome::Command("CREATE SOURCE".into());
         let mut state = self.inner.state.lock().await;
-        if let Some(kind) = state.kind_of(&c.name) {
-            if c.if_not_exists && kind == ObjectKind::Source {
-                return Ok(tag);
-            }
-            return Err(
-                SqlError::DuplicateObject(format!("{kind} `{}` already exists", c.name)).into(),
-            );
+        if state.exists_already(&c.name, ObjectKind::Source, c.if_not_exists)? {
+            return Ok(tag);
         }
         let def = source_def(&c)?;
         let running = start_source(&self.inner.lake, def, &self.inner.shutdown)?;
@@ -335,27 +343,22 @@ impl Sluice {
                 .insert(c.name.clone(), Arc::clone(h));
         }
         state.sources.insert(c.name.clone(), running);
-        state.entries.push(Entry {
-            kind: "source".into(),
-            name: c.name.clone(),
-            sql: c.to_string(),
-        });
-        if persist {
-            self.persist(&mut state).await?;
-        }
+        self.record(
+            &mut state,
+            ObjectKind::Source,
+            &c.name,
+            c.to_string(),
+            persist,
+        )
+        .await?;
         Ok(tag)
     }
 
     async fn create_stream(&self, c: CreateStream, persist: bool) -> Result<Outcome> {
         let tag = Outcome::Command("CREATE STREAM".into());
         let mut state = self.inner.state.lock().await;
-        if let Some(kind) = state.kind_of(&c.name) {
-            if c.if_not_exists && kind == ObjectKind::Stream {
-                return Ok(tag);
-            }
-            return Err(
-                SqlError::DuplicateObject(format!("{kind} `{}` already exists", c.name)).into(),
-            );
+        if state.exists_already(&c.name, ObjectKind::Stream, c.if_not_exists)? {
+            return Ok(tag);
         }
         let plan = plan_stream(&c, &state.relations()).await?;
         for col in PARTITION_COLUMNS {
@@ -385,14 +388,14 @@ impl Sluice {
         };
         self.inner.adhoc.register_stream(&c.name, &schema)?;
         state.streams.insert(c.name.clone(), running);
-        state.entries.push(Entry {
-            kind: "stream".into(),
-            name: c.name.clone(),
-            sql: c.to_string(),
-        });
-        if persist {
-            self.persist(&mut state).await?;
-        }
+        self.record(
+            &mut state,
+            ObjectKind::Stream,
+            &c.name,
+            c.to_string(),
+            persist,
+        )
+        .await?;
         Ok(tag)
     }
 
@@ -463,6 +466,26 @@ impl Sluice {
         }
         self.persist(&mut state).await?;
         Ok(tag)
+    }
+
+    /// Adds a created object to the catalog, and stores the catalog if `persist`.
+    async fn record(
+        &self,
+        state: &mut State,
+        kind: ObjectKind,
+        name: &str,
+        sql: String,
+        persist: bool,
+    ) -> Result<()> {
+        state.entries.push(Entry {
+            kind: kind.to_string(),
+            name: name.to_string(),
+            sql,
+        });
+        if persist {
+            self.persist(state).await?;
+        }
+        Ok(())
     }
 
     async fn persist(&self, state: &mut State) -> Result<()> {

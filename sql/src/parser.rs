@@ -155,50 +155,36 @@ fn parse_statement(p: &mut DFParser<'_>) -> PResult<SluiceStatement> {
             parse_create_stream(p)?,
         )));
     }
-    if peek_word(p, 0, "DROP") {
-        let kind = if peek_word(p, 1, "SOURCE") {
-            Some(ObjectKind::Source)
-        } else if peek_word(p, 1, "STREAM") {
-            Some(ObjectKind::Stream)
-        } else {
-            None
-        };
-        if let Some(kind) = kind {
-            p.parser.next_token();
-            p.parser.next_token();
-            let if_exists = p.parser.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
-            let names = p
-                .parser
-                .parse_comma_separated(|p| p.parse_object_name(false))?
-                .iter()
-                .map(object_name)
-                .collect::<PResult<Vec<_>>>()?;
-            let cascade = matches!(
-                p.parser
-                    .parse_one_of_keywords(&[Keyword::CASCADE, Keyword::RESTRICT]),
-                Some(Keyword::CASCADE)
-            );
-            return Ok(SluiceStatement::Drop {
-                kind,
-                names,
-                if_exists,
-                cascade,
-            });
-        }
+    if peek_word(p, 0, "DROP")
+        && let Some(kind) = kind_at(p, 1, false)
+    {
+        p.parser.next_token();
+        p.parser.next_token();
+        let if_exists = p.parser.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+        let names = p
+            .parser
+            .parse_comma_separated(|p| p.parse_object_name(false))?
+            .iter()
+            .map(object_name)
+            .collect::<PResult<Vec<_>>>()?;
+        let cascade = matches!(
+            p.parser
+                .parse_one_of_keywords(&[Keyword::CASCADE, Keyword::RESTRICT]),
+            Some(Keyword::CASCADE)
+        );
+        return Ok(SluiceStatement::Drop {
+            kind,
+            names,
+            if_exists,
+            cascade,
+        });
     }
-    if peek_word(p, 0, "SHOW") {
-        let kind = if peek_word(p, 1, "SOURCES") {
-            Some(ObjectKind::Source)
-        } else if peek_word(p, 1, "STREAMS") {
-            Some(ObjectKind::Stream)
-        } else {
-            None
-        };
-        if let Some(kind) = kind {
-            p.parser.next_token();
-            p.parser.next_token();
-            return Ok(SluiceStatement::Show(kind));
-        }
+    if peek_word(p, 0, "SHOW")
+        && let Some(kind) = kind_at(p, 1, true)
+    {
+        p.parser.next_token();
+        p.parser.next_token();
+        return Ok(SluiceStatement::Show(kind));
     }
     if peek_word(p, 0, "DESCRIBE") || peek_word(p, 0, "DESC") {
         p.parser.next_token();
@@ -287,6 +273,22 @@ fn parse_with_options(p: &mut DFParser<'_>) -> PResult<Vec<(String, String)>> {
         }
         p.parser.expect_token(&Token::RParen)?;
         return Ok(options);
+    }
+}
+
+/// The kind named by the `n`-th next word: `SOURCE`/`STREAM` (or `SOURCES`/`STREAMS`).
+fn kind_at(p: &DFParser<'_>, n: usize, plural: bool) -> Option<ObjectKind> {
+    let (source, stream) = if plural {
+        ("SOURCES", "STREAMS")
+    } else {
+        ("SOURCE", "STREAM")
+    };
+    if peek_word(p, n, source) {
+        Some(ObjectKind::Source)
+    } else if peek_word(p, n, stream) {
+        Some(ObjectKind::Stream)
+    } else {
+        None
     }
 }
 
