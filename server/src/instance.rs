@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 use sluice_connectors::http::HttpIngest;
@@ -27,7 +28,6 @@ use crate::show;
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What one statement returned.
-#[derive(Debug)]
 pub enum Outcome {
     /// A command completed; the tag is what Postgres calls it (`CREATE SOURCE`, `SET`, …).
     Command(String),
@@ -38,6 +38,43 @@ pub enum Outcome {
         /// The rows.
         batches: Vec<RecordBatch>,
     },
+    /// Rows of a query, produced while they are sent.
+    Stream {
+        /// Their schema.
+        schema: SchemaRef,
+        /// The rows, batch by batch.
+        stream: SendableRecordBatchStream,
+    },
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Command(tag) => f.debug_tuple("Command").field(tag).finish(),
+            Outcome::Rows { schema, batches } => f
+                .debug_struct("Rows")
+                .field("columns", &schema.fields().len())
+                .field("batches", &batches.len())
+                .finish(),
+            Outcome::Stream { schema, .. } => f
+                .debug_struct("Stream")
+                .field("columns", &schema.fields().len())
+                .finish(),
+        }
+    }
+}
+
+impl Outcome {
+    /// Collects a streamed result into [`Outcome::Rows`] (for callers that want all rows).
+    pub async fn collect(self) -> Result<Outcome> {
+        match self {
+            Outcome::Stream { schema, stream } => {
+                let batches = futures::TryStreamExt::try_collect(stream).await?;
+                Ok(Outcome::Rows { schema, batches })
+            }
+            other => Ok(other),
+        }
+    }
 }
 
 /// A running Sluice: cheap to clone, shared by every connection.
@@ -520,11 +557,12 @@ impl Sluice {
         }
         let plan = self.inner.adhoc.plan(stmt).await?;
         let is_set = matches!(plan, datafusion::logical_expr::LogicalPlan::Statement(_));
-        let (schema, batches) = self.inner.adhoc.run(plan).await?;
+        let (schema, stream) = self.inner.adhoc.run(plan).await?;
         if is_set {
+            futures::TryStreamExt::try_collect::<Vec<_>>(stream).await?;
             return Ok(Outcome::Command("SET".into()));
         }
-        Ok(Outcome::Rows { schema, batches })
+        Ok(Outcome::Stream { schema, stream })
     }
 }
 

@@ -12,8 +12,8 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch};
 use async_trait::async_trait;
-use futures::Sink;
-use futures::stream;
+use datafusion::physical_plan::SendableRecordBatchStream;
+use futures::{Sink, StreamExt, stream};
 use pgwire::api::auth::StartupHandler;
 use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::portal::{Format, Portal};
@@ -25,6 +25,7 @@ use pgwire::api::{
     ClientInfo, ClientPortalStore, METADATA_DATABASE, METADATA_USER, PgWireServerHandlers, Type,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::data::DataRow;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
 
@@ -121,10 +122,32 @@ fn rows_response(
     )))
 }
 
+/// Encodes a query's batches as they arrive; an error mid-way ends the result with a
+/// Postgres error.
+fn stream_response(
+    schema: &SchemaRef,
+    batches: SendableRecordBatchStream,
+    format: &Format,
+) -> PgWireResult<Response> {
+    let fields: Arc<Vec<FieldInfo>> = Arc::new(arrow_schema_to_pg_fields(schema, format, None)?);
+    let encode_fields = Arc::clone(&fields);
+    let rows = batches.flat_map(move |batch| {
+        let rows: Vec<PgWireResult<DataRow>> = match batch {
+            Ok(b) => encode_recordbatch(Arc::clone(&encode_fields), b).collect(),
+            Err(e) => vec![Err(PgWireError::UserError(Box::new(pg_error(
+                &ServerError::Query(e),
+            ))))],
+        };
+        stream::iter(rows)
+    });
+    Ok(Response::Query(QueryResponse::new(fields, rows)))
+}
+
 fn to_response(r: crate::Result<Outcome>, format: &Format) -> PgWireResult<Response> {
     match r {
         Ok(Outcome::Command(tag)) => Ok(Response::Execution(Tag::new(&tag))),
         Ok(Outcome::Rows { schema, batches }) => rows_response(&schema, batches, format),
+        Ok(Outcome::Stream { schema, stream }) => stream_response(&schema, stream, format),
         Err(e) => Ok(Response::Error(Box::new(pg_error(&e)))),
     }
 }

@@ -108,6 +108,26 @@ async fn datagen_stream_lands_in_the_lake_and_every_client_sees_the_same_rows() 
         }
     }
     assert_eq!(rows_in_files as i64, count);
+
+    // Results stream to the client; an error while producing them is a Postgres error.
+    let err = client
+        .query("SELECT CAST(url AS BIGINT) FROM clean_clicks", &[])
+        .await
+        .unwrap_err();
+    let db = err
+        .as_db_error()
+        .expect("a Postgres error, not a broken connection");
+    assert_eq!(db.code().code(), "22000", "{db:?}");
+    assert!(
+        db.message().contains("Cannot cast string"),
+        "{}",
+        db.message()
+    );
+    let row = client
+        .query_one("SELECT count(url) FROM clean_clicks", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), count);
     // Nothing half-written or staged is left behind.
     let all: Vec<_> = walk(lake.path().join("processed").as_path());
     assert!(

@@ -103,9 +103,14 @@ impl AsyncDB for SluiceDb {
             return Ok(DBOutput::StatementComplete(0));
         }
         let mut results = self.sluice.execute(sql).await;
-        match results.pop() {
+        let last = match results.pop() {
+            Some(Ok(o)) => Some(o.collect().await),
+            other => other,
+        };
+        match last {
             None => Ok(DBOutput::StatementComplete(0)),
             Some(Ok(Outcome::Command(_))) => Ok(DBOutput::StatementComplete(0)),
+            Some(Ok(Outcome::Stream { .. })) => unreachable!("collected above"),
             Some(Ok(Outcome::Rows { schema, batches })) => Ok(DBOutput::Rows {
                 types: vec![DefaultColumnType::Any; schema.fields().len()],
                 rows: format_rows(&batches),
