@@ -348,4 +348,49 @@ mod tests {
             t.unit
         );
     }
+
+    #[tokio::test]
+    async fn files_roll_at_the_target_size_and_after_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+        let batch = |n: i64| {
+            RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![Arc::new(Int64Array::from_iter_values(0..n))],
+            )
+            .unwrap()
+        };
+        let written = Arc::new(AtomicU64::new(0));
+        let config = LakeWriterConfig {
+            rollover_interval: Duration::from_millis(1),
+            target_file_size: 1,
+        };
+        let mut w = ParquetLakeWriter::new(lake, "s", &schema, None, config, Arc::clone(&written));
+        // Every batch reaches the 1-byte target: each is a complete, visible file at once.
+        for _ in 0..3 {
+            w.write_batch(batch(10)).await.unwrap();
+        }
+        assert_eq!(written.load(Ordering::Relaxed), 3);
+        assert_eq!(files(dir.path()).len(), 3);
+
+        // Below the size target, the interval closes the file on the next tick.
+        w.config.target_file_size = u64::MAX;
+        w.write_batch(batch(10)).await.unwrap();
+        assert_eq!(written.load(Ordering::Relaxed), 3);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        w.on_tick().await.unwrap();
+        assert_eq!(written.load(Ordering::Relaxed), 4);
+        let rows: i64 = files(dir.path())
+            .iter()
+            .map(|f| {
+                SerializedFileReader::new(std::fs::File::open(f).unwrap())
+                    .unwrap()
+                    .metadata()
+                    .file_metadata()
+                    .num_rows()
+            })
+            .sum();
+        assert_eq!(rows, 40);
+    }
 }
