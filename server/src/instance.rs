@@ -88,8 +88,21 @@ struct Inner {
     lake: Lake,
     adhoc: AdHoc,
     state: tokio::sync::Mutex<State>,
-    http: RwLock<HashMap<String, Arc<HttpIngest>>>,
+    /// Every object by name, readable without waiting for a DDL statement to finish (the
+    /// HTTP front door looks sources up here).
+    directory: RwLock<HashMap<String, Named>>,
     shutdown: CancellationToken,
+}
+
+/// An entry of the name directory.
+#[derive(Debug, Clone)]
+enum Named {
+    /// An `http` source and its ingest endpoint.
+    Http(Arc<HttpIngest>),
+    /// Another kind of source.
+    Source,
+    /// A stream.
+    Stream,
 }
 
 #[derive(Debug, Default)]
@@ -168,7 +181,7 @@ impl Sluice {
                 adhoc: AdHoc::new(lake.clone()),
                 lake,
                 state: tokio::sync::Mutex::new(State::default()),
-                http: RwLock::default(),
+                directory: RwLock::default(),
                 shutdown: CancellationToken::new(),
             }),
         };
@@ -205,23 +218,26 @@ impl Sluice {
     /// The ingest endpoint of `http` source `name`: `Ok(None)` if the source does not exist,
     /// `Err` naming its connector if it is not an `http` source.
     pub fn http_source(&self, name: &str) -> std::result::Result<Option<Arc<HttpIngest>>, String> {
-        if let Some(h) = self
-            .inner
-            .http
+        match self.directory().get(name) {
+            Some(Named::Http(h)) => Ok(Some(Arc::clone(h))),
+            Some(Named::Source) => Err(format!("source `{name}` is not an http source")),
+            Some(Named::Stream) => Err(format!("`{name}` is a stream, not a source")),
+            None => Ok(None),
+        }
+    }
+
+    fn directory(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Named>> {
+        self.inner
+            .directory
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-        {
-            return Ok(Some(Arc::clone(h)));
-        }
-        match self.inner.state.try_lock() {
-            Ok(state) => match state.kind_of(name) {
-                Some(ObjectKind::Source) => Err(format!("source `{name}` is not an http source")),
-                Some(ObjectKind::Stream) => Err(format!("`{name}` is a stream, not a source")),
-                None => Ok(None),
-            },
-            Err(_) => Ok(None),
-        }
+    }
+
+    fn directory_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Named>> {
+        self.inner
+            .directory
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stops every pipeline, flushing what they hold to the lake.
@@ -229,11 +245,7 @@ impl Sluice {
         let mut state = self.inner.state.lock().await;
         let streams = std::mem::take(&mut state.streams);
         let sources = std::mem::take(&mut state.sources);
-        self.inner
-            .http
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.directory_mut().clear();
         // Stop sources first, so streams drain what is in flight and end on `End`.
         for (_, s) in sources {
             s.stop(STOP_TIMEOUT).await;
@@ -372,13 +384,11 @@ impl Sluice {
         self.inner
             .adhoc
             .register_source(&c.name, Arc::clone(&running.def.schema))?;
-        if let Some(h) = &running.http {
-            self.inner
-                .http
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(c.name.clone(), Arc::clone(h));
-        }
+        let named = match &running.http {
+            Some(h) => Named::Http(Arc::clone(h)),
+            None => Named::Source,
+        };
+        self.directory_mut().insert(c.name.clone(), named);
         state.sources.insert(c.name.clone(), running);
         self.record(
             &mut state,
@@ -424,6 +434,7 @@ impl Sluice {
             )?
         };
         self.inner.adhoc.register_stream(&c.name, &schema)?;
+        self.directory_mut().insert(c.name.clone(), Named::Stream);
         state.streams.insert(c.name.clone(), running);
         self.record(
             &mut state,
@@ -488,16 +499,12 @@ impl Sluice {
                     }
                 }
                 ObjectKind::Source => {
-                    self.inner
-                        .http
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&name);
                     if let Some(s) = state.sources.remove(&name) {
                         s.stop(STOP_TIMEOUT).await;
                     }
                 }
             }
+            self.directory_mut().remove(&name);
             self.inner.adhoc.deregister(&name)?;
             state.entries.retain(|e| e.name != name);
         }
