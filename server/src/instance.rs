@@ -203,7 +203,10 @@ impl Sluice {
             match restored {
                 Ok(_) => tracing::info!(kind = %e.kind, name = %e.name, "restored"),
                 Err(err) => {
-                    tracing::error!(kind = %e.kind, name = %e.name, error = %err, "cannot restore; it is left out of the catalog")
+                    // Keep the definition in the catalog so that it is not lost at the next
+                    // DDL statement; the user can fix the cause and restart, or DROP it.
+                    tracing::error!(kind = %e.kind, name = %e.name, error = %err, "cannot restore; it stays in the catalog but does not run");
+                    sluice.inner.state.lock().await.entries.push(e);
                 }
             }
         }
@@ -468,6 +471,16 @@ impl Sluice {
                     ))
                     .into());
                 }
+                // A catalog entry that could not be restored at startup: dropping it just
+                // removes the definition.
+                None if state
+                    .entries
+                    .iter()
+                    .any(|e| e.name == *name && e.kind == kind.to_string()) =>
+                {
+                    state.entries.retain(|e| e.name != *name);
+                    continue;
+                }
                 None if if_exists => continue,
                 None => {
                     return Err(SqlError::UndefinedObject(format!(
@@ -521,6 +534,7 @@ impl Sluice {
         sql: String,
         persist: bool,
     ) -> Result<()> {
+        state.entries.retain(|e| e.name != name);
         state.entries.push(Entry {
             kind: kind.to_string(),
             name: name.to_string(),

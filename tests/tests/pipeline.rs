@@ -321,3 +321,34 @@ async fn garbage_on_the_wire_closes_only_that_connection() {
     assert_eq!(bad_user.code().unwrap().code(), "28000");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrestorable_catalog_entry_is_kept_until_dropped() {
+    let lake = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(lake.path().join("_sluice")).unwrap();
+    // A definition this build cannot run (a connector it does not have).
+    let bad = "CREATE SOURCE legacy (a TEXT) WITH ('connector' = 'kafka')";
+    let catalog = serde_json::json!({"version": 1, "entries": [{"kind": "source", "name": "legacy", "sql": bad}]});
+    let path = lake.path().join("_sluice/catalog.json");
+    std::fs::write(&path, catalog.to_string()).unwrap();
+
+    let server = start_server(lake.path()).await;
+    let client = pg_connect(server.pg_addr).await;
+    client
+        .batch_execute("CREATE SOURCE fresh (a TEXT) WITH (connector = 'http')")
+        .await
+        .unwrap();
+    let stored = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        stored.contains("legacy") && stored.contains("fresh"),
+        "{stored}"
+    );
+
+    client.batch_execute("DROP SOURCE legacy").await.unwrap();
+    let stored = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        !stored.contains("legacy") && stored.contains("fresh"),
+        "{stored}"
+    );
+    server.shutdown().await;
+}
