@@ -7,7 +7,7 @@ use arrow::array::{
     ArrayRef, BooleanArray, Date32Array, Float64Array, Int64Array, StringArray,
     TimestampMicrosecondArray, UInt32Array,
 };
-use arrow::buffer::NullBuffer;
+use arrow::buffer::{NullBuffer, ScalarBuffer};
 use arrow::compute::{cast, take};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -140,13 +140,14 @@ impl DatagenReader {
 
     /// Generates the next `n` rows.
     pub fn next_batch(&mut self, n: usize) -> sluice_engine::Result<RecordBatch> {
-        let times = Arc::new(self.event_times(n));
+        // One buffer, shared (not copied) by every timestamp column.
+        let times: ScalarBuffer<i64> = self.event_times(n).into();
         let null_rate = self.config.null_rate;
         let mut arrays = Vec::with_capacity(self.columns.len());
         for c in &mut self.columns {
             let array: ArrayRef = match &c.kind {
                 Kind::EventTime => Arc::new(
-                    TimestampMicrosecondArray::from(times.as_ref().clone()).with_timezone("UTC"),
+                    TimestampMicrosecondArray::new(times.clone(), None).with_timezone("UTC"),
                 ),
                 Kind::EventDate => Arc::new(Date32Array::from_iter_values(
                     times.iter().map(|t| t.div_euclid(86_400_000_000) as i32),
