@@ -7,12 +7,14 @@
 //!   watermark, connector configuration.
 //! - [`planner`] turns the query of a `CREATE STREAM` into a [`StreamPlan`]: DataFusion plans
 //!   and optimises it, and each logical node becomes an operator spec of the runtime.
+//! - [`window`] plans window table functions (`TUMBLE`) in `FROM`.
 
 pub mod error;
 pub mod parser;
 pub mod planner;
 pub mod source;
 pub mod types;
+pub mod window;
 
 pub use error::{Result, SqlError};
 pub use parser::{ObjectKind, SluiceStatement, parse_sql};

@@ -191,7 +191,11 @@ fn parse_statement(p: &mut DFParser<'_>) -> PResult<SluiceStatement> {
         let name = p.parser.parse_object_name(false)?;
         return Ok(SluiceStatement::Describe(object_name(&name)?));
     }
-    Ok(SluiceStatement::Other(Box::new(p.parse_statement()?)))
+    let mut stmt = p.parse_statement()?;
+    if let DFStatement::Statement(s) = &mut stmt {
+        crate::window::rewrite_table_args(s.as_mut());
+    }
+    Ok(SluiceStatement::Other(Box::new(stmt)))
 }
 
 fn parse_create_source(p: &mut DFParser<'_>) -> PResult<CreateSource> {
@@ -238,7 +242,8 @@ fn parse_create_stream(p: &mut DFParser<'_>) -> PResult<CreateStream> {
     let name = object_name(&p.parser.parse_object_name(false)?)?;
     let options = parse_with_options(p)?;
     p.parser.expect_keyword(Keyword::AS)?;
-    let query = p.parser.parse_query()?;
+    let mut query = p.parser.parse_query()?;
+    crate::window::rewrite_table_args(&mut query);
     Ok(CreateStream {
         name,
         if_not_exists,

@@ -35,6 +35,7 @@ use sluice_engine::{Operator, WithOptions};
 
 use crate::error::{Result, SqlError};
 use crate::parser::{CreateStream, ObjectKind};
+use crate::window::{WINDOW_START, WindowTablePlanner};
 
 /// What the planner needs to know of a relation a stream may read.
 #[derive(Debug, Clone)]
@@ -192,6 +193,7 @@ pub async fn plan_stream(
     opts.finish()?;
 
     let ctx = SessionContext::new();
+    ctx.register_relation_planner(Arc::new(WindowTablePlanner))?;
     for (name, rel) in relations {
         ctx.register_table(
             TableReference::bare(name.as_str()),
@@ -335,6 +337,13 @@ fn translate(
 
 fn describe_node(plan: &LogicalPlan) -> &'static str {
     match plan {
+        LogicalPlan::Aggregate(a)
+            if a.group_expr
+                .iter()
+                .any(|e| e.schema_name().to_string().contains(WINDOW_START)) =>
+        {
+            "windowed aggregation (GROUP BY window_start, window_end)"
+        }
         LogicalPlan::Aggregate(_) => {
             "aggregation (GROUP BY, DISTINCT or an aggregate function) without a window"
         }
