@@ -16,11 +16,11 @@
 
 use std::fmt;
 
-use datafusion::sql::parser::{DFParser, DFParserBuilder, Statement as DFStatement};
+use datafusion::sql::parser::{DFParser, DFParserBuilder, ParserInput, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::{ColumnDef, Expr, Ident, ObjectName, Query, Value};
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
-use datafusion::sql::sqlparser::tokenizer::Token;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
 use crate::error::{Result, SqlError};
 
@@ -101,7 +101,11 @@ pub enum SluiceStatement {
 /// Parses `sql` into statements (separated by `;`).
 pub fn parse_sql(sql: &str) -> Result<Vec<SluiceStatement>> {
     let dialect = PostgreSqlDialect {};
-    let mut p = DFParserBuilder::new(sql)
+    let tokens = Tokenizer::new(&dialect, sql)
+        .tokenize_with_location()
+        .map_err(|e| syntax(sql, e))?;
+    let tokens = crate::window::rewrite_flink_form(tokens);
+    let mut p = DFParserBuilder::new(ParserInput::Tokens(tokens))
         .with_dialect(&dialect)
         .build()
         .map_err(|e| syntax(sql, e))?;

@@ -17,18 +17,23 @@
 //! first rewrites `TUMBLE(t, …)` to `TUMBLE((SELECT * FROM t), …)` ([`rewrite_table_args`]);
 //! a subquery is accepted as the first argument too.
 //!
-//! Not yet: `HOP` and `SESSION` (one input row → several windows, and merging windows), the
-//! Flink form `TABLE(TUMBLE(TABLE t, DESCRIPTOR(ts), …))`, and windowed aggregation itself.
+//! Flink's form `TABLE(TUMBLE(TABLE t, DESCRIPTOR(ts), INTERVAL '10' SECOND))` is accepted
+//! too: sqlparser has no grammar for `TABLE t` as an argument, so [`rewrite_flink_form`]
+//! turns it into `TUMBLE(t, ts, INTERVAL '10' SECOND)` token by token before parsing.
+//!
+//! Not yet: `HOP` and `SESSION` (one input row → several windows, and merging windows) and
+//! windowed aggregation itself.
 
 use std::sync::Arc;
 
+use arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::functions::expr_fn::date_bin;
 use datafusion::logical_expr::planner::{
     PlannedRelation, RelationPlanner, RelationPlannerContext, RelationPlanning,
 };
-use datafusion::logical_expr::{Expr, LogicalPlanBuilder, col, lit};
+use datafusion::logical_expr::{Expr, LogicalPlanBuilder, cast, col, lit};
 use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
@@ -37,6 +42,82 @@ use datafusion::sql::sqlparser::ast::{
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
+use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan};
+
+/// Rewrites Flink's `TABLE(<window fn>(TABLE t, DESCRIPTOR(c), …))` to
+/// `<window fn>(t, c, …)`. Tokens keep their spans, so error positions still point into the
+/// text the user wrote; anything else passes through unchanged.
+pub fn rewrite_flink_form(mut tokens: Vec<TokenWithSpan>) -> Vec<TokenWithSpan> {
+    let is_word = |t: &Token, w: &str| matches!(t, Token::Word(word) if word.quote_style.is_none() && word.value.eq_ignore_ascii_case(w));
+    loop {
+        let sig: Vec<usize> = (0..tokens.len())
+            .filter(|&k| !matches!(tokens[k].token, Token::Whitespace(_)))
+            .collect();
+        let found = sig.windows(4).find(|w| {
+            is_word(&tokens[w[0]].token, "TABLE")
+                && tokens[w[1]].token == Token::LParen
+                && WINDOW_FUNCTIONS
+                    .iter()
+                    .any(|f| is_word(&tokens[w[2]].token, f))
+                && tokens[w[3]].token == Token::LParen
+        });
+        let Some(&[table_kw, outer_open, _, inner_open]) = found else {
+            return tokens;
+        };
+        let (Some(outer_close), Some(inner_close)) = (
+            matching_paren(&tokens, outer_open),
+            matching_paren(&tokens, inner_open),
+        ) else {
+            return tokens; // unbalanced: let the parser report it
+        };
+        let mut remove = vec![table_kw, outer_open, outer_close];
+        let inner: Vec<usize> = sig
+            .iter()
+            .copied()
+            .filter(|&k| k > inner_open && k < inner_close)
+            .collect();
+        let mut depth = 0usize;
+        for (n, &k) in inner.iter().enumerate() {
+            match &tokens[k].token {
+                Token::LParen => depth += 1,
+                Token::RParen => depth = depth.saturating_sub(1),
+                t if depth == 0 && is_word(t, "TABLE") => remove.push(k),
+                t if depth == 0 && is_word(t, "DESCRIPTOR") => {
+                    if let Some(&open) = inner.get(n + 1)
+                        && tokens[open].token == Token::LParen
+                        && let Some(close) = matching_paren(&tokens, open)
+                    {
+                        remove.extend([k, open, close]);
+                    }
+                }
+                _ => {}
+            }
+        }
+        remove.sort_unstable();
+        remove.dedup();
+        for k in remove.into_iter().rev() {
+            tokens.remove(k);
+        }
+    }
+}
+
+/// The index of the `)` closing the `(` at `open`.
+fn matching_paren(tokens: &[TokenWithSpan], open: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    for (k, t) in tokens.iter().enumerate().skip(open) {
+        match t.token {
+            Token::LParen => depth += 1,
+            Token::RParen => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(k);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
 
 /// The window table functions (planned or refused here).
 const WINDOW_FUNCTIONS: [&str; 4] = ["tumble", "hop", "session", "cumulate"];
@@ -170,10 +251,7 @@ impl RelationPlanner for WindowTablePlanner {
             .map_err(|_| {
                 DataFusionError::Plan(format!("TUMBLE: {table} has no column `{time_column}`"))
             })?;
-        if !matches!(
-            time_field.data_type(),
-            arrow::datatypes::DataType::Timestamp(..)
-        ) {
+        if !matches!(time_field.data_type(), DataType::Timestamp(..)) {
             return Err(DataFusionError::Plan(format!(
                 "TUMBLE: the time column `{time_column}` must be a TIMESTAMP, not {}",
                 time_field.data_type()
@@ -198,7 +276,11 @@ impl RelationPlanner for WindowTablePlanner {
             Some(0),
             Some(Arc::from("UTC")),
         ));
-        let start = date_bin(lit(size.clone()), col(time_column.as_str()), origin);
+        // date_bin computes in nanoseconds; Sluice's timestamps are µs UTC.
+        let start = cast(
+            date_bin(lit(size.clone()), col(time_column.as_str()), origin),
+            DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from("UTC"))),
+        );
         // An input that is itself windowed (windows over windows) gets the new window's
         // columns in place of its own.
         let mut exprs: Vec<Expr> = input
@@ -215,5 +297,55 @@ impl RelationPlanner for WindowTablePlanner {
             plan,
             alias.clone(),
         ))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::sql::sqlparser::tokenizer::Tokenizer;
+
+    use super::*;
+    use crate::parser::{SluiceStatement, parse_sql};
+
+    fn rewritten(sql: &str) -> String {
+        let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)
+            .tokenize_with_location()
+            .unwrap();
+        rewrite_flink_form(tokens)
+            .iter()
+            .map(|t| t.token.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn flink_form_becomes_the_plain_call() {
+        assert_eq!(
+            rewritten(
+                "SELECT * FROM TABLE(TUMBLE(TABLE orders, DESCRIPTOR(ts), INTERVAL '10' SECOND)) AS w"
+            ),
+            "SELECT * FROM TUMBLE( orders, ts, INTERVAL '10' SECOND) AS w"
+        );
+        // Other uses of TABLE and parentheses are left alone.
+        let plain = "SELECT (1 + 2) FROM t WHERE x IN (SELECT y FROM TABLE_1)";
+        assert_eq!(rewritten(plain), plain);
+    }
+
+    #[test]
+    fn the_table_argument_becomes_a_subquery_and_errors_keep_positions() {
+        let stmts = parse_sql("CREATE STREAM s AS SELECT * FROM TABLE(TUMBLE(TABLE o, DESCRIPTOR(ts), INTERVAL '1' MINUTE))")
+            .unwrap();
+        let SluiceStatement::CreateStream(c) = &stmts[0] else {
+            panic!("{stmts:?}")
+        };
+        assert_eq!(
+            c.query.to_string(),
+            "SELECT * FROM TUMBLE((SELECT * FROM o), ts, INTERVAL '1' MINUTE)"
+        );
+        // `FORM` reads as a column alias, so the parser stops at `TUMBLE`: character 21 of
+        // the text the user wrote (it would be 15 in the rewritten token stream).
+        let err =
+            parse_sql("SELECT 1 FORM TABLE(TUMBLE(TABLE o, DESCRIPTOR(ts), INTERVAL '1' MINUTE))")
+                .unwrap_err();
+        assert_eq!(err.position(), Some(21), "{err}");
     }
 }
