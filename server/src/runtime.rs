@@ -170,38 +170,55 @@ pub enum Input {
     },
 }
 
-/// Starts a reader of pull source `def` for one stream; returns the subscription to its
-/// output and the reader's task.
-fn start_reader(
-    lake: &Lake,
-    def: &SourceDef,
-    metrics: Arc<Metrics>,
-    cancel: &CancellationToken,
-) -> Result<(
-    sluice_engine::Subscription,
-    JoinHandle<sluice_engine::Result<()>>,
-)> {
-    let reader = def.config.reader(Arc::clone(&def.schema)).ok_or_else(|| {
-        ServerError::Internal(format!(
-            "connector `{}` has no reader",
-            def.config.connector()
-        ))
-    })?;
-    let output = FanOut::new(def.name.as_str());
-    let subscription = output.subscribe(DEFAULT_CHANNEL_CAPACITY);
-    let ctx = SourceContext {
-        output: output.clone(),
-        metrics,
-        bad_records: errors_channel(lake, &def.name),
-        cancel: cancel.clone(),
-        watermark: def.watermark.clone(),
-    };
-    let task = tokio::spawn(async move {
-        let result = reader.run(ctx).await;
-        output.send(Message::End).await;
-        result
-    });
-    Ok((subscription, task))
+/// A reader of a pull source for one stream, not started yet: every branch of the stream
+/// that reads the source subscribes to `output` before the reader starts, so all of them see
+/// every row.
+struct PendingReader {
+    output: FanOut,
+    reader: Box<dyn sluice_engine::SourceReader>,
+    ctx: SourceContext,
+}
+
+impl PendingReader {
+    fn new(
+        lake: &Lake,
+        def: &SourceDef,
+        metrics: Arc<Metrics>,
+        cancel: &CancellationToken,
+    ) -> Result<Self> {
+        let reader = def.config.reader(Arc::clone(&def.schema)).ok_or_else(|| {
+            ServerError::Internal(format!(
+                "connector `{}` has no reader",
+                def.config.connector()
+            ))
+        })?;
+        let output = FanOut::new(def.name.as_str());
+        let ctx = SourceContext {
+            output: output.clone(),
+            metrics,
+            bad_records: errors_channel(lake, &def.name),
+            cancel: cancel.clone(),
+            watermark: def.watermark.clone(),
+        };
+        Ok(Self {
+            output,
+            reader,
+            ctx,
+        })
+    }
+
+    fn start(self) -> JoinHandle<sluice_engine::Result<()>> {
+        let Self {
+            output,
+            reader,
+            ctx,
+        } = self;
+        tokio::spawn(async move {
+            let result = reader.run(ctx).await;
+            output.send(Message::End).await;
+            result
+        })
+    }
 }
 
 /// Starts a stream's tasks. `input` resolves a source or stream name to what the stream
@@ -217,14 +234,20 @@ pub fn start_stream(
     let origin = format!("stream {name}");
     let cancel = parent.child_token();
     let mut branches = Vec::with_capacity(plan.branches.len());
-    let mut readers = Vec::new();
+    // One reader per pull source, shared by the branches that read it (a self-union, or the
+    // k copies of a HOP window), started once every branch has subscribed.
+    let mut pending: std::collections::BTreeMap<String, PendingReader> = Default::default();
     for b in &plan.branches {
         let subscription = match input(&b.input) {
             Some(Input::Hub(hub)) => hub.subscribe(DEFAULT_CHANNEL_CAPACITY),
             Some(Input::Reader { def, metrics }) => {
-                let (sub, task) = start_reader(lake, &def, metrics, &cancel)?;
-                readers.push(task);
-                sub
+                let reader = match pending.entry(b.input.clone()) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(PendingReader::new(lake, &def, metrics, &cancel)?)
+                    }
+                };
+                reader.output.subscribe(DEFAULT_CHANNEL_CAPACITY)
             }
             None => {
                 cancel.cancel();
@@ -240,6 +263,7 @@ pub fn start_stream(
             chain,
         });
     }
+    let readers: Vec<_> = pending.into_values().map(PendingReader::start).collect();
     let fanout = FanOut::new(name.as_str());
     let metrics: Arc<Metrics> = Arc::default();
     let files_written = Arc::new(AtomicU64::new(0));

@@ -1,4 +1,5 @@
-//! Window table functions in `FROM`: `TUMBLE(relation, time_column, INTERVAL '…')`.
+//! Window table functions in `FROM`: `TUMBLE(relation, time_column, INTERVAL '<size>')` and
+//! `HOP(relation, time_column, INTERVAL '<slide>', INTERVAL '<size>')`.
 //!
 //! Planned by a DataFusion [`RelationPlanner`] into an ordinary logical plan: the input
 //! relation with two more columns,
@@ -21,8 +22,11 @@
 //! too: sqlparser has no grammar for `TABLE t` as an argument, so [`rewrite_flink_form`]
 //! turns it into `TUMBLE(t, ts, INTERVAL '10' SECOND)` token by token before parsing.
 //!
-//! Not yet: `HOP` and `SESSION` (one input row → several windows, and merging windows) and
-//! windowed aggregation itself.
+//! `HOP` puts each row in `size / slide` windows: it is planned as the `UNION ALL` of that
+//! many such projections (window `i` starts at `date_bin(slide, t) - i × slide`); the runtime
+//! feeds all of them from one reader of the input.
+//!
+//! Not yet: `SESSION` (windows that merge) and windowed aggregation itself.
 
 use std::sync::Arc;
 
@@ -194,17 +198,18 @@ impl RelationPlanner for WindowTablePlanner {
             return Ok(RelationPlanning::Original(Box::new(relation)));
         };
         let function = name.to_string().to_ascii_lowercase();
-        match function.as_str() {
-            "tumble" => {}
-            "hop" | "session" | "cumulate" => {
+        let usage = match function.as_str() {
+            "tumble" => "TUMBLE(relation, time_column, INTERVAL '<size>')",
+            "hop" => "HOP(relation, time_column, INTERVAL '<slide>', INTERVAL '<size>')",
+            "session" | "cumulate" => {
                 return Err(DataFusionError::NotImplemented(format!(
-                    "the {} window is not supported yet (TUMBLE is)",
+                    "the {} window is not supported yet (TUMBLE and HOP are)",
                     function.to_uppercase()
                 )));
             }
             _ => return Ok(RelationPlanning::Original(Box::new(relation))),
-        }
-        let usage = "TUMBLE(relation, time_column, INTERVAL '<size>')";
+        };
+        let name = function.to_uppercase();
         let exprs: Vec<&SqlExpr> = args
             .args
             .iter()
@@ -215,15 +220,19 @@ impl RelationPlanner for WindowTablePlanner {
                 ))),
             })
             .collect::<Result<_>>()?;
-        let [input_expr, SqlExpr::Identifier(time), size] = exprs.as_slice() else {
-            return Err(DataFusionError::Plan(format!(
-                "expected {usage}, got TUMBLE({})",
-                args.args
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+        let (input_expr, time, slide, size) = match (function.as_str(), exprs.as_slice()) {
+            ("tumble", [input, SqlExpr::Identifier(time), size]) => (input, time, size, size),
+            ("hop", [input, SqlExpr::Identifier(time), slide, size]) => (input, time, slide, size),
+            _ => {
+                return Err(DataFusionError::Plan(format!(
+                    "expected {usage}, got {name}({})",
+                    args.args
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
         };
 
         // The input: a subquery (what `rewrite_table_args` makes of a table name).
@@ -249,55 +258,104 @@ impl RelationPlanner for WindowTablePlanner {
             .schema()
             .field_with_unqualified_name(&time_column)
             .map_err(|_| {
-                DataFusionError::Plan(format!("TUMBLE: {table} has no column `{time_column}`"))
+                DataFusionError::Plan(format!("{name}: {table} has no column `{time_column}`"))
             })?;
         if !matches!(time_field.data_type(), DataType::Timestamp(..)) {
             return Err(DataFusionError::Plan(format!(
-                "TUMBLE: the time column `{time_column}` must be a TIMESTAMP, not {}",
+                "{name}: the time column `{time_column}` must be a TIMESTAMP, not {}",
                 time_field.data_type()
             )));
         }
-        let size = match context.sql_to_expr((*size).clone(), &DFSchema::empty())? {
-            Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(i)), _)
-                if i.months == 0
-                    && (i.days > 0 || i.nanoseconds > 0)
-                    && i.days >= 0
-                    && i.nanoseconds >= 0 =>
-            {
-                ScalarValue::IntervalMonthDayNano(Some(i))
-            }
-            other => {
-                return Err(DataFusionError::Plan(format!(
-                    "TUMBLE: the window size must be a positive INTERVAL of days or less, e.g. INTERVAL '10 seconds'; got {other}"
-                )));
-            }
-        };
+        let size_nanos = interval_nanos(context, &name, "window size", size)?;
+        let slide_nanos = interval_nanos(context, &name, "slide", slide)?;
+        if size_nanos % slide_nanos != 0 {
+            return Err(DataFusionError::Plan(format!(
+                "{name}: the window size must be a whole multiple of the slide"
+            )));
+        }
+        let windows_per_row = size_nanos / slide_nanos;
+        if windows_per_row > 1000 {
+            return Err(DataFusionError::Plan(format!(
+                "{name}: a row would fall into {windows_per_row} windows; at most 1000 are supported"
+            )));
+        }
+
+        // date_bin computes in nanoseconds; Sluice's timestamps are µs UTC.
         let origin = lit(ScalarValue::TimestampMicrosecond(
             Some(0),
             Some(Arc::from("UTC")),
         ));
-        // date_bin computes in nanoseconds; Sluice's timestamps are µs UTC.
-        let start = cast(
-            date_bin(lit(size.clone()), col(time_column.as_str()), origin),
+        let latest_start = cast(
+            date_bin(interval(slide_nanos), col(time_column.as_str()), origin),
             DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from("UTC"))),
         );
         // An input that is itself windowed (windows over windows) gets the new window's
         // columns in place of its own.
-        let mut exprs: Vec<Expr> = input
+        let columns: Vec<Expr> = input
             .schema()
             .columns()
             .into_iter()
             .filter(|c| c.name != WINDOW_START && c.name != WINDOW_END)
             .map(Expr::Column)
             .collect();
-        exprs.push(start.clone().alias(WINDOW_START));
-        exprs.push((start + lit(size)).alias(WINDOW_END));
-        let plan = LogicalPlanBuilder::from(input).project(exprs)?.build()?;
+        // A row at time t is in the windows starting at bin(t) - i·slide, i = 0 … size/slide - 1:
+        // one projection each, unioned (a TUMBLE is the case size = slide).
+        let mut plan: Option<LogicalPlanBuilder> = None;
+        for i in 0..windows_per_row {
+            let start = if i == 0 {
+                latest_start.clone()
+            } else {
+                latest_start.clone() - interval(i * slide_nanos)
+            };
+            let mut exprs = columns.clone();
+            exprs.push(start.clone().alias(WINDOW_START));
+            exprs.push((start + interval(size_nanos)).alias(WINDOW_END));
+            let one = LogicalPlanBuilder::from(input.clone())
+                .project(exprs)?
+                .build()?;
+            plan = Some(match plan {
+                None => LogicalPlanBuilder::from(one),
+                Some(p) => p.union(one)?,
+            });
+        }
+        let plan = plan.expect("at least one window per row").build()?;
         Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(
             plan,
             alias.clone(),
         ))))
     }
+}
+
+/// The length of a positive interval argument of `function`, in nanoseconds.
+fn interval_nanos(
+    context: &mut dyn RelationPlannerContext,
+    function: &str,
+    what: &str,
+    expr: &SqlExpr,
+) -> Result<i64> {
+    const NANOS_PER_DAY: i64 = 86_400_000_000_000;
+    match context.sql_to_expr(expr.clone(), &DFSchema::empty())? {
+        Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(i)), _)
+            if i.months == 0 && i.days >= 0 && i.nanoseconds >= 0 =>
+        {
+            let nanos = i64::from(i.days) * NANOS_PER_DAY + i.nanoseconds;
+            if nanos >= 1000 {
+                return Ok(nanos);
+            }
+            Err(DataFusionError::Plan(format!(
+                "{function}: the {what} must be at least one microsecond"
+            )))
+        }
+        other => Err(DataFusionError::Plan(format!(
+            "{function}: the {what} must be a positive INTERVAL of days or less, e.g. INTERVAL '10 seconds'; got {other}"
+        ))),
+    }
+}
+
+fn interval(nanos: i64) -> Expr {
+    lit(ScalarValue::IntervalMonthDayNano(Some(
+        arrow::datatypes::IntervalMonthDayNano::new(0, 0, nanos),
+    )))
 }
 
 #[cfg(test)]
