@@ -98,7 +98,7 @@ async fn ingest(
                     "accepted": report.accepted,
                     "rejected": report.rejected,
                     "error": format!(
-                        "{n} of {} records were rejected and stored in the errors zone; the other {} were accepted",
+                        "{n} of {} records rejected (stored in the errors zone with their reasons); {} accepted",
                         n + report.accepted,
                         report.accepted
                     ),
