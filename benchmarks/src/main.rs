@@ -153,7 +153,12 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
         );
         let plan = plan_stream(&stream, &relations).await?;
         let branch = &plan.branches[0];
-        let chain = OperatorChain::new(branch.ops.iter().map(|o| o.instantiate("bench")).collect());
+        let ops = branch
+            .ops
+            .iter()
+            .map(|o| o.instantiate("bench"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let chain = OperatorChain::new(ops);
         let out = FanOut::new("clean_clicks");
         let sink_input = out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY);
         let task = StreamTask {
@@ -163,7 +168,8 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
                 chain,
             }],
             output: out,
-            output_schema: Arc::clone(&plan.output_schema),
+            output_schema: Arc::clone(&plan.merge_schema),
+            post: OperatorChain::default(),
             event_time_column: plan.output_schema.index_of("ts").ok(),
             metrics: Arc::default(),
             bad_records: bad_tx.clone(),

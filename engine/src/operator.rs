@@ -56,7 +56,7 @@ impl Collector {
 ///
 /// Returning an error fails the whole pipeline: rows that merely cannot be processed
 /// (a cast that fails on one row, say) are rejected through [`Collector::reject`] instead.
-pub trait Operator: Send + Sync {
+pub trait Operator: Send {
     /// A short name for logs and `EXPLAIN`, e.g. `filter`.
     fn name(&self) -> &str;
 

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  input 0 ─► OperatorChain ─┐
-//!  input 1 ─► OperatorChain ─┼─► merge (watermark = min over live inputs) ─► FanOut
+//!  input 1 ─► OperatorChain ─┼─► merge (watermark = min over live inputs) ─► post chain ─► FanOut
 //!  …                         ┘
 //! ```
 //!
@@ -46,8 +46,11 @@ pub struct StreamTask {
     pub branches: Vec<Branch>,
     /// Where its output goes (the lake writer and any stream reading this one subscribe).
     pub output: FanOut,
-    /// The schema of every output batch.
+    /// The schema of every batch the branches produce (stamped on them at the merge).
     pub output_schema: SchemaRef,
+    /// Operators after the merge: stateful ones (window aggregation), which must see the rows
+    /// of every branch and the merged watermark. Often empty.
+    pub post: OperatorChain,
     /// Index of the output's event-time column, if it has one.
     pub event_time_column: Option<usize>,
     /// Its counters.
@@ -81,7 +84,7 @@ impl StreamTask {
                 r = next_message(&mut self.branches, &ended, &mut next_poll) => r,
             };
             let Some((i, msg)) = received else {
-                return Ok(()); // every branch ended
+                return self.post_and_deliver(Message::End).await; // every branch ended
             };
             let msg = msg.unwrap_or(Message::End);
             if let Message::Data(b) = &msg {
@@ -100,14 +103,15 @@ impl StreamTask {
                 match m {
                     Message::Data(batch) => {
                         let batch = self.stamp_schema(batch)?;
-                        self.metrics.add_rows_out(batch.num_rows());
-                        self.observe_event_time(&batch);
-                        self.output.send(Message::Data(batch)).await;
+                        self.post_and_deliver(Message::Data(batch)).await?;
                     }
                     Message::Watermark(t) => {
                         watermarks[i] = watermarks[i].max(t);
-                        self.maybe_emit_watermark(&watermarks, &ended, &mut emitted_wm)
-                            .await;
+                        if let Some(wm) =
+                            advance_watermark(&self.metrics, &watermarks, &ended, &mut emitted_wm)
+                        {
+                            self.post_and_deliver(Message::Watermark(wm)).await?;
+                        }
                     }
                     Message::Barrier(b) => {
                         // Forward a barrier once every live branch has delivered it.
@@ -117,18 +121,22 @@ impl StreamTask {
                         *seen += 1;
                         if *seen >= ended.iter().filter(|e| !**e).count() {
                             barriers.remove(&b.epoch);
-                            self.output.send(Message::Barrier(b)).await;
+                            self.post_and_deliver(Message::Barrier(b)).await?;
                         }
                     }
                     Message::End => {
                         ended[i] = true;
-                        self.maybe_emit_watermark(&watermarks, &ended, &mut emitted_wm)
-                            .await;
+                        if let Some(wm) =
+                            advance_watermark(&self.metrics, &watermarks, &ended, &mut emitted_wm)
+                        {
+                            self.post_and_deliver(Message::Watermark(wm)).await?;
+                        }
                     }
                 }
             }
             if ended.iter().all(|e| *e) {
-                return Ok(());
+                // Every input ended: stateful operators flush.
+                return self.post_and_deliver(Message::End).await;
             }
         }
     }
@@ -145,6 +153,33 @@ impl StreamTask {
         )?)
     }
 
+    /// Runs `msg` through the post-merge chain and delivers what comes out.
+    async fn post_and_deliver(&mut self, msg: Message) -> Result<()> {
+        let mut out = Collector::default();
+        self.post.process(msg, &mut out)?;
+        let rejected = out.take_rejected();
+        if !rejected.is_empty() {
+            self.metrics.add_bad_records(rejected.len());
+            // The errors-zone writer only goes away at shutdown.
+            let _ = self.bad_records.send(rejected).await;
+        }
+        for m in out.take_messages() {
+            match m {
+                Message::Data(batch) => {
+                    self.metrics.add_rows_out(batch.num_rows());
+                    self.observe_event_time(&batch);
+                    self.output.send(Message::Data(batch)).await;
+                }
+                // `run` sends the one `End`.
+                Message::End => {}
+                other => {
+                    self.output.send(other).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn observe_event_time(&self, batch: &RecordBatch) {
         let Some(col) = self.event_time_column else {
             return;
@@ -158,26 +193,28 @@ impl StreamTask {
             self.metrics.observe_event_time(EventTime(max));
         }
     }
+}
 
-    async fn maybe_emit_watermark(
-        &self,
-        watermarks: &[EventTime],
-        ended: &[bool],
-        emitted: &mut EventTime,
-    ) {
-        let live_min = watermarks
-            .iter()
-            .zip(ended)
-            .filter(|(_, e)| !**e)
-            .map(|(w, _)| *w)
-            .min();
-        if let Some(wm) = live_min
-            && wm > *emitted
-        {
+/// The minimum watermark over the live branches, if it advanced.
+fn advance_watermark(
+    metrics: &Metrics,
+    watermarks: &[EventTime],
+    ended: &[bool],
+    emitted: &mut EventTime,
+) -> Option<EventTime> {
+    let live_min = watermarks
+        .iter()
+        .zip(ended)
+        .filter(|(_, e)| !**e)
+        .map(|(w, _)| *w)
+        .min();
+    match live_min {
+        Some(wm) if wm > *emitted => {
             *emitted = wm;
-            self.metrics.observe_watermark(wm);
-            self.output.send(Message::Watermark(wm)).await;
+            metrics.observe_watermark(wm);
+            Some(wm)
         }
+        _ => None,
     }
 }
 
@@ -241,6 +278,7 @@ mod tests {
             ],
             output: out.clone(),
             output_schema: Arc::clone(&schema),
+            post: OperatorChain::default(),
             event_time_column: None,
             metrics: Arc::default(),
             bad_records: bad_tx,

@@ -257,7 +257,7 @@ pub fn start_stream(
                 )));
             }
         };
-        let chain = OperatorChain::new(b.ops.iter().map(|o| o.instantiate(&origin)).collect());
+        let chain = instantiate(&b.ops, &origin)?;
         branches.push(Branch {
             input: subscription,
             chain,
@@ -285,7 +285,8 @@ pub fn start_stream(
         name: name.clone(),
         branches,
         output: fanout.clone(),
-        output_schema: Arc::clone(&plan.output_schema),
+        output_schema: Arc::clone(&plan.merge_schema),
+        post: instantiate(&plan.post, &origin)?,
         event_time_column,
         metrics: Arc::clone(&metrics),
         bad_records: errors_channel(lake, &name),
@@ -332,6 +333,15 @@ pub fn start_stream(
         cancel,
         done: Some(done),
     })
+}
+
+/// The runtime operators of `ops`, chained.
+fn instantiate(ops: &[sluice_sql::OpSpec], origin: &str) -> Result<OperatorChain> {
+    let ops = ops
+        .iter()
+        .map(|o| o.instantiate(origin))
+        .collect::<sluice_sql::Result<Vec<_>>>()?;
+    Ok(OperatorChain::new(ops))
 }
 
 fn outcome(

@@ -108,6 +108,7 @@ impl From<sluice_engine::EngineError> for SqlError {
     fn from(e: sluice_engine::EngineError) -> Self {
         match e {
             sluice_engine::EngineError::InvalidOption(m) => SqlError::InvalidOption(m),
+            sluice_engine::EngineError::Evaluation(e) => SqlError::DataFusion(e),
             other => SqlError::Internal(other.to_string()),
         }
     }

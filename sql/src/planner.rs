@@ -21,21 +21,23 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
+use datafusion::common::tree_node::TreeNode;
 use datafusion::common::{DFSchema, TableReference};
 use datafusion::datasource::empty::EmptyTable;
 use datafusion::execution::context::ExecutionProps;
 use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::physical_expr::aggregate::LoweredAggregateBuilder;
 use datafusion::physical_expr::{PhysicalExpr, create_physical_expr, expressions::Column};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 use sluice_connectors::lake::LakeWriterConfig;
-use sluice_engine::operators::{Filter, Projection};
+use sluice_engine::operators::{Filter, Projection, WindowAggregate, WindowAggregateSpec};
 use sluice_engine::{Operator, WithOptions};
 
 use crate::error::{Result, SqlError};
 use crate::parser::{CreateStream, ObjectKind};
-use crate::window::{WINDOW_START, WindowTablePlanner};
+use crate::window::{WINDOW_END, WINDOW_START, WindowTablePlanner};
 
 /// What the planner needs to know of a relation a stream may read.
 #[derive(Debug, Clone)]
@@ -63,15 +65,60 @@ pub enum OpSpec {
         /// The output schema.
         schema: SchemaRef,
     },
+    /// Aggregate per event-time window (after the branches merge).
+    WindowAggregate {
+        /// What to compute.
+        spec: WindowAggregateSpec,
+        /// The schema of its input.
+        input: SchemaRef,
+    },
 }
 
 impl OpSpec {
     /// Builds the runtime operator; `origin` names the stream in errors-zone records.
-    pub fn instantiate(&self, origin: &str) -> Box<dyn Operator> {
-        match self {
+    pub fn instantiate(&self, origin: &str) -> Result<Box<dyn Operator>> {
+        Ok(match self {
             OpSpec::Filter { predicate } => Box::new(Filter::new(Arc::clone(predicate), origin)),
             OpSpec::Project { exprs, schema } => {
                 Box::new(Projection::new(exprs.clone(), Arc::clone(schema), origin))
+            }
+            OpSpec::WindowAggregate { spec, input } => {
+                Box::new(WindowAggregate::try_new(spec.clone(), input, origin)?)
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            OpSpec::Filter { predicate } => format!("filter({predicate})"),
+            OpSpec::Project { exprs, schema } => {
+                let cols: Vec<String> = exprs
+                    .iter()
+                    .zip(schema.fields())
+                    .map(|(e, f)| {
+                        let e = e.to_string();
+                        let plain = e.split('@').next() == Some(f.name().as_str());
+                        if plain {
+                            e
+                        } else {
+                            format!("{e} AS {}", f.name())
+                        }
+                    })
+                    .collect();
+                format!("project({})", cols.join(", "))
+            }
+            OpSpec::WindowAggregate { spec, .. } => {
+                let groups: Vec<String> = spec.group_exprs.iter().map(|e| e.to_string()).collect();
+                let aggs: Vec<String> = spec
+                    .aggregates
+                    .iter()
+                    .map(|a| a.name().to_string())
+                    .collect();
+                format!(
+                    "window_aggregate(group by [{}]; {})",
+                    groups.join(", "),
+                    aggs.join(", ")
+                )
             }
         }
     }
@@ -95,6 +142,11 @@ pub struct StreamPlan {
     pub name: String,
     /// Its branches (one per input; several for `UNION ALL`).
     pub branches: Vec<BranchPlan>,
+    /// Operators after the branches merge (stateful ones, and what follows them).
+    pub post: Vec<OpSpec>,
+    /// Schema of the branches' output, where they merge (the output schema when `post` is
+    /// empty).
+    pub merge_schema: SchemaRef,
     /// Schema of its output.
     pub output_schema: SchemaRef,
     /// The output column carrying event time (partitions the lake, drives watermarks).
@@ -113,29 +165,13 @@ impl StreamPlan {
         for (i, b) in self.branches.iter().enumerate() {
             let _ = write!(s, "  branch {i}: {}", b.input);
             for op in &b.ops {
-                match op {
-                    OpSpec::Filter { predicate } => {
-                        let _ = write!(s, " -> filter({predicate})");
-                    }
-                    OpSpec::Project { exprs, schema } => {
-                        let cols: Vec<String> = exprs
-                            .iter()
-                            .zip(schema.fields())
-                            .map(|(e, f)| {
-                                let e = e.to_string();
-                                let plain = e.split('@').next() == Some(f.name().as_str());
-                                if plain {
-                                    e
-                                } else {
-                                    format!("{e} AS {}", f.name())
-                                }
-                            })
-                            .collect();
-                        let _ = write!(s, " -> project({})", cols.join(", "));
-                    }
-                }
+                let _ = write!(s, " -> {}", op.describe());
             }
             s.push('\n');
+        }
+        if !self.post.is_empty() {
+            let ops: Vec<String> = self.post.iter().map(OpSpec::describe).collect();
+            let _ = writeln!(s, "  after merge: {}", ops.join(" -> "));
         }
         let cols: Vec<String> = self
             .output_schema
@@ -208,8 +244,14 @@ pub async fn plan_stream(
         .await?;
     let plan = state.optimize(&plan)?;
     let props = ExecutionProps::new();
-    let branches = translate(&plan, relations, &props)?;
+    let Translated {
+        branches,
+        post,
+        merge_schema,
+        post_event_time,
+    } = translate_stream(&plan, relations, &props)?;
     let output_schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
+    let merge_schema = merge_schema.unwrap_or_else(|| Arc::clone(&output_schema));
     let inputs: BTreeSet<String> = branches.iter().map(|b| b.input.clone()).collect();
     if inputs.contains(&stmt.name) {
         return Err(SqlError::Invalid(format!("{owner} cannot read itself")));
@@ -228,6 +270,8 @@ pub async fn plan_stream(
             }
             Some(c)
         }
+        // After a window aggregation the window's start is the event time.
+        None if !post.is_empty() => post_event_time.map(|i| output_schema.field(i).name().clone()),
         None => {
             let first = branches[0].event_time;
             first
@@ -238,11 +282,155 @@ pub async fn plan_stream(
     Ok(StreamPlan {
         name: stmt.name.clone(),
         branches,
+        post,
+        merge_schema,
         output_schema,
         event_time_column,
         inputs,
         writer,
     })
+}
+
+/// A translated plan: branches of stateless operators, then what runs after they merge.
+struct Translated {
+    branches: Vec<BranchPlan>,
+    post: Vec<OpSpec>,
+    merge_schema: Option<SchemaRef>,
+    /// Index of the event-time column in the post chain's output.
+    post_event_time: Option<usize>,
+}
+
+/// Translates the top of a plan: a window aggregation and the filters and projections above
+/// it run after the merge; everything below it (or a plan without one) goes to the branches.
+fn translate_stream(
+    plan: &LogicalPlan,
+    relations: &BTreeMap<String, Relation>,
+    props: &ExecutionProps,
+) -> Result<Translated> {
+    let has_aggregate = |p: &LogicalPlan| {
+        p.exists(|n| Ok(matches!(n, LogicalPlan::Aggregate(_))))
+            .unwrap_or(false)
+    };
+    match plan {
+        LogicalPlan::Aggregate(agg) => {
+            let branches = translate(&agg.input, relations, props)?;
+            let input: SchemaRef = Arc::new(agg.input.schema().as_arrow().clone());
+            let spec = window_aggregate(agg, props).ok_or_else(|| {
+                SqlError::NotSupported(format!(
+                    "streaming {} is not supported yet: group by a window (window_start, window_end of TUMBLE or HOP)",
+                    describe_node(plan)
+                ))
+            })??;
+            let post_event_time = agg.schema.as_arrow().index_of(WINDOW_START).ok();
+            Ok(Translated {
+                branches,
+                post: vec![OpSpec::WindowAggregate {
+                    spec,
+                    input: Arc::clone(&input),
+                }],
+                merge_schema: Some(input),
+                post_event_time,
+            })
+        }
+        LogicalPlan::Filter(f) if has_aggregate(&f.input) => {
+            let mut t = translate_stream(&f.input, relations, props)?;
+            let predicate =
+                create_physical_expr(&f.predicate, f.input.schema(), props, &Default::default())?;
+            t.post.push(OpSpec::Filter { predicate });
+            Ok(t)
+        }
+        LogicalPlan::Projection(p) if has_aggregate(&p.input) => {
+            let mut t = translate_stream(&p.input, relations, props)?;
+            let input_schema: &DFSchema = p.input.schema();
+            let exprs = p
+                .expr
+                .iter()
+                .map(|e| create_physical_expr(e, input_schema, props, &Default::default()))
+                .collect::<datafusion::error::Result<Vec<_>>>()?;
+            t.post_event_time = t.post_event_time.and_then(|ev| {
+                p.expr.iter().position(|e| {
+                    matches!(e.clone().unalias(), Expr::Column(c) if input_schema.index_of_column(&c).ok() == Some(ev))
+                })
+            });
+            t.post.push(OpSpec::Project {
+                exprs,
+                schema: Arc::new(p.schema.as_arrow().clone()),
+            });
+            Ok(t)
+        }
+        LogicalPlan::SubqueryAlias(s) if has_aggregate(&s.input) => {
+            translate_stream(&s.input, relations, props)
+        }
+        _ => Ok(Translated {
+            branches: translate(plan, relations, props)?,
+            post: vec![],
+            merge_schema: None,
+            post_event_time: None,
+        }),
+    }
+}
+
+/// The spec of a window aggregation, or `None` if `agg` does not group by a window.
+fn window_aggregate(
+    agg: &datafusion::logical_expr::Aggregate,
+    props: &ExecutionProps,
+) -> Option<Result<WindowAggregateSpec>> {
+    let is_column =
+        |e: &Expr, name: &str| matches!(e.clone().unalias(), Expr::Column(c) if c.name == name);
+    let window_end = agg
+        .group_expr
+        .iter()
+        .position(|e| is_column(e, WINDOW_END))?;
+    agg.group_expr
+        .iter()
+        .position(|e| is_column(e, WINDOW_START))?;
+    Some((|| {
+        let input = agg.input.schema();
+        let group_exprs = agg
+            .group_expr
+            .iter()
+            .map(|e| create_physical_expr(e, input, props, &Default::default()))
+            .collect::<datafusion::error::Result<Vec<_>>>()?;
+        let mut aggregates = Vec::with_capacity(agg.aggr_expr.len());
+        for e in &agg.aggr_expr {
+            let name = match e {
+                Expr::Alias(a) => a.name.clone(),
+                other => other.schema_name().to_string(),
+            };
+            let lowered = LoweredAggregateBuilder::new(
+                e,
+                input,
+                input.as_arrow(),
+                props,
+                &Default::default(),
+            )
+            .with_name(name)
+            .with_human_display(e.human_display().to_string())
+            .build()?;
+            let (aggregate, filter, order_by) =
+                (lowered.aggregate, lowered.filter, lowered.order_bys);
+            if filter.is_some() {
+                return Err(SqlError::NotSupported(
+                    "FILTER (WHERE …) on an aggregate is not supported in streams yet".into(),
+                ));
+            }
+            if !order_by.is_empty() {
+                return Err(SqlError::NotSupported(
+                    "ORDER BY inside an aggregate is not supported in streams yet".into(),
+                ));
+            }
+            aggregates.push(aggregate);
+        }
+        let spec = WindowAggregateSpec {
+            group_exprs,
+            window_end,
+            aggregates,
+            schema: Arc::new(agg.schema.as_arrow().clone()),
+        };
+        // Fail now on aggregates that cannot run on these types.
+        WindowAggregate::try_new(spec.clone(), input.as_arrow(), "validation")?;
+        Ok(spec)
+    })())
 }
 
 fn translate(

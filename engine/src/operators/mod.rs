@@ -1,4 +1,5 @@
-//! Stateless operators: each evaluates DataFusion physical expressions on whole batches.
+//! Operators: stateless ones evaluate DataFusion physical expressions on whole batches;
+//! [`WindowAggregate`] keeps DataFusion accumulators per event-time window.
 //!
 //! Evaluation is non-strict: when an expression fails on a batch (a cast that cannot parse
 //! one row, say), the batch is evaluated again row by row; the rows that fail go to the
@@ -7,9 +8,11 @@
 
 mod filter;
 mod projection;
+mod window_aggregate;
 
 pub use filter::Filter;
 pub use projection::Projection;
+pub use window_aggregate::{WindowAggregate, WindowAggregateSpec};
 
 use arrow::record_batch::RecordBatch;
 

@@ -1,0 +1,357 @@
+//! `WindowAggregate`: `GROUP BY …, window_start, window_end` over event-time windows.
+//!
+//! Input rows already carry their window (see the SQL `TUMBLE`/`HOP` table functions); the
+//! operator keeps, per open window, a map from group key to group index and one DataFusion
+//! `GroupsAccumulator` per aggregate (or an adapter over the plain `Accumulator` where an
+//! aggregate has no groups variant), so every DataFusion aggregate works incrementally.
+//!
+//! State: the open windows, keyed by `window_end`. Emits: all groups of a window, once, when
+//! the watermark reaches its end (and every open window when the input ends); the watermark
+//! is forwarded after them. A row whose window has already been emitted is late: it goes to
+//! the errors zone with reason `late`, never silently dropped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, TimestampMicrosecondArray, UInt32Array};
+use arrow::compute::take;
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use arrow::row::{RowConverter, Rows, SortField};
+use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
+
+use super::bad_row;
+use crate::error::{EngineError, Result};
+use crate::operator::{Collector, Operator};
+use crate::time::EventTime;
+
+/// What a [`WindowAggregate`] computes.
+#[derive(Debug, Clone)]
+pub struct WindowAggregateSpec {
+    /// Group-by expressions over the input, in output order; they include the window's end.
+    pub group_exprs: Vec<Arc<dyn PhysicalExpr>>,
+    /// Which group expression is `window_end` (a µs UTC timestamp).
+    pub window_end: usize,
+    /// The aggregates, in output order after the group columns.
+    pub aggregates: Vec<Arc<AggregateFunctionExpr>>,
+    /// Output schema: the group columns, then one column per aggregate.
+    pub schema: SchemaRef,
+}
+
+struct Window {
+    /// Group key (encoded row) → group index.
+    index: HashMap<Box<[u8]>, usize>,
+    /// The group keys, in group-index order.
+    keys: Rows,
+    accumulators: Vec<Box<dyn GroupsAccumulator>>,
+}
+
+/// The running operator. See the module docs.
+pub struct WindowAggregate {
+    spec: WindowAggregateSpec,
+    converter: RowConverter,
+    windows: BTreeMap<i64, Window>,
+    watermark: Option<i64>,
+    origin: String,
+}
+
+impl std::fmt::Debug for WindowAggregate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WindowAggregate")
+            .field("open_windows", &self.windows.len())
+            .field("watermark", &self.watermark)
+            .finish()
+    }
+}
+
+impl WindowAggregate {
+    /// An operator for `spec` over batches of `input` schema; `origin` names the stream.
+    pub fn try_new(
+        spec: WindowAggregateSpec,
+        input: &arrow::datatypes::Schema,
+        origin: impl Into<String>,
+    ) -> Result<Self> {
+        let fields = spec
+            .group_exprs
+            .iter()
+            .map(|e| Ok(SortField::new(e.data_type(input)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let op = Self {
+            converter: RowConverter::new(fields)?,
+            spec,
+            windows: BTreeMap::new(),
+            watermark: None,
+            origin: origin.into(),
+        };
+        // An aggregate that cannot run on these types fails here, at CREATE time, rather
+        // than with the first row. (The adapter creates its accumulators lazily, so make one.)
+        op.new_window()?;
+        for a in &op.spec.aggregates {
+            a.create_accumulator()?;
+        }
+        Ok(op)
+    }
+
+    fn new_window(&self) -> Result<Window> {
+        let accumulators = self
+            .spec
+            .aggregates
+            .iter()
+            .map(|a| -> Result<Box<dyn GroupsAccumulator>> {
+                if a.groups_accumulator_supported() {
+                    Ok(a.create_groups_accumulator()?)
+                } else {
+                    let a = Arc::clone(a);
+                    Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
+                        a.create_accumulator()
+                    })))
+                }
+            })
+            .collect::<Result<_>>()?;
+        Ok(Window {
+            index: HashMap::new(),
+            keys: self.converter.empty_rows(0, 0),
+            accumulators,
+        })
+    }
+
+    fn emit(&mut self, end: i64, out: &mut Collector) -> Result<()> {
+        let Some(mut w) = self.windows.remove(&end) else {
+            return Ok(());
+        };
+        let mut columns = self.converter.convert_rows(&w.keys)?;
+        for acc in &mut w.accumulators {
+            columns.push(acc.evaluate(EmitTo::All)?);
+        }
+        out.emit(RecordBatch::try_new(
+            Arc::clone(&self.spec.schema),
+            columns,
+        )?);
+        Ok(())
+    }
+}
+
+impl Operator for WindowAggregate {
+    fn name(&self) -> &str {
+        "window_aggregate"
+    }
+
+    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
+        let n = batch.num_rows();
+        let keys: Vec<ArrayRef> = self
+            .spec
+            .group_exprs
+            .iter()
+            .map(|e| e.evaluate(&batch).and_then(|v| v.into_array(n)))
+            .collect::<datafusion::error::Result<_>>()?;
+        let ends = keys[self.spec.window_end]
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .ok_or_else(|| EngineError::Internal("window_end is not a µs timestamp".into()))?
+            .clone();
+        let rows = self.converter.convert_columns(&keys)?;
+        // Per window: the input rows it receives and their group indices.
+        let mut routed: BTreeMap<i64, (Vec<u32>, Vec<usize>)> = BTreeMap::new();
+        for i in 0..n {
+            if ends.is_null(i) {
+                out.reject(bad_row(
+                    &batch,
+                    i,
+                    &self.origin,
+                    "the row has no window (NULL event time)",
+                ));
+                continue;
+            }
+            let end = ends.value(i);
+            if self.watermark.is_some_and(|w| end <= w) {
+                out.reject(bad_row(
+                    &batch,
+                    i,
+                    &self.origin,
+                    &format!(
+                        "late: its window ended at {} and was emitted when the watermark passed it",
+                        EventTime(end)
+                    ),
+                ));
+                continue;
+            }
+            if !self.windows.contains_key(&end) {
+                let w = self.new_window()?;
+                self.windows.insert(end, w);
+            }
+            let w = self.windows.get_mut(&end).expect("inserted above");
+            let row = rows.row(i);
+            let group = match w.index.get(row.as_ref()) {
+                Some(g) => *g,
+                None => {
+                    let g = w.index.len();
+                    w.index.insert(row.as_ref().into(), g);
+                    w.keys.push(row);
+                    g
+                }
+            };
+            let entry = routed.entry(end).or_default();
+            entry.0.push(i as u32);
+            entry.1.push(group);
+        }
+        for (end, (take_rows, groups)) in routed {
+            let w = self.windows.get_mut(&end).expect("routed windows exist");
+            let all = take_rows.len() == n;
+            let indices = UInt32Array::from(take_rows);
+            let total = w.index.len();
+            for (agg, acc) in self.spec.aggregates.iter().zip(&mut w.accumulators) {
+                let values = agg
+                    .expressions()
+                    .iter()
+                    .map(|e| {
+                        let v = e.evaluate(&batch)?.into_array(n)?;
+                        Ok(if all {
+                            v
+                        } else {
+                            take(v.as_ref(), &indices, None)?
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                acc.update_batch(&values, &groups, None, total)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, t: EventTime, out: &mut Collector) -> Result<()> {
+        self.watermark = Some(self.watermark.map_or(t.0, |w| w.max(t.0)));
+        let closed: Vec<i64> = self.windows.range(..=t.0).map(|(e, _)| *e).collect();
+        for end in closed {
+            self.emit(end, out)?;
+        }
+        out.emit_watermark(t);
+        Ok(())
+    }
+
+    fn on_close(&mut self, out: &mut Collector) -> Result<()> {
+        let open: Vec<i64> = self.windows.keys().copied().collect();
+        for end in open {
+            self.emit(end, out)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use arrow::util::pretty::pretty_format_batches;
+    use datafusion::functions_aggregate::sum::sum_udaf;
+    use datafusion::physical_expr::aggregate::AggregateExprBuilder;
+    use datafusion::physical_expr::expressions::col;
+
+    use super::*;
+    use crate::message::Message;
+
+    fn input() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new(
+                "window_end",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new("v", DataType::Int64, false),
+        ]))
+    }
+
+    fn batch(rows: &[(i64, i64, i64)]) -> RecordBatch {
+        RecordBatch::try_new(
+            input(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.1))
+                        .with_timezone("UTC"),
+                ),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn operator() -> WindowAggregate {
+        let schema = input();
+        let sum = AggregateExprBuilder::new(sum_udaf(), vec![col("v", &schema).unwrap()])
+            .schema(Arc::clone(&schema))
+            .alias("total")
+            .build()
+            .unwrap();
+        let output = Arc::new(Schema::new(vec![
+            schema.field(0).clone(),
+            schema.field(1).clone(),
+            Field::new("total", DataType::Int64, true),
+        ]));
+        let spec = WindowAggregateSpec {
+            group_exprs: vec![
+                col("k", &schema).unwrap(),
+                col("window_end", &schema).unwrap(),
+            ],
+            window_end: 1,
+            aggregates: vec![Arc::new(sum)],
+            schema: output,
+        };
+        WindowAggregate::try_new(spec, &schema, "stream t").unwrap()
+    }
+
+    fn rows(out: &mut Collector) -> (String, Vec<String>) {
+        let mut batches = vec![];
+        let mut other = vec![];
+        for m in out.take_messages() {
+            match m {
+                Message::Data(b) => batches.push(b),
+                Message::Watermark(t) => other.push(format!("wm {}", t.0)),
+                m => other.push(format!("{m:?}")),
+            }
+        }
+        (pretty_format_batches(&batches).unwrap().to_string(), other)
+    }
+
+    #[test]
+    fn windows_emit_once_when_the_watermark_passes_and_late_rows_are_rejected() {
+        let mut op = operator();
+        let mut out = Collector::default();
+        op.process_batch(batch(&[(1, 10, 1), (1, 10, 2), (2, 20, 5)]), &mut out)
+            .unwrap();
+        assert_eq!(rows(&mut out).0, "++\n++", "nothing before the watermark");
+
+        op.on_watermark(EventTime(10), &mut out).unwrap();
+        let (emitted, after) = rows(&mut out);
+        assert!(
+            emitted.contains("| 1 | 1970-01-01T00:00:00.000010Z | 3     |"),
+            "{emitted}"
+        );
+        assert!(
+            !emitted.contains("| 2 |"),
+            "window 20 is still open: {emitted}"
+        );
+        assert_eq!(after, ["wm 10"], "the watermark follows the window's rows");
+
+        op.process_batch(batch(&[(1, 10, 100), (2, 20, 1)]), &mut out)
+            .unwrap();
+        let late = out.take_rejected();
+        assert_eq!(late.len(), 1);
+        assert!(late[0].reason.starts_with("late:"), "{}", late[0].reason);
+        assert_eq!(
+            late[0].payload,
+            r#"{"k":1,"window_end":"1970-01-01T00:00:00.000010Z","v":100}"#
+        );
+
+        op.on_watermark(EventTime(10), &mut out).unwrap();
+        assert_eq!(rows(&mut out).0, "++\n++", "a window is emitted once");
+        op.on_close(&mut out).unwrap();
+        let (emitted, _) = rows(&mut out);
+        assert!(
+            emitted.contains("| 2 | 1970-01-01T00:00:00.000020Z | 6     |"),
+            "{emitted}"
+        );
+    }
+}
