@@ -5,6 +5,10 @@
 //! cargo run --release -p sluice-benchmarks -- --events 20000000
 //! ```
 //!
+//! Pipelines: `source` (datagen alone), `discard` and `lake` (datagen → filter + projection →
+//! a discarding sink / the lake), `tumble` and `hop` (Nexmark-shaped bids → 10-second tumbling
+//! count + sum per auction / 10 s windows sliding every 2 s, count per auction → discard).
+//!
 //! For each pipeline it prints events/s (wall clock) and events per CPU-second (user + system
 //! time of the whole process, from `getrusage`), the figure that stays comparable when the
 //! machine is shared. Compare ratios between pipelines of one run, not absolute numbers
@@ -40,8 +44,8 @@ struct Args {
     /// Tokio worker threads (cores used).
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Which pipelines to run (comma separated): source, discard, lake.
-    #[arg(long, default_value = "source,discard,lake")]
+    /// Which pipelines to run (comma separated): source, discard, lake, tumble, hop.
+    #[arg(long, default_value = "source,discard,lake,tumble,hop")]
     pipelines: String,
 }
 
@@ -51,6 +55,22 @@ const SOURCE: &str =
     WITH (connector = 'datagen', rows_per_second = '0', seed = '1', null_rate = '0.1',
           start_time = '2024-01-01T00:00:00Z', time_step = '1 ms', fields.url.length = '24')";
 const QUERY: &str = "CREATE STREAM clean_clicks AS SELECT user_id, lower(url) AS url, ts FROM clicks WHERE url IS NOT NULL";
+
+/// Nexmark-shaped bids: 100 000 bids per second of event time over 1000 auctions.
+const BIDS: &str = "CREATE SOURCE clicks (auction BIGINT NOT NULL, bidder BIGINT NOT NULL,
+    price BIGINT NOT NULL, channel TEXT, url TEXT, ts TIMESTAMP NOT NULL, extra TEXT,
+    WATERMARK FOR ts AS ts - INTERVAL '1 second')
+    WITH (connector = 'datagen', rows_per_second = '0', seed = '1', start_time = '2024-01-01T00:00:00Z',
+          time_step = '10 us', fields.auction.max = '999', fields.price.max = '100000',
+          fields.channel.cardinality = '4', fields.url.length = '32', fields.extra.length = '16')";
+/// Nexmark-style 10-second tumbling count and sum per auction.
+const TUMBLE: &str = "CREATE STREAM per_auction AS SELECT auction, window_start, window_end,
+    count(*) AS bids, sum(price) AS volume FROM TUMBLE(clicks, ts, INTERVAL '10 seconds')
+    GROUP BY auction, window_start, window_end";
+/// Nexmark q5's inner query: bids per auction in 10-second windows sliding every 2 seconds.
+const HOP: &str = "CREATE STREAM hot AS SELECT auction, window_start, window_end, count(*) AS bids
+    FROM HOP(clicks, ts, INTERVAL '2 seconds', INTERVAL '10 seconds')
+    GROUP BY auction, window_start, window_end";
 
 /// A sink that counts rows and drops them.
 struct Discard(Arc<AtomicU64>);
@@ -89,7 +109,12 @@ struct Measured {
 }
 
 async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
-    let sql = SOURCE.replace(
+    let source_sql = if matches!(kind, "tumble" | "hop") {
+        BIDS
+    } else {
+        SOURCE
+    };
+    let sql = source_sql.replace(
         "rows_per_second = '0'",
         &format!(
             "rows_per_second = '0', max_rows = '{}', batch_size = '{}'",
@@ -139,7 +164,12 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
             Ok(())
         })
     } else {
-        let SluiceStatement::CreateStream(stream) = parse_sql(QUERY)?.remove(0) else {
+        let query = match kind {
+            "tumble" => TUMBLE,
+            "hop" => HOP,
+            _ => QUERY,
+        };
+        let SluiceStatement::CreateStream(stream) = parse_sql(query)?.remove(0) else {
             anyhow::bail!("not a CREATE STREAM")
         };
         let mut relations = BTreeMap::new();
@@ -176,7 +206,7 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
             cancel: cancel.clone(),
         };
         tokio::spawn(task.run());
-        let sink: Box<dyn Sink> = if kind == "discard" {
+        let sink: Box<dyn Sink> = if kind != "lake" {
             Box::new(Discard(Arc::clone(&counted)))
         } else {
             let lake = Lake::open(lake_dir.path().to_str().context("UTF-8 temp dir")?)?;
@@ -218,8 +248,19 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
     let name = match kind {
         "source" => "datagen -> count (baseline)",
         "discard" => "datagen -> filter+project -> discard",
-        _ => "datagen -> filter+project -> lake (Parquet)",
+        "lake" => "datagen -> filter+project -> lake (Parquet)",
+        "tumble" => "bids -> 10s tumble count+sum/auction -> discard",
+        _ => "bids -> 10s/2s hop count/auction -> discard",
     };
+    if kind == "tumble" {
+        // 1000 auctions × one window per 10 s of event time (100 000 bids/s).
+        let windows = (args.events / 1_000_000).max(1);
+        let rows = counted.load(Ordering::Relaxed);
+        anyhow::ensure!(
+            rows >= 900 * windows,
+            "only {rows} window rows for {windows} windows"
+        );
+    }
     Ok(Measured {
         name,
         events,
@@ -254,7 +295,11 @@ fn main() -> anyhow::Result<()> {
             "source" => "source",
             "discard" => "discard",
             "lake" => "lake",
-            other => anyhow::bail!("unknown pipeline `{other}` (source, discard, lake)"),
+            "tumble" => "tumble",
+            "hop" => "hop",
+            other => {
+                anyhow::bail!("unknown pipeline `{other}` (source, discard, lake, tumble, hop)")
+            }
         };
         let m = rt.block_on(run(kind, &args))?;
         println!(

@@ -154,13 +154,14 @@ impl WithOptions {
     }
 }
 
-/// Parses `'10 seconds'`, `'10s'`, `'500 ms'`, `'1 minute'`, `'2 hours'`, `'1 day'`.
+/// Parses `'10 seconds'`, `'10s'`, `'500 ms'`, `'10 us'`, `'1 minute'`, `'2 hours'`, `'1 day'`.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim().to_ascii_lowercase();
     let split = s.find(|c: char| !c.is_ascii_digit() && c != '.')?;
     let (num, unit) = s.split_at(split);
     let n: f64 = num.trim().parse().ok()?;
     let secs = match unit.trim() {
+        "us" | "µs" | "micros" | "microsecond" | "microseconds" => n / 1e6,
         "ms" | "millis" | "millisecond" | "milliseconds" => n / 1000.0,
         "s" | "sec" | "secs" | "second" | "seconds" => n,
         "m" | "min" | "mins" | "minute" | "minutes" => n * 60.0,
@@ -231,6 +232,7 @@ mod tests {
     #[test]
     fn durations_and_sizes_parse() {
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10 us"), Some(Duration::from_micros(10)));
         assert_eq!(parse_duration("1 minute"), Some(Duration::from_secs(60)));
         assert_eq!(parse_duration("soon"), None);
         assert_eq!(parse_bytes("128MB"), Some(128 * 1024 * 1024));
