@@ -92,13 +92,7 @@ impl StreamTask {
             }
             let mut out = Collector::default();
             self.branches[i].chain.process(msg, &mut out)?;
-            let rejected = out.take_rejected();
-            if !rejected.is_empty() {
-                self.metrics.add_bad_records(rejected.len());
-                // The errors-zone writer only goes away at shutdown; losing its channel then
-                // is not an error of this stream.
-                let _ = self.bad_records.send(rejected).await;
-            }
+            self.forward_rejected(&mut out).await;
             for m in out.take_messages() {
                 match m {
                     Message::Data(batch) => {
@@ -153,16 +147,22 @@ impl StreamTask {
         )?)
     }
 
+    /// Counts the rows an operator rejected and hands them to the errors-zone writer.
+    async fn forward_rejected(&mut self, out: &mut Collector) {
+        let rejected = out.take_rejected();
+        if !rejected.is_empty() {
+            self.metrics.add_bad_records(rejected.len());
+            // The errors-zone writer only goes away at shutdown; losing its channel then is
+            // not an error of this stream.
+            let _ = self.bad_records.send(rejected).await;
+        }
+    }
+
     /// Runs `msg` through the post-merge chain and delivers what comes out.
     async fn post_and_deliver(&mut self, msg: Message) -> Result<()> {
         let mut out = Collector::default();
         self.post.process(msg, &mut out)?;
-        let rejected = out.take_rejected();
-        if !rejected.is_empty() {
-            self.metrics.add_bad_records(rejected.len());
-            // The errors-zone writer only goes away at shutdown.
-            let _ = self.bad_records.send(rejected).await;
-        }
+        self.forward_rejected(&mut out).await;
         for m in out.take_messages() {
             match m {
                 Message::Data(batch) => {

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::TreeNode;
-use datafusion::common::{DFSchema, TableReference};
+use datafusion::common::TableReference;
 use datafusion::datasource::empty::EmptyTable;
 use datafusion::execution::context::ExecutionProps;
 use datafusion::execution::context::SessionContext;
@@ -341,21 +341,8 @@ fn translate_stream(
         }
         LogicalPlan::Projection(p) if has_aggregate(&p.input) => {
             let mut t = translate_stream(&p.input, relations, props)?;
-            let input_schema: &DFSchema = p.input.schema();
-            let exprs = p
-                .expr
-                .iter()
-                .map(|e| create_physical_expr(e, input_schema, props, &Default::default()))
-                .collect::<datafusion::error::Result<Vec<_>>>()?;
-            t.post_event_time = t.post_event_time.and_then(|ev| {
-                p.expr.iter().position(|e| {
-                    matches!(e.clone().unalias(), Expr::Column(c) if input_schema.index_of_column(&c).ok() == Some(ev))
-                })
-            });
-            t.post.push(OpSpec::Project {
-                exprs,
-                schema: Arc::new(p.schema.as_arrow().clone()),
-            });
+            t.post_event_time = carried_column(p, t.post_event_time);
+            t.post.push(projection(p, props)?);
             Ok(t)
         }
         LogicalPlan::SubqueryAlias(s) if has_aggregate(&s.input) => {
@@ -485,23 +472,10 @@ fn translate(
         }
         LogicalPlan::Projection(p) => {
             let mut branches = translate(&p.input, relations, props)?;
-            let input_schema: &DFSchema = p.input.schema();
-            let exprs = p
-                .expr
-                .iter()
-                .map(|e| create_physical_expr(e, input_schema, props, &Default::default()))
-                .collect::<datafusion::error::Result<Vec<_>>>()?;
-            let schema: SchemaRef = Arc::new(p.schema.as_arrow().clone());
+            let op = projection(p, props)?;
             for b in &mut branches {
-                b.event_time = b.event_time.and_then(|ev| {
-                    p.expr.iter().position(|e| {
-                        matches!(e.clone().unalias(), Expr::Column(c) if input_schema.index_of_column(&c).ok() == Some(ev))
-                    })
-                });
-                b.ops.push(OpSpec::Project {
-                    exprs: exprs.clone(),
-                    schema: Arc::clone(&schema),
-                });
+                b.event_time = carried_column(p, b.event_time);
+                b.ops.push(op.clone());
             }
             Ok(branches)
         }
@@ -521,6 +495,31 @@ fn translate(
             describe_node(other)
         ))),
     }
+}
+
+/// The operator computing a logical projection.
+fn projection(p: &datafusion::logical_expr::Projection, props: &ExecutionProps) -> Result<OpSpec> {
+    let exprs = p
+        .expr
+        .iter()
+        .map(|e| create_physical_expr(e, p.input.schema(), props, &Default::default()))
+        .collect::<datafusion::error::Result<Vec<_>>>()?;
+    Ok(OpSpec::Project {
+        exprs,
+        schema: Arc::new(p.schema.as_arrow().clone()),
+    })
+}
+
+/// Where input column `column` ends up in the projection's output, if it is passed through
+/// (possibly renamed).
+fn carried_column(
+    p: &datafusion::logical_expr::Projection,
+    column: Option<usize>,
+) -> Option<usize> {
+    let column = column?;
+    p.expr.iter().position(|e| {
+        matches!(e.clone().unalias(), Expr::Column(c) if p.input.schema().index_of_column(&c).ok() == Some(column))
+    })
 }
 
 fn describe_node(plan: &LogicalPlan) -> &'static str {
