@@ -21,8 +21,8 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
-use datafusion::common::tree_node::TreeNode;
 use datafusion::common::TableReference;
+use datafusion::common::tree_node::TreeNode;
 use datafusion::datasource::empty::EmptyTable;
 use datafusion::execution::context::ExecutionProps;
 use datafusion::execution::context::SessionContext;
