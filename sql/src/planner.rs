@@ -321,6 +321,19 @@ fn translate_stream(
                     describe_node(plan)
                 ))
             })??;
+            // Windows close when the watermark passes them: without event time on every
+            // input, an unbounded input would never emit and its state would only grow.
+            if let Some(b) = branches.iter().find(|b| {
+                relations
+                    .get(&b.input)
+                    .is_none_or(|r| r.event_time_column.is_none())
+            }) {
+                return Err(SqlError::Invalid(format!(
+                    "windowed aggregation needs event time, but `{}` has none: declare \
+                     `WATERMARK FOR <column> AS <column> - INTERVAL '…'` on the source",
+                    b.input
+                )));
+            }
             let post_event_time = agg.schema.as_arrow().index_of(WINDOW_START).ok();
             Ok(Translated {
                 branches,
