@@ -1,0 +1,117 @@
+//! Windowed aggregation over pushed events: windows close when the watermark passes them,
+//! late events go to the errors zone, and windows over windows agree with the batch answer.
+
+use std::time::Duration;
+
+use sluice_tests::{files_with_ext, pg_connect, start_server, wait_for};
+
+async fn scalar(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_close_on_the_watermark_and_chain_into_coarser_windows() {
+    let lake = tempfile::tempdir().unwrap();
+    let server = start_server(lake.path()).await;
+    let client = pg_connect(server.pg_addr).await;
+    client
+        .batch_execute(
+            "CREATE SOURCE orders (customer_id BIGINT NOT NULL, amount BIGINT NOT NULL, ts TIMESTAMP NOT NULL,
+                                   WATERMARK FOR ts AS ts - INTERVAL '5 seconds')
+             WITH (connector = 'http');
+             CREATE STREAM all_orders WITH (rollover_interval = '100 ms') AS SELECT * FROM orders;
+             CREATE STREAM revenue_10s WITH (rollover_interval = '100 ms') AS
+               SELECT customer_id, window_start, window_end, count(*) AS n, sum(amount) AS revenue
+               FROM TUMBLE(orders, ts, INTERVAL '10 seconds') GROUP BY customer_id, window_start, window_end;
+             CREATE STREAM revenue_1m WITH (rollover_interval = '100 ms') AS
+               SELECT customer_id, window_start, window_end, sum(n) AS n, sum(revenue) AS revenue
+               FROM TUMBLE(revenue_10s, window_start, INTERVAL '1 minute') GROUP BY customer_id, window_start, window_end",
+        )
+        .await
+        .unwrap();
+    let url = format!("http://{}/v1/sources/orders/events", server.http_addr);
+    let http = reqwest::Client::new();
+    // 300 orders, one every 0.7 s over 3.5 minutes, in ten requests.
+    let lines: Vec<String> = (0..300)
+        .map(|i| {
+            let t = chrono::DateTime::from_timestamp_millis(1_714_550_400_000 + i * 700).unwrap();
+            format!(
+                r#"{{"customer_id":{},"amount":{},"ts":"{}"}}"#,
+                i % 3,
+                i,
+                t.to_rfc3339()
+            )
+        })
+        .collect();
+    for chunk in lines.chunks(30) {
+        let r = http.post(&url).body(chunk.join("\n")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    // A late event (its 10-second window closed long ago) goes to the errors zone.
+    let r = http
+        .post(&url)
+        .body(r#"{"customer_id":1,"amount":5,"ts":"2024-05-01T08:00:01Z"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "accepted by the source; late for the window"
+    );
+    // One event far ahead moves the watermark past every window.
+    let r = http
+        .post(&url)
+        .body(r#"{"customer_id":9,"amount":0,"ts":"2024-05-01T09:00:00Z"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    wait_for("every minute window", Duration::from_secs(30), || async {
+        let n = scalar(&client, "SELECT coalesce(sum(n), 0) FROM revenue_1m").await;
+        // The far-future event's own window is still open; the late one was rejected.
+        (n == 300).then_some(())
+    })
+    .await;
+    // Each window emitted once, equal to the batch answer over the orders (without the late
+    // one and the far-future one, whose window is still open).
+    let diff = |streamed: &str, minutes: i64| {
+        format!(
+            "WITH b AS (SELECT customer_id, window_start, window_end, count(*) AS n, sum(amount) AS revenue
+                        FROM TUMBLE(all_orders, ts, INTERVAL '{minutes} seconds')
+                        WHERE ts < '2024-05-01T09:00:00Z' AND ts <> '2024-05-01T08:00:01Z'
+                        GROUP BY customer_id, window_start, window_end),
+                  s AS (SELECT customer_id, window_start, window_end, n, revenue FROM {streamed})
+             SELECT (SELECT count(*) FROM (SELECT * FROM s EXCEPT ALL SELECT * FROM b) AS x)
+                  + (SELECT count(*) FROM (SELECT * FROM b EXCEPT ALL SELECT * FROM s) AS y)"
+        )
+    };
+    wait_for("all_orders files", Duration::from_secs(30), || async {
+        (scalar(&client, "SELECT count(*) FROM all_orders").await == 302).then_some(())
+    })
+    .await;
+    assert_eq!(scalar(&client, &diff("revenue_10s", 10)).await, 0);
+    assert_eq!(scalar(&client, &diff("revenue_1m", 60)).await, 0);
+
+    // The late event is in the errors zone of the stream that rejected it, with its reason.
+    let errors = wait_for(
+        "the late event in the errors zone",
+        Duration::from_secs(30),
+        || async {
+            let files = files_with_ext(&lake.path().join("errors/revenue_10s"), "jsonl");
+            let text: String = files
+                .iter()
+                .map(|f| std::fs::read_to_string(f).unwrap())
+                .collect();
+            (!text.is_empty()).then_some(text)
+        },
+    )
+    .await;
+    assert_eq!(errors.lines().count(), 1, "{errors}");
+    assert!(
+        errors.contains("late: its window ended at 2024-05-01T08:00:10"),
+        "{errors}"
+    );
+    server.shutdown().await;
+}
