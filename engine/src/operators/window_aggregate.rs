@@ -196,24 +196,33 @@ impl Operator for WindowAggregate {
             entry.0.push(i as u32);
             entry.1.push(group);
         }
+        if routed.is_empty() {
+            return Ok(());
+        }
+        // Each aggregate's arguments, evaluated once per batch.
+        let args: Vec<Vec<ArrayRef>> = self
+            .spec
+            .aggregates
+            .iter()
+            .map(|agg| {
+                agg.expressions()
+                    .iter()
+                    .map(|e| Ok(e.evaluate(&batch)?.into_array(n)?))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
         for (end, (take_rows, groups)) in routed {
             let w = self.windows.get_mut(&end).expect("routed windows exist");
-            let all = take_rows.len() == n;
-            let indices = UInt32Array::from(take_rows);
             let total = w.index.len();
-            for (agg, acc) in self.spec.aggregates.iter().zip(&mut w.accumulators) {
-                let values = agg
-                    .expressions()
-                    .iter()
-                    .map(|e| {
-                        let v = e.evaluate(&batch)?.into_array(n)?;
-                        Ok(if all {
-                            v
-                        } else {
-                            take(v.as_ref(), &indices, None)?
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+            let indices = (take_rows.len() != n).then(|| UInt32Array::from(take_rows));
+            for (values, acc) in args.iter().zip(&mut w.accumulators) {
+                let values = match &indices {
+                    None => values.clone(),
+                    Some(idx) => values
+                        .iter()
+                        .map(|v| take(v.as_ref(), idx, None))
+                        .collect::<Result<Vec<_>, _>>()?,
+                };
                 acc.update_batch(&values, &groups, None, total)?;
             }
         }
