@@ -5,7 +5,7 @@
 //! cargo run --release -p sluice-benchmarks -- --events 20000000
 //! ```
 //!
-//! Pipelines: `source` (datagen alone), `discard` and `lake` (datagen → filter + projection →
+//! Pipelines: `source` and `bids` (datagen alone, two schemas), `discard` and `lake` (datagen → filter + projection →
 //! a discarding sink / the lake), `tumble` and `hop` (Nexmark-shaped bids → 10-second tumbling
 //! count + sum per auction / 10 s windows sliding every 2 s, count per auction → discard).
 //!
@@ -44,8 +44,8 @@ struct Args {
     /// Tokio worker threads (cores used).
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Which pipelines to run (comma separated): source, discard, lake, tumble, hop.
-    #[arg(long, default_value = "source,discard,lake,tumble,hop")]
+    /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop.
+    #[arg(long, default_value = "source,discard,lake,bids,tumble,hop")]
     pipelines: String,
 }
 
@@ -148,7 +148,7 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
 
     let start_wall = Instant::now();
     let start_cpu = cpu_time();
-    let sink_task = if kind == "source" {
+    let sink_task = if matches!(kind, "source" | "bids") {
         let mut rx = source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY);
         let counted = Arc::clone(&counted);
         tokio::spawn(async move {
@@ -182,25 +182,33 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
             },
         );
         let plan = plan_stream(&stream, &relations).await?;
-        let branch = &plan.branches[0];
-        let ops = branch
-            .ops
-            .iter()
-            .map(|o| o.instantiate("bench"))
-            .collect::<Result<Vec<_>, _>>()?;
-        let chain = OperatorChain::new(ops);
-        let out = FanOut::new("clean_clicks");
+        let chain = |ops: &[sluice_sql::OpSpec]| -> anyhow::Result<OperatorChain> {
+            let ops = ops
+                .iter()
+                .map(|o| o.instantiate("bench"))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(OperatorChain::new(ops))
+        };
+        // Every branch (HOP has one per window offset) reads the one generator.
+        let mut branches = Vec::with_capacity(plan.branches.len());
+        for b in &plan.branches {
+            branches.push(Branch {
+                input: source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY),
+                chain: chain(&b.ops)?,
+            });
+        }
+        let out = FanOut::new("out");
         let sink_input = out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY);
         let task = StreamTask {
-            name: "clean_clicks".into(),
-            branches: vec![Branch {
-                input: source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY),
-                chain,
-            }],
+            name: "bench".into(),
+            branches,
             output: out,
             output_schema: Arc::clone(&plan.merge_schema),
-            post: OperatorChain::default(),
-            event_time_column: plan.output_schema.index_of("ts").ok(),
+            post: chain(&plan.post)?,
+            event_time_column: plan
+                .event_time_column
+                .as_ref()
+                .and_then(|c| plan.output_schema.index_of(c).ok()),
             metrics: Arc::default(),
             bad_records: bad_tx.clone(),
             cancel: cancel.clone(),
@@ -247,6 +255,7 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
     }
     let name = match kind {
         "source" => "datagen -> count (baseline)",
+        "bids" => "bids datagen -> count (baseline)",
         "discard" => "datagen -> filter+project -> discard",
         "lake" => "datagen -> filter+project -> lake (Parquet)",
         "tumble" => "bids -> 10s tumble count+sum/auction -> discard",
@@ -295,6 +304,7 @@ fn main() -> anyhow::Result<()> {
             "source" => "source",
             "discard" => "discard",
             "lake" => "lake",
+            "bids" => "bids",
             "tumble" => "tumble",
             "hop" => "hop",
             other => {
