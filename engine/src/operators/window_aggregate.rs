@@ -11,6 +11,7 @@
 //! the errors zone with reason `late`, never silently dropped.
 
 use std::collections::{BTreeMap, HashMap};
+
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, TimestampMicrosecondArray, UInt32Array};
@@ -42,7 +43,7 @@ pub struct WindowAggregateSpec {
 
 struct Window {
     /// Group key (encoded row) → group index.
-    index: HashMap<Box<[u8]>, usize>,
+    index: HashMap<Box<[u8]>, usize, foldhash::fast::RandomState>,
     /// The group keys, in group-index order.
     keys: Rows,
     accumulators: Vec<Box<dyn GroupsAccumulator>>,
@@ -111,7 +112,7 @@ impl WindowAggregate {
             })
             .collect::<Result<_>>()?;
         Ok(Window {
-            index: HashMap::new(),
+            index: HashMap::default(),
             keys: self.converter.empty_rows(0, 0),
             accumulators,
         })
@@ -152,8 +153,10 @@ impl Operator for WindowAggregate {
             .ok_or_else(|| EngineError::Internal("window_end is not a µs timestamp".into()))?
             .clone();
         let rows = self.converter.convert_columns(&keys)?;
-        // Per window: the input rows it receives and their group indices.
-        let mut routed: BTreeMap<i64, (Vec<u32>, Vec<usize>)> = BTreeMap::new();
+        // Route rows to windows first (a batch usually touches one or two), so the window map
+        // is consulted per window, not per row.
+        let mut routed: Vec<(i64, Vec<u32>, Vec<usize>)> = Vec::new();
+        let mut last: Option<usize> = None;
         for i in 0..n {
             if ends.is_null(i) {
                 out.reject(bad_row(
@@ -177,24 +180,40 @@ impl Operator for WindowAggregate {
                 ));
                 continue;
             }
-            if !self.windows.contains_key(&end) {
-                let w = self.new_window()?;
-                self.windows.insert(end, w);
-            }
-            let w = self.windows.get_mut(&end).expect("inserted above");
-            let row = rows.row(i);
-            let group = match w.index.get(row.as_ref()) {
-                Some(g) => *g,
-                None => {
-                    let g = w.index.len();
-                    w.index.insert(row.as_ref().into(), g);
-                    w.keys.push(row);
-                    g
-                }
+            let slot = match last {
+                Some(k) if routed[k].0 == end => k,
+                _ => match routed.iter().position(|r| r.0 == end) {
+                    Some(k) => k,
+                    None => {
+                        routed.push((end, Vec::new(), Vec::new()));
+                        routed.len() - 1
+                    }
+                },
             };
-            let entry = routed.entry(end).or_default();
-            entry.0.push(i as u32);
-            entry.1.push(group);
+            last = Some(slot);
+            routed[slot].1.push(i as u32);
+        }
+        // Group indices, one window at a time.
+        for (end, take_rows, groups) in &mut routed {
+            if !self.windows.contains_key(end) {
+                let w = self.new_window()?;
+                self.windows.insert(*end, w);
+            }
+            let w = self.windows.get_mut(end).expect("inserted above");
+            groups.reserve(take_rows.len());
+            for &i in take_rows.iter() {
+                let row = rows.row(i as usize);
+                let group = match w.index.get(row.as_ref()) {
+                    Some(g) => *g,
+                    None => {
+                        let g = w.index.len();
+                        w.index.insert(row.as_ref().into(), g);
+                        w.keys.push(row);
+                        g
+                    }
+                };
+                groups.push(group);
+            }
         }
         if routed.is_empty() {
             return Ok(());
@@ -211,7 +230,7 @@ impl Operator for WindowAggregate {
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<_>>()?;
-        for (end, (take_rows, groups)) in routed {
+        for (end, take_rows, groups) in routed {
             let w = self.windows.get_mut(&end).expect("routed windows exist");
             let total = w.index.len();
             let indices = (take_rows.len() != n).then(|| UInt32Array::from(take_rows));
