@@ -567,9 +567,9 @@ impl Sluice {
                 _ => {}
             }
         }
-        if !is_query(&stmt)
-            && !matches!(&stmt, DFStatement::Statement(s) if matches!(s.as_ref(), Statement::Set(_) | Statement::ShowVariable { .. }))
-        {
+        let is_set =
+            matches!(&stmt, DFStatement::Statement(s) if matches!(s.as_ref(), Statement::Set(_)));
+        if !is_query(&stmt) && !is_set {
             return Err(SqlError::NotSupported(format!(
                 "`{}` is not supported: Sluice's relations are sources (CREATE SOURCE) and streams (CREATE STREAM); other statements must be queries",
                 statement_head(&stmt)

@@ -43,30 +43,21 @@ async fn windows_close_on_the_watermark_and_chain_into_coarser_windows() {
             )
         })
         .collect();
+    let push = |body: String| {
+        let request = http.post(&url).body(body);
+        async move {
+            let status = request.send().await.unwrap().status().as_u16();
+            assert_eq!(status, 200, "every record is accepted by the source");
+        }
+    };
     for chunk in lines.chunks(30) {
-        let r = http.post(&url).body(chunk.join("\n")).send().await.unwrap();
-        assert_eq!(r.status().as_u16(), 200);
+        push(chunk.join("\n")).await;
     }
-    // A late event (its 10-second window closed long ago) goes to the errors zone.
-    let r = http
-        .post(&url)
-        .body(r#"{"customer_id":1,"amount":5,"ts":"2024-05-01T08:00:01Z"}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status().as_u16(),
-        200,
-        "accepted by the source; late for the window"
-    );
+    // A late event (its 10-second window closed long ago): accepted by the source, rejected
+    // by the window aggregation into the errors zone.
+    push(r#"{"customer_id":1,"amount":5,"ts":"2024-05-01T08:00:01Z"}"#.into()).await;
     // One event far ahead moves the watermark past every window.
-    let r = http
-        .post(&url)
-        .body(r#"{"customer_id":9,"amount":0,"ts":"2024-05-01T09:00:00Z"}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    push(r#"{"customer_id":9,"amount":0,"ts":"2024-05-01T09:00:00Z"}"#.into()).await;
 
     wait_for("every minute window", Duration::from_secs(30), || async {
         let n = scalar(&client, "SELECT coalesce(sum(n), 0) FROM revenue_1m").await;
