@@ -31,7 +31,7 @@ pub use error::{EngineError, Result};
 pub use fanout::{FanOut, Subscription};
 pub use message::{BadRecord, Barrier, Message};
 pub use metrics::{Metrics, MetricsSnapshot};
-pub use operator::{Collector, Operator, OperatorChain};
+pub use operator::{Collector, Operator, OperatorChain, OperatorCounts};
 pub use options::WithOptions;
 pub use sink::Sink;
 pub use source::{SourceContext, SourceReader};

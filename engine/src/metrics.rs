@@ -12,6 +12,8 @@ pub struct Metrics {
     rows_out: AtomicU64,
     bad_records: AtomicU64,
     batches: AtomicU64,
+    late_events: AtomicU64,
+    duplicates: AtomicU64,
     last_event_time: AtomicI64,
     watermark: AtomicI64,
 }
@@ -23,6 +25,8 @@ impl Default for Metrics {
             rows_out: AtomicU64::new(0),
             bad_records: AtomicU64::new(0),
             batches: AtomicU64::new(0),
+            late_events: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
             last_event_time: AtomicI64::new(i64::MIN),
             watermark: AtomicI64::new(i64::MIN),
         }
@@ -40,6 +44,11 @@ pub struct MetricsSnapshot {
     pub bad_records: u64,
     /// Batches processed.
     pub batches: u64,
+    /// Rows that arrived behind the watermark (in the errors zone, or dropped when the stream
+    /// says `late_events = 'drop'`).
+    pub late_events: u64,
+    /// Rows dropped by a dedup because their key was seen before.
+    pub duplicates: u64,
     /// The largest event time seen, if any.
     pub last_event_time: Option<EventTime>,
     /// The current watermark, if any was emitted.
@@ -63,6 +72,16 @@ impl Metrics {
         self.bad_records.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// Adds what the operators counted.
+    pub fn add_operator_counts(&self, c: crate::operator::OperatorCounts) {
+        if c.late > 0 {
+            self.late_events.fetch_add(c.late, Ordering::Relaxed);
+        }
+        if c.duplicates > 0 {
+            self.duplicates.fetch_add(c.duplicates, Ordering::Relaxed);
+        }
+    }
+
     /// Records an event time seen; keeps the maximum.
     pub fn observe_event_time(&self, t: EventTime) {
         self.last_event_time.fetch_max(t.0, Ordering::Relaxed);
@@ -81,6 +100,8 @@ impl Metrics {
             rows_out: self.rows_out.load(Ordering::Relaxed),
             bad_records: self.bad_records.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
+            late_events: self.late_events.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
             last_event_time: opt(self.last_event_time.load(Ordering::Relaxed)),
             watermark: opt(self.watermark.load(Ordering::Relaxed)),
         }

@@ -6,11 +6,29 @@ use crate::error::Result;
 use crate::message::{BadRecord, Barrier, Message};
 use crate::time::EventTime;
 
+/// Rows an operator accounted for without emitting them or sending them to the errors zone
+/// under their own name: reported in `SHOW STREAMS` and the metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OperatorCounts {
+    /// Rows that arrived behind the watermark (whether rejected or dropped).
+    pub late: u64,
+    /// Rows a dedup dropped because their key was seen before.
+    pub duplicates: u64,
+}
+
+impl std::ops::AddAssign for OperatorCounts {
+    fn add_assign(&mut self, other: Self) {
+        self.late += other.late;
+        self.duplicates += other.duplicates;
+    }
+}
+
 /// Where an operator puts what it emits while handling one message.
 #[derive(Debug, Default)]
 pub struct Collector {
     out: Vec<Message>,
     bad: Vec<BadRecord>,
+    counts: OperatorCounts,
 }
 
 impl Collector {
@@ -34,6 +52,21 @@ impl Collector {
     /// Sends a record to the errors zone.
     pub fn reject(&mut self, record: BadRecord) {
         self.bad.push(record);
+    }
+
+    /// Counts `n` rows that arrived behind the watermark.
+    pub fn count_late(&mut self, n: u64) {
+        self.counts.late += n;
+    }
+
+    /// Counts `n` rows dropped as duplicates.
+    pub fn count_duplicates(&mut self, n: u64) {
+        self.counts.duplicates += n;
+    }
+
+    /// Takes the counts accumulated so far.
+    pub fn take_counts(&mut self) -> OperatorCounts {
+        std::mem::take(&mut self.counts)
     }
 
     /// Takes what was emitted downstream.
@@ -132,6 +165,7 @@ impl OperatorChain {
                 }
             }
             out.bad.append(&mut next.bad);
+            out.counts += next.counts;
             current = next.out;
         }
         out.out.append(&mut current);

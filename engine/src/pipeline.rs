@@ -149,6 +149,7 @@ impl StreamTask {
 
     /// Counts the rows an operator rejected and hands them to the errors-zone writer.
     async fn forward_rejected(&mut self, out: &mut Collector) {
+        self.metrics.add_operator_counts(out.take_counts());
         let rejected = out.take_rejected();
         if !rejected.is_empty() {
             self.metrics.add_bad_records(rejected.len());

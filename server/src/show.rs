@@ -40,6 +40,8 @@ pub fn streams_schema() -> SchemaRef {
         Field::new("rows_in", DataType::Int64, false),
         Field::new("rows_out", DataType::Int64, false),
         Field::new("errors", DataType::Int64, false),
+        Field::new("late_events", DataType::Int64, false),
+        Field::new("duplicates", DataType::Int64, false),
         Field::new("files", DataType::Int64, false),
         ts_field("last_event_time"),
         ts_field("watermark"),
@@ -107,6 +109,7 @@ pub fn streams<'a>(
     let mut cols: (Vec<String>, Vec<String>, Vec<String>) = (vec![], vec![], vec![]);
     let (mut rin, mut rout, mut errors, mut files, mut last, mut wm) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut late, mut duplicates) = (vec![], vec![]);
     for s in streams {
         let m = s.metrics.snapshot();
         cols.0.push(s.plan.name.clone());
@@ -116,6 +119,8 @@ pub fn streams<'a>(
         rin.push(m.rows_in);
         rout.push(m.rows_out);
         errors.push(m.bad_records);
+        late.push(m.late_events);
+        duplicates.push(m.duplicates);
         files.push(s.files_written.load(Ordering::Relaxed));
         last.push(m.last_event_time.map(|t| t.micros()));
         wm.push(m.watermark.map(|t| t.micros()));
@@ -129,6 +134,8 @@ pub fn streams<'a>(
             i64s(rin),
             i64s(rout),
             i64s(errors),
+            i64s(late),
+            i64s(duplicates),
             i64s(files),
             ts(last),
             ts(wm),

@@ -11,10 +11,14 @@
 //! | `Projection`      | [`OpSpec::Project`]: DataFusion physical expressions  |
 //! | `SubqueryAlias`   | nothing (names only)                                  |
 //! | `Union` (ALL)     | one branch per input, merged by the stream task       |
+//! | `Aggregate` grouped by `window_start, window_end` | [`OpSpec::WindowAggregate`], after the merge |
+//! | `Filter(row_number() = 1)` over `Window(row_number() OVER (PARTITION BY k …))` | [`OpSpec::Dedup`], after the merge |
+//! | `Distinct::On` (`DISTINCT ON (k)`), `Distinct::All` (`SELECT DISTINCT`) | [`OpSpec::Dedup`] (+ projection), after the merge |
 //!
 //! Stateless operators over a `UNION ALL` are applied on every branch (they act row by
-//! row, so this is the same result). Everything else (aggregates without windows, joins,
-//! ORDER BY, LIMIT) is refused with SQLSTATE 0A000 until the runtime can run it.
+//! row, so this is the same result). Stateful operators run after the branches merge, with
+//! the filters and projections above them. Everything else (aggregates without windows,
+//! joins, ORDER BY, LIMIT) is refused with SQLSTATE 0A000 until the runtime can run it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -26,13 +30,17 @@ use datafusion::common::tree_node::TreeNode;
 use datafusion::datasource::empty::EmptyTable;
 use datafusion::execution::context::ExecutionProps;
 use datafusion::execution::context::SessionContext;
-use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::logical_expr::utils::{conjunction, split_conjunction};
+use datafusion::logical_expr::{Distinct, Expr, LogicalPlan, Operator as BinaryOp};
 use datafusion::physical_expr::aggregate::LoweredAggregateBuilder;
 use datafusion::physical_expr::{PhysicalExpr, create_physical_expr, expressions::Column};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 use sluice_connectors::lake::LakeWriterConfig;
-use sluice_engine::operators::{Filter, Projection, WindowAggregate, WindowAggregateSpec};
+use sluice_engine::operators::{
+    Dedup, DedupKeep, DedupSpec, Filter, LatePolicy, Lateness, Projection, WindowAggregate,
+    WindowAggregateSpec,
+};
 use sluice_engine::{Operator, WithOptions};
 
 use crate::error::{Result, SqlError};
@@ -72,6 +80,13 @@ pub enum OpSpec {
         /// The schema of its input.
         input: SchemaRef,
     },
+    /// Keep one row per key (after the branches merge).
+    Dedup {
+        /// What to keep.
+        spec: DedupSpec,
+        /// The schema of its input.
+        input: SchemaRef,
+    },
 }
 
 impl OpSpec {
@@ -85,6 +100,7 @@ impl OpSpec {
             OpSpec::WindowAggregate { spec, input } => {
                 Box::new(WindowAggregate::try_new(spec.clone(), input, origin)?)
             }
+            OpSpec::Dedup { spec, input } => Box::new(Dedup::try_new(spec.clone(), input, origin)?),
         })
     }
 
@@ -115,13 +131,50 @@ impl OpSpec {
                     .map(|a| a.name().to_string())
                     .collect();
                 format!(
-                    "window_aggregate(group by [{}]; {})",
+                    "window_aggregate(group by [{}]; {}{})",
                     groups.join(", "),
-                    aggs.join(", ")
+                    aggs.join(", "),
+                    describe_lateness(&spec.lateness)
+                )
+            }
+            OpSpec::Dedup { spec, .. } => {
+                let keys: Vec<String> = spec.keys.iter().map(|e| e.to_string()).collect();
+                let keep = match spec.keep {
+                    DedupKeep::FirstArrival => "first arrival",
+                    DedupKeep::EarliestEventTime => "earliest event time",
+                };
+                format!(
+                    "dedup(key [{}]; keep {keep}; ttl {:?}{})",
+                    keys.join(", "),
+                    std::time::Duration::from_micros(spec.ttl.max(0) as u64),
+                    describe_lateness(&spec.lateness)
                 )
             }
         }
     }
+}
+
+fn describe_lateness(l: &Lateness) -> String {
+    let mut s = String::new();
+    if l.allowed > 0 {
+        let _ = write!(
+            s,
+            "; allowed lateness {:?}",
+            std::time::Duration::from_micros(l.allowed as u64)
+        );
+    }
+    if l.policy == LatePolicy::Drop {
+        s.push_str("; late rows dropped");
+    }
+    s
+}
+
+/// Settings of a stream's stateful operators, from its `WITH` options.
+#[derive(Debug, Clone, Copy, Default)]
+struct StatefulOptions {
+    lateness: Lateness,
+    /// `dedup_ttl`, µs.
+    dedup_ttl: i64,
 }
 
 /// One input of a stream and its operators.
@@ -226,9 +279,32 @@ pub async fn plan_stream(
         writer.target_file_size = b;
     }
     let event_time_override = opts.take_str("event_time_column");
+    let mut stateful = StatefulOptions::default();
+    let micros = |d: std::time::Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+    let lateness_given = opts.contains("allowed_lateness") || opts.contains("late_events");
+    if let Some(d) = opts.take_duration("allowed_lateness")? {
+        stateful.lateness.allowed = micros(d);
+    }
+    if let Some(p) = opts.take_str("late_events") {
+        stateful.lateness.policy = match p.to_ascii_lowercase().as_str() {
+            "errors" => LatePolicy::ErrorsZone,
+            "drop" => LatePolicy::Drop,
+            _ => {
+                return Err(opts
+                    .bad("late_events", &p, "'errors' (the default) or 'drop'")
+                    .into());
+            }
+        };
+    }
+    let dedup_ttl_given = opts.contains("dedup_ttl");
+    if let Some(d) = opts.take_duration("dedup_ttl")? {
+        stateful.dedup_ttl = micros(d);
+    }
     opts.finish()?;
 
     let ctx = SessionContext::new();
+    // DISTINCT and DISTINCT ON stay as they are (a dedup), not rewritten into aggregates.
+    ctx.remove_optimizer_rule("replace_distinct_aggregate");
     ctx.register_relation_planner(Arc::new(WindowTablePlanner))?;
     for (name, rel) in relations {
         ctx.register_table(
@@ -249,7 +325,20 @@ pub async fn plan_stream(
         post,
         merge_schema,
         post_event_time,
-    } = translate_stream(&plan, relations, &props)?;
+    } = translate_stream(&plan, relations, &props, &stateful)?;
+    let has = |f: fn(&OpSpec) -> bool| post.iter().any(f);
+    if dedup_ttl_given && !has(|o| matches!(o, OpSpec::Dedup { .. })) {
+        return Err(SqlError::InvalidOption(format!(
+            "{owner}: option `dedup_ttl` applies to streams that deduplicate \
+             (ROW_NUMBER() … = 1, DISTINCT ON, DISTINCT), and this one does not"
+        )));
+    }
+    if lateness_given && post.is_empty() {
+        return Err(SqlError::InvalidOption(format!(
+            "{owner}: options `allowed_lateness` and `late_events` apply to streams with windows \
+             or dedup, and this one has neither (nothing in it can be late)"
+        )));
+    }
     let output_schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
     let merge_schema = merge_schema.unwrap_or_else(|| Arc::clone(&output_schema));
     let inputs: BTreeSet<String> = branches.iter().map(|b| b.input.clone()).collect();
@@ -300,22 +389,29 @@ struct Translated {
     post_event_time: Option<usize>,
 }
 
-/// Translates the top of a plan: a window aggregation and the filters and projections above
-/// it run after the merge; everything below it (or a plan without one) goes to the branches.
+/// Translates the top of a plan: a stateful node (window aggregation, dedup) and the
+/// filters and projections above it run after the merge; everything below it (or a plan
+/// without one) goes to the branches.
 fn translate_stream(
     plan: &LogicalPlan,
     relations: &BTreeMap<String, Relation>,
     props: &ExecutionProps,
+    opts: &StatefulOptions,
 ) -> Result<Translated> {
-    let has_aggregate = |p: &LogicalPlan| {
-        p.exists(|n| Ok(matches!(n, LogicalPlan::Aggregate(_))))
-            .unwrap_or(false)
+    let has_stateful = |p: &LogicalPlan| {
+        p.exists(|n| {
+            Ok(matches!(
+                n,
+                LogicalPlan::Aggregate(_) | LogicalPlan::Window(_) | LogicalPlan::Distinct(_)
+            ))
+        })
+        .unwrap_or(false)
     };
     match plan {
         LogicalPlan::Aggregate(agg) => {
             let branches = translate(&agg.input, relations, props)?;
             let input: SchemaRef = Arc::new(agg.input.schema().as_arrow().clone());
-            let spec = window_aggregate(agg, props).ok_or_else(|| {
+            let spec = window_aggregate(agg, props, opts).ok_or_else(|| {
                 SqlError::NotSupported(format!(
                     "streaming {} is not supported yet: group by a window (window_start, window_end of TUMBLE or HOP)",
                     describe_node(plan)
@@ -323,17 +419,7 @@ fn translate_stream(
             })??;
             // Windows close when the watermark passes them: without event time on every
             // input, an unbounded input would never emit and its state would only grow.
-            if let Some(b) = branches.iter().find(|b| {
-                relations
-                    .get(&b.input)
-                    .is_none_or(|r| r.event_time_column.is_none())
-            }) {
-                return Err(SqlError::Invalid(format!(
-                    "windowed aggregation needs event time, but `{}` has none: declare \
-                     `WATERMARK FOR <column> AS <column> - INTERVAL '…'` on the source",
-                    b.input
-                )));
-            }
+            needs_event_time(&branches, relations, "windowed aggregation")?;
             let post_event_time = agg.schema.as_arrow().index_of(WINDOW_START).ok();
             Ok(Translated {
                 branches,
@@ -345,21 +431,36 @@ fn translate_stream(
                 post_event_time,
             })
         }
-        LogicalPlan::Filter(f) if has_aggregate(&f.input) => {
-            let mut t = translate_stream(&f.input, relations, props)?;
+        LogicalPlan::Filter(f) if matches!(f.input.as_ref(), LogicalPlan::Window(_)) => {
+            let LogicalPlan::Window(w) = f.input.as_ref() else {
+                unreachable!("matched above")
+            };
+            row_number_dedup(f, w, relations, props, opts)
+        }
+        LogicalPlan::Distinct(d) => distinct_dedup(d, relations, props, opts),
+        // The ORDER BY of a `DISTINCT ON` only chooses the row kept (the dedup reads it);
+        // the order of an unbounded output means nothing.
+        LogicalPlan::Sort(sort)
+            if sort.fetch.is_none()
+                && matches!(sort.input.as_ref(), LogicalPlan::Distinct(Distinct::On(_))) =>
+        {
+            translate_stream(&sort.input, relations, props, opts)
+        }
+        LogicalPlan::Filter(f) if has_stateful(&f.input) => {
+            let mut t = translate_stream(&f.input, relations, props, opts)?;
             let predicate =
                 create_physical_expr(&f.predicate, f.input.schema(), props, &Default::default())?;
             t.post.push(OpSpec::Filter { predicate });
             Ok(t)
         }
-        LogicalPlan::Projection(p) if has_aggregate(&p.input) => {
-            let mut t = translate_stream(&p.input, relations, props)?;
+        LogicalPlan::Projection(p) if has_stateful(&p.input) => {
+            let mut t = translate_stream(&p.input, relations, props, opts)?;
             t.post_event_time = carried_column(p, t.post_event_time);
             t.post.push(projection(p, props)?);
             Ok(t)
         }
-        LogicalPlan::SubqueryAlias(s) if has_aggregate(&s.input) => {
-            translate_stream(&s.input, relations, props)
+        LogicalPlan::SubqueryAlias(s) if has_stateful(&s.input) => {
+            translate_stream(&s.input, relations, props, opts)
         }
         _ => Ok(Translated {
             branches: translate(plan, relations, props)?,
@@ -370,10 +471,248 @@ fn translate_stream(
     }
 }
 
+/// Fails unless every branch reads an input with event time.
+fn needs_event_time(
+    branches: &[BranchPlan],
+    relations: &BTreeMap<String, Relation>,
+    what: &str,
+) -> Result<()> {
+    if let Some(b) = branches.iter().find(|b| {
+        relations
+            .get(&b.input)
+            .is_none_or(|r| r.event_time_column.is_none())
+    }) {
+        return Err(SqlError::Invalid(format!(
+            "{what} needs event time, but `{}` has none: declare \
+             `WATERMARK FOR <column> AS <column> - INTERVAL '…'` on the source",
+            b.input
+        )));
+    }
+    Ok(())
+}
+
+/// The index of the event-time column where the branches merge, for a dedup: it bounds the
+/// dedup's state in time.
+fn dedup_event_time(
+    branches: &[BranchPlan],
+    relations: &BTreeMap<String, Relation>,
+) -> Result<usize> {
+    needs_event_time(branches, relations, "dedup")?;
+    let first = branches[0].event_time;
+    match first {
+        Some(i) if branches.iter().all(|b| b.event_time == first) => Ok(i),
+        _ => Err(SqlError::Invalid(
+            "dedup needs the event-time column of its input: keep it in the select list below the dedup".into(),
+        )),
+    }
+}
+
+/// Which row a dedup keeps, given the ORDER BY that ranks a key's rows (after the key).
+fn dedup_keep(
+    order_by: &[datafusion::logical_expr::SortExpr],
+    input: &datafusion::common::DFSchema,
+    event_time: usize,
+) -> Result<DedupKeep> {
+    match order_by {
+        [] => Ok(DedupKeep::FirstArrival),
+        [sort]
+            if sort.asc
+                && matches!(&sort.expr, Expr::Column(c) if input.index_of_column(c).ok() == Some(event_time)) =>
+        {
+            Ok(DedupKeep::EarliestEventTime)
+        }
+        _ => Err(SqlError::NotSupported(format!(
+            "a streaming dedup keeps the first row per key by arrival (no ORDER BY) or by event \
+             time (ORDER BY `{}` ASC); ordering by {} is not supported (keeping another row would \
+             need to retract rows already emitted)",
+            input.field(event_time).name(),
+            order_by
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// `… WHERE rn = 1` over `ROW_NUMBER() OVER (PARTITION BY k [ORDER BY ts]) AS rn`.
+fn row_number_dedup(
+    filter: &datafusion::logical_expr::Filter,
+    window: &datafusion::logical_expr::Window,
+    relations: &BTreeMap<String, Relation>,
+    props: &ExecutionProps,
+    opts: &StatefulOptions,
+) -> Result<Translated> {
+    let unsupported = window_functions_unsupported;
+    let [Expr::WindowFunction(wf)] = window.window_expr.as_slice() else {
+        return Err(unsupported());
+    };
+    if wf.fun.name() != "row_number" || !wf.params.args.is_empty() {
+        return Err(unsupported());
+    }
+    if wf.params.partition_by.is_empty() {
+        return Err(SqlError::NotSupported(
+            "ROW_NUMBER() without PARTITION BY numbers the whole unbounded stream: \
+             partition by the dedup key"
+                .into(),
+        ));
+    }
+    // The row-number column is the window node's last output column.
+    let rn = window
+        .schema
+        .qualified_field(window.schema.fields().len() - 1);
+    let is_rn = |e: &Expr| matches!(e, Expr::Column(c) if c.name == rn.1.name().as_str() && c.relation.as_ref() == rn.0);
+    let is_one = |e: &Expr| matches!(e, Expr::Literal(v, _) if v.to_string() == "1");
+    let mut rest = vec![];
+    let mut found = false;
+    for c in split_conjunction(&filter.predicate) {
+        // rn = 1, rn <= 1, 1 = rn, 1 >= rn
+        let keeps_first = match c {
+            Expr::BinaryExpr(b) => {
+                let rn_first = matches!(b.op, BinaryOp::Eq | BinaryOp::LtEq)
+                    && is_rn(&b.left)
+                    && is_one(&b.right);
+                let one_first = matches!(b.op, BinaryOp::Eq | BinaryOp::GtEq)
+                    && is_one(&b.left)
+                    && is_rn(&b.right);
+                rn_first || one_first
+            }
+            _ => false,
+        };
+        if keeps_first && !found {
+            found = true;
+        } else {
+            rest.push(c.clone());
+        }
+    }
+    if !found {
+        return Err(unsupported());
+    }
+    let branches = translate(&window.input, relations, props)?;
+    let event_time = dedup_event_time(&branches, relations)?;
+    let input_schema = window.input.schema();
+    let keep = dedup_keep(&wf.params.order_by, input_schema, event_time)?;
+    let keys = wf
+        .params
+        .partition_by
+        .iter()
+        .map(|e| create_physical_expr(e, input_schema, props, &Default::default()))
+        .collect::<datafusion::error::Result<Vec<_>>>()?;
+    let input: SchemaRef = Arc::new(input_schema.as_arrow().clone());
+    let mut post = vec![OpSpec::Dedup {
+        spec: DedupSpec {
+            keys,
+            event_time,
+            keep,
+            ttl: opts.dedup_ttl,
+            lateness: opts.lateness,
+            schema: Arc::new(window.schema.as_arrow().clone()),
+        },
+        input: Arc::clone(&input),
+    }];
+    if let Some(predicate) = conjunction(rest) {
+        post.push(OpSpec::Filter {
+            predicate: create_physical_expr(
+                &predicate,
+                &window.schema,
+                props,
+                &Default::default(),
+            )?,
+        });
+    }
+    Ok(Translated {
+        branches,
+        post,
+        merge_schema: Some(input),
+        post_event_time: Some(event_time),
+    })
+}
+
+fn window_functions_unsupported() -> SqlError {
+    SqlError::NotSupported(
+        "window functions (OVER …) are not supported in streams, except the dedup pattern \
+         `SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY key ORDER BY event_time) AS rn FROM t) WHERE rn = 1`"
+            .into(),
+    )
+}
+
+/// `SELECT DISTINCT ON (k) …` and `SELECT DISTINCT …`.
+fn distinct_dedup(
+    distinct: &Distinct,
+    relations: &BTreeMap<String, Relation>,
+    props: &ExecutionProps,
+    opts: &StatefulOptions,
+) -> Result<Translated> {
+    let input_plan = distinct.input();
+    let branches = translate(input_plan, relations, props)?;
+    let event_time = dedup_event_time(&branches, relations)?;
+    let input_schema = input_plan.schema();
+    let input: SchemaRef = Arc::new(input_schema.as_arrow().clone());
+    let physical = |exprs: &[Expr]| {
+        exprs
+            .iter()
+            .map(|e| create_physical_expr(e, input_schema, props, &Default::default()))
+            .collect::<datafusion::error::Result<Vec<_>>>()
+    };
+    let spec = |keys, keep| DedupSpec {
+        keys,
+        event_time,
+        keep,
+        ttl: opts.dedup_ttl,
+        lateness: opts.lateness,
+        schema: Arc::clone(&input),
+    };
+    match distinct {
+        Distinct::All(_) => {
+            let keys = (0..input.fields().len())
+                .map(|i| Arc::new(Column::new(input.field(i).name(), i)) as Arc<dyn PhysicalExpr>)
+                .collect();
+            Ok(Translated {
+                branches,
+                post: vec![OpSpec::Dedup {
+                    spec: spec(keys, DedupKeep::FirstArrival),
+                    input: Arc::clone(&input),
+                }],
+                merge_schema: Some(input),
+                post_event_time: Some(event_time),
+            })
+        }
+        Distinct::On(on) => {
+            // The ORDER BY starts with the ON expressions (DataFusion checks); what follows
+            // ranks the rows of a key.
+            let order = on.sort_expr.as_deref().unwrap_or_default();
+            let ranking = order
+                .get(on.on_expr.len().min(order.len())..)
+                .unwrap_or_default();
+            let keep = dedup_keep(ranking, input_schema, event_time)?;
+            let exprs = physical(&on.select_expr)?;
+            let post_event_time = on.select_expr.iter().position(|e| {
+                matches!(e.clone().unalias(), Expr::Column(c) if input_schema.index_of_column(&c).ok() == Some(event_time))
+            });
+            Ok(Translated {
+                branches,
+                post: vec![
+                    OpSpec::Dedup {
+                        spec: spec(physical(&on.on_expr)?, keep),
+                        input: Arc::clone(&input),
+                    },
+                    OpSpec::Project {
+                        exprs,
+                        schema: Arc::new(on.schema.as_arrow().clone()),
+                    },
+                ],
+                merge_schema: Some(input),
+                post_event_time,
+            })
+        }
+    }
+}
+
 /// The spec of a window aggregation, or `None` if `agg` does not group by a window.
 fn window_aggregate(
     agg: &datafusion::logical_expr::Aggregate,
     props: &ExecutionProps,
+    opts: &StatefulOptions,
 ) -> Option<Result<WindowAggregateSpec>> {
     let is_column =
         |e: &Expr, name: &str| matches!(e.clone().unalias(), Expr::Column(c) if c.name == name);
@@ -381,7 +720,8 @@ fn window_aggregate(
         .group_expr
         .iter()
         .position(|e| is_column(e, WINDOW_END))?;
-    agg.group_expr
+    let window_start = agg
+        .group_expr
         .iter()
         .position(|e| is_column(e, WINDOW_START))?;
     Some((|| {
@@ -423,7 +763,9 @@ fn window_aggregate(
         }
         let spec = WindowAggregateSpec {
             group_exprs,
+            window_start,
             window_end,
+            lateness: opts.lateness,
             aggregates,
             schema: Arc::new(agg.schema.as_arrow().clone()),
         };
@@ -500,6 +842,7 @@ fn translate(
             }
             Ok(out)
         }
+        LogicalPlan::Window(_) => Err(window_functions_unsupported()),
         LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => Err(SqlError::NotSupported(
             "a stream must read from a source or another stream (this query reads no table, or can never return a row)".into(),
         )),

@@ -1,9 +1,15 @@
 //! Runs the `.slt` files in `tests/slt/` against an in-process Sluice, one fresh lake per file.
 //!
-//! Besides SQL, the harness understands one command of its own:
-//! `WAIT FOR STREAM <name>` — waits (up to 60 s) until the stream is no longer running, i.e.
-//! its bounded input ended and every file was written. Use it after a stream over a bounded
-//! `datagen` source (`max_rows`) before querying what landed.
+//! Besides SQL, the harness understands commands of its own (each inside `statement ok`):
+//! - `WAIT FOR STREAM <name>` — waits (up to 60 s) until the stream is no longer running, i.e.
+//!   its bounded input ended and every file was written. Use it after a stream over a bounded
+//!   `datagen` source (`max_rows`) before querying what landed.
+//! - `PUSH <source>` followed by lines of JSON — ingests those lines through the `http`
+//!   source's real ingest path (raw zone, decoding, errors zone, watermark), as one request.
+//!   Streaming scenarios are written this way: the event times of the pushed rows move the
+//!   watermark (each push is followed by the watermark its rows imply).
+//! - `WAIT FOR <n> ROWS IN <stream>` — waits (up to 60 s) until `SELECT count(*)` over the
+//!   stream's files is `n` (give the stream a short `rollover_interval`).
 //!
 //! Errors read `SQLSTATE: message`, so a file can match both:
 //! `statement error 42P07: source `x` already exists`.
@@ -63,6 +69,62 @@ impl SluiceDb {
     }
 }
 
+impl SluiceDb {
+    async fn push(&self, source: &str, body: &str) -> Result<(), SltError> {
+        let fail = |state: &str, message: String| SltError {
+            state: state.into(),
+            message,
+        };
+        let ingest = self
+            .sluice
+            .http_source(source)
+            .map_err(|e| fail("55000", e))?
+            .ok_or_else(|| fail("42P01", format!("no http source `{source}`")))?;
+        let report = ingest
+            .ingest(bytes::Bytes::from(body.to_string()), "slt")
+            .await
+            .map_err(|e| fail("22000", e.to_string()))?;
+        if !report.rejected.is_empty() {
+            return Err(fail(
+                "22000",
+                format!("PUSH {source}: rejected lines {:?}", report.rejected),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn wait_for_rows(&self, stream: &str, n: usize) -> Result<(), SltError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let sql = format!("SELECT count(*) FROM {stream}");
+        loop {
+            let mut out = self.sluice.execute(&sql).await;
+            let count = match out.pop() {
+                Some(Ok(o)) => match o.collect().await {
+                    Ok(Outcome::Rows { batches, .. }) => format_rows(&batches)[0][0].clone(),
+                    other => format!("{:?}", other.map(|_| ())),
+                },
+                Some(Err(e)) => {
+                    return Err(SltError {
+                        state: e.sqlstate().to_string(),
+                        message: e.to_string(),
+                    });
+                }
+                None => String::new(),
+            };
+            if count == n.to_string() {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(SltError {
+                    state: "57014".into(),
+                    message: format!("`{stream}` has {count} rows after 60 s, not {n}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 fn format_rows(batches: &[arrow::record_batch::RecordBatch]) -> Vec<Vec<String>> {
     let options = FormatOptions::default().with_null("NULL");
     let mut rows = vec![];
@@ -100,6 +162,21 @@ impl AsyncDB for SluiceDb {
         let trimmed = sql.trim().trim_end_matches(';');
         if let Some(name) = trimmed.strip_prefix("WAIT FOR STREAM ") {
             self.wait_for_stream(name.trim()).await?;
+            return Ok(DBOutput::StatementComplete(0));
+        }
+        if let Some(rest) = trimmed.strip_prefix("PUSH ") {
+            let (name, body) = rest.split_once('\n').unwrap_or((rest, ""));
+            self.push(name.trim(), body).await?;
+            return Ok(DBOutput::StatementComplete(0));
+        }
+        if let Some(rest) = trimmed.strip_prefix("WAIT FOR ")
+            && let Some((n, stream)) = rest.split_once(" ROWS IN ")
+        {
+            let n: usize = n.trim().parse().map_err(|_| SltError {
+                state: "42601".into(),
+                message: format!("WAIT FOR <n> ROWS IN <stream>: `{n}` is not a number"),
+            })?;
+            self.wait_for_rows(stream.trim(), n).await?;
             return Ok(DBOutput::StatementComplete(0));
         }
         let mut results = self.sluice.execute(sql).await;

@@ -106,3 +106,106 @@ async fn windows_close_on_the_watermark_and_chain_into_coarser_windows() {
     );
     server.shutdown().await;
 }
+
+/// The `SHOW STREAMS` row of `stream`, as text.
+async fn show_stream(client: &tokio_postgres::Client, stream: &str) -> Vec<String> {
+    let rows = client.simple_query("SHOW STREAMS").await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some(stream) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no stream {stream}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_counts_duplicates_and_late_events_and_honours_late_events_drop() {
+    let lake = tempfile::tempdir().unwrap();
+    let server = start_server(lake.path()).await;
+    let client = pg_connect(server.pg_addr).await;
+    client
+        .batch_execute(
+            "CREATE SOURCE events (id BIGINT NOT NULL, ts TIMESTAMP NOT NULL,
+                                   WATERMARK FOR ts AS ts - INTERVAL '2 seconds')
+             WITH (connector = 'http');
+             CREATE STREAM once WITH (rollover_interval = '100 ms') AS
+               SELECT DISTINCT ON (id) * FROM events;
+             CREATE STREAM once_quiet WITH (rollover_interval = '100 ms', late_events = 'drop') AS
+               SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY ts) AS rn FROM events)
+               WHERE rn = 1",
+        )
+        .await
+        .unwrap();
+    let url = format!("http://{}/v1/sources/events/events", server.http_addr);
+    let http = reqwest::Client::new();
+    let event = |id: i64, ms: i64| {
+        let t = chrono::DateTime::from_timestamp_millis(1_714_550_400_000 + ms).unwrap();
+        format!(r#"{{"id":{id},"ts":"{}"}}"#, t.to_rfc3339())
+    };
+    // 200 events, each delivered twice (a retrying producer), 100 ms apart.
+    for chunk in (0..200).collect::<Vec<i64>>().chunks(50) {
+        let body: Vec<String> = chunk
+            .iter()
+            .flat_map(|&i| [event(i, i * 100), event(i, i * 100)])
+            .collect();
+        let status = http.post(&url).body(body.join("\n")).send().await.unwrap();
+        assert_eq!(status.status().as_u16(), 200);
+    }
+    // Then one event from long ago (late), and one far ahead that closes everything.
+    for body in [event(1000, -60_000), event(2000, 3_600_000)] {
+        let status = http.post(&url).body(body).send().await.unwrap();
+        assert_eq!(status.status().as_u16(), 200);
+    }
+    for stream in ["once", "once_quiet"] {
+        wait_for("every id once", Duration::from_secs(30), || async {
+            let sql = format!("SELECT count(*), count(DISTINCT id) FROM {stream} WHERE id < 1000");
+            let row = client.query_one(&sql, &[]).await.unwrap();
+            (row.get::<_, i64>(0) == 200 && row.get::<_, i64>(1) == 200).then_some(())
+        })
+        .await;
+    }
+    // name, status, inputs, rows_in, rows_out, errors, late_events, duplicates, …
+    let counters = |stream: &'static str| {
+        let client = &client;
+        wait_for(
+            "every event counted",
+            Duration::from_secs(30),
+            move || async move {
+                let row = show_stream(client, stream).await;
+                // The late event came after every duplicate (counted when processed).
+                (row[3] == "402" && row[6] != "0").then_some(row)
+            },
+        )
+    };
+    let once = counters("once").await;
+    assert_eq!(&once[5..8], ["1", "1", "200"], "{once:?}");
+    let quiet = counters("once_quiet").await;
+    assert_eq!(
+        &quiet[5..8],
+        ["0", "1", "200"],
+        "dropped, not an error: {quiet:?}"
+    );
+
+    let late = wait_for("the late event", Duration::from_secs(30), || async {
+        let files = files_with_ext(&lake.path().join("errors/once"), "jsonl");
+        let text: String = files
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .collect();
+        (!text.is_empty()).then_some(text)
+    })
+    .await;
+    assert!(
+        late.contains("late: event time 2024-05-01T07:59:00"),
+        "{late}"
+    );
+    assert!(
+        files_with_ext(&lake.path().join("errors/once_quiet"), "jsonl").is_empty(),
+        "late_events = 'drop' writes nothing to the errors zone"
+    );
+    server.shutdown().await;
+}

@@ -1,15 +1,24 @@
 //! Operators: stateless ones evaluate DataFusion physical expressions on whole batches;
-//! [`WindowAggregate`] keeps DataFusion accumulators per event-time window.
+//! [`WindowAggregate`] keeps DataFusion accumulators per event-time window; [`Dedup`] keeps
+//! the keys it has seen, expiring them by event time.
+//!
+//! Stateful operators share one notion of lateness ([`Lateness`]): with watermark `w` and
+//! allowed lateness `L`, the *horizon* is `w - L`; a row whose event time is before the
+//! horizon is late. Results that depend on rows before the horizon are final, and each
+//! stateful operator forwards as its own watermark the horizon, held back to the earliest
+//! event time it may still emit, so operators downstream never see its output as late.
 //!
 //! Evaluation is non-strict: when an expression fails on a batch (a cast that cannot parse
 //! one row, say), the batch is evaluated again row by row; the rows that fail go to the
 //! errors zone with the reason, the others continue. The slow path runs only for batches
 //! that hold a bad row.
 
+mod dedup;
 mod filter;
 mod projection;
 mod window_aggregate;
 
+pub use dedup::{Dedup, DedupKeep, DedupSpec};
 pub use filter::Filter;
 pub use projection::Projection;
 pub use window_aggregate::{WindowAggregate, WindowAggregateSpec};
@@ -17,6 +26,49 @@ pub use window_aggregate::{WindowAggregate, WindowAggregateSpec};
 use arrow::record_batch::RecordBatch;
 
 use crate::message::BadRecord;
+use crate::operator::Collector;
+
+/// What a stateful operator does with a row that arrives behind the watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LatePolicy {
+    /// Count it and write it to the errors zone with reason `late: …` (the default).
+    #[default]
+    ErrorsZone,
+    /// Count it and drop it (`late_events = 'drop'`).
+    Drop,
+}
+
+/// How late rows may be, and what happens to those that are later. See the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lateness {
+    /// Allowed lateness in microseconds: results wait this long after the watermark.
+    pub allowed: i64,
+    /// What happens to rows behind the horizon.
+    pub policy: LatePolicy,
+}
+
+impl Lateness {
+    /// The horizon for watermark `w`: rows with an event time before it are late.
+    pub fn horizon(&self, watermark: i64) -> i64 {
+        watermark.saturating_sub(self.allowed)
+    }
+
+    /// Accounts for late row `row` of `batch`: counted, and rejected unless the policy drops
+    /// late rows.
+    pub(crate) fn late_row(
+        &self,
+        batch: &RecordBatch,
+        row: usize,
+        origin: &str,
+        reason: &str,
+        out: &mut Collector,
+    ) {
+        out.count_late(1);
+        if self.policy == LatePolicy::ErrorsZone {
+            out.reject(bad_row(batch, row, origin, reason));
+        }
+    }
+}
 
 /// Renders row `row` of `batch` as one JSON object, for the errors zone.
 pub fn row_to_json(batch: &RecordBatch, row: usize) -> String {

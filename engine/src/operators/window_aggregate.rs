@@ -6,9 +6,11 @@
 //! aggregate has no groups variant), so every DataFusion aggregate works incrementally.
 //!
 //! State: the open windows, keyed by `window_end`. Emits: all groups of a window, once, when
-//! the watermark reaches its end (and every open window when the input ends); the watermark
-//! is forwarded after them. A row whose window has already been emitted is late: it goes to
-//! the errors zone with reason `late`, never silently dropped.
+//! the horizon (watermark minus allowed lateness) reaches its end, and every open window
+//! when the input ends. Forwards as watermark the horizon, held back to the earliest open
+//! window's start (its rows carry that event time downstream). A row whose window has
+//! already been emitted is late: counted, and sent to the errors zone with reason `late`
+//! unless the stream drops late rows — never silently lost.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -23,7 +25,7 @@ use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
 
-use super::bad_row;
+use super::{Lateness, bad_row};
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
 use crate::time::EventTime;
@@ -33,8 +35,12 @@ use crate::time::EventTime;
 pub struct WindowAggregateSpec {
     /// Group-by expressions over the input, in output order; they include the window's end.
     pub group_exprs: Vec<Arc<dyn PhysicalExpr>>,
+    /// Which group expression is `window_start` (a µs UTC timestamp).
+    pub window_start: usize,
     /// Which group expression is `window_end` (a µs UTC timestamp).
     pub window_end: usize,
+    /// Lateness settings.
+    pub lateness: Lateness,
     /// The aggregates, in output order after the group columns.
     pub aggregates: Vec<Arc<AggregateFunctionExpr>>,
     /// Output schema: the group columns, then one column per aggregate.
@@ -42,6 +48,8 @@ pub struct WindowAggregateSpec {
 }
 
 struct Window {
+    /// The window's start (the event time of its output rows).
+    start: i64,
     /// Group key (encoded row) → group index.
     index: HashMap<Box<[u8]>, usize, foldhash::fast::RandomState>,
     /// The group keys, in group-index order.
@@ -55,6 +63,8 @@ pub struct WindowAggregate {
     converter: RowConverter,
     windows: BTreeMap<i64, Window>,
     watermark: Option<i64>,
+    /// The last watermark forwarded.
+    forwarded: i64,
     origin: String,
 }
 
@@ -84,18 +94,19 @@ impl WindowAggregate {
             spec,
             windows: BTreeMap::new(),
             watermark: None,
+            forwarded: i64::MIN,
             origin: origin.into(),
         };
         // An aggregate that cannot run on these types fails here, at CREATE time, rather
         // than with the first row. (The adapter creates its accumulators lazily, so make one.)
-        op.new_window()?;
+        op.new_window(0)?;
         for a in &op.spec.aggregates {
             a.create_accumulator()?;
         }
         Ok(op)
     }
 
-    fn new_window(&self) -> Result<Window> {
+    fn new_window(&self, start: i64) -> Result<Window> {
         let accumulators = self
             .spec
             .aggregates
@@ -112,6 +123,7 @@ impl WindowAggregate {
             })
             .collect::<Result<_>>()?;
         Ok(Window {
+            start,
             index: HashMap::default(),
             keys: self.converter.empty_rows(0, 0),
             accumulators,
@@ -147,18 +159,26 @@ impl Operator for WindowAggregate {
             .iter()
             .map(|e| e.evaluate(&batch).and_then(|v| v.into_array(n)))
             .collect::<datafusion::error::Result<_>>()?;
-        let ends = keys[self.spec.window_end]
-            .as_any()
-            .downcast_ref::<TimestampMicrosecondArray>()
-            .ok_or_else(|| EngineError::Internal("window_end is not a µs timestamp".into()))?
-            .clone();
+        let micros = |i: usize| {
+            keys[i]
+                .as_any()
+                .downcast_ref::<TimestampMicrosecondArray>()
+                .cloned()
+                .ok_or_else(|| EngineError::Internal("window bound is not a µs timestamp".into()))
+        };
+        let ends = micros(self.spec.window_end)?;
+        let starts = micros(self.spec.window_start)?;
+        let horizon = self
+            .watermark
+            .map_or(i64::MIN, |w| self.spec.lateness.horizon(w));
         let rows = self.converter.convert_columns(&keys)?;
         // Route rows to windows first (a batch usually touches one or two), so the window map
         // is consulted per window, not per row.
-        let mut routed: Vec<(i64, Vec<u32>, Vec<usize>)> = Vec::new();
+        // (window end, window start, rows, their group indices)
+        let mut routed: Vec<(i64, i64, Vec<u32>, Vec<usize>)> = Vec::new();
         let mut last: Option<usize> = None;
         for i in 0..n {
-            if ends.is_null(i) {
+            if ends.is_null(i) || starts.is_null(i) {
                 out.reject(bad_row(
                     &batch,
                     i,
@@ -168,8 +188,8 @@ impl Operator for WindowAggregate {
                 continue;
             }
             let end = ends.value(i);
-            if self.watermark.is_some_and(|w| end <= w) {
-                out.reject(bad_row(
+            if end <= horizon {
+                self.spec.lateness.late_row(
                     &batch,
                     i,
                     &self.origin,
@@ -177,7 +197,8 @@ impl Operator for WindowAggregate {
                         "late: its window ended at {} and was emitted when the watermark passed it",
                         EventTime(end)
                     ),
-                ));
+                    out,
+                );
                 continue;
             }
             let slot = match last {
@@ -185,18 +206,18 @@ impl Operator for WindowAggregate {
                 _ => match routed.iter().position(|r| r.0 == end) {
                     Some(k) => k,
                     None => {
-                        routed.push((end, Vec::new(), Vec::new()));
+                        routed.push((end, starts.value(i), Vec::new(), Vec::new()));
                         routed.len() - 1
                     }
                 },
             };
             last = Some(slot);
-            routed[slot].1.push(i as u32);
+            routed[slot].2.push(i as u32);
         }
         // Group indices, one window at a time.
-        for (end, take_rows, groups) in &mut routed {
+        for (end, start, take_rows, groups) in &mut routed {
             if !self.windows.contains_key(end) {
-                let w = self.new_window()?;
+                let w = self.new_window(*start)?;
                 self.windows.insert(*end, w);
             }
             let w = self.windows.get_mut(end).expect("inserted above");
@@ -230,7 +251,7 @@ impl Operator for WindowAggregate {
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<_>>()?;
-        for (end, take_rows, groups) in routed {
+        for (end, _, take_rows, groups) in routed {
             let w = self.windows.get_mut(&end).expect("routed windows exist");
             let total = w.index.len();
             let indices = (take_rows.len() != n).then(|| UInt32Array::from(take_rows));
@@ -249,12 +270,19 @@ impl Operator for WindowAggregate {
     }
 
     fn on_watermark(&mut self, t: EventTime, out: &mut Collector) -> Result<()> {
-        self.watermark = Some(self.watermark.map_or(t.0, |w| w.max(t.0)));
-        let closed: Vec<i64> = self.windows.range(..=t.0).map(|(e, _)| *e).collect();
+        let w = self.watermark.map_or(t.0, |w| w.max(t.0));
+        self.watermark = Some(w);
+        let horizon = self.spec.lateness.horizon(w);
+        let closed: Vec<i64> = self.windows.range(..=horizon).map(|(e, _)| *e).collect();
         for end in closed {
             self.emit(end, out)?;
         }
-        out.emit_watermark(t);
+        let held = self.windows.values().map(|w| w.start).min();
+        let forward = held.map_or(horizon, |s| s.min(horizon));
+        if forward > self.forwarded {
+            self.forwarded = forward;
+            out.emit_watermark(EventTime(forward));
+        }
         Ok(())
     }
 
@@ -323,7 +351,9 @@ mod tests {
                 col("k", &schema).unwrap(),
                 col("window_end", &schema).unwrap(),
             ],
+            window_start: 1,
             window_end: 1,
+            lateness: Lateness::default(),
             aggregates: vec![Arc::new(sum)],
             schema: output,
         };
