@@ -60,7 +60,7 @@ impl AdHoc {
             .build_arc()
             .expect("a runtime environment with default settings builds");
         let ctx = SessionContext::new_with_config_rt(config, runtime);
-        ctx.register_relation_planner(Arc::new(sluice_sql::window::WindowTablePlanner))
+        ctx.register_relation_planner(Arc::new(sluice_sql::window::WindowTablePlanner::default()))
             .expect("registering a relation planner on a new context cannot fail");
         ctx.register_object_store(lake.store_url(), lake.store());
         Self { ctx, lake }

@@ -38,14 +38,14 @@ use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 use sluice_connectors::lake::LakeWriterConfig;
 use sluice_engine::operators::{
-    Dedup, DedupKeep, DedupSpec, Filter, LatePolicy, Lateness, Projection, WindowAggregate,
-    WindowAggregateSpec,
+    Dedup, DedupKeep, DedupSpec, Filter, LatePolicy, Lateness, Projection, SessionAggregate,
+    WindowAggregate, WindowAggregateSpec,
 };
 use sluice_engine::{Operator, WithOptions};
 
 use crate::error::{Result, SqlError};
 use crate::parser::{CreateStream, ObjectKind};
-use crate::window::{WINDOW_END, WINDOW_START, WindowTablePlanner};
+use crate::window::{WINDOW_END, WINDOW_START, WindowKind, WindowTablePlanner};
 
 /// What the planner needs to know of a relation a stream may read.
 #[derive(Debug, Clone)]
@@ -80,6 +80,15 @@ pub enum OpSpec {
         /// The schema of its input.
         input: SchemaRef,
     },
+    /// Aggregate per session window (after the branches merge).
+    SessionAggregate {
+        /// What to compute (as for tumbling windows; rows carry their one-row sessions).
+        spec: WindowAggregateSpec,
+        /// The session gap, µs.
+        gap: i64,
+        /// The schema of its input.
+        input: SchemaRef,
+    },
     /// Keep one row per key (after the branches merge).
     Dedup {
         /// What to keep.
@@ -100,6 +109,12 @@ impl OpSpec {
             OpSpec::WindowAggregate { spec, input } => {
                 Box::new(WindowAggregate::try_new(spec.clone(), input, origin)?)
             }
+            OpSpec::SessionAggregate { spec, gap, input } => Box::new(SessionAggregate::try_new(
+                spec.clone(),
+                *gap,
+                input,
+                origin,
+            )?),
             OpSpec::Dedup { spec, input } => Box::new(Dedup::try_new(spec.clone(), input, origin)?),
         })
     }
@@ -132,6 +147,27 @@ impl OpSpec {
                     .collect();
                 format!(
                     "window_aggregate(group by [{}]; {}{})",
+                    groups.join(", "),
+                    aggs.join(", "),
+                    describe_lateness(&spec.lateness)
+                )
+            }
+            OpSpec::SessionAggregate { spec, gap, .. } => {
+                let groups: Vec<String> = spec
+                    .group_exprs
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != spec.window_start && *i != spec.window_end)
+                    .map(|(_, e)| e.to_string())
+                    .collect();
+                let aggs: Vec<String> = spec
+                    .aggregates
+                    .iter()
+                    .map(|a| a.name().to_string())
+                    .collect();
+                format!(
+                    "session_aggregate(gap {:?}; key [{}]; {}{})",
+                    std::time::Duration::from_micros(*gap as u64),
                     groups.join(", "),
                     aggs.join(", "),
                     describe_lateness(&spec.lateness)
@@ -175,6 +211,32 @@ struct StatefulOptions {
     lateness: Lateness,
     /// `dedup_ttl`, µs.
     dedup_ttl: i64,
+    /// The gap of the query's `SESSION` window, µs, if it has one.
+    session_gap: Option<i64>,
+}
+
+/// The gap of the `SESSION` window among `used`, if any; refuses a session mixed with other
+/// windows (which window would a `GROUP BY window_start, window_end` mean?).
+fn session_gap(used: &[WindowKind]) -> Result<Option<i64>> {
+    let mut gaps = used.iter().filter_map(|w| match w {
+        WindowKind::Session { gap_micros } => Some(*gap_micros),
+        _ => None,
+    });
+    let Some(gap) = gaps.next() else {
+        return Ok(None);
+    };
+    if gaps.any(|g| g != gap)
+        || used
+            .iter()
+            .any(|w| !matches!(w, WindowKind::Session { .. }))
+    {
+        return Err(SqlError::NotSupported(
+            "a SESSION window cannot be combined with other windows in one stream yet: \
+             chain two streams instead"
+                .into(),
+        ));
+    }
+    Ok(Some(gap))
 }
 
 /// One input of a stream and its operators.
@@ -305,7 +367,8 @@ pub async fn plan_stream(
     let ctx = SessionContext::new();
     // DISTINCT and DISTINCT ON stay as they are (a dedup), not rewritten into aggregates.
     ctx.remove_optimizer_rule("replace_distinct_aggregate");
-    ctx.register_relation_planner(Arc::new(WindowTablePlanner))?;
+    let (window_planner, windows_used) = WindowTablePlanner::streaming();
+    ctx.register_relation_planner(Arc::new(window_planner))?;
     for (name, rel) in relations {
         ctx.register_table(
             TableReference::bare(name.as_str()),
@@ -319,6 +382,11 @@ pub async fn plan_stream(
         ))))
         .await?;
     let plan = state.optimize(&plan)?;
+    let windows_used = windows_used
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    stateful.session_gap = session_gap(&windows_used)?;
     let props = ExecutionProps::new();
     let Translated {
         branches,
@@ -327,6 +395,13 @@ pub async fn plan_stream(
         post_event_time,
     } = translate_stream(&plan, relations, &props, &stateful)?;
     let has = |f: fn(&OpSpec) -> bool| post.iter().any(f);
+    if stateful.session_gap.is_some() && !has(|o| matches!(o, OpSpec::SessionAggregate { .. })) {
+        return Err(SqlError::NotSupported(
+            "a SESSION window must be aggregated: GROUP BY <keys>, window_start, window_end \
+             (a session's bounds are only known once it closes)"
+                .into(),
+        ));
+    }
     if dedup_ttl_given && !has(|o| matches!(o, OpSpec::Dedup { .. })) {
         return Err(SqlError::InvalidOption(format!(
             "{owner}: option `dedup_ttl` applies to streams that deduplicate \
@@ -413,7 +488,7 @@ fn translate_stream(
             let input: SchemaRef = Arc::new(agg.input.schema().as_arrow().clone());
             let spec = window_aggregate(agg, props, opts).ok_or_else(|| {
                 SqlError::NotSupported(format!(
-                    "streaming {} is not supported yet: group by a window (window_start, window_end of TUMBLE or HOP)",
+                    "streaming {} is not supported yet: group by a window (window_start, window_end of TUMBLE, HOP or SESSION)",
                     describe_node(plan)
                 ))
             })??;
@@ -421,12 +496,20 @@ fn translate_stream(
             // input, an unbounded input would never emit and its state would only grow.
             needs_event_time(&branches, relations, "windowed aggregation")?;
             let post_event_time = agg.schema.as_arrow().index_of(WINDOW_START).ok();
-            Ok(Translated {
-                branches,
-                post: vec![OpSpec::WindowAggregate {
+            let op = match opts.session_gap {
+                Some(gap) => OpSpec::SessionAggregate {
+                    spec,
+                    gap,
+                    input: Arc::clone(&input),
+                },
+                None => OpSpec::WindowAggregate {
                     spec,
                     input: Arc::clone(&input),
-                }],
+                },
+            };
+            Ok(Translated {
+                branches,
+                post: vec![op],
                 merge_schema: Some(input),
                 post_event_time,
             })
@@ -888,7 +971,7 @@ fn describe_node(plan: &LogicalPlan) -> &'static str {
             "windowed aggregation (GROUP BY window_start, window_end)"
         }
         LogicalPlan::Aggregate(_) => {
-            "aggregation (GROUP BY, DISTINCT or an aggregate function) without a window"
+            "aggregation (GROUP BY or an aggregate function) without a window"
         }
         LogicalPlan::Join(_) => "JOIN",
         LogicalPlan::Sort(_) => "ORDER BY",

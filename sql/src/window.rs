@@ -26,9 +26,15 @@
 //! many such projections (window `i` starts at `date_bin(slide, t) - i × slide`); the runtime
 //! feeds all of them from one reader of the input.
 //!
-//! Not yet: `SESSION` (windows that merge) and windowed aggregation itself.
+//! `SESSION(relation, time_column, INTERVAL '<gap>')` (streams only): sessions are per group
+//! key, so they cannot be a projection. Each row gets its own one-row session,
+//! `window_start` = its event time and `window_end` = event time + gap, and the planner
+//! records the gap ([`WindowTablePlanner::streaming`]); the stream planner then runs the
+//! `GROUP BY …, window_start, window_end` as a session aggregation, which merges the
+//! overlapping sessions of each key. Ad hoc, where no such operator runs, `SESSION` is
+//! refused. `CUMULATE` is not supported yet.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::{DFSchema, ScalarValue};
@@ -178,9 +184,46 @@ pub const WINDOW_START: &str = "window_start";
 /// The output column holding a window's end (exclusive).
 pub const WINDOW_END: &str = "window_end";
 
-/// Plans `TUMBLE(…)` in `FROM`. Register it on every session that plans Sluice SQL.
+/// A window table function a statement used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    /// `TUMBLE`.
+    Tumble,
+    /// `HOP`.
+    Hop,
+    /// `SESSION` with this gap, in microseconds.
+    Session {
+        /// The gap that ends a session.
+        gap_micros: i64,
+    },
+}
+
+/// Plans `TUMBLE(…)`, `HOP(…)` and (for streams) `SESSION(…)` in `FROM`. Register it on every
+/// session that plans Sluice SQL.
 #[derive(Debug, Default)]
-pub struct WindowTablePlanner;
+pub struct WindowTablePlanner {
+    /// Where the windows used are recorded; `None` for ad-hoc queries (no `SESSION`).
+    used: Option<Arc<Mutex<Vec<WindowKind>>>>,
+}
+
+impl WindowTablePlanner {
+    /// A planner for stream queries, and the list it records the windows used in.
+    pub fn streaming() -> (Self, Arc<Mutex<Vec<WindowKind>>>) {
+        let used = Arc::new(Mutex::new(Vec::new()));
+        (
+            Self {
+                used: Some(Arc::clone(&used)),
+            },
+            used,
+        )
+    }
+
+    fn record(&self, kind: WindowKind) {
+        if let Some(used) = &self.used {
+            used.lock().unwrap_or_else(|e| e.into_inner()).push(kind);
+        }
+    }
+}
 
 impl RelationPlanner for WindowTablePlanner {
     fn plan_relation(
@@ -201,7 +244,15 @@ impl RelationPlanner for WindowTablePlanner {
         let usage = match function.as_str() {
             "tumble" => "TUMBLE(relation, time_column, INTERVAL '<size>')",
             "hop" => "HOP(relation, time_column, INTERVAL '<slide>', INTERVAL '<size>')",
-            "session" | "cumulate" => {
+            "session" if self.used.is_some() => "SESSION(relation, time_column, INTERVAL '<gap>')",
+            "session" => {
+                return Err(DataFusionError::NotImplemented(
+                    "SESSION windows are computed by streams (sessions form per GROUP BY key as \
+                     rows arrive); create a stream with the session aggregation and query it"
+                        .into(),
+                ));
+            }
+            "cumulate" => {
                 return Err(DataFusionError::NotImplemented(format!(
                     "the {} window is not supported yet (TUMBLE and HOP are)",
                     function.to_uppercase()
@@ -223,6 +274,7 @@ impl RelationPlanner for WindowTablePlanner {
         let (input_expr, time, slide, size) = match (function.as_str(), exprs.as_slice()) {
             ("tumble", [input, SqlExpr::Identifier(time), size]) => (input, time, size, size),
             ("hop", [input, SqlExpr::Identifier(time), slide, size]) => (input, time, slide, size),
+            ("session", [input, SqlExpr::Identifier(time), gap]) => (input, time, gap, gap),
             _ => {
                 return Err(DataFusionError::Plan(format!(
                     "expected {usage}, got {name}({})",
@@ -266,6 +318,37 @@ impl RelationPlanner for WindowTablePlanner {
                 time_field.data_type()
             )));
         }
+        // An input that is itself windowed (windows over windows) gets the new window's
+        // columns in place of its own.
+        let columns: Vec<Expr> = input
+            .schema()
+            .columns()
+            .into_iter()
+            .filter(|c| c.name != WINDOW_START && c.name != WINDOW_END)
+            .map(Expr::Column)
+            .collect();
+        let micros_utc = DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from("UTC")));
+        if function == "session" {
+            let gap_nanos = interval_nanos(context, &name, "gap", size)?;
+            self.record(WindowKind::Session {
+                gap_micros: gap_nanos / 1000,
+            });
+            // Each row's own session; the session aggregation merges them.
+            let start = cast(col(time_column.as_str()), micros_utc);
+            let mut exprs = columns;
+            exprs.push(start.clone().alias(WINDOW_START));
+            exprs.push((start + interval(gap_nanos)).alias(WINDOW_END));
+            let plan = LogicalPlanBuilder::from(input).project(exprs)?.build()?;
+            return Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(
+                plan,
+                alias.clone(),
+            ))));
+        }
+        self.record(if function == "hop" {
+            WindowKind::Hop
+        } else {
+            WindowKind::Tumble
+        });
         let size_nanos = interval_nanos(context, &name, "window size", size)?;
         let slide_nanos = interval_nanos(context, &name, "slide", slide)?;
         if size_nanos % slide_nanos != 0 {
@@ -287,17 +370,8 @@ impl RelationPlanner for WindowTablePlanner {
         ));
         let latest_start = cast(
             date_bin(interval(slide_nanos), col(time_column.as_str()), origin),
-            DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from("UTC"))),
+            micros_utc,
         );
-        // An input that is itself windowed (windows over windows) gets the new window's
-        // columns in place of its own.
-        let columns: Vec<Expr> = input
-            .schema()
-            .columns()
-            .into_iter()
-            .filter(|c| c.name != WINDOW_START && c.name != WINDOW_END)
-            .map(Expr::Column)
-            .collect();
         // A row at time t is in the windows starting at bin(t) - i·slide, i = 0 … size/slide - 1:
         // one projection each, unioned (a TUMBLE is the case size = slide).
         let mut plan: Option<LogicalPlanBuilder> = None;

@@ -1,5 +1,6 @@
 //! Operators: stateless ones evaluate DataFusion physical expressions on whole batches;
-//! [`WindowAggregate`] keeps DataFusion accumulators per event-time window; [`Dedup`] keeps
+//! [`WindowAggregate`] keeps DataFusion accumulators per event-time window and
+//! [`SessionAggregate`] the rows of each open session; [`Dedup`] keeps
 //! the keys it has seen, expiring them by event time.
 //!
 //! Stateful operators share one notion of lateness ([`Lateness`]): with watermark `w` and
@@ -16,11 +17,13 @@
 mod dedup;
 mod filter;
 mod projection;
+mod session_aggregate;
 mod window_aggregate;
 
 pub use dedup::{Dedup, DedupKeep, DedupSpec};
 pub use filter::Filter;
 pub use projection::Projection;
+pub use session_aggregate::SessionAggregate;
 pub use window_aggregate::{WindowAggregate, WindowAggregateSpec};
 
 use arrow::record_batch::RecordBatch;

@@ -107,21 +107,7 @@ impl WindowAggregate {
     }
 
     fn new_window(&self, start: i64) -> Result<Window> {
-        let accumulators = self
-            .spec
-            .aggregates
-            .iter()
-            .map(|a| -> Result<Box<dyn GroupsAccumulator>> {
-                if a.groups_accumulator_supported() {
-                    Ok(a.create_groups_accumulator()?)
-                } else {
-                    let a = Arc::clone(a);
-                    Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
-                        a.create_accumulator()
-                    })))
-                }
-            })
-            .collect::<Result<_>>()?;
+        let accumulators = create_accumulators(&self.spec.aggregates)?;
         Ok(Window {
             start,
             index: HashMap::default(),
@@ -144,6 +130,26 @@ impl WindowAggregate {
         )?);
         Ok(())
     }
+}
+
+/// One fresh groups accumulator per aggregate: DataFusion's own where the aggregate has one,
+/// an adapter over its plain accumulator otherwise.
+pub(crate) fn create_accumulators(
+    aggregates: &[Arc<AggregateFunctionExpr>],
+) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
+    aggregates
+        .iter()
+        .map(|a| -> Result<Box<dyn GroupsAccumulator>> {
+            if a.groups_accumulator_supported() {
+                Ok(a.create_groups_accumulator()?)
+            } else {
+                let a = Arc::clone(a);
+                Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
+                    a.create_accumulator()
+                })))
+            }
+        })
+        .collect()
 }
 
 impl Operator for WindowAggregate {
