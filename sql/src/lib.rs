@@ -7,7 +7,7 @@
 //!   watermark, connector configuration.
 //! - [`planner`] turns the query of a `CREATE STREAM` into a [`StreamPlan`]: DataFusion plans
 //!   and optimises it, and each logical node becomes an operator spec of the runtime.
-//! - [`window`] plans window table functions (`TUMBLE`) in `FROM`.
+//! - [`window`] plans window table functions (`TUMBLE`, `HOP`, `SESSION`) in `FROM`.
 
 pub mod error;
 pub mod parser;

@@ -1,0 +1,301 @@
+//! Differential tests of the stateful operators, the acceptance test of event-time
+//! processing: each stream query is planned by Sluice's planner and run by its operators over
+//! random events — out of order, cut into batches at random, under a random watermark delay,
+//! some of them late — and what the stream emits must equal what DataFusion returns for the
+//! same query in batch over the events that were on time.
+//!
+//! Every event carries `arrival_wm`, the watermark in force when its batch arrived, so the
+//! batch reference can say which events (or, for windows, which of an event's windows) were
+//! on time by the operators' own rule: a window is late once the watermark (minus allowed
+//! lateness) reached its end; a session or dedup row once the watermark passed its event time.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use proptest::prelude::*;
+use sluice_engine::{Collector, EventTime, Message, OperatorChain};
+use sluice_sql::parser::SluiceStatement;
+use sluice_sql::window::WindowTablePlanner;
+use sluice_sql::{ObjectKind, Relation, parse_sql, plan_stream};
+
+/// 2024-01-01T00:00:00Z, µs.
+const T0: i64 = 1_704_067_200_000_000;
+/// `arrival_wm` before the first watermark.
+const NO_WATERMARK: i64 = T0 - 86_400_000_000;
+
+/// Event times, disorder and watermark delays are multiples of this (500 ms), so that
+/// boundaries are hit exactly: rows at a window's end, gaps equal to the session gap, ties
+/// in event time, windows ending exactly at the watermark.
+const STEP: i64 = 500_000;
+
+/// One generated event: key, value, dedup id, event time (steps after T0), and how far
+/// (steps) behind its event time it may arrive.
+type Generated = (i64, Option<i64>, i64, i64, i64);
+
+fn schema() -> SchemaRef {
+    let ts = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Int64, false),
+        Field::new("v", DataType::Int64, true),
+        Field::new("id", DataType::Int64, false),
+        Field::new("seq", DataType::Int64, false),
+        Field::new("arrival_wm", ts(), false),
+        Field::new("ts", ts(), false),
+    ]))
+}
+
+/// An input in arrival order, cut into batches, with the watermark after each batch.
+struct Input {
+    batches: Vec<RecordBatch>,
+    watermarks: Vec<i64>,
+}
+
+/// Orders the events by arrival, cuts them at `cuts`, and computes watermarks as the
+/// sources do: after each batch, the largest event time seen minus `delay`.
+fn arrange(events: &[Generated], cuts: &[bool], delay: i64) -> Input {
+    let mut rows: Vec<(i64, i64, Option<i64>, i64, i64)> = events
+        .iter()
+        .map(|&(k, v, id, step, disorder)| {
+            let ts = T0 + step * STEP;
+            (ts + disorder * STEP, k, v, id, ts)
+        })
+        .collect();
+    // A stable sort: events due at the same moment arrive in generation order.
+    rows.sort_by_key(|r| r.0);
+    let mut input = Input {
+        batches: vec![],
+        watermarks: vec![],
+    };
+    let (mut wm, mut max_ts) = (NO_WATERMARK, i64::MIN);
+    let mut start = 0;
+    for end in 1..=rows.len() {
+        if end < rows.len() && !cuts[end % cuts.len()] {
+            continue;
+        }
+        let chunk = &rows[start..end];
+        let ts = |f: &dyn Fn(usize) -> i64| -> ArrayRef {
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values((0..chunk.len()).map(f))
+                    .with_timezone("UTC"),
+            )
+        };
+        let batch = RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(chunk.iter().map(|r| r.1))),
+                Arc::new(Int64Array::from_iter(chunk.iter().map(|r| r.2))),
+                Arc::new(Int64Array::from_iter_values(chunk.iter().map(|r| r.3))),
+                Arc::new(Int64Array::from_iter_values(start as i64..end as i64)),
+                ts(&|_| wm),
+                ts(&|i| chunk[i].4),
+            ],
+        )
+        .unwrap();
+        max_ts = chunk.iter().map(|r| r.4).fold(max_ts, i64::max);
+        wm = wm.max(max_ts - delay);
+        input.batches.push(batch);
+        input.watermarks.push(wm);
+        start = end;
+    }
+    input
+}
+
+fn relations() -> BTreeMap<String, Relation> {
+    BTreeMap::from([(
+        "events".to_string(),
+        Relation {
+            kind: ObjectKind::Source,
+            schema: schema(),
+            event_time_column: Some("ts".into()),
+        },
+    )])
+}
+
+/// Runs `sql` (a `CREATE STREAM`) over `input` with Sluice's planner and operators, as the
+/// stream task does: every branch sees every message; the post-merge chain sees the merged
+/// rows and the watermark; `End` flushes. Returns the emitted rows.
+async fn run_stream(sql: &str, input: &Input) -> Vec<String> {
+    let stmt = match parse_sql(sql).unwrap().pop().unwrap() {
+        SluiceStatement::CreateStream(c) => c,
+        other => panic!("not a CREATE STREAM: {other:?}"),
+    };
+    let plan = plan_stream(&stmt, &relations()).await.unwrap();
+    let chain = |ops: &[sluice_sql::OpSpec]| {
+        OperatorChain::new(ops.iter().map(|o| o.instantiate("test").unwrap()).collect())
+    };
+    let mut branches: Vec<OperatorChain> = plan.branches.iter().map(|b| chain(&b.ops)).collect();
+    let mut post = chain(&plan.post);
+    let mut emitted = vec![];
+    let mut run_post = |msg: Message, emitted: &mut Vec<RecordBatch>| {
+        let mut out = Collector::default();
+        post.process(msg, &mut out).unwrap();
+        for m in out.take_messages() {
+            if let Message::Data(b) = m {
+                emitted.push(b);
+            }
+        }
+    };
+    for (batch, wm) in input.batches.iter().zip(&input.watermarks) {
+        for branch in &mut branches {
+            let mut out = Collector::default();
+            branch
+                .process(Message::Data(batch.clone()), &mut out)
+                .unwrap();
+            for m in out.take_messages() {
+                if let Message::Data(b) = m {
+                    let b =
+                        RecordBatch::try_new(Arc::clone(&plan.merge_schema), b.columns().to_vec())
+                            .unwrap();
+                    run_post(Message::Data(b), &mut emitted);
+                }
+            }
+        }
+        run_post(Message::Watermark(EventTime(*wm)), &mut emitted);
+    }
+    run_post(Message::End, &mut emitted);
+    rows(&emitted)
+}
+
+/// DataFusion's batch answer to `sql` over every event of `input`.
+async fn run_batch(sql: &str, input: &Input) -> Vec<String> {
+    let ctx = SessionContext::new();
+    ctx.register_relation_planner(Arc::new(WindowTablePlanner::default()))
+        .unwrap();
+    let table = MemTable::try_new(schema(), vec![input.batches.clone()]).unwrap();
+    ctx.register_table("events", Arc::new(table)).unwrap();
+    // Through Sluice's parser, which resolves the window functions' table arguments.
+    let stmt = match parse_sql(sql).unwrap().pop().unwrap() {
+        SluiceStatement::Other(stmt) => *stmt,
+        other => panic!("not a query: {other:?}"),
+    };
+    let plan = ctx.state().statement_to_plan(stmt).await.unwrap();
+    let batches = ctx
+        .execute_logical_plan(plan)
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    rows(&batches)
+}
+
+/// Every row as text, sorted.
+fn rows(batches: &[RecordBatch]) -> Vec<String> {
+    let options = FormatOptions::default().with_null("NULL");
+    let mut out = vec![];
+    for b in batches {
+        let fmt: Vec<_> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).unwrap())
+            .collect();
+        for i in 0..b.num_rows() {
+            let cells: Vec<String> = fmt.iter().map(|f| f.value(i).to_string()).collect();
+            out.push(cells.join(" | "));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// (stream query, batch reference over the on-time events).
+const CASES: &[(&str, &str)] = &[
+    (
+        "CREATE STREAM s AS
+         SELECT k, window_start, window_end, count(*) AS n, sum(v) AS total, min(v) AS lo,
+                max(v) AS hi, count(DISTINCT v) AS distinct_v, round(avg(v), 6) AS mean
+         FROM TUMBLE(events, ts, INTERVAL '10 seconds') GROUP BY k, window_start, window_end",
+        "SELECT k, window_start, window_end, count(*), sum(v), min(v), max(v), count(DISTINCT v),
+                round(avg(v), 6)
+         FROM TUMBLE(events, ts, INTERVAL '10 seconds') WHERE window_end > arrival_wm
+         GROUP BY k, window_start, window_end",
+    ),
+    (
+        "CREATE STREAM s WITH (allowed_lateness = '3 seconds') AS
+         SELECT k, window_start, window_end, count(*) AS n, sum(v) AS total
+         FROM TUMBLE(events, ts, INTERVAL '10 seconds') GROUP BY k, window_start, window_end",
+        "SELECT k, window_start, window_end, count(*), sum(v)
+         FROM TUMBLE(events, ts, INTERVAL '10 seconds')
+         WHERE window_end > arrival_wm - INTERVAL '3 seconds'
+         GROUP BY k, window_start, window_end",
+    ),
+    (
+        "CREATE STREAM s AS
+         SELECT k, window_start, window_end, count(*) AS n, max(v) AS hi, sum(v) AS total
+         FROM HOP(events, ts, INTERVAL '5 seconds', INTERVAL '15 seconds')
+         GROUP BY k, window_start, window_end HAVING count(*) > 1",
+        "SELECT k, window_start, window_end, count(*), max(v), sum(v)
+         FROM HOP(events, ts, INTERVAL '5 seconds', INTERVAL '15 seconds')
+         WHERE window_end > arrival_wm
+         GROUP BY k, window_start, window_end HAVING count(*) > 1",
+    ),
+    (
+        "CREATE STREAM s AS
+         SELECT k, window_start, window_end, count(*) AS n, sum(v) AS total, max(v) AS hi
+         FROM SESSION(events, ts, INTERVAL '4 seconds') GROUP BY k, window_start, window_end",
+        "WITH on_time AS (SELECT * FROM events WHERE ts >= arrival_wm),
+         marked AS (
+             SELECT *, CASE WHEN lag(ts) OVER (PARTITION BY k ORDER BY ts) + INTERVAL '4 seconds' > ts
+                            THEN 0 ELSE 1 END AS starts_session
+             FROM on_time),
+         numbered AS (
+             SELECT *, sum(starts_session) OVER (PARTITION BY k ORDER BY ts ROWS UNBOUNDED PRECEDING) AS session
+             FROM marked)
+         SELECT k, min(ts), max(ts) + INTERVAL '4 seconds', count(*), sum(v), max(v)
+         FROM numbered GROUP BY k, session",
+    ),
+    (
+        "CREATE STREAM s WITH (dedup_ttl = '1 day') AS
+         SELECT id, k, v, ts FROM (
+             SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY ts) AS rn FROM events)
+         WHERE rn = 1",
+        "SELECT id, k, v, ts FROM (
+             SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY ts, seq) AS rn
+             FROM events WHERE ts >= arrival_wm)
+         WHERE rn = 1",
+    ),
+    (
+        // First arrival: with a day of dedup_ttl nothing here is too late to dedup.
+        "CREATE STREAM s WITH (dedup_ttl = '1 day') AS SELECT DISTINCT ON (id) id, k, v, ts FROM events",
+        "SELECT DISTINCT ON (id) id, k, v, ts FROM events ORDER BY id, seq",
+    ),
+];
+
+fn events() -> impl Strategy<Value = Vec<Generated>> {
+    prop::collection::vec(
+        (
+            0i64..4,
+            prop::option::weighted(0.9, 0i64..50),
+            0i64..40,
+            0i64..180,
+            prop_oneof![3 => Just(0i64), 2 => 0i64..24],
+        ),
+        1..160,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn streamed_results_equal_the_batch_answer_over_on_time_events(
+        events in events(),
+        cuts in prop::collection::vec(prop::bool::weighted(0.2), 1..32),
+        delay in 0i64..16,
+    ) {
+        let input = arrange(&events, &cuts, delay * STEP);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        for (stream, batch) in CASES {
+            let (streamed, expected) = runtime.block_on(async {
+                (run_stream(stream, &input).await, run_batch(batch, &input).await)
+            });
+            prop_assert_eq!(streamed, expected, "{}", stream);
+        }
+    }
+}
