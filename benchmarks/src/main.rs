@@ -27,7 +27,7 @@ use sluice_connectors::lake::{Lake, LakeWriterConfig, ParquetLakeWriter};
 use sluice_connectors::registry::SourceConfig;
 use sluice_engine::pipeline::{Branch, StreamTask};
 use sluice_engine::sink::run_sink;
-use sluice_engine::{FanOut, Message, OperatorChain, Sink, SourceContext};
+use sluice_engine::{FanOut, HashRouter, Message, OperatorChain, Sink, SourceContext};
 use sluice_sql::parser::SluiceStatement;
 use sluice_sql::{ObjectKind, Relation, parse_sql, plan_stream, source_def};
 use tokio_util::sync::CancellationToken;
@@ -44,6 +44,9 @@ struct Args {
     /// Tokio worker threads (cores used).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Subtasks of the stateful operator (tumble, hop): rows are routed among them by key.
+    #[arg(long, default_value_t = 1)]
+    parallelism: usize,
     /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop.
     #[arg(long, default_value = "source,discard,lake,bids,tumble,hop")]
     pipelines: String,
@@ -204,7 +207,11 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
             branches,
             output: out,
             output_schema: Arc::clone(&plan.merge_schema),
-            post: chain(&plan.post)?,
+            post: (0..args.parallelism.max(1))
+                .map(|_| chain(&plan.post))
+                .collect::<anyhow::Result<_>>()?,
+            router: (args.parallelism > 1 && !plan.partition_keys.is_empty())
+                .then(|| HashRouter::new(plan.partition_keys.clone(), args.parallelism)),
             event_time_column: plan
                 .event_time_column
                 .as_ref()

@@ -10,6 +10,16 @@
 //! A stream that reads one table has one branch; `UNION ALL` of N selects has N. Every
 //! branch's output has the stream's output schema (DataFusion's plan guarantees the column
 //! types; the merge stamps the stream's field names on each batch).
+//!
+//! A stateful post chain can run as N parallel subtasks, each in its own task:
+//!
+//! ```text
+//!  merge ─► HashRouter ─┬─► post chain 0 ─┐
+//!  (rows by key,        ├─► post chain 1 ─┼─► merger (watermark = min over subtasks) ─► FanOut
+//!   watermarks to all)  └─► …             ┘
+//! ```
+//!
+//! A key's rows all go to one subtask, in order, so per-key order is kept end to end.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,11 +31,13 @@ use arrow::record_batch::RecordBatch;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::Result;
+use crate::DEFAULT_CHANNEL_CAPACITY;
+use crate::error::{EngineError, Result};
 use crate::fanout::{FanOut, Subscription};
 use crate::message::{BadRecord, Message};
 use crate::metrics::Metrics;
 use crate::operator::{Collector, OperatorChain};
+use crate::router::HashRouter;
 use crate::time::EventTime;
 
 /// One input of a stream and the operators its rows go through.
@@ -48,9 +60,13 @@ pub struct StreamTask {
     pub output: FanOut,
     /// The schema of every batch the branches produce (stamped on them at the merge).
     pub output_schema: SchemaRef,
-    /// Operators after the merge: stateful ones (window aggregation), which must see the rows
-    /// of every branch and the merged watermark. Often empty.
-    pub post: OperatorChain,
+    /// Operators after the merge: stateful ones (window aggregation, dedup), which must see
+    /// the rows of every branch and the merged watermark, and what follows them. One chain
+    /// per subtask: with more than one (and a `router`), each runs in its own task and gets
+    /// the rows of its keys; watermarks and barriers go to all of them. Often one empty chain.
+    pub post: Vec<OperatorChain>,
+    /// Routes merged rows among the `post` chains by key, when there are several.
+    pub router: Option<HashRouter>,
     /// Index of the output's event-time column, if it has one.
     pub event_time_column: Option<usize>,
     /// Its counters.
@@ -61,16 +77,236 @@ pub struct StreamTask {
     pub cancel: CancellationToken,
 }
 
+/// Hands a stream's results and rejected rows on, counting them.
+#[derive(Debug, Clone)]
+struct Delivery {
+    output: FanOut,
+    metrics: Arc<Metrics>,
+    event_time_column: Option<usize>,
+    bad_records: mpsc::Sender<Vec<BadRecord>>,
+}
+
+impl Delivery {
+    /// Counts what the operators counted and rejected, and hands the rejected rows to the
+    /// errors-zone writer.
+    async fn rejected(&self, out: &mut Collector) {
+        self.metrics.add_operator_counts(out.take_counts());
+        let rejected = out.take_rejected();
+        if !rejected.is_empty() {
+            self.metrics.add_bad_records(rejected.len());
+            // The errors-zone writer only goes away at shutdown; losing its channel then is
+            // not an error of this stream.
+            let _ = self.bad_records.send(rejected).await;
+        }
+    }
+
+    /// Sends one result message downstream (`End` is the task's to send, once).
+    async fn deliver(&self, m: Message) {
+        match m {
+            Message::Data(batch) => {
+                self.metrics.add_rows_out(batch.num_rows());
+                self.observe_event_time(&batch);
+                self.output.send(Message::Data(batch)).await;
+            }
+            Message::End => {}
+            other => {
+                self.output.send(other).await;
+            }
+        }
+    }
+
+    fn observe_event_time(&self, batch: &RecordBatch) {
+        let Some(col) = self.event_time_column else {
+            return;
+        };
+        if let Some(ts) = batch
+            .column(col)
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            && let Some(max) = arrow::compute::max(ts)
+        {
+            self.metrics.observe_event_time(EventTime(max));
+        }
+    }
+}
+
+/// Where merged messages go: the one post chain, run in the merging task, or the inputs of
+/// the parallel subtasks.
+enum Stage {
+    Inline(OperatorChain),
+    Parallel {
+        router: HashRouter,
+        inputs: Vec<mpsc::Sender<Message>>,
+    },
+}
+
+/// The merging half of a running [`StreamTask`].
+struct Merge {
+    branches: Vec<Branch>,
+    output_schema: SchemaRef,
+    delivery: Delivery,
+    stage: Stage,
+    cancel: CancellationToken,
+}
+
 impl StreamTask {
     /// Runs until every input ends or the task is cancelled; always finishes by sending
     /// `End` downstream.
-    pub async fn run(mut self) -> Result<()> {
-        let result = self.run_inner().await;
-        self.output.send(Message::End).await;
+    pub async fn run(self) -> Result<()> {
+        let StreamTask {
+            name,
+            branches,
+            output,
+            output_schema,
+            post,
+            router,
+            event_time_column,
+            metrics,
+            bad_records,
+            cancel,
+        } = self;
+        let delivery = Delivery {
+            output: output.clone(),
+            metrics,
+            event_time_column,
+            bad_records,
+        };
+        let mut workers = vec![];
+        let stage = match router {
+            Some(router) if post.len() > 1 => {
+                let (merged_tx, merged_rx): (Vec<_>, Vec<_>) = (0..post.len())
+                    .map(|_| mpsc::channel(DEFAULT_CHANNEL_CAPACITY))
+                    .unzip();
+                let mut inputs = vec![];
+                for (chain, merged) in post.into_iter().zip(merged_tx) {
+                    let (tx, rx) = mpsc::channel(DEFAULT_CHANNEL_CAPACITY);
+                    inputs.push(tx);
+                    workers.push(tokio::spawn(run_subtask(
+                        chain,
+                        rx,
+                        merged,
+                        delivery.clone(),
+                    )));
+                }
+                workers.push(tokio::spawn(merge_subtasks(merged_rx, delivery.clone())));
+                Stage::Parallel { router, inputs }
+            }
+            _ => Stage::Inline(post.into_iter().next().unwrap_or_default()),
+        };
+        let mut merge = Merge {
+            branches,
+            output_schema,
+            delivery,
+            stage,
+            cancel,
+        };
+        let mut result = merge.run().await;
+        // Closing the subtasks' inputs ends them (after `End`, or at once when cancelled).
+        drop(merge);
+        for w in workers {
+            let r = w.await.unwrap_or_else(|e| {
+                Err(EngineError::Internal(format!(
+                    "stream `{name}` subtask: {e}"
+                )))
+            });
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        output.send(Message::End).await;
         result
     }
+}
 
-    async fn run_inner(&mut self) -> Result<()> {
+/// One parallel subtask: its post chain over the rows routed to it.
+async fn run_subtask(
+    mut chain: OperatorChain,
+    mut input: mpsc::Receiver<Message>,
+    merged: mpsc::Sender<Message>,
+    delivery: Delivery,
+) -> Result<()> {
+    while let Some(msg) = input.recv().await {
+        let end = matches!(msg, Message::End);
+        let mut out = Collector::default();
+        chain.process(msg, &mut out)?;
+        delivery.rejected(&mut out).await;
+        for m in out.take_messages() {
+            if merged.send(m).await.is_err() {
+                return Ok(()); // the merger is gone: the stream is shutting down
+            }
+        }
+        if end {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Merges the subtasks' outputs: rows as they come, the minimum watermark, barriers once
+/// every subtask passed them.
+async fn merge_subtasks(
+    mut inputs: Vec<mpsc::Receiver<Message>>,
+    delivery: Delivery,
+) -> Result<()> {
+    let n = inputs.len();
+    let mut watermarks = vec![EventTime::MIN; n];
+    let mut ended = vec![false; n];
+    let mut emitted = EventTime::MIN;
+    let mut barriers: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut next = 0usize;
+    loop {
+        let received = std::future::poll_fn(|cx| {
+            for k in 0..n {
+                let i = (next + k) % n;
+                if ended[i] {
+                    continue;
+                }
+                if let Poll::Ready(m) = inputs[i].poll_recv(cx) {
+                    next = (i + 1) % n;
+                    return Poll::Ready(Some((i, m.unwrap_or(Message::End))));
+                }
+            }
+            if ended.iter().all(|e| *e) {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        let Some((i, msg)) = received else {
+            return Ok(());
+        };
+        match msg {
+            Message::Data(_) => delivery.deliver(msg).await,
+            Message::Watermark(t) => {
+                watermarks[i] = watermarks[i].max(t);
+                if let Some(wm) =
+                    advance_watermark(&delivery.metrics, &watermarks, &ended, &mut emitted)
+                {
+                    delivery.deliver(Message::Watermark(wm)).await;
+                }
+            }
+            Message::Barrier(b) => {
+                let seen = barriers.entry(b.epoch).or_default();
+                *seen += 1;
+                if *seen >= ended.iter().filter(|e| !**e).count() {
+                    barriers.remove(&b.epoch);
+                    delivery.deliver(Message::Barrier(b)).await;
+                }
+            }
+            Message::End => {
+                ended[i] = true;
+                if let Some(wm) =
+                    advance_watermark(&delivery.metrics, &watermarks, &ended, &mut emitted)
+                {
+                    delivery.deliver(Message::Watermark(wm)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Merge {
+    async fn run(&mut self) -> Result<()> {
         let n = self.branches.len();
         let mut watermarks = vec![EventTime::MIN; n];
         let mut ended = vec![false; n];
@@ -88,11 +324,11 @@ impl StreamTask {
             };
             let msg = msg.unwrap_or(Message::End);
             if let Message::Data(b) = &msg {
-                self.metrics.add_rows_in(b.num_rows());
+                self.delivery.metrics.add_rows_in(b.num_rows());
             }
             let mut out = Collector::default();
             self.branches[i].chain.process(msg, &mut out)?;
-            self.forward_rejected(&mut out).await;
+            self.delivery.rejected(&mut out).await;
             for m in out.take_messages() {
                 match m {
                     Message::Data(batch) => {
@@ -101,9 +337,12 @@ impl StreamTask {
                     }
                     Message::Watermark(t) => {
                         watermarks[i] = watermarks[i].max(t);
-                        if let Some(wm) =
-                            advance_watermark(&self.metrics, &watermarks, &ended, &mut emitted_wm)
-                        {
+                        if let Some(wm) = advance_watermark(
+                            &self.delivery.metrics,
+                            &watermarks,
+                            &ended,
+                            &mut emitted_wm,
+                        ) {
                             self.post_and_deliver(Message::Watermark(wm)).await?;
                         }
                     }
@@ -120,9 +359,12 @@ impl StreamTask {
                     }
                     Message::End => {
                         ended[i] = true;
-                        if let Some(wm) =
-                            advance_watermark(&self.metrics, &watermarks, &ended, &mut emitted_wm)
-                        {
+                        if let Some(wm) = advance_watermark(
+                            &self.delivery.metrics,
+                            &watermarks,
+                            &ended,
+                            &mut emitted_wm,
+                        ) {
                             self.post_and_deliver(Message::Watermark(wm)).await?;
                         }
                     }
@@ -147,52 +389,45 @@ impl StreamTask {
         )?)
     }
 
-    /// Counts the rows an operator rejected and hands them to the errors-zone writer.
-    async fn forward_rejected(&mut self, out: &mut Collector) {
-        self.metrics.add_operator_counts(out.take_counts());
-        let rejected = out.take_rejected();
-        if !rejected.is_empty() {
-            self.metrics.add_bad_records(rejected.len());
-            // The errors-zone writer only goes away at shutdown; losing its channel then is
-            // not an error of this stream.
-            let _ = self.bad_records.send(rejected).await;
-        }
-    }
-
-    /// Runs `msg` through the post-merge chain and delivers what comes out.
+    /// Runs `msg` through the post-merge stage and delivers what comes out.
     async fn post_and_deliver(&mut self, msg: Message) -> Result<()> {
-        let mut out = Collector::default();
-        self.post.process(msg, &mut out)?;
-        self.forward_rejected(&mut out).await;
-        for m in out.take_messages() {
-            match m {
-                Message::Data(batch) => {
-                    self.metrics.add_rows_out(batch.num_rows());
-                    self.observe_event_time(&batch);
-                    self.output.send(Message::Data(batch)).await;
+        match &mut self.stage {
+            Stage::Inline(chain) => {
+                let mut out = Collector::default();
+                chain.process(msg, &mut out)?;
+                self.delivery.rejected(&mut out).await;
+                for m in out.take_messages() {
+                    self.delivery.deliver(m).await;
                 }
-                // `run` sends the one `End`.
-                Message::End => {}
-                other => {
-                    self.output.send(other).await;
+            }
+            Stage::Parallel { router, inputs } => {
+                let sent = match msg {
+                    Message::Data(batch) => {
+                        let mut ok = true;
+                        for (part, tx) in router.split(&batch)?.into_iter().zip(inputs.iter()) {
+                            if let Some(part) = part {
+                                ok &= tx.send(Message::Data(part)).await.is_ok();
+                            }
+                        }
+                        ok
+                    }
+                    other => {
+                        let mut ok = true;
+                        for tx in inputs.iter() {
+                            ok &= tx.send(other.clone()).await.is_ok();
+                        }
+                        ok
+                    }
+                };
+                if !sent {
+                    // A subtask stopped early: its error is reported when it is joined.
+                    return Err(EngineError::Internal(
+                        "a subtask of the stream stopped".into(),
+                    ));
                 }
             }
         }
         Ok(())
-    }
-
-    fn observe_event_time(&self, batch: &RecordBatch) {
-        let Some(col) = self.event_time_column else {
-            return;
-        };
-        if let Some(ts) = batch
-            .column(col)
-            .as_any()
-            .downcast_ref::<TimestampMicrosecondArray>()
-            && let Some(max) = arrow::compute::max(ts)
-        {
-            self.metrics.observe_event_time(EventTime(max));
-        }
     }
 }
 
@@ -279,7 +514,8 @@ mod tests {
             ],
             output: out.clone(),
             output_schema: Arc::clone(&schema),
-            post: OperatorChain::default(),
+            post: vec![OperatorChain::default()],
+            router: None,
             event_time_column: None,
             metrics: Arc::default(),
             bad_records: bad_tx,
@@ -312,5 +548,77 @@ mod tests {
         assert_eq!(rows, 3);
         // 5 = min(10, 5); after `a` ended only `b` counts: 20.
         assert_eq!(wms, vec![5, 20]);
+    }
+
+    #[tokio::test]
+    async fn parallel_subtasks_keep_every_row_and_per_key_order() {
+        let input = FanOut::new("in");
+        let out = FanOut::new("out");
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("seq", DataType::Int64, false),
+        ]));
+        let (bad_tx, _bad_rx) = mpsc::channel(4);
+        let key = datafusion::physical_expr::expressions::col("k", &schema).unwrap();
+        let task = StreamTask {
+            name: "p".into(),
+            branches: vec![Branch {
+                input: input.subscribe(8),
+                chain: OperatorChain::default(),
+            }],
+            output: out.clone(),
+            output_schema: Arc::clone(&schema),
+            post: (0..3).map(|_| OperatorChain::default()).collect(),
+            router: Some(HashRouter::new(vec![key], 3)),
+            event_time_column: None,
+            metrics: Arc::default(),
+            bad_records: bad_tx,
+            cancel: CancellationToken::new(),
+        };
+        let mut rx = out.subscribe(256);
+        let handle = tokio::spawn(task.run());
+        for b in 0..20i64 {
+            let batch = RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![
+                    Arc::new(Int64Array::from_iter_values((0..50).map(|i| i % 7))),
+                    Arc::new(Int64Array::from_iter_values((0..50).map(|i| b * 50 + i))),
+                ],
+            )
+            .unwrap();
+            input.send(Message::Data(batch)).await;
+            input.send(Message::Watermark(EventTime(b))).await;
+        }
+        input.send(Message::End).await;
+        handle.await.unwrap().unwrap();
+
+        let mut last_seq = std::collections::HashMap::new();
+        let (mut rows, mut wms, mut ends) = (0, vec![], 0);
+        while let Some(m) = rx.recv().await {
+            match m {
+                Message::Data(d) => {
+                    let k = d.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                    let seq = d.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+                    for i in 0..d.num_rows() {
+                        let prev = last_seq.insert(k.value(i), seq.value(i));
+                        assert!(prev < Some(seq.value(i)), "key {} out of order", k.value(i));
+                    }
+                    rows += d.num_rows();
+                }
+                Message::Watermark(t) => wms.push(t.0),
+                Message::End => {
+                    ends += 1;
+                    break;
+                }
+                Message::Barrier(_) => unreachable!(),
+            }
+        }
+        assert_eq!(rows, 1000);
+        assert_eq!(ends, 1);
+        assert!(
+            wms.windows(2).all(|w| w[0] < w[1]),
+            "watermarks advance: {wms:?}"
+        );
+        assert_eq!(wms.last(), Some(&19));
     }
 }

@@ -25,7 +25,8 @@ use sluice_connectors::lake::{Lake, ParquetLakeWriter, RecordZone, Zone, run_err
 use sluice_engine::pipeline::{Branch, StreamTask};
 use sluice_engine::sink::run_sink;
 use sluice_engine::{
-    BadRecord, DEFAULT_CHANNEL_CAPACITY, FanOut, Message, Metrics, OperatorChain, SourceContext,
+    BadRecord, DEFAULT_CHANNEL_CAPACITY, FanOut, HashRouter, Message, Metrics, OperatorChain,
+    SourceContext,
 };
 use sluice_sql::parser::CreateStream;
 use sluice_sql::{SourceDef, StreamPlan};
@@ -286,7 +287,11 @@ pub fn start_stream(
         branches,
         output: fanout.clone(),
         output_schema: Arc::clone(&plan.merge_schema),
-        post: instantiate(&plan.post, &origin)?,
+        post: (0..plan.parallelism.max(1))
+            .map(|_| instantiate(&plan.post, &origin))
+            .collect::<Result<_>>()?,
+        router: (plan.parallelism > 1)
+            .then(|| HashRouter::new(plan.partition_keys.clone(), plan.parallelism)),
         event_time_column,
         metrics: Arc::clone(&metrics),
         bad_records: errors_channel(lake, &name),

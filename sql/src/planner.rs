@@ -259,6 +259,11 @@ pub struct StreamPlan {
     pub branches: Vec<BranchPlan>,
     /// Operators after the branches merge (stateful ones, and what follows them).
     pub post: Vec<OpSpec>,
+    /// The key a stateful `post` chain is partitioned by (expressions over `merge_schema`);
+    /// empty when it cannot be partitioned (no stateful operator, or no key).
+    pub partition_keys: Vec<Arc<dyn PhysicalExpr>>,
+    /// How many subtasks run the `post` chain, each with the rows of its keys.
+    pub parallelism: usize,
     /// Schema of the branches' output, where they merge (the output schema when `post` is
     /// empty).
     pub merge_schema: SchemaRef,
@@ -286,7 +291,17 @@ impl StreamPlan {
         }
         if !self.post.is_empty() {
             let ops: Vec<String> = self.post.iter().map(OpSpec::describe).collect();
-            let _ = writeln!(s, "  after merge: {}", ops.join(" -> "));
+            let keys: Vec<String> = self.partition_keys.iter().map(|k| k.to_string()).collect();
+            let parallel = if self.parallelism > 1 {
+                format!(
+                    " (in {} subtasks, rows routed by hash of [{}])",
+                    self.parallelism,
+                    keys.join(", ")
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(s, "  after merge{parallel}: {}", ops.join(" -> "));
         }
         let cols: Vec<String> = self
             .output_schema
@@ -358,6 +373,10 @@ pub async fn plan_stream(
             }
         };
     }
+    let parallelism: Option<usize> = opts.take_parsed("parallelism", "a positive integer")?;
+    if parallelism == Some(0) {
+        return Err(opts.bad("parallelism", "0", "a positive integer").into());
+    }
     let dedup_ttl_given = opts.contains("dedup_ttl");
     if let Some(d) = opts.take_duration("dedup_ttl")? {
         stateful.dedup_ttl = micros(d);
@@ -414,6 +433,34 @@ pub async fn plan_stream(
              or dedup, and this one has neither (nothing in it can be late)"
         )));
     }
+    let partition_keys = match post.first() {
+        Some(OpSpec::WindowAggregate { spec, .. } | OpSpec::SessionAggregate { spec, .. }) => spec
+            .group_exprs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != spec.window_start && *i != spec.window_end)
+            .map(|(_, e)| Arc::clone(e))
+            .collect(),
+        Some(OpSpec::Dedup { spec, .. }) => spec.keys.clone(),
+        _ => vec![],
+    };
+    let parallelism = match parallelism {
+        Some(n) if n > 1 && post.is_empty() => {
+            return Err(SqlError::InvalidOption(format!(
+                "{owner}: option `parallelism` applies to streams with windows or dedup \
+                 (stateless streams run in one task per input)"
+            )));
+        }
+        Some(n) if n > 1 && partition_keys.is_empty() => {
+            return Err(SqlError::InvalidOption(format!(
+                "{owner}: option `parallelism`: this aggregation has no key besides the window \
+                 to divide its rows by, so it runs in one subtask"
+            )));
+        }
+        Some(n) => n,
+        None if partition_keys.is_empty() => 1,
+        None => default_parallelism(),
+    };
     let output_schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
     let merge_schema = merge_schema.unwrap_or_else(|| Arc::clone(&output_schema));
     let inputs: BTreeSet<String> = branches.iter().map(|b| b.input.clone()).collect();
@@ -447,12 +494,19 @@ pub async fn plan_stream(
         name: stmt.name.clone(),
         branches,
         post,
+        partition_keys,
+        parallelism,
         merge_schema,
         output_schema,
         event_time_column,
         inputs,
         writer,
     })
+}
+
+/// Subtasks of a stateful stream when it does not say: one per core.
+fn default_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// A translated plan: branches of stateless operators, then what runs after they merge.

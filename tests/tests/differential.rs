@@ -19,10 +19,12 @@ use arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use proptest::prelude::*;
-use sluice_engine::{Collector, EventTime, Message, OperatorChain};
+use sluice_engine::pipeline::{Branch, StreamTask};
+use sluice_engine::{EventTime, FanOut, HashRouter, Message, OperatorChain};
 use sluice_sql::parser::SluiceStatement;
 use sluice_sql::window::WindowTablePlanner;
 use sluice_sql::{ObjectKind, Relation, parse_sql, plan_stream};
+use tokio_util::sync::CancellationToken;
 
 /// 2024-01-01T00:00:00Z, µs.
 const T0: i64 = 1_704_067_200_000_000;
@@ -117,10 +119,10 @@ fn relations() -> BTreeMap<String, Relation> {
     )])
 }
 
-/// Runs `sql` (a `CREATE STREAM`) over `input` with Sluice's planner and operators, as the
-/// stream task does: every branch sees every message; the post-merge chain sees the merged
-/// rows and the watermark; `End` flushes. Returns the emitted rows.
-async fn run_stream(sql: &str, input: &Input) -> Vec<String> {
+/// Runs `sql` (a `CREATE STREAM`) over `input` with Sluice's planner and its stream task —
+/// branches, merge, the stateful chain in `parallelism` subtasks routed by key — fed through
+/// a real `FanOut`, a watermark after each batch, then `End`. Returns the emitted rows.
+async fn run_stream(sql: &str, input: &Input, parallelism: usize) -> Vec<String> {
     let stmt = match parse_sql(sql).unwrap().pop().unwrap() {
         SluiceStatement::CreateStream(c) => c,
         other => panic!("not a CREATE STREAM: {other:?}"),
@@ -129,37 +131,55 @@ async fn run_stream(sql: &str, input: &Input) -> Vec<String> {
     let chain = |ops: &[sluice_sql::OpSpec]| {
         OperatorChain::new(ops.iter().map(|o| o.instantiate("test").unwrap()).collect())
     };
-    let mut branches: Vec<OperatorChain> = plan.branches.iter().map(|b| chain(&b.ops)).collect();
-    let mut post = chain(&plan.post);
-    let mut emitted = vec![];
-    let mut run_post = |msg: Message, emitted: &mut Vec<RecordBatch>| {
-        let mut out = Collector::default();
-        post.process(msg, &mut out).unwrap();
-        for m in out.take_messages() {
-            if let Message::Data(b) = m {
-                emitted.push(b);
-            }
-        }
+    let parallelism = if plan.partition_keys.is_empty() {
+        1
+    } else {
+        parallelism
     };
-    for (batch, wm) in input.batches.iter().zip(&input.watermarks) {
-        for branch in &mut branches {
-            let mut out = Collector::default();
-            branch
-                .process(Message::Data(batch.clone()), &mut out)
-                .unwrap();
-            for m in out.take_messages() {
-                if let Message::Data(b) = m {
-                    let b =
-                        RecordBatch::try_new(Arc::clone(&plan.merge_schema), b.columns().to_vec())
-                            .unwrap();
-                    run_post(Message::Data(b), &mut emitted);
-                }
+    let source = FanOut::new("events");
+    let output = FanOut::new("s");
+    let (bad_tx, mut bad_rx) = tokio::sync::mpsc::channel(16);
+    let task = StreamTask {
+        name: "s".into(),
+        branches: plan
+            .branches
+            .iter()
+            .map(|b| Branch {
+                input: source.subscribe(16),
+                chain: chain(&b.ops),
+            })
+            .collect(),
+        output: output.clone(),
+        output_schema: Arc::clone(&plan.merge_schema),
+        post: (0..parallelism).map(|_| chain(&plan.post)).collect(),
+        router: (parallelism > 1)
+            .then(|| HashRouter::new(plan.partition_keys.clone(), parallelism)),
+        event_time_column: None,
+        metrics: Arc::default(),
+        bad_records: bad_tx,
+        cancel: CancellationToken::new(),
+    };
+    let mut results = output.subscribe(16);
+    let collect = tokio::spawn(async move {
+        let mut emitted = vec![];
+        while let Some(m) = results.recv().await {
+            match m {
+                Message::Data(b) => emitted.push(b),
+                Message::End => break,
+                _ => {}
             }
         }
-        run_post(Message::Watermark(EventTime(*wm)), &mut emitted);
+        emitted
+    });
+    tokio::spawn(async move { while bad_rx.recv().await.is_some() {} });
+    let running = tokio::spawn(task.run());
+    for (batch, wm) in input.batches.iter().zip(&input.watermarks) {
+        source.send(Message::Data(batch.clone())).await;
+        source.send(Message::Watermark(EventTime(*wm))).await;
     }
-    run_post(Message::End, &mut emitted);
-    rows(&emitted)
+    source.send(Message::End).await;
+    running.await.unwrap().unwrap();
+    rows(&collect.await.unwrap())
 }
 
 /// DataFusion's batch answer to `sql` over every event of `input`.
@@ -288,12 +308,13 @@ proptest! {
         events in events(),
         cuts in prop::collection::vec(prop::bool::weighted(0.2), 1..32),
         delay in 0i64..16,
+        parallelism in 1usize..4,
     ) {
         let input = arrange(&events, &cuts, delay * STEP);
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         for (stream, batch) in CASES {
             let (streamed, expected) = runtime.block_on(async {
-                (run_stream(stream, &input).await, run_batch(batch, &input).await)
+                (run_stream(stream, &input, parallelism).await, run_batch(batch, &input).await)
             });
             prop_assert_eq!(streamed, expected, "{}", stream);
         }
