@@ -5,7 +5,7 @@
 //! relation with two more columns,
 //!
 //! ```text
-//! window_start = date_bin(size, time_column, '1970-01-01T00:00:00Z')
+//! window_start = time_column floored to a multiple of size (µs since the epoch)
 //! window_end   = window_start + size
 //! ```
 //!
@@ -23,7 +23,7 @@
 //! turns it into `TUMBLE(t, ts, INTERVAL '10' SECOND)` token by token before parsing.
 //!
 //! `HOP` puts each row in `size / slide` windows: it is planned as the `UNION ALL` of that
-//! many such projections (window `i` starts at `date_bin(slide, t) - i × slide`); the runtime
+//! many such projections (window `i` starts at `floor(t, slide) - i × slide`); the runtime
 //! feeds all of them from one reader of the input.
 //!
 //! `SESSION(relation, time_column, INTERVAL '<gap>')` (streams only): sessions are per group
@@ -39,7 +39,6 @@ use std::sync::{Arc, Mutex};
 use arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::error::{DataFusionError, Result};
-use datafusion::functions::expr_fn::date_bin;
 use datafusion::logical_expr::planner::{
     PlannedRelation, RelationPlanner, RelationPlannerContext, RelationPlanning,
 };
@@ -327,17 +326,21 @@ impl RelationPlanner for WindowTablePlanner {
             .filter(|c| c.name != WINDOW_START && c.name != WINDOW_END)
             .map(Expr::Column)
             .collect();
+        // Window bounds are integer arithmetic on the µs value, which Arrow vectorises
+        // (interval arithmetic on a zoned timestamp goes through the time zone row by row).
         let micros_utc = DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from("UTC")));
+        let t = cast(
+            cast(col(time_column.as_str()), micros_utc.clone()),
+            DataType::Int64,
+        );
+        let timestamp = |e: Expr| cast(e, micros_utc.clone());
         if function == "session" {
-            let gap_nanos = interval_nanos(context, &name, "gap", size)?;
-            self.record(WindowKind::Session {
-                gap_micros: gap_nanos / 1000,
-            });
+            let gap = interval_micros(context, &name, "gap", size)?;
+            self.record(WindowKind::Session { gap_micros: gap });
             // Each row's own session; the session aggregation merges them.
-            let start = cast(col(time_column.as_str()), micros_utc);
             let mut exprs = columns;
-            exprs.push(start.clone().alias(WINDOW_START));
-            exprs.push((start + interval(gap_nanos)).alias(WINDOW_END));
+            exprs.push(timestamp(t.clone()).alias(WINDOW_START));
+            exprs.push(timestamp(t + lit(gap)).alias(WINDOW_END));
             let plan = LogicalPlanBuilder::from(input).project(exprs)?.build()?;
             return Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(
                 plan,
@@ -349,29 +352,23 @@ impl RelationPlanner for WindowTablePlanner {
         } else {
             WindowKind::Tumble
         });
-        let size_nanos = interval_nanos(context, &name, "window size", size)?;
-        let slide_nanos = interval_nanos(context, &name, "slide", slide)?;
-        if size_nanos % slide_nanos != 0 {
+        let size = interval_micros(context, &name, "window size", size)?;
+        let slide = interval_micros(context, &name, "slide", slide)?;
+        if size % slide != 0 {
             return Err(DataFusionError::Plan(format!(
                 "{name}: the window size must be a whole multiple of the slide"
             )));
         }
-        let windows_per_row = size_nanos / slide_nanos;
+        let windows_per_row = size / slide;
         if windows_per_row > 1000 {
             return Err(DataFusionError::Plan(format!(
                 "{name}: a row would fall into {windows_per_row} windows; at most 1000 are supported"
             )));
         }
 
-        // date_bin computes in nanoseconds; Sluice's timestamps are µs UTC.
-        let origin = lit(ScalarValue::TimestampMicrosecond(
-            Some(0),
-            Some(Arc::from("UTC")),
-        ));
-        let latest_start = cast(
-            date_bin(interval(slide_nanos), col(time_column.as_str()), origin),
-            micros_utc,
-        );
+        // The latest window holding t starts at t floored to a multiple of the slide (from
+        // the epoch; the double remainder floors negative times too).
+        let latest_start = t.clone() - ((t % lit(slide) + lit(slide)) % lit(slide));
         // A row at time t is in the windows starting at bin(t) - i·slide, i = 0 … size/slide - 1:
         // one projection each, unioned (a TUMBLE is the case size = slide).
         let mut plan: Option<LogicalPlanBuilder> = None;
@@ -379,11 +376,11 @@ impl RelationPlanner for WindowTablePlanner {
             let start = if i == 0 {
                 latest_start.clone()
             } else {
-                latest_start.clone() - interval(i * slide_nanos)
+                latest_start.clone() - lit(i * slide)
             };
             let mut exprs = columns.clone();
-            exprs.push(start.clone().alias(WINDOW_START));
-            exprs.push((start + interval(size_nanos)).alias(WINDOW_END));
+            exprs.push(timestamp(start.clone()).alias(WINDOW_START));
+            exprs.push(timestamp(start + lit(size)).alias(WINDOW_END));
             let one = LogicalPlanBuilder::from(input.clone())
                 .project(exprs)?
                 .build()?;
@@ -400,8 +397,8 @@ impl RelationPlanner for WindowTablePlanner {
     }
 }
 
-/// The length of a positive interval argument of `function`, in nanoseconds.
-fn interval_nanos(
+/// The length of a positive interval argument of `function`, in microseconds.
+fn interval_micros(
     context: &mut dyn RelationPlannerContext,
     function: &str,
     what: &str,
@@ -413,23 +410,17 @@ fn interval_nanos(
             if i.months == 0 && i.days >= 0 && i.nanoseconds >= 0 =>
         {
             let nanos = i64::from(i.days) * NANOS_PER_DAY + i.nanoseconds;
-            if nanos >= 1000 {
-                return Ok(nanos);
+            if nanos >= 1000 && nanos % 1000 == 0 {
+                return Ok(nanos / 1000);
             }
             Err(DataFusionError::Plan(format!(
-                "{function}: the {what} must be at least one microsecond"
+                "{function}: the {what} must be a whole number of microseconds, at least one"
             )))
         }
         other => Err(DataFusionError::Plan(format!(
             "{function}: the {what} must be a positive INTERVAL of days or less, e.g. INTERVAL '10 seconds'; got {other}"
         ))),
     }
-}
-
-fn interval(nanos: i64) -> Expr {
-    lit(ScalarValue::IntervalMonthDayNano(Some(
-        arrow::datatypes::IntervalMonthDayNano::new(0, 0, nanos),
-    )))
 }
 
 #[cfg(test)]

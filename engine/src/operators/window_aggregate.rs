@@ -1,7 +1,9 @@
 //! `WindowAggregate`: `GROUP BY …, window_start, window_end` over event-time windows.
 //!
 //! Input rows already carry their window (see the SQL `TUMBLE`/`HOP` table functions); the
-//! operator keeps, per open window, a map from group key to group index and one DataFusion
+//! operator keeps, per open window, DataFusion's `GroupValues` (the vectorised hash table of
+//! its hash aggregation) over the group key without the window's bounds (they are the same for
+//! every row of a window, and are put back when it is emitted), and one DataFusion
 //! `GroupsAccumulator` per aggregate (or an adapter over the plain `Accumulator` where an
 //! aggregate has no groups variant), so every DataFusion aggregate works incrementally.
 //!
@@ -12,18 +14,18 @@
 //! already been emitted is late: counted, and sent to the errors zone with reason `late`
 //! unless the stream drops late rows — never silently lost.
 
-use std::collections::{BTreeMap, HashMap};
-
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, TimestampMicrosecondArray, UInt32Array};
-use arrow::compute::take;
-use arrow::datatypes::SchemaRef;
+use arrow::array::{Array, ArrayRef, TimestampMicrosecondArray, UInt32Array, new_null_array};
+use arrow::compute::{cast, take};
+use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use arrow::row::{RowConverter, Rows, SortField};
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
+use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
 use super::{Lateness, bad_row};
 use crate::error::{EngineError, Result};
@@ -50,17 +52,20 @@ pub struct WindowAggregateSpec {
 struct Window {
     /// The window's start (the event time of its output rows).
     start: i64,
-    /// Group key (encoded row) → group index.
-    index: HashMap<Box<[u8]>, usize, foldhash::fast::RandomState>,
-    /// The group keys, in group-index order.
-    keys: Rows,
+    /// Group key (without the window's bounds) → group index; `None` when the aggregation
+    /// has no key besides the window (one group).
+    groups: Option<Box<dyn GroupValues>>,
+    /// Number of groups so far.
+    len: usize,
     accumulators: Vec<Box<dyn GroupsAccumulator>>,
 }
 
 /// The running operator. See the module docs.
 pub struct WindowAggregate {
     spec: WindowAggregateSpec,
-    converter: RowConverter,
+    /// The group expressions other than the window's bounds, and their schema.
+    keys: Vec<Arc<dyn PhysicalExpr>>,
+    key_schema: SchemaRef,
     windows: BTreeMap<i64, Window>,
     watermark: Option<i64>,
     /// The last watermark forwarded.
@@ -84,13 +89,21 @@ impl WindowAggregate {
         input: &arrow::datatypes::Schema,
         origin: impl Into<String>,
     ) -> Result<Self> {
-        let fields = spec
-            .group_exprs
-            .iter()
-            .map(|e| Ok(SortField::new(e.data_type(input)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let mut keys = vec![];
+        let mut fields = vec![];
+        for (i, e) in spec.group_exprs.iter().enumerate() {
+            if i != spec.window_start && i != spec.window_end {
+                keys.push(Arc::clone(e));
+                fields.push(Field::new(
+                    format!("k{i}"),
+                    e.data_type(input)?,
+                    e.nullable(input)?,
+                ));
+            }
+        }
         let op = Self {
-            converter: RowConverter::new(fields)?,
+            keys,
+            key_schema: Arc::new(Schema::new(fields)),
             spec,
             windows: BTreeMap::new(),
             watermark: None,
@@ -108,10 +121,18 @@ impl WindowAggregate {
 
     fn new_window(&self, start: i64) -> Result<Window> {
         let accumulators = create_accumulators(&self.spec.aggregates)?;
+        let groups = if self.keys.is_empty() {
+            None
+        } else {
+            Some(new_group_values(
+                Arc::clone(&self.key_schema),
+                &GroupOrdering::None,
+            )?)
+        };
         Ok(Window {
             start,
-            index: HashMap::default(),
-            keys: self.converter.empty_rows(0, 0),
+            groups,
+            len: 0,
             accumulators,
         })
     }
@@ -120,7 +141,30 @@ impl WindowAggregate {
         let Some(mut w) = self.windows.remove(&end) else {
             return Ok(());
         };
-        let mut columns = self.converter.convert_rows(&w.keys)?;
+        let n = w.len;
+        let mut keys = match &mut w.groups {
+            Some(g) => g.emit(EmitTo::All)?.into_iter(),
+            None => Vec::new().into_iter(),
+        };
+        let schema = &self.spec.schema;
+        let bound = |i: usize, t: i64| -> Result<ArrayRef> {
+            let a: ArrayRef =
+                Arc::new(TimestampMicrosecondArray::from_value(t, n).with_timezone("UTC"));
+            Ok(cast(&a, schema.field(i).data_type())?)
+        };
+        let mut columns = Vec::with_capacity(schema.fields().len());
+        for i in 0..self.spec.group_exprs.len() {
+            if i == self.spec.window_start {
+                columns.push(bound(i, w.start)?);
+            } else if i == self.spec.window_end {
+                columns.push(bound(i, end)?);
+            } else {
+                let k = keys
+                    .next()
+                    .unwrap_or_else(|| new_null_array(schema.field(i).data_type(), n));
+                columns.push(k);
+            }
+        }
         for acc in &mut w.accumulators {
             columns.push(acc.evaluate(EmitTo::All)?);
         }
@@ -160,13 +204,14 @@ impl Operator for WindowAggregate {
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
         let n = batch.num_rows();
         let keys: Vec<ArrayRef> = self
-            .spec
-            .group_exprs
+            .keys
             .iter()
             .map(|e| e.evaluate(&batch).and_then(|v| v.into_array(n)))
             .collect::<datafusion::error::Result<_>>()?;
-        let micros = |i: usize| {
-            keys[i]
+        let micros = |i: usize| -> Result<TimestampMicrosecondArray> {
+            self.spec.group_exprs[i]
+                .evaluate(&batch)?
+                .into_array(n)?
                 .as_any()
                 .downcast_ref::<TimestampMicrosecondArray>()
                 .cloned()
@@ -177,7 +222,6 @@ impl Operator for WindowAggregate {
         let horizon = self
             .watermark
             .map_or(i64::MIN, |w| self.spec.lateness.horizon(w));
-        let rows = self.converter.convert_columns(&keys)?;
         // Route rows to windows first (a batch usually touches one or two), so the window map
         // is consulted per window, not per row.
         // (window end, window start, rows, their group indices)
@@ -220,26 +264,32 @@ impl Operator for WindowAggregate {
             last = Some(slot);
             routed[slot].2.push(i as u32);
         }
-        // Group indices, one window at a time.
+        // Group indices, one window at a time (a window's rows taken out of the batch only
+        // when the batch spans several windows or holds rejected rows).
         for (end, start, take_rows, groups) in &mut routed {
             if !self.windows.contains_key(end) {
                 let w = self.new_window(*start)?;
                 self.windows.insert(*end, w);
             }
             let w = self.windows.get_mut(end).expect("inserted above");
-            groups.reserve(take_rows.len());
-            for &i in take_rows.iter() {
-                let row = rows.row(i as usize);
-                let group = match w.index.get(row.as_ref()) {
-                    Some(g) => *g,
-                    None => {
-                        let g = w.index.len();
-                        w.index.insert(row.as_ref().into(), g);
-                        w.keys.push(row);
-                        g
-                    }
-                };
-                groups.push(group);
+            match &mut w.groups {
+                Some(g) => {
+                    let cols = if take_rows.len() == n {
+                        keys.clone()
+                    } else {
+                        let idx = UInt32Array::from(take_rows.clone());
+                        keys.iter()
+                            .map(|k| take(k.as_ref(), &idx, None))
+                            .collect::<Result<Vec<_>, _>>()?
+                    };
+                    g.intern(&cols, groups)?;
+                    w.len = g.len();
+                }
+                None => {
+                    groups.clear();
+                    groups.resize(take_rows.len(), 0);
+                    w.len = 1;
+                }
             }
         }
         if routed.is_empty() {
@@ -259,7 +309,7 @@ impl Operator for WindowAggregate {
             .collect::<Result<_>>()?;
         for (end, _, take_rows, groups) in routed {
             let w = self.windows.get_mut(&end).expect("routed windows exist");
-            let total = w.index.len();
+            let total = w.len;
             let indices = (take_rows.len() != n).then(|| UInt32Array::from(take_rows));
             for (values, acc) in args.iter().zip(&mut w.accumulators) {
                 let values = match &indices {
