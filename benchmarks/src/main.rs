@@ -198,6 +198,7 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
             branches.push(Branch {
                 input: source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY),
                 chain: chain(&b.ops)?,
+                idle_timeout: None,
             });
         }
         let out = FanOut::new("out");

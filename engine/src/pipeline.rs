@@ -24,6 +24,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use arrow::array::{Array, TimestampMicrosecondArray};
 use arrow::datatypes::SchemaRef;
@@ -47,6 +48,9 @@ pub struct Branch {
     pub input: Subscription,
     /// The operators applied to them, in this task.
     pub chain: OperatorChain,
+    /// After how long without any message the merge stops holding the watermark back for
+    /// this input (until it delivers again); `None`: it always waits for it.
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 /// A running stream: merges its branches into `output`.
@@ -314,14 +318,53 @@ impl Merge {
         let mut barriers: BTreeMap<u64, usize> = BTreeMap::new();
         let mut next_poll = 0usize;
         let cancel = self.cancel.clone();
+        // Idle inputs: excluded from the watermark while they deliver nothing.
+        let timeouts: Vec<Option<Duration>> =
+            self.branches.iter().map(|b| b.idle_timeout).collect();
+        let mut last_seen = vec![Instant::now(); n];
+        let mut idle = vec![false; n];
+        let check_every = timeouts
+            .iter()
+            .flatten()
+            .min()
+            .map(|t| (*t / 4).max(Duration::from_millis(10)));
+        let mut idle_check =
+            tokio::time::interval(check_every.unwrap_or(Duration::from_secs(3600)));
+        idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let received = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
+                _ = idle_check.tick(), if check_every.is_some() => {
+                    let now = Instant::now();
+                    let mut changed = false;
+                    for i in 0..n {
+                        if let Some(t) = timeouts[i]
+                            && !idle[i] && !ended[i] && now.duration_since(last_seen[i]) >= t
+                        {
+                            idle[i] = true;
+                            changed = true;
+                        }
+                    }
+                    if changed {
+                        let excluded: Vec<bool> = ended.iter().zip(&idle).map(|(e, i)| *e || *i).collect();
+                        if let Some(wm) = advance_watermark(
+                            &self.delivery.metrics,
+                            &watermarks,
+                            &excluded,
+                            &mut emitted_wm,
+                        ) {
+                            self.post_and_deliver(Message::Watermark(wm)).await?;
+                        }
+                    }
+                    continue;
+                }
                 r = next_message(&mut self.branches, &ended, &mut next_poll) => r,
             };
             let Some((i, msg)) = received else {
                 return self.post_and_deliver(Message::End).await; // every branch ended
             };
+            last_seen[i] = Instant::now();
+            idle[i] = false;
             let msg = msg.unwrap_or(Message::End);
             if let Message::Data(b) = &msg {
                 self.delivery.metrics.add_rows_in(b.num_rows());
@@ -337,10 +380,12 @@ impl Merge {
                     }
                     Message::Watermark(t) => {
                         watermarks[i] = watermarks[i].max(t);
+                        let excluded: Vec<bool> =
+                            ended.iter().zip(&idle).map(|(e, i)| *e || *i).collect();
                         if let Some(wm) = advance_watermark(
                             &self.delivery.metrics,
                             &watermarks,
-                            &ended,
+                            &excluded,
                             &mut emitted_wm,
                         ) {
                             self.post_and_deliver(Message::Watermark(wm)).await?;
@@ -359,10 +404,12 @@ impl Merge {
                     }
                     Message::End => {
                         ended[i] = true;
+                        let excluded: Vec<bool> =
+                            ended.iter().zip(&idle).map(|(e, i)| *e || *i).collect();
                         if let Some(wm) = advance_watermark(
                             &self.delivery.metrics,
                             &watermarks,
-                            &ended,
+                            &excluded,
                             &mut emitted_wm,
                         ) {
                             self.post_and_deliver(Message::Watermark(wm)).await?;
@@ -431,16 +478,16 @@ impl Merge {
     }
 }
 
-/// The minimum watermark over the live branches, if it advanced.
+/// The minimum watermark over the inputs not `excluded` (ended or idle), if it advanced.
 fn advance_watermark(
     metrics: &Metrics,
     watermarks: &[EventTime],
-    ended: &[bool],
+    excluded: &[bool],
     emitted: &mut EventTime,
 ) -> Option<EventTime> {
     let live_min = watermarks
         .iter()
-        .zip(ended)
+        .zip(excluded)
         .filter(|(_, e)| !**e)
         .map(|(w, _)| *w)
         .min();
@@ -506,10 +553,12 @@ mod tests {
                 Branch {
                     input: a.subscribe(8),
                     chain: OperatorChain::default(),
+                    idle_timeout: None,
                 },
                 Branch {
                     input: b.subscribe(8),
                     chain: OperatorChain::default(),
+                    idle_timeout: None,
                 },
             ],
             output: out.clone(),
@@ -565,6 +614,7 @@ mod tests {
             branches: vec![Branch {
                 input: input.subscribe(8),
                 chain: OperatorChain::default(),
+                idle_timeout: None,
             }],
             output: out.clone(),
             output_schema: Arc::clone(&schema),
@@ -620,5 +670,58 @@ mod tests {
             "watermarks advance: {wms:?}"
         );
         assert_eq!(wms.last(), Some(&19));
+    }
+
+    #[tokio::test]
+    async fn an_idle_input_stops_holding_the_watermark_back_until_it_delivers_again() {
+        let a = FanOut::new("a");
+        let b = FanOut::new("b");
+        let out = FanOut::new("out");
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let (bad_tx, _bad_rx) = mpsc::channel(4);
+        let branch = |input: &FanOut, idle| Branch {
+            input: input.subscribe(8),
+            chain: OperatorChain::default(),
+            idle_timeout: idle,
+        };
+        let task = StreamTask {
+            name: "idle".into(),
+            branches: vec![
+                branch(&a, None),
+                branch(&b, Some(std::time::Duration::from_millis(50))),
+            ],
+            output: out.clone(),
+            output_schema: schema,
+            post: vec![OperatorChain::default()],
+            router: None,
+            event_time_column: None,
+            metrics: Arc::default(),
+            bad_records: bad_tx,
+            cancel: CancellationToken::new(),
+        };
+        let mut rx = out.subscribe(64);
+        let handle = tokio::spawn(task.run());
+        async fn next_wm(rx: &mut Subscription) -> Result<i64, tokio::time::error::Elapsed> {
+            let fut = async {
+                loop {
+                    match rx.recv().await {
+                        Some(Message::Watermark(t)) => return t.0,
+                        Some(_) => {}
+                        None => panic!("ended"),
+                    }
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(5), fut).await
+        }
+        // `b` says nothing: after its idle timeout the watermark follows `a` alone.
+        a.send(Message::Watermark(EventTime(10))).await;
+        assert_eq!(next_wm(&mut rx).await.unwrap(), 10);
+        // `b` delivers again and counts again: the minimum is its 15 (10 → 15, not 20).
+        b.send(Message::Watermark(EventTime(15))).await;
+        a.send(Message::Watermark(EventTime(20))).await;
+        assert_eq!(next_wm(&mut rx).await.unwrap(), 15);
+        a.send(Message::End).await;
+        b.send(Message::End).await;
+        handle.await.unwrap().unwrap();
     }
 }

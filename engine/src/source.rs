@@ -37,6 +37,9 @@ pub struct WatermarkSpec {
     pub column: String,
     /// How far the watermark trails the largest event time seen, in microseconds.
     pub delay_micros: i64,
+    /// After how long without data a stream stops waiting for this input when it merges
+    /// watermarks (the source's `idle_timeout` option); `None`: always wait.
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 /// A connector's reading side: pulls records from outside and pushes batches into

@@ -428,10 +428,12 @@ impl Sluice {
                 c.clone(),
                 plan,
                 |n| {
-                    st.sources
-                        .get(n)
-                        .map(RunningSource::input)
-                        .or_else(|| st.streams.get(n).map(|s| Input::Hub(s.fanout.clone())))
+                    st.sources.get(n).map(RunningSource::input).or_else(|| {
+                        st.streams.get(n).map(|s| Input::Hub {
+                            hub: s.fanout.clone(),
+                            idle_timeout: None,
+                        })
+                    })
                 },
                 &self.inner.shutdown,
             )?

@@ -161,7 +161,12 @@ pub fn start_source(
 #[derive(Debug)]
 pub enum Input {
     /// The hub of a push source or of another stream.
-    Hub(FanOut),
+    Hub {
+        /// What the stream subscribes to.
+        hub: FanOut,
+        /// The source's `idle_timeout`.
+        idle_timeout: Option<Duration>,
+    },
     /// A pull source: the stream starts its own reader.
     Reader {
         /// The source.
@@ -239,16 +244,22 @@ pub fn start_stream(
     // k copies of a HOP window), started once every branch has subscribed.
     let mut pending: std::collections::BTreeMap<String, PendingReader> = Default::default();
     for b in &plan.branches {
-        let subscription = match input(&b.input) {
-            Some(Input::Hub(hub)) => hub.subscribe(DEFAULT_CHANNEL_CAPACITY),
+        let (subscription, idle_timeout) = match input(&b.input) {
+            Some(Input::Hub { hub, idle_timeout }) => {
+                (hub.subscribe(DEFAULT_CHANNEL_CAPACITY), idle_timeout)
+            }
             Some(Input::Reader { def, metrics }) => {
+                let idle_timeout = def.watermark.as_ref().and_then(|w| w.idle_timeout);
                 let reader = match pending.entry(b.input.clone()) {
                     std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::btree_map::Entry::Vacant(e) => {
                         e.insert(PendingReader::new(lake, &def, metrics, &cancel)?)
                     }
                 };
-                reader.output.subscribe(DEFAULT_CHANNEL_CAPACITY)
+                (
+                    reader.output.subscribe(DEFAULT_CHANNEL_CAPACITY),
+                    idle_timeout,
+                )
             }
             None => {
                 cancel.cancel();
@@ -262,6 +273,7 @@ pub fn start_stream(
         branches.push(Branch {
             input: subscription,
             chain,
+            idle_timeout,
         });
     }
     let readers: Vec<_> = pending.into_values().map(PendingReader::start).collect();
@@ -386,7 +398,10 @@ impl RunningSource {
     /// What a stream reading this source subscribes to.
     pub fn input(&self) -> Input {
         match self.http {
-            Some(_) => Input::Hub(self.fanout.clone()),
+            Some(_) => Input::Hub {
+                hub: self.fanout.clone(),
+                idle_timeout: self.def.watermark.as_ref().and_then(|w| w.idle_timeout),
+            },
             None => Input::Reader {
                 def: Box::new(self.def.clone()),
                 metrics: Arc::clone(&self.metrics),

@@ -53,10 +53,27 @@ pub fn source_def(stmt: &CreateSource) -> Result<SourceDef> {
             Some(WatermarkSpec {
                 column: col.clone(),
                 delay_micros,
+                idle_timeout: None,
             })
         }
     };
-    let opts = WithOptions::new(owner, stmt.options.iter().cloned());
+    let mut opts = WithOptions::new(owner.clone(), stmt.options.iter().cloned());
+    let idle_timeout = opts.take_duration("idle_timeout")?;
+    let watermark = match (watermark, idle_timeout) {
+        (Some(w), Some(d)) if !d.is_zero() => Some(WatermarkSpec {
+            idle_timeout: Some(d),
+            ..w
+        }),
+        (Some(_), Some(_)) => {
+            return Err(opts.bad("idle_timeout", "0", "a positive duration").into());
+        }
+        (None, Some(_)) => {
+            return Err(SqlError::InvalidOption(format!(
+                "{owner}: option `idle_timeout` applies to sources with a WATERMARK"
+            )));
+        }
+        (w, None) => w,
+    };
     let config = sluice_connectors::source_config(opts, &schema)?;
     Ok(SourceDef {
         create: stmt.clone(),

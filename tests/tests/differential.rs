@@ -147,6 +147,7 @@ async fn run_stream(sql: &str, input: &Input, parallelism: usize) -> Vec<String>
             .map(|b| Branch {
                 input: source.subscribe(16),
                 chain: chain(&b.ops),
+                idle_timeout: None,
             })
             .collect(),
         output: output.clone(),
