@@ -109,6 +109,88 @@ struct Measured {
     events: u64,
     wall: Duration,
     cpu: Duration,
+    /// Largest resident set (MB) in the first and the second half of the run.
+    rss: (f64, f64),
+    /// Windowed pipelines: how long after the source's watermark passed a window's end its
+    /// rows reached the sink (p50, p99, max), over every window.
+    latency: Option<[Duration; 3]>,
+}
+
+/// The process's resident set size, in bytes.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Samples the resident set every 20 ms until `stop` is set.
+fn sample_rss(stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<Vec<u64>> {
+    std::thread::spawn(move || {
+        let mut samples = vec![];
+        while !stop.load(Ordering::Relaxed) {
+            samples.push(rss_bytes());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        samples.push(rss_bytes());
+        samples
+    })
+}
+
+/// A sink that counts rows, notes when each window's rows arrive, and drops them.
+struct WindowSink {
+    counted: Arc<AtomicU64>,
+    window_end: usize,
+    arrivals: Arc<std::sync::Mutex<Vec<(i64, Instant)>>>,
+}
+
+#[async_trait]
+impl Sink for WindowSink {
+    fn name(&self) -> &str {
+        "window-discard"
+    }
+    async fn write_batch(&mut self, batch: RecordBatch) -> sluice_engine::Result<()> {
+        self.counted
+            .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+        let ends = batch
+            .column(self.window_end)
+            .as_any()
+            .downcast_ref::<arrow::array::TimestampMicrosecondArray>()
+            .and_then(arrow::compute::max);
+        if let Some(end) = ends {
+            self.arrivals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((end, Instant::now()));
+        }
+        Ok(())
+    }
+    async fn close(&mut self) -> sluice_engine::Result<()> {
+        Ok(())
+    }
+}
+
+/// p50, p99 and max of how long after the watermark passed each window's end its rows
+/// arrived. `watermarks` is in the order they were published.
+fn emission_latency(
+    watermarks: &[(i64, Instant)],
+    arrivals: &[(i64, Instant)],
+) -> Option<[Duration; 3]> {
+    let mut lat: Vec<Duration> = arrivals
+        .iter()
+        .filter_map(|(end, at)| {
+            let i = watermarks.partition_point(|(w, _)| *w < *end);
+            watermarks
+                .get(i)
+                .map(|(_, passed)| at.saturating_duration_since(*passed))
+        })
+        .collect();
+    if lat.is_empty() {
+        return None;
+    }
+    lat.sort();
+    let pick = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
+    Some([pick(0.5), pick(0.99), *lat.last().expect("not empty")])
 }
 
 async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
@@ -148,6 +230,29 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
     };
     let counted = Arc::new(AtomicU64::new(0));
     let lake_dir = tempfile::tempdir()?;
+    // When the source's watermark advanced (for the emission latency of windows).
+    let watermarks = Arc::new(std::sync::Mutex::new(Vec::<(i64, Instant)>::new()));
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::<(i64, Instant)>::new()));
+    let watermark_log = if matches!(kind, "tumble" | "hop") {
+        let mut rx = source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY);
+        let log = Arc::clone(&watermarks);
+        Some(tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                match m {
+                    Message::Watermark(t) => log
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((t.0, Instant::now())),
+                    Message::End => break,
+                    _ => {}
+                }
+            }
+        }))
+    } else {
+        None
+    };
+    let stop_sampling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_rss(Arc::clone(&stop_sampling));
 
     let start_wall = Instant::now();
     let start_cpu = cpu_time();
@@ -222,7 +327,14 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
             cancel: cancel.clone(),
         };
         tokio::spawn(task.run());
-        let sink: Box<dyn Sink> = if kind != "lake" {
+        let sink: Box<dyn Sink> = if let Ok(window_end) = plan.output_schema.index_of("window_end")
+        {
+            Box::new(WindowSink {
+                counted: Arc::clone(&counted),
+                window_end,
+                arrivals: Arc::clone(&arrivals),
+            })
+        } else if kind != "lake" {
             Box::new(Discard(Arc::clone(&counted)))
         } else {
             let lake = Lake::open(lake_dir.path().to_str().context("UTF-8 temp dir")?)?;
@@ -247,6 +359,20 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
     sink_task.await??;
     let wall = start_wall.elapsed();
     let cpu = cpu_time() - start_cpu;
+    stop_sampling.store(true, Ordering::Relaxed);
+    let samples = sampler
+        .join()
+        .map_err(|_| anyhow::anyhow!("the RSS sampler panicked"))?;
+    let half = samples.len() / 2;
+    let max_mb = |s: &[u64]| s.iter().copied().max().unwrap_or(0) as f64 / 1e6;
+    let rss = (max_mb(&samples[..half.max(1)]), max_mb(&samples[half..]));
+    if let Some(log) = watermark_log {
+        log.await?;
+    }
+    let latency = emission_latency(
+        &watermarks.lock().unwrap_or_else(|e| e.into_inner()),
+        &arrivals.lock().unwrap_or_else(|e| e.into_inner()),
+    );
     let events = generated.snapshot().rows_in;
     anyhow::ensure!(
         events == args.events,
@@ -283,6 +409,8 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
         events,
         wall,
         cpu,
+        rss,
+        latency,
     })
 }
 
@@ -304,8 +432,15 @@ fn main() -> anyhow::Result<()> {
         }
     );
     println!(
-        "{:<46} {:>12} {:>8} {:>14} {:>8} {:>16}",
-        "pipeline", "events", "wall s", "events/s", "cpu s", "events/cpu-s"
+        "{:<46} {:>12} {:>8} {:>14} {:>8} {:>16} {:>17} {:>24}",
+        "pipeline",
+        "events",
+        "wall s",
+        "events/s",
+        "cpu s",
+        "events/cpu-s",
+        "max RSS MB 1st|2nd",
+        "emit lag ms p50|p99|max"
     );
     for kind in args.pipelines.split(',').map(str::trim) {
         let kind: &'static str = match kind {
@@ -320,14 +455,20 @@ fn main() -> anyhow::Result<()> {
             }
         };
         let m = rt.block_on(run(kind, &args))?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let latency = m.latency.map_or("-".to_string(), |[p50, p99, max]| {
+            format!("{:.1}|{:.1}|{:.1}", ms(p50), ms(p99), ms(max))
+        });
         println!(
-            "{:<46} {:>12} {:>8.2} {:>14.0} {:>8.2} {:>16.0}",
+            "{:<46} {:>12} {:>8.2} {:>14.0} {:>8.2} {:>16.0} {:>17} {:>24}",
             m.name,
             m.events,
             m.wall.as_secs_f64(),
             m.events as f64 / m.wall.as_secs_f64(),
             m.cpu.as_secs_f64(),
-            m.events as f64 / m.cpu.as_secs_f64()
+            m.events as f64 / m.cpu.as_secs_f64(),
+            format!("{:.0}|{:.0}", m.rss.0, m.rss.1),
+            latency
         );
     }
     Ok(())
