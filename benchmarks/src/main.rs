@@ -47,7 +47,7 @@ struct Args {
     /// Subtasks of the stateful operator (tumble, hop): rows are routed among them by key.
     #[arg(long, default_value_t = 1)]
     parallelism: usize,
-    /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop.
+    /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop, dedup.
     #[arg(long, default_value = "source,discard,lake,bids,tumble,hop")]
     pipelines: String,
 }
@@ -74,6 +74,11 @@ const TUMBLE: &str = "CREATE STREAM per_auction AS SELECT auction, window_start,
 const HOP: &str = "CREATE STREAM hot AS SELECT auction, window_start, window_end, count(*) AS bids
     FROM HOP(clicks, ts, INTERVAL '2 seconds', INTERVAL '10 seconds')
     GROUP BY auction, window_start, window_end";
+
+/// Dedup by bidder (nearly every bidder is new: the state grows by one key per event), keys
+/// kept for a day of event time.
+const DEDUP: &str = "CREATE STREAM once WITH (dedup_ttl = '1 day', parallelism = '1') AS
+    SELECT DISTINCT ON (bidder) * FROM clicks";
 
 /// A sink that counts rows and drops them.
 struct Discard(Arc<AtomicU64>);
@@ -114,6 +119,8 @@ struct Measured {
     /// Windowed pipelines: how long after the source's watermark passed a window's end its
     /// rows reached the sink (p50, p99, max), over every window.
     latency: Option<[Duration; 3]>,
+    /// Dedup: live keys at the end, and how much the resident set grew over the run.
+    state: Option<(u64, u64)>,
 }
 
 /// The process's resident set size, in bytes.
@@ -194,18 +201,25 @@ fn emission_latency(
 }
 
 async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
-    let source_sql = if matches!(kind, "tumble" | "hop") {
+    let source_sql = if matches!(kind, "tumble" | "hop" | "dedup") {
         BIDS
     } else {
         SOURCE
     };
-    let sql = source_sql.replace(
+    let mut sql = source_sql.replace(
         "rows_per_second = '0'",
         &format!(
             "rows_per_second = '0', max_rows = '{}', batch_size = '{}'",
             args.events, args.batch_size
         ),
     );
+    if kind == "dedup" {
+        // Bidders from a range so wide that nearly every bid has a new one.
+        sql = sql.replace(
+            "fields.auction.max",
+            "fields.bidder.max = '1000000000000', fields.auction.max",
+        );
+    }
     let SluiceStatement::CreateSource(create) = parse_sql(&sql)?.remove(0) else {
         anyhow::bail!("not a CREATE SOURCE")
     };
@@ -275,6 +289,7 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
         let query = match kind {
             "tumble" => TUMBLE,
             "hop" => HOP,
+            "dedup" => DEDUP,
             _ => QUERY,
         };
         let SluiceStatement::CreateStream(stream) = parse_sql(query)?.remove(0) else {
@@ -393,6 +408,7 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
         "discard" => "datagen -> filter+project -> discard",
         "lake" => "datagen -> filter+project -> lake (Parquet)",
         "tumble" => "bids -> 10s tumble count+sum/auction -> discard",
+        "dedup" => "bids -> dedup by bidder (all live) -> discard",
         _ => "bids -> 10s/2s hop count/auction -> discard",
     };
     if kind == "tumble" {
@@ -411,6 +427,12 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
         cpu,
         rss,
         latency,
+        state: (kind == "dedup").then(|| {
+            // The state's peak: the last sample may come after it was dropped.
+            let first = samples.first().copied().unwrap_or(0);
+            let peak = samples.iter().copied().max().unwrap_or(0);
+            (counted.load(Ordering::Relaxed), peak.saturating_sub(first))
+        }),
     })
 }
 
@@ -450,8 +472,11 @@ fn main() -> anyhow::Result<()> {
             "bids" => "bids",
             "tumble" => "tumble",
             "hop" => "hop",
+            "dedup" => "dedup",
             other => {
-                anyhow::bail!("unknown pipeline `{other}` (source, discard, lake, tumble, hop)")
+                anyhow::bail!(
+                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, dedup)"
+                )
             }
         };
         let m = rt.block_on(run(kind, &args))?;
@@ -470,6 +495,13 @@ fn main() -> anyhow::Result<()> {
             format!("{:.0}|{:.0}", m.rss.0, m.rss.1),
             latency
         );
+        if let Some((keys, bytes)) = m.state {
+            println!(
+                "  {keys} live keys; resident set peaked {:.0} MB above the start: {:.0} bytes per key (8-byte keys, 9 encoded)",
+                bytes as f64 / 1e6,
+                bytes as f64 / keys as f64
+            );
+        }
     }
     Ok(())
 }
