@@ -884,16 +884,12 @@ fn window_aggregate(
             .with_name(name)
             .with_human_display(e.human_display().to_string())
             .build()?;
-            let (aggregate, filter, order_by) =
-                (lowered.aggregate, lowered.filter, lowered.order_bys);
+            // ORDER BY inside an aggregate (`first_value(x ORDER BY ts)`) is part of
+            // `aggregate`, whose accumulator is fed the ordering columns too.
+            let (aggregate, filter) = (lowered.aggregate, lowered.filter);
             if filter.is_some() {
                 return Err(SqlError::NotSupported(
                     "FILTER (WHERE …) on an aggregate is not supported in streams yet".into(),
-                ));
-            }
-            if !order_by.is_empty() {
-                return Err(SqlError::NotSupported(
-                    "ORDER BY inside an aggregate is not supported in streams yet".into(),
                 ));
             }
             aggregates.push(aggregate);

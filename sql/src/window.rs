@@ -32,7 +32,11 @@
 //! records the gap ([`WindowTablePlanner::streaming`]); the stream planner then runs the
 //! `GROUP BY …, window_start, window_end` as a session aggregation, which merges the
 //! overlapping sessions of each key. Ad hoc, where no such operator runs, `SESSION` is
-//! refused. `CUMULATE` is not supported yet.
+//! refused.
+//!
+//! `CUMULATE(relation, time_column, INTERVAL '<step>', INTERVAL '<size>')` (Flink's): the
+//! windows of each size-long period start with it and end every step; a row is in those that
+//! end after it — the `UNION ALL` of size/step filtered projections, like `HOP`.
 
 use std::sync::{Arc, Mutex};
 
@@ -190,6 +194,8 @@ pub enum WindowKind {
     Tumble,
     /// `HOP`.
     Hop,
+    /// `CUMULATE`.
+    Cumulate,
     /// `SESSION` with this gap, in microseconds.
     Session {
         /// The gap that ends a session.
@@ -251,12 +257,7 @@ impl RelationPlanner for WindowTablePlanner {
                         .into(),
                 ));
             }
-            "cumulate" => {
-                return Err(DataFusionError::NotImplemented(format!(
-                    "the {} window is not supported yet (TUMBLE and HOP are)",
-                    function.to_uppercase()
-                )));
-            }
+            "cumulate" => "CUMULATE(relation, time_column, INTERVAL '<step>', INTERVAL '<size>')",
             _ => return Ok(RelationPlanning::Original(Box::new(relation))),
         };
         let name = function.to_uppercase();
@@ -274,6 +275,9 @@ impl RelationPlanner for WindowTablePlanner {
             ("tumble", [input, SqlExpr::Identifier(time), size]) => (input, time, size, size),
             ("hop", [input, SqlExpr::Identifier(time), slide, size]) => (input, time, slide, size),
             ("session", [input, SqlExpr::Identifier(time), gap]) => (input, time, gap, gap),
+            ("cumulate", [input, SqlExpr::Identifier(time), step, size]) => {
+                (input, time, step, size)
+            }
             _ => {
                 return Err(DataFusionError::Plan(format!(
                     "expected {usage}, got {name}({})",
@@ -347,16 +351,21 @@ impl RelationPlanner for WindowTablePlanner {
                 alias.clone(),
             ))));
         }
-        self.record(if function == "hop" {
-            WindowKind::Hop
-        } else {
-            WindowKind::Tumble
+        self.record(match function.as_str() {
+            "hop" => WindowKind::Hop,
+            "cumulate" => WindowKind::Cumulate,
+            _ => WindowKind::Tumble,
         });
+        let step_name = if function == "cumulate" {
+            "step"
+        } else {
+            "slide"
+        };
         let size = interval_micros(context, &name, "window size", size)?;
-        let slide = interval_micros(context, &name, "slide", slide)?;
+        let slide = interval_micros(context, &name, step_name, slide)?;
         if size % slide != 0 {
             return Err(DataFusionError::Plan(format!(
-                "{name}: the window size must be a whole multiple of the slide"
+                "{name}: the window size must be a whole multiple of the {step_name}"
             )));
         }
         let windows_per_row = size / slide;
@@ -366,9 +375,36 @@ impl RelationPlanner for WindowTablePlanner {
             )));
         }
 
-        // The latest window holding t starts at t floored to a multiple of the slide (from
-        // the epoch; the double remainder floors negative times too).
-        let latest_start = t.clone() - ((t % lit(slide) + lit(slide)) % lit(slide));
+        // t floored to a multiple of `unit` (from the epoch; the double remainder floors
+        // negative times too).
+        let floor = |unit: i64| t.clone() - ((t.clone() % lit(unit) + lit(unit)) % lit(unit));
+        if function == "cumulate" {
+            // Windows of one size-long period all start at its start and end every step:
+            // a row is in those that end after it, one filtered projection each.
+            let start = floor(size);
+            let mut plan: Option<LogicalPlanBuilder> = None;
+            for i in 1..=windows_per_row {
+                let end = start.clone() + lit(i * slide);
+                let mut exprs = columns.clone();
+                exprs.push(timestamp(start.clone()).alias(WINDOW_START));
+                exprs.push(timestamp(end.clone()).alias(WINDOW_END));
+                let one = LogicalPlanBuilder::from(input.clone())
+                    .filter(t.clone().lt(end))?
+                    .project(exprs)?
+                    .build()?;
+                plan = Some(match plan {
+                    None => LogicalPlanBuilder::from(one),
+                    Some(p) => p.union(one)?,
+                });
+            }
+            let plan = plan.expect("at least one window per row").build()?;
+            return Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(
+                plan,
+                alias.clone(),
+            ))));
+        }
+        // The latest window holding t starts at t floored to a multiple of the slide.
+        let latest_start = floor(slide);
         // A row at time t is in the windows starting at bin(t) - i·slide, i = 0 … size/slide - 1:
         // one projection each, unioned (a TUMBLE is the case size = slide).
         let mut plan: Option<LogicalPlanBuilder> = None;

@@ -238,6 +238,20 @@ const CASES: &[(&str, &str)] = &[
          GROUP BY k, window_start, window_end",
     ),
     (
+        // Aggregates that depend on order (ORDER BY inside the aggregate) or on floating
+        // point (rounded).
+        "CREATE STREAM s AS
+         SELECT k, window_start, window_end, first_value(v ORDER BY ts, seq) AS f,
+                last_value(v ORDER BY ts, seq) AS l, array_agg(v ORDER BY ts, seq) AS vs,
+                round(stddev(v), 6) AS sd, bool_or(v > 40) AS big
+         FROM TUMBLE(events, ts, INTERVAL '10 seconds') GROUP BY k, window_start, window_end",
+        "SELECT k, window_start, window_end, first_value(v ORDER BY ts, seq),
+                last_value(v ORDER BY ts, seq), array_agg(v ORDER BY ts, seq), round(stddev(v), 6),
+                bool_or(v > 40)
+         FROM TUMBLE(events, ts, INTERVAL '10 seconds') WHERE window_end > arrival_wm
+         GROUP BY k, window_start, window_end",
+    ),
+    (
         "CREATE STREAM s WITH (allowed_lateness = '3 seconds') AS
          SELECT k, window_start, window_end, count(*) AS n, sum(v) AS total
          FROM TUMBLE(events, ts, INTERVAL '10 seconds') GROUP BY k, window_start, window_end",
@@ -258,7 +272,18 @@ const CASES: &[(&str, &str)] = &[
     ),
     (
         "CREATE STREAM s AS
-         SELECT k, window_start, window_end, count(*) AS n, sum(v) AS total, max(v) AS hi
+         SELECT k, window_start, window_end, count(*) AS n, sum(v) AS total
+         FROM TABLE(CUMULATE(TABLE events, DESCRIPTOR(ts), INTERVAL '5' SECOND, INTERVAL '20' SECOND))
+         GROUP BY k, window_start, window_end",
+        "SELECT k, window_start, window_end, count(*), sum(v)
+         FROM CUMULATE(events, ts, INTERVAL '5 seconds', INTERVAL '20 seconds')
+         WHERE window_end > arrival_wm
+         GROUP BY k, window_start, window_end",
+    ),
+    (
+        "CREATE STREAM s AS
+         SELECT k, window_start, window_end, count(*) AS n, sum(v) AS total, max(v) AS hi,
+                last_value(id ORDER BY ts, seq) AS last_id
          FROM SESSION(events, ts, INTERVAL '4 seconds') GROUP BY k, window_start, window_end",
         "WITH on_time AS (SELECT * FROM events WHERE ts >= arrival_wm),
          marked AS (
@@ -268,7 +293,8 @@ const CASES: &[(&str, &str)] = &[
          numbered AS (
              SELECT *, sum(starts_session) OVER (PARTITION BY k ORDER BY ts ROWS UNBOUNDED PRECEDING) AS session
              FROM marked)
-         SELECT k, min(ts), max(ts) + INTERVAL '4 seconds', count(*), sum(v), max(v)
+         SELECT k, min(ts), max(ts) + INTERVAL '4 seconds', count(*), sum(v), max(v),
+                last_value(id ORDER BY ts, seq)
          FROM numbered GROUP BY k, session",
     ),
     (

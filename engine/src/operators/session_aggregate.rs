@@ -31,7 +31,7 @@ use arrow::row::{RowConverter, SortField};
 use datafusion::logical_expr::EmitTo;
 use datafusion::physical_expr::PhysicalExpr;
 
-use super::window_aggregate::create_accumulators;
+use super::window_aggregate::{aggregate_inputs, create_accumulators};
 use super::{WindowAggregateSpec, bad_row};
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
@@ -198,8 +198,7 @@ impl SessionAggregate {
         }
         let mut accumulators = create_accumulators(&self.spec.aggregates)?;
         for (agg, acc) in self.spec.aggregates.iter().zip(&mut accumulators) {
-            let args = agg
-                .expressions()
+            let args = aggregate_inputs(agg)
                 .iter()
                 .map(|e| Ok(e.evaluate(&rows)?.into_array(n)?))
                 .collect::<Result<Vec<_>>>()?;

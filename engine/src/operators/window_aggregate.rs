@@ -176,6 +176,15 @@ impl WindowAggregate {
     }
 }
 
+/// What an aggregate's accumulator is fed, in order: its arguments, then the expressions of
+/// its `ORDER BY` (`first_value(x ORDER BY ts)`), as DataFusion's aggregation feeds them.
+pub(crate) fn aggregate_inputs(agg: &AggregateFunctionExpr) -> Vec<Arc<dyn PhysicalExpr>> {
+    let all = agg.all_expressions();
+    let mut inputs = all.args;
+    inputs.extend(all.order_by_exprs);
+    inputs
+}
+
 /// One fresh groups accumulator per aggregate: DataFusion's own where the aggregate has one,
 /// an adapter over its plain accumulator otherwise.
 pub(crate) fn create_accumulators(
@@ -301,7 +310,7 @@ impl Operator for WindowAggregate {
             .aggregates
             .iter()
             .map(|agg| {
-                agg.expressions()
+                aggregate_inputs(agg)
                     .iter()
                     .map(|e| Ok(e.evaluate(&batch)?.into_array(n)?))
                     .collect::<Result<Vec<_>>>()
