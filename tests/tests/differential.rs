@@ -1,8 +1,9 @@
 //! Differential tests of the stateful operators, the acceptance test of event-time
-//! processing: each stream query is planned by Sluice's planner and run by its operators over
-//! random events — out of order, cut into batches at random, under a random watermark delay,
-//! some of them late — and what the stream emits must equal what DataFusion returns for the
-//! same query in batch over the events that were on time.
+//! processing: each stream query is planned by Sluice's planner and run by its stream task
+//! over random events — out of order, cut into batches at random, under a random watermark
+//! delay, some of them late, in 1–3 subtasks — and what lands in the lake (the Parquet files
+//! of the processed zone, read back) must equal what DataFusion returns for the same query in
+//! batch over the events that were on time.
 //!
 //! Every event carries `arrival_wm`, the watermark in force when its batch arrived, so the
 //! batch reference can say which events (or, for windows, which of an event's windows) were
@@ -19,11 +20,14 @@ use arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use proptest::prelude::*;
+use sluice_connectors::lake::{Lake, LakeWriterConfig, ParquetLakeWriter};
 use sluice_engine::pipeline::{Branch, StreamTask};
+use sluice_engine::sink::run_sink;
 use sluice_engine::{EventTime, FanOut, HashRouter, Message, OperatorChain};
 use sluice_sql::parser::SluiceStatement;
 use sluice_sql::window::WindowTablePlanner;
 use sluice_sql::{ObjectKind, Relation, parse_sql, plan_stream};
+use sluice_tests::{files_with_ext, read_parquet};
 use tokio_util::sync::CancellationToken;
 
 /// 2024-01-01T00:00:00Z, µs.
@@ -121,7 +125,8 @@ fn relations() -> BTreeMap<String, Relation> {
 
 /// Runs `sql` (a `CREATE STREAM`) over `input` with Sluice's planner and its stream task —
 /// branches, merge, the stateful chain in `parallelism` subtasks routed by key — fed through
-/// a real `FanOut`, a watermark after each batch, then `End`. Returns the emitted rows.
+/// a real `FanOut`, a watermark after each batch, then `End`, into the lake writer. Returns
+/// the rows of the Parquet files written.
 async fn run_stream(sql: &str, input: &Input, parallelism: usize) -> Vec<String> {
     let stmt = match parse_sql(sql).unwrap().pop().unwrap() {
         SluiceStatement::CreateStream(c) => c,
@@ -160,18 +165,17 @@ async fn run_stream(sql: &str, input: &Input, parallelism: usize) -> Vec<String>
         bad_records: bad_tx,
         cancel: CancellationToken::new(),
     };
-    let mut results = output.subscribe(16);
-    let collect = tokio::spawn(async move {
-        let mut emitted = vec![];
-        while let Some(m) = results.recv().await {
-            match m {
-                Message::Data(b) => emitted.push(b),
-                Message::End => break,
-                _ => {}
-            }
-        }
-        emitted
-    });
+    let lake_dir = tempfile::tempdir().unwrap();
+    let lake = Lake::open(lake_dir.path().to_str().unwrap()).unwrap();
+    let writer = ParquetLakeWriter::new(
+        lake,
+        "s",
+        &plan.output_schema,
+        plan.event_time_column.as_deref(),
+        LakeWriterConfig::default(),
+        Arc::default(),
+    );
+    let written = tokio::spawn(run_sink(output.subscribe(16), Box::new(writer)));
     tokio::spawn(async move { while bad_rx.recv().await.is_some() {} });
     let running = tokio::spawn(task.run());
     for (batch, wm) in input.batches.iter().zip(&input.watermarks) {
@@ -180,7 +184,12 @@ async fn run_stream(sql: &str, input: &Input, parallelism: usize) -> Vec<String>
     }
     source.send(Message::End).await;
     running.await.unwrap().unwrap();
-    rows(&collect.await.unwrap())
+    written.await.unwrap().unwrap();
+    let batches: Vec<RecordBatch> = files_with_ext(&lake_dir.path().join("processed/s"), "parquet")
+        .iter()
+        .flat_map(|f| read_parquet(f))
+        .collect();
+    rows(&batches)
 }
 
 /// DataFusion's batch answer to `sql` over every event of `input`.
