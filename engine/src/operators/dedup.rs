@@ -36,7 +36,7 @@ use arrow::row::{RowConverter, SortField};
 use datafusion::physical_expr::PhysicalExpr;
 use hashbrown::HashTable;
 
-use super::{Lateness, bad_row};
+use super::{ForwardedWatermark, Lateness, bad_row, evaluate_all};
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
 use crate::time::EventTime;
@@ -197,8 +197,7 @@ pub struct Dedup {
     /// Batches holding candidates, with the number of candidates each still holds.
     batches: HashMap<u64, (RecordBatch, usize)>,
     next_batch: u64,
-    /// The last watermark forwarded.
-    forwarded: i64,
+    forwarded: ForwardedWatermark,
     row_number: bool,
 }
 
@@ -241,7 +240,7 @@ impl Dedup {
             queue: BinaryHeap::new(),
             batches: HashMap::new(),
             next_batch: 0,
-            forwarded: i64::MIN,
+            forwarded: ForwardedWatermark::default(),
             row_number: n_out == n_in + 1,
             spec,
         })
@@ -317,14 +316,9 @@ impl Dedup {
 
     /// Forwards the horizon, held back to the earliest candidate still held.
     fn forward_watermark(&mut self, out: &mut Collector) {
-        let mut wm = self.horizon();
-        if let Some(Reverse((ts, _))) = self.queue.peek() {
-            wm = wm.min(*ts);
-        }
-        if wm > self.forwarded {
-            self.forwarded = wm;
-            out.emit_watermark(EventTime(wm));
-        }
+        let held = self.queue.peek().map(|Reverse((ts, _))| *ts);
+        let horizon = self.horizon();
+        self.forwarded.advance(horizon, held, out);
     }
 }
 
@@ -335,12 +329,7 @@ impl Operator for Dedup {
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
         let n = batch.num_rows();
-        let keys: Vec<ArrayRef> = self
-            .spec
-            .keys
-            .iter()
-            .map(|e| e.evaluate(&batch).and_then(|v| v.into_array(n)))
-            .collect::<datafusion::error::Result<_>>()?;
+        let keys = evaluate_all(&self.spec.keys, &batch)?;
         let rows = self.converter.convert_columns(&keys)?;
         let ts = batch
             .column(self.spec.event_time)

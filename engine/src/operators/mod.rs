@@ -73,6 +73,40 @@ impl Lateness {
     }
 }
 
+/// Evaluates `exprs` over `batch`, one array each.
+pub(crate) fn evaluate_all(
+    exprs: &[std::sync::Arc<dyn datafusion::physical_expr::PhysicalExpr>],
+    batch: &RecordBatch,
+) -> crate::error::Result<Vec<arrow::array::ArrayRef>> {
+    let n = batch.num_rows();
+    Ok(exprs
+        .iter()
+        .map(|e| e.evaluate(batch).and_then(|v| v.into_array(n)))
+        .collect::<datafusion::error::Result<_>>()?)
+}
+
+/// The watermark a stateful operator forwards: its horizon, held back to the earliest event
+/// time it may still emit, never going back.
+#[derive(Debug)]
+pub(crate) struct ForwardedWatermark(i64);
+
+impl Default for ForwardedWatermark {
+    fn default() -> Self {
+        Self(i64::MIN)
+    }
+}
+
+impl ForwardedWatermark {
+    /// Emits `min(horizon, held)` if it advanced.
+    pub(crate) fn advance(&mut self, horizon: i64, held: Option<i64>, out: &mut Collector) {
+        let wm = held.map_or(horizon, |h| h.min(horizon));
+        if wm > self.0 {
+            self.0 = wm;
+            out.emit_watermark(crate::time::EventTime(wm));
+        }
+    }
+}
+
 /// Renders row `row` of `batch` as one JSON object, for the errors zone.
 pub fn row_to_json(batch: &RecordBatch, row: usize) -> String {
     let slice = batch.slice(row, 1);

@@ -32,7 +32,7 @@ use datafusion::logical_expr::EmitTo;
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::window_aggregate::{aggregate_inputs, create_accumulators};
-use super::{WindowAggregateSpec, bad_row};
+use super::{ForwardedWatermark, WindowAggregateSpec, bad_row, evaluate_all};
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
 use crate::time::EventTime;
@@ -63,7 +63,7 @@ pub struct SessionAggregate {
     batches: HashMap<u64, (RecordBatch, usize)>,
     next_batch: u64,
     watermark: Option<i64>,
-    forwarded: i64,
+    forwarded: ForwardedWatermark,
     origin: String,
 }
 
@@ -117,7 +117,7 @@ impl SessionAggregate {
             batches: HashMap::new(),
             next_batch: 0,
             watermark: None,
-            forwarded: i64::MIN,
+            forwarded: ForwardedWatermark::default(),
             origin: origin.into(),
         })
     }
@@ -220,15 +220,11 @@ impl SessionAggregate {
         Ok(())
     }
 
+    /// Forwards the horizon, held back to the earliest open session's start.
     fn forward_watermark(&mut self, out: &mut Collector) {
-        let mut wm = self.horizon();
-        if let Some((start, _)) = self.starts.first_key_value() {
-            wm = wm.min(*start);
-        }
-        if wm > self.forwarded {
-            self.forwarded = wm;
-            out.emit_watermark(EventTime(wm));
-        }
+        let held = self.starts.first_key_value().map(|(start, _)| *start);
+        let horizon = self.horizon();
+        self.forwarded.advance(horizon, held, out);
     }
 }
 
@@ -239,11 +235,7 @@ impl Operator for SessionAggregate {
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
         let n = batch.num_rows();
-        let keys: Vec<ArrayRef> = self
-            .keys
-            .iter()
-            .map(|e| e.evaluate(&batch).and_then(|v| v.into_array(n)))
-            .collect::<datafusion::error::Result<_>>()?;
+        let keys = evaluate_all(&self.keys, &batch)?;
         let rows = self.converter.convert_columns(&keys)?;
         let times = self.spec.group_exprs[self.spec.window_start]
             .evaluate(&batch)?

@@ -27,7 +27,7 @@ use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
 use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
-use super::{Lateness, bad_row};
+use super::{ForwardedWatermark, Lateness, bad_row, evaluate_all};
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
 use crate::time::EventTime;
@@ -68,8 +68,7 @@ pub struct WindowAggregate {
     key_schema: SchemaRef,
     windows: BTreeMap<i64, Window>,
     watermark: Option<i64>,
-    /// The last watermark forwarded.
-    forwarded: i64,
+    forwarded: ForwardedWatermark,
     origin: String,
 }
 
@@ -107,7 +106,7 @@ impl WindowAggregate {
             spec,
             windows: BTreeMap::new(),
             watermark: None,
-            forwarded: i64::MIN,
+            forwarded: ForwardedWatermark::default(),
             origin: origin.into(),
         };
         // An aggregate that cannot run on these types fails here, at CREATE time, rather
@@ -212,11 +211,7 @@ impl Operator for WindowAggregate {
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
         let n = batch.num_rows();
-        let keys: Vec<ArrayRef> = self
-            .keys
-            .iter()
-            .map(|e| e.evaluate(&batch).and_then(|v| v.into_array(n)))
-            .collect::<datafusion::error::Result<_>>()?;
+        let keys = evaluate_all(&self.keys, &batch)?;
         let micros = |i: usize| -> Result<TimestampMicrosecondArray> {
             self.spec.group_exprs[i]
                 .evaluate(&batch)?
@@ -343,11 +338,7 @@ impl Operator for WindowAggregate {
             self.emit(end, out)?;
         }
         let held = self.windows.values().map(|w| w.start).min();
-        let forward = held.map_or(horizon, |s| s.min(horizon));
-        if forward > self.forwarded {
-            self.forwarded = forward;
-            out.emit_watermark(EventTime(forward));
-        }
+        self.forwarded.advance(horizon, held, out);
         Ok(())
     }
 
