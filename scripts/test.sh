@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Sluice's whole test suite, on a fresh machine: installs the clients the tests use, then
-# checks formatting and lints and runs every test (unit, .slt, end-to-end over real sockets
-# with tokio-postgres, psql, HTTP and Parquet readers).
+# Sluice's whole test suite, on a fresh machine: installs the clients the tests use, starts
+# the services they talk to (scripts/services.sh: a Kafka-protocol broker on 127.0.0.1; stopped
+# on exit), then checks formatting and lints and runs every test (unit, .slt, end-to-end over
+# real sockets with tokio-postgres, psql, HTTP, Kafka clients and Parquet readers).
 #
 #   scripts/test.sh
 #
@@ -27,6 +28,10 @@ need_psql() {
 }
 
 need_psql
+
+say "services (Kafka-protocol broker)"
+trap 'scripts/services.sh stop' EXIT
+eval "$(scripts/services.sh start)"
 
 say "rustfmt"
 cargo fmt --all -- --check

@@ -229,7 +229,7 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
     };
     let reader = def
         .config
-        .reader(Arc::clone(&def.schema))
+        .reader(&def.name, Arc::clone(&def.schema))
         .context("datagen has a reader")?;
     let cancel = CancellationToken::new();
     let source_out = FanOut::new("clicks");

@@ -14,6 +14,7 @@ pub mod datagen;
 pub mod error;
 pub mod formats;
 pub mod http;
+pub mod kafka;
 pub mod lake;
 pub mod registry;
 

@@ -6,12 +6,14 @@ use sluice_engine::{SourceReader, WithOptions};
 use crate::datagen::{DatagenConfig, DatagenReader};
 use crate::error::{ConnectorError, Result};
 use crate::http::HttpConfig;
+use crate::kafka::{KafkaConfig, KafkaReader};
+use crate::lake::{Lake, RecordZone, Zone};
 
 /// Source connectors this build provides.
-pub const SOURCE_CONNECTORS: &[&str] = &["datagen", "http"];
+pub const SOURCE_CONNECTORS: &[&str] = &["datagen", "http", "kafka"];
 
 /// Connectors that are planned but not in this build yet (named in errors so users know).
-const PLANNED_CONNECTORS: &[&str] = &["kafka", "kinesis", "s3"];
+const PLANNED_CONNECTORS: &[&str] = &["kinesis", "s3"];
 
 /// The validated configuration of a source, by connector.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +22,8 @@ pub enum SourceConfig {
     Datagen(DatagenConfig),
     /// `connector = 'http'`.
     Http(HttpConfig),
+    /// `connector = 'kafka'`.
+    Kafka(KafkaConfig),
 }
 
 impl SourceConfig {
@@ -28,14 +32,42 @@ impl SourceConfig {
         match self {
             SourceConfig::Datagen(_) => "datagen",
             SourceConfig::Http(_) => "http",
+            SourceConfig::Kafka(_) => "kafka",
         }
     }
 
-    /// The reader task of a pull-based source; `None` for push-based ones (`http`).
-    pub fn reader(&self, schema: SchemaRef) -> Option<Box<dyn SourceReader>> {
+    /// A stream's reader of pull-based source `name`; `None` for push-based ones (`http`).
+    pub fn reader(&self, name: &str, schema: SchemaRef) -> Option<Box<dyn SourceReader>> {
         match self {
             SourceConfig::Datagen(c) => Some(Box::new(DatagenReader::new(c.clone(), schema))),
             SourceConfig::Http(_) => None,
+            SourceConfig::Kafka(c) => {
+                Some(Box::new(KafkaReader::for_stream(name, c.clone(), schema)))
+            }
+        }
+    }
+
+    /// The source's own reader, for connectors that archive raw records and report bad ones
+    /// once per source (not once per stream): it publishes nothing. `lake` holds the raw zone.
+    pub fn archiver(
+        &self,
+        name: &str,
+        schema: SchemaRef,
+        lake: &Lake,
+    ) -> Option<Box<dyn SourceReader>> {
+        match self {
+            SourceConfig::Kafka(c) => {
+                let raw = c
+                    .raw_zone
+                    .then(|| RecordZone::new(lake.clone(), Zone::Raw, name));
+                Some(Box::new(KafkaReader::archiver(
+                    name,
+                    c.clone(),
+                    schema,
+                    raw,
+                )))
+            }
+            SourceConfig::Datagen(_) | SourceConfig::Http(_) => None,
         }
     }
 }
@@ -53,6 +85,7 @@ pub fn source_config(mut opts: WithOptions, schema: &SchemaRef) -> Result<Source
     let config = match connector.to_ascii_lowercase().as_str() {
         "datagen" => SourceConfig::Datagen(DatagenConfig::try_new(&mut opts, schema)?),
         "http" => SourceConfig::Http(HttpConfig::try_new(&mut opts)?),
+        "kafka" => SourceConfig::Kafka(KafkaConfig::try_new(&mut opts)?),
         other if PLANNED_CONNECTORS.contains(&other) => {
             return Err(ConnectorError::InvalidConfig(format!(
                 "{owner}: connector `{other}` is not available in this build yet (available: {})",

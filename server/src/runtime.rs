@@ -147,6 +147,26 @@ pub fn start_source(
         }
         _ => None,
     };
+    if let Some(archiver) = def
+        .config
+        .archiver(&def.name, Arc::clone(&def.schema), lake)
+    {
+        let ctx = SourceContext {
+            output: fanout.clone(),
+            metrics: Arc::clone(&metrics),
+            bad_records: errors_channel(lake, &def.name),
+            cancel: cancel.clone(),
+            watermark: def.watermark.clone(),
+        };
+        let status = Arc::clone(&status);
+        let name = def.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = archiver.run(ctx).await {
+                tracing::error!(source = %name, error = %e, "the source's reader failed");
+                *status.lock().unwrap_or_else(|e| e.into_inner()) = Status::Failed(e.to_string());
+            }
+        });
+    }
     Ok(RunningSource {
         def,
         fanout,
@@ -192,12 +212,15 @@ impl PendingReader {
         metrics: Arc<Metrics>,
         cancel: &CancellationToken,
     ) -> Result<Self> {
-        let reader = def.config.reader(Arc::clone(&def.schema)).ok_or_else(|| {
-            ServerError::Internal(format!(
-                "connector `{}` has no reader",
-                def.config.connector()
-            ))
-        })?;
+        let reader = def
+            .config
+            .reader(&def.name, Arc::clone(&def.schema))
+            .ok_or_else(|| {
+                ServerError::Internal(format!(
+                    "connector `{}` has no reader",
+                    def.config.connector()
+                ))
+            })?;
         let output = FanOut::new(def.name.as_str());
         let ctx = SourceContext {
             output: output.clone(),

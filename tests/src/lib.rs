@@ -137,3 +137,15 @@ pub fn read_parquet(path: &Path) -> Vec<arrow::record_batch::RecordBatch> {
         .collect::<Result<Vec<_>, _>>()
         .expect("readable batches")
 }
+
+/// The Kafka-protocol broker the tests use (`SLUICE_TEST_KAFKA`, set by `scripts/test.sh`
+/// through `scripts/services.sh`). Panics when it is not set: a test that needs a broker
+/// never passes without one.
+pub fn kafka_brokers() -> String {
+    std::env::var("SLUICE_TEST_KAFKA").unwrap_or_else(|_| {
+        panic!(
+            "SLUICE_TEST_KAFKA is not set: run the tests with scripts/test.sh, which starts a \
+             Kafka-protocol broker, or first `eval \"$(scripts/services.sh start)\"`"
+        )
+    })
+}

@@ -1,0 +1,118 @@
+//! `kafka`: a source reading one topic of a Kafka-protocol broker (rdkafka, bundled
+//! librdkafka).
+//!
+//! ```sql
+//! CREATE SOURCE orders (order_id TEXT NOT NULL, amount DOUBLE, ts TIMESTAMP NOT NULL,
+//!                       WATERMARK FOR ts AS ts - INTERVAL '5 seconds')
+//! WITH (connector = 'kafka', brokers = '127.0.0.1:9092', topic = 'orders',
+//!       format = 'json', start = 'earliest', raw_zone = 'true');
+//! ```
+//!
+//! Options:
+//! - `brokers` (required) — bootstrap servers, `host:port[,host:port…]`.
+//! - `topic` (required) — the topic; every partition is read.
+//! - `format` — `json` (the default; one JSON object per record value).
+//! - `start` — `earliest` (the default) or `latest`: where a stream starts reading.
+//! - `raw_zone` — `true` archives every record value as received under `raw/<source>/…`
+//!   before it is decoded (default `false`).
+//! - `batch_size` — records per batch at most (default 8192); a batch is also cut after
+//!   `linger` (default `50 ms`) so a quiet topic still flows.
+//! - `properties.<name>` — passed to librdkafka as is (e.g. `properties.security.protocol`).
+//!
+//! A record that fails to decode or to fit the declared schema goes to `errors/<source>/…`
+//! with its value, the reason and its topic/partition/offset, and is counted; the others go
+//! on. Watermarks are kept per partition (largest event time seen in that partition minus
+//! the declared delay); the source's watermark is the smallest over the partitions, so a
+//! partition that lags holds event time back — and one that has gone quiet for the source's
+//! `idle_timeout` stops doing so until it delivers again.
+//!
+//! Each stream reading the source has its own reader, assigned every partition (no consumer
+//! group coordination), as a Flink or RisingWave job reads a topic. The source itself runs
+//! one more reader, which archives the raw values and reports the bad records — once for the
+//! source, however many streams read it.
+
+mod source;
+
+pub use source::{KafkaReader, ReaderRole};
+
+use std::time::Duration;
+
+use sluice_engine::WithOptions;
+
+use crate::error::{ConnectorError, Result};
+
+/// Where a reader starts in each partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartPosition {
+    /// The oldest record still in the partition.
+    Earliest,
+    /// Only records produced after the reader starts.
+    Latest,
+}
+
+/// Validated options of a `kafka` source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaConfig {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// The topic.
+    pub topic: String,
+    /// Where to start.
+    pub start: StartPosition,
+    /// Archive raw record values under `raw/<source>/`.
+    pub raw_zone: bool,
+    /// Records per batch at most.
+    pub batch_size: usize,
+    /// How long a batch waits for more records.
+    pub linger: Duration,
+    /// Extra librdkafka properties.
+    pub properties: Vec<(String, String)>,
+}
+
+impl KafkaConfig {
+    /// Takes the `kafka` options from `opts`.
+    pub fn try_new(opts: &mut WithOptions) -> Result<Self> {
+        let brokers = opts.take_required("brokers")?;
+        let topic = opts.take_required("topic")?;
+        if let Some(format) = opts.take_str("format") {
+            match format.to_ascii_lowercase().as_str() {
+                "json" => {}
+                "avro" | "csv" => {
+                    return Err(ConnectorError::InvalidConfig(format!(
+                        "{}: format `{format}` is not available for kafka in this build yet (available: json)",
+                        opts.owner()
+                    )));
+                }
+                _ => return Err(opts.bad("format", &format, "'json'").into()),
+            }
+        }
+        let start = match opts.take_str("start") {
+            None => StartPosition::Earliest,
+            Some(s) => match s.to_ascii_lowercase().as_str() {
+                "earliest" => StartPosition::Earliest,
+                "latest" => StartPosition::Latest,
+                _ => return Err(opts.bad("start", &s, "'earliest' or 'latest'").into()),
+            },
+        };
+        let raw_zone = opts.take_bool("raw_zone")?.unwrap_or(false);
+        let batch_size: usize = opts
+            .take_parsed("batch_size", "a positive integer")?
+            .unwrap_or(8192);
+        if batch_size == 0 {
+            return Err(opts.bad("batch_size", "0", "a positive integer").into());
+        }
+        let linger = opts
+            .take_duration("linger")?
+            .unwrap_or(Duration::from_millis(50));
+        let properties = opts.take_prefixed("properties.");
+        Ok(Self {
+            brokers,
+            topic,
+            start,
+            raw_zone,
+            batch_size,
+            linger,
+            properties,
+        })
+    }
+}

