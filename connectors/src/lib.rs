@@ -19,4 +19,4 @@ pub mod lake;
 pub mod registry;
 
 pub use error::{ConnectorError, Result};
-pub use registry::{SourceConfig, source_config};
+pub use registry::{SinkConfig, SourceConfig, sink_config, source_config};

@@ -102,3 +102,60 @@ pub fn source_config(mut opts: WithOptions, schema: &SchemaRef) -> Result<Source
     opts.finish()?;
     Ok(config)
 }
+
+/// Sink connectors this build provides.
+pub const SINK_CONNECTORS: &[&str] = &["kafka"];
+
+/// The validated configuration of a sink, by connector.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkConfig {
+    /// `connector = 'kafka'`.
+    Kafka(crate::kafka::KafkaSinkConfig),
+}
+
+impl SinkConfig {
+    /// The connector's name as written in `WITH (connector = …)`.
+    pub fn connector(&self) -> &'static str {
+        match self {
+            SinkConfig::Kafka(_) => "kafka",
+        }
+    }
+
+    /// The running sink, named `name`.
+    pub fn sink(&self, name: &str) -> Result<Box<dyn sluice_engine::Sink>> {
+        match self {
+            SinkConfig::Kafka(c) => {
+                Ok(Box::new(crate::kafka::KafkaSink::try_new(name, c.clone())?))
+            }
+        }
+    }
+}
+
+/// Validates the options of a sink of rows of `schema`: takes `connector` and that
+/// connector's options from `opts`, then fails on any option left over.
+pub fn sink_config(mut opts: WithOptions, schema: &arrow::datatypes::Schema) -> Result<SinkConfig> {
+    let owner = opts.owner().to_string();
+    let Some(connector) = opts.take_str("connector") else {
+        return Err(ConnectorError::InvalidConfig(format!(
+            "{owner}: option `connector` is required (one of: {})",
+            SINK_CONNECTORS.join(", ")
+        )));
+    };
+    let config = match connector.to_ascii_lowercase().as_str() {
+        "kafka" => SinkConfig::Kafka(crate::kafka::KafkaSinkConfig::try_new(&mut opts, schema)?),
+        "kinesis" => {
+            return Err(ConnectorError::InvalidConfig(format!(
+                "{owner}: sink connector `kinesis` is not available in this build yet (available: {})",
+                SINK_CONNECTORS.join(", ")
+            )));
+        }
+        other => {
+            return Err(ConnectorError::InvalidConfig(format!(
+                "{owner}: sink connector `{other}` is not known (available: {})",
+                SINK_CONNECTORS.join(", ")
+            )));
+        }
+    };
+    opts.finish()?;
+    Ok(config)
+}

@@ -12,7 +12,7 @@ use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 use sluice_connectors::http::HttpIngest;
 use sluice_connectors::lake::Lake;
-use sluice_sql::parser::{CreateSource, CreateStream};
+use sluice_sql::parser::{CreateSink, CreateSource, CreateStream};
 use sluice_sql::{
     ObjectKind, Relation, SluiceStatement, SqlError, parse_sql, plan_stream, source_def,
 };
@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 use crate::adhoc::{AdHoc, PARTITION_COLUMNS};
 use crate::catalog::{self, Entry};
 use crate::error::{Result, ServerError};
-use crate::runtime::{Input, RunningSource, RunningStream, start_source, start_stream};
+use crate::runtime::{
+    Input, RunningSink, RunningSource, RunningStream, start_sink, start_source, start_stream,
+};
 use crate::show;
 
 /// How long `DROP` waits for a pipeline to flush and stop.
@@ -103,12 +105,15 @@ enum Named {
     Source,
     /// A stream.
     Stream,
+    /// A sink.
+    Sink,
 }
 
 #[derive(Debug, Default)]
 struct State {
     sources: BTreeMap<String, RunningSource>,
     streams: BTreeMap<String, RunningStream>,
+    sinks: BTreeMap<String, RunningSink>,
     /// The catalog, in creation order.
     entries: Vec<Entry>,
 }
@@ -119,6 +124,8 @@ impl State {
             Some(ObjectKind::Source)
         } else if self.streams.contains_key(name) {
             Some(ObjectKind::Stream)
+        } else if self.sinks.contains_key(name) {
+            Some(ObjectKind::Sink)
         } else {
             None
         }
@@ -162,13 +169,32 @@ impl State {
         r
     }
 
-    /// Streams reading `name`.
-    fn readers_of(&self, name: &str) -> Vec<String> {
-        self.streams
+    /// Streams and sinks reading `name`.
+    fn readers_of(&self, name: &str) -> Vec<(ObjectKind, String)> {
+        let streams = self
+            .streams
             .iter()
             .filter(|(_, s)| s.plan.inputs.contains(name))
-            .map(|(n, _)| n.clone())
-            .collect()
+            .map(|(n, _)| (ObjectKind::Stream, n.clone()));
+        let sinks = self
+            .sinks
+            .iter()
+            .filter(|(_, s)| s.create.from == name)
+            .map(|(n, _)| (ObjectKind::Sink, n.clone()));
+        streams.chain(sinks).collect()
+    }
+
+    /// What a stream or sink reading `name` subscribes to.
+    fn input(&self, name: &str) -> Option<Input> {
+        self.sources
+            .get(name)
+            .map(RunningSource::input)
+            .or_else(|| {
+                self.streams.get(name).map(|s| Input::Hub {
+                    hub: s.fanout.clone(),
+                    idle_timeout: None,
+                })
+            })
     }
 }
 
@@ -191,6 +217,7 @@ impl Sluice {
                 Ok(mut stmts) if stmts.len() == 1 => match stmts.remove(0) {
                     SluiceStatement::CreateSource(c) => sluice.create_source(*c, false).await,
                     SluiceStatement::CreateStream(c) => sluice.create_stream(*c, false).await,
+                    SluiceStatement::CreateSink(c) => sluice.create_sink(*c, false).await,
                     other => Err(ServerError::Internal(format!(
                         "unexpected catalog statement {other:?}"
                     ))),
@@ -225,6 +252,7 @@ impl Sluice {
             Some(Named::Http(h)) => Ok(Some(Arc::clone(h))),
             Some(Named::Source) => Err(format!("source `{name}` is not an http source")),
             Some(Named::Stream) => Err(format!("`{name}` is a stream, not a source")),
+            Some(Named::Sink) => Err(format!("`{name}` is a sink, not a source")),
             None => Ok(None),
         }
     }
@@ -248,13 +276,18 @@ impl Sluice {
         let mut state = self.inner.state.lock().await;
         let streams = std::mem::take(&mut state.streams);
         let sources = std::mem::take(&mut state.sources);
+        let sinks = std::mem::take(&mut state.sinks);
         self.directory_mut().clear();
-        // Stop sources first, so streams drain what is in flight and end on `End`.
+        // Stop sources first, so streams drain what is in flight and end on `End`; sinks
+        // deliver what reaches them before their input ends.
         for (_, s) in sources {
             s.stop(STOP_TIMEOUT).await;
         }
         for (_, s) in streams {
             s.stop(STOP_TIMEOUT).await;
+        }
+        for (_, s) in sinks {
+            s.drain(STOP_TIMEOUT).await;
         }
         self.inner.shutdown.cancel();
     }
@@ -295,6 +328,7 @@ impl Sluice {
         Ok(match stmt {
             SluiceStatement::Show(ObjectKind::Source) => Some(show::sources_schema()),
             SluiceStatement::Show(ObjectKind::Stream) => Some(show::streams_schema()),
+            SluiceStatement::Show(ObjectKind::Sink) => Some(show::sinks_schema()),
             SluiceStatement::Describe(_) => Some(show::describe_schema()),
             SluiceStatement::ExplainStream(_) => Some(explain_schema()),
             SluiceStatement::Other(s) if is_query(&s) => {
@@ -316,6 +350,7 @@ impl Sluice {
         match stmt {
             SluiceStatement::CreateSource(c) => self.create_source(*c, true).await,
             SluiceStatement::CreateStream(c) => self.create_stream(*c, true).await,
+            SluiceStatement::CreateSink(c) => self.create_sink(*c, true).await,
             SluiceStatement::ExplainStream(c) => {
                 let state = self.inner.state.lock().await;
                 let plan = plan_stream(&c, &state.relations()).await?;
@@ -344,6 +379,7 @@ impl Sluice {
                 let batch = match kind {
                     ObjectKind::Source => show::sources(state.sources.values()),
                     ObjectKind::Stream => show::streams(state.streams.values()),
+                    ObjectKind::Sink => show::sinks(state.sinks.values()),
                 }
                 .map_err(|e| ServerError::Internal(e.to_string()))?;
                 Ok(Outcome::Rows {
@@ -427,14 +463,7 @@ impl Sluice {
                 &self.inner.lake,
                 c.clone(),
                 plan,
-                |n| {
-                    st.sources.get(n).map(RunningSource::input).or_else(|| {
-                        st.streams.get(n).map(|s| Input::Hub {
-                            hub: s.fanout.clone(),
-                            idle_timeout: None,
-                        })
-                    })
-                },
+                |n| st.input(n),
                 &self.inner.shutdown,
             )?
         };
@@ -444,6 +473,49 @@ impl Sluice {
         self.record(
             &mut state,
             ObjectKind::Stream,
+            &c.name,
+            c.to_string(),
+            persist,
+        )
+        .await?;
+        Ok(tag)
+    }
+
+    async fn create_sink(&self, c: CreateSink, persist: bool) -> Result<Outcome> {
+        let tag = Outcome::Command("CREATE SINK".into());
+        let mut state = self.inner.state.lock().await;
+        if state.exists_already(&c.name, ObjectKind::Sink, c.if_not_exists)? {
+            return Ok(tag);
+        }
+        let relations = state.relations();
+        let Some(from) = relations.get(&c.from) else {
+            return Err(SqlError::UndefinedObject(format!(
+                "sink `{}`: there is no source or stream `{}`",
+                c.name, c.from
+            ))
+            .into());
+        };
+        let opts = sluice_engine::WithOptions::new(
+            format!("sink `{}`", c.name),
+            c.options.iter().cloned(),
+        );
+        let config = sluice_connectors::sink_config(opts, &from.schema)
+            .map_err(|e| SqlError::InvalidOption(e.to_string()))?;
+        let input = state
+            .input(&c.from)
+            .ok_or_else(|| ServerError::Internal(format!("`{}` is not running", c.from)))?;
+        let running = start_sink(
+            &self.inner.lake,
+            c.clone(),
+            config,
+            input,
+            &self.inner.shutdown,
+        )?;
+        self.directory_mut().insert(c.name.clone(), Named::Sink);
+        state.sinks.insert(c.name.clone(), running);
+        self.record(
+            &mut state,
+            ObjectKind::Sink,
             &c.name,
             c.to_string(),
             persist,
@@ -492,12 +564,16 @@ impl Sluice {
                 }
             }
             let readers = state.readers_of(name);
-            let outside: Vec<&String> = readers.iter().filter(|r| !names.contains(r)).collect();
+            let outside: Vec<&(ObjectKind, String)> =
+                readers.iter().filter(|(_, r)| !names.contains(r)).collect();
             if !outside.is_empty() && !cascade {
                 return Err(SqlError::DependentObjects(format!(
-                    "cannot drop {kind} `{name}`: stream{} {} read{} it (use DROP … CASCADE to drop {} too)",
-                    if outside.len() > 1 { "s" } else { "" },
-                    outside.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "),
+                    "cannot drop {kind} `{name}`: {} read{} it (use DROP … CASCADE to drop {} too)",
+                    outside
+                        .iter()
+                        .map(|(k, s)| format!("{k} `{s}`"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     if outside.len() > 1 { "" } else { "s" },
                     if outside.len() > 1 { "them" } else { "it" },
                 ))
@@ -518,9 +594,16 @@ impl Sluice {
                         s.stop(STOP_TIMEOUT).await;
                     }
                 }
+                ObjectKind::Sink => {
+                    if let Some(s) = state.sinks.remove(&name) {
+                        s.stop(STOP_TIMEOUT).await;
+                    }
+                }
             }
             self.directory_mut().remove(&name);
-            self.inner.adhoc.deregister(&name)?;
+            if k != ObjectKind::Sink {
+                self.inner.adhoc.deregister(&name)?;
+            }
             state.entries.retain(|e| e.name != name);
         }
         self.persist(&mut state).await?;
@@ -596,8 +679,8 @@ fn collect_drop_order(
     name: &str,
     order: &mut Vec<(ObjectKind, String)>,
 ) {
-    for reader in state.readers_of(name) {
-        collect_drop_order(state, ObjectKind::Stream, &reader, order);
+    for (k, reader) in state.readers_of(name) {
+        collect_drop_order(state, k, &reader, order);
     }
     if !order.iter().any(|(_, n)| n == name) {
         order.push((kind, name.to_string()));

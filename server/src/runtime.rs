@@ -19,16 +19,16 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sluice_connectors::SourceConfig;
 use sluice_connectors::http::HttpIngest;
 use sluice_connectors::lake::{Lake, ParquetLakeWriter, RecordZone, Zone, run_errors_writer};
+use sluice_connectors::{SinkConfig, SourceConfig};
 use sluice_engine::pipeline::{Branch, StreamTask};
 use sluice_engine::sink::run_sink;
 use sluice_engine::{
     BadRecord, DEFAULT_CHANNEL_CAPACITY, FanOut, HashRouter, Message, Metrics, OperatorChain,
     SourceContext,
 };
-use sluice_sql::parser::CreateStream;
+use sluice_sql::parser::{CreateSink, CreateStream};
 use sluice_sql::{SourceDef, StreamPlan};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -437,5 +437,85 @@ impl RunningStream {
     /// Stops the stream, waiting until its open files are written.
     pub async fn stop(mut self, timeout: Duration) {
         stop(&self.cancel, self.done.take(), timeout).await;
+    }
+}
+
+/// A running sink.
+#[derive(Debug)]
+pub struct RunningSink {
+    /// The statement that made it.
+    pub create: CreateSink,
+    /// Its connector configuration.
+    pub config: SinkConfig,
+    /// Its state.
+    pub status: SharedStatus,
+    cancel: CancellationToken,
+    done: Option<JoinHandle<()>>,
+}
+
+/// Starts a sink delivering what `input` (the source or stream it reads) produces.
+pub fn start_sink(
+    lake: &Lake,
+    create: CreateSink,
+    config: SinkConfig,
+    input: Input,
+    parent: &CancellationToken,
+) -> Result<RunningSink> {
+    let cancel = parent.child_token();
+    let sink = config.sink(&create.name)?;
+    let (subscription, reader) = match input {
+        Input::Hub { hub, .. } => (hub.subscribe(DEFAULT_CHANNEL_CAPACITY), None),
+        Input::Reader { def, metrics } => {
+            let reader = PendingReader::new(lake, &def, metrics, &cancel)?;
+            let subscription = reader.output.subscribe(DEFAULT_CHANNEL_CAPACITY);
+            (subscription, Some(reader.start()))
+        }
+    };
+    let status: SharedStatus = Arc::new(Mutex::new(Status::Running));
+    let done = {
+        let status = Arc::clone(&status);
+        let cancel = cancel.clone();
+        let name = create.name.clone();
+        tokio::spawn(async move {
+            let result = tokio::select! {
+                r = run_sink(subscription, sink) => r,
+                _ = cancel.cancelled() => Ok(()),
+            };
+            cancel.cancel(); // stops its reader, if it has one
+            if let Some(reader) = reader {
+                let _ = reader.await;
+            }
+            *status.lock().unwrap_or_else(|e| e.into_inner()) = match result {
+                Ok(()) => Status::Finished,
+                Err(e) => {
+                    tracing::error!(sink = %name, error = %e, "sink failed");
+                    Status::Failed(e.to_string())
+                }
+            };
+        })
+    };
+    Ok(RunningSink {
+        create,
+        config,
+        status,
+        cancel,
+        done: Some(done),
+    })
+}
+
+impl RunningSink {
+    /// Stops the sink at once (`DROP SINK`).
+    pub async fn stop(mut self, timeout: Duration) {
+        stop(&self.cancel, self.done.take(), timeout).await;
+    }
+
+    /// Lets the sink deliver what is still coming (its input is ending), then stops it.
+    pub async fn drain(mut self, timeout: Duration) {
+        if let Some(done) = self.done.take()
+            && tokio::time::timeout(timeout, done).await.is_err()
+        {
+            tracing::warn!(sink = %self.create.name, "the sink did not finish within {timeout:?}");
+        }
+        self.cancel.cancel();
     }
 }

@@ -8,7 +8,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 
-use crate::runtime::{RunningSource, RunningStream, get};
+use crate::runtime::{RunningSink, RunningSource, RunningStream, get};
 
 fn ts_field(name: &str) -> Field {
     Field::new(
@@ -192,4 +192,34 @@ pub fn sql_type(t: &DataType) -> String {
         DataType::Decimal128(p, s) | DataType::Decimal256(p, s) => format!("DECIMAL({p},{s})"),
         other => other.to_string(),
     }
+}
+
+/// Columns of `SHOW SINKS`.
+pub fn sinks_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("connector", DataType::Utf8, false),
+        Field::new("from", DataType::Utf8, false),
+        Field::new("status", DataType::Utf8, false),
+    ]))
+}
+
+/// `SHOW SINKS`.
+pub fn sinks<'a>(sinks: impl Iterator<Item = &'a RunningSink>) -> Result<RecordBatch, ArrowError> {
+    let (mut name, mut connector, mut from, mut status) = (vec![], vec![], vec![], vec![]);
+    for s in sinks {
+        name.push(s.create.name.clone());
+        connector.push(s.config.connector().to_string());
+        from.push(s.create.from.clone());
+        status.push(get(&s.status).to_string());
+    }
+    RecordBatch::try_new(
+        sinks_schema(),
+        vec![
+            strings(name),
+            strings(connector),
+            strings(from),
+            strings(status),
+        ],
+    )
 }

@@ -7,8 +7,9 @@
 //! ) WITH (connector = '…', …);
 //! CREATE STREAM [IF NOT EXISTS] name [WITH (…)] AS SELECT …;
 //! EXPLAIN CREATE STREAM name AS SELECT …;      -- the pipeline, without creating it
-//! DROP SOURCE | STREAM [IF EXISTS] name [, …] [CASCADE | RESTRICT];
-//! SHOW SOURCES;  SHOW STREAMS;  DESCRIBE name;
+//! CREATE SINK [IF NOT EXISTS] name FROM source_or_stream WITH (connector = '…', …);
+//! DROP SOURCE | STREAM | SINK [IF EXISTS] name [, …] [CASCADE | RESTRICT];
+//! SHOW SOURCES;  SHOW STREAMS;  SHOW SINKS;  DESCRIBE name;
 //! ```
 //! Anything else is parsed by DataFusion and runs ad hoc.
 //!
@@ -24,13 +25,15 @@ use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
 use crate::error::{Result, SqlError};
 
-/// The two kinds of named relation Sluice manages.
+/// The kinds of named object Sluice manages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ObjectKind {
     /// `CREATE SOURCE`.
     Source,
     /// `CREATE STREAM`.
     Stream,
+    /// `CREATE SINK`.
+    Sink,
 }
 
 impl fmt::Display for ObjectKind {
@@ -38,6 +41,7 @@ impl fmt::Display for ObjectKind {
         f.write_str(match self {
             ObjectKind::Source => "source",
             ObjectKind::Stream => "stream",
+            ObjectKind::Sink => "sink",
         })
     }
 }
@@ -70,6 +74,19 @@ pub struct CreateStream {
     pub query: Box<Query>,
 }
 
+/// A parsed `CREATE SINK`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateSink {
+    /// The sink's name (case-folded).
+    pub name: String,
+    /// `IF NOT EXISTS` was given.
+    pub if_not_exists: bool,
+    /// The source or stream whose rows it delivers (case-folded).
+    pub from: String,
+    /// `WITH (…)` options.
+    pub options: Vec<(String, String)>,
+}
+
 /// One statement, as Sluice executes it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SluiceStatement {
@@ -77,6 +94,8 @@ pub enum SluiceStatement {
     CreateSource(Box<CreateSource>),
     /// `CREATE STREAM …`.
     CreateStream(Box<CreateStream>),
+    /// `CREATE SINK …`.
+    CreateSink(Box<CreateSink>),
     /// `EXPLAIN CREATE STREAM …`: show the pipeline without creating it.
     ExplainStream(Box<CreateStream>),
     /// `DROP SOURCE|STREAM …`.
@@ -149,6 +168,23 @@ fn parse_statement(p: &mut DFParser<'_>) -> PResult<SluiceStatement> {
             return Ok(SluiceStatement::CreateStream(Box::new(
                 parse_create_stream(p)?,
             )));
+        }
+        if peek_word(p, 1, "SINK") {
+            p.parser.next_token();
+            p.parser.next_token();
+            let if_not_exists =
+                p.parser
+                    .parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
+            let name = object_name(&p.parser.parse_object_name(false)?)?;
+            p.parser.expect_keyword(Keyword::FROM)?;
+            let from = object_name(&p.parser.parse_object_name(false)?)?;
+            let options = parse_with_options(p)?;
+            return Ok(SluiceStatement::CreateSink(Box::new(CreateSink {
+                name,
+                if_not_exists,
+                from,
+                options,
+            })));
         }
     }
     if peek_word(p, 0, "EXPLAIN") && peek_word(p, 1, "CREATE") && peek_word(p, 2, "STREAM") {
@@ -287,15 +323,17 @@ fn parse_with_options(p: &mut DFParser<'_>) -> PResult<Vec<(String, String)>> {
 
 /// The kind named by the `n`-th next word: `SOURCE`/`STREAM` (or `SOURCES`/`STREAMS`).
 fn kind_at(p: &DFParser<'_>, n: usize, plural: bool) -> Option<ObjectKind> {
-    let (source, stream) = if plural {
-        ("SOURCES", "STREAMS")
+    let (source, stream, sink) = if plural {
+        ("SOURCES", "STREAMS", "SINKS")
     } else {
-        ("SOURCE", "STREAM")
+        ("SOURCE", "STREAM", "SINK")
     };
     if peek_word(p, n, source) {
         Some(ObjectKind::Source)
     } else if peek_word(p, n, stream) {
         Some(ObjectKind::Stream)
+    } else if peek_word(p, n, sink) {
+        Some(ObjectKind::Sink)
     } else {
         None
     }
@@ -379,6 +417,18 @@ impl fmt::Display for CreateStream {
         write!(f, "CREATE STREAM {}", quote(&self.name))?;
         write_options(f, &self.options)?;
         write!(f, " AS {}", self.query)
+    }
+}
+
+impl fmt::Display for CreateSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CREATE SINK {} FROM {}",
+            quote(&self.name),
+            quote(&self.from)
+        )?;
+        write_options(f, &self.options)
     }
 }
 

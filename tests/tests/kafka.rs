@@ -149,3 +149,138 @@ async fn json_records_from_kafka_land_in_windows_and_bad_ones_in_the_errors_zone
     assert_eq!(raw, 305, "every record value archived once");
     server.shutdown().await;
 }
+
+/// The Java client's default partitioner for keyed records: `toPositive(murmur2(key)) % n`.
+fn java_partition(key: &[u8], partitions: i32) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ key.len() as u32;
+    let mut chunks = key.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() == 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    ((h & 0x7fff_ffff) % partitions as u32) as i32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_sink_delivers_a_stream_keyed_like_the_java_client() {
+    use futures::StreamExt;
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+
+    let brokers = kafka_brokers();
+    let topic = format!("big-orders-{}", std::process::id());
+    create_topic(&brokers, &topic, 4).await;
+    let lake = tempfile::tempdir().unwrap();
+    let server = start_server(lake.path()).await;
+    let client = pg_connect(server.pg_addr).await;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE orders (order_id TEXT NOT NULL, customer TEXT NOT NULL, amount BIGINT, ts TIMESTAMP NOT NULL)
+             WITH (connector = 'http');
+             CREATE STREAM big_orders AS SELECT order_id, customer, amount, ts FROM orders WHERE amount >= 100;
+             CREATE SINK big_out FROM big_orders
+             WITH (connector = 'kafka', brokers = '{brokers}', topic = '{topic}', key = 'customer', format = 'json')"
+        ))
+        .await
+        .unwrap();
+    let sinks = client.simple_query("SHOW SINKS").await.unwrap();
+    let row = sinks
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .expect("one sink");
+    assert_eq!(
+        (0..4).map(|i| row.get(i).unwrap()).collect::<Vec<_>>(),
+        ["big_out", "kafka", "big_orders", "running"]
+    );
+    // The stream cannot go while the sink reads it.
+    let err = client
+        .batch_execute("DROP STREAM big_orders")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "2BP01", "{err}");
+
+    // 200 orders from 20 customers; half of them big.
+    let body: Vec<String> = (0..200)
+        .map(|i| {
+            format!(
+                r#"{{"order_id":"o{i}","customer":"customer-{}","amount":{},"ts":"2024-05-01T08:00:{:02}Z"}}"#,
+                i % 20,
+                if i % 2 == 0 { 150 } else { 50 },
+                i % 60
+            )
+        })
+        .collect();
+    let status = reqwest::Client::new()
+        .post(format!(
+            "http://{}/v1/sources/orders/events",
+            server.http_addr
+        ))
+        .body(body.join("\n"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 200);
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "sink-test")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..4 {
+        tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    let mut stream = consumer.stream();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < 100 {
+        let m = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("100 records within 60 s")
+            .unwrap()
+            .unwrap();
+        let value: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        let key = m.key().expect("keyed");
+        assert_eq!(value["customer"].as_str().unwrap().as_bytes(), key);
+        assert!(value["amount"].as_i64().unwrap() >= 100, "{value}");
+        assert_eq!(
+            m.partition(),
+            java_partition(key, 4),
+            "record for {} in partition {}",
+            String::from_utf8_lossy(key),
+            m.partition()
+        );
+        let order = value["order_id"].as_str().unwrap().to_string();
+        assert!(seen.insert(order, m.partition()).is_none(), "a duplicate");
+    }
+    // Every partition got some customers.
+    let partitions: std::collections::BTreeSet<i32> = seen.values().copied().collect();
+    assert!(partitions.len() > 1, "{partitions:?}");
+    server.shutdown().await;
+}

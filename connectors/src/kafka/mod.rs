@@ -1,5 +1,5 @@
 //! `kafka`: a source reading one topic of a Kafka-protocol broker (rdkafka, bundled
-//! librdkafka).
+//! librdkafka), and a sink writing to one ([`KafkaSink`]).
 //!
 //! ```sql
 //! CREATE SOURCE orders (order_id TEXT NOT NULL, amount DOUBLE, ts TIMESTAMP NOT NULL,
@@ -31,8 +31,10 @@
 //! one more reader, which archives the raw values and reports the bad records — once for the
 //! source, however many streams read it.
 
+mod sink;
 mod source;
 
+pub use sink::{KafkaSink, KafkaSinkConfig};
 pub use source::{KafkaReader, ReaderRole};
 
 use std::time::Duration;
