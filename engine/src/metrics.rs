@@ -16,6 +16,9 @@ pub struct Metrics {
     duplicates: AtomicU64,
     last_event_time: AtomicI64,
     watermark: AtomicI64,
+    /// Consumer lag per partition (messages behind the high watermark), for sources that
+    /// read partitioned logs; empty when unknown.
+    partition_lag: std::sync::Mutex<Vec<(i32, i64)>>,
 }
 
 impl Default for Metrics {
@@ -29,12 +32,13 @@ impl Default for Metrics {
             duplicates: AtomicU64::new(0),
             last_event_time: AtomicI64::new(i64::MIN),
             watermark: AtomicI64::new(i64::MIN),
+            partition_lag: std::sync::Mutex::default(),
         }
     }
 }
 
 /// A point-in-time copy of [`Metrics`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsSnapshot {
     /// Rows received.
     pub rows_in: u64,
@@ -53,6 +57,8 @@ pub struct MetricsSnapshot {
     pub last_event_time: Option<EventTime>,
     /// The current watermark, if any was emitted.
     pub watermark: Option<EventTime>,
+    /// Consumer lag per partition, where the source reports it.
+    pub partition_lag: Vec<(i32, i64)>,
 }
 
 impl Metrics {
@@ -70,6 +76,11 @@ impl Metrics {
     /// Counts records sent to the errors zone.
     pub fn add_bad_records(&self, n: usize) {
         self.bad_records.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Records the consumer lag of every partition (replacing the previous report).
+    pub fn set_partition_lag(&self, lag: Vec<(i32, i64)>) {
+        *self.partition_lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
     }
 
     /// Adds what the operators counted.
@@ -104,6 +115,11 @@ impl Metrics {
             duplicates: self.duplicates.load(Ordering::Relaxed),
             last_event_time: opt(self.last_event_time.load(Ordering::Relaxed)),
             watermark: opt(self.watermark.load(Ordering::Relaxed)),
+            partition_lag: self
+                .partition_lag
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 }

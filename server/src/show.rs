@@ -28,6 +28,8 @@ pub fn sources_schema() -> SchemaRef {
         Field::new("errors", DataType::Int64, false),
         ts_field("last_event_time"),
         ts_field("watermark"),
+        Field::new("lag", DataType::Int64, true),
+        Field::new("lag_by_partition", DataType::Utf8, true),
     ]))
 }
 
@@ -78,6 +80,7 @@ pub fn sources<'a>(
 ) -> Result<RecordBatch, ArrowError> {
     let (mut name, mut connector, mut status, mut rows, mut errors, mut last, mut wm) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut lag, mut by_partition) = (vec![], vec![]);
     for s in sources {
         let m = s.metrics.snapshot();
         name.push(s.def.name.clone());
@@ -87,6 +90,18 @@ pub fn sources<'a>(
         errors.push(m.bad_records);
         last.push(m.last_event_time.map(|t| t.micros()));
         wm.push(m.watermark.map(|t| t.micros()));
+        if m.partition_lag.is_empty() {
+            lag.push(None);
+            by_partition.push(None);
+        } else {
+            lag.push(Some(m.partition_lag.iter().map(|(_, l)| *l).sum::<i64>()));
+            let parts: Vec<String> = m
+                .partition_lag
+                .iter()
+                .map(|(p, l)| format!("{p}:{l}"))
+                .collect();
+            by_partition.push(Some(parts.join(" ")));
+        }
     }
     RecordBatch::try_new(
         sources_schema(),
@@ -98,6 +113,8 @@ pub fn sources<'a>(
             i64s(errors),
             ts(last),
             ts(wm),
+            Arc::new(Int64Array::from(lag)),
+            Arc::new(StringArray::from(by_partition)),
         ],
     )
 }

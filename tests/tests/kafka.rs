@@ -141,6 +141,19 @@ async fn json_records_from_kafka_land_in_windows_and_bad_ones_in_the_errors_zone
         "{errors}"
     );
     assert!(errors.contains("not json"), "{errors}");
+    // Consumer lag per partition, fetch side: everything read, so 0 behind in each.
+    let lag = wait_for("lag reported", Duration::from_secs(30), || async {
+        let shown = client.simple_query("SHOW SOURCES").await.unwrap();
+        shown.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                let by_partition = r.get("lag_by_partition")?.to_string();
+                (r.get("lag") == Some("0")).then_some(by_partition)
+            }
+            _ => None,
+        })
+    })
+    .await;
+    assert_eq!(lag, "0:0 1:0 2:0");
     let raw: usize = files_with_ext(&lake.path().join("raw/orders"), "ndjson")
         .iter()
         .map(|f| std::fs::read_to_string(f).unwrap().lines().count())

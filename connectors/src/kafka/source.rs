@@ -9,8 +9,9 @@ use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use bytes::Bytes;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::Message as _;
+use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_engine::source::publish;
 use sluice_engine::{BadRecord, EngineError, EventTime, Message, SourceContext, SourceReader};
@@ -43,6 +44,37 @@ pub enum ReaderRole {
     /// (the archiving reader reports them).
     Stream,
 }
+
+/// The consumer's context: turns librdkafka's statistics into the source's per-partition lag
+/// (fetch side: the partition's high watermark as last fetched minus the reader's position),
+/// when it is the source's own reader.
+struct LagReporter {
+    topic: String,
+    metrics: Option<Arc<sluice_engine::Metrics>>,
+}
+
+impl ClientContext for LagReporter {
+    fn stats(&self, statistics: Statistics) {
+        let (Some(metrics), Some(topic)) = (&self.metrics, statistics.topics.get(&self.topic))
+        else {
+            return;
+        };
+        let mut lag: Vec<(i32, i64)> = topic
+            .partitions
+            .values()
+            .filter(|p| p.partition >= 0 && p.hi_offset >= 0)
+            .map(|p| {
+                // Before the first fetch the position is unknown: everything is behind.
+                let position = p.app_offset.max(p.lo_offset).max(0);
+                (p.partition, (p.hi_offset - position).max(0))
+            })
+            .collect();
+        lag.sort_unstable();
+        metrics.set_partition_lag(lag);
+    }
+}
+
+impl ConsumerContext for LagReporter {}
 
 /// Reads every partition of the topic. See the module docs.
 pub struct KafkaReader {
@@ -81,9 +113,13 @@ impl KafkaReader {
         }
     }
 
-    fn consumer(&self) -> sluice_engine::Result<StreamConsumer> {
+    fn consumer(
+        &self,
+        metrics: &Arc<sluice_engine::Metrics>,
+    ) -> sluice_engine::Result<StreamConsumer<LagReporter>> {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.config.brokers)
+            .set("statistics.interval.ms", "1000")
             // Partitions are assigned, not balanced by a group; the id is only required.
             .set("group.id", format!("sluice-{}", self.name))
             .set("enable.auto.commit", "false")
@@ -98,12 +134,19 @@ impl KafkaReader {
         for (k, v) in &self.config.properties {
             cfg.set(k, v);
         }
-        cfg.create()
+        let context = LagReporter {
+            topic: self.config.topic.clone(),
+            metrics: (self.role == ReaderRole::Archive).then(|| Arc::clone(metrics)),
+        };
+        cfg.create_with_context(context)
             .map_err(|e| EngineError::external(format!("kafka source `{}`", self.name), e))
     }
 
     /// Assigns every partition of the topic, at the start position.
-    async fn assign(&self, consumer: StreamConsumer) -> sluice_engine::Result<StreamConsumer> {
+    async fn assign(
+        &self,
+        consumer: StreamConsumer<LagReporter>,
+    ) -> sluice_engine::Result<StreamConsumer<LagReporter>> {
         let topic = self.config.topic.clone();
         let start = match self.config.start {
             StartPosition::Earliest => Offset::Beginning,
@@ -280,7 +323,7 @@ impl KafkaReader {
 #[async_trait]
 impl SourceReader for KafkaReader {
     async fn run(self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
-        let consumer = self.assign(self.consumer()?).await?;
+        let consumer = self.assign(self.consumer(&ctx.metrics)?).await?;
         let decoder = JsonDecoder::new(Arc::clone(&self.schema));
         let mut times: BTreeMap<i32, PartitionTime> = BTreeMap::new();
         let mut emitted = None;
