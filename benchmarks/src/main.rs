@@ -14,6 +14,8 @@
 //! machine is shared. Compare ratios between pipelines of one run, not absolute numbers
 //! across machines.
 
+mod kafka;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,7 +49,8 @@ struct Args {
     /// Subtasks of the stateful operator (tumble, hop): rows are routed among them by key.
     #[arg(long, default_value_t = 1)]
     parallelism: usize,
-    /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop, dedup.
+    /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop,
+    /// dedup, and kafka (needs a broker: `eval "$(scripts/services.sh start)"`).
     #[arg(long, default_value = "source,discard,lake,bids,tumble,hop")]
     pipelines: String,
 }
@@ -473,13 +476,18 @@ fn main() -> anyhow::Result<()> {
             "tumble" => "tumble",
             "hop" => "hop",
             "dedup" => "dedup",
+            "kafka" => "kafka",
             other => {
                 anyhow::bail!(
-                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, dedup)"
+                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, dedup, kafka)"
                 )
             }
         };
-        let m = rt.block_on(run(kind, &args))?;
+        let m = if kind == "kafka" {
+            rt.block_on(kafka::run(&args))?
+        } else {
+            rt.block_on(run(kind, &args))?
+        };
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let latency = m.latency.map_or("-".to_string(), |[p50, p99, max]| {
             format!("{:.1}|{:.1}|{:.1}", ms(p50), ms(p99), ms(max))

@@ -1,0 +1,239 @@
+//! The `kafka` pipeline: Nexmark-shaped bids as JSON records on a real Kafka-protocol broker
+//! → the kafka source → 10-second tumbling count + sum per auction → the lake (Parquet).
+//!
+//! The bids are produced first (not measured); then the clock and the process's CPU time run
+//! from the start of the source until every record was consumed and the last window and file
+//! are written. The broker runs in its own process, so the CPU figure is Sluice's alone.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use sluice_connectors::SourceConfig;
+use sluice_connectors::kafka::{KafkaConfig, KafkaReader, StartPosition};
+use sluice_connectors::lake::{Lake, LakeWriterConfig, ParquetLakeWriter};
+use sluice_engine::SourceReader as _;
+use sluice_engine::pipeline::{Branch, StreamTask};
+use sluice_engine::sink::run_sink;
+use sluice_engine::{FanOut, Message, OperatorChain, SourceContext};
+use sluice_sql::parser::SluiceStatement;
+use sluice_sql::{ObjectKind, Relation, parse_sql, plan_stream, source_def};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Args, BIDS, Measured, TUMBLE, cpu_time};
+
+const PARTITIONS: i32 = 2;
+
+/// Produces `n` bids as JSON records, round robin over the partitions.
+async fn produce(brokers: &str, topic: &str, n: u64, args: &Args) -> anyhow::Result<()> {
+    let sql = BIDS.replace(
+        "rows_per_second = '0'",
+        &format!(
+            "rows_per_second = '0', max_rows = '{n}', batch_size = '{}'",
+            args.batch_size
+        ),
+    );
+    let SluiceStatement::CreateSource(create) = parse_sql(&sql)?.remove(0) else {
+        anyhow::bail!("not a CREATE SOURCE")
+    };
+    let def = source_def(&create)?;
+    let SourceConfig::Datagen(config) = &def.config else {
+        anyhow::bail!("not datagen")
+    };
+    let mut generator =
+        sluice_connectors::datagen::DatagenReader::new(config.clone(), Arc::clone(&def.schema));
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("compression.type", "lz4")
+        .create()?;
+    let mut produced = 0u64;
+    let mut i = 0i32;
+    while produced < n {
+        let batch = generator.next_batch((n - produced).min(8192) as usize)?;
+        let mut json = Vec::new();
+        {
+            let mut w = arrow::json::LineDelimitedWriter::new(&mut json);
+            w.write(&batch)?;
+            w.finish()?;
+        }
+        for line in json.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            i = (i + 1) % PARTITIONS;
+            let mut record = BaseRecord::<(), [u8]>::to(topic).payload(line).partition(i);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        }
+        produced += batch.num_rows() as u64;
+    }
+    producer.flush(Duration::from_secs(120))?;
+    Ok(())
+}
+
+/// Runs the pipeline over `args.events` bids on the broker at `SLUICE_TEST_KAFKA`.
+pub async fn run(args: &Args) -> anyhow::Result<Measured> {
+    let brokers = std::env::var("SLUICE_TEST_KAFKA").context(
+        "the kafka pipeline needs a broker: `eval \"$(scripts/services.sh start)\"` sets SLUICE_TEST_KAFKA",
+    )?;
+    let topic = format!("bench-bids-{}", std::process::id());
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(
+                &topic,
+                PARTITIONS,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new(),
+        )
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+    }
+    let produce_start = Instant::now();
+    produce(&brokers, &topic, args.events, args).await?;
+    eprintln!(
+        "  produced {} JSON bids to {topic} in {:.1} s (not measured)",
+        args.events,
+        produce_start.elapsed().as_secs_f64()
+    );
+
+    // The source, as `CREATE SOURCE … WITH (connector = 'kafka', …)` makes it.
+    let SluiceStatement::CreateSource(create) = parse_sql(BIDS)?.remove(0) else {
+        anyhow::bail!("not a CREATE SOURCE")
+    };
+    let def = source_def(&create)?;
+    let config = KafkaConfig {
+        brokers,
+        topic,
+        start: StartPosition::Earliest,
+        raw_zone: false,
+        batch_size: args.batch_size,
+        linger: Duration::from_millis(50),
+        properties: vec![],
+    };
+    let reader = Box::new(KafkaReader::for_stream(
+        "clicks",
+        config,
+        Arc::clone(&def.schema),
+    ));
+    let SluiceStatement::CreateStream(stream) = parse_sql(TUMBLE)?.remove(0) else {
+        anyhow::bail!("not a CREATE STREAM")
+    };
+    let relations = BTreeMap::from([(
+        "clicks".to_string(),
+        Relation {
+            kind: ObjectKind::Source,
+            schema: Arc::clone(&def.schema),
+            event_time_column: Some("ts".into()),
+        },
+    )]);
+    let plan = plan_stream(&stream, &relations).await?;
+    let chain = |ops: &[sluice_sql::OpSpec]| -> anyhow::Result<OperatorChain> {
+        Ok(OperatorChain::new(
+            ops.iter()
+                .map(|o| o.instantiate("bench"))
+                .collect::<Result<Vec<_>, _>>()?,
+        ))
+    };
+    let cancel = CancellationToken::new();
+    let source_out = FanOut::new("clicks");
+    let (bad_tx, mut bad_rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move { while bad_rx.recv().await.is_some() {} });
+    let ctx = SourceContext {
+        output: source_out.clone(),
+        metrics: Arc::default(),
+        bad_records: bad_tx.clone(),
+        cancel: cancel.clone(),
+        watermark: def.watermark.clone(),
+    };
+    let out = FanOut::new("per_auction");
+    let task = StreamTask {
+        name: "bench".into(),
+        branches: vec![Branch {
+            input: source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY),
+            chain: chain(&plan.branches[0].ops)?,
+            idle_timeout: None,
+        }],
+        output: out.clone(),
+        output_schema: Arc::clone(&plan.merge_schema),
+        post: vec![chain(&plan.post)?],
+        router: None,
+        event_time_column: None,
+        metrics: Arc::default(),
+        bad_records: bad_tx,
+        cancel: CancellationToken::new(),
+    };
+    let lake_dir = tempfile::tempdir()?;
+    let files = Arc::new(AtomicU64::new(0));
+    let writer = ParquetLakeWriter::new(
+        Lake::open(lake_dir.path().to_str().context("UTF-8 temp dir")?)?,
+        "per_auction",
+        &plan.output_schema,
+        plan.event_time_column.as_deref(),
+        LakeWriterConfig::default(),
+        Arc::clone(&files),
+    );
+    let sink = tokio::spawn(run_sink(
+        out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY),
+        Box::new(writer),
+    ));
+
+    let start_wall = Instant::now();
+    let start_cpu = cpu_time();
+    let stream = tokio::spawn(task.run());
+    let consumed = Arc::clone(&ctx.metrics);
+    let source = tokio::spawn(async move {
+        let r = reader.run(ctx).await;
+        source_out.send(Message::End).await;
+        r
+    });
+    // A topic never ends: stop the source once every record was read.
+    while consumed.snapshot().rows_in < args.events {
+        if source.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cancel.cancel();
+    source.await??;
+    stream.await??;
+    sink.await??;
+    let wall = start_wall.elapsed();
+    let cpu = cpu_time() - start_cpu;
+    let events = consumed.snapshot().rows_in;
+    anyhow::ensure!(
+        events == args.events,
+        "consumed {events} of {} records",
+        args.events
+    );
+    anyhow::ensure!(
+        files.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no Parquet file written"
+    );
+    Ok(Measured {
+        name: "kafka JSON bids -> 10s tumble -> lake",
+        events,
+        wall,
+        cpu,
+        rss: (0.0, 0.0),
+        latency: None,
+        state: None,
+    })
+}
