@@ -126,7 +126,12 @@ pub async fn run(args: &Args) -> anyhow::Result<Measured> {
         raw_zone: false,
         batch_size: args.batch_size,
         linger: Duration::from_millis(50),
-        properties: vec![],
+        properties: std::env::var("SLUICE_BENCH_KAFKA_PROPS")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     };
     let reader = Box::new(KafkaReader::for_stream(
         "clicks",

@@ -20,11 +20,30 @@ use super::{KafkaConfig, StartPosition};
 use crate::formats::json::JsonDecoder;
 use crate::lake::RecordZone;
 
-/// One record, copied out of the consumer.
+/// One record, its value copied out of the consumer into the batch's shared buffer.
 struct Record {
     partition: i32,
     offset: i64,
-    value: Option<Vec<u8>>,
+    /// Where its value is in the buffer; `None` for a record without a value.
+    value: Option<std::ops::Range<usize>>,
+}
+
+/// The records of one batch: their values back to back in one buffer (no allocation per
+/// record).
+#[derive(Default)]
+struct Records {
+    records: Vec<Record>,
+    values: Vec<u8>,
+}
+
+impl Records {
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    fn value(&self, r: &Record) -> Option<&[u8]> {
+        r.value.clone().map(|range| &self.values[range])
+    }
 }
 
 /// Event time per partition: the largest seen, and when the partition last delivered.
@@ -190,13 +209,14 @@ impl KafkaReader {
         &self,
         ctx: &SourceContext,
         decoder: &JsonDecoder,
-        records: Vec<Record>,
+        batch: Records,
         times: &mut BTreeMap<i32, PartitionTime>,
         emitted: &mut Option<i64>,
     ) -> sluice_engine::Result<()> {
-        if records.is_empty() {
+        if batch.len() == 0 {
             return Ok(());
         }
+        let records = &batch.records;
         let topic = &self.config.topic;
         let origin = |r: &Record| {
             format!(
@@ -206,8 +226,8 @@ impl KafkaReader {
         };
         if let Some(raw) = &self.raw {
             let mut body = Vec::new();
-            for r in &records {
-                body.extend_from_slice(r.value.as_deref().unwrap_or_default());
+            for r in records {
+                body.extend_from_slice(batch.value(r).unwrap_or_default());
                 body.push(b'\n');
             }
             raw.put_raw(Bytes::from(body), "ndjson")
@@ -219,8 +239,8 @@ impl KafkaReader {
         let mut bad = Vec::new();
         let mut values: Vec<&[u8]> = Vec::with_capacity(records.len());
         let mut decoded_from: Vec<&Record> = Vec::with_capacity(records.len());
-        for r in &records {
-            match &r.value {
+        for r in records {
+            match batch.value(r) {
                 Some(v) => {
                     values.push(v);
                     decoded_from.push(r);
@@ -254,7 +274,7 @@ impl KafkaReader {
         }
         // Event time per partition, from the good rows (in input order).
         let now = Instant::now();
-        for r in &records {
+        for r in records {
             times
                 .entry(r.partition)
                 .or_insert(PartitionTime {
@@ -327,35 +347,44 @@ impl SourceReader for KafkaReader {
         let decoder = JsonDecoder::new(Arc::clone(&self.schema));
         let mut times: BTreeMap<i32, PartitionTime> = BTreeMap::new();
         let mut emitted = None;
-        let mut records: Vec<Record> = Vec::with_capacity(self.config.batch_size);
-        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut batch = Records::default();
+        // One timer for the whole loop (re-armed, never re-created per record): it cuts a
+        // batch after `linger`, and otherwise ticks every second so that quiet partitions
+        // are noticed.
+        const IDLE_TICK: Duration = Duration::from_secs(1);
+        let timer = tokio::time::sleep(IDLE_TICK);
+        tokio::pin!(timer);
         loop {
-            let wait =
-                deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(1));
             tokio::select! {
+                biased;
                 _ = ctx.cancel.cancelled() => return Ok(()),
-                _ = tokio::time::sleep_until(wait) => {
-                    let batch = std::mem::take(&mut records);
-                    self.flush(&ctx, &decoder, batch, &mut times, &mut emitted).await?;
-                    deadline = None;
-                    // Quiet partitions may have become idle.
-                    self.advance_watermark(&ctx, &times, &mut emitted).await;
-                }
                 m = consumer.recv() => {
                     let m = m.map_err(|e| EngineError::external(format!("kafka source `{}`", self.name), e))?;
-                    records.push(Record {
+                    let value = m.payload().map(|v| {
+                        let start = batch.values.len();
+                        batch.values.extend_from_slice(v);
+                        start..batch.values.len()
+                    });
+                    batch.records.push(Record {
                         partition: m.partition(),
                         offset: m.offset(),
-                        value: m.payload().map(<[u8]>::to_vec),
+                        value,
                     });
-                    if records.len() == 1 {
-                        deadline = Some(tokio::time::Instant::now() + self.config.linger);
+                    if batch.len() == 1 {
+                        timer.as_mut().reset(tokio::time::Instant::now() + self.config.linger);
                     }
-                    if records.len() >= self.config.batch_size {
-                        let batch = std::mem::take(&mut records);
-                        self.flush(&ctx, &decoder, batch, &mut times, &mut emitted).await?;
-                        deadline = None;
+                    if batch.len() >= self.config.batch_size {
+                        let full = std::mem::take(&mut batch);
+                        self.flush(&ctx, &decoder, full, &mut times, &mut emitted).await?;
+                        timer.as_mut().reset(tokio::time::Instant::now() + IDLE_TICK);
                     }
+                }
+                _ = &mut timer => {
+                    let due = std::mem::take(&mut batch);
+                    self.flush(&ctx, &decoder, due, &mut times, &mut emitted).await?;
+                    // Quiet partitions may have become idle.
+                    self.advance_watermark(&ctx, &times, &mut emitted).await;
+                    timer.as_mut().reset(tokio::time::Instant::now() + IDLE_TICK);
                 }
             }
         }
