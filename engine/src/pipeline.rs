@@ -204,21 +204,26 @@ impl StreamTask {
             stage,
             cancel,
         };
-        let mut result = merge.run().await;
+        let result = merge.run().await;
         // Closing the subtasks' inputs ends them (after `End`, or at once when cancelled).
         drop(merge);
+        let mut failed = None;
         for w in workers {
             let r = w.await.unwrap_or_else(|e| {
                 Err(EngineError::Internal(format!(
                     "stream `{name}` subtask: {e}"
                 )))
             });
-            if result.is_ok() {
-                result = r;
+            if let Err(e) = r {
+                failed.get_or_insert(e);
             }
         }
         output.send(Message::End).await;
-        result
+        match (result, failed) {
+            // The merge only saw that a subtask stopped: the subtask's error says why.
+            (Err(EngineError::Closed(_)), Some(e)) | (Ok(()), Some(e)) => Err(e),
+            (result, _) => result,
+        }
     }
 }
 
@@ -468,9 +473,7 @@ impl Merge {
                 };
                 if !sent {
                     // A subtask stopped early: its error is reported when it is joined.
-                    return Err(EngineError::Internal(
-                        "a subtask of the stream stopped".into(),
-                    ));
+                    return Err(EngineError::Closed("a subtask of the stream".into()));
                 }
             }
         }

@@ -318,6 +318,9 @@ impl KafkaReader {
         times: &BTreeMap<i32, PartitionTime>,
         emitted: &mut Option<i64>,
     ) {
+        if self.role == ReaderRole::Archive {
+            return; // publishes nothing
+        }
         let Some(spec) = &ctx.watermark else { return };
         let now = Instant::now();
         let active = times.values().filter(|t| {
