@@ -122,6 +122,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Measured> {
     let config = KafkaConfig {
         brokers,
         topic,
+        format: sluice_connectors::formats::RecordFormat::Json,
         start: StartPosition::Earliest,
         raw_zone: false,
         batch_size: args.batch_size,

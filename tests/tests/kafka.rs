@@ -297,3 +297,70 @@ async fn a_kafka_sink_delivers_a_stream_keyed_like_the_java_client() {
     assert!(partitions.len() > 1, "{partitions:?}");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_records_from_kafka_decode_by_column_order() {
+    let brokers = kafka_brokers();
+    let topic = format!("csv-{}", std::process::id());
+    create_topic(&brokers, &topic, 1).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("a producer");
+    for value in [
+        "1,alice,2024-05-01T08:00:00Z",
+        "2,\"bob, jr\",2024-05-01T08:00:01Z",
+        "three,carol,2024-05-01T08:00:02Z",
+        "4,,2024-05-01T08:00:03Z",
+    ] {
+        producer
+            .send(
+                FutureRecord::<(), str>::to(&topic).payload(value),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("acknowledged");
+    }
+    let lake = tempfile::tempdir().unwrap();
+    let server = start_server(lake.path()).await;
+    let client = pg_connect(server.pg_addr).await;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE people (id BIGINT NOT NULL, name TEXT, ts TIMESTAMP NOT NULL)
+             WITH (connector = 'kafka', brokers = '{brokers}', topic = '{topic}', format = 'csv');
+             CREATE STREAM all_people WITH (rollover_interval = '100 ms') AS SELECT * FROM people"
+        ))
+        .await
+        .unwrap();
+    wait_for("three people", Duration::from_secs(30), || async {
+        (scalar(&client, "SELECT count(*) FROM all_people").await == 3).then_some(())
+    })
+    .await;
+    let rows = client
+        .query(
+            "SELECT id, coalesce(name, '(null)') FROM all_people ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        got,
+        [
+            (1, "alice".to_string()),
+            (2, "bob, jr".to_string()),
+            (4, "(null)".to_string())
+        ]
+    );
+    let errors = wait_for("the bad row", Duration::from_secs(30), || async {
+        let text: String = files_with_ext(&lake.path().join("errors/people"), "jsonl")
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .collect();
+        (!text.is_empty()).then_some(text)
+    })
+    .await;
+    assert!(errors.contains("three,carol"), "{errors}");
+    assert!(errors.contains("partition 0 offset 2"), "{errors}");
+    server.shutdown().await;
+}

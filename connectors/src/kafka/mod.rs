@@ -11,7 +11,8 @@
 //! Options:
 //! - `brokers` (required) — bootstrap servers, `host:port[,host:port…]`.
 //! - `topic` (required) — the topic; every partition is read.
-//! - `format` — `json` (the default; one JSON object per record value).
+//! - `format` — `json` (the default; one JSON object per record value) or `csv` (one CSV row
+//!   per record value, fields in column order, no header).
 //! - `start` — `earliest` (the default) or `latest`: where a stream starts reading.
 //! - `raw_zone` — `true` archives every record value as received under `raw/<source>/…`
 //!   before it is decoded (default `false`).
@@ -42,6 +43,7 @@ use std::time::Duration;
 use sluice_engine::WithOptions;
 
 use crate::error::{ConnectorError, Result};
+use crate::formats::RecordFormat;
 
 /// Where a reader starts in each partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +61,8 @@ pub struct KafkaConfig {
     pub brokers: String,
     /// The topic.
     pub topic: String,
+    /// How record values are encoded.
+    pub format: RecordFormat,
     /// Where to start.
     pub start: StartPosition,
     /// Archive raw record values under `raw/<source>/`.
@@ -76,18 +80,20 @@ impl KafkaConfig {
     pub fn try_new(opts: &mut WithOptions) -> Result<Self> {
         let brokers = opts.take_required("brokers")?;
         let topic = opts.take_required("topic")?;
-        if let Some(format) = opts.take_str("format") {
-            match format.to_ascii_lowercase().as_str() {
-                "json" => {}
-                "avro" | "csv" => {
+        let format = match opts.take_str("format") {
+            None => RecordFormat::Json,
+            Some(format) => match format.to_ascii_lowercase().as_str() {
+                "json" => RecordFormat::Json,
+                "csv" => RecordFormat::Csv,
+                "avro" => {
                     return Err(ConnectorError::InvalidConfig(format!(
-                        "{}: format `{format}` is not available for kafka in this build yet (available: json)",
+                        "{}: format `{format}` is not available for kafka in this build yet (available: json, csv)",
                         opts.owner()
                     )));
                 }
-                _ => return Err(opts.bad("format", &format, "'json'").into()),
-            }
-        }
+                _ => return Err(opts.bad("format", &format, "'json' or 'csv'").into()),
+            },
+        };
         let start = match opts.take_str("start") {
             None => StartPosition::Earliest,
             Some(s) => match s.to_ascii_lowercase().as_str() {
@@ -110,6 +116,7 @@ impl KafkaConfig {
         Ok(Self {
             brokers,
             topic,
+            format,
             start,
             raw_zone,
             batch_size,

@@ -17,7 +17,7 @@ use sluice_engine::source::publish;
 use sluice_engine::{BadRecord, EngineError, EventTime, Message, SourceContext, SourceReader};
 
 use super::{KafkaConfig, StartPosition};
-use crate::formats::json::JsonDecoder;
+use crate::formats::Decoder;
 use crate::lake::RecordZone;
 
 /// One record, its value copied out of the consumer into the batch's shared buffer.
@@ -208,7 +208,7 @@ impl KafkaReader {
     async fn flush(
         &self,
         ctx: &SourceContext,
-        decoder: &JsonDecoder,
+        decoder: &Decoder,
         batch: Records,
         times: &mut BTreeMap<i32, PartitionTime>,
         emitted: &mut Option<i64>,
@@ -347,7 +347,7 @@ impl KafkaReader {
 impl SourceReader for KafkaReader {
     async fn run(self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
         let consumer = self.assign(self.consumer(&ctx.metrics)?).await?;
-        let decoder = JsonDecoder::new(Arc::clone(&self.schema));
+        let decoder = Decoder::new(self.config.format, Arc::clone(&self.schema));
         let mut times: BTreeMap<i32, PartitionTime> = BTreeMap::new();
         let mut emitted = None;
         let mut batch = Records::default();
