@@ -85,7 +85,7 @@ pub fn source_config(mut opts: WithOptions, schema: &SchemaRef) -> Result<Source
     let config = match connector.to_ascii_lowercase().as_str() {
         "datagen" => SourceConfig::Datagen(DatagenConfig::try_new(&mut opts, schema)?),
         "http" => SourceConfig::Http(HttpConfig::try_new(&mut opts)?),
-        "kafka" => SourceConfig::Kafka(KafkaConfig::try_new(&mut opts)?),
+        "kafka" => SourceConfig::Kafka(KafkaConfig::try_new(&mut opts, schema)?),
         other if PLANNED_CONNECTORS.contains(&other) => {
             return Err(ConnectorError::InvalidConfig(format!(
                 "{owner}: connector `{other}` is not available in this build yet (available: {})",

@@ -307,17 +307,20 @@ async fn csv_records_from_kafka_decode_by_column_order() {
         .set("bootstrap.servers", &brokers)
         .create()
         .expect("a producer");
-    for value in [
-        "1,alice,2024-05-01T08:00:00Z",
-        "2,\"bob, jr\",2024-05-01T08:00:01Z",
-        "three,carol,2024-05-01T08:00:02Z",
-        "4,,2024-05-01T08:00:03Z",
+    for (key, value) in [
+        (Some("a"), "1,alice,2024-05-01T08:00:00Z"),
+        (Some("b"), "2,\"bob, jr\",2024-05-01T08:00:01Z"),
+        (Some("c"), "three,carol,2024-05-01T08:00:02Z"),
+        (None, "4,,2024-05-01T08:00:03Z"),
     ] {
+        let mut record = FutureRecord::<str, str>::to(&topic)
+            .payload(value)
+            .timestamp(1_714_550_400_000);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
         producer
-            .send(
-                FutureRecord::<(), str>::to(&topic).payload(value),
-                Duration::from_secs(10),
-            )
+            .send(record, Duration::from_secs(10))
             .await
             .expect("acknowledged");
     }
@@ -326,7 +329,9 @@ async fn csv_records_from_kafka_decode_by_column_order() {
     let client = pg_connect(server.pg_addr).await;
     client
         .batch_execute(&format!(
-            "CREATE SOURCE people (id BIGINT NOT NULL, name TEXT, ts TIMESTAMP NOT NULL)
+            "CREATE SOURCE people (id BIGINT NOT NULL, _kafka_offset BIGINT, name TEXT,
+                                   _kafka_key TEXT, ts TIMESTAMP NOT NULL, _kafka_partition INT,
+                                   _kafka_timestamp TIMESTAMP)
              WITH (connector = 'kafka', brokers = '{brokers}', topic = '{topic}', format = 'csv');
              CREATE STREAM all_people WITH (rollover_interval = '100 ms') AS SELECT * FROM people"
         ))
@@ -338,18 +343,24 @@ async fn csv_records_from_kafka_decode_by_column_order() {
     .await;
     let rows = client
         .query(
-            "SELECT id, coalesce(name, '(null)') FROM all_people ORDER BY id",
+            "SELECT id, coalesce(name, '(null)'), _kafka_offset, coalesce(_kafka_key, '(none)'),
+                    _kafka_partition, CAST(_kafka_timestamp AS TEXT)
+             FROM all_people ORDER BY id",
             &[],
         )
         .await
         .unwrap();
-    let got: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let got: Vec<(i64, String, i64, String, i32, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    let at = "2024-05-01T08:00:00Z".to_string();
     assert_eq!(
         got,
         [
-            (1, "alice".to_string()),
-            (2, "bob, jr".to_string()),
-            (4, "(null)".to_string())
+            (1, "alice".into(), 0, "a".into(), 0, at.clone()),
+            (2, "bob, jr".into(), 1, "b".into(), 0, at.clone()),
+            (4, "(null)".into(), 3, "(none)".into(), 0, at)
         ]
     );
     let errors = wait_for("the bad row", Duration::from_secs(30), || async {

@@ -20,6 +20,11 @@
 //!   `linger` (default `50 ms`) so a quiet topic still flows.
 //! - `properties.<name>` — passed to librdkafka as is (e.g. `properties.security.protocol`).
 //!
+//! Record metadata becomes columns when the source declares them by these names (any type
+//! the value casts to): `_kafka_key` (text; NULL without a key), `_kafka_partition`,
+//! `_kafka_offset`, `_kafka_timestamp` (the record's timestamp; it can be the `WATERMARK`
+//! column). The other columns are decoded from the record's value.
+//!
 //! A record that fails to decode or to fit the declared schema goes to `errors/<source>/…`
 //! with its value, the reason and its topic/partition/offset, and is counted; the others go
 //! on. Watermarks are kept per partition (largest event time seen in that partition minus
@@ -40,6 +45,7 @@ pub use source::{KafkaReader, ReaderRole};
 
 use std::time::Duration;
 
+use arrow::datatypes::{DataType, Schema, TimeUnit};
 use sluice_engine::WithOptions;
 
 use crate::error::{ConnectorError, Result};
@@ -75,9 +81,50 @@ pub struct KafkaConfig {
     pub properties: Vec<(String, String)>,
 }
 
+/// The metadata columns a kafka source may declare, and the type each is made as.
+pub const METADATA_COLUMNS: [(&str, DataType); 4] = [
+    ("_kafka_key", DataType::Utf8),
+    ("_kafka_partition", DataType::Int32),
+    ("_kafka_offset", DataType::Int64),
+    (
+        "_kafka_timestamp",
+        DataType::Timestamp(TimeUnit::Millisecond, None),
+    ),
+];
+
+/// Checks the metadata columns `schema` declares (see the module docs).
+fn check_metadata_columns(owner: &str, schema: &Schema) -> Result<()> {
+    for f in schema.fields() {
+        if !f.name().starts_with("_kafka_") {
+            continue;
+        }
+        let Some((_, made_as)) = METADATA_COLUMNS.iter().find(|(n, _)| n == f.name()) else {
+            let names: Vec<&str> = METADATA_COLUMNS.iter().map(|(n, _)| *n).collect();
+            return Err(ConnectorError::InvalidConfig(format!(
+                "{owner}: column `{}`: names starting with `_kafka_` are kafka metadata: one of {}",
+                f.name(),
+                names.join(", ")
+            )));
+        };
+        if !arrow::compute::can_cast_types(made_as, f.data_type()) {
+            return Err(ConnectorError::InvalidConfig(format!(
+                "{owner}: column `{}` cannot hold kafka metadata of type {made_as}",
+                f.name()
+            )));
+        }
+        if f.name() == "_kafka_key" && !f.is_nullable() {
+            return Err(ConnectorError::InvalidConfig(format!(
+                "{owner}: column `_kafka_key` cannot be NOT NULL: records may have no key"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl KafkaConfig {
-    /// Takes the `kafka` options from `opts`.
-    pub fn try_new(opts: &mut WithOptions) -> Result<Self> {
+    /// Takes the `kafka` options from `opts`, for a source of `schema`.
+    pub fn try_new(opts: &mut WithOptions, schema: &Schema) -> Result<Self> {
+        check_metadata_columns(opts.owner(), schema)?;
         let brokers = opts.take_required("brokers")?;
         let topic = opts.take_required("topic")?;
         let format = match opts.take_str("format") {

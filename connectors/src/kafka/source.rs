@@ -4,8 +4,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, TimestampMicrosecondArray};
-use arrow::datatypes::SchemaRef;
+use arrow::array::{
+    Array, ArrayRef, Int32Array, Int64Array, StringArray, TimestampMicrosecondArray,
+    TimestampMillisecondArray,
+};
+use arrow::compute::cast;
+use arrow::datatypes::{Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use bytes::Bytes;
 use rdkafka::config::ClientConfig;
@@ -26,6 +31,10 @@ struct Record {
     offset: i64,
     /// Where its value is in the buffer; `None` for a record without a value.
     value: Option<std::ops::Range<usize>>,
+    /// Where its key is in the buffer.
+    key: Option<std::ops::Range<usize>>,
+    /// Its timestamp, ms since the epoch.
+    timestamp: Option<i64>,
 }
 
 /// The records of one batch: their values back to back in one buffer (no allocation per
@@ -43,6 +52,10 @@ impl Records {
 
     fn value(&self, r: &Record) -> Option<&[u8]> {
         r.value.clone().map(|range| &self.values[range])
+    }
+
+    fn key(&self, r: &Record) -> Option<&[u8]> {
+        r.key.clone().map(|range| &self.values[range])
     }
 }
 
@@ -102,6 +115,8 @@ pub struct KafkaReader {
     schema: SchemaRef,
     role: ReaderRole,
     raw: Option<RecordZone>,
+    /// The source declares `_kafka_key`: keys are copied out too.
+    wants_key: bool,
 }
 
 impl KafkaReader {
@@ -110,6 +125,7 @@ impl KafkaReader {
         Self {
             name: name.into(),
             config,
+            wants_key: schema.field_with_name("_kafka_key").is_ok(),
             schema,
             role: ReaderRole::Stream,
             raw: None,
@@ -126,6 +142,7 @@ impl KafkaReader {
         Self {
             name: name.into(),
             config,
+            wants_key: false,
             schema,
             role: ReaderRole::Archive,
             raw,
@@ -283,21 +300,22 @@ impl KafkaReader {
                 })
                 .last_record = now;
         }
+        let good: Vec<&Record> = decoded_from
+            .iter()
+            .zip(&failed)
+            .filter(|(_, f)| !**f)
+            .map(|(r, _)| *r)
+            .collect();
+        let rows = self.with_metadata(decoded.batch, &batch, &good)?;
         let watermark_spec = ctx.watermark.as_ref();
         if let Some(spec) = watermark_spec
-            && let Ok(col) = decoded.batch.schema().index_of(&spec.column)
-            && let Some(ts) = decoded
-                .batch
+            && let Ok(col) = rows.schema().index_of(&spec.column)
+            && let Some(ts) = rows
                 .column(col)
                 .as_any()
                 .downcast_ref::<TimestampMicrosecondArray>()
         {
-            let good = decoded_from
-                .iter()
-                .zip(&failed)
-                .filter(|(_, f)| !**f)
-                .map(|(r, _)| r.partition);
-            for (row, partition) in good.enumerate() {
+            for (row, partition) in good.iter().map(|r| r.partition).enumerate() {
                 if ts.is_null(row) {
                     continue;
                 }
@@ -305,9 +323,65 @@ impl KafkaReader {
                 t.max_seen = Some(t.max_seen.map_or(ts.value(row), |m| m.max(ts.value(row))));
             }
         }
-        publish(ctx, &mut None, decoded.batch).await;
+        publish(ctx, &mut None, rows).await;
         self.advance_watermark(ctx, times, emitted).await;
         Ok(())
+    }
+
+    /// The columns decoded from record values: all but the metadata columns.
+    fn value_schema(&self) -> SchemaRef {
+        let fields: Vec<_> = self
+            .schema
+            .fields()
+            .iter()
+            .filter(|f| !f.name().starts_with("_kafka_"))
+            .cloned()
+            .collect();
+        Arc::new(Schema::new(fields))
+    }
+
+    /// The source's rows: the decoded value columns and the metadata columns of the `good`
+    /// records, in the declared order.
+    fn with_metadata(
+        &self,
+        values: RecordBatch,
+        batch: &Records,
+        good: &[&Record],
+    ) -> sluice_engine::Result<RecordBatch> {
+        if values.num_columns() == self.schema.fields().len() {
+            return Ok(RecordBatch::try_new(
+                Arc::clone(&self.schema),
+                values.columns().to_vec(),
+            )?);
+        }
+        let mut columns = Vec::with_capacity(self.schema.fields().len());
+        for f in self.schema.fields() {
+            let made: ArrayRef = match f.name().as_str() {
+                "_kafka_key" => Arc::new(StringArray::from_iter(good.iter().map(|r| {
+                    batch
+                        .key(r)
+                        .map(|k| String::from_utf8_lossy(k).into_owned())
+                }))),
+                "_kafka_partition" => Arc::new(Int32Array::from_iter_values(
+                    good.iter().map(|r| r.partition),
+                )),
+                "_kafka_offset" => {
+                    Arc::new(Int64Array::from_iter_values(good.iter().map(|r| r.offset)))
+                }
+                "_kafka_timestamp" => Arc::new(
+                    TimestampMillisecondArray::from_iter(good.iter().map(|r| r.timestamp))
+                        .with_timezone("UTC"),
+                ),
+                name => {
+                    columns.push(Arc::clone(values.column_by_name(name).ok_or_else(
+                        || EngineError::Internal(format!("kafka: no decoded column `{name}`")),
+                    )?));
+                    continue;
+                }
+            };
+            columns.push(cast(&made, f.data_type())?);
+        }
+        Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
     }
 
     /// Sends the smallest partition watermark, if it advanced. Partitions quiet for longer
@@ -347,7 +421,7 @@ impl KafkaReader {
 impl SourceReader for KafkaReader {
     async fn run(self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
         let consumer = self.assign(self.consumer(&ctx.metrics)?).await?;
-        let decoder = Decoder::new(self.config.format, Arc::clone(&self.schema));
+        let decoder = Decoder::new(self.config.format, self.value_schema());
         let mut times: BTreeMap<i32, PartitionTime> = BTreeMap::new();
         let mut emitted = None;
         let mut batch = Records::default();
@@ -363,15 +437,19 @@ impl SourceReader for KafkaReader {
                 _ = ctx.cancel.cancelled() => return Ok(()),
                 m = consumer.recv() => {
                     let m = m.map_err(|e| EngineError::external(format!("kafka source `{}`", self.name), e))?;
-                    let value = m.payload().map(|v| {
+                    let mut copy = |bytes: &[u8]| {
                         let start = batch.values.len();
-                        batch.values.extend_from_slice(v);
+                        batch.values.extend_from_slice(bytes);
                         start..batch.values.len()
-                    });
+                    };
+                    let value = m.payload().map(&mut copy);
+                    let key = if self.wants_key { m.key().map(&mut copy) } else { None };
                     batch.records.push(Record {
                         partition: m.partition(),
                         offset: m.offset(),
                         value,
+                        key,
+                        timestamp: m.timestamp().to_millis(),
                     });
                     if batch.len() == 1 {
                         timer.as_mut().reset(tokio::time::Instant::now() + self.config.linger);
