@@ -375,3 +375,51 @@ async fn csv_records_from_kafka_decode_by_column_order() {
     assert!(errors.contains("partition 0 offset 2"), "{errors}");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_partition_stops_holding_windows_after_idle_timeout() {
+    let brokers = kafka_brokers();
+    let topic = format!("idle-{}", std::process::id());
+    create_topic(&brokers, &topic, 2).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("a producer");
+    // Everything goes to partition 0; partition 1 stays empty.
+    for (amount, ts) in [(1, "00:00:01"), (2, "00:00:05"), (4, "00:00:30")] {
+        let value = format!(r#"{{"amount":{amount},"ts":"2024-05-01T{ts}Z"}}"#);
+        producer
+            .send(
+                FutureRecord::<(), str>::to(&topic)
+                    .partition(0)
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("acknowledged");
+    }
+    let lake = tempfile::tempdir().unwrap();
+    let server = start_server(lake.path()).await;
+    let client = pg_connect(server.pg_addr).await;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE payments (amount BIGINT NOT NULL, ts TIMESTAMP NOT NULL,
+                                     WATERMARK FOR ts AS ts - INTERVAL '1 second')
+             WITH (connector = 'kafka', brokers = '{brokers}', topic = '{topic}', idle_timeout = '500 ms');
+             CREATE STREAM totals WITH (rollover_interval = '100 ms') AS
+               SELECT window_start, window_end, sum(amount) AS amount
+               FROM TUMBLE(payments, ts, INTERVAL '10 seconds') GROUP BY window_start, window_end"
+        ))
+        .await
+        .unwrap();
+    let first = wait_for("the first window", Duration::from_secs(30), || async {
+        let rows = client
+            .query("SELECT amount FROM totals", &[])
+            .await
+            .unwrap();
+        rows.first().map(|r| r.get::<_, i64>(0))
+    })
+    .await;
+    assert_eq!(first, 3);
+    server.shutdown().await;
+}

@@ -29,8 +29,10 @@
 //! with its value, the reason and its topic/partition/offset, and is counted; the others go
 //! on. Watermarks are kept per partition (largest event time seen in that partition minus
 //! the declared delay); the source's watermark is the smallest over the partitions, so a
-//! partition that lags holds event time back — and one that has gone quiet for the source's
-//! `idle_timeout` stops doing so until it delivers again.
+//! partition that lags — or has delivered nothing yet — holds event time back, and one that
+//! has been quiet for the source's `idle_timeout` stops doing so until it delivers again.
+//! (Without `idle_timeout`, an empty partition holds windows open: set it for topics whose
+//! partitions may be empty.)
 //!
 //! Each stream reading the source has its own reader, assigned every partition (no consumer
 //! group coordination), as a Flink or RisingWave job reads a topic. The source itself runs

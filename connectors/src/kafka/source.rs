@@ -178,11 +178,11 @@ impl KafkaReader {
             .map_err(|e| EngineError::external(format!("kafka source `{}`", self.name), e))
     }
 
-    /// Assigns every partition of the topic, at the start position.
+    /// Assigns every partition of the topic, at the start position; returns them.
     async fn assign(
         &self,
         consumer: StreamConsumer<LagReporter>,
-    ) -> sluice_engine::Result<StreamConsumer<LagReporter>> {
+    ) -> sluice_engine::Result<(StreamConsumer<LagReporter>, Vec<i32>)> {
         let topic = self.config.topic.clone();
         let start = match self.config.start {
             StartPosition::Earliest => Offset::Beginning,
@@ -215,7 +215,7 @@ impl KafkaReader {
                 .assign(&tpl)
                 .map_err(|e| EngineError::external(context(), e))?;
             tracing::info!(source = %name, topic = %topic, partitions = partitions.len(), "kafka: assigned");
-            Ok(consumer)
+            Ok((consumer, partitions))
         })
         .await
         .map_err(|e| EngineError::Internal(format!("kafka assignment task: {e}")))?
@@ -420,9 +420,22 @@ impl KafkaReader {
 #[async_trait]
 impl SourceReader for KafkaReader {
     async fn run(self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
-        let consumer = self.assign(self.consumer(&ctx.metrics)?).await?;
+        let (consumer, partitions) = self.assign(self.consumer(&ctx.metrics)?).await?;
         let decoder = Decoder::new(self.config.format, self.value_schema());
-        let mut times: BTreeMap<i32, PartitionTime> = BTreeMap::new();
+        // Every partition holds the watermark back until it delivers (or, with the source's
+        // `idle_timeout`, until it has been quiet that long): a partition fetched later must
+        // not find its rows behind a watermark set by the others.
+        let now = Instant::now();
+        let mut times: BTreeMap<i32, PartitionTime> = partitions
+            .into_iter()
+            .map(|p| {
+                let t = PartitionTime {
+                    max_seen: None,
+                    last_record: now,
+                };
+                (p, t)
+            })
+            .collect();
         let mut emitted = None;
         let mut batch = Records::default();
         // One timer for the whole loop (re-armed, never re-created per record): it cuts a
