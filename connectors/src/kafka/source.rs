@@ -444,10 +444,13 @@ impl SourceReader for KafkaReader {
         const IDLE_TICK: Duration = Duration::from_secs(1);
         let timer = tokio::time::sleep(IDLE_TICK);
         tokio::pin!(timer);
+        // Likewise one cancellation future, not one per record.
+        let cancelled = ctx.cancel.cancelled();
+        tokio::pin!(cancelled);
         loop {
             tokio::select! {
                 biased;
-                _ = ctx.cancel.cancelled() => return Ok(()),
+                _ = &mut cancelled => return Ok(()),
                 m = consumer.recv() => {
                     let m = m.map_err(|e| EngineError::external(format!("kafka source `{}`", self.name), e))?;
                     let mut copy = |bytes: &[u8]| {
