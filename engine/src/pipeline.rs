@@ -350,16 +350,15 @@ impl Merge {
                             changed = true;
                         }
                     }
-                    if changed {
-                        let excluded: Vec<bool> = ended.iter().zip(&idle).map(|(e, i)| *e || *i).collect();
-                        if let Some(wm) = advance_watermark(
+                    if changed
+                        && let Some(wm) = advance_watermark(
                             &self.delivery.metrics,
                             &watermarks,
-                            &excluded,
+                            &excluded(&ended, &idle),
                             &mut emitted_wm,
-                        ) {
-                            self.post_and_deliver(Message::Watermark(wm)).await?;
-                        }
+                        )
+                    {
+                        self.post_and_deliver(Message::Watermark(wm)).await?;
                     }
                     continue;
                 }
@@ -385,12 +384,10 @@ impl Merge {
                     }
                     Message::Watermark(t) => {
                         watermarks[i] = watermarks[i].max(t);
-                        let excluded: Vec<bool> =
-                            ended.iter().zip(&idle).map(|(e, i)| *e || *i).collect();
                         if let Some(wm) = advance_watermark(
                             &self.delivery.metrics,
                             &watermarks,
-                            &excluded,
+                            &excluded(&ended, &idle),
                             &mut emitted_wm,
                         ) {
                             self.post_and_deliver(Message::Watermark(wm)).await?;
@@ -409,12 +406,10 @@ impl Merge {
                     }
                     Message::End => {
                         ended[i] = true;
-                        let excluded: Vec<bool> =
-                            ended.iter().zip(&idle).map(|(e, i)| *e || *i).collect();
                         if let Some(wm) = advance_watermark(
                             &self.delivery.metrics,
                             &watermarks,
-                            &excluded,
+                            &excluded(&ended, &idle),
                             &mut emitted_wm,
                         ) {
                             self.post_and_deliver(Message::Watermark(wm)).await?;
@@ -479,6 +474,11 @@ impl Merge {
         }
         Ok(())
     }
+}
+
+/// Which inputs do not count for the merged watermark: those that ended or are idle.
+fn excluded(ended: &[bool], idle: &[bool]) -> Vec<bool> {
+    ended.iter().zip(idle).map(|(e, i)| *e || *i).collect()
 }
 
 /// The minimum watermark over the inputs not `excluded` (ended or idle), if it advanced.

@@ -29,14 +29,14 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, TimestampMicrosecondArray, UInt32Array, UInt64Array};
-use arrow::compute::{interleave, take};
+use arrow::compute::take;
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
 use datafusion::physical_expr::PhysicalExpr;
 use hashbrown::HashTable;
 
-use super::{ForwardedWatermark, Lateness, bad_row, evaluate_all};
+use super::{ForwardedWatermark, Lateness, bad_row, evaluate_all, gather_rows};
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
 use crate::time::EventTime;
@@ -268,25 +268,7 @@ impl Dedup {
         if ready.is_empty() {
             return Ok(());
         }
-        let mut ids: Vec<u64> = ready.iter().map(|h| h.batch).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let sources: Vec<&RecordBatch> = ids.iter().map(|id| &self.batches[id].0).collect();
-        let indices: Vec<(usize, usize)> = ready
-            .iter()
-            .map(|h| {
-                let b = ids.binary_search(&h.batch).expect("listed above");
-                (b, h.row as usize)
-            })
-            .collect();
-        let n_cols = sources[0].num_columns();
-        let columns = (0..n_cols)
-            .map(|c| {
-                let arrays: Vec<&dyn Array> =
-                    sources.iter().map(|b| b.column(c).as_ref()).collect();
-                interleave(&arrays, &indices)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let columns = gather_rows(&self.batches, ready.iter().map(|h| (h.batch, h.row)))?;
         let batch = self.output(columns)?;
         out.emit(batch);
         for h in ready {

@@ -107,6 +107,32 @@ impl ForwardedWatermark {
     }
 }
 
+/// The rows `rows` — (batch id, row) pairs, in output order — of the retained `batches`, as
+/// columns (one `interleave` per column). `batches` maps an id to the batch and how many of
+/// its rows are still held.
+pub(crate) fn gather_rows(
+    batches: &std::collections::HashMap<u64, (RecordBatch, usize)>,
+    rows: impl Iterator<Item = (u64, u32)> + Clone,
+) -> crate::error::Result<Vec<arrow::array::ArrayRef>> {
+    let mut ids: Vec<u64> = rows.clone().map(|(b, _)| b).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let sources: Vec<&RecordBatch> = ids.iter().map(|id| &batches[id].0).collect();
+    let indices: Vec<(usize, usize)> = rows
+        .map(|(b, r)| (ids.binary_search(&b).expect("listed above"), r as usize))
+        .collect();
+    let Some(first) = sources.first() else {
+        return Ok(vec![]);
+    };
+    Ok((0..first.num_columns())
+        .map(|c| {
+            let arrays: Vec<&dyn arrow::array::Array> =
+                sources.iter().map(|b| b.column(c).as_ref()).collect();
+            arrow::compute::interleave(&arrays, &indices)
+        })
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
 /// Renders row `row` of `batch` as one JSON object, for the errors zone.
 pub fn row_to_json(batch: &RecordBatch, row: usize) -> String {
     let slice = batch.slice(row, 1);

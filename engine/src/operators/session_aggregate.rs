@@ -25,14 +25,14 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, TimestampMicrosecondArray, UInt32Array};
-use arrow::compute::{cast, interleave, take};
+use arrow::compute::{cast, take};
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
 use datafusion::logical_expr::EmitTo;
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::window_aggregate::{aggregate_inputs, create_accumulators};
-use super::{ForwardedWatermark, WindowAggregateSpec, bad_row, evaluate_all};
+use super::{ForwardedWatermark, WindowAggregateSpec, bad_row, evaluate_all, gather_rows};
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
 use crate::time::EventTime;
@@ -150,32 +150,23 @@ impl SessionAggregate {
             s.rows.sort_unstable();
         }
         // Every row of every closed session, gathered into one batch.
-        let mut ids: Vec<u64> = closed
-            .iter()
-            .flat_map(|s| s.rows.iter().map(|r| r.0))
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let sources: Vec<&RecordBatch> = ids.iter().map(|id| &self.batches[id].0).collect();
-        let mut indices = Vec::new();
         let mut groups = Vec::new();
         let mut first_rows = Vec::with_capacity(closed.len());
         for (g, s) in closed.iter().enumerate() {
-            first_rows.push(indices.len() as u32);
-            for &(b, r) in &s.rows {
-                let b = ids.binary_search(&b).expect("listed above");
-                indices.push((b, r as usize));
-                groups.push(g);
-            }
+            first_rows.push(groups.len() as u32);
+            groups.extend(std::iter::repeat_n(g, s.rows.len()));
         }
-        let columns = (0..sources[0].num_columns())
-            .map(|c| {
-                let arrays: Vec<&dyn Array> =
-                    sources.iter().map(|b| b.column(c).as_ref()).collect();
-                interleave(&arrays, &indices)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let rows = RecordBatch::try_new(sources[0].schema(), columns)?;
+        let input_schema = self
+            .batches
+            .values()
+            .next()
+            .map(|(b, _)| b.schema())
+            .ok_or_else(|| EngineError::Internal("session rows without their batches".into()))?;
+        let columns = gather_rows(
+            &self.batches,
+            closed.iter().flat_map(|s| s.rows.iter().copied()),
+        )?;
+        let rows = RecordBatch::try_new(input_schema, columns)?;
         let n = rows.num_rows();
 
         let first = UInt32Array::from(first_rows);
