@@ -449,8 +449,48 @@ pub struct RunningSink {
     pub config: SinkConfig,
     /// Its state.
     pub status: SharedStatus,
+    /// Rows delivered (acknowledged by the destination).
+    pub delivered: Arc<AtomicU64>,
     cancel: CancellationToken,
     done: Option<JoinHandle<()>>,
+}
+
+/// Counts the rows a connector's sink accepted.
+struct Counted {
+    inner: Box<dyn sluice_engine::Sink>,
+    delivered: Arc<AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl sluice_engine::Sink for Counted {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn write_batch(
+        &mut self,
+        batch: arrow::record_batch::RecordBatch,
+    ) -> sluice_engine::Result<()> {
+        let n = batch.num_rows() as u64;
+        self.inner.write_batch(batch).await?;
+        self.delivered
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+    async fn on_watermark(&mut self, t: sluice_engine::EventTime) -> sluice_engine::Result<()> {
+        self.inner.on_watermark(t).await
+    }
+    async fn on_barrier(&mut self, b: sluice_engine::Barrier) -> sluice_engine::Result<()> {
+        self.inner.on_barrier(b).await
+    }
+    fn tick_interval(&self) -> Option<Duration> {
+        self.inner.tick_interval()
+    }
+    async fn on_tick(&mut self) -> sluice_engine::Result<()> {
+        self.inner.on_tick().await
+    }
+    async fn close(&mut self) -> sluice_engine::Result<()> {
+        self.inner.close().await
+    }
 }
 
 /// Starts a sink delivering what `input` (the source or stream it reads) produces.
@@ -462,7 +502,11 @@ pub fn start_sink(
     parent: &CancellationToken,
 ) -> Result<RunningSink> {
     let cancel = parent.child_token();
-    let sink = config.sink(&create.name)?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let sink: Box<dyn sluice_engine::Sink> = Box::new(Counted {
+        inner: config.sink(&create.name)?,
+        delivered: Arc::clone(&delivered),
+    });
     let (subscription, reader) = match input {
         Input::Hub { hub, .. } => (hub.subscribe(DEFAULT_CHANNEL_CAPACITY), None),
         Input::Reader { def, metrics } => {
@@ -498,6 +542,7 @@ pub fn start_sink(
         create,
         config,
         status,
+        delivered,
         cancel,
         done: Some(done),
     })

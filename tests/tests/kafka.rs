@@ -295,6 +295,18 @@ async fn a_kafka_sink_delivers_a_stream_keyed_like_the_java_client() {
     // Every partition got some customers.
     let partitions: std::collections::BTreeSet<i32> = seen.values().copied().collect();
     assert!(partitions.len() > 1, "{partitions:?}");
+    let delivered = wait_for("the sink's counter", Duration::from_secs(30), || async {
+        let shown = client.simple_query("SHOW SINKS").await.unwrap();
+        shown.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                let n = r.get("rows_delivered")?.to_string();
+                (n == "100").then_some(n)
+            }
+            _ => None,
+        })
+    })
+    .await;
+    assert_eq!(delivered, "100");
     server.shutdown().await;
 }
 

@@ -30,7 +30,8 @@
 //! on. Watermarks are kept per partition (largest event time seen in that partition minus
 //! the declared delay); the source's watermark is the smallest over the partitions, so a
 //! partition that lags — or has delivered nothing yet — holds event time back, and one that
-//! has been quiet for the source's `idle_timeout` stops doing so until it delivers again.
+//! has been quiet for the source's `idle_timeout` stops doing so until it delivers again
+//! (when every partition is quiet, the watermark is the largest of theirs).
 //! (Without `idle_timeout`, an empty partition holds windows open: set it for topics whose
 //! partitions may be empty.)
 //!

@@ -397,17 +397,25 @@ impl KafkaReader {
         }
         let Some(spec) = &ctx.watermark else { return };
         let now = Instant::now();
-        let active = times.values().filter(|t| {
-            spec.idle_timeout
-                .is_none_or(|idle| now - t.last_record < idle)
-        });
-        let mut min: Option<i64> = None;
-        for t in active {
-            let Some(max) = t.max_seen else { return };
-            let wm = max.saturating_sub(spec.delay_micros);
-            min = Some(min.map_or(wm, |m| m.min(wm)));
-        }
-        if let Some(wm) = min
+        let own = |t: &PartitionTime| t.max_seen.map(|m| m.saturating_sub(spec.delay_micros));
+        let (active, idle): (Vec<&PartitionTime>, Vec<&PartitionTime>) =
+            times.values().partition(|t| {
+                spec.idle_timeout
+                    .is_none_or(|idle| now - t.last_record < idle)
+            });
+        let wm = if active.is_empty() {
+            // Everything is quiet: nothing is pending, so nothing holds event time back.
+            idle.iter().filter_map(|t| own(t)).max()
+        } else {
+            // The slowest partition still delivering (or not yet delivering) holds it.
+            let mut min: Option<i64> = None;
+            for t in active {
+                let Some(wm) = own(t) else { return };
+                min = Some(min.map_or(wm, |m| m.min(wm)));
+            }
+            min
+        };
+        if let Some(wm) = wm
             && emitted.is_none_or(|e| wm > e)
         {
             *emitted = Some(wm);
