@@ -153,13 +153,7 @@ impl OpSpec {
                 )
             }
             OpSpec::SessionAggregate { spec, gap, .. } => {
-                let groups: Vec<String> = spec
-                    .group_exprs
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != spec.window_start && *i != spec.window_end)
-                    .map(|(_, e)| e.to_string())
-                    .collect();
+                let groups: Vec<String> = spec.key_exprs().iter().map(|e| e.to_string()).collect();
                 let aggs: Vec<String> = spec
                     .aggregates
                     .iter()
@@ -434,13 +428,9 @@ pub async fn plan_stream(
         )));
     }
     let partition_keys = match post.first() {
-        Some(OpSpec::WindowAggregate { spec, .. } | OpSpec::SessionAggregate { spec, .. }) => spec
-            .group_exprs
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != spec.window_start && *i != spec.window_end)
-            .map(|(_, e)| Arc::clone(e))
-            .collect(),
+        Some(OpSpec::WindowAggregate { spec, .. } | OpSpec::SessionAggregate { spec, .. }) => {
+            spec.key_exprs()
+        }
         Some(OpSpec::Dedup { spec, .. }) => spec.keys.clone(),
         _ => vec![],
     };

@@ -15,6 +15,15 @@ async fn scalar(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+/// A producer waiting for every replica's acknowledgement.
+fn producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .create()
+        .expect("a producer")
+}
+
 async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -37,11 +46,7 @@ async fn json_records_from_kafka_land_in_windows_and_bad_ones_in_the_errors_zone
     let brokers = kafka_brokers();
     let topic = format!("orders-{}", std::process::id());
     create_topic(&brokers, &topic, 3).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("acks", "all")
-        .create()
-        .expect("a producer");
+    let producer = producer(&brokers);
     let send = |partition: i32, key: String, value: String| {
         let producer = producer.clone();
         let topic = topic.clone();
@@ -315,10 +320,7 @@ async fn csv_records_from_kafka_decode_by_column_order() {
     let brokers = kafka_brokers();
     let topic = format!("csv-{}", std::process::id());
     create_topic(&brokers, &topic, 1).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("a producer");
+    let producer = producer(&brokers);
     for (key, value) in [
         (Some("a"), "1,alice,2024-05-01T08:00:00Z"),
         (Some("b"), "2,\"bob, jr\",2024-05-01T08:00:01Z"),
@@ -393,10 +395,7 @@ async fn an_empty_partition_stops_holding_windows_after_idle_timeout() {
     let brokers = kafka_brokers();
     let topic = format!("idle-{}", std::process::id());
     create_topic(&brokers, &topic, 2).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("a producer");
+    let producer = producer(&brokers);
     // Everything goes to partition 0; partition 1 stays empty.
     for (amount, ts) in [(1, "00:00:01"), (2, "00:00:05"), (4, "00:00:30")] {
         let value = format!(r#"{{"amount":{amount},"ts":"2024-05-01T{ts}Z"}}"#);

@@ -90,13 +90,7 @@ impl SessionAggregate {
                 "a session gap must be positive".into(),
             ));
         }
-        let keys: Vec<Arc<dyn PhysicalExpr>> = spec
-            .group_exprs
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != spec.window_start && *i != spec.window_end)
-            .map(|(_, e)| Arc::clone(e))
-            .collect();
+        let keys = spec.key_exprs();
         let fields = keys
             .iter()
             .map(|e| Ok(SortField::new(e.data_type(input)?)))

@@ -60,6 +60,19 @@ struct Window {
     accumulators: Vec<Box<dyn GroupsAccumulator>>,
 }
 
+impl WindowAggregateSpec {
+    /// The group expressions other than the window's bounds: the key within a window (and
+    /// the key its rows are routed by among parallel subtasks).
+    pub fn key_exprs(&self) -> Vec<Arc<dyn PhysicalExpr>> {
+        self.group_exprs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != self.window_start && *i != self.window_end)
+            .map(|(_, e)| Arc::clone(e))
+            .collect()
+    }
+}
+
 /// The running operator. See the module docs.
 pub struct WindowAggregate {
     spec: WindowAggregateSpec,
@@ -88,18 +101,18 @@ impl WindowAggregate {
         input: &arrow::datatypes::Schema,
         origin: impl Into<String>,
     ) -> Result<Self> {
-        let mut keys = vec![];
-        let mut fields = vec![];
-        for (i, e) in spec.group_exprs.iter().enumerate() {
-            if i != spec.window_start && i != spec.window_end {
-                keys.push(Arc::clone(e));
-                fields.push(Field::new(
+        let keys = spec.key_exprs();
+        let fields = keys
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                Ok(Field::new(
                     format!("k{i}"),
                     e.data_type(input)?,
                     e.nullable(input)?,
-                ));
-            }
-        }
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let op = Self {
             keys,
             key_schema: Arc::new(Schema::new(fields)),
