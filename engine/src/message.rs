@@ -36,8 +36,11 @@ pub struct Barrier {
 /// rendered as JSON), why it was rejected and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadRecord {
-    /// The raw payload, as received where the record came from outside.
+    /// The raw payload, as received where the record came from outside (base64 when
+    /// [`Self::payload_base64`]).
     pub payload: String,
+    /// The payload is binary (e.g. Avro), kept as its base64 text.
+    pub payload_base64: bool,
     /// Why the record was rejected, for a human.
     pub reason: String,
     /// Where the record came from, e.g. `http:/v1/sources/orders/events line 3` or

@@ -149,3 +149,119 @@ pub fn kafka_brokers() -> String {
         )
     })
 }
+
+/// The first column of the single row `sql` returns, as a BIGINT.
+pub async fn scalar(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// A Kafka producer waiting for every replica's acknowledgement.
+pub fn producer(brokers: &str) -> rdkafka::producer::FutureProducer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .create()
+        .expect("a producer")
+}
+
+/// Creates `topic` with `partitions` partitions.
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("an admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("CreateTopics answered");
+    for r in results {
+        r.expect("the topic is created");
+    }
+}
+
+/// The Confluent-compatible schema registry the tests use (`SLUICE_TEST_SCHEMA_REGISTRY`,
+/// set by `scripts/services.sh`). Panics when it is not set.
+pub fn schema_registry() -> String {
+    std::env::var("SLUICE_TEST_SCHEMA_REGISTRY").unwrap_or_else(|_| {
+        panic!(
+            "SLUICE_TEST_SCHEMA_REGISTRY is not set: run the tests with scripts/test.sh, which \
+             starts a schema registry, or first `eval \"$(scripts/services.sh start)\"`"
+        )
+    })
+}
+
+/// Registers the Avro `schema` under `subject` with the registry's REST API; its id.
+pub async fn register_schema(registry: &str, subject: &str, schema: &str) -> u32 {
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(format!("{registry}/subjects/{subject}/versions"))
+        .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+        .json(&serde_json::json!({ "schema": schema }))
+        .send()
+        .await
+        .expect("the registry answers")
+        .error_for_status()
+        .expect("the schema is registered")
+        .json()
+        .await
+        .expect("a JSON answer");
+    answer["id"].as_u64().expect("an id") as u32
+}
+
+/// Avro binary encoding, written out by hand from the specification (so the tests do not
+/// check arrow-avro against itself).
+pub mod avro {
+    /// A `long` (or `int`): zig-zag, then base-128 varint.
+    pub fn long(out: &mut Vec<u8>, v: i64) {
+        let mut n = ((v << 1) ^ (v >> 63)) as u64;
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+    }
+
+    /// A `string` (or `bytes`): its length as a long, then its bytes.
+    pub fn string(out: &mut Vec<u8>, s: &str) {
+        long(out, s.len() as i64);
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    /// A `double`: 8 bytes, little-endian IEEE 754.
+    pub fn double(out: &mut Vec<u8>, v: f64) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+
+    /// The Confluent framing: magic byte 0, then the schema id as 4 big-endian bytes.
+    pub fn confluent(id: u32) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend_from_slice(&id.to_be_bytes());
+        out
+    }
+
+    /// Reads a `long` at `*pos`, advancing it.
+    pub fn read_long(bytes: &[u8], pos: &mut usize) -> i64 {
+        let (mut n, mut shift) = (0u64, 0);
+        loop {
+            let b = bytes[*pos];
+            *pos += 1;
+            n |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                break;
+            }
+            shift += 7;
+        }
+        ((n >> 1) as i64) ^ -((n & 1) as i64)
+    }
+
+    /// Reads a `string` at `*pos`, advancing it.
+    pub fn read_string(bytes: &[u8], pos: &mut usize) -> String {
+        let len = read_long(bytes, pos) as usize;
+        let s = String::from_utf8(bytes[*pos..*pos + len].to_vec()).expect("UTF-8");
+        *pos += len;
+        s
+    }
+}

@@ -6,40 +6,11 @@
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use sluice_tests::{files_with_ext, kafka_brokers, pg_connect, start_server, wait_for};
-
-async fn scalar(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap().get(0)
-}
-
-/// A producer waiting for every replica's acknowledgement.
-fn producer(brokers: &str) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("acks", "all")
-        .create()
-        .expect("a producer")
-}
-
-async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("an admin client");
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .expect("CreateTopics answered");
-    for r in results {
-        r.expect("the topic is created");
-    }
-}
+use rdkafka::producer::FutureRecord;
+use sluice_tests::{
+    create_topic, files_with_ext, kafka_brokers, pg_connect, producer, scalar, start_server,
+    wait_for,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_records_from_kafka_land_in_windows_and_bad_ones_in_the_errors_zone() {

@@ -3,11 +3,7 @@
 
 use std::time::Duration;
 
-use sluice_tests::{files_with_ext, pg_connect, start_server, wait_for};
-
-async fn scalar(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap().get(0)
-}
+use sluice_tests::{files_with_ext, pg_connect, scalar, start_server, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn windows_close_on_the_watermark_and_chain_into_coarser_windows() {

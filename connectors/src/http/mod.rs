@@ -135,6 +135,7 @@ impl HttpIngest {
             Err(reason) => {
                 let bad = BadRecord {
                     payload: String::from_utf8_lossy(&body).into_owned(),
+                    payload_base64: false,
                     reason: reason.clone(),
                     origin: origin.to_string(),
                 };
@@ -159,6 +160,7 @@ impl HttpIngest {
                 .iter()
                 .map(|e| BadRecord {
                     payload: String::from_utf8_lossy(records[e.index].1).into_owned(),
+                    payload_base64: false,
                     reason: e.reason.clone(),
                     origin: format!("{origin} line {}", records[e.index].0),
                 })

@@ -1,4 +1,4 @@
-//! [`KafkaSink`]: rows of a stream or source → JSON records on a topic.
+//! [`KafkaSink`]: rows of a stream or source → JSON or Avro records on a topic.
 //!
 //! ```sql
 //! CREATE SINK revenue_out FROM revenue_10s
@@ -7,15 +7,19 @@
 //! ```
 //!
 //! Each row becomes one record: its value the row as a JSON object (arrow-json; timestamps
-//! RFC 3339), its key the `key` column as text (no key when the option is absent or the value
-//! is NULL). Partitions are chosen by librdkafka's `murmur2_random` partitioner — the Java
+//! RFC 3339) or, with `format = 'avro'`, as Avro in the Confluent wire format (arrow-avro; the
+//! schema, a record named after the sink in namespace `sluice`, is registered under the
+//! subject `<topic>-value` of `schema_registry` before the first record is sent, and its id
+//! framed into every record); its key the `key` column as text (no key when the option is
+//! absent or the value is NULL). Partitions are chosen by librdkafka's `murmur2_random` partitioner — the Java
 //! client's default: `murmur2(key) % partitions` for keyed records, so keys land where other
 //! producers put them and a key's records stay in order. The producer is idempotent with
 //! `acks=all`; librdkafka retries with backoff. A batch counts as written only when every
 //! record of it is acknowledged, so what is acknowledged upstream of the sink is on the
 //! topic (at least once; exactly once comes with checkpoints).
 //!
-//! Options: `brokers`, `topic` (required), `key`, `format` (`json`), `properties.<name>`.
+//! Options: `brokers`, `topic` (required), `key`, `format` (`json` or `avro`),
+//! `schema_registry` (with `avro`), `properties.<name>`.
 
 use std::time::Duration;
 
@@ -23,12 +27,19 @@ use arrow::array::{Array, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Schema};
 use arrow::record_batch::RecordBatch;
+use arrow_avro::schema::{
+    AVRO_NAME_METADATA_KEY, AVRO_NAMESPACE_METADATA_KEY, AvroSchema, FingerprintStrategy,
+};
+use arrow_avro::writer::format::AvroSoeFormat;
+use arrow_avro::writer::{Encoder as AvroEncoder, WriterBuilder};
 use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sluice_engine::{EngineError, WithOptions};
 
 use crate::error::{ConnectorError, Result};
+use crate::formats::RecordFormat;
+use crate::formats::registry::SchemaRegistry;
 
 /// Validated options of a `kafka` sink.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +50,8 @@ pub struct KafkaSinkConfig {
     pub topic: String,
     /// The column whose value keys each record.
     pub key: Option<String>,
+    /// How record values are encoded: JSON or Avro.
+    pub format: RecordFormat,
     /// Extra librdkafka properties.
     pub properties: Vec<(String, String)>,
 }
@@ -48,18 +61,7 @@ impl KafkaSinkConfig {
     pub fn try_new(opts: &mut WithOptions, schema: &Schema) -> Result<Self> {
         let brokers = opts.take_required("brokers")?;
         let topic = opts.take_required("topic")?;
-        if let Some(format) = opts.take_str("format") {
-            match format.to_ascii_lowercase().as_str() {
-                "json" => {}
-                "avro" => {
-                    return Err(ConnectorError::InvalidConfig(format!(
-                        "{}: format `avro` is not available for kafka in this build yet (available: json)",
-                        opts.owner()
-                    )));
-                }
-                _ => return Err(opts.bad("format", &format, "'json'").into()),
-            }
-        }
+        let format = super::take_format(opts, &["json", "avro"])?;
         let key = opts.take_str("key").map(|k| k.to_lowercase());
         if let Some(k) = &key
             && schema.field_with_name(k).is_err()
@@ -75,6 +77,7 @@ impl KafkaSinkConfig {
             brokers,
             topic,
             key,
+            format,
             properties: opts.take_prefixed("properties."),
         })
     }
@@ -85,6 +88,8 @@ pub struct KafkaSink {
     name: String,
     config: KafkaSinkConfig,
     producer: FutureProducer,
+    /// With `format = 'avro'`: the registry, and the encoder once the schema is registered.
+    avro: Option<(SchemaRegistry, Option<AvroEncoder>)>,
 }
 
 impl KafkaSink {
@@ -105,18 +110,72 @@ impl KafkaSink {
         let producer = cfg.create().map_err(|e| {
             ConnectorError::InvalidConfig(format!("sink `{name}`: kafka producer: {e}"))
         })?;
+        let avro = match &config.format {
+            RecordFormat::Avro { registry } => Some((SchemaRegistry::new(registry)?, None)),
+            _ => None,
+        };
         Ok(Self {
             name,
             config,
             producer,
+            avro,
         })
     }
 
+    /// The record values of `batch`'s rows, in order.
+    async fn encode(&mut self, batch: &RecordBatch) -> sluice_engine::Result<Vec<bytes::Bytes>> {
+        let Some((registry, encoder)) = &mut self.avro else {
+            let mut json = Vec::new();
+            let mut writer = arrow::json::LineDelimitedWriter::new(&mut json);
+            writer.write(batch)?;
+            writer.finish()?;
+            let json = bytes::Bytes::from(json);
+            let mut values = Vec::with_capacity(batch.num_rows());
+            let mut start = 0;
+            for (i, b) in json.iter().enumerate() {
+                if *b == b'\n' {
+                    values.push(json.slice(start..i));
+                    start = i + 1;
+                }
+            }
+            return Ok(values);
+        };
+        if encoder.is_none() {
+            let context = format!("sink `{}` (kafka topic `{}`)", self.name, self.config.topic);
+            let metadata = [
+                (AVRO_NAME_METADATA_KEY.to_string(), self.name.clone()),
+                (
+                    AVRO_NAMESPACE_METADATA_KEY.to_string(),
+                    "sluice".to_string(),
+                ),
+            ];
+            let schema = Schema::new_with_metadata(
+                batch.schema().fields().clone(),
+                metadata.into_iter().collect(),
+            );
+            let avro = AvroSchema::try_from(&schema)?;
+            let subject = format!("{}-value", self.config.topic);
+            let id = registry
+                .register(&subject, &avro.json_string)
+                .await
+                .map_err(|e| EngineError::external(context.clone(), e))?;
+            tracing::info!(sink = %self.name, subject, id, "avro: schema registered");
+            *encoder = Some(
+                WriterBuilder::new(schema)
+                    .with_fingerprint_strategy(FingerprintStrategy::Id(id))
+                    .build_encoder::<AvroSoeFormat>()
+                    .map_err(|e| EngineError::external(context, e))?,
+            );
+        }
+        let encoder = encoder.as_mut().expect("built above");
+        encoder
+            .encode(batch)
+            .map_err(|e| self_failed(&self.name, &self.config.topic, e))?;
+        Ok(encoder.flush().iter().collect())
+    }
+
     fn failed(&self, what: impl std::fmt::Display) -> EngineError {
-        EngineError::external(
-            format!("sink `{}` (kafka topic `{}`)", self.name, self.config.topic),
-            std::io::Error::other(what.to_string()),
-        )
+        self_failed(&self.name, &self.config.topic, what)
     }
 }
 
@@ -127,12 +186,7 @@ impl sluice_engine::Sink for KafkaSink {
     }
 
     async fn write_batch(&mut self, batch: RecordBatch) -> sluice_engine::Result<()> {
-        let mut json = Vec::new();
-        {
-            let mut writer = arrow::json::LineDelimitedWriter::new(&mut json);
-            writer.write(&batch)?;
-            writer.finish()?;
-        }
+        let values = self.encode(&batch).await?;
         let keys: Option<StringArray> = match &self.config.key {
             Some(k) => {
                 let column = batch
@@ -149,12 +203,9 @@ impl sluice_engine::Sink for KafkaSink {
             None => None,
         };
         let mut deliveries = Vec::with_capacity(batch.num_rows());
-        for (i, value) in json
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .enumerate()
-        {
-            let mut record = FutureRecord::<str, [u8]>::to(&self.config.topic).payload(value);
+        for (i, value) in values.iter().enumerate() {
+            let mut record =
+                FutureRecord::<str, [u8]>::to(&self.config.topic).payload(value.as_ref());
             if let Some(keys) = &keys
                 && keys.is_valid(i)
             {
@@ -176,4 +227,11 @@ impl sluice_engine::Sink for KafkaSink {
             .map_err(|e| EngineError::Internal(format!("kafka flush task: {e}")))?
             .map_err(|e| self.failed(e))
     }
+}
+
+fn self_failed(name: &str, topic: &str, what: impl std::fmt::Display) -> EngineError {
+    EngineError::external(
+        format!("sink `{name}` (kafka topic `{topic}`)"),
+        std::io::Error::other(what.to_string()),
+    )
 }

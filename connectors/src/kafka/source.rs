@@ -225,7 +225,7 @@ impl KafkaReader {
     async fn flush(
         &self,
         ctx: &SourceContext,
-        decoder: &Decoder,
+        decoder: &mut Decoder,
         batch: Records,
         times: &mut BTreeMap<i32, PartitionTime>,
         emitted: &mut Option<i64>,
@@ -242,16 +242,25 @@ impl KafkaReader {
             )
         };
         if let Some(raw) = &self.raw {
+            // Text records one per line; binary ones each after its 4-byte big-endian length.
             let mut body = Vec::new();
-            for r in records {
-                body.extend_from_slice(batch.value(r).unwrap_or_default());
-                body.push(b'\n');
-            }
-            raw.put_raw(Bytes::from(body), "ndjson")
-                .await
-                .map_err(|e| {
-                    EngineError::external(format!("kafka source `{}`: raw zone", self.name), e)
-                })?;
+            let ext = if self.config.format.is_binary() {
+                for r in records {
+                    let value = batch.value(r).unwrap_or_default();
+                    body.extend_from_slice(&(value.len() as u32).to_be_bytes());
+                    body.extend_from_slice(value);
+                }
+                "avro-frames"
+            } else {
+                for r in records {
+                    body.extend_from_slice(batch.value(r).unwrap_or_default());
+                    body.push(b'\n');
+                }
+                "ndjson"
+            };
+            raw.put_raw(Bytes::from(body), ext).await.map_err(|e| {
+                EngineError::external(format!("kafka source `{}`: raw zone", self.name), e)
+            })?;
         }
         let mut bad = Vec::new();
         let mut values: Vec<&[u8]> = Vec::with_capacity(records.len());
@@ -264,6 +273,7 @@ impl KafkaReader {
                 }
                 None => bad.push(BadRecord {
                     payload: String::new(),
+                    payload_base64: false,
                     reason: "the record has no value (a tombstone)".into(),
                     origin: origin(r),
                 }),
@@ -271,12 +281,14 @@ impl KafkaReader {
         }
         let decoded = decoder
             .decode(&values)
+            .await
             .map_err(|e| EngineError::external(format!("kafka source `{}`", self.name), e))?;
         let mut failed = vec![false; values.len()];
         for e in &decoded.errors {
             failed[e.index] = true;
             bad.push(BadRecord {
-                payload: String::from_utf8_lossy(values[e.index]).into_owned(),
+                payload: payload_text(values[e.index], self.config.format.is_binary()),
+                payload_base64: self.config.format.is_binary(),
                 reason: e.reason.clone(),
                 origin: origin(decoded_from[e.index]),
             });
@@ -429,7 +441,7 @@ impl KafkaReader {
 impl SourceReader for KafkaReader {
     async fn run(self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
         let (consumer, partitions) = self.assign(self.consumer(&ctx.metrics)?).await?;
-        let decoder = Decoder::new(self.config.format, self.value_schema());
+        let mut decoder = Decoder::new(&self.config.format, self.value_schema())?;
         // Every partition holds the watermark back until it delivers (or, with the source's
         // `idle_timeout`, until it has been quiet that long): a partition fetched later must
         // not find its rows behind a watermark set by the others.
@@ -480,18 +492,28 @@ impl SourceReader for KafkaReader {
                     }
                     if batch.len() >= self.config.batch_size {
                         let full = std::mem::take(&mut batch);
-                        self.flush(&ctx, &decoder, full, &mut times, &mut emitted).await?;
+                        self.flush(&ctx, &mut decoder, full, &mut times, &mut emitted).await?;
                         timer.as_mut().reset(tokio::time::Instant::now() + IDLE_TICK);
                     }
                 }
                 _ = &mut timer => {
                     let due = std::mem::take(&mut batch);
-                    self.flush(&ctx, &decoder, due, &mut times, &mut emitted).await?;
+                    self.flush(&ctx, &mut decoder, due, &mut times, &mut emitted).await?;
                     // Quiet partitions may have become idle.
                     self.advance_watermark(&ctx, &times, &mut emitted).await;
                     timer.as_mut().reset(tokio::time::Instant::now() + IDLE_TICK);
                 }
             }
         }
+    }
+}
+
+/// A record value as the errors zone keeps it: text as is, binary as base64.
+fn payload_text(value: &[u8], binary: bool) -> String {
+    if binary {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(value)
+    } else {
+        String::from_utf8_lossy(value).into_owned()
     }
 }

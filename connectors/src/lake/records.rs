@@ -28,6 +28,9 @@ struct ErrorLine<'a> {
     origin: &'a str,
     reason: &'a str,
     payload: &'a str,
+    /// `base64` when the payload is binary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_encoding: Option<&'static str>,
 }
 
 impl RecordZone {
@@ -68,6 +71,7 @@ impl RecordZone {
                 origin: &r.origin,
                 reason: &r.reason,
                 payload: &r.payload,
+                payload_encoding: r.payload_base64.then_some("base64"),
             };
             serde_json::to_writer(&mut buf, &line).expect("serialising strings cannot fail");
             buf.push(b'\n');

@@ -150,6 +150,7 @@ pub fn row_to_json(batch: &RecordBatch, row: usize) -> String {
 pub(crate) fn bad_row(batch: &RecordBatch, row: usize, origin: &str, reason: &str) -> BadRecord {
     BadRecord {
         payload: row_to_json(batch, row),
+        payload_base64: false,
         reason: reason.to_string(),
         origin: origin.to_string(),
     }
