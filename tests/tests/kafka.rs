@@ -186,7 +186,8 @@ async fn a_kafka_sink_delivers_a_stream_keyed_like_the_java_client() {
              WITH (connector = 'http');
              CREATE STREAM big_orders AS SELECT order_id, customer, amount, ts FROM orders WHERE amount >= 100;
              CREATE SINK big_out FROM big_orders
-             WITH (connector = 'kafka', brokers = '{brokers}', topic = '{topic}', key = 'customer', format = 'json')"
+             WITH (connector = 'kafka', brokers = '{brokers}', topic = '{topic}', key = 'customer', format = 'json',
+                   header.customer = 'customer', header.amount = 'amount')"
         ))
         .await
         .unwrap();
@@ -265,6 +266,24 @@ async fn a_kafka_sink_delivers_a_stream_keyed_like_the_java_client() {
             String::from_utf8_lossy(key),
             m.partition()
         );
+        // `header.<name>` columns as headers, as text.
+        use rdkafka::message::Headers as _;
+        let headers: Vec<(String, Vec<u8>)> = m
+            .headers()
+            .expect("headers")
+            .iter()
+            .map(|h| (h.key.to_string(), h.value.unwrap().to_vec()))
+            .collect();
+        assert_eq!(
+            headers,
+            [
+                (
+                    "amount".to_string(),
+                    value["amount"].to_string().into_bytes()
+                ),
+                ("customer".to_string(), key.to_vec()),
+            ]
+        );
         let order = value["order_id"].as_str().unwrap().to_string();
         assert!(seen.insert(order, m.partition()).is_none(), "a duplicate");
     }
@@ -292,14 +311,29 @@ async fn csv_records_from_kafka_decode_by_column_order() {
     let topic = format!("csv-{}", std::process::id());
     create_topic(&brokers, &topic, 1).await;
     let producer = producer(&brokers);
-    for (key, value) in [
-        (Some("a"), "1,alice,2024-05-01T08:00:00Z"),
-        (Some("b"), "2,\"bob, jr\",2024-05-01T08:00:01Z"),
-        (Some("c"), "three,carol,2024-05-01T08:00:02Z"),
-        (None, "4,,2024-05-01T08:00:03Z"),
+    use rdkafka::message::{Header, OwnedHeaders};
+    let headers = |pairs: &[(&'static str, Option<&'static str>)]| {
+        pairs.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header { key, value: *value })
+        })
+    };
+    for (key, value, headers) in [
+        (
+            Some("a"),
+            "1,alice,2024-05-01T08:00:00Z",
+            headers(&[("trace", Some("t-1")), ("tenant", Some("acme"))]),
+        ),
+        (
+            Some("b"),
+            "2,\"bob, jr\",2024-05-01T08:00:01Z",
+            headers(&[("trace", None)]),
+        ),
+        (Some("c"), "three,carol,2024-05-01T08:00:02Z", headers(&[])),
+        (None, "4,,2024-05-01T08:00:03Z", headers(&[])),
     ] {
         let mut record = FutureRecord::<str, str>::to(&topic)
             .payload(value)
+            .headers(headers)
             .timestamp(1_714_550_400_000);
         if let Some(key) = key {
             record = record.key(key);
@@ -316,7 +350,8 @@ async fn csv_records_from_kafka_decode_by_column_order() {
         .batch_execute(&format!(
             "CREATE SOURCE people (id BIGINT NOT NULL, _kafka_offset BIGINT, name TEXT,
                                    _kafka_key TEXT, ts TIMESTAMP NOT NULL, _kafka_partition INT,
-                                   _kafka_timestamp TIMESTAMP)
+                                   _kafka_timestamp TIMESTAMP,
+                                   _kafka_headers TEXT)
              WITH (connector = 'kafka', brokers = '{brokers}', topic = '{topic}', format = 'csv');
              CREATE STREAM all_people WITH (rollover_interval = '100 ms') AS SELECT * FROM people"
         ))
@@ -356,6 +391,20 @@ async fn csv_records_from_kafka_decode_by_column_order() {
         (!text.is_empty()).then_some(text)
     })
     .await;
+    // Headers as a JSON object; a header without a value is null.
+    let rows = client
+        .query("SELECT _kafka_headers FROM all_people ORDER BY id", &[])
+        .await
+        .unwrap();
+    let got: Vec<&str> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        got,
+        [
+            r#"{"tenant":"acme","trace":"t-1"}"#,
+            r#"{"trace":null}"#,
+            "{}"
+        ]
+    );
     assert!(errors.contains("three,carol"), "{errors}");
     assert!(errors.contains("partition 0 offset 2"), "{errors}");
     server.shutdown().await;

@@ -25,7 +25,9 @@
 //! Record metadata becomes columns when the source declares them by these names (any type
 //! the value casts to): `_kafka_key` (text; NULL without a key), `_kafka_partition`,
 //! `_kafka_offset`, `_kafka_timestamp` (the record's timestamp; it can be the `WATERMARK`
-//! column). The other columns are decoded from the record's value.
+//! column), `_kafka_headers` (text: the record's headers as a JSON object, name → value as
+//! UTF-8 text or `null`; `{}` without headers; a repeated name keeps its last value). The other
+//! columns are decoded from the record's value.
 //!
 //! A record that fails to decode or to fit the declared schema goes to `errors/<source>/…`
 //! with its value, the reason and its topic/partition/offset, and is counted; the others go
@@ -87,7 +89,7 @@ pub struct KafkaConfig {
 }
 
 /// The metadata columns a kafka source may declare, and the type each is made as.
-pub const METADATA_COLUMNS: [(&str, DataType); 4] = [
+pub const METADATA_COLUMNS: [(&str, DataType); 5] = [
     ("_kafka_key", DataType::Utf8),
     ("_kafka_partition", DataType::Int32),
     ("_kafka_offset", DataType::Int64),
@@ -95,6 +97,8 @@ pub const METADATA_COLUMNS: [(&str, DataType); 4] = [
         "_kafka_timestamp",
         DataType::Timestamp(TimeUnit::Millisecond, None),
     ),
+    // A JSON object: header name → value as text (NULL without one).
+    ("_kafka_headers", DataType::Utf8),
 ];
 
 /// Checks the metadata columns `schema` declares (see the module docs).

@@ -18,12 +18,17 @@
 //! record of it is acknowledged, so what is acknowledged upstream of the sink is on the
 //! topic (at least once; exactly once comes with checkpoints).
 //!
+//! `header.<name> = '<column>'` adds a header `<name>` to each record carrying the column's
+//! value (bytes for `BYTEA`, text otherwise; no header when NULL).
+//!
 //! Options: `brokers`, `topic` (required), `key`, `format` (`json` or `avro`),
-//! `schema_registry` (with `avro`), `properties.<name>`.
+//! `schema_registry` (with `avro`), `header.<name>`, `properties.<name>`.
 
 use std::time::Duration;
 
-use arrow::array::{Array, StringArray};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Schema};
 use arrow::record_batch::RecordBatch;
@@ -34,6 +39,7 @@ use arrow_avro::writer::format::AvroSoeFormat;
 use arrow_avro::writer::{Encoder as AvroEncoder, WriterBuilder};
 use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sluice_engine::{EngineError, WithOptions};
 
@@ -52,6 +58,8 @@ pub struct KafkaSinkConfig {
     pub key: Option<String>,
     /// How record values are encoded: JSON or Avro.
     pub format: RecordFormat,
+    /// Record headers: (header name, the column whose value it carries).
+    pub headers: Vec<(String, String)>,
     /// Extra librdkafka properties.
     pub properties: Vec<(String, String)>,
 }
@@ -63,21 +71,33 @@ impl KafkaSinkConfig {
         let topic = opts.take_required("topic")?;
         let format = super::take_format(opts, &["json", "avro"])?;
         let key = opts.take_str("key").map(|k| k.to_lowercase());
+        let mut headers = opts.take_prefixed("header.");
+        let no_column = |option: &str, column: &str| {
+            let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            ConnectorError::InvalidConfig(format!(
+                "{}: option `{option}`: there is no column `{column}` (columns: {})",
+                opts.owner(),
+                columns.join(", ")
+            ))
+        };
         if let Some(k) = &key
             && schema.field_with_name(k).is_err()
         {
-            let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-            return Err(ConnectorError::InvalidConfig(format!(
-                "{}: option `key`: there is no column `{k}` (columns: {})",
-                opts.owner(),
-                columns.join(", ")
-            )));
+            return Err(no_column("key", k));
         }
+        for (name, column) in &mut headers {
+            *column = column.to_lowercase();
+            if schema.field_with_name(column).is_err() {
+                return Err(no_column(&format!("header.{name}"), column));
+            }
+        }
+        headers.sort();
         Ok(Self {
             brokers,
             topic,
             key,
             format,
+            headers,
             properties: opts.take_prefixed("properties."),
         })
     }
@@ -202,6 +222,19 @@ impl sluice_engine::Sink for KafkaSink {
             }
             None => None,
         };
+        // Header values as bytes: binary columns as they are, others as text.
+        let mut headers = Vec::with_capacity(self.config.headers.len());
+        for (name, column) in &self.config.headers {
+            let column = batch
+                .column_by_name(column)
+                .ok_or_else(|| self.failed(format!("no column `{column}` in the rows")))?;
+            let bytes: ArrayRef = match column.data_type() {
+                DataType::Binary => Arc::clone(column),
+                DataType::LargeBinary | DataType::BinaryView => cast(column, &DataType::Binary)?,
+                _ => cast(&cast(column, &DataType::Utf8)?, &DataType::Binary)?,
+            };
+            headers.push((name.as_str(), bytes));
+        }
         let mut deliveries = Vec::with_capacity(batch.num_rows());
         for (i, value) in values.iter().enumerate() {
             let mut record =
@@ -210,6 +243,19 @@ impl sluice_engine::Sink for KafkaSink {
                 && keys.is_valid(i)
             {
                 record = record.key(keys.value(i));
+            }
+            if !headers.is_empty() {
+                let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+                for (name, values) in &headers {
+                    let values = values.as_binary::<i32>();
+                    if values.is_valid(i) {
+                        owned = owned.insert(Header {
+                            key: name,
+                            value: Some(values.value(i)),
+                        });
+                    }
+                }
+                record = record.headers(owned);
             }
             // `send` waits (asynchronously) while the local queue is full.
             deliveries.push(self.producer.send(record, Duration::from_secs(60)));

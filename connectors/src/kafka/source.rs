@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::message::Message as _;
+use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_engine::source::publish;
@@ -35,6 +35,15 @@ struct Record {
     key: Option<std::ops::Range<usize>>,
     /// Its timestamp, ms since the epoch.
     timestamp: Option<i64>,
+    /// Its headers (when the source declares `_kafka_headers`): where they are in
+    /// [`Records::headers`].
+    headers: std::ops::Range<usize>,
+}
+
+/// One record header: its key, and where its value is in the buffer.
+struct HeaderAt {
+    key: String,
+    value: Option<std::ops::Range<usize>>,
 }
 
 /// The records of one batch: their values back to back in one buffer (no allocation per
@@ -43,6 +52,7 @@ struct Record {
 struct Records {
     records: Vec<Record>,
     values: Vec<u8>,
+    headers: Vec<HeaderAt>,
 }
 
 impl Records {
@@ -117,6 +127,8 @@ pub struct KafkaReader {
     raw: Option<RecordZone>,
     /// The source declares `_kafka_key`: keys are copied out too.
     wants_key: bool,
+    /// The source declares `_kafka_headers`: headers are copied out too.
+    wants_headers: bool,
 }
 
 impl KafkaReader {
@@ -126,6 +138,7 @@ impl KafkaReader {
             name: name.into(),
             config,
             wants_key: schema.field_with_name("_kafka_key").is_ok(),
+            wants_headers: schema.field_with_name("_kafka_headers").is_ok(),
             schema,
             role: ReaderRole::Stream,
             raw: None,
@@ -143,6 +156,7 @@ impl KafkaReader {
             name: name.into(),
             config,
             wants_key: false,
+            wants_headers: false,
             schema,
             role: ReaderRole::Archive,
             raw,
@@ -384,6 +398,7 @@ impl KafkaReader {
                     TimestampMillisecondArray::from_iter(good.iter().map(|r| r.timestamp))
                         .with_timezone("UTC"),
                 ),
+                "_kafka_headers" => headers_array(batch, good),
                 name => {
                     columns.push(Arc::clone(values.column_by_name(name).ok_or_else(
                         || EngineError::Internal(format!("kafka: no decoded column `{name}`")),
@@ -480,12 +495,20 @@ impl SourceReader for KafkaReader {
                     };
                     let value = m.payload().map(&mut copy);
                     let key = if self.wants_key { m.key().map(&mut copy) } else { None };
+                    let first_header = batch.headers.len();
+                    if self.wants_headers && let Some(headers) = m.headers() {
+                        for h in headers.iter() {
+                            let value = h.value.map(&mut copy);
+                            batch.headers.push(HeaderAt { key: h.key.to_string(), value });
+                        }
+                    }
                     batch.records.push(Record {
                         partition: m.partition(),
                         offset: m.offset(),
                         value,
                         key,
                         timestamp: m.timestamp().to_millis(),
+                        headers: first_header..batch.headers.len(),
                     });
                     if batch.len() == 1 {
                         timer.as_mut().reset(tokio::time::Instant::now() + self.config.linger);
@@ -516,4 +539,21 @@ fn payload_text(value: &[u8], binary: bool) -> String {
     } else {
         String::from_utf8_lossy(value).into_owned()
     }
+}
+
+/// The headers of the `good` records as a `_kafka_headers` column: one JSON object each.
+fn headers_array(batch: &Records, good: &[&Record]) -> ArrayRef {
+    let objects = good.iter().map(|r| {
+        let object: serde_json::Map<String, serde_json::Value> = batch.headers[r.headers.clone()]
+            .iter()
+            .map(|h| {
+                let value = h.value.clone().map(|range| {
+                    serde_json::Value::String(String::from_utf8_lossy(&batch.values[range]).into())
+                });
+                (h.key.clone(), value.unwrap_or(serde_json::Value::Null))
+            })
+            .collect();
+        serde_json::Value::Object(object).to_string()
+    });
+    Arc::new(StringArray::from_iter_values(objects))
 }
