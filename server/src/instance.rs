@@ -11,7 +11,7 @@ use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 use sluice_connectors::http::HttpIngest;
-use sluice_connectors::lake::Lake;
+use sluice_connectors::lake::{Lake, athena_ddl, lake_schema, write_athena_ddl};
 use sluice_sql::parser::{CreateSink, CreateSource, CreateStream};
 use sluice_sql::{
     ObjectKind, Relation, SluiceStatement, SqlError, parse_sql, plan_stream, source_def,
@@ -330,6 +330,7 @@ impl Sluice {
             SluiceStatement::Show(ObjectKind::Stream) => Some(show::streams_schema()),
             SluiceStatement::Show(ObjectKind::Sink) => Some(show::sinks_schema()),
             SluiceStatement::Describe(_) => Some(show::describe_schema()),
+            SluiceStatement::ShowAthenaDdl(_) => Some(athena_schema()),
             SluiceStatement::ExplainStream(_) => Some(explain_schema()),
             SluiceStatement::Other(s) if is_query(&s) => {
                 let plan = self.inner.adhoc.plan(*s).await?;
@@ -408,6 +409,32 @@ impl Sluice {
                     batches: vec![batch],
                 })
             }
+            SluiceStatement::ShowAthenaDdl(name) => {
+                let state = self.inner.state.lock().await;
+                let Some(stream) = state.streams.get(&name) else {
+                    let what = if state.sources.contains_key(&name) {
+                        format!(
+                            "`{name}` is a source: only streams land in the processed zone and have an Athena table"
+                        )
+                    } else {
+                        format!("stream `{name}` does not exist")
+                    };
+                    return Err(SqlError::UndefinedObject(what).into());
+                };
+                let rows = lake_schema(&stream.plan.output_schema);
+                let ddl = athena_ddl(&self.inner.lake, &name, &rows, None)
+                    .map_err(|e| SqlError::NotSupported(e.to_string()))?;
+                let schema = athena_schema();
+                let batch = RecordBatch::try_new(
+                    Arc::clone(&schema),
+                    vec![Arc::new(arrow::array::StringArray::from(vec![ddl]))],
+                )
+                .map_err(|e| ServerError::Internal(e.to_string()))?;
+                Ok(Outcome::Rows {
+                    schema,
+                    batches: vec![batch],
+                })
+            }
             SluiceStatement::Other(s) => self.other(*s).await,
         }
     }
@@ -468,6 +495,16 @@ impl Sluice {
             )?
         };
         self.inner.adhoc.register_stream(&c.name, &schema)?;
+        // The Athena table next to the data (a type Athena lacks only costs the file).
+        let lake_rows = lake_schema(&schema);
+        match athena_ddl(&self.inner.lake, &c.name, &lake_rows, None) {
+            Ok(ddl) => {
+                if let Err(e) = write_athena_ddl(&self.inner.lake, &c.name, &ddl).await {
+                    tracing::warn!(stream = %c.name, "cannot write the Athena DDL: {e}");
+                }
+            }
+            Err(e) => tracing::warn!(stream = %c.name, "no Athena DDL: {e}"),
+        }
         self.directory_mut().insert(c.name.clone(), Named::Stream);
         state.streams.insert(c.name.clone(), running);
         self.record(
@@ -712,4 +749,9 @@ fn statement_head(stmt: &DFStatement) -> String {
 
 fn explain_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![Field::new("plan", DataType::Utf8, false)]))
+}
+
+/// The rows of `SHOW CREATE TABLE … FOR ATHENA`: one, the DDL.
+fn athena_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("ddl", DataType::Utf8, false)]))
 }

@@ -10,6 +10,7 @@
 //! CREATE SINK [IF NOT EXISTS] name FROM source_or_stream WITH (connector = '…', …);
 //! DROP SOURCE | STREAM | SINK [IF EXISTS] name [, …] [CASCADE | RESTRICT];
 //! SHOW SOURCES;  SHOW STREAMS;  SHOW SINKS;  DESCRIBE name;
+//! SHOW CREATE TABLE stream FOR ATHENA;         -- the stream's Athena DDL
 //! ```
 //! Anything else is parsed by DataFusion and runs ad hoc.
 //!
@@ -113,6 +114,8 @@ pub enum SluiceStatement {
     Show(ObjectKind),
     /// `DESCRIBE name`.
     Describe(String),
+    /// `SHOW CREATE TABLE name FOR ATHENA`: the Athena DDL of a stream.
+    ShowAthenaDdl(String),
     /// Any other statement: DataFusion's to run.
     Other(Box<DFStatement>),
 }
@@ -225,6 +228,24 @@ fn parse_statement(p: &mut DFParser<'_>) -> PResult<SluiceStatement> {
         p.parser.next_token();
         p.parser.next_token();
         return Ok(SluiceStatement::Show(kind));
+    }
+    if peek_word(p, 0, "SHOW") && peek_word(p, 1, "CREATE") && peek_word(p, 2, "TABLE") {
+        let mut i = 3;
+        while !matches!(
+            p.parser.peek_nth_token(i).token,
+            Token::EOF | Token::SemiColon
+        ) {
+            i += 1;
+        }
+        if i >= 6 && peek_word(p, i - 2, "FOR") && peek_word(p, i - 1, "ATHENA") {
+            for _ in 0..3 {
+                p.parser.next_token();
+            }
+            let name = object_name(&p.parser.parse_object_name(false)?)?;
+            p.parser.expect_keyword(Keyword::FOR)?;
+            p.parser.next_token(); // ATHENA
+            return Ok(SluiceStatement::ShowAthenaDdl(name));
+        }
     }
     if peek_word(p, 0, "DESCRIBE") || peek_word(p, 0, "DESC") {
         p.parser.next_token();

@@ -11,9 +11,11 @@
 //! only once complete (a single PUT, or a completed multipart upload, which the local back
 //! end implements as write-to-staging-file + rename).
 
+mod athena;
 mod parquet_writer;
 mod records;
 
+pub use athena::{ATHENA_DDL_FILE, athena_ddl, write_athena_ddl};
 pub use parquet_writer::{LakeWriterConfig, ParquetLakeWriter, lake_schema};
 pub use records::{RecordZone, run_errors_writer};
 
