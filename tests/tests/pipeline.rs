@@ -128,11 +128,12 @@ async fn datagen_stream_lands_in_the_lake_and_every_client_sees_the_same_rows() 
         .await
         .unwrap();
     assert_eq!(row.get::<_, i64>(0), count);
-    // Nothing half-written or staged is left behind.
+    // Nothing half-written or staged is left behind: only Parquet, and the Athena DDL.
     let all: Vec<_> = walk(lake.path().join("processed").as_path());
     assert!(
         all.iter()
-            .all(|p| p.extension().is_some_and(|e| e == "parquet")),
+            .all(|p| p.extension().is_some_and(|e| e == "parquet")
+                || p.ends_with("processed/clean_clicks/_athena_table.sql")),
         "{all:?}"
     );
     server.shutdown().await;
