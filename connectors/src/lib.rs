@@ -8,6 +8,8 @@
 //!   Parquet writer of the processed zone, the raw and errors zones.
 //! - [`datagen`]: a deterministic generator driven by the declared schema.
 //! - [`http`]: push ingestion (`POST /v1/sources/{name}/events`).
+//! - [`kafka`], [`kinesis`]: topics and streams, read per partition / shard, and written.
+//! - [`split_clock`]: event time per partition or shard, and the source's watermark.
 //! - [`registry`]: the one list of connectors, and option validation for `CREATE SOURCE`.
 
 pub mod datagen;
@@ -15,8 +17,10 @@ pub mod error;
 pub mod formats;
 pub mod http;
 pub mod kafka;
+pub mod kinesis;
 pub mod lake;
 pub mod registry;
+pub mod split_clock;
 
 pub use error::{ConnectorError, Result};
 pub use registry::{SinkConfig, SourceConfig, sink_config, source_config};

@@ -7,13 +7,14 @@ use crate::datagen::{DatagenConfig, DatagenReader};
 use crate::error::{ConnectorError, Result};
 use crate::http::HttpConfig;
 use crate::kafka::{KafkaConfig, KafkaReader};
+use crate::kinesis::{KinesisConfig, KinesisReader};
 use crate::lake::{Lake, RecordZone, Zone};
 
 /// Source connectors this build provides.
-pub const SOURCE_CONNECTORS: &[&str] = &["datagen", "http", "kafka"];
+pub const SOURCE_CONNECTORS: &[&str] = &["datagen", "http", "kafka", "kinesis"];
 
 /// Connectors that are planned but not in this build yet (named in errors so users know).
-const PLANNED_CONNECTORS: &[&str] = &["kinesis", "s3"];
+const PLANNED_CONNECTORS: &[&str] = &["s3"];
 
 /// The validated configuration of a source, by connector.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +25,8 @@ pub enum SourceConfig {
     Http(HttpConfig),
     /// `connector = 'kafka'`.
     Kafka(KafkaConfig),
+    /// `connector = 'kinesis'`.
+    Kinesis(KinesisConfig),
 }
 
 impl SourceConfig {
@@ -33,6 +36,7 @@ impl SourceConfig {
             SourceConfig::Datagen(_) => "datagen",
             SourceConfig::Http(_) => "http",
             SourceConfig::Kafka(_) => "kafka",
+            SourceConfig::Kinesis(_) => "kinesis",
         }
     }
 
@@ -43,6 +47,9 @@ impl SourceConfig {
             SourceConfig::Http(_) => None,
             SourceConfig::Kafka(c) => {
                 Some(Box::new(KafkaReader::for_stream(name, c.clone(), schema)))
+            }
+            SourceConfig::Kinesis(c) => {
+                Some(Box::new(KinesisReader::for_stream(name, c.clone(), schema)))
             }
         }
     }
@@ -61,6 +68,17 @@ impl SourceConfig {
                     .raw_zone
                     .then(|| RecordZone::new(lake.clone(), Zone::Raw, name));
                 Some(Box::new(KafkaReader::archiver(
+                    name,
+                    c.clone(),
+                    schema,
+                    raw,
+                )))
+            }
+            SourceConfig::Kinesis(c) => {
+                let raw = c
+                    .raw_zone
+                    .then(|| RecordZone::new(lake.clone(), Zone::Raw, name));
+                Some(Box::new(KinesisReader::archiver(
                     name,
                     c.clone(),
                     schema,
@@ -86,6 +104,7 @@ pub fn source_config(mut opts: WithOptions, schema: &SchemaRef) -> Result<Source
         "datagen" => SourceConfig::Datagen(DatagenConfig::try_new(&mut opts, schema)?),
         "http" => SourceConfig::Http(HttpConfig::try_new(&mut opts)?),
         "kafka" => SourceConfig::Kafka(KafkaConfig::try_new(&mut opts, schema)?),
+        "kinesis" => SourceConfig::Kinesis(KinesisConfig::try_new(&mut opts, schema)?),
         other if PLANNED_CONNECTORS.contains(&other) => {
             return Err(ConnectorError::InvalidConfig(format!(
                 "{owner}: connector `{other}` is not available in this build yet (available: {})",
@@ -104,13 +123,15 @@ pub fn source_config(mut opts: WithOptions, schema: &SchemaRef) -> Result<Source
 }
 
 /// Sink connectors this build provides.
-pub const SINK_CONNECTORS: &[&str] = &["kafka"];
+pub const SINK_CONNECTORS: &[&str] = &["kafka", "kinesis"];
 
 /// The validated configuration of a sink, by connector.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SinkConfig {
     /// `connector = 'kafka'`.
     Kafka(crate::kafka::KafkaSinkConfig),
+    /// `connector = 'kinesis'`.
+    Kinesis(crate::kinesis::KinesisSinkConfig),
 }
 
 impl SinkConfig {
@@ -118,6 +139,7 @@ impl SinkConfig {
     pub fn connector(&self) -> &'static str {
         match self {
             SinkConfig::Kafka(_) => "kafka",
+            SinkConfig::Kinesis(_) => "kinesis",
         }
     }
 
@@ -127,6 +149,10 @@ impl SinkConfig {
             SinkConfig::Kafka(c) => {
                 Ok(Box::new(crate::kafka::KafkaSink::try_new(name, c.clone())?))
             }
+            SinkConfig::Kinesis(c) => Ok(Box::new(crate::kinesis::KinesisSink::try_new(
+                name,
+                c.clone(),
+            )?)),
         }
     }
 }
@@ -143,12 +169,9 @@ pub fn sink_config(mut opts: WithOptions, schema: &arrow::datatypes::Schema) -> 
     };
     let config = match connector.to_ascii_lowercase().as_str() {
         "kafka" => SinkConfig::Kafka(crate::kafka::KafkaSinkConfig::try_new(&mut opts, schema)?),
-        "kinesis" => {
-            return Err(ConnectorError::InvalidConfig(format!(
-                "{owner}: sink connector `kinesis` is not available in this build yet (available: {})",
-                SINK_CONNECTORS.join(", ")
-            )));
-        }
+        "kinesis" => SinkConfig::Kinesis(crate::kinesis::KinesisSinkConfig::try_new(
+            &mut opts, schema,
+        )?),
         other => {
             return Err(ConnectorError::InvalidConfig(format!(
                 "{owner}: sink connector `{other}` is not known (available: {})",

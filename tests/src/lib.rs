@@ -265,3 +265,26 @@ pub mod avro {
         s
     }
 }
+
+/// The Kinesis API server the tests use (`SLUICE_TEST_KINESIS`, set by
+/// `scripts/services.sh`). Panics when it is not set.
+pub fn kinesis_endpoint() -> String {
+    std::env::var("SLUICE_TEST_KINESIS").unwrap_or_else(|_| {
+        panic!(
+            "SLUICE_TEST_KINESIS is not set: run the tests with scripts/test.sh, which starts \
+             kinesalite, or first `eval \"$(scripts/services.sh start)\"`"
+        )
+    })
+}
+
+/// A Kinesis client of the test server, with the dummy credentials it accepts.
+pub fn kinesis_client() -> aws_sdk_kinesis::Client {
+    use aws_sdk_kinesis::config::{Credentials, Region};
+    let config = aws_sdk_kinesis::Config::builder()
+        .behavior_version_latest()
+        .endpoint_url(kinesis_endpoint())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
+        .build();
+    aws_sdk_kinesis::Client::from_conf(config)
+}

@@ -2,12 +2,15 @@
 
 pub mod avro;
 pub mod csv;
+pub mod encoder;
 pub mod json;
 pub mod registry;
 
 use arrow::datatypes::SchemaRef;
 
-use crate::error::Result;
+use sluice_engine::WithOptions;
+
+use crate::error::{ConnectorError, Result};
 use json::Decoded;
 use registry::SchemaRegistry;
 
@@ -64,5 +67,61 @@ impl Decoder {
             Decoder::Csv(d) => d.decode(records),
             Decoder::Avro(d) => d.decode(records).await,
         }
+    }
+}
+
+/// Takes `format` (one of `allowed`, default `json`) and, for `avro`, `schema_registry`.
+pub fn take_format(opts: &mut WithOptions, allowed: &[&str]) -> Result<RecordFormat> {
+    let registry = opts.take_str("schema_registry");
+    let expected = allowed
+        .iter()
+        .map(|f| format!("'{f}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let format = match opts.take_str("format") {
+        None => RecordFormat::Json,
+        Some(format) => match format.to_ascii_lowercase().as_str() {
+            f if !allowed.contains(&f) => {
+                return Err(opts
+                    .bad("format", &format, &format!("one of {expected}"))
+                    .into());
+            }
+            "json" => RecordFormat::Json,
+            "csv" => RecordFormat::Csv,
+            "avro" => {
+                let Some(registry) = registry.clone() else {
+                    return Err(ConnectorError::InvalidConfig(format!(
+                        "{}: format 'avro' needs `schema_registry` (the URL of a Confluent-compatible schema registry, e.g. 'http://127.0.0.1:8081')",
+                        opts.owner()
+                    )));
+                };
+                // Checked now, so a bad URL is a DDL error rather than a runtime one.
+                crate::formats::registry::SchemaRegistry::new(&registry)
+                    .map_err(|e| ConnectorError::InvalidConfig(format!("{}: {e}", opts.owner())))?;
+                RecordFormat::Avro { registry }
+            }
+            _ => {
+                return Err(opts
+                    .bad("format", &format, &format!("one of {expected}"))
+                    .into());
+            }
+        },
+    };
+    if registry.is_some() && !matches!(format, RecordFormat::Avro { .. }) {
+        return Err(ConnectorError::InvalidConfig(format!(
+            "{}: `schema_registry` is only used with format = 'avro'",
+            opts.owner()
+        )));
+    }
+    Ok(format)
+}
+
+/// A record value as the errors zone keeps it: text as is, binary as base64.
+pub fn payload_text(value: &[u8], binary: bool) -> String {
+    if binary {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(value)
+    } else {
+        String::from_utf8_lossy(value).into_owned()
     }
 }

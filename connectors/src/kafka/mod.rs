@@ -130,59 +130,13 @@ fn check_metadata_columns(owner: &str, schema: &Schema) -> Result<()> {
     Ok(())
 }
 
-/// Takes `format` (one of `allowed`, default `json`) and, for `avro`, `schema_registry`.
-pub(crate) fn take_format(opts: &mut WithOptions, allowed: &[&str]) -> Result<RecordFormat> {
-    let registry = opts.take_str("schema_registry");
-    let expected = allowed
-        .iter()
-        .map(|f| format!("'{f}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let format = match opts.take_str("format") {
-        None => RecordFormat::Json,
-        Some(format) => match format.to_ascii_lowercase().as_str() {
-            f if !allowed.contains(&f) => {
-                return Err(opts
-                    .bad("format", &format, &format!("one of {expected}"))
-                    .into());
-            }
-            "json" => RecordFormat::Json,
-            "csv" => RecordFormat::Csv,
-            "avro" => {
-                let Some(registry) = registry.clone() else {
-                    return Err(ConnectorError::InvalidConfig(format!(
-                        "{}: format 'avro' needs `schema_registry` (the URL of a Confluent-compatible schema registry, e.g. 'http://127.0.0.1:8081')",
-                        opts.owner()
-                    )));
-                };
-                // Checked now, so a bad URL is a DDL error rather than a runtime one.
-                crate::formats::registry::SchemaRegistry::new(&registry)
-                    .map_err(|e| ConnectorError::InvalidConfig(format!("{}: {e}", opts.owner())))?;
-                RecordFormat::Avro { registry }
-            }
-            _ => {
-                return Err(opts
-                    .bad("format", &format, &format!("one of {expected}"))
-                    .into());
-            }
-        },
-    };
-    if registry.is_some() && !matches!(format, RecordFormat::Avro { .. }) {
-        return Err(ConnectorError::InvalidConfig(format!(
-            "{}: `schema_registry` is only used with format = 'avro'",
-            opts.owner()
-        )));
-    }
-    Ok(format)
-}
-
 impl KafkaConfig {
     /// Takes the `kafka` options from `opts`, for a source of `schema`.
     pub fn try_new(opts: &mut WithOptions, schema: &Schema) -> Result<Self> {
         check_metadata_columns(opts.owner(), schema)?;
         let brokers = opts.take_required("brokers")?;
         let topic = opts.take_required("topic")?;
-        let format = take_format(opts, &["json", "csv", "avro"])?;
+        let format = crate::formats::take_format(opts, &["json", "csv", "avro"])?;
         let start = match opts.take_str("start") {
             None => StartPosition::Earliest,
             Some(s) => match s.to_ascii_lowercase().as_str() {

@@ -6,11 +6,9 @@
 //!       key = 'customer_id', format = 'json');
 //! ```
 //!
-//! Each row becomes one record: its value the row as a JSON object (arrow-json; timestamps
-//! RFC 3339) or, with `format = 'avro'`, as Avro in the Confluent wire format (arrow-avro; the
-//! schema, a record named after the sink in namespace `sluice`, is registered under the
-//! subject `<topic>-value` of `schema_registry` before the first record is sent, and its id
-//! framed into every record); its key the `key` column as text (no key when the option is
+//! Each row becomes one record: its value the row as a JSON object or, with
+//! `format = 'avro'`, as Avro in the Confluent wire format, the schema registered under
+//! `<topic>-value` (see [`crate::formats::encoder`]); its key the `key` column as text (no key when the option is
 //! absent or the value is NULL). Partitions are chosen by librdkafka's `murmur2_random` partitioner — the Java
 //! client's default: `murmur2(key) % partitions` for keyed records, so keys land where other
 //! producers put them and a key's records stay in order. The producer is idempotent with
@@ -32,11 +30,6 @@ use arrow::array::{Array, ArrayRef, AsArray, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Schema};
 use arrow::record_batch::RecordBatch;
-use arrow_avro::schema::{
-    AVRO_NAME_METADATA_KEY, AVRO_NAMESPACE_METADATA_KEY, AvroSchema, FingerprintStrategy,
-};
-use arrow_avro::writer::format::AvroSoeFormat;
-use arrow_avro::writer::{Encoder as AvroEncoder, WriterBuilder};
 use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -45,7 +38,7 @@ use sluice_engine::{EngineError, WithOptions};
 
 use crate::error::{ConnectorError, Result};
 use crate::formats::RecordFormat;
-use crate::formats::registry::SchemaRegistry;
+use crate::formats::encoder::RowEncoder;
 
 /// Validated options of a `kafka` sink.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,7 +62,7 @@ impl KafkaSinkConfig {
     pub fn try_new(opts: &mut WithOptions, schema: &Schema) -> Result<Self> {
         let brokers = opts.take_required("brokers")?;
         let topic = opts.take_required("topic")?;
-        let format = super::take_format(opts, &["json", "avro"])?;
+        let format = crate::formats::take_format(opts, &["json", "avro"])?;
         let key = opts.take_str("key").map(|k| k.to_lowercase());
         let mut headers = opts.take_prefixed("header.");
         let no_column = |option: &str, column: &str| {
@@ -108,8 +101,8 @@ pub struct KafkaSink {
     name: String,
     config: KafkaSinkConfig,
     producer: FutureProducer,
-    /// With `format = 'avro'`: the registry, and the encoder once the schema is registered.
-    avro: Option<(SchemaRegistry, Option<AvroEncoder>)>,
+    /// Rows → record values.
+    encoder: RowEncoder,
 }
 
 impl KafkaSink {
@@ -130,72 +123,20 @@ impl KafkaSink {
         let producer = cfg.create().map_err(|e| {
             ConnectorError::InvalidConfig(format!("sink `{name}`: kafka producer: {e}"))
         })?;
-        let avro = match &config.format {
-            RecordFormat::Avro { registry } => Some((SchemaRegistry::new(registry)?, None)),
-            _ => None,
-        };
+        let encoder = RowEncoder::new(&name, &config.topic, &config.format)?;
         Ok(Self {
             name,
             config,
             producer,
-            avro,
+            encoder,
         })
     }
 
-    /// The record values of `batch`'s rows, in order.
-    async fn encode(&mut self, batch: &RecordBatch) -> sluice_engine::Result<Vec<bytes::Bytes>> {
-        let Some((registry, encoder)) = &mut self.avro else {
-            let mut json = Vec::new();
-            let mut writer = arrow::json::LineDelimitedWriter::new(&mut json);
-            writer.write(batch)?;
-            writer.finish()?;
-            let json = bytes::Bytes::from(json);
-            let mut values = Vec::with_capacity(batch.num_rows());
-            let mut start = 0;
-            for (i, b) in json.iter().enumerate() {
-                if *b == b'\n' {
-                    values.push(json.slice(start..i));
-                    start = i + 1;
-                }
-            }
-            return Ok(values);
-        };
-        if encoder.is_none() {
-            let context = format!("sink `{}` (kafka topic `{}`)", self.name, self.config.topic);
-            let metadata = [
-                (AVRO_NAME_METADATA_KEY.to_string(), self.name.clone()),
-                (
-                    AVRO_NAMESPACE_METADATA_KEY.to_string(),
-                    "sluice".to_string(),
-                ),
-            ];
-            let schema = Schema::new_with_metadata(
-                batch.schema().fields().clone(),
-                metadata.into_iter().collect(),
-            );
-            let avro = AvroSchema::try_from(&schema)?;
-            let subject = format!("{}-value", self.config.topic);
-            let id = registry
-                .register(&subject, &avro.json_string)
-                .await
-                .map_err(|e| EngineError::external(context.clone(), e))?;
-            tracing::info!(sink = %self.name, subject, id, "avro: schema registered");
-            *encoder = Some(
-                WriterBuilder::new(schema)
-                    .with_fingerprint_strategy(FingerprintStrategy::Id(id))
-                    .build_encoder::<AvroSoeFormat>()
-                    .map_err(|e| EngineError::external(context, e))?,
-            );
-        }
-        let encoder = encoder.as_mut().expect("built above");
-        encoder
-            .encode(batch)
-            .map_err(|e| self_failed(&self.name, &self.config.topic, e))?;
-        Ok(encoder.flush().iter().collect())
-    }
-
     fn failed(&self, what: impl std::fmt::Display) -> EngineError {
-        self_failed(&self.name, &self.config.topic, what)
+        EngineError::external(
+            format!("sink `{}` (kafka topic `{}`)", self.name, self.config.topic),
+            std::io::Error::other(what.to_string()),
+        )
     }
 }
 
@@ -206,7 +147,7 @@ impl sluice_engine::Sink for KafkaSink {
     }
 
     async fn write_batch(&mut self, batch: RecordBatch) -> sluice_engine::Result<()> {
-        let values = self.encode(&batch).await?;
+        let values = self.encoder.encode(&batch).await?;
         let keys: Option<StringArray> = match &self.config.key {
             Some(k) => {
                 let column = batch
@@ -273,11 +214,4 @@ impl sluice_engine::Sink for KafkaSink {
             .map_err(|e| EngineError::Internal(format!("kafka flush task: {e}")))?
             .map_err(|e| self.failed(e))
     }
-}
-
-fn self_failed(name: &str, topic: &str, what: impl std::fmt::Display) -> EngineError {
-    EngineError::external(
-        format!("sink `{name}` (kafka topic `{topic}`)"),
-        std::io::Error::other(what.to_string()),
-    )
 }

@@ -2,11 +2,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arrow::array::{
-    Array, ArrayRef, Int32Array, Int64Array, StringArray, TimestampMicrosecondArray,
-    TimestampMillisecondArray,
+    Array, ArrayRef, Int32Array, Int64Array, StringArray, TimestampMillisecondArray,
 };
 use arrow::compute::cast;
 use arrow::datatypes::{Schema, SchemaRef};
@@ -19,11 +18,12 @@ use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_engine::source::publish;
-use sluice_engine::{BadRecord, EngineError, EventTime, Message, SourceContext, SourceReader};
+use sluice_engine::{BadRecord, EngineError, SourceContext, SourceReader};
 
 use super::{KafkaConfig, StartPosition};
 use crate::formats::Decoder;
 use crate::lake::RecordZone;
+use crate::split_clock::{SplitClock, advance_watermark, event_times};
 
 /// One record, its value copied out of the consumer into the batch's shared buffer.
 struct Record {
@@ -67,13 +67,6 @@ impl Records {
     fn key(&self, r: &Record) -> Option<&[u8]> {
         r.key.clone().map(|range| &self.values[range])
     }
-}
-
-/// Event time per partition: the largest seen, and when the partition last delivered.
-#[derive(Debug)]
-struct PartitionTime {
-    max_seen: Option<i64>,
-    last_record: Instant,
 }
 
 /// What a [`KafkaReader`] does with what it reads.
@@ -241,7 +234,7 @@ impl KafkaReader {
         ctx: &SourceContext,
         decoder: &mut Decoder,
         batch: Records,
-        times: &mut BTreeMap<i32, PartitionTime>,
+        clock: &mut SplitClock<i32>,
         emitted: &mut Option<i64>,
     ) -> sluice_engine::Result<()> {
         if batch.len() == 0 {
@@ -301,7 +294,10 @@ impl KafkaReader {
         for e in &decoded.errors {
             failed[e.index] = true;
             bad.push(BadRecord {
-                payload: payload_text(values[e.index], self.config.format.is_binary()),
+                payload: crate::formats::payload_text(
+                    values[e.index],
+                    self.config.format.is_binary(),
+                ),
                 payload_base64: self.config.format.is_binary(),
                 reason: e.reason.clone(),
                 origin: origin(decoded_from[e.index]),
@@ -315,17 +311,6 @@ impl KafkaReader {
             }
             return Ok(());
         }
-        // Event time per partition, from the good rows (in input order).
-        let now = Instant::now();
-        for r in records {
-            times
-                .entry(r.partition)
-                .or_insert(PartitionTime {
-                    max_seen: None,
-                    last_record: now,
-                })
-                .last_record = now;
-        }
         let good: Vec<&Record> = decoded_from
             .iter()
             .zip(&failed)
@@ -333,24 +318,22 @@ impl KafkaReader {
             .map(|(r, _)| *r)
             .collect();
         let rows = self.with_metadata(decoded.batch, &batch, &good)?;
-        let watermark_spec = ctx.watermark.as_ref();
-        if let Some(spec) = watermark_spec
-            && let Ok(col) = rows.schema().index_of(&spec.column)
-            && let Some(ts) = rows
-                .column(col)
-                .as_any()
-                .downcast_ref::<TimestampMicrosecondArray>()
-        {
-            for (row, partition) in good.iter().map(|r| r.partition).enumerate() {
-                if ts.is_null(row) {
-                    continue;
+        // Event time per partition, from the good rows; every partition in the batch delivered.
+        let mut latest: BTreeMap<i32, Option<i64>> =
+            records.iter().map(|r| (r.partition, None)).collect();
+        if let Some(ts) = event_times(ctx, &rows) {
+            for (row, r) in good.iter().enumerate() {
+                if ts.is_valid(row) {
+                    let m = latest.entry(r.partition).or_default();
+                    *m = Some(m.map_or(ts.value(row), |m| m.max(ts.value(row))));
                 }
-                let t = times.get_mut(&partition).expect("entered above");
-                t.max_seen = Some(t.max_seen.map_or(ts.value(row), |m| m.max(ts.value(row))));
             }
         }
+        for (partition, max) in latest {
+            clock.delivered(partition, max);
+        }
         publish(ctx, &mut None, rows).await;
-        self.advance_watermark(ctx, times, emitted).await;
+        self.advance_watermark(ctx, clock, emitted).await;
         Ok(())
     }
 
@@ -411,44 +394,17 @@ impl KafkaReader {
         Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
     }
 
-    /// Sends the smallest partition watermark, if it advanced. Partitions quiet for longer
-    /// than the source's `idle_timeout` do not count.
+    /// Sends the source's watermark (see [`SplitClock`]), if it advanced.
     async fn advance_watermark(
         &self,
         ctx: &SourceContext,
-        times: &BTreeMap<i32, PartitionTime>,
+        clock: &SplitClock<i32>,
         emitted: &mut Option<i64>,
     ) {
         if self.role == ReaderRole::Archive {
             return; // publishes nothing
         }
-        let Some(spec) = &ctx.watermark else { return };
-        let now = Instant::now();
-        let own = |t: &PartitionTime| t.max_seen.map(|m| m.saturating_sub(spec.delay_micros));
-        let (active, idle): (Vec<&PartitionTime>, Vec<&PartitionTime>) =
-            times.values().partition(|t| {
-                spec.idle_timeout
-                    .is_none_or(|idle| now - t.last_record < idle)
-            });
-        let wm = if active.is_empty() {
-            // Everything is quiet: nothing is pending, so nothing holds event time back.
-            idle.iter().filter_map(|t| own(t)).max()
-        } else {
-            // The slowest partition still delivering (or not yet delivering) holds it.
-            let mut min: Option<i64> = None;
-            for t in active {
-                let Some(wm) = own(t) else { return };
-                min = Some(min.map_or(wm, |m| m.min(wm)));
-            }
-            min
-        };
-        if let Some(wm) = wm
-            && emitted.is_none_or(|e| wm > e)
-        {
-            *emitted = Some(wm);
-            ctx.metrics.observe_watermark(EventTime(wm));
-            ctx.output.send(Message::Watermark(EventTime(wm))).await;
-        }
+        advance_watermark(ctx, clock, emitted).await;
     }
 }
 
@@ -458,19 +414,11 @@ impl SourceReader for KafkaReader {
         let (consumer, partitions) = self.assign(self.consumer(&ctx.metrics)?).await?;
         let mut decoder = Decoder::new(&self.config.format, self.value_schema())?;
         // Every partition holds the watermark back until it delivers (or, with the source's
-        // `idle_timeout`, until it has been quiet that long): a partition fetched later must
-        // not find its rows behind a watermark set by the others.
-        let now = Instant::now();
-        let mut times: BTreeMap<i32, PartitionTime> = partitions
-            .into_iter()
-            .map(|p| {
-                let t = PartitionTime {
-                    max_seen: None,
-                    last_record: now,
-                };
-                (p, t)
-            })
-            .collect();
+        // `idle_timeout`, until it has been quiet that long).
+        let mut clock = SplitClock::default();
+        for p in partitions {
+            clock.add(p);
+        }
         let mut emitted = None;
         let mut batch = Records::default();
         // One timer for the whole loop (re-armed, never re-created per record): it cuts a
@@ -515,29 +463,19 @@ impl SourceReader for KafkaReader {
                     }
                     if batch.len() >= self.config.batch_size {
                         let full = std::mem::take(&mut batch);
-                        self.flush(&ctx, &mut decoder, full, &mut times, &mut emitted).await?;
+                        self.flush(&ctx, &mut decoder, full, &mut clock, &mut emitted).await?;
                         timer.as_mut().reset(tokio::time::Instant::now() + IDLE_TICK);
                     }
                 }
                 _ = &mut timer => {
                     let due = std::mem::take(&mut batch);
-                    self.flush(&ctx, &mut decoder, due, &mut times, &mut emitted).await?;
+                    self.flush(&ctx, &mut decoder, due, &mut clock, &mut emitted).await?;
                     // Quiet partitions may have become idle.
-                    self.advance_watermark(&ctx, &times, &mut emitted).await;
+                    self.advance_watermark(&ctx, &clock, &mut emitted).await;
                     timer.as_mut().reset(tokio::time::Instant::now() + IDLE_TICK);
                 }
             }
         }
-    }
-}
-
-/// A record value as the errors zone keeps it: text as is, binary as base64.
-fn payload_text(value: &[u8], binary: bool) -> String {
-    if binary {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(value)
-    } else {
-        String::from_utf8_lossy(value).into_owned()
     }
 }
 

@@ -1,0 +1,161 @@
+//! [`SplitClock`]: event time per split (a Kafka partition, a Kinesis shard) and the
+//! source's watermark over them.
+//!
+//! Each split's own watermark is the largest event time it delivered minus the declared
+//! delay. The source's is the smallest over the splits still delivering: a split that lags —
+//! or has delivered nothing yet — holds event time back (Flink's rule), so a split fetched
+//! later cannot find its rows behind a watermark the others set. A split quiet for the
+//! source's `idle_timeout` stops counting until it delivers again; when every split is quiet,
+//! nothing is pending and the watermark is the largest of theirs. A split that has ended
+//! (a closed Kinesis shard read to its end) no longer counts at all.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use arrow::array::TimestampMicrosecondArray;
+use arrow::record_batch::RecordBatch;
+use sluice_engine::source::WatermarkSpec;
+use sluice_engine::{EventTime, Message, SourceContext};
+
+/// Event time of one split.
+#[derive(Debug)]
+struct SplitTime {
+    max_seen: Option<i64>,
+    last_record: Instant,
+}
+
+/// Event time per split, keyed by `K`.
+#[derive(Debug)]
+pub struct SplitClock<K: Ord> {
+    splits: BTreeMap<K, SplitTime>,
+}
+
+impl<K: Ord> Default for SplitClock<K> {
+    fn default() -> Self {
+        Self {
+            splits: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Ord> SplitClock<K> {
+    /// Starts tracking `split` (holding the watermark back until it delivers); no effect on a
+    /// split already tracked.
+    pub fn add(&mut self, split: K) {
+        self.splits.entry(split).or_insert(SplitTime {
+            max_seen: None,
+            last_record: Instant::now(),
+        });
+    }
+
+    /// `split` delivered records now, the latest at `max_event_time` (if any has one).
+    pub fn delivered(&mut self, split: K, max_event_time: Option<i64>) {
+        let t = self.splits.entry(split).or_insert(SplitTime {
+            max_seen: None,
+            last_record: Instant::now(),
+        });
+        t.last_record = Instant::now();
+        if let Some(m) = max_event_time {
+            t.max_seen = Some(t.max_seen.map_or(m, |s| s.max(m)));
+        }
+    }
+
+    /// `split` has ended: it no longer holds the watermark back.
+    pub fn remove(&mut self, split: &K) {
+        self.splits.remove(split);
+    }
+
+    /// The source's watermark now, by the rules in the module docs.
+    pub fn watermark(&self, spec: &WatermarkSpec) -> Option<i64> {
+        let now = Instant::now();
+        let own = |t: &SplitTime| t.max_seen.map(|m| m.saturating_sub(spec.delay_micros));
+        let (active, idle): (Vec<&SplitTime>, Vec<&SplitTime>) =
+            self.splits.values().partition(|t| {
+                spec.idle_timeout
+                    .is_none_or(|idle| now - t.last_record < idle)
+            });
+        if active.is_empty() {
+            return idle.iter().filter_map(|t| own(t)).max();
+        }
+        let mut min: Option<i64> = None;
+        for t in active {
+            let wm = own(t)?;
+            min = Some(min.map_or(wm, |m| m.min(wm)));
+        }
+        min
+    }
+}
+
+/// The event-time column of a source's `rows`, when it declares one.
+pub fn event_times<'a>(
+    ctx: &SourceContext,
+    rows: &'a RecordBatch,
+) -> Option<&'a TimestampMicrosecondArray> {
+    let spec = ctx.watermark.as_ref()?;
+    let col = rows.schema().index_of(&spec.column).ok()?;
+    rows.column(col)
+        .as_any()
+        .downcast_ref::<TimestampMicrosecondArray>()
+}
+
+/// Sends `clock`'s watermark downstream if it advanced past `emitted`.
+pub async fn advance_watermark<K: Ord>(
+    ctx: &SourceContext,
+    clock: &SplitClock<K>,
+    emitted: &mut Option<i64>,
+) {
+    let Some(spec) = &ctx.watermark else { return };
+    if let Some(wm) = clock.watermark(spec)
+        && emitted.is_none_or(|e| wm > e)
+    {
+        *emitted = Some(wm);
+        ctx.metrics.observe_watermark(EventTime(wm));
+        ctx.output.send(Message::Watermark(EventTime(wm))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn spec(idle: Option<Duration>) -> WatermarkSpec {
+        WatermarkSpec {
+            column: "ts".into(),
+            delay_micros: 10,
+            idle_timeout: idle,
+        }
+    }
+
+    #[test]
+    fn the_slowest_split_holds_the_watermark_until_it_ends() {
+        let mut c = SplitClock::default();
+        c.add(1);
+        c.add(2);
+        c.delivered(1, Some(100));
+        assert_eq!(
+            c.watermark(&spec(None)),
+            None,
+            "split 2 has delivered nothing"
+        );
+        c.delivered(2, Some(50));
+        assert_eq!(c.watermark(&spec(None)), Some(40));
+        c.remove(&2);
+        assert_eq!(c.watermark(&spec(None)), Some(90));
+    }
+
+    #[test]
+    fn quiet_splits_stop_counting_after_the_idle_timeout() {
+        let mut c = SplitClock::default();
+        c.add("a");
+        c.add("b");
+        c.delivered("a", Some(100));
+        std::thread::sleep(Duration::from_millis(20));
+        let idle = spec(Some(Duration::from_millis(10)));
+        // Both quiet: nothing pending, the largest.
+        assert_eq!(c.watermark(&idle), Some(90));
+        c.delivered("b", Some(30));
+        assert_eq!(c.watermark(&idle), Some(20), "b delivers again: it counts");
+    }
+}

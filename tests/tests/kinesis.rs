@@ -1,0 +1,213 @@
+//! Kinesis against a real Kinesis API server (kinesalite, started by `scripts/services.sh`):
+//! records put by the AWS SDK into a stream whose shard is split midway flow through a Sluice
+//! stream into a Kinesis sink; read back from the sink's stream, every record is there once,
+//! in order per key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType, StreamStatus};
+use sluice_tests::{kinesis_client, kinesis_endpoint, pg_connect, scalar, start_server, wait_for};
+
+async fn create_stream(client: &Client, name: &str, shards: i32) {
+    client
+        .create_stream()
+        .stream_name(name)
+        .shard_count(shards)
+        .send()
+        .await
+        .expect("CreateStream");
+    wait_active(client, name).await;
+}
+
+async fn wait_active(client: &Client, name: &str) {
+    wait_for(
+        &format!("stream {name} active"),
+        Duration::from_secs(30),
+        || async {
+            let d = client
+                .describe_stream_summary()
+                .stream_name(name)
+                .send()
+                .await
+                .ok()?;
+            let status = d.stream_description_summary()?.stream_status().clone();
+            (status == StreamStatus::Active).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Puts shipments `range` (order `o{i % 12}`, one second apart) as JSON records keyed by order.
+async fn put_shipments(client: &Client, stream: &str, range: std::ops::Range<i64>) {
+    let entries: Vec<PutRecordsRequestEntry> = range
+        .map(|i| {
+            let order = format!("o{}", i % 12);
+            let ts = chrono::DateTime::from_timestamp(1_714_550_400 + i, 0).unwrap();
+            let json = format!(
+                r#"{{"order_id":"{order}","seq":{i},"status":"step {i}","ts":"{}"}}"#,
+                ts.to_rfc3339()
+            );
+            PutRecordsRequestEntry::builder()
+                .data(Blob::new(json))
+                .partition_key(order)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let out = client
+        .put_records()
+        .stream_name(stream)
+        .set_records(Some(entries))
+        .send()
+        .await
+        .expect("PutRecords");
+    assert_eq!(out.failed_record_count().unwrap_or(0), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_cross_a_shard_split_and_a_kinesis_sink_once_and_in_key_order() {
+    let endpoint = kinesis_endpoint();
+    let client = kinesis_client();
+    let pid = std::process::id();
+    let (input, output) = (format!("shipments-{pid}"), format!("shipments-out-{pid}"));
+    create_stream(&client, &input, 2).await;
+    create_stream(&client, &output, 1).await;
+
+    // 60 shipments, then shard 0 splits in two, then 60 more (those of shard 0's keys land
+    // in its children).
+    put_shipments(&client, &input, 0..60).await;
+    let shards = client
+        .list_shards()
+        .stream_name(&input)
+        .send()
+        .await
+        .unwrap();
+    let parent = &shards.shards()[0];
+    let range = parent.hash_key_range().unwrap();
+    let (lo, hi): (u128, u128) = (
+        range.starting_hash_key().parse().unwrap(),
+        range.ending_hash_key().parse().unwrap(),
+    );
+    client
+        .split_shard()
+        .stream_name(&input)
+        .shard_to_split(parent.shard_id())
+        .new_starting_hash_key((lo + (hi - lo) / 2).to_string())
+        .send()
+        .await
+        .expect("SplitShard");
+    wait_active(&client, &input).await;
+    put_shipments(&client, &input, 60..120).await;
+    let all_shards = client
+        .list_shards()
+        .stream_name(&input)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(all_shards.shards().len(), 4, "two shards, one split in two");
+
+    let lake = tempfile::tempdir().unwrap();
+    let server = start_server(lake.path()).await;
+    let pg = pg_connect(server.pg_addr).await;
+    pg.batch_execute(&format!(
+        "CREATE SOURCE shipments (order_id TEXT NOT NULL, seq BIGINT NOT NULL, status TEXT,
+                                  ts TIMESTAMP NOT NULL, _kinesis_shard_id TEXT,
+                                  WATERMARK FOR ts AS ts - INTERVAL '5 seconds')
+         WITH (connector = 'kinesis', stream = '{input}', endpoint = '{endpoint}',
+               start = 'trim_horizon', poll_interval = '100 ms');
+         CREATE STREAM all_shipments WITH (rollover_interval = '100 ms') AS SELECT * FROM shipments;
+         CREATE STREAM enriched AS SELECT order_id, seq, upper(status) AS status, ts FROM shipments;
+         CREATE SINK shipments_out FROM enriched
+         WITH (connector = 'kinesis', stream = '{output}', partition_key = 'order_id',
+               endpoint = '{endpoint}')"
+    ))
+    .await
+    .unwrap();
+
+    wait_for("every shipment", Duration::from_secs(60), || async {
+        (scalar(&pg, "SELECT count(*) FROM all_shipments").await == 120).then_some(())
+    })
+    .await;
+    assert_eq!(
+        scalar(&pg, "SELECT count(DISTINCT seq) FROM all_shipments").await,
+        120
+    );
+    // The children of the split were read, as well as the parent.
+    let shards_read = scalar(
+        &pg,
+        "SELECT count(DISTINCT _kinesis_shard_id) FROM all_shipments",
+    )
+    .await;
+    assert!(shards_read >= 3, "records from {shards_read} shards");
+
+    // Read the sink's stream back with the SDK: every shipment once, each key in order.
+    let shard = client
+        .list_shards()
+        .stream_name(&output)
+        .send()
+        .await
+        .unwrap()
+        .shards()[0]
+        .shard_id()
+        .to_string();
+    let mut iterator = client
+        .get_shard_iterator()
+        .stream_name(&output)
+        .shard_id(&shard)
+        .shard_iterator_type(ShardIteratorType::TrimHorizon)
+        .send()
+        .await
+        .unwrap()
+        .shard_iterator()
+        .unwrap()
+        .to_string();
+    let mut by_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < 120 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} records in the sink's stream",
+            seen.len()
+        );
+        let out = client
+            .get_records()
+            .shard_iterator(&iterator)
+            .send()
+            .await
+            .unwrap();
+        for r in out.records() {
+            let v: serde_json::Value = serde_json::from_slice(r.data().as_ref()).unwrap();
+            let (key, seq) = (v["order_id"].as_str().unwrap(), v["seq"].as_i64().unwrap());
+            assert_eq!(r.partition_key(), Some(key));
+            assert_eq!(v["status"], format!("STEP {seq}"));
+            assert!(seen.insert(seq), "seq {seq} delivered twice");
+            by_key.entry(key.to_string()).or_default().push(seq);
+        }
+        iterator = out.next_shard_iterator().unwrap().to_string();
+        if out.records().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for (key, seqs) in &by_key {
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{key} out of order: {seqs:?}"
+        );
+    }
+    assert_eq!(by_key.len(), 12);
+
+    // Lag from MillisBehindLatest: caught up.
+    wait_for("lag reported", Duration::from_secs(30), || async {
+        let shown = pg.simple_query("SHOW SOURCES").await.unwrap();
+        shown.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => (r.get("lag") == Some("0")).then_some(()),
+            _ => None,
+        })
+    })
+    .await;
+    server.shutdown().await;
+}
