@@ -2,71 +2,18 @@
 //! the startup lines, a graceful stop on SIGTERM that flushes open files to the lake, and
 //! `kill -9` in the middle of reading a Kafka topic losing nothing.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-fn sluice() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-}
+mod common;
 
-fn psql(port: u16, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "sluice",
-            "sluice",
-            "-c",
-            sql,
-        ])
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `psql` ({e}): install the PostgreSQL client (scripts/test.sh does)")
-        });
-    assert!(
-        out.status.success(),
-        "psql `{sql}`: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use common::{psql, serve_with, sluice};
 
-/// Starts `sluice serve` on free ports and returns the child and its pg port.
+/// Starts `sluice serve` on the local `lake`, configured from the environment.
 fn serve(lake: &std::path::Path) -> (Child, u16) {
-    let mut child = sluice()
-        .args([
-            "serve",
-            "--pg-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .env("SLUICE_LAKE", lake) // configuration from the environment
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("sluice starts");
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut port = None;
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        if let Some(addr) = line.strip_prefix("sluice: pgwire listening on ") {
-            port = Some(addr.rsplit(':').next().unwrap().parse().unwrap());
-        }
-        if line.starts_with("sluice: http listening on ") {
-            break;
-        }
-    }
-    (child, port.expect("the startup lines name the pg address"))
+    serve_with(|cmd| {
+        cmd.env("SLUICE_LAKE", lake); // configuration from the environment
+    })
 }
 
 #[test]

@@ -3,8 +3,9 @@
 //! pyarrow and DuckDB with Hive partitioning equals what `SELECT` over psql answers, and the
 //! generated Athena DDL, parsed by sqlglot's Athena dialect, matches the Parquet schema.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 fn env(name: &str) -> String {
@@ -17,17 +18,7 @@ fn env(name: &str) -> String {
 }
 
 fn psql(port: u16, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-        .args(["-p", &port.to_string(), "-U", "sluice", "sluice", "-c", sql])
-        .output()
-        .expect("psql runs (scripts/test.sh installs it)");
-    assert!(
-        out.status.success(),
-        "psql `{sql}`: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    common::psql(port, sql).trim().to_string()
 }
 
 /// The AWS environment pointing at the S3 server.
@@ -52,25 +43,10 @@ fn python(script: &str, args: &[&str], endpoint: &str) -> String {
 }
 
 fn serve(lake: &str, endpoint: &str) -> (Child, u16) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    cmd.args(["serve", "--lake", lake, "--pg-listen", "127.0.0.1:0"])
-        .args(["--http-listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    aws(&mut cmd, endpoint);
-    let mut child = cmd.spawn().expect("sluice starts");
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut port = None;
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        if let Some(addr) = line.strip_prefix("sluice: pgwire listening on ") {
-            port = Some(addr.rsplit(':').next().unwrap().parse().unwrap());
-        }
-        if line.starts_with("sluice: http listening on ") {
-            break;
-        }
-    }
-    (child, port.expect("the startup lines name the pg address"))
+    common::serve_with(|cmd| {
+        cmd.args(["--lake", lake]);
+        aws(cmd, endpoint);
+    })
 }
 
 #[test]

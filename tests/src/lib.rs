@@ -288,3 +288,51 @@ pub fn kinesis_client() -> aws_sdk_kinesis::Client {
         .build();
     aws_sdk_kinesis::Client::from_conf(config)
 }
+
+/// Every line of the errors zone of `name` in the local `lake`, parsed.
+pub fn error_lines(lake: &Path, name: &str) -> Vec<serde_json::Value> {
+    files_with_ext(&lake.join("errors").join(name), "jsonl")
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// POSTs `lines` (NDJSON) to the HTTP source `source`; the status code.
+pub async fn push_events(http: std::net::SocketAddr, source: &str, lines: &[String]) -> u16 {
+    reqwest::Client::new()
+        .post(format!("http://{http}/v1/sources/{source}/events"))
+        .body(lines.join("\n"))
+        .send()
+        .await
+        .expect("the HTTP server answers")
+        .status()
+        .as_u16()
+}
+
+/// A consumer assigned every one of `partitions` partitions of `topic`, from the beginning.
+pub fn consume_from_beginning(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+) -> rdkafka::consumer::StreamConsumer {
+    use rdkafka::consumer::Consumer as _;
+    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("test-reader-{topic}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("a consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .expect("a partition");
+    }
+    consumer.assign(&tpl).expect("assigned");
+    consumer
+}

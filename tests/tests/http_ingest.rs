@@ -57,16 +57,7 @@ async fn landed(client: &tokio_postgres::Client, expected: i64) {
 }
 
 fn error_lines(lake: &Path) -> Vec<Value> {
-    files_with_ext(&lake.join("errors/orders"), "jsonl")
-        .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect::<Vec<Value>>()
-        })
-        .collect()
+    sluice_tests::error_lines(lake, "orders")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,11 +5,10 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::producer::FutureRecord;
 use sluice_tests::{
-    create_topic, files_with_ext, kafka_brokers, pg_connect, producer, scalar, start_server,
-    wait_for,
+    consume_from_beginning, create_topic, files_with_ext, kafka_brokers, pg_connect, producer,
+    push_events, scalar, start_server, wait_for,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,7 +171,6 @@ fn java_partition(key: &[u8], partitions: i32) -> i32 {
 async fn a_kafka_sink_delivers_a_stream_keyed_like_the_java_client() {
     use futures::StreamExt;
     use rdkafka::Message as _;
-    use rdkafka::consumer::{Consumer, StreamConsumer};
 
     let brokers = kafka_brokers();
     let topic = format!("big-orders-{}", std::process::id());
@@ -221,31 +219,9 @@ async fn a_kafka_sink_delivers_a_stream_keyed_like_the_java_client() {
             )
         })
         .collect();
-    let status = reqwest::Client::new()
-        .post(format!(
-            "http://{}/v1/sources/orders/events",
-            server.http_addr
-        ))
-        .body(body.join("\n"))
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status.as_u16(), 200);
+    assert_eq!(push_events(server.http_addr, "orders", &body).await, 200);
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "sink-test")
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..4 {
-        tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let consumer = consume_from_beginning(&brokers, &topic, 4);
     let mut seen = std::collections::BTreeMap::new();
     let mut stream = consumer.stream();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -10,8 +10,8 @@ use std::time::Duration;
 use rdkafka::producer::FutureRecord;
 use sluice_tests::avro::{confluent, double, long, string};
 use sluice_tests::{
-    create_topic, files_with_ext, kafka_brokers, pg_connect, producer, register_schema, scalar,
-    schema_registry, start_server, wait_for,
+    consume_from_beginning, create_topic, error_lines, files_with_ext, kafka_brokers, pg_connect,
+    producer, push_events, register_schema, scalar, schema_registry, start_server, wait_for,
 };
 
 /// 2024-05-01T08:00:00Z in ms.
@@ -179,17 +179,7 @@ async fn avro_records_resolve_their_writer_schemas_and_land_in_windows() {
 
     // The bad records, each with its reason and origin, payloads in base64.
     let errors = wait_for("the bad records", Duration::from_secs(30), || async {
-        let lines: Vec<serde_json::Value> =
-            files_with_ext(&lake.path().join("errors/payments"), "jsonl")
-                .iter()
-                .flat_map(|f| {
-                    std::fs::read_to_string(f)
-                        .unwrap()
-                        .lines()
-                        .map(|l| serde_json::from_str(l).unwrap())
-                        .collect::<Vec<_>>()
-                })
-                .collect();
+        let lines = error_lines(lake.path(), "payments");
         (lines.len() >= 4).then_some(lines)
     })
     .await;
@@ -243,7 +233,6 @@ async fn avro_records_resolve_their_writer_schemas_and_land_in_windows() {
 async fn an_avro_sink_registers_its_schema_and_its_records_read_back() {
     use futures::StreamExt;
     use rdkafka::Message as _;
-    use rdkafka::consumer::{Consumer, StreamConsumer};
     use sluice_tests::avro::{read_long, read_string};
 
     let brokers = kafka_brokers();
@@ -275,17 +264,7 @@ async fn an_avro_sink_registers_its_schema_and_its_records_read_back() {
             )
         })
         .collect();
-    let status = reqwest::Client::new()
-        .post(format!(
-            "http://{}/v1/sources/orders/events",
-            server.http_addr
-        ))
-        .body(body.join("\n"))
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status.as_u16(), 200);
+    assert_eq!(push_events(server.http_addr, "orders", &body).await, 200);
 
     // The registered schema: a record named after the sink, the stream's columns in order.
     let latest: serde_json::Value =
@@ -313,18 +292,7 @@ async fn an_avro_sink_registers_its_schema_and_its_records_read_back() {
         .expect("a string branch") as i64;
 
     // Read back with a real consumer; decode each record by hand.
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "avro-sink-test")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..2 {
-        tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let consumer = consume_from_beginning(&brokers, &topic, 2);
     let mut stream = consumer.stream();
     let mut seen = std::collections::BTreeSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -125,3 +125,26 @@ pub fn payload_text(value: &[u8], binary: bool) -> String {
         String::from_utf8_lossy(value).into_owned()
     }
 }
+
+/// A source's rows in its declared `schema`: each metadata column (one `metadata` makes, by
+/// name) cast to its declared type, every other column taken from the `decoded` values.
+pub fn with_metadata_columns(
+    schema: &arrow::datatypes::SchemaRef,
+    decoded: arrow::record_batch::RecordBatch,
+    mut metadata: impl FnMut(&str) -> Option<arrow::array::ArrayRef>,
+) -> sluice_engine::Result<arrow::record_batch::RecordBatch> {
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for f in schema.fields() {
+        let column = match metadata(f.name()) {
+            Some(made) => arrow::compute::cast(&made, f.data_type())?,
+            None => std::sync::Arc::clone(decoded.column_by_name(f.name()).ok_or_else(|| {
+                sluice_engine::EngineError::Internal(format!("no decoded column `{}`", f.name()))
+            })?),
+        };
+        columns.push(column);
+    }
+    Ok(arrow::record_batch::RecordBatch::try_new(
+        std::sync::Arc::clone(schema),
+        columns,
+    )?)
+}

@@ -7,11 +7,9 @@ use std::time::Duration;
 use arrow::array::{
     Array, ArrayRef, Int32Array, Int64Array, StringArray, TimestampMillisecondArray,
 };
-use arrow::compute::cast;
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
-use bytes::Bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{Headers as _, Message as _};
@@ -249,25 +247,12 @@ impl KafkaReader {
             )
         };
         if let Some(raw) = &self.raw {
-            // Text records one per line; binary ones each after its 4-byte big-endian length.
-            let mut body = Vec::new();
-            let ext = if self.config.format.is_binary() {
-                for r in records {
-                    let value = batch.value(r).unwrap_or_default();
-                    body.extend_from_slice(&(value.len() as u32).to_be_bytes());
-                    body.extend_from_slice(value);
-                }
-                "avro-frames"
-            } else {
-                for r in records {
-                    body.extend_from_slice(batch.value(r).unwrap_or_default());
-                    body.push(b'\n');
-                }
-                "ndjson"
-            };
-            raw.put_raw(Bytes::from(body), ext).await.map_err(|e| {
-                EngineError::external(format!("kafka source `{}`: raw zone", self.name), e)
-            })?;
+            let values = records.iter().map(|r| batch.value(r).unwrap_or_default());
+            raw.put_values(values, self.config.format.is_binary())
+                .await
+                .map_err(|e| {
+                    EngineError::external(format!("kafka source `{}`: raw zone", self.name), e)
+                })?;
         }
         let mut bad = Vec::new();
         let mut values: Vec<&[u8]> = Vec::with_capacity(records.len());
@@ -363,14 +348,13 @@ impl KafkaReader {
                 values.columns().to_vec(),
             )?);
         }
-        let mut columns = Vec::with_capacity(self.schema.fields().len());
-        for f in self.schema.fields() {
-            let made: ArrayRef = match f.name().as_str() {
+        crate::formats::with_metadata_columns(&self.schema, values, |name| {
+            Some(match name {
                 "_kafka_key" => Arc::new(StringArray::from_iter(good.iter().map(|r| {
                     batch
                         .key(r)
                         .map(|k| String::from_utf8_lossy(k).into_owned())
-                }))),
+                }))) as ArrayRef,
                 "_kafka_partition" => Arc::new(Int32Array::from_iter_values(
                     good.iter().map(|r| r.partition),
                 )),
@@ -382,16 +366,9 @@ impl KafkaReader {
                         .with_timezone("UTC"),
                 ),
                 "_kafka_headers" => headers_array(batch, good),
-                name => {
-                    columns.push(Arc::clone(values.column_by_name(name).ok_or_else(
-                        || EngineError::Internal(format!("kafka: no decoded column `{name}`")),
-                    )?));
-                    continue;
-                }
-            };
-            columns.push(cast(&made, f.data_type())?);
-        }
-        Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
+                _ => return None,
+            })
+        })
     }
 
     /// Sends the source's watermark (see [`SplitClock`]), if it advanced.

@@ -6,13 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::{ArrayRef, StringArray, TimestampMillisecondArray};
-use arrow::compute::cast;
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::types::{Record, Shard, ShardIteratorType};
-use bytes::Bytes;
 use sluice_engine::source::publish;
 use sluice_engine::{BadRecord, EngineError, SourceContext, SourceReader};
 use tokio::sync::mpsc;
@@ -148,22 +146,8 @@ impl KinesisReader {
         }
         let records = &batch.records;
         if let Some(raw) = &self.raw {
-            let mut body = Vec::new();
-            let ext = if self.config.format.is_binary() {
-                for r in records {
-                    let data = r.data().as_ref();
-                    body.extend_from_slice(&(data.len() as u32).to_be_bytes());
-                    body.extend_from_slice(data);
-                }
-                "avro-frames"
-            } else {
-                for r in records {
-                    body.extend_from_slice(r.data().as_ref());
-                    body.push(b'\n');
-                }
-                "ndjson"
-            };
-            raw.put_raw(Bytes::from(body), ext)
+            let values = records.iter().map(|r| r.data().as_ref());
+            raw.put_values(values, self.config.format.is_binary())
                 .await
                 .map_err(|e| self.failed(format!("raw zone: {e}")))?;
         }
@@ -219,12 +203,11 @@ impl KinesisReader {
         shard: &str,
         good: &[&Record],
     ) -> sluice_engine::Result<RecordBatch> {
-        let mut columns = Vec::with_capacity(self.schema.fields().len());
-        for f in self.schema.fields() {
-            let made: ArrayRef = match f.name().as_str() {
+        crate::formats::with_metadata_columns(&self.schema, values, |name| {
+            Some(match name {
                 "_kinesis_partition_key" => Arc::new(StringArray::from_iter_values(
                     good.iter().map(|r| r.partition_key().unwrap_or_default()),
-                )),
+                )) as ArrayRef,
                 "_kinesis_sequence_number" => Arc::new(StringArray::from_iter_values(
                     good.iter().map(|r| r.sequence_number()),
                 )),
@@ -238,16 +221,9 @@ impl KinesisReader {
                     }))
                     .with_timezone("UTC"),
                 ),
-                name => {
-                    columns.push(Arc::clone(values.column_by_name(name).ok_or_else(
-                        || EngineError::Internal(format!("kinesis: no decoded column `{name}`")),
-                    )?));
-                    continue;
-                }
-            };
-            columns.push(cast(&made, f.data_type())?);
-        }
-        Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
+                _ => return None,
+            })
+        })
     }
 }
 

@@ -58,6 +58,27 @@ impl RecordZone {
         Ok(path)
     }
 
+    /// Stores record values as received, as one new file: text values one per line
+    /// (`.ndjson`), binary ones each after its 4-byte big-endian length (`.avro-frames`).
+    pub async fn put_values<'a>(
+        &self,
+        values: impl Iterator<Item = &'a [u8]>,
+        binary: bool,
+    ) -> Result<Path> {
+        let mut body = Vec::new();
+        for value in values {
+            if binary {
+                body.extend_from_slice(&(value.len() as u32).to_be_bytes());
+                body.extend_from_slice(value);
+            } else {
+                body.extend_from_slice(value);
+                body.push(b'\n');
+            }
+        }
+        let ext = if binary { "avro-frames" } else { "ndjson" };
+        self.put_raw(bytes::Bytes::from(body), ext).await
+    }
+
     /// Stores bad records as one new JSON-lines file. Durable when this returns.
     pub async fn put_bad_records(&self, records: &[BadRecord]) -> Result<Option<Path>> {
         if records.is_empty() {
