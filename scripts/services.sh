@@ -115,7 +115,7 @@ start() {
   log "services: kinesalite (Kinesis API) on 127.0.0.1:$port, pid $(cat "$RUN/kinesalite.pid")"
   echo "export SLUICE_TEST_KINESIS=http://127.0.0.1:$port"
   # The credentials and region the local AWS servers accept (they check none).
-  echo "export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1"
+  echo "export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1"
 }
 
 stop_quietly() {

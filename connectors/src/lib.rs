@@ -9,9 +9,12 @@
 //! - [`datagen`]: a deterministic generator driven by the declared schema.
 //! - [`http`]: push ingestion (`POST /v1/sources/{name}/events`).
 //! - [`kafka`], [`kinesis`]: topics and streams, read per partition / shard, and written.
+//! - [`s3`]: the landing zone: files landing under an S3 prefix (SQS notifications or
+//!   listing), each ingested once.
 //! - [`split_clock`]: event time per partition or shard, and the source's watermark.
 //! - [`registry`]: the one list of connectors, and option validation for `CREATE SOURCE`.
 
+pub mod aws;
 pub mod datagen;
 pub mod error;
 pub mod formats;
@@ -20,6 +23,7 @@ pub mod kafka;
 pub mod kinesis;
 pub mod lake;
 pub mod registry;
+pub mod s3;
 pub mod split_clock;
 
 pub use error::{ConnectorError, Result};

@@ -9,12 +9,10 @@ use crate::http::HttpConfig;
 use crate::kafka::{KafkaConfig, KafkaReader};
 use crate::kinesis::{KinesisConfig, KinesisReader};
 use crate::lake::{Lake, RecordZone, Zone};
+use crate::s3::{LandingConfig, LandingReader};
 
 /// Source connectors this build provides.
-pub const SOURCE_CONNECTORS: &[&str] = &["datagen", "http", "kafka", "kinesis"];
-
-/// Connectors that are planned but not in this build yet (named in errors so users know).
-const PLANNED_CONNECTORS: &[&str] = &["s3"];
+pub const SOURCE_CONNECTORS: &[&str] = &["datagen", "http", "kafka", "kinesis", "s3"];
 
 /// The validated configuration of a source, by connector.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +25,8 @@ pub enum SourceConfig {
     Kafka(KafkaConfig),
     /// `connector = 'kinesis'`.
     Kinesis(KinesisConfig),
+    /// `connector = 's3'`: the landing zone.
+    S3(LandingConfig),
 }
 
 impl SourceConfig {
@@ -37,14 +37,21 @@ impl SourceConfig {
             SourceConfig::Http(_) => "http",
             SourceConfig::Kafka(_) => "kafka",
             SourceConfig::Kinesis(_) => "kinesis",
+            SourceConfig::S3(_) => "s3",
         }
+    }
+
+    /// Whether the source's rows come from one place for every stream (pushed over HTTP, or
+    /// read once by the source's own reader), rather than from a reader per stream.
+    pub fn publishes_to_hub(&self) -> bool {
+        matches!(self, SourceConfig::Http(_) | SourceConfig::S3(_))
     }
 
     /// A stream's reader of pull-based source `name`; `None` for push-based ones (`http`).
     pub fn reader(&self, name: &str, schema: SchemaRef) -> Option<Box<dyn SourceReader>> {
         match self {
             SourceConfig::Datagen(c) => Some(Box::new(DatagenReader::new(c.clone(), schema))),
-            SourceConfig::Http(_) => None,
+            SourceConfig::Http(_) | SourceConfig::S3(_) => None,
             SourceConfig::Kafka(c) => {
                 Some(Box::new(KafkaReader::for_stream(name, c.clone(), schema)))
             }
@@ -54,8 +61,9 @@ impl SourceConfig {
         }
     }
 
-    /// The source's own reader, for connectors that archive raw records and report bad ones
-    /// once per source (not once per stream): it publishes nothing. `lake` holds the raw zone.
+    /// The source's own reader: for kafka and kinesis it archives raw records and reports bad
+    /// ones once per source (not once per stream) and publishes nothing; for s3 it is the one
+    /// reader, publishing to every stream. `lake` holds the raw zone and reader state.
     pub fn archiver(
         &self,
         name: &str,
@@ -85,6 +93,12 @@ impl SourceConfig {
                     raw,
                 )))
             }
+            SourceConfig::S3(c) => Some(Box::new(LandingReader::new(
+                name,
+                c.clone(),
+                schema,
+                lake.clone(),
+            ))),
             SourceConfig::Datagen(_) | SourceConfig::Http(_) => None,
         }
     }
@@ -105,12 +119,7 @@ pub fn source_config(mut opts: WithOptions, schema: &SchemaRef) -> Result<Source
         "http" => SourceConfig::Http(HttpConfig::try_new(&mut opts)?),
         "kafka" => SourceConfig::Kafka(KafkaConfig::try_new(&mut opts, schema)?),
         "kinesis" => SourceConfig::Kinesis(KinesisConfig::try_new(&mut opts, schema)?),
-        other if PLANNED_CONNECTORS.contains(&other) => {
-            return Err(ConnectorError::InvalidConfig(format!(
-                "{owner}: connector `{other}` is not available in this build yet (available: {})",
-                SOURCE_CONNECTORS.join(", ")
-            )));
-        }
+        "s3" => SourceConfig::S3(LandingConfig::try_new(&mut opts)?),
         other => {
             return Err(ConnectorError::InvalidConfig(format!(
                 "{owner}: connector `{other}` is not known (available: {})",

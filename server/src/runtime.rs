@@ -420,12 +420,12 @@ impl RunningSource {
 
     /// What a stream reading this source subscribes to.
     pub fn input(&self) -> Input {
-        match self.http {
-            Some(_) => Input::Hub {
+        match self.def.config.publishes_to_hub() {
+            true => Input::Hub {
                 hub: self.fanout.clone(),
                 idle_timeout: self.def.watermark.as_ref().and_then(|w| w.idle_timeout),
             },
-            None => Input::Reader {
+            false => Input::Reader {
                 def: Box::new(self.def.clone()),
                 metrics: Arc::clone(&self.metrics),
             },

@@ -165,7 +165,7 @@ mod tests {
         assert_eq!(e.sqlstate(), "22023");
         assert_eq!(
             e.to_string(),
-            "source `o`: connector `htp` is not known (available: datagen, http, kafka, kinesis)"
+            "source `o`: connector `htp` is not known (available: datagen, http, kafka, kinesis, s3)"
         );
         let e = def("CREATE SOURCE o (a TEXT, WATERMARK FOR a AS a) WITH (connector = 'http')")
             .unwrap_err();

@@ -43,6 +43,7 @@ use std::time::Duration;
 use arrow::datatypes::{DataType, Schema, TimeUnit};
 use sluice_engine::WithOptions;
 
+pub use crate::aws::AwsOptions;
 use crate::error::{ConnectorError, Result};
 use crate::formats::RecordFormat;
 
@@ -53,36 +54,6 @@ pub enum KinesisStart {
     TrimHorizon,
     /// Only records put after the reader starts.
     Latest,
-}
-
-/// Where to reach Kinesis: region and endpoint overrides.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct AwsOptions {
-    /// Overrides the region of the environment.
-    pub region: Option<String>,
-    /// Overrides the endpoint (e.g. a local Kinesis-compatible server).
-    pub endpoint: Option<String>,
-}
-
-impl AwsOptions {
-    fn take(opts: &mut WithOptions) -> Self {
-        Self {
-            region: opts.take_str("region"),
-            endpoint: opts.take_str("endpoint"),
-        }
-    }
-
-    /// A Kinesis client configured from the environment and these overrides.
-    pub async fn client(&self) -> aws_sdk_kinesis::Client {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(region) = &self.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        if let Some(endpoint) = &self.endpoint {
-            loader = loader.endpoint_url(endpoint);
-        }
-        aws_sdk_kinesis::Client::new(&loader.load().await)
-    }
 }
 
 /// Validated options of a `kinesis` source.

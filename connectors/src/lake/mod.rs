@@ -83,15 +83,9 @@ impl Lake {
             if bucket.is_empty() {
                 return Err(bad("no bucket name".into()));
             }
-            let mut builder = object_store::aws::AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .with_virtual_hosted_style_request(false);
-            if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
-                builder = builder
-                    .with_allow_http(endpoint.starts_with("http://"))
-                    .with_endpoint(endpoint);
-            }
-            let store = builder.build().map_err(|e| bad(e.to_string()))?;
+            let store = crate::aws::AwsOptions::default()
+                .s3_store(bucket)
+                .map_err(|e| bad(e.to_string()))?;
             let store_url =
                 Url::parse(&format!("s3://{bucket}/")).map_err(|e| bad(e.to_string()))?;
             return Ok(Lake {

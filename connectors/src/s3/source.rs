@@ -1,0 +1,611 @@
+//! [`LandingReader`]: objects landing under an S3 prefix → batches, each object once.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{ArrayRef, new_null_array};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use async_compression::tokio::bufread::GzipDecoder;
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::ParquetRecordBatchStreamBuilder;
+use parquet::arrow::arrow_reader::ArrowReaderOptions;
+use parquet::arrow::async_reader::AsyncFileReader;
+use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use sluice_engine::source::{WatermarkTracker, publish};
+use sluice_engine::{BadRecord, EngineError, SourceContext, SourceReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
+
+use super::{FileFormat, LandedObject, LandingConfig, created_objects};
+use crate::formats::csv::CsvDecoder;
+use crate::formats::json::{Decoded, JsonDecoder};
+use crate::lake::{Lake, Zone, unique_file_name};
+
+/// Reads the landing zone of one source. See the module docs.
+pub struct LandingReader {
+    name: String,
+    config: LandingConfig,
+    schema: SchemaRef,
+    lake: Lake,
+}
+
+/// Why an object could not be ingested: it is unreadable (it goes to the errors zone whole)
+/// or the failure is outside it (the store, the pipeline): retried later.
+enum ObjectError {
+    Unreadable(String),
+    Engine(EngineError),
+}
+
+impl From<EngineError> for ObjectError {
+    fn from(e: EngineError) -> Self {
+        ObjectError::Engine(e)
+    }
+}
+
+/// What the reader knows while it runs.
+struct Ingestion<'a> {
+    ctx: &'a SourceContext,
+    store: Arc<dyn ObjectStore>,
+    done: HashSet<LandedObject>,
+    tracker: Option<WatermarkTracker>,
+}
+
+impl LandingReader {
+    /// The reader of source `name` producing `schema`; its state lives in `lake`.
+    pub fn new(
+        name: impl Into<String>,
+        config: LandingConfig,
+        schema: SchemaRef,
+        lake: Lake,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            config,
+            schema,
+            lake,
+        }
+    }
+
+    fn failed(&self, what: impl std::fmt::Display) -> EngineError {
+        EngineError::external(
+            format!("s3 source `{}`", self.name),
+            std::io::Error::other(what.to_string()),
+        )
+    }
+
+    /// Where the ingested objects are recorded.
+    fn state_dir(&self) -> Path {
+        self.lake
+            .dir(Zone::Internal, "sources")
+            .join(self.name.as_str())
+            .join("objects")
+    }
+
+    /// The objects ingested before (recorded in the lake).
+    async fn load_done(&self) -> sluice_engine::Result<HashSet<LandedObject>> {
+        let store = self.lake.store();
+        let dir = self.state_dir();
+        let files: Vec<_> = store
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(|e| self.failed(e))?;
+        let mut done = HashSet::new();
+        for f in files {
+            let bytes = self
+                .lake
+                .get_opt(&f.location)
+                .await
+                .map_err(|e| self.failed(e))?
+                .unwrap_or_default();
+            let o: LandedObject = serde_json::from_slice(&bytes)
+                .map_err(|e| self.failed(format!("{}: {e}", f.location)))?;
+            done.insert(o);
+        }
+        Ok(done)
+    }
+
+    /// Records `object` as ingested. Durable when this returns.
+    async fn record_done(&self, object: &LandedObject) -> sluice_engine::Result<()> {
+        let path = self.state_dir().join(unique_file_name("json"));
+        let body = serde_json::to_vec(object).expect("serialising strings cannot fail");
+        self.lake.put(&path, body).await.map_err(|e| self.failed(e))
+    }
+
+    /// The objects under the prefix, in key order.
+    async fn list(&self, store: &dyn ObjectStore) -> sluice_engine::Result<Vec<LandedObject>> {
+        let prefix = Path::from(self.config.prefix.trim_end_matches('/'));
+        let prefix = (!self.config.prefix.is_empty()).then_some(prefix);
+        let mut objects: Vec<LandedObject> = store
+            .list(prefix.as_ref())
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(|e| self.failed(e))?
+            .into_iter()
+            .filter(|m| m.size > 0)
+            .map(|m| LandedObject {
+                bucket: self.config.bucket.clone(),
+                key: m.location.to_string(),
+                etag: m.e_tag.unwrap_or_default().trim_matches('"').to_string(),
+            })
+            .collect();
+        objects.sort();
+        Ok(objects)
+    }
+
+    /// Ingests `object` unless it was before; records it.
+    async fn ingest(
+        &self,
+        ing: &mut Ingestion<'_>,
+        object: LandedObject,
+    ) -> sluice_engine::Result<()> {
+        if object.bucket != self.config.bucket
+            || !object.key.starts_with(&self.config.prefix)
+            || ing.done.contains(&object)
+        {
+            return Ok(());
+        }
+        // Rows published to nobody would be lost: wait for a stream.
+        tokio::select! {
+            _ = ing.ctx.cancel.cancelled() => return Ok(()),
+            _ = ing.ctx.output.wait_for_subscriber() => {}
+        }
+        let origin = format!("s3://{}/{}", object.bucket, object.key);
+        tracing::info!(source = %self.name, object = %origin, "s3: ingesting");
+        let read = match self.config.format {
+            FileFormat::Parquet => self.read_parquet(ing, &object).await,
+            FileFormat::Json | FileFormat::Csv => self.read_lines(ing, &object, &origin).await,
+        };
+        match read {
+            Ok(()) => {}
+            Err(ObjectError::Engine(e)) => return Err(e),
+            Err(ObjectError::Unreadable(reason)) => {
+                tracing::warn!(source = %self.name, object = %origin, "s3: unreadable: {reason}");
+                let copy = self.keep_unreadable(ing, &object).await?;
+                ing.ctx.metrics.add_bad_records(1);
+                let _ = ing
+                    .ctx
+                    .bad_records
+                    .send(vec![BadRecord {
+                        payload: String::new(),
+                        payload_base64: false,
+                        reason: format!("unreadable object: {reason} (kept as {copy})"),
+                        origin,
+                    }])
+                    .await;
+            }
+        }
+        self.record_done(&object).await?;
+        ing.done.insert(object);
+        Ok(())
+    }
+
+    /// Copies an unreadable object into the errors zone, whole; its path there.
+    async fn keep_unreadable(
+        &self,
+        ing: &Ingestion<'_>,
+        object: &LandedObject,
+    ) -> sluice_engine::Result<Path> {
+        let bytes = ing
+            .store
+            .get(&Path::from(object.key.as_str()))
+            .await
+            .map_err(|e| self.failed(e))?
+            .bytes()
+            .await
+            .map_err(|e| self.failed(e))?;
+        let base = object.key.rsplit('/').next().unwrap_or("object");
+        let path = self
+            .lake
+            .partition_dir(
+                Zone::Errors,
+                &self.name,
+                Some(sluice_engine::EventTime::now().micros()),
+            )
+            .join(unique_file_name(base));
+        self.lake
+            .put(&path, bytes)
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(path)
+    }
+
+    /// JSON lines or CSV (gzip or not), streamed line by line, decoded `batch_size` lines at
+    /// a time.
+    async fn read_lines(
+        &self,
+        ing: &mut Ingestion<'_>,
+        object: &LandedObject,
+        origin: &str,
+    ) -> Result<(), ObjectError> {
+        let got = ing
+            .store
+            .get(&Path::from(object.key.as_str()))
+            .await
+            .map_err(|e| ObjectError::Engine(self.failed(e)))?;
+        let body =
+            tokio_util::io::StreamReader::new(got.into_stream().map_err(std::io::Error::other));
+        let mut raw = BufReader::new(body);
+        let head = raw
+            .fill_buf()
+            .await
+            .map_err(|e| ObjectError::Unreadable(e.to_string()))?;
+        let gzip = head.starts_with(&[0x1f, 0x8b]) || object.key.ends_with(".gz");
+        let mut lines: Box<dyn AsyncBufRead + Send + Unpin> = if gzip {
+            Box::new(BufReader::new(GzipDecoder::new(raw)))
+        } else {
+            Box::new(raw)
+        };
+        let mut decoder: Option<LineDecoder> = match self.config.format {
+            FileFormat::Json => Some(LineDecoder::Json(JsonDecoder::new(Arc::clone(
+                &self.schema,
+            )))),
+            _ => None, // CSV: from the header line
+        };
+        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(self.config.batch_size);
+        let mut first_line = 1; // line number of batch[0]
+        let mut line_no = 0;
+        loop {
+            let mut line = Vec::new();
+            let n = lines.read_until(b'\n', &mut line).await.map_err(|e| {
+                ObjectError::Unreadable(if line_no == 0 {
+                    e.to_string()
+                } else {
+                    format!("after line {line_no}: {e}")
+                })
+            })?;
+            if n == 0 {
+                break;
+            }
+            line_no += 1;
+            while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                line.pop();
+            }
+            if decoder.is_none() {
+                decoder = Some(self.csv_decoder(&line).map_err(ObjectError::Unreadable)?);
+                first_line = line_no + 1;
+                continue;
+            }
+            if line.iter().all(u8::is_ascii_whitespace) {
+                if batch.is_empty() {
+                    first_line = line_no + 1;
+                }
+                continue; // blank lines carry nothing
+            }
+            batch.push(line);
+            if batch.len() >= self.config.batch_size {
+                let d = decoder.as_ref().expect("set above");
+                self.publish_lines(ing, d, &batch, first_line, origin)
+                    .await?;
+                batch.clear();
+                first_line = line_no + 1;
+            }
+        }
+        if let Some(d) = &decoder
+            && !batch.is_empty()
+        {
+            self.publish_lines(ing, d, &batch, first_line, origin)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The decoder of a CSV object with this header line.
+    fn csv_decoder(&self, header: &[u8]) -> Result<LineDecoder, String> {
+        let header = String::from_utf8_lossy(header);
+        let names: Vec<String> = header
+            .split(',')
+            .map(|h| h.trim().trim_matches('"').to_lowercase())
+            .collect();
+        for f in self.schema.fields() {
+            if !f.is_nullable() && !names.iter().any(|n| n == f.name()) {
+                return Err(format!(
+                    "the CSV header ({header}) has no column `{}`, which is NOT NULL",
+                    f.name()
+                ));
+            }
+        }
+        // The file's columns: the declared type where declared, text otherwise.
+        let fields: Vec<Field> = names
+            .iter()
+            .map(|n| match self.schema.field_with_name(n) {
+                Ok(f) => f.clone().with_nullable(true),
+                Err(_) => Field::new(n, DataType::Utf8, true),
+            })
+            .collect();
+        Ok(LineDecoder::Csv(CsvDecoder::new(Arc::new(Schema::new(
+            fields,
+        )))))
+    }
+
+    /// Decodes lines (`first_line` is the number of the first) and publishes the good rows.
+    async fn publish_lines(
+        &self,
+        ing: &mut Ingestion<'_>,
+        decoder: &LineDecoder,
+        lines: &[Vec<u8>],
+        first_line: usize,
+        origin: &str,
+    ) -> Result<(), ObjectError> {
+        let slices: Vec<&[u8]> = lines.iter().map(Vec::as_slice).collect();
+        let decoded = decoder.decode(&slices)?;
+        let mut bad: Vec<BadRecord> = decoded
+            .errors
+            .iter()
+            .map(|e| BadRecord {
+                payload: String::from_utf8_lossy(slices[e.index]).into_owned(),
+                payload_base64: false,
+                reason: e.reason.clone(),
+                origin: format!("{origin} line {}", first_line + e.index),
+            })
+            .collect();
+        let mut rejected: Vec<usize> = decoded.errors.iter().map(|e| e.index).collect();
+        let (rows, unfit) = fit(&self.schema, decoded.batch)?;
+        // Rows of the batch are the lines that decoded, in order.
+        let decoded_lines: Vec<usize> = (0..lines.len())
+            .filter(|i| rejected.binary_search(i).is_err())
+            .collect();
+        for (row, reason) in unfit {
+            let i = decoded_lines[row];
+            bad.push(BadRecord {
+                payload: String::from_utf8_lossy(slices[i]).into_owned(),
+                payload_base64: false,
+                reason,
+                origin: format!("{origin} line {}", first_line + i),
+            });
+            rejected.push(i);
+        }
+        if !bad.is_empty() {
+            ing.ctx.metrics.add_bad_records(bad.len());
+            let _ = ing.ctx.bad_records.send(bad).await;
+        }
+        publish(ing.ctx, &mut ing.tracker, rows).await;
+        Ok(())
+    }
+
+    /// A Parquet object, streamed by row group; columns by name.
+    async fn read_parquet(
+        &self,
+        ing: &mut Ingestion<'_>,
+        object: &LandedObject,
+    ) -> Result<(), ObjectError> {
+        let path = Path::from(object.key.as_str());
+        let size = ing
+            .store
+            .head(&path)
+            .await
+            .map_err(|e| ObjectError::Engine(self.failed(e)))?
+            .size;
+        let reader = ObjectFile {
+            store: Arc::clone(&ing.store),
+            path,
+            size,
+        };
+        let builder = ParquetRecordBatchStreamBuilder::new(reader)
+            .await
+            .map_err(|e| ObjectError::Unreadable(e.to_string()))?
+            .with_batch_size(self.config.batch_size);
+        let mut stream = builder
+            .build()
+            .map_err(|e| ObjectError::Unreadable(e.to_string()))?;
+        let origin = format!("s3://{}/{}", object.bucket, object.key);
+        let mut row_base = 0;
+        while let Some(batch) = stream.next().await {
+            let batch =
+                batch.map_err(|e| ObjectError::Unreadable(format!("after row {row_base}: {e}")))?;
+            let n = batch.num_rows();
+            let (rows, unfit) = fit(&self.schema, batch.clone())?;
+            if !unfit.is_empty() {
+                let bad: Vec<BadRecord> = unfit
+                    .into_iter()
+                    .map(|(row, reason)| BadRecord {
+                        payload: sluice_engine::operators::row_to_json(&batch, row),
+                        payload_base64: false,
+                        reason,
+                        origin: format!("{origin} row {}", row_base + row + 1),
+                    })
+                    .collect();
+                ing.ctx.metrics.add_bad_records(bad.len());
+                let _ = ing.ctx.bad_records.send(bad).await;
+            }
+            publish(ing.ctx, &mut ing.tracker, rows).await;
+            row_base += n;
+        }
+        Ok(())
+    }
+}
+
+/// A Parquet object read by ranges (footer, then the column chunks), never whole.
+struct ObjectFile {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    size: u64,
+}
+
+impl AsyncFileReader for ObjectFile {
+    fn get_bytes(
+        &mut self,
+        range: std::ops::Range<u64>,
+    ) -> BoxFuture<'_, parquet::errors::Result<bytes::Bytes>> {
+        Box::pin(async move {
+            self.store
+                .get_range(&self.path, range)
+                .await
+                .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+        })
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        _options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        Box::pin(async move {
+            let size = self.size;
+            let metadata = ParquetMetaDataReader::new()
+                .load_and_finish(&mut *self, size)
+                .await?;
+            Ok(Arc::new(metadata))
+        })
+    }
+}
+
+/// Decodes the lines of one object.
+enum LineDecoder {
+    Json(JsonDecoder),
+    Csv(CsvDecoder),
+}
+
+impl LineDecoder {
+    fn decode(&self, lines: &[&[u8]]) -> Result<Decoded, ObjectError> {
+        let decoded = match self {
+            LineDecoder::Json(d) => d.decode(lines),
+            LineDecoder::Csv(d) => d.decode(lines),
+        };
+        decoded.map_err(|e| ObjectError::Engine(e.into()))
+    }
+}
+
+/// `batch` (columns by name) in `schema`: declared columns cast to their types, missing
+/// nullable ones NULL; the rows that do not fit (a missing or NULL `NOT NULL` value, a value
+/// that does not convert), with why, are left out.
+fn fit(
+    schema: &SchemaRef,
+    batch: RecordBatch,
+) -> sluice_engine::Result<(RecordBatch, Vec<(usize, String)>)> {
+    let rows = batch.num_rows();
+    let mut reasons: Vec<Option<String>> = vec![None; rows];
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for f in schema.fields() {
+        let column = match batch.column_by_name(f.name()) {
+            None => new_null_array(f.data_type(), rows),
+            Some(from) => {
+                let to = cast(from, f.data_type())?;
+                for (row, reason) in reasons.iter_mut().enumerate() {
+                    if reason.is_none() && from.is_valid(row) && to.is_null(row) {
+                        *reason = Some(format!(
+                            "column `{}`: the value does not fit {}",
+                            f.name(),
+                            f.data_type()
+                        ));
+                    }
+                }
+                to
+            }
+        };
+        if !f.is_nullable() {
+            for (row, reason) in reasons.iter_mut().enumerate() {
+                if reason.is_none() && column.is_null(row) {
+                    *reason = Some(format!("column `{}` is NOT NULL", f.name()));
+                }
+            }
+        }
+        columns.push(column);
+    }
+    let keep: arrow::array::BooleanArray = reasons.iter().map(|r| Some(r.is_none())).collect();
+    let unfit: Vec<(usize, String)> = reasons
+        .into_iter()
+        .enumerate()
+        .filter_map(|(row, r)| r.map(|r| (row, r)))
+        .collect();
+    let fitted = RecordBatch::try_new(Arc::clone(schema), columns)?;
+    let fitted = if unfit.is_empty() {
+        fitted
+    } else {
+        arrow::compute::filter_record_batch(&fitted, &keep)?
+    };
+    Ok((fitted, unfit))
+}
+
+#[async_trait]
+impl SourceReader for LandingReader {
+    async fn run(self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
+        let store: Arc<dyn ObjectStore> = Arc::new(
+            self.config
+                .aws
+                .s3_store(&self.config.bucket)
+                .map_err(|e| self.failed(e))?,
+        );
+        let tracker = match &ctx.watermark {
+            Some(spec) => Some(WatermarkTracker::try_new(spec, &self.schema)?),
+            None => None,
+        };
+        let mut ing = Ingestion {
+            ctx: &ctx,
+            store: Arc::clone(&store),
+            done: self.load_done().await?,
+            tracker,
+        };
+        let sqs = match &self.config.notifications {
+            Some(_) => Some(aws_sdk_sqs::Client::new(
+                &self.config.aws.sdk_config().await,
+            )),
+            None => None,
+        };
+        // What landed while nobody was reading.
+        for object in self.list(store.as_ref()).await? {
+            self.ingest(&mut ing, object).await?;
+        }
+        loop {
+            if ctx.cancel.is_cancelled() {
+                return Ok(());
+            }
+            match (&sqs, &self.config.notifications) {
+                (Some(sqs), Some(queue)) => {
+                    let received = tokio::select! {
+                        _ = ctx.cancel.cancelled() => return Ok(()),
+                        r = sqs.receive_message().queue_url(queue).max_number_of_messages(10).wait_time_seconds(1).send() => r,
+                    };
+                    let received = match received {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let text = aws_sdk_sqs::error::DisplayErrorContext(&e).to_string();
+                            tracing::warn!(source = %self.name, "sqs ReceiveMessage: {text}; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    };
+                    for message in received.messages() {
+                        let body = message.body().unwrap_or_default();
+                        match created_objects(body) {
+                            Ok(objects) => {
+                                for object in objects {
+                                    self.ingest(&mut ing, object).await?;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(source = %self.name, "s3 notification ignored: {e}")
+                            }
+                        }
+                        // Only once its objects are ingested and recorded.
+                        if let Some(handle) = message.receipt_handle()
+                            && let Err(e) = sqs
+                                .delete_message()
+                                .queue_url(queue)
+                                .receipt_handle(handle)
+                                .send()
+                                .await
+                        {
+                            // Delivered again later; the objects are recorded, so skipped then.
+                            tracing::warn!(source = %self.name, "sqs DeleteMessage: {}", aws_sdk_sqs::error::DisplayErrorContext(&e));
+                        }
+                    }
+                }
+                _ => {
+                    tokio::select! {
+                        _ = ctx.cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(self.config.poll_interval) => {}
+                    }
+                    for object in self.list(store.as_ref()).await? {
+                        self.ingest(&mut ing, object).await?;
+                    }
+                }
+            }
+        }
+    }
+}
