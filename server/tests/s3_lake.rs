@@ -129,6 +129,23 @@ fn a_stream_on_s3_reads_back_with_duckdb_and_pyarrow_and_its_athena_ddl_parses()
         String::from_utf8_lossy(&out.stderr)
     );
     let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Row for row, pyarrow reads what psql answers.
+    let psql_rows: Vec<serde_json::Value> = psql(
+        port,
+        "SELECT user_id, to_char(window_start, '%Y-%m-%d %H:%M:%S'), n FROM per_10min
+         ORDER BY 1, 2, 3",
+    )
+    .lines()
+    .map(|l| {
+        let f: Vec<&str> = l.split('|').collect();
+        serde_json::json!([
+            f[0].parse::<i64>().unwrap(),
+            f[1],
+            f[2].parse::<i64>().unwrap()
+        ])
+    })
+    .collect();
+    assert_eq!(seen["pyarrow"]["all"], serde_json::Value::Array(psql_rows));
 
     // pyarrow and DuckDB see exactly the rows psql sees, in the five hourly partitions.
     for reader in ["pyarrow", "duckdb"] {

@@ -45,8 +45,16 @@ def main():
     table = dataset.to_table()
     files = sorted(dataset.files)
     first = pq.read_schema(files[0], filesystem=s3) if files else None
+    key = sorted(
+        zip(
+            table.column("user_id").to_pylist(),
+            [t.strftime("%Y-%m-%d %H:%M:%S") for t in table.column("window_start").to_pylist()],
+            table.column(sum_column).to_pylist(),
+        )
+    )
     out["pyarrow"] = {
         "rows": table.num_rows,
+        "all": [list(r) for r in key],
         "sum": pc.sum(table.column(sum_column)).as_py(),
         "partitions": sorted({f"{d}/{h}" for d, h in zip(table.column("dt").to_pylist(), table.column("hour").to_pylist())}),
         "files": len(files),

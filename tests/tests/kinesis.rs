@@ -1,5 +1,6 @@
 //! Kinesis against a real Kinesis API server (kinesalite, started by `scripts/services.sh`):
-//! records put by the AWS SDK into a stream whose shard is split midway flow through a Sluice
+//! records put by the AWS SDK into a stream whose shard is split, then merged back, midway flow
+//! through a Sluice
 //! stream into a Kinesis sink; read back from the sink's stream, every record is there once,
 //! in order per key.
 
@@ -101,13 +102,41 @@ async fn records_cross_a_shard_split_and_a_kinesis_sink_once_and_in_key_order() 
         .expect("SplitShard");
     wait_active(&client, &input).await;
     put_shipments(&client, &input, 60..120).await;
+    // Then the two children merge back into one, and 60 more.
+    let listed = client
+        .list_shards()
+        .stream_name(&input)
+        .send()
+        .await
+        .unwrap();
+    let children: Vec<&str> = listed
+        .shards()
+        .iter()
+        .filter(|s| s.parent_shard_id() == Some(parent.shard_id()))
+        .map(|s| s.shard_id())
+        .collect();
+    assert_eq!(children.len(), 2);
+    client
+        .merge_shards()
+        .stream_name(&input)
+        .shard_to_merge(children[0])
+        .adjacent_shard_to_merge(children[1])
+        .send()
+        .await
+        .expect("MergeShards");
+    wait_active(&client, &input).await;
+    put_shipments(&client, &input, 120..180).await;
     let all_shards = client
         .list_shards()
         .stream_name(&input)
         .send()
         .await
         .unwrap();
-    assert_eq!(all_shards.shards().len(), 4, "two shards, one split in two");
+    assert_eq!(
+        all_shards.shards().len(),
+        5,
+        "two shards, one split in two, merged back"
+    );
 
     let lake = tempfile::tempdir().unwrap();
     let server = start_server(lake.path()).await;
@@ -128,12 +157,12 @@ async fn records_cross_a_shard_split_and_a_kinesis_sink_once_and_in_key_order() 
     .unwrap();
 
     wait_for("every shipment", Duration::from_secs(60), || async {
-        (scalar(&pg, "SELECT count(*) FROM all_shipments").await == 120).then_some(())
+        (scalar(&pg, "SELECT count(*) FROM all_shipments").await == 180).then_some(())
     })
     .await;
     assert_eq!(
         scalar(&pg, "SELECT count(DISTINCT seq) FROM all_shipments").await,
-        120
+        180
     );
     // The children of the split were read, as well as the parent.
     let shards_read = scalar(
@@ -141,7 +170,7 @@ async fn records_cross_a_shard_split_and_a_kinesis_sink_once_and_in_key_order() 
         "SELECT count(DISTINCT _kinesis_shard_id) FROM all_shipments",
     )
     .await;
-    assert!(shards_read >= 3, "records from {shards_read} shards");
+    assert!(shards_read >= 4, "records from {shards_read} shards");
 
     // Read the sink's stream back with the SDK: every shipment once, each key in order.
     let shard = client
@@ -167,7 +196,7 @@ async fn records_cross_a_shard_split_and_a_kinesis_sink_once_and_in_key_order() 
     let mut by_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     let mut seen = BTreeSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while seen.len() < 120 {
+    while seen.len() < 180 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "only {} records in the sink's stream",
