@@ -1,8 +1,7 @@
 //! Kinesis against a real Kinesis API server (kinesalite, started by `scripts/services.sh`):
-//! records put by the AWS SDK into a stream whose shard is split, then merged back, midway flow
-//! through a Sluice
-//! stream into a Kinesis sink; read back from the sink's stream, every record is there once,
-//! in order per key.
+//! records put by the AWS SDK into a stream whose shard is split, then merged back, midway
+//! flow through a Sluice stream into a Kinesis sink; read back from the sink's stream, every
+//! record is there once, in order per key.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
