@@ -11,7 +11,7 @@ use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
@@ -157,10 +157,18 @@ impl KafkaReader {
     fn consumer(
         &self,
         metrics: &Arc<sluice_engine::Metrics>,
-    ) -> sluice_engine::Result<StreamConsumer<LagReporter>> {
+    ) -> sluice_engine::Result<BaseConsumer<LagReporter>> {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.config.brokers)
-            .set("statistics.interval.ms", "1000")
+            // Statistics only where lag is reported: they cost per-message bookkeeping.
+            .set(
+                "statistics.interval.ms",
+                if self.role == ReaderRole::Archive {
+                    "1000"
+                } else {
+                    "0"
+                },
+            )
             // Partitions are assigned, not balanced by a group; the id is only required.
             .set("group.id", format!("sluice-{}", self.name))
             .set("enable.auto.commit", "false")
@@ -186,8 +194,8 @@ impl KafkaReader {
     /// Assigns every partition of the topic, at the start position; returns them.
     async fn assign(
         &self,
-        consumer: StreamConsumer<LagReporter>,
-    ) -> sluice_engine::Result<(StreamConsumer<LagReporter>, Vec<i32>)> {
+        consumer: BaseConsumer<LagReporter>,
+    ) -> sluice_engine::Result<(BaseConsumer<LagReporter>, Vec<i32>)> {
         let topic = self.config.topic.clone();
         let start = match self.config.start {
             StartPosition::Earliest => Offset::Beginning,
@@ -397,62 +405,117 @@ impl SourceReader for KafkaReader {
             clock.add(p);
         }
         let mut emitted = None;
-        let mut batch = Records::default();
-        // One timer for the whole loop (re-armed, never re-created per record): it cuts a
-        // batch after `linger`, and otherwise ticks every second so that quiet partitions
-        // are noticed.
-        const IDLE_TICK: Duration = Duration::from_secs(1);
-        let timer = tokio::time::sleep(IDLE_TICK);
-        tokio::pin!(timer);
-        // Likewise one cancellation future, not one per record.
-        let cancelled = ctx.cancel.cancelled();
-        tokio::pin!(cancelled);
+        // librdkafka is polled on a thread of its own, which hands over whole batches: no
+        // per-record wake-ups or timers on the async side.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let poller = Poller {
+            consumer,
+            batch_size: self.config.batch_size,
+            linger: self.config.linger,
+            wants_key: self.wants_key,
+            wants_headers: self.wants_headers,
+        };
+        let _polling = tokio::task::spawn_blocking(move || poller.run(tx));
+        // Ticks so that quiet partitions are noticed.
+        let mut idle_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 biased;
-                _ = &mut cancelled => return Ok(()),
-                m = consumer.recv() => {
-                    let m = m.map_err(|e| EngineError::external(format!("kafka source `{}`", self.name), e))?;
-                    let mut copy = |bytes: &[u8]| {
-                        let start = batch.values.len();
-                        batch.values.extend_from_slice(bytes);
-                        start..batch.values.len()
-                    };
-                    let value = m.payload().map(&mut copy);
-                    let key = if self.wants_key { m.key().map(&mut copy) } else { None };
-                    let first_header = batch.headers.len();
-                    if self.wants_headers && let Some(headers) = m.headers() {
-                        for h in headers.iter() {
-                            let value = h.value.map(&mut copy);
-                            batch.headers.push(HeaderAt { key: h.key.to_string(), value });
-                        }
+                _ = ctx.cancel.cancelled() => return Ok(()),
+                polled = rx.recv() => match polled {
+                    Some(Ok(batch)) => {
+                        self.flush(&ctx, &mut decoder, batch, &mut clock, &mut emitted).await?;
                     }
-                    batch.records.push(Record {
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        value,
-                        key,
-                        timestamp: m.timestamp().to_millis(),
-                        headers: first_header..batch.headers.len(),
-                    });
-                    if batch.len() == 1 {
-                        timer.as_mut().reset(tokio::time::Instant::now() + self.config.linger);
+                    Some(Err(e)) => {
+                        return Err(EngineError::external(format!("kafka source `{}`", self.name), e));
                     }
-                    if batch.len() >= self.config.batch_size {
-                        let full = std::mem::take(&mut batch);
-                        self.flush(&ctx, &mut decoder, full, &mut clock, &mut emitted).await?;
-                        timer.as_mut().reset(tokio::time::Instant::now() + IDLE_TICK);
-                    }
-                }
-                _ = &mut timer => {
-                    let due = std::mem::take(&mut batch);
-                    self.flush(&ctx, &mut decoder, due, &mut clock, &mut emitted).await?;
-                    // Quiet partitions may have become idle.
-                    self.advance_watermark(&ctx, &clock, &mut emitted).await;
-                    timer.as_mut().reset(tokio::time::Instant::now() + IDLE_TICK);
-                }
+                    None => return Err(EngineError::Internal("kafka polling thread ended".into())),
+                },
+                _ = idle_tick.tick() => self.advance_watermark(&ctx, &clock, &mut emitted).await,
             }
         }
+    }
+}
+
+/// Polls the consumer on a blocking thread; hands over a batch when it holds `batch_size`
+/// records or its first record is `linger` old.
+struct Poller {
+    consumer: BaseConsumer<LagReporter>,
+    batch_size: usize,
+    linger: Duration,
+    wants_key: bool,
+    wants_headers: bool,
+}
+
+impl Poller {
+    /// Runs until the receiving side goes away.
+    fn run(self, tx: tokio::sync::mpsc::Sender<Result<Records, rdkafka::error::KafkaError>>) {
+        const QUIET_POLL: Duration = Duration::from_millis(100);
+        let mut batch = Records::default();
+        let mut first_at = std::time::Instant::now();
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            let timeout = if batch.len() == 0 {
+                QUIET_POLL
+            } else {
+                self.linger.saturating_sub(first_at.elapsed())
+            };
+            match self.consumer.poll(timeout) {
+                Some(Ok(m)) => {
+                    if batch.len() == 0 {
+                        first_at = std::time::Instant::now();
+                    }
+                    self.append(&mut batch, &m);
+                }
+                Some(Err(e)) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+                None => {}
+            }
+            let due = batch.len() >= self.batch_size
+                || (batch.len() > 0 && first_at.elapsed() >= self.linger);
+            if due && tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Copies record `m` into `batch`.
+    fn append(&self, batch: &mut Records, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let mut copy = |bytes: &[u8]| {
+            let start = batch.values.len();
+            batch.values.extend_from_slice(bytes);
+            start..batch.values.len()
+        };
+        let value = m.payload().map(&mut copy);
+        let key = if self.wants_key {
+            m.key().map(&mut copy)
+        } else {
+            None
+        };
+        let first_header = batch.headers.len();
+        if self.wants_headers
+            && let Some(headers) = m.headers()
+        {
+            for h in headers.iter() {
+                let value = h.value.map(&mut copy);
+                batch.headers.push(HeaderAt {
+                    key: h.key.to_string(),
+                    value,
+                });
+            }
+        }
+        batch.records.push(Record {
+            partition: m.partition(),
+            offset: m.offset(),
+            value,
+            key,
+            timestamp: m.timestamp().to_millis(),
+            headers: first_header..batch.headers.len(),
+        });
     }
 }
 
