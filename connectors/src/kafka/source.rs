@@ -452,7 +452,9 @@ impl Poller {
     fn run(self, tx: tokio::sync::mpsc::Sender<Result<Records, rdkafka::error::KafkaError>>) {
         const QUIET_POLL: Duration = Duration::from_millis(100);
         let mut batch = Records::default();
-        let mut first_at = std::time::Instant::now();
+        // When the batch must go at the latest; the clock is read once per record.
+        let mut deadline = std::time::Instant::now();
+        let mut now = deadline;
         loop {
             if tx.is_closed() {
                 return;
@@ -460,12 +462,14 @@ impl Poller {
             let timeout = if batch.len() == 0 {
                 QUIET_POLL
             } else {
-                self.linger.saturating_sub(first_at.elapsed())
+                deadline.saturating_duration_since(now)
             };
-            match self.consumer.poll(timeout) {
+            let polled = self.consumer.poll(timeout);
+            now = std::time::Instant::now();
+            match polled {
                 Some(Ok(m)) => {
                     if batch.len() == 0 {
-                        first_at = std::time::Instant::now();
+                        deadline = now + self.linger;
                     }
                     self.append(&mut batch, &m);
                 }
@@ -475,8 +479,7 @@ impl Poller {
                 }
                 None => {}
             }
-            let due = batch.len() >= self.batch_size
-                || (batch.len() > 0 && first_at.elapsed() >= self.linger);
+            let due = batch.len() >= self.batch_size || (batch.len() > 0 && now >= deadline);
             if due && tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
                 return;
             }
