@@ -291,8 +291,15 @@ impl ShardReader {
                     let expired = e
                         .as_service_error()
                         .is_some_and(|s| s.is_expired_iterator_exception());
+                    // Throttling is the service's 5 reads/s per shard, shared by every reader
+                    // of the shard: always waited out, never a failure.
+                    let throttled = e
+                        .as_service_error()
+                        .is_some_and(|s| s.is_provisioned_throughput_exceeded_exception());
                     let text = aws_sdk_kinesis::error::DisplayErrorContext(&e).to_string();
-                    failures += 1;
+                    if !throttled {
+                        failures += 1;
+                    }
                     if failures > 10 {
                         return Err(text);
                     }

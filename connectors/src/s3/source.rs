@@ -582,7 +582,11 @@ impl SourceReader for LandingReader {
                                 tracing::warn!(source = %self.name, "s3 notification ignored: {e}")
                             }
                         }
-                        // Only once its objects are ingested and recorded.
+                        // Only once its objects are ingested and recorded (a stop halfway
+                        // leaves the message for later; the listing at start finds them too).
+                        if ctx.cancel.is_cancelled() {
+                            return Ok(());
+                        }
                         if let Some(handle) = message.receipt_handle()
                             && let Err(e) = sqs
                                 .delete_message()
