@@ -167,6 +167,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Measured> {
         metrics: Arc::default(),
         bad_records: bad_tx.clone(),
         cancel: cancel.clone(),
+        checkpoint: None,
         watermark: def.watermark.clone(),
     };
     let out = FanOut::new("per_auction");
@@ -185,6 +186,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Measured> {
         metrics: Arc::default(),
         bad_records: bad_tx,
         cancel: CancellationToken::new(),
+        checkpoints: vec![],
     };
     let lake_dir = tempfile::tempdir()?;
     let files = Arc::new(AtomicU64::new(0));

@@ -243,6 +243,7 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
         metrics: Arc::default(),
         bad_records: bad_tx.clone(),
         cancel: cancel.clone(),
+        checkpoint: None,
         watermark: def.watermark.clone(),
     };
     let counted = Arc::new(AtomicU64::new(0));
@@ -343,6 +344,7 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
             metrics: Arc::default(),
             bad_records: bad_tx.clone(),
             cancel: cancel.clone(),
+            checkpoints: vec![],
         };
         tokio::spawn(task.run());
         let sink: Box<dyn Sink> = if let Ok(window_end) = plan.output_schema.index_of("window_end")

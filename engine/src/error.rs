@@ -30,6 +30,10 @@ pub enum EngineError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A checkpoint cannot be read or does not fit what restores it (written by a newer
+    /// Sluice, or for a different query).
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     /// A broken invariant: this is a bug in Sluice.
     #[error("internal error (this is a bug in Sluice): {0}")]
     Internal(String),

@@ -15,6 +15,7 @@
 //!                     └──► other streams
 //! ```
 
+pub mod checkpoint;
 pub mod error;
 pub mod fanout;
 pub mod message;

@@ -2,7 +2,8 @@
 
 use arrow::record_batch::RecordBatch;
 
-use crate::error::Result;
+use crate::checkpoint::{KeyFilter, OperatorState};
+use crate::error::{EngineError, Result};
 use crate::message::{BadRecord, Barrier, Message};
 use crate::time::EventTime;
 
@@ -114,6 +115,31 @@ pub trait Operator: Send {
     fn on_close(&mut self, _out: &mut Collector) -> Result<()> {
         Ok(())
     }
+
+    /// Whether the operator can take part in checkpoints ([`Operator::snapshot`] and
+    /// [`Operator::restore`] cover all its state). Stateless operators can.
+    fn checkpointable(&self) -> bool {
+        true
+    }
+
+    /// A copy of the operator's state, taken when a checkpoint barrier passes it (the
+    /// operator keeps running on its own). `None`: it has no state.
+    fn snapshot(&mut self) -> Result<Option<OperatorState>> {
+        Ok(None)
+    }
+
+    /// Restores the state of a checkpoint: `parts` are the snapshots of every subtask that
+    /// ran the operator then (several when the parallelism was another); the operator takes
+    /// the keys `keep` says are its own. Called before any message.
+    fn restore(&mut self, parts: Vec<OperatorState>, _keep: &KeyFilter) -> Result<()> {
+        if parts.is_empty() {
+            return Ok(());
+        }
+        Err(EngineError::Checkpoint(format!(
+            "operator `{}` has no state to restore, but the checkpoint holds some",
+            self.name()
+        )))
+    }
 }
 
 /// Several operators run back to back in one task, as Flink chains operators: the output of
@@ -145,6 +171,50 @@ impl OperatorChain {
     /// The names of the operators, first to last.
     pub fn names(&self) -> Vec<&str> {
         self.operators.iter().map(|o| o.name()).collect()
+    }
+
+    /// Whether every operator can take part in checkpoints.
+    pub fn checkpointable(&self) -> bool {
+        self.operators.iter().all(|o| o.checkpointable())
+    }
+
+    /// A copy of every operator's state, first to last.
+    pub fn snapshot(&mut self) -> Result<Vec<Option<OperatorState>>> {
+        self.operators
+            .iter_mut()
+            .map(|o| {
+                let mut s = o.snapshot()?;
+                if let Some(s) = &mut s {
+                    s.operator = o.name().to_string();
+                }
+                Ok(s)
+            })
+            .collect()
+    }
+
+    /// Restores every operator: `parts[i]` holds the snapshots of operator `i` from every
+    /// subtask of the checkpoint.
+    pub fn restore(&mut self, parts: Vec<Vec<OperatorState>>, keep: &KeyFilter) -> Result<()> {
+        if parts.len() > self.operators.len()
+            && parts[self.operators.len()..].iter().any(|p| !p.is_empty())
+        {
+            return Err(EngineError::Checkpoint(format!(
+                "the checkpoint holds state for {} operators, the stream has {}",
+                parts.len(),
+                self.operators.len()
+            )));
+        }
+        for (op, parts) in self.operators.iter_mut().zip(parts) {
+            if let Some(p) = parts.iter().find(|p| p.operator != op.name()) {
+                return Err(EngineError::Checkpoint(format!(
+                    "the checkpoint holds state of a `{}` where the stream has a `{}`",
+                    p.operator,
+                    op.name()
+                )));
+            }
+            op.restore(parts, keep)?;
+        }
+        Ok(())
     }
 
     /// Runs one input message through every operator; what the last one emits lands in

@@ -21,7 +21,6 @@
 //!
 //! A key's rows all go to one subtask, in order, so per-key order is kept end to end.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -33,6 +32,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::DEFAULT_CHANNEL_CAPACITY;
+use crate::checkpoint::{CheckpointHandle, Payload};
 use crate::error::{EngineError, Result};
 use crate::fanout::{FanOut, Subscription};
 use crate::message::{BadRecord, Message};
@@ -79,6 +79,10 @@ pub struct StreamTask {
     pub bad_records: mpsc::Sender<Vec<BadRecord>>,
     /// Cancelled when the stream is dropped or the server shuts down.
     pub cancel: CancellationToken,
+    /// Checkpoints: one handle per `post` chain, through which its state is reported when a
+    /// barrier passes (and once more when the input ends). Empty: the stream does not
+    /// checkpoint, and barriers just pass through.
+    pub checkpoints: Vec<CheckpointHandle>,
 }
 
 /// Hands a stream's results and rejected rows on, counting them.
@@ -151,6 +155,10 @@ struct Merge {
     delivery: Delivery,
     stage: Stage,
     cancel: CancellationToken,
+    /// The inline chain's checkpoint handle.
+    checkpoint: Option<CheckpointHandle>,
+    /// Barriers of earlier epochs are not this stream's (see [`CheckpointHandle::first_epoch`]).
+    first_epoch: u64,
 }
 
 impl StreamTask {
@@ -168,7 +176,9 @@ impl StreamTask {
             metrics,
             bad_records,
             cancel,
+            checkpoints,
         } = self;
+        let first_epoch = checkpoints.first().map_or(0, |h| h.first_epoch());
         let delivery = Delivery {
             output: output.clone(),
             metrics,
@@ -182,7 +192,7 @@ impl StreamTask {
                     .map(|_| mpsc::channel(DEFAULT_CHANNEL_CAPACITY))
                     .unzip();
                 let mut inputs = vec![];
-                for (chain, merged) in post.into_iter().zip(merged_tx) {
+                for (k, (chain, merged)) in post.into_iter().zip(merged_tx).enumerate() {
                     let (tx, rx) = mpsc::channel(DEFAULT_CHANNEL_CAPACITY);
                     inputs.push(tx);
                     workers.push(tokio::spawn(run_subtask(
@@ -190,6 +200,8 @@ impl StreamTask {
                         rx,
                         merged,
                         delivery.clone(),
+                        checkpoints.get(k).cloned(),
+                        cancel.clone(),
                     )));
                 }
                 workers.push(tokio::spawn(merge_subtasks(merged_rx, delivery.clone())));
@@ -203,6 +215,8 @@ impl StreamTask {
             delivery,
             stage,
             cancel,
+            checkpoint: checkpoints.first().cloned(),
+            first_epoch,
         };
         let result = merge.run().await;
         // Closing the subtasks' inputs ends them (after `End`, or at once when cancelled).
@@ -227,17 +241,45 @@ impl StreamTask {
     }
 }
 
+/// Runs `msg` through `chain`; when it is a barrier (or the end of the input) and the
+/// stream checkpoints, reports the chain's state for it.
+fn process_and_snapshot(
+    chain: &mut OperatorChain,
+    msg: Message,
+    out: &mut Collector,
+    checkpoint: Option<&CheckpointHandle>,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let report = match (&msg, checkpoint) {
+        (Message::Barrier(b), Some(h)) => Some((Some(b.epoch), h)),
+        // Only a real end of input is final; a stop (cancel) leaves the last checkpoint be.
+        (Message::End, Some(h)) if !cancel.is_cancelled() => Some((None, h)),
+        _ => None,
+    };
+    chain.process(msg, out)?;
+    if let Some((epoch, h)) = report {
+        let state = Payload::State(chain.snapshot()?);
+        match epoch {
+            Some(e) => h.report(e, state),
+            None => h.finish(state),
+        }
+    }
+    Ok(())
+}
+
 /// One parallel subtask: its post chain over the rows routed to it.
 async fn run_subtask(
     mut chain: OperatorChain,
     mut input: mpsc::Receiver<Message>,
     merged: mpsc::Sender<Message>,
     delivery: Delivery,
+    checkpoint: Option<CheckpointHandle>,
+    cancel: CancellationToken,
 ) -> Result<()> {
     while let Some(msg) = input.recv().await {
         let end = matches!(msg, Message::End);
         let mut out = Collector::default();
-        chain.process(msg, &mut out)?;
+        process_and_snapshot(&mut chain, msg, &mut out, checkpoint.as_ref(), &cancel)?;
         delivery.rejected(&mut out).await;
         for m in out.take_messages() {
             if merged.send(m).await.is_err() {
@@ -261,13 +303,16 @@ async fn merge_subtasks(
     let mut watermarks = vec![EventTime::MIN; n];
     let mut ended = vec![false; n];
     let mut emitted = EventTime::MIN;
-    let mut barriers: BTreeMap<u64, usize> = BTreeMap::new();
+    // Subtasks that delivered the barrier being aligned wait for the others: what they send
+    // next belongs to the next epoch.
+    let mut blocked = vec![false; n];
+    let mut pending_barrier = None;
     let mut next = 0usize;
     loop {
         let received = std::future::poll_fn(|cx| {
             for k in 0..n {
                 let i = (next + k) % n;
-                if ended[i] {
+                if ended[i] || blocked[i] {
                     continue;
                 }
                 if let Poll::Ready(m) = inputs[i].poll_recv(cx) {
@@ -295,10 +340,11 @@ async fn merge_subtasks(
                 }
             }
             Message::Barrier(b) => {
-                let seen = barriers.entry(b.epoch).or_default();
-                *seen += 1;
-                if *seen >= ended.iter().filter(|e| !**e).count() {
-                    barriers.remove(&b.epoch);
+                blocked[i] = true;
+                pending_barrier = Some(b);
+                if aligned(&blocked, &ended) {
+                    blocked.iter_mut().for_each(|b| *b = false);
+                    pending_barrier = None;
                     delivery.deliver(Message::Barrier(b)).await;
                 }
             }
@@ -309,9 +355,22 @@ async fn merge_subtasks(
                 {
                     delivery.deliver(Message::Watermark(wm)).await;
                 }
+                // A barrier the ended subtask will never deliver is aligned without it.
+                if blocked.iter().any(|b| *b) && aligned(&blocked, &ended) {
+                    blocked.iter_mut().for_each(|b| *b = false);
+                    // Every subtask delivers the same barriers: its epoch is the pending one.
+                    if let Some(e) = pending_barrier.take() {
+                        delivery.deliver(Message::Barrier(e)).await;
+                    }
+                }
             }
         }
     }
+}
+
+/// Whether every input that has not ended delivered the barrier being aligned.
+fn aligned(blocked: &[bool], ended: &[bool]) -> bool {
+    blocked.iter().zip(ended).all(|(b, e)| *b || *e)
 }
 
 impl Merge {
@@ -320,7 +379,10 @@ impl Merge {
         let mut watermarks = vec![EventTime::MIN; n];
         let mut ended = vec![false; n];
         let mut emitted_wm = EventTime::MIN;
-        let mut barriers: BTreeMap<u64, usize> = BTreeMap::new();
+        // Aligned checkpoints: a branch that delivered the barrier being aligned is not read
+        // until every live branch has (what it sends next belongs to the next epoch).
+        let mut blocked = vec![false; n];
+        let mut pending_barrier = None;
         let mut next_poll = 0usize;
         let cancel = self.cancel.clone();
         // Idle inputs: excluded from the watermark while they deliver nothing.
@@ -337,7 +399,9 @@ impl Merge {
             tokio::time::interval(check_every.unwrap_or(Duration::from_secs(3600)));
         idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let skip = excluded(&ended, &blocked);
             let received = tokio::select! {
+                biased;
                 _ = cancel.cancelled() => return Ok(()),
                 _ = idle_check.tick(), if check_every.is_some() => {
                     let now = Instant::now();
@@ -362,7 +426,7 @@ impl Merge {
                     }
                     continue;
                 }
-                r = next_message(&mut self.branches, &ended, &mut next_poll) => r,
+                r = next_message(&mut self.branches, &ended, &skip, &mut next_poll) => r,
             };
             let Some((i, msg)) = received else {
                 return self.post_and_deliver(Message::End).await; // every branch ended
@@ -394,13 +458,16 @@ impl Merge {
                         }
                     }
                     Message::Barrier(b) => {
-                        // Forward a barrier once every live branch has delivered it.
-                        // (Aligned checkpoints, which also hold back the faster inputs,
-                        // come with the checkpoint coordinator.)
-                        let seen = barriers.entry(b.epoch).or_default();
-                        *seen += 1;
-                        if *seen >= ended.iter().filter(|e| !**e).count() {
-                            barriers.remove(&b.epoch);
+                        // A stream that does not checkpoint, or a barrier of an epoch from
+                        // before this stream existed (from an input stream): not ours.
+                        if self.checkpoint.is_none() || b.epoch < self.first_epoch {
+                            continue;
+                        }
+                        blocked[i] = true;
+                        pending_barrier = Some(b);
+                        if aligned(&blocked, &ended) {
+                            blocked.iter_mut().for_each(|b| *b = false);
+                            pending_barrier = None;
                             self.post_and_deliver(Message::Barrier(b)).await?;
                         }
                     }
@@ -413,6 +480,15 @@ impl Merge {
                             &mut emitted_wm,
                         ) {
                             self.post_and_deliver(Message::Watermark(wm)).await?;
+                        }
+                        // The ended branch will not deliver the barrier being aligned.
+                        if let Some(b) = pending_barrier
+                            && aligned(&blocked, &ended)
+                            && !ended.iter().all(|e| *e)
+                        {
+                            blocked.iter_mut().for_each(|b| *b = false);
+                            pending_barrier = None;
+                            self.post_and_deliver(Message::Barrier(b)).await?;
                         }
                     }
                 }
@@ -441,7 +517,7 @@ impl Merge {
         match &mut self.stage {
             Stage::Inline(chain) => {
                 let mut out = Collector::default();
-                chain.process(msg, &mut out)?;
+                process_and_snapshot(chain, msg, &mut out, self.checkpoint.as_ref(), &self.cancel)?;
                 self.delivery.rejected(&mut out).await;
                 for m in out.take_messages() {
                     self.delivery.deliver(m).await;
@@ -509,6 +585,7 @@ fn advance_watermark(
 async fn next_message(
     branches: &mut [Branch],
     ended: &[bool],
+    skip: &[bool],
     next_poll: &mut usize,
 ) -> Option<(usize, Option<Message>)> {
     let n = branches.len();
@@ -518,7 +595,7 @@ async fn next_message(
     std::future::poll_fn(|cx| {
         for k in 0..n {
             let i = (*next_poll + k) % n;
-            if ended[i] {
+            if skip[i] {
                 continue;
             }
             if let Poll::Ready(m) = branches[i].input.poll_recv(cx) {
@@ -572,6 +649,7 @@ mod tests {
             metrics: Arc::default(),
             bad_records: bad_tx,
             cancel: CancellationToken::new(),
+            checkpoints: vec![],
         };
         let mut rx = out.subscribe(64);
         let handle = tokio::spawn(task.run());
@@ -627,6 +705,7 @@ mod tests {
             metrics: Arc::default(),
             bad_records: bad_tx,
             cancel: CancellationToken::new(),
+            checkpoints: vec![],
         };
         let mut rx = out.subscribe(256);
         let handle = tokio::spawn(task.run());
@@ -701,6 +780,7 @@ mod tests {
             metrics: Arc::default(),
             bad_records: bad_tx,
             cancel: CancellationToken::new(),
+            checkpoints: vec![],
         };
         let mut rx = out.subscribe(64);
         let handle = tokio::spawn(task.run());

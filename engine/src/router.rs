@@ -41,6 +41,17 @@ impl HashRouter {
         self.n
     }
 
+    /// The subtask of each row of `keys`, the key expressions already evaluated (as a
+    /// stateful operator keeps them in its state).
+    pub fn route_keys(&self, keys: &[ArrayRef], rows: usize) -> Result<Vec<usize>> {
+        let mut hashes = vec![0u64; rows];
+        create_hashes(keys, &self.state, &mut hashes)?;
+        Ok(hashes
+            .iter()
+            .map(|h| (*h % self.n as u64) as usize)
+            .collect())
+    }
+
     /// Splits `batch`: element `i` holds the rows for subtask `i`, in their input order
     /// (`None` when it gets none).
     pub fn split(&self, batch: &RecordBatch) -> Result<Vec<Option<RecordBatch>>> {
@@ -50,11 +61,9 @@ impl HashRouter {
             .iter()
             .map(|e| e.evaluate(batch).and_then(|v| v.into_array(rows)))
             .collect::<datafusion::error::Result<_>>()?;
-        let mut hashes = vec![0u64; rows];
-        create_hashes(&keys, &self.state, &mut hashes)?;
         let mut indices: Vec<Vec<u32>> = vec![Vec::new(); self.n];
-        for (i, h) in hashes.iter().enumerate() {
-            indices[(*h % self.n as u64) as usize].push(i as u32);
+        for (i, s) in self.route_keys(&keys, rows)?.into_iter().enumerate() {
+            indices[s].push(i as u32);
         }
         indices
             .into_iter()

@@ -28,6 +28,9 @@ pub struct SourceContext {
     pub cancel: CancellationToken,
     /// Event-time tracking for the declared `WATERMARK FOR` column, if any.
     pub watermark: Option<WatermarkSpec>,
+    /// The reader's part in checkpoints, when the stream reading it checkpoints (only
+    /// readers whose [`SourceReader::checkpointable`] is true get one).
+    pub checkpoint: Option<crate::checkpoint::ReaderCheckpoint>,
 }
 
 /// A declared `WATERMARK FOR column AS column - INTERVAL 'delay'`.
@@ -51,7 +54,25 @@ pub struct WatermarkSpec {
 #[async_trait]
 pub trait SourceReader: Send {
     /// Reads until the input ends or the context is cancelled.
+    ///
+    /// With [`SourceContext::checkpoint`], the reader checks between batches whether a
+    /// barrier is due ([`crate::checkpoint::ReaderCheckpoint::due`], or `requested` while
+    /// waiting for input) and then sends it with its position; when its input is exhausted
+    /// it reports its final position.
     async fn run(self: Box<Self>, ctx: SourceContext) -> Result<()>;
+
+    /// Whether the reader can report positions and resume from them.
+    fn checkpointable(&self) -> bool {
+        false
+    }
+
+    /// Resumes after `position` (what it reported at a checkpoint), instead of at its start
+    /// option. Called before [`SourceReader::run`].
+    fn restore(&mut self, position: &serde_json::Value) -> Result<()> {
+        Err(EngineError::Checkpoint(format!(
+            "this reader cannot resume from position {position}"
+        )))
+    }
 }
 
 /// Tracks the largest event time a source split has seen and derives its watermark

@@ -22,6 +22,7 @@ use std::time::Duration;
 use sluice_connectors::http::HttpIngest;
 use sluice_connectors::lake::{Lake, ParquetLakeWriter, RecordZone, Zone, run_errors_writer};
 use sluice_connectors::{SinkConfig, SourceConfig};
+use sluice_engine::checkpoint::{Coordinator, KeyFilter, StreamRegistration};
 use sluice_engine::pipeline::{Branch, StreamTask};
 use sluice_engine::sink::run_sink;
 use sluice_engine::{
@@ -106,6 +107,8 @@ pub struct RunningStream {
     pub status: SharedStatus,
     /// Stops it.
     pub cancel: CancellationToken,
+    /// It takes part in checkpoints.
+    pub checkpointed: bool,
     done: Option<JoinHandle<()>>,
 }
 
@@ -135,6 +138,7 @@ pub fn start_source(
                 bad_records: errors_channel(lake, &def.name),
                 cancel: cancel.clone(),
                 watermark: def.watermark.clone(),
+                checkpoint: None,
             };
             let ingest = HttpIngest::new(
                 def.name.clone(),
@@ -157,6 +161,7 @@ pub fn start_source(
             bad_records: errors_channel(lake, &def.name),
             cancel: cancel.clone(),
             watermark: def.watermark.clone(),
+            checkpoint: None,
         };
         let status = Arc::clone(&status);
         let name = def.name.clone();
@@ -186,6 +191,9 @@ pub enum Input {
         hub: FanOut,
         /// The source's `idle_timeout`.
         idle_timeout: Option<Duration>,
+        /// A stream that checkpoints: its barriers come through the hub, and after a
+        /// restart it replays what followed the last checkpoint.
+        checkpointed: bool,
     },
     /// A pull source: the stream starts its own reader.
     Reader {
@@ -228,6 +236,7 @@ impl PendingReader {
             bad_records: errors_channel(lake, &def.name),
             cancel: cancel.clone(),
             watermark: def.watermark.clone(),
+            checkpoint: None,
         };
         Ok(Self {
             output,
@@ -250,14 +259,27 @@ impl PendingReader {
     }
 }
 
+/// How often a stream checkpoints: its `checkpoint_interval`, else the server's default but
+/// at least as often as its files roll (they become visible at checkpoints). `None`: off.
+fn checkpoint_interval(plan: &StreamPlan, default: Duration) -> Option<Duration> {
+    match plan.checkpoint_interval {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None => Some(default.min(plan.writer.rollover_interval)),
+    }
+}
+
 /// Starts a stream's tasks. `input` resolves a source or stream name to what the stream
-/// reads from it.
-pub fn start_stream(
+/// reads from it. With a `coordinator`, a stream whose every input can replay from a
+/// checkpoint (readers that keep positions, streams that checkpoint) and whose operators can
+/// snapshot their state takes part in checkpoints, resuming from the last one.
+pub async fn start_stream(
     lake: &Lake,
     create: CreateStream,
     plan: StreamPlan,
     input: impl Fn(&str) -> Option<Input>,
     parent: &CancellationToken,
+    coordinator: Option<&Coordinator>,
 ) -> Result<RunningStream> {
     let name = plan.name.clone();
     let origin = format!("stream {name}");
@@ -266,9 +288,15 @@ pub fn start_stream(
     // One reader per pull source, shared by the branches that read it (a self-union, or the
     // k copies of a HOP window), started once every branch has subscribed.
     let mut pending: std::collections::BTreeMap<String, PendingReader> = Default::default();
+    let mut replayable = true;
     for b in &plan.branches {
         let (subscription, idle_timeout) = match input(&b.input) {
-            Some(Input::Hub { hub, idle_timeout }) => {
+            Some(Input::Hub {
+                hub,
+                idle_timeout,
+                checkpointed,
+            }) => {
+                replayable &= checkpointed;
                 (hub.subscribe(DEFAULT_CHANNEL_CAPACITY), idle_timeout)
             }
             Some(Input::Reader { def, metrics }) => {
@@ -299,6 +327,52 @@ pub fn start_stream(
             idle_timeout,
         });
     }
+    let parallelism = plan.parallelism.max(1);
+    let mut post = (0..parallelism)
+        .map(|_| instantiate(&plan.post, &origin))
+        .collect::<Result<Vec<_>>>()?;
+    let router =
+        (plan.parallelism > 1).then(|| HashRouter::new(plan.partition_keys.clone(), parallelism));
+    replayable &= pending.values().all(|r| r.reader.checkpointable())
+        && post.iter().all(OperatorChain::checkpointable)
+        && branches.iter().all(|b| b.chain.checkpointable());
+    let interval = coordinator
+        .and_then(|c| checkpoint_interval(&plan, c.default_interval()))
+        .filter(|_| replayable);
+    let mut checkpoints = match (coordinator, interval) {
+        (Some(c), Some(interval)) => Some(
+            c.register(StreamRegistration {
+                name: name.clone(),
+                sql: create.to_string(),
+                readers: pending.keys().cloned().collect(),
+                parallelism,
+                interval,
+            })
+            .await?,
+        ),
+        _ => None,
+    };
+    if let Some(restored) = checkpoints.as_mut().and_then(|c| c.restored.take()) {
+        tracing::info!(stream = %name, epoch = restored.epoch, from_parallelism = restored.parallelism, parallelism, "resuming from checkpoint");
+        for (source, reader) in pending.iter_mut() {
+            if let Some(position) = restored.positions.get(source) {
+                reader.reader.restore(position)?;
+            }
+        }
+        for (k, chain) in post.iter_mut().enumerate() {
+            let keep = match &router {
+                Some(r) => KeyFilter::subtask(r.clone(), k),
+                None => KeyFilter::all(),
+            };
+            chain.restore(restored.operators.clone(), &keep)?;
+        }
+    }
+    if let Some(c) = checkpoints.as_mut() {
+        for (source, reader) in pending.iter_mut() {
+            reader.ctx.checkpoint = c.readers.remove(source);
+        }
+    }
+    let checkpointed = checkpoints.is_some();
     let readers: Vec<_> = pending.into_values().map(PendingReader::start).collect();
     let fanout = FanOut::new(name.as_str());
     let metrics: Arc<Metrics> = Arc::default();
@@ -309,7 +383,7 @@ pub fn start_stream(
         .as_ref()
         .and_then(|c| plan.output_schema.index_of(c).ok());
     let sink_input = fanout.subscribe(DEFAULT_CHANNEL_CAPACITY);
-    let writer = ParquetLakeWriter::new(
+    let mut writer = ParquetLakeWriter::new(
         lake.clone(),
         name.clone(),
         &plan.output_schema,
@@ -317,24 +391,28 @@ pub fn start_stream(
         plan.writer.clone(),
         Arc::clone(&files_written),
     );
+    let mut subtask_checkpoints = vec![];
+    if let Some(c) = checkpoints {
+        writer = writer.with_checkpoints(c.writer, cancel.clone());
+        subtask_checkpoints = c.subtasks;
+    }
     let task = StreamTask {
         name: name.clone(),
         branches,
         output: fanout.clone(),
         output_schema: Arc::clone(&plan.merge_schema),
-        post: (0..plan.parallelism.max(1))
-            .map(|_| instantiate(&plan.post, &origin))
-            .collect::<Result<_>>()?,
-        router: (plan.parallelism > 1)
-            .then(|| HashRouter::new(plan.partition_keys.clone(), plan.parallelism)),
+        post,
+        router,
         event_time_column,
         metrics: Arc::clone(&metrics),
         bad_records: errors_channel(lake, &name),
         cancel: cancel.clone(),
+        checkpoints: subtask_checkpoints,
     };
     let done = {
         let status = Arc::clone(&status);
         let cancel = cancel.clone();
+        let coordinator = coordinator.filter(|_| checkpointed).cloned();
         tokio::spawn(async move {
             let task = tokio::spawn(task.run());
             let sink = tokio::spawn(run_sink(sink_input, Box::new(writer)));
@@ -353,14 +431,16 @@ pub fn start_stream(
                     final_status = reader_status;
                 }
             }
-            set(
-                &status,
-                if sink_status != Status::Finished {
-                    sink_status
-                } else {
-                    final_status
-                },
-            );
+            let final_status = if sink_status != Status::Finished {
+                sink_status
+            } else {
+                final_status
+            };
+            if let (Some(c), Status::Failed(_)) = (&coordinator, &final_status) {
+                // Its last checkpoint stays: a restart resumes it from there.
+                c.deregister(&name, true);
+            }
+            set(&status, final_status);
         })
     };
     Ok(RunningStream {
@@ -371,6 +451,7 @@ pub fn start_stream(
         files_written,
         status,
         cancel,
+        checkpointed,
         done: Some(done),
     })
 }
@@ -424,6 +505,7 @@ impl RunningSource {
             true => Input::Hub {
                 hub: self.fanout.clone(),
                 idle_timeout: self.def.watermark.as_ref().and_then(|w| w.idle_timeout),
+                checkpointed: false,
             },
             false => Input::Reader {
                 def: Box::new(self.def.clone()),

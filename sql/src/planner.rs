@@ -269,6 +269,9 @@ pub struct StreamPlan {
     pub inputs: BTreeSet<String>,
     /// How its lake files roll.
     pub writer: LakeWriterConfig,
+    /// The `checkpoint_interval` option: `Some(0)` turns checkpoints off for the stream;
+    /// `None`: the server's default, but at least as often as files roll.
+    pub checkpoint_interval: Option<std::time::Duration>,
 }
 
 impl StreamPlan {
@@ -341,6 +344,7 @@ pub async fn plan_stream(
         }
         writer.rollover_interval = d;
     }
+    let checkpoint_interval = opts.take_duration("checkpoint_interval")?;
     if let Some(b) = opts.take_bytes("target_file_size")? {
         if b < 1024 {
             return Err(opts
@@ -491,6 +495,7 @@ pub async fn plan_stream(
         event_time_column,
         inputs,
         writer,
+        checkpoint_interval,
     })
 }
 

@@ -203,7 +203,29 @@ fn text_pool(rng: &mut SplitMix64, n: usize, len: usize) -> ArrayRef {
 
 #[async_trait]
 impl SourceReader for DatagenReader {
-    async fn run(mut self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
+    fn checkpointable(&self) -> bool {
+        true
+    }
+
+    /// Position: `{"rows": n}`, the rows generated so far; resuming generates them again
+    /// (the same seed gives the same rows) and drops them.
+    fn restore(&mut self, position: &serde_json::Value) -> sluice_engine::Result<()> {
+        let rows = position
+            .get("rows")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| {
+                sluice_engine::EngineError::Checkpoint(format!(
+                    "datagen position {position} has no `rows`"
+                ))
+            })?;
+        while self.generated < rows {
+            let n = (rows - self.generated).min(1 << 16) as usize;
+            self.next_batch(n)?;
+        }
+        Ok(())
+    }
+
+    async fn run(mut self: Box<Self>, mut ctx: SourceContext) -> sluice_engine::Result<()> {
         let mut tracker = match &ctx.watermark {
             Some(spec) => Some(WatermarkTracker::try_new(spec, &self.schema)?),
             None => None,
@@ -212,8 +234,19 @@ impl SourceReader for DatagenReader {
         let mut paced_since = Instant::now();
         let mut paced_rows: u64 = 0;
         loop {
+            if let Some(ck) = &mut ctx.checkpoint
+                && let Some(epoch) = ck.due()
+            {
+                let position = serde_json::json!({ "rows": self.generated });
+                ck.barrier(&ctx.output, epoch, position).await;
+            }
             let remaining = match self.config.max_rows {
-                Some(max) if self.generated >= max => return Ok(()),
+                Some(max) if self.generated >= max => {
+                    if let Some(ck) = &ctx.checkpoint {
+                        ck.finish(serde_json::json!({ "rows": self.generated }));
+                    }
+                    return Ok(());
+                }
                 Some(max) => max - self.generated,
                 None => u64::MAX,
             };

@@ -120,6 +120,8 @@ pub struct KafkaReader {
     wants_key: bool,
     /// The source declares `_kafka_headers`: headers are copied out too.
     wants_headers: bool,
+    /// Where to resume, per partition (the next offset to read), from a checkpoint.
+    resume: BTreeMap<i32, i64>,
 }
 
 impl KafkaReader {
@@ -133,6 +135,7 @@ impl KafkaReader {
             schema,
             role: ReaderRole::Stream,
             raw: None,
+            resume: BTreeMap::new(),
         }
     }
 
@@ -151,6 +154,7 @@ impl KafkaReader {
             schema,
             role: ReaderRole::Archive,
             raw,
+            resume: BTreeMap::new(),
         }
     }
 
@@ -202,6 +206,7 @@ impl KafkaReader {
             StartPosition::Latest => Offset::End,
         };
         let name = self.name.clone();
+        let resume = self.resume.clone();
         tokio::task::spawn_blocking(move || {
             let context = || format!("kafka source `{name}`: topic `{topic}`");
             let metadata = consumer
@@ -221,7 +226,8 @@ impl KafkaReader {
             }
             let mut tpl = TopicPartitionList::new();
             for p in &partitions {
-                tpl.add_partition_offset(&topic, *p, start)
+                let at = resume.get(p).map_or(start, |o| Offset::Offset(*o));
+                tpl.add_partition_offset(&topic, *p, at)
                     .map_err(|e| EngineError::external(context(), e))?;
             }
             consumer
@@ -242,11 +248,15 @@ impl KafkaReader {
         batch: Records,
         clock: &mut SplitClock<i32>,
         emitted: &mut Option<i64>,
+        next_offsets: &mut BTreeMap<i32, i64>,
     ) -> sluice_engine::Result<()> {
         if batch.len() == 0 {
             return Ok(());
         }
         let records = &batch.records;
+        for r in records {
+            next_offsets.insert(r.partition, r.offset + 1);
+        }
         let topic = &self.config.topic;
         let origin = |r: &Record| {
             format!(
@@ -395,7 +405,33 @@ impl KafkaReader {
 
 #[async_trait]
 impl SourceReader for KafkaReader {
-    async fn run(self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
+    fn checkpointable(&self) -> bool {
+        self.role == ReaderRole::Stream
+    }
+
+    /// Position: `{"offsets": {"<partition>": <next offset>}}`. Partitions it does not
+    /// name (added since) start at the `start` option.
+    fn restore(&mut self, position: &serde_json::Value) -> sluice_engine::Result<()> {
+        let bad = || {
+            EngineError::Checkpoint(format!(
+                "kafka source `{}`: position {position} is not {{\"offsets\": {{partition: offset}}}}",
+                self.name
+            ))
+        };
+        let offsets = position
+            .get("offsets")
+            .and_then(|o| o.as_object())
+            .ok_or_else(bad)?;
+        for (p, o) in offsets {
+            let p: i32 = p.parse().map_err(|_| bad())?;
+            self.resume.insert(p, o.as_i64().ok_or_else(bad)?);
+        }
+        Ok(())
+    }
+
+    async fn run(self: Box<Self>, mut ctx: SourceContext) -> sluice_engine::Result<()> {
+        let mut checkpoint = ctx.checkpoint.take();
+        let mut next_offsets = self.resume.clone();
         let (consumer, partitions) = self.assign(self.consumer(&ctx.metrics)?).await?;
         let mut decoder = Decoder::new(&self.config.format, self.value_schema())?;
         // Every partition holds the watermark back until it delivers (or, with the source's
@@ -424,16 +460,34 @@ impl SourceReader for KafkaReader {
                 _ = ctx.cancel.cancelled() => return Ok(()),
                 polled = rx.recv() => match polled {
                     Some(Ok(batch)) => {
-                        self.flush(&ctx, &mut decoder, batch, &mut clock, &mut emitted).await?;
+                        self.flush(&ctx, &mut decoder, batch, &mut clock, &mut emitted, &mut next_offsets).await?;
                     }
                     Some(Err(e)) => {
                         return Err(EngineError::external(format!("kafka source `{}`", self.name), e));
                     }
                     None => return Err(EngineError::Internal("kafka polling thread ended".into())),
                 },
+                epoch = barrier_due(&mut checkpoint) => {
+                    let offsets: serde_json::Map<String, serde_json::Value> = next_offsets
+                        .iter()
+                        .map(|(p, o)| (p.to_string(), (*o).into()))
+                        .collect();
+                    let position = serde_json::json!({ "offsets": offsets });
+                    if let Some(ck) = &mut checkpoint {
+                        ck.barrier(&ctx.output, epoch, position).await;
+                    }
+                }
                 _ = idle_tick.tick() => self.advance_watermark(&ctx, &clock, &mut emitted).await,
             }
         }
+    }
+}
+
+/// The epoch of the barrier a checkpointing reader owes; never, without checkpoints.
+async fn barrier_due(checkpoint: &mut Option<sluice_engine::checkpoint::ReaderCheckpoint>) -> u64 {
+    match checkpoint {
+        Some(ck) => ck.requested().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -167,6 +167,89 @@ impl Lake {
     }
 }
 
+/// Lake paths relative to its root (as checkpoints record them).
+impl Lake {
+    /// The absolute store path of `relative` (a `/`-separated path under the root).
+    pub fn absolute(&self, relative: &str) -> sluice_engine::Result<Path> {
+        let full = if self.root.as_ref().is_empty() {
+            relative.to_string()
+        } else {
+            format!("{}/{relative}", self.root)
+        };
+        Path::parse(full).map_err(|e| sluice_engine::EngineError::external("lake path", e))
+    }
+
+    /// `path` relative to the root.
+    pub fn relative(&self, path: &Path) -> String {
+        let root = self.root.as_ref();
+        let p = path.as_ref();
+        if root.is_empty() {
+            return p.to_string();
+        }
+        p.strip_prefix(root)
+            .map(|r| r.trim_start_matches('/'))
+            .unwrap_or(p)
+            .to_string()
+    }
+}
+
+fn lake_error(
+    what: &str,
+    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> sluice_engine::EngineError {
+    sluice_engine::EngineError::external(format!("lake: {what}"), e)
+}
+
+#[async_trait::async_trait]
+impl sluice_engine::checkpoint::CheckpointStore for Lake {
+    async fn put(&self, path: &str, bytes: bytes::Bytes) -> sluice_engine::Result<()> {
+        let p = self.absolute(path)?;
+        self.store
+            .put(&p, bytes.into())
+            .await
+            .map_err(|e| lake_error(path, e))?;
+        Ok(())
+    }
+
+    async fn get(&self, path: &str) -> sluice_engine::Result<Option<bytes::Bytes>> {
+        let p = self.absolute(path)?;
+        self.get_opt(&p).await.map_err(|e| lake_error(path, e))
+    }
+
+    async fn list(&self, prefix: &str) -> sluice_engine::Result<Vec<String>> {
+        use futures::TryStreamExt;
+        let p = self.absolute(prefix)?;
+        match self.store.list(Some(&p)).try_collect::<Vec<_>>().await {
+            Ok(objects) => Ok(objects.iter().map(|o| self.relative(&o.location)).collect()),
+            Err(object_store::Error::NotFound { .. }) => Ok(vec![]),
+            Err(e) => Err(lake_error(prefix, e)),
+        }
+    }
+
+    async fn delete(&self, path: &str) -> sluice_engine::Result<()> {
+        let p = self.absolute(path)?;
+        match self.store.delete(&p).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(lake_error(path, e)),
+        }
+    }
+
+    async fn publish(&self, staged: &str, target: &str) -> sluice_engine::Result<()> {
+        let (from, to) = (self.absolute(staged)?, self.absolute(target)?);
+        match self.store.rename(&from, &to).await {
+            Ok(()) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => match self.store.head(&to).await {
+                Ok(_) => Ok(()), // published before a crash
+                Err(e) => Err(lake_error(
+                    &format!("staged file {staged} is gone and {target} is not there"),
+                    e,
+                )),
+            },
+            Err(e) => Err(lake_error(&format!("publishing {staged}"), e)),
+        }
+    }
+}
+
 /// The `dt` and `hour` partition values for a time in microseconds (`None`: Hive's default
 /// partition, for rows without an event time).
 pub fn partition_values(micros: Option<i64>) -> (String, String) {

@@ -5,6 +5,12 @@
 //! One open file per partition; a file is closed — and only then visible — when it reaches
 //! `target_file_size`, when it has been open for `rollover_interval`, or when the stream
 //! ends. Types are normalised so Athena can read them (see [`lake_schema`]).
+//!
+//! With checkpoints ([`ParquetLakeWriter::with_checkpoints`]) files are written under
+//! `_sluice/staging/<stream>/` instead; every barrier closes the open files and reports them
+//! with the epoch, and the checkpoint coordinator moves them into place once the epoch is
+//! committed (two-phase commit). A stopped stream (server shutdown) leaves its uncommitted
+//! files staged: the next start deletes them and replays their rows from the sources.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,7 +26,9 @@ use object_store::buffered::BufWriter;
 use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
-use sluice_engine::{EngineError, Sink};
+use sluice_engine::checkpoint::{CheckpointHandle, Payload, StagedFile};
+use sluice_engine::{Barrier, EngineError, Sink};
+use tokio_util::sync::CancellationToken;
 
 use super::{Lake, MICROS_PER_HOUR, Zone, unique_file_name};
 
@@ -67,6 +75,17 @@ fn lake_type(t: &DataType) -> DataType {
 struct OpenFile {
     writer: AsyncArrowWriter<BufWriter>,
     opened: Instant,
+    /// With checkpoints: the staged file (`writer` writes it) and its final place.
+    staged: Option<StagedFile>,
+}
+
+/// A writer's part in checkpoints.
+struct Staging {
+    handle: CheckpointHandle,
+    /// Cancelled when the stream stops: then the end of input is not its real end.
+    cancel: CancellationToken,
+    /// Files closed in the current epoch.
+    closed: Vec<StagedFile>,
 }
 
 /// The processed-zone writer of one stream. See the module docs.
@@ -78,6 +97,7 @@ pub struct ParquetLakeWriter {
     config: LakeWriterConfig,
     open: BTreeMap<Option<i64>, OpenFile>,
     files_written: Arc<std::sync::atomic::AtomicU64>,
+    staging: Option<Staging>,
 }
 
 impl ParquetLakeWriter {
@@ -103,7 +123,42 @@ impl ParquetLakeWriter {
             config,
             open: BTreeMap::new(),
             files_written,
+            staging: None,
         }
+    }
+
+    /// Writes through the two-phase commit of checkpoints (see the module docs); `cancel`
+    /// is the stream's.
+    pub fn with_checkpoints(mut self, handle: CheckpointHandle, cancel: CancellationToken) -> Self {
+        self.staging = Some(Staging {
+            handle,
+            cancel,
+            closed: vec![],
+        });
+        self
+    }
+
+    /// Closes a file: visible at once, or (with checkpoints) staged for the epoch.
+    async fn close_one(&mut self, file: OpenFile) -> sluice_engine::Result<()> {
+        let staged = file.staged.clone();
+        let counter = if staged.is_some() {
+            None // counted when published
+        } else {
+            Some(self.files_written.as_ref())
+        };
+        close_file(file, &self.stream, counter).await?;
+        if let (Some(s), Some(f)) = (&mut self.staging, staged) {
+            s.closed.push(f);
+        }
+        Ok(())
+    }
+
+    /// Closes every open file.
+    async fn close_all(&mut self) -> sluice_engine::Result<()> {
+        for (_, f) in std::mem::take(&mut self.open) {
+            self.close_one(f).await?;
+        }
+        Ok(())
     }
 
     /// Casts `batch` to the lake schema where a type differs.
@@ -167,7 +222,23 @@ impl ParquetLakeWriter {
             &self.stream,
             hour.map(|h| h * MICROS_PER_HOUR),
         );
-        let path = dir.join(unique_file_name("parquet"));
+        let name = unique_file_name("parquet");
+        let target = dir.join(name.as_str());
+        let (path, staged) = match &self.staging {
+            None => (target, None),
+            Some(_) => {
+                let path = self
+                    .lake
+                    .dir(Zone::Internal, "staging")
+                    .join(self.stream.as_str())
+                    .join(name.as_str());
+                let staged = StagedFile {
+                    staged: self.lake.relative(&path),
+                    target: self.lake.relative(&target),
+                };
+                (path, Some(staged))
+            }
+        };
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .build();
@@ -180,6 +251,7 @@ impl ParquetLakeWriter {
         Ok(OpenFile {
             writer,
             opened: Instant::now(),
+            staged,
         })
     }
 }
@@ -189,12 +261,14 @@ impl ParquetLakeWriter {
 async fn close_file(
     file: OpenFile,
     stream: &str,
-    files_written: &std::sync::atomic::AtomicU64,
+    files_written: Option<&std::sync::atomic::AtomicU64>,
 ) -> sluice_engine::Result<()> {
     file.writer.close().await.map_err(|e| {
         EngineError::external(format!("stream `{stream}`: closing a Parquet file"), e)
     })?;
-    files_written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(counter) = files_written {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(())
 }
 
@@ -219,7 +293,7 @@ impl Sink for ParquetLakeWriter {
             let size = file.writer.bytes_written() + file.writer.in_progress_size();
             if size as u64 >= self.config.target_file_size {
                 let f = self.open.remove(&hour).expect("present");
-                close_file(f, &self.stream, &self.files_written).await?;
+                self.close_one(f).await?;
             }
         }
         Ok(())
@@ -241,14 +315,46 @@ impl Sink for ParquetLakeWriter {
             .collect();
         for h in due {
             let f = self.open.remove(&h).expect("present");
-            close_file(f, &self.stream, &self.files_written).await?;
+            self.close_one(f).await?;
         }
         Ok(())
     }
 
+    /// Closes the epoch's files and reports them (they become visible when it commits).
+    async fn on_barrier(&mut self, b: Barrier) -> sluice_engine::Result<()> {
+        match &self.staging {
+            Some(s) if b.epoch >= s.handle.first_epoch() => {}
+            _ => return Ok(()),
+        }
+        self.close_all().await?;
+        let s = self.staging.as_mut().expect("checked above");
+        s.handle.report(
+            b.epoch,
+            Payload::Staged {
+                files: std::mem::take(&mut s.closed),
+                published: Arc::clone(&self.files_written),
+            },
+        );
+        Ok(())
+    }
+
     async fn close(&mut self) -> sluice_engine::Result<()> {
-        for (_, f) in std::mem::take(&mut self.open) {
-            close_file(f, &self.stream, &self.files_written).await?;
+        if self
+            .staging
+            .as_ref()
+            .is_some_and(|s| s.cancel.is_cancelled())
+        {
+            // Stopped, not finished: the last checkpoint stands; what was written since is
+            // replayed after a restart (its staged files are deleted then).
+            self.open.clear();
+            return Ok(());
+        }
+        self.close_all().await?;
+        if let Some(s) = &mut self.staging {
+            s.handle.finish(Payload::Staged {
+                files: std::mem::take(&mut s.closed),
+                published: Arc::clone(&self.files_written),
+            });
         }
         Ok(())
     }

@@ -37,6 +37,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use hashbrown::HashTable;
 
 use super::{ForwardedWatermark, Lateness, bad_row, evaluate_all, gather_rows};
+use crate::checkpoint::{KeyFilter, OperatorState};
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
 use crate::time::EventTime;
@@ -445,6 +446,114 @@ impl Operator for Dedup {
         self.emit_held(&ready, out)?;
         self.sweep(horizon);
         self.forward_watermark(out);
+        Ok(())
+    }
+
+    /// State: the watermarks; table `seen` (the keys, decoded to their columns `k0…`, and
+    /// `expiry`); table `pending` (earliest-event-time mode: each key's held row, as input
+    /// rows).
+    fn snapshot(&mut self) -> Result<Option<OperatorState>> {
+        let parser = self.converter.parser();
+        let arena = &self.seen.arena;
+        let entries: Vec<Seen> = self.seen.table.iter().copied().collect();
+        let keys = self
+            .converter
+            .convert_rows(entries.iter().map(|e| parser.parse(&arena[e.range()])))?;
+        let mut columns: Vec<(String, ArrayRef)> = keys
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| (format!("k{i}"), k))
+            .collect();
+        columns.push((
+            "expiry".into(),
+            Arc::new(arrow::array::Int64Array::from_iter_values(
+                entries.iter().map(|e| e.expiry),
+            )),
+        ));
+        let mut state = OperatorState::default();
+        state
+            .tables
+            .insert("seen".into(), RecordBatch::try_from_iter(columns)?);
+        if !self.pending.is_empty() {
+            let held: Vec<Held> = self.pending.values().copied().collect();
+            let columns = gather_rows(&self.batches, held.iter().map(|h| (h.batch, h.row)))?;
+            let schema = self
+                .batches
+                .values()
+                .next()
+                .expect("held rows have batches")
+                .0
+                .schema();
+            state
+                .tables
+                .insert("pending".into(), RecordBatch::try_new(schema, columns)?);
+        }
+        if let Some(w) = self.watermark {
+            state.values.insert("watermark".into(), w);
+        }
+        state.values.insert("forwarded".into(), self.forwarded.0);
+        state.values.insert("next_sweep".into(), self.next_sweep);
+        Ok(Some(state))
+    }
+
+    fn restore(&mut self, parts: Vec<OperatorState>, keep: &KeyFilter) -> Result<()> {
+        let mut pending = vec![];
+        for part in parts {
+            let min = |a: Option<i64>, b: i64| Some(a.map_or(b, |a| a.min(b)));
+            if let Some(w) = part.values.get("watermark") {
+                self.watermark = min(self.watermark, *w);
+            }
+            if let Some(f) = part.values.get("forwarded") {
+                self.forwarded.0 = if self.forwarded.0 == i64::MIN {
+                    *f
+                } else {
+                    self.forwarded.0.min(*f)
+                };
+            }
+            if let Some(n) = part.values.get("next_sweep") {
+                self.next_sweep = *n;
+            }
+            if let Some(seen) = part.tables.get("seen") {
+                let nkeys = seen.num_columns().saturating_sub(1);
+                if nkeys != self.spec.keys.len() {
+                    return Err(EngineError::Checkpoint(format!(
+                        "dedup state has {nkeys} key columns where this query has {}",
+                        self.spec.keys.len()
+                    )));
+                }
+                let keys = &seen.columns()[..nkeys];
+                let expiry = seen
+                    .column(nkeys)
+                    .as_any()
+                    .downcast_ref::<arrow::array::Int64Array>()
+                    .ok_or_else(|| EngineError::Checkpoint("dedup expiry is not Int64".into()))?;
+                let mask = keep.keeps(keys, seen.num_rows())?;
+                let rows = self.converter.convert_columns(keys)?;
+                for (i, kept) in mask.into_iter().enumerate() {
+                    if kept {
+                        let key = rows.row(i);
+                        let hash = self.seen.hash(key.as_ref());
+                        self.seen.insert(hash, key.as_ref(), expiry.value(i))?;
+                    }
+                }
+            }
+            if let Some(p) = part.tables.get("pending")
+                && let Some(mine) = keep.keep_rows(p)?
+            {
+                pending.push(mine);
+            }
+        }
+        // Held rows are held again: they are on time (the horizon has not passed them) and
+        // their keys are not in `seen`.
+        let mut out = Collector::default();
+        for batch in pending {
+            self.process_batch(batch, &mut out)?;
+        }
+        if !out.take_messages().is_empty() || !out.take_rejected().is_empty() {
+            return Err(EngineError::Internal(
+                "dedup: restoring held rows emitted or rejected some".into(),
+            ));
+        }
         Ok(())
     }
 

@@ -17,8 +17,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, TimestampMicrosecondArray, UInt32Array, new_null_array};
-use arrow::compute::{cast, take};
+use arrow::array::{
+    Array, ArrayRef, Int64Array, TimestampMicrosecondArray, UInt32Array, new_null_array,
+};
+use arrow::compute::{cast, concat, filter_record_batch, take};
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
@@ -28,6 +30,7 @@ use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
 use super::{ForwardedWatermark, Lateness, bad_row, evaluate_all};
+use crate::checkpoint::{KeyFilter, OperatorState};
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
 use crate::time::EventTime;
@@ -185,6 +188,25 @@ impl WindowAggregate {
             columns,
         )?);
         Ok(())
+    }
+}
+
+impl WindowAggregate {
+    /// The columns of the `windows` state table: each open window's bounds, its groups'
+    /// keys and every aggregate's intermediate state (DataFusion's `state_fields`, the
+    /// partial aggregates its two-phase aggregation exchanges).
+    fn state_schema(&self) -> Result<SchemaRef> {
+        let mut fields = vec![
+            Field::new("window_start", arrow::datatypes::DataType::Int64, false),
+            Field::new("window_end", arrow::datatypes::DataType::Int64, false),
+        ];
+        fields.extend(self.key_schema.fields().iter().map(|f| f.as_ref().clone()));
+        for (i, a) in self.spec.aggregates.iter().enumerate() {
+            for (j, f) in a.state_fields()?.iter().enumerate() {
+                fields.push(Field::new(format!("a{i}_{j}"), f.data_type().clone(), true));
+            }
+        }
+        Ok(Arc::new(Schema::new(fields)))
     }
 }
 
@@ -359,6 +381,138 @@ impl Operator for WindowAggregate {
         let open: Vec<i64> = self.windows.keys().copied().collect();
         for end in open {
             self.emit(end, out)?;
+        }
+        Ok(())
+    }
+
+    /// State: the watermarks, and table `windows` (see [`WindowAggregate::state_schema`]).
+    /// Taking it drains each window's groups and accumulators and merges them back.
+    fn snapshot(&mut self) -> Result<Option<OperatorState>> {
+        let schema = self.state_schema()?;
+        let mut parts: Vec<Vec<ArrayRef>> = vec![];
+        for (end, w) in self.windows.iter_mut() {
+            let n = w.len;
+            if n == 0 {
+                continue;
+            }
+            let mut columns: Vec<ArrayRef> = vec![
+                Arc::new(Int64Array::from_value(w.start, n)),
+                Arc::new(Int64Array::from_value(*end, n)),
+            ];
+            let groups: Vec<usize> = (0..n).collect();
+            if let Some(g) = &mut w.groups {
+                let keys = g.emit(EmitTo::All)?;
+                let mut again = Vec::with_capacity(n);
+                g.intern(&keys, &mut again)?;
+                debug_assert_eq!(again, groups);
+                columns.extend(keys);
+            }
+            let fresh = create_accumulators(&self.spec.aggregates)?;
+            for (acc, mut new) in w.accumulators.iter_mut().zip(fresh) {
+                let state = acc.state(EmitTo::All)?;
+                new.merge_batch(&state, &groups, n)?;
+                *acc = new;
+                columns.extend(state);
+            }
+            parts.push(columns);
+        }
+        let columns = (0..schema.fields().len())
+            .map(|c| {
+                if parts.is_empty() {
+                    return Ok(arrow::array::new_empty_array(schema.field(c).data_type()));
+                }
+                let arrays: Vec<&dyn Array> = parts.iter().map(|p| p[c].as_ref()).collect();
+                Ok(concat(&arrays)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let table = RecordBatch::try_new(schema, columns)?;
+        let mut state = OperatorState::default();
+        if let Some(w) = self.watermark {
+            state.values.insert("watermark".into(), w);
+        }
+        state.values.insert("forwarded".into(), self.forwarded.0);
+        state.tables.insert("windows".into(), table);
+        Ok(Some(state))
+    }
+
+    fn restore(&mut self, parts: Vec<OperatorState>, keep: &KeyFilter) -> Result<()> {
+        let nkeys = self.key_schema.fields().len();
+        let state_widths = self
+            .spec
+            .aggregates
+            .iter()
+            .map(|a| Ok(a.state_fields()?.len()))
+            .collect::<Result<Vec<_>>>()?;
+        for part in parts {
+            if let Some(w) = part.values.get("watermark") {
+                self.watermark = Some(self.watermark.map_or(*w, |m| m.min(*w)));
+            }
+            if let Some(f) = part.values.get("forwarded") {
+                self.forwarded.0 = if self.forwarded.0 == i64::MIN {
+                    *f
+                } else {
+                    self.forwarded.0.min(*f)
+                };
+            }
+            let Some(table) = part.tables.get("windows") else {
+                continue;
+            };
+            let expected = 2 + nkeys + state_widths.iter().sum::<usize>();
+            if table.num_columns() != expected {
+                return Err(EngineError::Checkpoint(format!(
+                    "window state has {} columns where this query needs {expected}",
+                    table.num_columns()
+                )));
+            }
+            let keys: Vec<ArrayRef> = table.columns()[2..2 + nkeys].to_vec();
+            let mask = keep.keeps(&keys, table.num_rows())?;
+            let table = filter_record_batch(table, &arrow::array::BooleanArray::from(mask))?;
+            let as_i64 = |c: usize| -> Result<Int64Array> {
+                table
+                    .column(c)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .cloned()
+                    .ok_or_else(|| EngineError::Checkpoint("window bounds are not Int64".into()))
+            };
+            let (starts, ends) = (as_i64(0)?, as_i64(1)?);
+            let mut by_end: BTreeMap<i64, (i64, Vec<u32>)> = BTreeMap::new();
+            for i in 0..table.num_rows() {
+                by_end
+                    .entry(ends.value(i))
+                    .or_insert_with(|| (starts.value(i), vec![]))
+                    .1
+                    .push(i as u32);
+            }
+            for (end, (start, rows)) in by_end {
+                let idx = UInt32Array::from(rows);
+                let cols = table
+                    .columns()
+                    .iter()
+                    .map(|c| take(c.as_ref(), &idx, None))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if !self.windows.contains_key(&end) {
+                    let w = self.new_window(start)?;
+                    self.windows.insert(end, w);
+                }
+                let w = self.windows.get_mut(&end).expect("inserted above");
+                let mut groups = Vec::with_capacity(idx.len());
+                match &mut w.groups {
+                    Some(g) => {
+                        g.intern(&cols[2..2 + nkeys], &mut groups)?;
+                        w.len = g.len();
+                    }
+                    None => {
+                        groups.resize(idx.len(), 0);
+                        w.len = 1;
+                    }
+                }
+                let mut c = 2 + nkeys;
+                for (acc, width) in w.accumulators.iter_mut().zip(&state_widths) {
+                    acc.merge_batch(&cols[c..c + width], &groups, w.len)?;
+                    c += width;
+                }
+            }
         }
         Ok(())
     }

@@ -55,3 +55,63 @@ pub fn serve_with(configure: impl FnOnce(&mut Command)) -> (Child, u16) {
     }
     (child, port.expect("the startup lines name the pg address"))
 }
+
+/// The Kafka-protocol broker of the test services (`scripts/services.sh`); panics without.
+pub fn kafka_brokers() -> String {
+    std::env::var("SLUICE_TEST_KAFKA").unwrap_or_else(|_| {
+        panic!("SLUICE_TEST_KAFKA is not set: run scripts/test.sh, which starts a Kafka-protocol broker")
+    })
+}
+
+/// Creates `topic` with `partitions` partitions.
+pub fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let created = runtime
+        .block_on(admin.create_topics(
+            &[rdkafka::admin::NewTopic::new(
+                topic,
+                partitions,
+                rdkafka::admin::TopicReplication::Fixed(1),
+            )],
+            &rdkafka::admin::AdminOptions::new(),
+        ))
+        .unwrap();
+    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+}
+
+/// Produces `(key, value)` records to `topic` and waits until all are acknowledged.
+pub fn produce_records(
+    brokers: &str,
+    topic: &str,
+    records: impl IntoIterator<Item = (String, String)>,
+) {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .create()
+        .expect("a producer");
+    for (key, value) in records {
+        let mut record = BaseRecord::to(topic).key(&key).payload(&value);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    producer
+        .flush(std::time::Duration::from_secs(30))
+        .expect("acknowledged");
+}
