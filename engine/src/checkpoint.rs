@@ -573,9 +573,18 @@ impl Coordinator {
         tokio::time::timeout(timeout, wait).await.unwrap_or(false)
     }
 
-    /// Requests a checkpoint now instead of at the next interval.
+    /// Requests a checkpoint now instead of at the next interval (after the one in flight,
+    /// if there is one).
     pub fn trigger(&self) {
         self.shared.trigger.notify_one();
+    }
+
+    /// Takes a checkpoint as soon as possible and waits until it is complete — so that
+    /// everything reported so far (a finished stream's last files) is committed and visible.
+    pub async fn checkpoint_now(&self) {
+        let target = self.lock().next_epoch;
+        self.trigger();
+        self.wait_for(target).await;
     }
 
     /// Waits until a checkpoint at or after `epoch` has completed.
@@ -621,6 +630,8 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
     // Reports of an epoch not yet complete, by (stream, participant).
     let mut pending: BTreeMap<(String, String), Payload> = BTreeMap::new();
     let mut in_flight: Option<(u64, std::time::Instant)> = None;
+    // A trigger that came while a checkpoint was in flight: the next one starts right after.
+    let mut triggered = false;
     let mut next_due = tokio::time::Instant::now() + shared.default_interval;
     loop {
         let interval = {
@@ -645,6 +656,8 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
                             s.finals.insert(r.participant, r.payload);
                             if writer && in_flight.is_none() {
                                 next_due = tokio::time::Instant::now();
+                            } else if writer {
+                                triggered = true;
                             }
                         }
                     }
@@ -657,6 +670,8 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
             _ = shared.trigger.notified() => {
                 if in_flight.is_none() {
                     next_due = tokio::time::Instant::now();
+                } else {
+                    triggered = true;
                 }
             }
             _ = tokio::time::sleep_until(next_due), if in_flight.is_none() => {
@@ -708,6 +723,9 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
             }
         }
         pending.clear();
+        if std::mem::take(&mut triggered) {
+            next_due = tokio::time::Instant::now();
+        }
         let closing = shared
             .state
             .lock()

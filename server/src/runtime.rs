@@ -436,9 +436,20 @@ pub async fn start_stream(
             } else {
                 final_status
             };
-            if let (Some(c), Status::Failed(_)) = (&coordinator, &final_status) {
-                // Its last checkpoint stays: a restart resumes it from there.
-                c.deregister(&name, true);
+            match (&coordinator, &final_status) {
+                (Some(c), Status::Failed(_)) => {
+                    // Its last checkpoint stays: a restart resumes it from there.
+                    c.deregister(&name, true);
+                }
+                (Some(c), Status::Finished) if !cancel.is_cancelled() => {
+                    // Finished means written: its last files are visible once committed.
+                    let committed =
+                        tokio::time::timeout(Duration::from_secs(60), c.checkpoint_now()).await;
+                    if committed.is_err() {
+                        tracing::warn!(stream = %name, "its last files are not committed yet");
+                    }
+                }
+                _ => {}
             }
             set(&status, final_status);
         })
