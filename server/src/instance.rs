@@ -100,6 +100,8 @@ struct Inner {
     shutdown: CancellationToken,
     /// Checkpoints of every stream that takes part.
     checkpoints: Coordinator,
+    /// Closed while the catalog is restored: readers start once every stream is back.
+    readers_gate: tokio::sync::watch::Sender<bool>,
 }
 
 /// An entry of the name directory.
@@ -215,6 +217,7 @@ impl Sluice {
         let sluice = Sluice {
             inner: Arc::new(Inner {
                 checkpoints,
+                readers_gate: tokio::sync::watch::channel(false).0,
                 adhoc: AdHoc::new(lake.clone()),
                 lake,
                 state: tokio::sync::Mutex::new(State::default()),
@@ -248,6 +251,7 @@ impl Sluice {
                 }
             }
         }
+        sluice.inner.readers_gate.send_replace(true);
         Ok(sluice)
     }
 
@@ -511,6 +515,7 @@ impl Sluice {
                 |n| st.input(n),
                 &self.inner.shutdown,
                 Some(&self.inner.checkpoints),
+                &self.inner.readers_gate.subscribe(),
             )
             .await?
         };
@@ -567,6 +572,7 @@ impl Sluice {
             config,
             input,
             &self.inner.shutdown,
+            &self.inner.readers_gate.subscribe(),
         )?;
         self.directory_mut().insert(c.name.clone(), Named::Sink);
         state.sinks.insert(c.name.clone(), running);

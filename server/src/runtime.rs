@@ -245,13 +245,17 @@ impl PendingReader {
         })
     }
 
-    fn start(self) -> JoinHandle<sluice_engine::Result<()>> {
+    /// Starts the reader once `gate` is open.
+    fn start(self, mut gate: Gate) -> JoinHandle<sluice_engine::Result<()>> {
         let Self {
             output,
             reader,
             ctx,
         } = self;
         tokio::spawn(async move {
+            // Closed only while the catalog is restored at startup: a restored stream must
+            // not produce before the streams reading it have subscribed again.
+            let _ = gate.wait_for(|open| *open).await;
             let result = reader.run(ctx).await;
             output.send(Message::End).await;
             result
@@ -269,6 +273,9 @@ fn checkpoint_interval(plan: &StreamPlan, default: Duration) -> Option<Duration>
     }
 }
 
+/// Opened once readers may start (see [`PendingReader::start`]).
+pub type Gate = tokio::sync::watch::Receiver<bool>;
+
 /// Starts a stream's tasks. `input` resolves a source or stream name to what the stream
 /// reads from it. With a `coordinator`, a stream whose every input can replay from a
 /// checkpoint (readers that keep positions, streams that checkpoint) and whose operators can
@@ -280,6 +287,7 @@ pub async fn start_stream(
     input: impl Fn(&str) -> Option<Input>,
     parent: &CancellationToken,
     coordinator: Option<&Coordinator>,
+    gate: &Gate,
 ) -> Result<RunningStream> {
     let name = plan.name.clone();
     let origin = format!("stream {name}");
@@ -373,7 +381,10 @@ pub async fn start_stream(
         }
     }
     let checkpointed = checkpoints.is_some();
-    let readers: Vec<_> = pending.into_values().map(PendingReader::start).collect();
+    let readers: Vec<_> = pending
+        .into_values()
+        .map(|r| r.start(gate.clone()))
+        .collect();
     let fanout = FanOut::new(name.as_str());
     let metrics: Arc<Metrics> = Arc::default();
     let files_written = Arc::new(AtomicU64::new(0));
@@ -593,6 +604,7 @@ pub fn start_sink(
     config: SinkConfig,
     input: Input,
     parent: &CancellationToken,
+    gate: &Gate,
 ) -> Result<RunningSink> {
     let cancel = parent.child_token();
     let delivered = Arc::new(AtomicU64::new(0));
@@ -605,7 +617,7 @@ pub fn start_sink(
         Input::Reader { def, metrics } => {
             let reader = PendingReader::new(lake, &def, metrics, &cancel)?;
             let subscription = reader.output.subscribe(DEFAULT_CHANNEL_CAPACITY);
-            (subscription, Some(reader.start()))
+            (subscription, Some(reader.start(gate.clone())))
         }
     };
     let status: SharedStatus = Arc::new(Mutex::new(Status::Running));

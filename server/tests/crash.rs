@@ -101,16 +101,6 @@ fn kill_9_at_random_moments_loses_nothing_and_duplicates_nothing() {
     create_topic(&brokers, &topic, 2);
     let lake = tempfile::tempdir().unwrap();
 
-    // The orders arrive over several seconds, while the server is killed and restarted.
-    let producer = {
-        let (brokers, topic) = (brokers.clone(), topic.clone());
-        std::thread::spawn(move || {
-            for chunk in records().chunks(1_000) {
-                produce_records(&brokers, &topic, chunk.iter().cloned());
-                std::thread::sleep(Duration::from_millis(250));
-            }
-        })
-    };
     let (mut child, port) = serve(lake.path());
     psql(
         port,
@@ -134,6 +124,16 @@ fn kill_9_at_random_moments_loses_nothing_and_duplicates_nothing() {
          FROM TUMBLE(unique_orders, ts, INTERVAL '10 seconds')
          GROUP BY window_start, window_end",
     );
+    // The orders arrive over several seconds, while the server is killed and restarted.
+    let producer = {
+        let (brokers, topic) = (brokers.clone(), topic.clone());
+        std::thread::spawn(move || {
+            for chunk in records().chunks(1_000) {
+                produce_records(&brokers, &topic, chunk.iter().cloned());
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })
+    };
     // A small LCG: the moments differ from run to run; the seed is printed to replay one.
     let mut seed = std::process::id() as u64;
     println!("kill moments seed: {seed}");
@@ -180,5 +180,127 @@ fn kill_9_at_random_moments_loses_nothing_and_duplicates_nothing() {
         wrong.is_empty(),
         "{} windows differ: {wrong:#?}",
         wrong.len()
+    );
+}
+
+/// Kills the server `rounds` times at moments drawn from `seed`, restarting it on `lake`
+/// each time; returns the last server, still running.
+fn kill_and_restart(
+    lake: &std::path::Path,
+    mut child: Child,
+    rounds: usize,
+    seed: u64,
+) -> (Child, u16) {
+    let mut seed = seed;
+    println!("kill moments seed: {seed}");
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % 1_500
+    };
+    let mut port = 0;
+    for round in 0..rounds {
+        std::thread::sleep(Duration::from_millis(300 + next()));
+        child.kill().unwrap(); // SIGKILL: no shutdown, no final checkpoint
+        child.wait().unwrap();
+        println!("killed (round {round})");
+        (child, port) = serve(lake);
+    }
+    (child, port)
+}
+
+/// Waits until `SHOW STREAMS` says `stream` finished.
+fn wait_finished(port: u16, stream: &str) {
+    let start = Instant::now();
+    loop {
+        let out = psql(port, "SHOW STREAMS");
+        let line = out
+            .lines()
+            .find(|l| l.split('|').next() == Some(stream))
+            .unwrap_or_else(|| panic!("no stream `{stream}` in {out}"));
+        if line.split('|').nth(1) == Some("finished") {
+            return;
+        }
+        assert!(!line.contains("failed"), "stream `{stream}` failed: {line}");
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "stream `{stream}` still running: {line}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const DATAGEN_PIPELINE: &[&str] = &[
+    "CREATE SOURCE readings (sensor BIGINT NOT NULL, reading_id BIGINT NOT NULL, value BIGINT, ts TIMESTAMP NOT NULL,
+                             WATERMARK FOR ts AS ts - INTERVAL '2 seconds')
+     WITH (connector = 'datagen', rows_per_second = '25000', max_rows = '150000', batch_size = '1000',
+           seed = '11', start_time = '2024-05-01T00:00:00Z', time_step = '1 ms',
+           fields.sensor.max = '20', fields.reading_id.max = '100000', fields.value.max = '1000')",
+    "CREATE STREAM unique_readings WITH (checkpoint_interval = '300 ms', dedup_ttl = '10 minutes') AS
+     SELECT DISTINCT ON (reading_id) reading_id, sensor, value, ts FROM readings",
+    "CREATE STREAM per_sensor WITH (checkpoint_interval = '300 ms') AS
+     SELECT sensor, window_start, count(*) AS n, sum(value) AS total
+     FROM TUMBLE(readings, ts, INTERVAL '10 seconds')
+     GROUP BY sensor, window_start, window_end",
+];
+
+/// What both streams wrote: the windows row by row, and a digest of the unique readings.
+fn per_sensor(port: u16) -> Vec<String> {
+    let mut rows: Vec<String> = psql(
+        port,
+        "SELECT sensor, to_unixtime(window_start), n, total FROM per_sensor ORDER BY 1, 2, 3, 4",
+    )
+    .lines()
+    .map(str::to_string)
+    .collect();
+    rows.push(psql(
+        port,
+        "SELECT count(*), count(DISTINCT reading_id), sum(value), sum(sensor * reading_id) FROM unique_readings",
+    ));
+    rows
+}
+
+#[test]
+fn datagen_pipelines_killed_at_random_moments_write_what_an_uninterrupted_run_writes() {
+    // The reference: the same pipeline, run straight through on a lake of its own.
+    let reference_lake = tempfile::tempdir().unwrap();
+    let (mut child, port) = serve(reference_lake.path());
+    for sql in DATAGEN_PIPELINE {
+        psql(port, sql);
+    }
+    wait_finished(port, "unique_readings");
+    wait_finished(port, "per_sensor");
+    let expected = per_sensor(port);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        expected.len() > 100,
+        "a meaningful reference: {} rows",
+        expected.len()
+    );
+
+    let lake = tempfile::tempdir().unwrap();
+    let (child, port) = serve(lake.path());
+    for sql in DATAGEN_PIPELINE {
+        psql(port, sql);
+    }
+    let (mut child, port) = kill_and_restart(lake.path(), child, 4, u64::from(std::process::id()));
+    wait_finished(port, "unique_readings");
+    wait_finished(port, "per_sensor");
+    let got = per_sensor(port);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(got.len(), expected.len(), "rows: every window once");
+    let differ: Vec<String> = expected
+        .iter()
+        .zip(&got)
+        .filter(|(e, g)| e != g)
+        .take(10)
+        .map(|(e, g)| format!("expected {e}, got {g}"))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "the windows differ from the uninterrupted run: {differ:#?}"
     );
 }
