@@ -300,7 +300,7 @@ pub struct StreamCheckpoints {
     pub readers: BTreeMap<String, ReaderCheckpoint>,
     /// One per subtask of the stateful chain.
     pub subtasks: Vec<CheckpointHandle>,
-    /// The stream's lake writer.
+    /// The stream's lake writer (unused when it registered without one).
     pub writer: CheckpointHandle,
     /// Positions and state to resume from, if the last checkpoint has this stream.
     pub restored: Option<Restored>,
@@ -315,8 +315,10 @@ pub struct StreamRegistration {
     pub sql: String,
     /// Sources it reads with readers of its own.
     pub readers: Vec<String>,
-    /// Subtasks of its stateful chain.
+    /// Subtasks of its stateful chain (0: none, e.g. a push source taking part alone).
     pub parallelism: usize,
+    /// It has a lake writer.
+    pub writer: bool,
     /// How often it wants checkpoints (the coordinator runs at the smallest interval).
     pub interval: Duration,
 }
@@ -352,6 +354,8 @@ struct Shared {
     completed: watch::Sender<u64>,
     reports: mpsc::UnboundedSender<Report>,
     trigger: Notify,
+    /// Streams came or went: the coordinator recomputes when the next checkpoint is due.
+    changed: Notify,
     default_interval: Duration,
     /// Duration of the last checkpoint, µs.
     last_duration_micros: AtomicU64,
@@ -405,6 +409,7 @@ impl Coordinator {
             completed: watch::channel(0).0,
             reports: reports_tx,
             trigger: Notify::new(),
+            changed: Notify::new(),
             default_interval,
             last_duration_micros: AtomicU64::new(0),
         });
@@ -450,15 +455,17 @@ impl Coordinator {
             }
             let mut participants: BTreeSet<String> =
                 r.readers.iter().map(|s| format!("reader:{s}")).collect();
-            participants.extend((0..r.parallelism.max(1)).map(|k| format!("subtask:{k}")));
-            participants.insert("writer".into());
+            participants.extend((0..r.parallelism).map(|k| format!("subtask:{k}")));
+            if r.writer {
+                participants.insert("writer".into());
+            }
             let first_epoch = st.next_epoch;
             st.streams.insert(
                 r.name.clone(),
                 Registered {
                     first_epoch,
                     sql: r.sql.clone(),
-                    parallelism: r.parallelism.max(1),
+                    parallelism: r.parallelism,
                     participants,
                     interval: r.interval,
                     finals: BTreeMap::new(),
@@ -476,6 +483,7 @@ impl Coordinator {
             first_epoch,
             reports: self.shared.reports.clone(),
         };
+        self.shared.changed.notify_one();
         let mut requests = self.shared.requests.subscribe();
         requests.mark_unchanged();
         Ok(StreamCheckpoints {
@@ -493,7 +501,7 @@ impl Coordinator {
                     )
                 })
                 .collect(),
-            subtasks: (0..r.parallelism.max(1))
+            subtasks: (0..r.parallelism)
                 .map(|k| handle(format!("subtask:{k}")))
                 .collect(),
             writer: handle("writer".into()),
@@ -667,6 +675,7 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
                     Some(e) => tracing::debug!(epoch = e, stream = %r.stream, "stale checkpoint report ignored"),
                 }
             }
+            _ = shared.changed.notified() => {}
             _ = shared.trigger.notified() => {
                 if in_flight.is_none() {
                     next_due = tokio::time::Instant::now();

@@ -251,6 +251,16 @@ impl Sluice {
                 }
             }
         }
+        // What http sources stored after the last checkpoint goes to the streams again, now
+        // that they are all back.
+        {
+            let mut state = sluice.inner.state.lock().await;
+            for source in state.sources.values_mut() {
+                if let Some(position) = source.replay_from.take() {
+                    replay(source, &position).await;
+                }
+            }
+        }
         sluice.inner.readers_gate.send_replace(true);
         Ok(sluice)
     }
@@ -468,7 +478,23 @@ impl Sluice {
             return Ok(tag);
         }
         let def = source_def(&c)?;
-        let running = start_source(&self.inner.lake, def, &self.inner.shutdown)?;
+        let mut running = start_source(
+            &self.inner.lake,
+            def,
+            &self.inner.shutdown,
+            Some(&self.inner.checkpoints),
+            &c.to_string(),
+        )
+        .await?;
+        if running.http.is_some() && !persist && running.replay_from.is_none() {
+            // Restored, and no checkpoint has it: no stream's output from it was committed,
+            // so everything it stored is published again.
+            running.replay_from = Some(serde_json::json!({ "seq": 0 }));
+        }
+        // At startup the replay waits until the streams reading the source are back.
+        if persist && let Some(position) = running.replay_from.take() {
+            replay(&running, &position).await;
+        }
         self.inner
             .adhoc
             .register_source(&c.name, Arc::clone(&running.def.schema))?;
@@ -658,6 +684,9 @@ impl Sluice {
                     if let Some(s) = state.sources.remove(&name) {
                         s.stop(STOP_TIMEOUT).await;
                     }
+                    self.inner
+                        .checkpoints
+                        .deregister(&crate::runtime::source_participant(&name), false);
                 }
                 ObjectKind::Sink => {
                     if let Some(s) = state.sinks.remove(&name) {
@@ -738,6 +767,17 @@ impl Sluice {
 }
 
 /// Appends `name` and (first) every stream reading it, transitively, to `order`.
+/// Publishes again what an `http` source stored after `position`; a failure fails the
+/// source (its raw zone still holds every acknowledged record).
+async fn replay(source: &RunningSource, position: &serde_json::Value) {
+    let Some(http) = &source.http else { return };
+    if let Err(e) = http.replay(position).await {
+        tracing::error!(source = %source.def.name, error = %e, "cannot replay what followed the last checkpoint");
+        *source.status.lock().unwrap_or_else(|e| e.into_inner()) =
+            crate::runtime::Status::Failed(format!("replaying after the last checkpoint: {e}"));
+    }
+}
+
 fn collect_drop_order(
     state: &State,
     kind: ObjectKind,

@@ -88,6 +88,9 @@ pub struct RunningSource {
     pub cancel: CancellationToken,
     /// The ingest endpoint, for `http` sources.
     pub http: Option<Arc<HttpIngest>>,
+    /// Where an `http` source resumes: what it stored after this position (from the last
+    /// checkpoint) is published again before it takes requests.
+    pub replay_from: Option<serde_json::Value>,
 }
 
 /// A running stream.
@@ -120,11 +123,15 @@ fn errors_channel(lake: &Lake, name: &str) -> mpsc::Sender<Vec<BadRecord>> {
 }
 
 /// Registers a source: push sources (`http`) get their shared hub and ingest endpoint now;
-/// pull sources start a reader per stream that reads them (see [`Input`]).
-pub fn start_source(
+/// pull sources start a reader per stream that reads them (see [`Input`]). An `http` source
+/// takes part in checkpoints (its barriers go to the streams reading it); its position to
+/// replay from, if the last checkpoint has one, is in [`RunningSource::replay_from`].
+pub async fn start_source(
     lake: &Lake,
     def: SourceDef,
     parent: &CancellationToken,
+    coordinator: Option<&Coordinator>,
+    sql: &str,
 ) -> Result<RunningSource> {
     let fanout = FanOut::new(def.name.as_str());
     let metrics: Arc<Metrics> = Arc::default();
@@ -151,6 +158,26 @@ pub fn start_source(
         }
         _ => None,
     };
+    let mut replay_from = None;
+    if let (Some(ingest), Some(c)) = (&http, coordinator) {
+        let mut ck = c
+            .register(StreamRegistration {
+                name: source_participant(&def.name),
+                sql: sql.to_string(),
+                readers: vec![def.name.clone()],
+                parallelism: 0,
+                writer: false,
+                interval: c.default_interval(),
+            })
+            .await?;
+        replay_from = ck
+            .restored
+            .take()
+            .and_then(|r| r.positions.get(&def.name).cloned());
+        if let Some(reader) = ck.readers.remove(&def.name) {
+            ingest.checkpoint(reader);
+        }
+    }
     if let Some(archiver) = def
         .config
         .archiver(&def.name, Arc::clone(&def.schema), lake)
@@ -179,7 +206,13 @@ pub fn start_source(
         status,
         cancel,
         http,
+        replay_from,
     })
+}
+
+/// How a source that takes part in checkpoints itself (`http`) is named among them.
+pub fn source_participant(name: &str) -> String {
+    format!("source:{name}")
 }
 
 /// What a stream's branch reads.
@@ -354,6 +387,7 @@ pub async fn start_stream(
                 sql: create.to_string(),
                 readers: pending.keys().cloned().collect(),
                 parallelism,
+                writer: true,
                 interval,
             })
             .await?,
@@ -527,7 +561,8 @@ impl RunningSource {
             true => Input::Hub {
                 hub: self.fanout.clone(),
                 idle_timeout: self.def.watermark.as_ref().and_then(|w| w.idle_timeout),
-                checkpointed: false,
+                // An http source sends barriers and replays from its raw zone.
+                checkpointed: self.http.is_some(),
             },
             false => Input::Reader {
                 def: Box::new(self.def.clone()),

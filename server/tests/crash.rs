@@ -304,3 +304,168 @@ fn datagen_pipelines_killed_at_random_moments_write_what_an_uninterrupted_run_wr
         "the windows differ from the uninterrupted run: {differ:#?}"
     );
 }
+
+/// POSTs `body` to the server's HTTP port; the response status, or `None` when the server
+/// is not there (killed) or the connection broke.
+fn post(port: u16, path: &str, body: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    response.split(' ').nth(1)?.parse().ok()
+}
+
+#[test]
+fn http_ingest_killed_at_random_moments_keeps_every_acknowledged_event_exactly_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+
+    let lake = tempfile::tempdir().unwrap();
+    let serve_http = |lake: &std::path::Path| {
+        common::serve_ports(|cmd| {
+            cmd.env("SLUICE_LAKE", lake);
+        })
+    };
+    let (child, port, http) = serve_http(lake.path());
+    psql(
+        port,
+        "CREATE SOURCE events (id BIGINT NOT NULL, ts TIMESTAMP NOT NULL,
+                               WATERMARK FOR ts AS ts - INTERVAL '1 second')
+         WITH (connector = 'http')",
+    );
+    psql(
+        port,
+        "CREATE STREAM landed WITH (checkpoint_interval = '300 ms') AS SELECT id, ts FROM events",
+    );
+    psql(
+        port,
+        "CREATE STREAM per_second WITH (checkpoint_interval = '300 ms') AS
+         SELECT window_start, count(*) AS n FROM TUMBLE(events, ts, INTERVAL '1 second')
+         GROUP BY window_start, window_end",
+    );
+
+    // A client posting 50 events a request, never retrying: what was acknowledged must land
+    // once; what was not may land (stored before the kill) but only once.
+    let http_port = Arc::new(AtomicU16::new(http));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (http_port, stop) = (Arc::clone(&http_port), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut acknowledged = vec![];
+            let mut batch = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                let ids: Vec<i64> = (batch * 50..batch * 50 + 50).collect();
+                let body: String = ids
+                    .iter()
+                    .map(|id| {
+                        let ts = chrono::DateTime::from_timestamp_micros(T0 + id * 1_000).unwrap();
+                        format!(
+                            "{{\"id\":{id},\"ts\":\"{}\"}}\n",
+                            ts.format("%Y-%m-%dT%H:%M:%S%.6fZ")
+                        )
+                    })
+                    .collect();
+                let port = http_port.load(Ordering::Relaxed);
+                if post(port, "/v1/sources/events/events", &body) == Some(200) {
+                    acknowledged.extend(ids);
+                }
+                batch += 1;
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            (acknowledged, batch * 50)
+        })
+    };
+    let mut seed = u64::from(std::process::id());
+    println!("kill moments seed: {seed}");
+    let (mut child, mut port) = (child, port);
+    for round in 0..4 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(300 + (seed >> 33) % 1_500));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        println!("killed (round {round})");
+        let (c, p, h) = serve_http(lake.path());
+        (child, port) = (c, p);
+        http_port.store(h, Ordering::Relaxed);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (acknowledged, sent) = client.join().unwrap();
+    // A sentinel far ahead closes every window.
+    let sentinel = chrono::DateTime::from_timestamp_micros(T0 + sent * 1_000 + 60_000_000).unwrap();
+    assert_eq!(
+        post(
+            http_port.load(Ordering::Relaxed),
+            "/v1/sources/events/events",
+            &format!(
+                "{{\"id\":-1,\"ts\":\"{}\"}}\n",
+                sentinel.format("%Y-%m-%dT%H:%M:%SZ")
+            )
+        ),
+        Some(200)
+    );
+    let landed_ids = |port: u16| -> Vec<i64> {
+        psql(port, "SELECT id FROM landed WHERE id >= 0 ORDER BY id")
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| l.parse().unwrap())
+            .collect()
+    };
+    let start = Instant::now();
+    let mut ids = landed_ids(port);
+    while ids.len() < acknowledged.len() && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(200));
+        ids = landed_ids(port);
+    }
+    // The windows: every event once, counted once.
+    let counted: i64 = loop {
+        let n: i64 = psql(port, "SELECT coalesce(sum(n), 0) FROM per_second")
+            .trim()
+            .parse()
+            .unwrap();
+        if n >= ids.len() as i64 || start.elapsed() > Duration::from_secs(60) {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    println!(
+        "{} events sent, {} acknowledged, {} landed",
+        sent,
+        acknowledged.len(),
+        ids.len()
+    );
+    assert!(acknowledged.len() > 1_000, "the client got through");
+    let mut distinct = ids.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), ids.len(), "an event landed twice");
+    let landed: std::collections::BTreeSet<i64> = ids.iter().copied().collect();
+    let lost: Vec<&i64> = acknowledged
+        .iter()
+        .filter(|id| !landed.contains(id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged events lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert!(
+        ids.iter().all(|id| *id < sent),
+        "only events that were sent"
+    );
+    assert_eq!(
+        counted,
+        ids.len() as i64,
+        "the windows count every landed event once"
+    );
+}

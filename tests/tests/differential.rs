@@ -400,6 +400,7 @@ async fn run_checkpointed(
             sql: sql.into(),
             readers: vec!["events".into()],
             parallelism,
+            writer: true,
             interval: std::time::Duration::from_secs(3600),
         })
         .await

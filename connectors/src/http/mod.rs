@@ -11,7 +11,11 @@
 //! 3. records that fail are stored under `errors/<source>/…` with their line and reason;
 //! 4. the good records are published to the streams reading the source.
 //!
-//! Only then is the request answered, so an acknowledged record is in the lake. Good records
+//! Only then is the request answered, so an acknowledged record is in the lake. Requests to
+//! one source are taken one at a time, each numbered (the number is in its raw file's name);
+//! a checkpoint records the last number published, and after a crash the source publishes
+//! again the raw files numbered after it — so an acknowledged record is never lost, and, for
+//! streams that checkpoint, lands exactly once. Good records
 //! of a body with bad ones are kept (the client is told which lines failed and why, and can
 //! resend just those); the alternative — rejecting the whole body — would make one bad line
 //! hold back every good one.
@@ -23,12 +27,13 @@ use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
+use sluice_engine::checkpoint::ReaderCheckpoint;
 use sluice_engine::source::{WatermarkTracker, publish};
 use sluice_engine::{BadRecord, SourceContext, WithOptions};
 
 use crate::error::{ConnectorError, Result};
 use crate::formats::json::JsonDecoder;
-use crate::lake::{Lake, RecordZone, Zone};
+use crate::lake::{Lake, MICROS_PER_HOUR, RecordZone, Zone};
 
 /// Validated options of an `http` source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,8 +93,16 @@ pub struct HttpIngest {
     raw: RecordZone,
     errors: RecordZone,
     ctx: SourceContext,
-    tracker: tokio::sync::Mutex<Option<WatermarkTracker>>,
+    state: tokio::sync::Mutex<IngestState>,
     config: HttpConfig,
+}
+
+/// What requests are serialised on.
+#[derive(Debug)]
+struct IngestState {
+    tracker: Option<WatermarkTracker>,
+    /// The number of the last request stored.
+    seq: u64,
 }
 
 impl HttpIngest {
@@ -112,9 +125,71 @@ impl HttpIngest {
             errors: RecordZone::new(lake, Zone::Errors, name.clone()),
             name,
             ctx,
-            tracker: tokio::sync::Mutex::new(tracker),
+            state: tokio::sync::Mutex::new(IngestState { tracker, seq: 0 }),
             config,
         })
+    }
+
+    /// Takes part in checkpoints: between two requests, sends each requested barrier with
+    /// the position `{"seq": last request published, "at": µs now}`. Runs until the
+    /// source is stopped.
+    pub fn checkpoint(self: &std::sync::Arc<Self>, mut ck: ReaderCheckpoint) {
+        let this = std::sync::Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                let epoch = tokio::select! {
+                    _ = this.ctx.cancel.cancelled() => return,
+                    e = ck.requested() => e,
+                };
+                let st = this.state.lock().await;
+                let position = serde_json::json!({
+                    "seq": st.seq,
+                    "at": sluice_engine::EventTime::now().micros(),
+                });
+                ck.barrier(&this.ctx.output, epoch, position).await;
+            }
+        });
+    }
+
+    /// Publishes again what was stored after `position` (from a checkpoint) and continues
+    /// numbering after it. Call before the source takes requests.
+    pub async fn replay(&self, position: &serde_json::Value) -> Result<usize> {
+        let bad = || {
+            ConnectorError::Engine(sluice_engine::EngineError::Checkpoint(format!(
+                "http source `{}`: position {position} is not {{\"seq\": n, \"at\": µs}}",
+                self.name
+            )))
+        };
+        let after = position
+            .get("seq")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(bad)?;
+        // `at` (when the position was taken) bounds what must be listed: an hour of margin
+        // for clocks that differ between machines. Without it, everything is.
+        let since = position
+            .get("at")
+            .and_then(|v| v.as_i64())
+            .map(|at| at - MICROS_PER_HOUR);
+        let mut st = self.state.lock().await;
+        st.seq = st.seq.max(after);
+        let files = self.raw.sequenced_since(since).await?;
+        let mut replayed = 0;
+        for (seq, path) in files.into_iter().filter(|(seq, _)| *seq > after) {
+            let Some(body) = self.raw.lake().get_opt(&path).await? else {
+                continue;
+            };
+            let is_array = body.trim_ascii_start().starts_with(b"[");
+            // Records that failed went to the errors zone when the request came.
+            if let Ok(records) = split_records(&body, is_array) {
+                let slices: Vec<&[u8]> = records.iter().map(|(_, r)| *r).collect();
+                let decoded = self.decoder.decode(&slices)?;
+                replayed += decoded.batch.num_rows();
+                publish(&self.ctx, &mut st.tracker, decoded.batch).await;
+            }
+            st.seq = st.seq.max(seq);
+        }
+        tracing::info!(source = %self.name, after, replayed, "http: replayed what followed the checkpoint");
+        Ok(replayed)
     }
 
     /// The largest body this source accepts.
@@ -126,9 +201,12 @@ impl HttpIngest {
     /// errors-zone records. See the module docs for the order of steps.
     pub async fn ingest(&self, body: Bytes, origin: &str) -> Result<IngestReport, IngestError> {
         let is_array = body.trim_ascii_start().starts_with(b"[");
+        let mut st = self.state.lock().await;
+        let seq = st.seq + 1;
         self.raw
-            .put_raw(body.clone(), if is_array { "json" } else { "ndjson" })
+            .put_sequenced(body.clone(), seq, if is_array { "json" } else { "ndjson" })
             .await?;
+        st.seq = seq;
         let records = match split_records(&body, is_array) {
             Ok(r) if !r.is_empty() => r,
             Ok(_) => return Err(IngestError::Malformed("the body holds no records".into())),
@@ -169,8 +247,7 @@ impl HttpIngest {
             self.ctx.metrics.add_bad_records(bad.len());
         }
         let accepted = decoded.batch.num_rows();
-        let mut tracker = self.tracker.lock().await;
-        publish(&self.ctx, &mut tracker, decoded.batch).await;
+        publish(&self.ctx, &mut st.tracker, decoded.batch).await;
         tracing::debug!(source = %self.name, accepted, rejected = rejected.len(), "ingested");
         Ok(IngestReport { accepted, rejected })
     }

@@ -30,6 +30,12 @@ pub fn psql(port: u16, sql: &str) -> String {
 /// Starts `sluice serve` on free ports with `lake` (set by `configure`, which may add more
 /// environment); returns the child and its pg port once it listens.
 pub fn serve_with(configure: impl FnOnce(&mut Command)) -> (Child, u16) {
+    let (child, pg, _) = serve_ports(configure);
+    (child, pg)
+}
+
+/// As [`serve_with`]; returns the pg and the HTTP ports.
+pub fn serve_ports(configure: impl FnOnce(&mut Command)) -> (Child, u16, u16) {
     let mut cmd = sluice();
     cmd.args([
         "serve",
@@ -44,16 +50,22 @@ pub fn serve_with(configure: impl FnOnce(&mut Command)) -> (Child, u16) {
     let mut child = cmd.spawn().expect("sluice starts");
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let mut port = None;
+    let mut http = None;
     for line in stdout.lines() {
         let line = line.unwrap();
         if let Some(addr) = line.strip_prefix("sluice: pgwire listening on ") {
             port = Some(addr.rsplit(':').next().unwrap().parse().unwrap());
         }
-        if line.starts_with("sluice: http listening on ") {
+        if let Some(addr) = line.strip_prefix("sluice: http listening on ") {
+            http = Some(addr.trim().rsplit(':').next().unwrap().parse().unwrap());
             break;
         }
     }
-    (child, port.expect("the startup lines name the pg address"))
+    (
+        child,
+        port.expect("the startup lines name the pg address"),
+        http.expect("the startup lines name the http address"),
+    )
 }
 
 /// The Kafka-protocol broker of the test services (`scripts/services.sh`); panics without.
