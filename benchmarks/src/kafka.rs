@@ -243,5 +243,6 @@ pub async fn run(args: &Args) -> anyhow::Result<Measured> {
         rss: (0.0, 0.0),
         latency: None,
         state: None,
+        checkpoints: None,
     })
 }

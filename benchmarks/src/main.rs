@@ -50,9 +50,20 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     parallelism: usize,
     /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop,
-    /// dedup, and kafka (needs a broker: `eval "$(scripts/services.sh start)"`).
+    /// dedup, and kafka (needs a broker: `eval "$(scripts/services.sh start)"`). Append
+    /// `+ckpt` to lake, tumble, hop or dedup to run it with checkpoints every
+    /// `--checkpoint-interval` (compare with the same pipeline without, in one run).
     #[arg(long, default_value = "source,discard,lake,bids,tumble,hop")]
     pipelines: String,
+    /// How often `+ckpt` pipelines checkpoint (state and positions to a local lake).
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    checkpoint_interval: Duration,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    sluice_engine::options::parse_duration(s)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("`{s}` is not a duration such as '1s' or '500ms'"))
 }
 
 const SOURCE: &str =
@@ -124,6 +135,8 @@ struct Measured {
     latency: Option<[Duration; 3]>,
     /// Dedup: live keys at the end, and how much the resident set grew over the run.
     state: Option<(u64, u64)>,
+    /// With checkpoints: each one's duration (request to committed), in order.
+    checkpoints: Option<Vec<Duration>>,
 }
 
 /// The process's resident set size, in bytes.
@@ -203,7 +216,7 @@ fn emission_latency(
     Some([pick(0.5), pick(0.99), *lat.last().expect("not empty")])
 }
 
-async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
+async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
     let source_sql = if matches!(kind, "tumble" | "hop" | "dedup") {
         BIDS
     } else {
@@ -271,6 +284,18 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
     };
     let stop_sampling = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = sample_rss(Arc::clone(&stop_sampling));
+    // Checkpoints go to a local lake: state as Arrow IPC files, positions in manifests.
+    let coordinator = if checkpoint {
+        let lake = Lake::open(lake_dir.path().to_str().context("UTF-8 temp dir")?)?;
+        Some(
+            sluice_engine::checkpoint::Coordinator::open(Arc::new(lake), args.checkpoint_interval)
+                .await?,
+        )
+    } else {
+        None
+    };
+    let mut ctx = ctx;
+    let durations = Arc::new(std::sync::Mutex::new(Vec::<Duration>::new()));
 
     let start_wall = Instant::now();
     let start_cpu = cpu_time();
@@ -327,16 +352,53 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
         }
         let out = FanOut::new("out");
         let sink_input = out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY);
+        let parallelism = if plan.partition_keys.is_empty() {
+            1
+        } else {
+            args.parallelism.max(1)
+        };
+        let mut checkpoints = match &coordinator {
+            Some(c) => Some(
+                c.register(sluice_engine::checkpoint::StreamRegistration {
+                    name: "bench".into(),
+                    sql: query.into(),
+                    readers: vec!["clicks".into()],
+                    parallelism,
+                    writer: kind == "lake",
+                    interval: args.checkpoint_interval,
+                })
+                .await?,
+            ),
+            None => None,
+        };
+        if let Some(c) = &mut checkpoints {
+            ctx.checkpoint = c.readers.remove("clicks");
+            let (c, durations) = (
+                coordinator.clone().expect("checkpointing"),
+                Arc::clone(&durations),
+            );
+            tokio::spawn(async move {
+                let mut next = 1;
+                loop {
+                    c.wait_for(next).await;
+                    durations
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(c.last_duration());
+                    next = c.last_completed() + 1;
+                }
+            });
+        }
         let task = StreamTask {
             name: "bench".into(),
             branches,
             output: out,
             output_schema: Arc::clone(&plan.merge_schema),
-            post: (0..args.parallelism.max(1))
+            post: (0..parallelism)
                 .map(|_| chain(&plan.post))
                 .collect::<anyhow::Result<_>>()?,
-            router: (args.parallelism > 1 && !plan.partition_keys.is_empty())
-                .then(|| HashRouter::new(plan.partition_keys.clone(), args.parallelism)),
+            router: (parallelism > 1)
+                .then(|| HashRouter::new(plan.partition_keys.clone(), parallelism)),
             event_time_column: plan
                 .event_time_column
                 .as_ref()
@@ -344,7 +406,10 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
             metrics: Arc::default(),
             bad_records: bad_tx.clone(),
             cancel: cancel.clone(),
-            checkpoints: vec![],
+            checkpoints: checkpoints
+                .as_mut()
+                .map(|c| std::mem::take(&mut c.subtasks))
+                .unwrap_or_default(),
         };
         tokio::spawn(task.run());
         let sink: Box<dyn Sink> = if let Ok(window_end) = plan.output_schema.index_of("window_end")
@@ -358,14 +423,18 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
             Box::new(Discard(Arc::clone(&counted)))
         } else {
             let lake = Lake::open(lake_dir.path().to_str().context("UTF-8 temp dir")?)?;
-            Box::new(ParquetLakeWriter::new(
+            let writer = ParquetLakeWriter::new(
                 lake,
                 "clean_clicks",
                 &plan.output_schema,
                 Some("ts"),
                 LakeWriterConfig::default(),
                 Arc::new(AtomicU64::new(0)),
-            ))
+            );
+            match checkpoints.take() {
+                Some(c) => Box::new(writer.with_checkpoints(c.writer, cancel.clone())),
+                None => Box::new(writer),
+            }
         };
         tokio::spawn(run_sink(sink_input, sink))
     };
@@ -407,14 +476,20 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
             "kept {kept} of {events}"
         );
     }
-    let name = match kind {
-        "source" => "datagen -> count (baseline)",
-        "bids" => "bids datagen -> count (baseline)",
-        "discard" => "datagen -> filter+project -> discard",
-        "lake" => "datagen -> filter+project -> lake (Parquet)",
-        "tumble" => "bids -> 10s tumble count+sum/auction -> discard",
-        "dedup" => "bids -> dedup by bidder (all live) -> discard",
-        _ => "bids -> 10s/2s hop count/auction -> discard",
+    let name = match (kind, checkpoint) {
+        ("lake", true) => "  same, checkpoints (positions only)",
+        ("tumble", true) => "  same, checkpoints (open windows)",
+        ("hop", true) => "  same, checkpoints (open windows)",
+        ("dedup", true) => "  same, checkpoints (every key)",
+        (kind, _) => match kind {
+            "source" => "datagen -> count (baseline)",
+            "bids" => "bids datagen -> count (baseline)",
+            "discard" => "datagen -> filter+project -> discard",
+            "lake" => "datagen -> filter+project -> lake (Parquet)",
+            "tumble" => "bids -> 10s tumble count+sum/auction -> discard",
+            "dedup" => "bids -> dedup by bidder (all live) -> discard",
+            _ => "bids -> 10s/2s hop count/auction -> discard",
+        },
     };
     if kind == "tumble" {
         // 1000 auctions × one window per 10 s of event time (100 000 bids/s).
@@ -438,6 +513,8 @@ async fn run(kind: &'static str, args: &Args) -> anyhow::Result<Measured> {
             let peak = samples.iter().copied().max().unwrap_or(0);
             (counted.load(Ordering::Relaxed), peak.saturating_sub(first))
         }),
+        checkpoints: checkpoint
+            .then(|| std::mem::take(&mut *durations.lock().unwrap_or_else(|e| e.into_inner()))),
     })
 }
 
@@ -470,6 +547,13 @@ fn main() -> anyhow::Result<()> {
         "emit lag ms p50|p99|max"
     );
     for kind in args.pipelines.split(',').map(str::trim) {
+        let (kind, checkpoint) = match kind.strip_suffix("+ckpt") {
+            Some(k @ ("lake" | "tumble" | "hop" | "dedup")) => (k, true),
+            Some(other) => {
+                anyhow::bail!("`{other}+ckpt`: checkpoints apply to lake, tumble, hop and dedup")
+            }
+            None => (kind, false),
+        };
         let kind: &'static str = match kind {
             "source" => "source",
             "discard" => "discard",
@@ -488,7 +572,7 @@ fn main() -> anyhow::Result<()> {
         let m = if kind == "kafka" {
             rt.block_on(kafka::run(&args))?
         } else {
-            rt.block_on(run(kind, &args))?
+            rt.block_on(run(kind, &args, checkpoint))?
         };
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let latency = m.latency.map_or("-".to_string(), |[p50, p99, max]| {
@@ -505,6 +589,21 @@ fn main() -> anyhow::Result<()> {
             format!("{:.0}|{:.0}", m.rss.0, m.rss.1),
             latency
         );
+        if let Some(d) = &m.checkpoints {
+            let max = d.iter().max().copied().unwrap_or_default();
+            let mean = d
+                .iter()
+                .sum::<Duration>()
+                .checked_div(d.len() as u32)
+                .unwrap_or_default();
+            println!(
+                "  {} checkpoints, every {:?}: {:.1} ms mean, {:.1} ms max (request to committed)",
+                d.len(),
+                args.checkpoint_interval,
+                ms(mean),
+                ms(max)
+            );
+        }
         if let Some((keys, bytes)) = m.state {
             println!(
                 "  {keys} live keys; resident set peaked {:.0} MB above the start: {:.0} bytes per key (8-byte keys, 9 encoded)",

@@ -590,7 +590,13 @@ impl Coordinator {
     /// Takes a checkpoint as soon as possible and waits until it is complete — so that
     /// everything reported so far (a finished stream's last files) is committed and visible.
     pub async fn checkpoint_now(&self) {
-        let target = self.lock().next_epoch;
+        let target = {
+            let st = self.lock();
+            if st.closing.is_some() {
+                return; // shut down: no more checkpoints
+            }
+            st.next_epoch
+        };
         self.trigger();
         self.wait_for(target).await;
     }

@@ -431,9 +431,12 @@ impl Merge {
             let Some((i, msg)) = received else {
                 return self.post_and_deliver(Message::End).await; // every branch ended
             };
-            last_seen[i] = Instant::now();
-            idle[i] = false;
             let msg = msg.unwrap_or(Message::End);
+            // Checkpoint barriers are not activity: a quiet input stays idle.
+            if !matches!(msg, Message::Barrier(_)) {
+                last_seen[i] = Instant::now();
+                idle[i] = false;
+            }
             if let Message::Data(b) = &msg {
                 self.delivery.metrics.add_rows_in(b.num_rows());
             }
