@@ -80,6 +80,7 @@ impl SourceConfig {
                     c.clone(),
                     schema,
                     raw,
+                    RecordZone::new(lake.clone(), Zone::Errors, name),
                 )))
             }
             SourceConfig::Kinesis(c) => {

@@ -200,6 +200,9 @@ impl CheckpointHandle {
 #[derive(Debug, Clone)]
 pub struct ReaderCheckpoint {
     handle: CheckpointHandle,
+    /// A source that writes to the lake itself (its raw and errors zones) reports the files
+    /// it staged through this.
+    files: Option<CheckpointHandle>,
     requests: watch::Receiver<u64>,
     next: u64,
 }
@@ -238,6 +241,20 @@ impl ReaderCheckpoint {
     /// The input ended: reports the final position.
     pub fn finish(&self, position: serde_json::Value) {
         self.handle.finish(Payload::Position(position));
+    }
+
+    /// Reports the files the reader staged in `epoch` (call before [`Self::barrier`]); they
+    /// become visible when the epoch commits. Only for a source registered with a writer.
+    pub fn staged(&self, epoch: u64, files: Vec<StagedFile>) {
+        if let Some(h) = &self.files {
+            h.report(
+                epoch,
+                Payload::Staged {
+                    files,
+                    published: Arc::default(),
+                },
+            );
+        }
     }
 }
 
@@ -495,6 +512,8 @@ impl Coordinator {
                         s.clone(),
                         ReaderCheckpoint {
                             handle: handle(format!("reader:{s}")),
+                            files: (r.writer && r.parallelism == 0)
+                                .then(|| handle("writer".into())),
                             requests: requests.clone(),
                             next: first_epoch,
                         },

@@ -178,24 +178,52 @@ pub async fn start_source(
             ingest.checkpoint(reader);
         }
     }
-    if let Some(archiver) = def
+    if let Some(mut archiver) = def
         .config
         .archiver(&def.name, Arc::clone(&def.schema), lake)
     {
+        // A source's own reader that can (kafka's) checkpoints too: its raw and errors files
+        // are committed with the epoch, and it resumes from its last position.
+        let mut checkpoint = None;
+        if let Some(c) = coordinator.filter(|_| archiver.checkpointable()) {
+            let mut ck = c
+                .register(StreamRegistration {
+                    name: source_participant(&def.name),
+                    sql: sql.to_string(),
+                    readers: vec![def.name.clone()],
+                    parallelism: 0,
+                    writer: true,
+                    interval: c.default_interval(),
+                })
+                .await?;
+            if let Some(position) = ck
+                .restored
+                .take()
+                .and_then(|r| r.positions.get(&def.name).cloned())
+            {
+                archiver.restore(&position)?;
+            }
+            checkpoint = ck.readers.remove(&def.name);
+        }
         let ctx = SourceContext {
             output: fanout.clone(),
             metrics: Arc::clone(&metrics),
             bad_records: errors_channel(lake, &def.name),
             cancel: cancel.clone(),
             watermark: def.watermark.clone(),
-            checkpoint: None,
+            checkpoint,
         };
         let status = Arc::clone(&status);
         let name = def.name.clone();
+        let coordinator = coordinator.filter(|_| ctx.checkpoint.is_some()).cloned();
         tokio::spawn(async move {
             if let Err(e) = archiver.run(ctx).await {
                 tracing::error!(source = %name, error = %e, "the source's reader failed");
                 *status.lock().unwrap_or_else(|e| e.into_inner()) = Status::Failed(e.to_string());
+                if let Some(c) = coordinator {
+                    // Checkpoints go on without it; its last position stays for a restart.
+                    c.deregister(&source_participant(&name), true);
+                }
             }
         });
     }

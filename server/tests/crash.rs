@@ -50,12 +50,35 @@ fn records() -> Vec<(String, String)> {
             let (ts, amount) = order(d);
             out.push(json(d, amount, ts));
         }
+        if i % BAD_EVERY == 0 {
+            out.push((i.to_string(), format!("{{\"order_id\": {i}, broken")));
+        }
     }
     // Sentinels under several keys, so that every partition's watermark passes the end.
     for k in 0..16 {
         out.push(json(10_000_000 + k, 0, T0 + ORDERS * 10_000 + 60_000_000));
     }
     out
+}
+
+/// Every this many orders a record that is not JSON follows (errors zone, not windows).
+const BAD_EVERY: i64 = 2_000;
+
+/// Lines in the files with extension `ext` under `dir`.
+fn lines_under(dir: &std::path::Path, ext: &str) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == ext) {
+                n += std::fs::read_to_string(&p).unwrap().lines().count();
+            }
+        }
+    }
+    n
 }
 
 /// The reference: per 10-second window (start, in seconds since the epoch), the number of
@@ -107,7 +130,8 @@ fn kill_9_at_random_moments_loses_nothing_and_duplicates_nothing() {
         &format!(
             "CREATE SOURCE orders (order_id BIGINT NOT NULL, amount BIGINT NOT NULL, ts TIMESTAMP NOT NULL,
                                    WATERMARK FOR ts AS ts - INTERVAL '5 seconds')
-             WITH (connector = 'kafka', brokers = '{brokers}', topic = '{topic}', batch_size = '200')"
+             WITH (connector = 'kafka', brokers = '{brokers}', topic = '{topic}', batch_size = '200',
+                   raw_zone = 'true')"
         ),
     );
     psql(
@@ -163,8 +187,22 @@ fn kill_9_at_random_moments_loses_nothing_and_duplicates_nothing() {
         got = landed(port);
     }
     let rows = landed_rows(port);
+    // The source's raw and errors zones: every record archived once, every bad one reported
+    // once, however often the archiver was killed.
+    let (produced, bad) = (
+        records().len(),
+        (ORDERS as usize).div_ceil(BAD_EVERY as usize),
+    );
+    let (mut raw, mut errors) = (0, 0);
+    while (raw < produced || errors < bad) && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(250));
+        raw = lines_under(&lake.path().join("raw/orders"), "ndjson");
+        errors = lines_under(&lake.path().join("errors/orders"), "jsonl");
+    }
     child.kill().unwrap();
     child.wait().unwrap();
+    assert_eq!(raw, produced, "raw zone: every record exactly once");
+    assert_eq!(errors, bad, "errors zone: every bad record exactly once");
     assert_eq!(
         rows,
         expected.len() as i64,

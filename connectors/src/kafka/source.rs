@@ -116,6 +116,9 @@ pub struct KafkaReader {
     schema: SchemaRef,
     role: ReaderRole,
     raw: Option<RecordZone>,
+    /// The archiver's errors zone, written by itself (staged) when it checkpoints; otherwise
+    /// bad records go to the context's errors writer.
+    errors: Option<RecordZone>,
     /// The source declares `_kafka_key`: keys are copied out too.
     wants_key: bool,
     /// The source declares `_kafka_headers`: headers are copied out too.
@@ -135,18 +138,22 @@ impl KafkaReader {
             schema,
             role: ReaderRole::Stream,
             raw: None,
+            errors: None,
             resume: BTreeMap::new(),
         }
     }
 
-    /// The source's archiving reader; `raw` is its raw zone when `raw_zone` is on.
+    /// The source's archiving reader; `raw` is its raw zone when `raw_zone` is on, `errors`
+    /// its errors zone.
     pub fn archiver(
         name: impl Into<String>,
         config: KafkaConfig,
         schema: SchemaRef,
         raw: Option<RecordZone>,
+        errors: RecordZone,
     ) -> Self {
         Self {
+            errors: Some(errors),
             name: name.into(),
             config,
             wants_key: false,
@@ -309,8 +316,20 @@ impl KafkaReader {
         if self.role == ReaderRole::Archive {
             if !bad.is_empty() {
                 ctx.metrics.add_bad_records(bad.len());
-                // The errors writer only goes away at shutdown.
-                let _ = ctx.bad_records.send(bad).await;
+                match &self.errors {
+                    Some(errors) => {
+                        errors.put_bad_records(&bad).await.map_err(|e| {
+                            EngineError::external(
+                                format!("kafka source `{}`: errors zone", self.name),
+                                e,
+                            )
+                        })?;
+                    }
+                    // The errors writer only goes away at shutdown.
+                    None => {
+                        let _ = ctx.bad_records.send(bad).await;
+                    }
+                }
             }
             return Ok(());
         }
@@ -405,8 +424,10 @@ impl KafkaReader {
 
 #[async_trait]
 impl SourceReader for KafkaReader {
+    /// Both roles: a stream's reader keeps its position; the archiver its position and its
+    /// raw and errors files (staged, committed with the checkpoint).
     fn checkpointable(&self) -> bool {
-        self.role == ReaderRole::Stream
+        true
     }
 
     /// Position: `{"offsets": {"<partition>": <next offset>}}`. Partitions it does not
@@ -429,8 +450,15 @@ impl SourceReader for KafkaReader {
         Ok(())
     }
 
-    async fn run(self: Box<Self>, mut ctx: SourceContext) -> sluice_engine::Result<()> {
+    async fn run(mut self: Box<Self>, mut ctx: SourceContext) -> sluice_engine::Result<()> {
         let mut checkpoint = ctx.checkpoint.take();
+        let checkpointing = checkpoint.is_some();
+        if checkpointing {
+            self.raw = self.raw.take().map(RecordZone::staging);
+            self.errors = self.errors.take().map(RecordZone::staging);
+        } else {
+            self.errors = None; // bad records go to the context's errors writer
+        }
         let mut next_offsets = self.resume.clone();
         let (consumer, partitions) = self.assign(self.consumer(&ctx.metrics)?).await?;
         let mut decoder = Decoder::new(&self.config.format, self.value_schema())?;
@@ -474,6 +502,11 @@ impl SourceReader for KafkaReader {
                         .collect();
                     let position = serde_json::json!({ "offsets": offsets });
                     if let Some(ck) = &mut checkpoint {
+                        let mut files = vec![];
+                        for zone in [&self.raw, &self.errors].into_iter().flatten() {
+                            files.extend(zone.take_staged());
+                        }
+                        ck.staged(epoch, files);
                         ck.barrier(&ctx.output, epoch, position).await;
                     }
                 }

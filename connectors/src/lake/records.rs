@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use object_store::path::Path;
 use serde::Serialize;
+use sluice_engine::checkpoint::StagedFile;
 use sluice_engine::{BadRecord, EventTime};
 use tokio::sync::mpsc;
 
@@ -20,6 +21,9 @@ pub struct RecordZone {
     lake: Lake,
     zone: Zone,
     name: String,
+    /// Two-phase commit: files are written under `_sluice/staging/` and listed here until
+    /// the checkpoint that covers them moves them into place.
+    staged: Option<std::sync::Arc<std::sync::Mutex<Vec<StagedFile>>>>,
 }
 
 #[derive(Serialize)]
@@ -40,7 +44,46 @@ impl RecordZone {
             lake,
             zone,
             name: name.into(),
+            staged: None,
         }
+    }
+
+    /// The same zone written through checkpoints' two-phase commit: each file is staged,
+    /// and [`RecordZone::take_staged`] hands the files staged so far to the checkpoint.
+    pub fn staging(mut self) -> Self {
+        self.staged = Some(std::sync::Arc::default());
+        self
+    }
+
+    /// The files staged since the last call.
+    pub fn take_staged(&self) -> Vec<StagedFile> {
+        match &self.staged {
+            Some(s) => std::mem::take(&mut *s.lock().unwrap_or_else(|e| e.into_inner())),
+            None => vec![],
+        }
+    }
+
+    /// Writes a new file at `path`, or stages it for `path`.
+    async fn write(&self, path: &Path, bytes: bytes::Bytes) -> Result<()> {
+        let Some(staged) = &self.staged else {
+            return self.lake.put(path, bytes).await;
+        };
+        let file = path.filename().unwrap_or("file").to_string();
+        let staging = self
+            .lake
+            .dir(Zone::Internal, "staging")
+            .join(self.zone.dir())
+            .join(self.name.as_str())
+            .join(file.as_str());
+        self.lake.put(&staging, bytes).await?;
+        staged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(StagedFile {
+                staged: self.lake.relative(&staging),
+                target: self.lake.relative(path),
+            });
+        Ok(())
     }
 
     fn new_path(&self, ext: &str) -> Path {
@@ -107,10 +150,10 @@ impl RecordZone {
     }
 
     /// Stores `bytes` as one new file (`ext` names its format, e.g. `ndjson`); returns its
-    /// path. Durable and visible when this returns.
+    /// path. Durable and visible when this returns (staged, with [`RecordZone::staging`]).
     pub async fn put_raw(&self, bytes: bytes::Bytes, ext: &str) -> Result<Path> {
         let path = self.new_path(ext);
-        self.lake.put(&path, bytes).await?;
+        self.write(&path, bytes).await?;
         Ok(path)
     }
 
@@ -154,7 +197,7 @@ impl RecordZone {
             buf.push(b'\n');
         }
         let path = self.new_path("jsonl");
-        self.lake.put(&path, buf).await?;
+        self.write(&path, bytes::Bytes::from(buf)).await?;
         Ok(Some(path))
     }
 }
