@@ -33,6 +33,7 @@ use datafusion::physical_expr::PhysicalExpr;
 
 use super::window_aggregate::{aggregate_inputs, create_accumulators};
 use super::{ForwardedWatermark, WindowAggregateSpec, bad_row, evaluate_all, gather_rows};
+use crate::checkpoint::{KeyFilter, OperatorState};
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
 use crate::time::EventTime;
@@ -214,10 +215,66 @@ impl SessionAggregate {
 }
 
 impl Operator for SessionAggregate {
-    /// Not yet: its held rows are not snapshotted, so a stream with sessions runs without
-    /// checkpoints.
-    fn checkpointable(&self) -> bool {
-        false
+    /// State: the watermarks, and table `rows`: every row of the open sessions, session by
+    /// session in arrival order (input rows). Restoring feeds them in again with no
+    /// watermark in force, which rebuilds the same sessions.
+    fn snapshot(&mut self) -> Result<Option<OperatorState>> {
+        let mut state = OperatorState::default();
+        if let Some(w) = self.watermark {
+            state.values.insert("watermark".into(), w);
+        }
+        state.values.insert("forwarded".into(), self.forwarded.0);
+        let held: Vec<(u64, u32)> = self
+            .sessions
+            .values()
+            .flatten()
+            .flat_map(|s| s.rows.iter().copied())
+            .collect();
+        if let Some((batch, _)) = self.batches.values().next()
+            && !held.is_empty()
+        {
+            let schema = batch.schema();
+            let columns = gather_rows(&self.batches, held.into_iter())?;
+            state
+                .tables
+                .insert("rows".into(), RecordBatch::try_new(schema, columns)?);
+        }
+        Ok(Some(state))
+    }
+
+    fn restore(&mut self, parts: Vec<OperatorState>, keep: &KeyFilter) -> Result<()> {
+        let mut watermark: Option<i64> = None;
+        let mut rows = vec![];
+        for part in parts {
+            if let Some(w) = part.values.get("watermark") {
+                watermark = Some(watermark.map_or(*w, |m| m.min(*w)));
+            }
+            if let Some(f) = part.values.get("forwarded") {
+                self.forwarded.0 = if self.forwarded.0 == i64::MIN {
+                    *f
+                } else {
+                    self.forwarded.0.min(*f)
+                };
+            }
+            if let Some(t) = part.tables.get("rows")
+                && let Some(mine) = keep.keep_rows(t)?
+            {
+                rows.push(mine);
+            }
+        }
+        // No horizon while the held rows go in: none of them is late, as none was.
+        self.watermark = None;
+        let mut out = Collector::default();
+        for batch in rows {
+            self.process_batch(batch, &mut out)?;
+        }
+        if !out.take_messages().is_empty() || !out.take_rejected().is_empty() {
+            return Err(EngineError::Internal(
+                "session aggregate: restoring held rows emitted or rejected some".into(),
+            ));
+        }
+        self.watermark = watermark;
+        Ok(())
     }
 
     fn name(&self) -> &str {
