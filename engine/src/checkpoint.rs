@@ -40,7 +40,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::error::{EngineError, Result};
 use crate::fanout::FanOut;
-use crate::message::{Barrier, Message};
+use crate::message::{BadRecord, Barrier, Message};
 use crate::router::HashRouter;
 
 /// The manifest format this build writes; it reads this one and every older one.
@@ -67,6 +67,8 @@ pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
     /// Moves `staged` to `target`. Idempotent: when `staged` is gone and `target` exists,
     /// the move already happened.
     async fn publish(&self, staged: &str, target: &str) -> Result<()>;
+    /// Stages `records` as one errors-zone file of `name` (published with the epoch).
+    async fn stage_errors(&self, name: &str, records: &[BadRecord]) -> Result<StagedFile>;
 }
 
 /// A copy of one operator's state, taken when a barrier passes it.
@@ -137,8 +139,14 @@ pub struct StagedFile {
 pub enum Payload {
     /// A reader's position (connector-defined JSON: offsets, sequence numbers, row counts).
     Position(serde_json::Value),
-    /// A subtask's operator states, one per operator of its chain (`None`: stateless).
-    State(Vec<Option<OperatorState>>),
+    /// A subtask's operator states, one per operator of its chain (`None`: stateless), and
+    /// the rows its stream rejected in the epoch (they reach the errors zone with it).
+    State {
+        /// The states.
+        operators: Vec<Option<OperatorState>>,
+        /// Rejected rows.
+        rejected: Vec<BadRecord>,
+    },
     /// A lake writer's staged files; `published` counts them once they are visible.
     Staged {
         /// The files.
@@ -811,7 +819,13 @@ async fn commit(
                             published: Arc::clone(published),
                         },
                         Payload::Position(v) => Payload::Position(v.clone()),
-                        Payload::State(s) => Payload::State(s.clone()),
+                        Payload::State {
+                            operators,
+                            rejected,
+                        } => Payload::State {
+                            operators: operators.clone(),
+                            rejected: std::mem::take(rejected),
+                        },
                     };
                     parts.push((p.clone(), payload));
                 }
@@ -833,7 +847,17 @@ async fn commit(
                 (Some(("reader", source)), Payload::Position(v)) => {
                     c.positions.insert(source.to_string(), v);
                 }
-                (Some(("subtask", k)), Payload::State(states)) => {
+                (
+                    Some(("subtask", k)),
+                    Payload::State {
+                        operators: states,
+                        rejected,
+                    },
+                ) => {
+                    if !rejected.is_empty() {
+                        c.staged
+                            .push(shared.store.stage_errors(&name, &rejected).await?);
+                    }
                     let k: usize = k.parse().unwrap_or(0);
                     let mut stored = vec![];
                     for (i, s) in states.into_iter().enumerate() {

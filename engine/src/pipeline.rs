@@ -21,6 +21,7 @@
 //!
 //! A key's rows all go to one subtask, in order, so per-key order is kept end to end.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -85,6 +86,10 @@ pub struct StreamTask {
     pub checkpoints: Vec<CheckpointHandle>,
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Hands a stream's results and rejected rows on, counting them.
 #[derive(Debug, Clone)]
 struct Delivery {
@@ -92,19 +97,68 @@ struct Delivery {
     metrics: Arc<Metrics>,
     event_time_column: Option<usize>,
     bad_records: mpsc::Sender<Vec<BadRecord>>,
+    /// With checkpoints, rejected rows are held here until the barrier that covers them and
+    /// reach the errors zone with its epoch (so a replay after a crash does not report them
+    /// twice). One buffer per task.
+    held: Option<Arc<std::sync::Mutex<Vec<BadRecord>>>>,
+    /// Parallel stage: what the merging task rejected before each barrier (by epoch;
+    /// `u64::MAX` for the end), reported by subtask 0 with its state.
+    merged_rejects: Arc<std::sync::Mutex<BTreeMap<u64, Vec<BadRecord>>>>,
 }
+
+/// The key of [`Delivery::merged_rejects`] for the end of input.
+const END_EPOCH: u64 = u64::MAX;
 
 impl Delivery {
     /// Counts what the operators counted and rejected, and hands the rejected rows to the
     /// errors-zone writer.
     async fn rejected(&self, out: &mut Collector) {
         self.metrics.add_operator_counts(out.take_counts());
-        let rejected = out.take_rejected();
+        let mut rejected = out.take_rejected();
         if !rejected.is_empty() {
             self.metrics.add_bad_records(rejected.len());
+            if let Some(held) = &self.held {
+                lock(held).append(&mut rejected);
+                return;
+            }
             // The errors-zone writer only goes away at shutdown; losing its channel then is
             // not an error of this stream.
             let _ = self.bad_records.send(rejected).await;
+        }
+    }
+
+    /// The same, for another task: its own buffer of held rows.
+    fn for_task(&self) -> Self {
+        let mut d = self.clone();
+        d.held = self.held.as_ref().map(|_| Arc::default());
+        d
+    }
+
+    /// Takes the rows held so far (and, for `epoch`, those the merging task set aside).
+    fn take_held(&self, with_merged: Option<u64>) -> Vec<BadRecord> {
+        let mut rows = self
+            .held
+            .as_ref()
+            .map(|h| std::mem::take(&mut *lock(h)))
+            .unwrap_or_default();
+        if let Some(epoch) = with_merged
+            && let Some(mut merged) = lock(&self.merged_rejects).remove(&epoch)
+        {
+            merged.append(&mut rows);
+            rows = merged;
+        }
+        rows
+    }
+
+    /// The merging task, at a barrier (or the end) of the parallel stage: its held rows go
+    /// with subtask 0's report for that epoch.
+    fn set_aside(&self, epoch: u64) {
+        let rows = self.take_held(None);
+        if self.held.is_some() {
+            lock(&self.merged_rejects)
+                .entry(epoch)
+                .or_default()
+                .extend(rows);
         }
     }
 
@@ -184,6 +238,8 @@ impl StreamTask {
             metrics,
             event_time_column,
             bad_records,
+            held: (!checkpoints.is_empty()).then(Arc::default),
+            merged_rejects: Arc::default(),
         };
         let mut workers = vec![];
         let stage = match router {
@@ -199,7 +255,8 @@ impl StreamTask {
                         chain,
                         rx,
                         merged,
-                        delivery.clone(),
+                        delivery.for_task(),
+                        k == 0,
                         checkpoints.get(k).cloned(),
                         cancel.clone(),
                     )));
@@ -243,12 +300,14 @@ impl StreamTask {
 
 /// Runs `msg` through `chain`; when it is a barrier (or the end of the input) and the
 /// stream checkpoints, reports the chain's state for it.
-fn process_and_snapshot(
+async fn process_and_snapshot(
     chain: &mut OperatorChain,
     msg: Message,
     out: &mut Collector,
+    delivery: &Delivery,
     checkpoint: Option<&CheckpointHandle>,
     cancel: &CancellationToken,
+    with_merged: bool,
 ) -> Result<()> {
     let report = match (&msg, checkpoint) {
         (Message::Barrier(b), Some(h)) => Some((Some(b.epoch), h)),
@@ -257,8 +316,13 @@ fn process_and_snapshot(
         _ => None,
     };
     chain.process(msg, out)?;
+    delivery.rejected(out).await;
     if let Some((epoch, h)) = report {
-        let state = Payload::State(chain.snapshot()?);
+        let merged = with_merged.then_some(epoch.unwrap_or(END_EPOCH));
+        let state = Payload::State {
+            operators: chain.snapshot()?,
+            rejected: delivery.take_held(merged),
+        };
         match epoch {
             Some(e) => h.report(e, state),
             None => h.finish(state),
@@ -273,14 +337,23 @@ async fn run_subtask(
     mut input: mpsc::Receiver<Message>,
     merged: mpsc::Sender<Message>,
     delivery: Delivery,
+    first: bool,
     checkpoint: Option<CheckpointHandle>,
     cancel: CancellationToken,
 ) -> Result<()> {
     while let Some(msg) = input.recv().await {
         let end = matches!(msg, Message::End);
         let mut out = Collector::default();
-        process_and_snapshot(&mut chain, msg, &mut out, checkpoint.as_ref(), &cancel)?;
-        delivery.rejected(&mut out).await;
+        process_and_snapshot(
+            &mut chain,
+            msg,
+            &mut out,
+            &delivery,
+            checkpoint.as_ref(),
+            &cancel,
+            first,
+        )
+        .await?;
         for m in out.take_messages() {
             if merged.send(m).await.is_err() {
                 return Ok(()); // the merger is gone: the stream is shutting down
@@ -520,13 +593,26 @@ impl Merge {
         match &mut self.stage {
             Stage::Inline(chain) => {
                 let mut out = Collector::default();
-                process_and_snapshot(chain, msg, &mut out, self.checkpoint.as_ref(), &self.cancel)?;
-                self.delivery.rejected(&mut out).await;
+                process_and_snapshot(
+                    chain,
+                    msg,
+                    &mut out,
+                    &self.delivery,
+                    self.checkpoint.as_ref(),
+                    &self.cancel,
+                    false,
+                )
+                .await?;
                 for m in out.take_messages() {
                     self.delivery.deliver(m).await;
                 }
             }
             Stage::Parallel { router, inputs } => {
+                match &msg {
+                    Message::Barrier(b) => self.delivery.set_aside(b.epoch),
+                    Message::End => self.delivery.set_aside(END_EPOCH),
+                    _ => {}
+                }
                 let sent = match msg {
                     Message::Data(batch) => {
                         let mut ok = true;

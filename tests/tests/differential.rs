@@ -131,6 +131,15 @@ fn relations() -> BTreeMap<String, Relation> {
 /// a real `FanOut`, a watermark after each batch, then `End`, into the lake writer. Returns
 /// the rows of the Parquet files written.
 async fn run_stream(sql: &str, input: &Input, parallelism: usize) -> Vec<String> {
+    run_stream_counting_rejects(sql, input, parallelism).await.0
+}
+
+/// [`run_stream`], and how many rows the stream rejected (late ones, here).
+async fn run_stream_counting_rejects(
+    sql: &str,
+    input: &Input,
+    parallelism: usize,
+) -> (Vec<String>, usize) {
     let stmt = match parse_sql(sql).unwrap().pop().unwrap() {
         SluiceStatement::CreateStream(c) => c,
         other => panic!("not a CREATE STREAM: {other:?}"),
@@ -180,7 +189,13 @@ async fn run_stream(sql: &str, input: &Input, parallelism: usize) -> Vec<String>
         Arc::default(),
     );
     let written = tokio::spawn(run_sink(output.subscribe(16), Box::new(writer)));
-    tokio::spawn(async move { while bad_rx.recv().await.is_some() {} });
+    let rejected = tokio::spawn(async move {
+        let mut n = 0;
+        while let Some(rows) = bad_rx.recv().await {
+            n += rows.len();
+        }
+        n
+    });
     let running = tokio::spawn(task.run());
     for (batch, wm) in input.batches.iter().zip(&input.watermarks) {
         source.send(Message::Data(batch.clone())).await;
@@ -193,7 +208,7 @@ async fn run_stream(sql: &str, input: &Input, parallelism: usize) -> Vec<String>
         .iter()
         .flat_map(|f| read_parquet(f))
         .collect();
-    rows(&batches)
+    (rows(&batches), rejected.await.unwrap())
 }
 
 /// DataFusion's batch answer to `sql` over every event of `input`.
@@ -543,11 +558,15 @@ proptest! {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         for (stream, _) in CASES {
             let (straight, restored) = runtime.block_on(async {
-                let straight = run_stream(stream, &input, before).await;
+                let straight = run_stream_counting_rejects(stream, &input, before).await;
                 let dir = tempfile::tempdir().unwrap();
                 run_checkpointed(stream, &input, before, dir.path(), Some((cut, extra))).await;
                 run_checkpointed(stream, &input, after, dir.path(), None).await;
-                (straight, lake_rows(dir.path()))
+                let errors = files_with_ext(&dir.path().join("errors/s"), "jsonl")
+                    .iter()
+                    .map(|f| std::fs::read_to_string(f).unwrap().lines().count())
+                    .sum::<usize>();
+                (straight, (lake_rows(dir.path()), errors))
             });
             prop_assert_eq!(restored, straight, "{} (parallelism {} then {}, checkpoint after batch {})", stream, before, after, cut);
         }

@@ -248,6 +248,20 @@ impl sluice_engine::checkpoint::CheckpointStore for Lake {
             Err(e) => Err(lake_error(&format!("publishing {staged}"), e)),
         }
     }
+
+    async fn stage_errors(
+        &self,
+        name: &str,
+        records: &[sluice_engine::BadRecord],
+    ) -> sluice_engine::Result<sluice_engine::checkpoint::StagedFile> {
+        let zone = RecordZone::new(self.clone(), Zone::Errors, name).staging();
+        zone.put_bad_records(records)
+            .await
+            .map_err(|e| lake_error(&format!("errors of {name}"), e))?;
+        zone.take_staged()
+            .pop()
+            .ok_or_else(|| sluice_engine::EngineError::Internal("no errors file staged".into()))
+    }
 }
 
 /// The `dt` and `hour` partition values for a time in microseconds (`None`: Hive's default
