@@ -212,6 +212,8 @@ pub struct ReaderCheckpoint {
     /// it staged through this.
     files: Option<CheckpointHandle>,
     requests: watch::Receiver<u64>,
+    /// The last epoch committed.
+    completed: watch::Receiver<u64>,
     next: u64,
 }
 
@@ -244,6 +246,14 @@ impl ReaderCheckpoint {
         self.handle.report(epoch, Payload::Position(position));
         self.next = epoch + 1;
         output.send(Message::Barrier(Barrier { epoch })).await;
+    }
+
+    /// The epochs of committed checkpoints as they happen, from now on. (A source can then
+    /// tell the outside what is durable, e.g. commit a Kafka consumer group's offsets.)
+    pub fn committed_epochs(&self) -> watch::Receiver<u64> {
+        let mut rx = self.completed.clone();
+        rx.mark_unchanged();
+        rx
     }
 
     /// The input ended: reports the final position.
@@ -523,6 +533,7 @@ impl Coordinator {
                             files: (r.writer && r.parallelism == 0)
                                 .then(|| handle("writer".into())),
                             requests: requests.clone(),
+                            completed: self.shared.completed.subscribe(),
                             next: first_epoch,
                         },
                     )

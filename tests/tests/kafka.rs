@@ -430,3 +430,97 @@ async fn an_empty_partition_stops_holding_windows_after_idle_timeout() {
     assert_eq!(first, 3);
     server.shutdown().await;
 }
+
+/// The offsets the consumer group `group` committed on `topic`'s partition 0, if any.
+fn committed_offset(brokers: &str, group: &str, topic: &str) -> Option<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .ok()?;
+    match committed.elements().first()?.offset() {
+        rdkafka::Offset::Offset(o) => Some(o),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archived_offsets_are_committed_and_start_committed_resumes_there() {
+    let brokers = kafka_brokers();
+    let topic = format!("committed-{}", std::process::id());
+    create_topic(&brokers, &topic, 1).await;
+    let producer = producer(&brokers);
+    let send = |ids: std::ops::Range<i64>| {
+        let (producer, topic) = (producer.clone(), topic.clone());
+        async move {
+            for id in ids {
+                let value = format!(r#"{{"id":{id},"ts":"2024-05-01T08:00:00Z"}}"#);
+                producer
+                    .send(
+                        FutureRecord::<str, str>::to(&topic).payload(&value),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .expect("acknowledged");
+            }
+        }
+    };
+    send(0..100).await;
+    let lake = tempfile::tempdir().unwrap();
+    let server = start_server(lake.path()).await;
+    let client = pg_connect(server.pg_addr).await;
+    let source = |start: &str| {
+        format!(
+            "CREATE SOURCE ids (id BIGINT NOT NULL, ts TIMESTAMP NOT NULL)
+             WITH (connector = 'kafka', brokers = '{brokers}', topic = '{topic}', raw_zone = 'true',
+                   start = '{start}')"
+        )
+    };
+    client.batch_execute(&source("earliest")).await.unwrap();
+    // Once a checkpoint made the archived records durable, the group has their offsets.
+    let group = "sluice-ids";
+    wait_for(
+        "the archived offsets to be committed",
+        Duration::from_secs(60),
+        || async { (committed_offset(&brokers, group, &topic) == Some(100)).then_some(()) },
+    )
+    .await;
+    client.batch_execute("DROP SOURCE ids").await.unwrap();
+    send(100..150).await;
+    // A source starting at the committed offsets sees only what was not archived yet.
+    client.batch_execute(&source("committed")).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE STREAM fresh WITH (rollover_interval = '200 ms') AS SELECT id FROM ids",
+        )
+        .await
+        .unwrap();
+    let (n, min): (i64, i64) = wait_for("the new records", Duration::from_secs(60), || async {
+        let row = client
+            .query_one("SELECT count(*), coalesce(min(id), -1) FROM fresh", &[])
+            .await
+            .ok()?;
+        let n: i64 = row.get(0);
+        (n >= 50).then(|| (n, row.get(1)))
+    })
+    .await;
+    assert_eq!((n, min), (50, 100), "only the 50 records produced after the commit");
+    let err = client
+        .batch_execute(&source("stored").replace("ids", "other"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("'earliest', 'latest' or 'committed'"),
+        "{err}"
+    );
+    server.shutdown().await;
+}

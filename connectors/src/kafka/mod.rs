@@ -15,7 +15,9 @@
 //!   per record value, fields in column order, no header) or `avro` (Confluent wire format;
 //!   see [`crate::formats::avro`] for schema resolution).
 //! - `schema_registry` — with `avro`: the URL of a Confluent-compatible schema registry.
-//! - `start` — `earliest` (the default) or `latest`: where a stream starts reading.
+//! - `start` — `earliest` (the default), `latest`, or `committed` (where the source's
+//!   consumer group `sluice-<source>` committed: Sluice commits the offsets the source has
+//!   archived once a checkpoint made them durable): where a stream starts reading.
 //! - `raw_zone` — `true` archives every record value as received under `raw/<source>/…`
 //!   before it is decoded (default `false`).
 //! - `batch_size` — records per batch at most (default 8192); a batch is also cut after
@@ -65,6 +67,10 @@ pub enum StartPosition {
     Earliest,
     /// Only records produced after the reader starts.
     Latest,
+    /// Where the source's consumer group (`sluice-<source>`) committed: Sluice commits the
+    /// offsets of what the source archived once a checkpoint made it durable. Partitions
+    /// without a committed offset start at the earliest record.
+    Committed,
 }
 
 /// Validated options of a `kafka` source.
@@ -142,7 +148,12 @@ impl KafkaConfig {
             Some(s) => match s.to_ascii_lowercase().as_str() {
                 "earliest" => StartPosition::Earliest,
                 "latest" => StartPosition::Latest,
-                _ => return Err(opts.bad("start", &s, "'earliest' or 'latest'").into()),
+                "committed" => StartPosition::Committed,
+                _ => {
+                    return Err(opts
+                        .bad("start", &s, "'earliest', 'latest' or 'committed'")
+                        .into());
+                }
             },
         };
         let raw_zone = opts.take_bool("raw_zone")?.unwrap_or(false);

@@ -187,7 +187,7 @@ impl KafkaReader {
             .set(
                 "auto.offset.reset",
                 match self.config.start {
-                    StartPosition::Earliest => "earliest",
+                    StartPosition::Earliest | StartPosition::Committed => "earliest",
                     StartPosition::Latest => "latest",
                 },
             );
@@ -211,6 +211,7 @@ impl KafkaReader {
         let start = match self.config.start {
             StartPosition::Earliest => Offset::Beginning,
             StartPosition::Latest => Offset::End,
+            StartPosition::Committed => Offset::Stored,
         };
         let name = self.name.clone();
         let resume = self.resume.clone();
@@ -408,6 +409,21 @@ impl KafkaReader {
         })
     }
 
+    /// Commits `offsets` (the next offset per partition) to the source's consumer group,
+    /// asynchronously: a failed commit only means a `start = 'committed'` reader starts a
+    /// little earlier.
+    fn commit(&self, consumer: &BaseConsumer<LagReporter>, offsets: &BTreeMap<i32, i64>) {
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in offsets {
+            if let Err(e) = tpl.add_partition_offset(&self.config.topic, *p, Offset::Offset(*o)) {
+                tracing::warn!(source = %self.name, "kafka: cannot commit partition {p}: {e}");
+            }
+        }
+        if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
+            tracing::warn!(source = %self.name, "kafka: committing offsets failed: {e}");
+        }
+    }
+
     /// Sends the source's watermark (see [`SplitClock`]), if it advanced.
     async fn advance_watermark(
         &self,
@@ -453,6 +469,10 @@ impl SourceReader for KafkaReader {
     async fn run(mut self: Box<Self>, mut ctx: SourceContext) -> sluice_engine::Result<()> {
         let mut checkpoint = ctx.checkpoint.take();
         let checkpointing = checkpoint.is_some();
+        // The archiver commits to the consumer group what each committed checkpoint covers.
+        let mut to_commit: BTreeMap<u64, BTreeMap<i32, i64>> = BTreeMap::new();
+        let commits = self.role == ReaderRole::Archive && checkpointing;
+        let mut committed = checkpoint.as_ref().map(|c| c.committed_epochs());
         if checkpointing {
             self.raw = self.raw.take().map(RecordZone::staging);
             self.errors = self.errors.take().map(RecordZone::staging);
@@ -461,6 +481,7 @@ impl SourceReader for KafkaReader {
         }
         let mut next_offsets = self.resume.clone();
         let (consumer, partitions) = self.assign(self.consumer(&ctx.metrics)?).await?;
+        let consumer = Arc::new(consumer);
         let mut decoder = Decoder::new(&self.config.format, self.value_schema())?;
         // Every partition holds the watermark back until it delivers (or, with the source's
         // `idle_timeout`, until it has been quiet that long).
@@ -473,7 +494,7 @@ impl SourceReader for KafkaReader {
         // per-record wake-ups or timers on the async side.
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
         let poller = Poller {
-            consumer,
+            consumer: Arc::clone(&consumer),
             batch_size: self.config.batch_size,
             linger: self.config.linger,
             wants_key: self.wants_key,
@@ -509,10 +530,31 @@ impl SourceReader for KafkaReader {
                         ck.staged(epoch, files);
                         ck.barrier(&ctx.output, epoch, position).await;
                     }
+                    if commits {
+                        to_commit.insert(epoch, next_offsets.clone());
+                    }
+                }
+                epoch = checkpoint_committed(&mut committed), if commits => {
+                    let mut done = to_commit.split_off(&(epoch + 1));
+                    std::mem::swap(&mut done, &mut to_commit);
+                    if let Some((_, offsets)) = done.pop_last() {
+                        self.commit(&consumer, &offsets);
+                    }
                 }
                 _ = idle_tick.tick() => self.advance_watermark(&ctx, &clock, &mut emitted).await,
             }
         }
+    }
+}
+
+/// The epoch of the next committed checkpoint; never, without checkpoints.
+async fn checkpoint_committed(committed: &mut Option<tokio::sync::watch::Receiver<u64>>) -> u64 {
+    match committed {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => *rx.borrow_and_update(),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 
@@ -527,7 +569,7 @@ async fn barrier_due(checkpoint: &mut Option<sluice_engine::checkpoint::ReaderCh
 /// Polls the consumer on a blocking thread; hands over a batch when it holds `batch_size`
 /// records or its first record is `linger` old.
 struct Poller {
-    consumer: BaseConsumer<LagReporter>,
+    consumer: Arc<BaseConsumer<LagReporter>>,
     batch_size: usize,
     linger: Duration,
     wants_key: bool,
