@@ -92,6 +92,7 @@ impl SourceConfig {
                     c.clone(),
                     schema,
                     raw,
+                    RecordZone::new(lake.clone(), Zone::Errors, name),
                 )))
             }
             SourceConfig::S3(c) => Some(Box::new(LandingReader::new(

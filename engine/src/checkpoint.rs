@@ -276,6 +276,18 @@ impl ReaderCheckpoint {
     }
 }
 
+/// The epoch of the barrier a reader owes: [`ReaderCheckpoint::requested`], or never
+/// without checkpoints (for `select!` loops over an optional checkpoint).
+///
+/// # Cancel safety
+/// Cancel safe.
+pub async fn barrier_due(checkpoint: &mut Option<ReaderCheckpoint>) -> u64 {
+    match checkpoint {
+        Some(ck) => ck.requested().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What the manifest holds of one operator's state.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StoredState {

@@ -510,7 +510,11 @@ async fn archived_offsets_are_committed_and_start_committed_resumes_there() {
         (n >= 50).then(|| (n, row.get(1)))
     })
     .await;
-    assert_eq!((n, min), (50, 100), "only the 50 records produced after the commit");
+    assert_eq!(
+        (n, min),
+        (50, 100),
+        "only the 50 records produced after the commit"
+    );
     let err = client
         .batch_execute(&source("stored").replace("ids", "other"))
         .await

@@ -239,3 +239,63 @@ async fn records_cross_a_shard_split_and_a_kinesis_sink_once_and_in_key_order() 
     .await;
     server.shutdown().await;
 }
+
+/// Lines in the files with extension `ext` under `dir`.
+fn lines_under(dir: &std::path::Path, ext: &str) -> usize {
+    sluice_tests::files_with_ext(dir, ext)
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap().lines().count())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_every_shard_from_the_checkpoint() {
+    let client = kinesis_client();
+    let endpoint = kinesis_endpoint();
+    let input = format!("resume-{}", std::process::id());
+    create_stream(&client, &input, 2).await;
+    put_shipments(&client, &input, 0..60).await;
+    let lake = tempfile::tempdir().unwrap();
+    let definitions = format!(
+        "CREATE SOURCE shipments (order_id TEXT NOT NULL, seq BIGINT NOT NULL, status TEXT,
+                                  ts TIMESTAMP NOT NULL)
+         WITH (connector = 'kinesis', stream = '{input}', endpoint = '{endpoint}',
+               start = 'trim_horizon', poll_interval = '100 ms', raw_zone = 'true');
+         CREATE STREAM all_shipments WITH (rollover_interval = '100 ms') AS SELECT * FROM shipments"
+    );
+    let server = start_server(lake.path()).await;
+    let pg = pg_connect(server.pg_addr).await;
+    pg.batch_execute(&definitions).await.unwrap();
+    wait_for("the first shipments", Duration::from_secs(60), || async {
+        (scalar(&pg, "SELECT count(*) FROM all_shipments").await == 60).then_some(())
+    })
+    .await;
+    server.shutdown().await;
+
+    // More records while it is down; the restarted server reads on from its checkpoint.
+    put_shipments(&client, &input, 60..100).await;
+    let server = start_server(lake.path()).await;
+    let pg = pg_connect(server.pg_addr).await;
+    wait_for("every shipment", Duration::from_secs(60), || async {
+        (scalar(&pg, "SELECT count(*) FROM all_shipments").await >= 100).then_some(())
+    })
+    .await;
+    // A moment for anything read twice to show.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        scalar(&pg, "SELECT count(*) FROM all_shipments").await,
+        100,
+        "every shipment exactly once"
+    );
+    assert_eq!(
+        scalar(&pg, "SELECT count(DISTINCT seq) FROM all_shipments").await,
+        100
+    );
+    let raw = wait_for("the raw zone", Duration::from_secs(30), || async {
+        let n = lines_under(&lake.path().join("raw/shipments"), "ndjson");
+        (n >= 100).then_some(n)
+    })
+    .await;
+    assert_eq!(raw, 100, "the raw zone holds every record once");
+    server.shutdown().await;
+}

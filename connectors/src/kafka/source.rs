@@ -516,7 +516,7 @@ impl SourceReader for KafkaReader {
                     }
                     None => return Err(EngineError::Internal("kafka polling thread ended".into())),
                 },
-                epoch = barrier_due(&mut checkpoint) => {
+                epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
                     let offsets: serde_json::Map<String, serde_json::Value> = next_offsets
                         .iter()
                         .map(|(p, o)| (p.to_string(), (*o).into()))
@@ -554,14 +554,6 @@ async fn checkpoint_committed(committed: &mut Option<tokio::sync::watch::Receive
             Ok(()) => *rx.borrow_and_update(),
             Err(_) => std::future::pending().await,
         },
-        None => std::future::pending().await,
-    }
-}
-
-/// The epoch of the barrier a checkpointing reader owes; never, without checkpoints.
-async fn barrier_due(checkpoint: &mut Option<sluice_engine::checkpoint::ReaderCheckpoint>) -> u64 {
-    match checkpoint {
-        Some(ck) => ck.requested().await,
         None => std::future::pending().await,
     }
 }

@@ -60,6 +60,40 @@ pub struct KinesisReader {
     schema: SchemaRef,
     role: ReaderRole,
     raw: Option<RecordZone>,
+    /// The archiver's errors zone, written by itself (staged) when it checkpoints.
+    errors: Option<RecordZone>,
+    /// Where to resume, from a checkpoint.
+    resume: Option<Resume>,
+}
+
+/// A checkpointed position: per shard started, the sequence number of the last record
+/// handed over (`None`: none yet); and the shards read to their end.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Resume {
+    shards: BTreeMap<String, Option<String>>,
+    ended: std::collections::BTreeSet<String>,
+}
+
+impl Resume {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "shards": self.shards, "ended": self.ended })
+    }
+
+    fn from_json(v: &serde_json::Value) -> Option<Self> {
+        let shards = v
+            .get("shards")?
+            .as_object()?
+            .iter()
+            .map(|(k, s)| Some((k.clone(), s.as_str().map(str::to_string))))
+            .collect::<Option<_>>()?;
+        let ended = v
+            .get("ended")?
+            .as_array()?
+            .iter()
+            .map(|s| s.as_str().map(str::to_string))
+            .collect::<Option<_>>()?;
+        Some(Self { shards, ended })
+    }
 }
 
 impl KinesisReader {
@@ -71,6 +105,8 @@ impl KinesisReader {
             schema,
             role: ReaderRole::Stream,
             raw: None,
+            errors: None,
+            resume: None,
         }
     }
 
@@ -80,6 +116,7 @@ impl KinesisReader {
         config: KinesisConfig,
         schema: SchemaRef,
         raw: Option<RecordZone>,
+        errors: RecordZone,
     ) -> Self {
         Self {
             name: name.into(),
@@ -87,6 +124,8 @@ impl KinesisReader {
             schema,
             role: ReaderRole::Archive,
             raw,
+            errors: Some(errors),
+            resume: None,
         }
     }
 
@@ -175,7 +214,16 @@ impl KinesisReader {
                     })
                     .collect();
                 ctx.metrics.add_bad_records(bad.len());
-                let _ = ctx.bad_records.send(bad).await;
+                match &self.errors {
+                    Some(errors) => errors
+                        .put_bad_records(&bad)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| self.failed(format!("errors zone: {e}")))?,
+                    None => {
+                        let _ = ctx.bad_records.send(bad).await;
+                    }
+                }
             }
             return Ok(());
         }
@@ -233,6 +281,8 @@ struct ShardReader {
     stream: String,
     shard: String,
     start: ShardIteratorType,
+    /// Resume after this sequence number (from a checkpoint) instead of at `start`.
+    after: Option<String>,
     limit: i32,
     poll_interval: Duration,
 }
@@ -270,8 +320,8 @@ impl ShardReader {
     }
 
     async fn read(&self, tx: &mpsc::Sender<Result<ShardBatch, String>>) -> Result<(), String> {
-        let mut iterator = self.iterator(None).await?;
-        let mut last: Option<String> = None;
+        let mut iterator = self.iterator(self.after.as_deref()).await?;
+        let mut last: Option<String> = self.after.clone();
         let mut failures = 0u32;
         loop {
             let called = tokio::time::Instant::now();
@@ -357,7 +407,32 @@ fn shard_number(id: &str) -> i32 {
 
 #[async_trait]
 impl SourceReader for KinesisReader {
-    async fn run(self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
+    fn checkpointable(&self) -> bool {
+        true
+    }
+
+    /// Position: `{"shards": {"<shard id>": "<last sequence number>" | null}, "ended": [...]}`.
+    fn restore(&mut self, position: &serde_json::Value) -> sluice_engine::Result<()> {
+        self.resume = Some(Resume::from_json(position).ok_or_else(|| {
+            EngineError::Checkpoint(format!(
+                "kinesis source `{}`: position {position} is not {{\"shards\": {{…}}, \"ended\": […]}}",
+                self.name
+            ))
+        })?);
+        Ok(())
+    }
+
+    async fn run(mut self: Box<Self>, mut ctx: SourceContext) -> sluice_engine::Result<()> {
+        let mut checkpoint = ctx.checkpoint.take();
+        if checkpoint.is_some() {
+            self.raw = self.raw.take().map(RecordZone::staging);
+            self.errors = self.errors.take().map(RecordZone::staging);
+        } else {
+            self.errors = None; // bad records go to the context's errors writer
+        }
+        let resume = self.resume.take();
+        // What has been handed over so far, for checkpoints.
+        let mut position = resume.clone().unwrap_or_default();
         let client = self.config.aws.client().await;
         let mut decoder = Decoder::new(&self.config.format, self.value_schema())?;
         let (tx, mut rx) = mpsc::channel::<Result<ShardBatch, String>>(16);
@@ -367,7 +442,8 @@ impl SourceReader for KinesisReader {
         let mut clock: SplitClock<String> = SplitClock::default();
         let mut lag: BTreeMap<String, i64> = BTreeMap::new();
         let mut emitted = None;
-        let mut first_listing = true;
+        // After a restore, shards are read on from their positions, never from `latest`.
+        let mut first_listing = resume.is_none();
         let mut discovery = tokio::time::interval(DISCOVERY_INTERVAL);
         let mut idle_tick = tokio::time::interval(Duration::from_secs(1));
         let mut rediscover = true;
@@ -383,12 +459,13 @@ impl SourceReader for KinesisReader {
                         .sequence_number_range()
                         .and_then(|r| r.ending_sequence_number())
                         .is_some();
-                    let state =
-                        if first_listing && closed && self.config.start == KinesisStart::Latest {
-                            ShardState::Ended // nothing new can come from it
-                        } else {
-                            ShardState::Waiting
-                        };
+                    let state = if position.ended.contains(s.shard_id())
+                        || (first_listing && closed && self.config.start == KinesisStart::Latest)
+                    {
+                        ShardState::Ended // read before, or nothing new can come from it
+                    } else {
+                        ShardState::Waiting
+                    };
                     let parents = [s.parent_shard_id(), s.adjacent_parent_shard_id()]
                         .into_iter()
                         .flatten()
@@ -415,12 +492,14 @@ impl SourceReader for KinesisReader {
                     };
                     known.get_mut(&id).expect("listed").state = ShardState::Reading;
                     clock.add(id.clone());
+                    let after = position.shards.entry(id.clone()).or_default().clone();
                     tracing::info!(source = %self.name, shard = %id, "kinesis: reading shard");
                     let reader = ShardReader {
                         client: client.clone(),
                         stream: self.config.stream.clone(),
                         shard: id,
                         start,
+                        after,
                         limit: self.config.batch_size,
                         poll_interval: self.config.poll_interval,
                     };
@@ -433,6 +512,11 @@ impl SourceReader for KinesisReader {
                 Some(batch) = rx.recv() => {
                     let batch = batch.map_err(|e| self.failed(e))?;
                     self.handle(&ctx, &mut decoder, &batch, &mut clock).await?;
+                    if let Some(r) = batch.records.last() {
+                        position
+                            .shards
+                            .insert(batch.shard.clone(), Some(r.sequence_number().to_string()));
+                    }
                     if let Some(ms) = batch.millis_behind {
                         lag.insert(batch.shard.clone(), ms);
                     }
@@ -441,6 +525,8 @@ impl SourceReader for KinesisReader {
                         known.get_mut(&batch.shard).expect("a known shard").state = ShardState::Ended;
                         clock.remove(&batch.shard);
                         lag.remove(&batch.shard);
+                        position.shards.remove(&batch.shard);
+                        position.ended.insert(batch.shard.clone());
                         rediscover = true; // its children may start now
                     }
                     if self.role == ReaderRole::Archive {
@@ -449,6 +535,16 @@ impl SourceReader for KinesisReader {
                         );
                     } else {
                         advance_watermark(&ctx, &clock, &mut emitted).await;
+                    }
+                }
+                epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
+                    if let Some(ck) = &mut checkpoint {
+                        let mut files = vec![];
+                        for zone in [&self.raw, &self.errors].into_iter().flatten() {
+                            files.extend(zone.take_staged());
+                        }
+                        ck.staged(epoch, files);
+                        ck.barrier(&ctx.output, epoch, position.to_json()).await;
                     }
                 }
                 _ = discovery.tick() => rediscover = true,
