@@ -484,6 +484,7 @@ impl Sluice {
             &self.inner.shutdown,
             Some(&self.inner.checkpoints),
             &c.to_string(),
+            &self.inner.readers_gate.subscribe(),
         )
         .await?;
         if running.http.is_some() && !persist && running.replay_from.is_none() {

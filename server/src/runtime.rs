@@ -91,6 +91,9 @@ pub struct RunningSource {
     /// Where an `http` source resumes: what it stored after this position (from the last
     /// checkpoint) is published again before it takes requests.
     pub replay_from: Option<serde_json::Value>,
+    /// Its hub carries barriers and it replays after a crash (`http`, `s3`): streams reading
+    /// it can checkpoint.
+    pub checkpointed: bool,
 }
 
 /// A running stream.
@@ -132,6 +135,7 @@ pub async fn start_source(
     parent: &CancellationToken,
     coordinator: Option<&Coordinator>,
     sql: &str,
+    gate: &Gate,
 ) -> Result<RunningSource> {
     let fanout = FanOut::new(def.name.as_str());
     let metrics: Arc<Metrics> = Arc::default();
@@ -159,7 +163,10 @@ pub async fn start_source(
         _ => None,
     };
     let mut replay_from = None;
+    // Whether streams reading its hub get barriers from it and can replay it.
+    let mut checkpointed = false;
     if let (Some(ingest), Some(c)) = (&http, coordinator) {
+        checkpointed = true;
         let mut ck = c
             .register(StreamRegistration {
                 name: source_participant(&def.name),
@@ -204,6 +211,7 @@ pub async fn start_source(
                 archiver.restore(&position)?;
             }
             checkpoint = ck.readers.remove(&def.name);
+            checkpointed = def.config.publishes_to_hub();
         }
         let ctx = SourceContext {
             output: fanout.clone(),
@@ -216,7 +224,10 @@ pub async fn start_source(
         let status = Arc::clone(&status);
         let name = def.name.clone();
         let coordinator = coordinator.filter(|_| ctx.checkpoint.is_some()).cloned();
+        let mut gate = gate.clone();
         tokio::spawn(async move {
+            // One that publishes to streams starts once they are all back (at startup).
+            let _ = gate.wait_for(|open| *open).await;
             if let Err(e) = archiver.run(ctx).await {
                 tracing::error!(source = %name, error = %e, "the source's reader failed");
                 *status.lock().unwrap_or_else(|e| e.into_inner()) = Status::Failed(e.to_string());
@@ -235,6 +246,7 @@ pub async fn start_source(
         cancel,
         http,
         replay_from,
+        checkpointed,
     })
 }
 
@@ -589,8 +601,7 @@ impl RunningSource {
             true => Input::Hub {
                 hub: self.fanout.clone(),
                 idle_timeout: self.def.watermark.as_ref().and_then(|w| w.idle_timeout),
-                // An http source sends barriers and replays from its raw zone.
-                checkpointed: self.http.is_some(),
+                checkpointed: self.checkpointed,
             },
             false => Input::Reader {
                 def: Box::new(self.def.clone()),

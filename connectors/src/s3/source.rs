@@ -1,6 +1,6 @@
 //! [`LandingReader`]: objects landing under an S3 prefix → batches, each object once.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +25,8 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use super::{FileFormat, LandedObject, LandingConfig, created_objects};
 use crate::formats::csv::CsvDecoder;
 use crate::formats::json::{Decoded, JsonDecoder};
-use crate::lake::{Lake, Zone, unique_file_name};
+use crate::lake::{Lake, RecordZone, Zone, unique_file_name};
+use sluice_engine::checkpoint::{ReaderCheckpoint, StagedFile};
 
 /// Reads the landing zone of one source. See the module docs.
 pub struct LandingReader {
@@ -54,6 +55,19 @@ struct Ingestion<'a> {
     store: Arc<dyn ObjectStore>,
     done: HashSet<LandedObject>,
     tracker: Option<WatermarkTracker>,
+    /// With checkpoints: barriers go out between objects, and what records progress (the
+    /// objects' markers, errors-zone files) is staged and committed with the epoch.
+    checkpoint: Option<ReaderCheckpoint>,
+    /// The errors zone: staged with checkpoints.
+    errors: RecordZone,
+    /// Markers of objects ingested in the current epoch (with checkpoints).
+    markers: Vec<StagedFile>,
+    /// SQS messages whose objects are ingested, not yet covered by a barrier.
+    handles: Vec<String>,
+    /// SQS messages to delete once the epoch that covers them is committed.
+    to_delete: BTreeMap<u64, Vec<String>>,
+    /// Committed epochs, as they happen.
+    committed: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl LandingReader {
@@ -111,11 +125,102 @@ impl LandingReader {
         Ok(done)
     }
 
-    /// Records `object` as ingested. Durable when this returns.
-    async fn record_done(&self, object: &LandedObject) -> sluice_engine::Result<()> {
-        let path = self.state_dir().join(unique_file_name("json"));
+    /// Records `object` as ingested: durable when this returns, or (with checkpoints)
+    /// staged, and committed with the epoch whose rows it covers.
+    async fn record_done(
+        &self,
+        ing: &mut Ingestion<'_>,
+        object: &LandedObject,
+    ) -> sluice_engine::Result<()> {
+        let file = unique_file_name("json");
+        let path = self.state_dir().join(file.as_str());
         let body = serde_json::to_vec(object).expect("serialising strings cannot fail");
-        self.lake.put(&path, body).await.map_err(|e| self.failed(e))
+        if ing.checkpoint.is_none() {
+            return self.lake.put(&path, body).await.map_err(|e| self.failed(e));
+        }
+        let staged = self
+            .lake
+            .dir(Zone::Internal, "staging")
+            .join("sources")
+            .join(self.name.as_str())
+            .join(file.as_str());
+        self.lake
+            .put(&staged, body)
+            .await
+            .map_err(|e| self.failed(e))?;
+        ing.markers.push(StagedFile {
+            staged: self.lake.relative(&staged),
+            target: self.lake.relative(&path),
+        });
+        Ok(())
+    }
+
+    /// Sends bad records to the errors zone (staged with checkpoints).
+    async fn reject(&self, ing: &Ingestion<'_>, bad: Vec<BadRecord>) -> sluice_engine::Result<()> {
+        if bad.is_empty() {
+            return Ok(());
+        }
+        ing.ctx.metrics.add_bad_records(bad.len());
+        if ing.checkpoint.is_some() {
+            ing.errors
+                .put_bad_records(&bad)
+                .await
+                .map_err(|e| self.failed(e))?;
+        } else {
+            // The errors writer only goes away at shutdown.
+            let _ = ing.ctx.bad_records.send(bad).await;
+        }
+        Ok(())
+    }
+
+    /// Sends the barrier of `epoch` with what the epoch staged; the SQS messages handled so
+    /// far are deleted once it is committed.
+    async fn barrier(&self, ing: &mut Ingestion<'_>, epoch: u64) {
+        let Some(ck) = &mut ing.checkpoint else {
+            return;
+        };
+        let mut files = std::mem::take(&mut ing.markers);
+        files.extend(ing.errors.take_staged());
+        ck.staged(epoch, files);
+        ck.barrier(&ing.ctx.output, epoch, serde_json::json!({}))
+            .await;
+        let handles = std::mem::take(&mut ing.handles);
+        if !handles.is_empty() {
+            ing.to_delete.insert(epoch, handles);
+        }
+    }
+
+    /// Deletes the SQS messages whose objects a committed checkpoint covers.
+    async fn delete_committed(
+        &self,
+        ing: &mut Ingestion<'_>,
+        sqs: &aws_sdk_sqs::Client,
+        queue: &str,
+    ) {
+        let Some(committed) = ing.committed.as_ref().map(|c| *c.borrow()) else {
+            return;
+        };
+        let later = ing.to_delete.split_off(&(committed + 1));
+        let done = std::mem::replace(&mut ing.to_delete, later);
+        for handle in done.into_values().flatten() {
+            if let Err(e) = sqs
+                .delete_message()
+                .queue_url(queue)
+                .receipt_handle(&handle)
+                .send()
+                .await
+            {
+                // Delivered again later; the objects are recorded, so skipped then.
+                tracing::warn!(source = %self.name, "sqs DeleteMessage: {}", aws_sdk_sqs::error::DisplayErrorContext(&e));
+            }
+        }
+    }
+
+    /// Sends a barrier if one is due.
+    async fn barrier_if_due(&self, ing: &mut Ingestion<'_>) {
+        if let Some(epoch) = ing.checkpoint.as_ref().and_then(ReaderCheckpoint::due) {
+            self.barrier(ing, epoch).await;
+        }
     }
 
     /// The objects under the prefix, in key order.
@@ -151,6 +256,7 @@ impl LandingReader {
         {
             return Ok(());
         }
+        self.barrier_if_due(ing).await;
         // Rows published to nobody would be lost: wait for a stream.
         tokio::select! {
             _ = ing.ctx.cancel.cancelled() => return Ok(()),
@@ -168,20 +274,16 @@ impl LandingReader {
             Err(ObjectError::Unreadable(reason)) => {
                 tracing::warn!(source = %self.name, object = %origin, "s3: unreadable: {reason}");
                 let copy = self.keep_unreadable(ing, &object).await?;
-                ing.ctx.metrics.add_bad_records(1);
-                let _ = ing
-                    .ctx
-                    .bad_records
-                    .send(vec![BadRecord {
-                        payload: String::new(),
-                        payload_base64: false,
-                        reason: format!("unreadable object: {reason} (kept as {copy})"),
-                        origin,
-                    }])
-                    .await;
+                let bad = vec![BadRecord {
+                    payload: String::new(),
+                    payload_base64: false,
+                    reason: format!("unreadable object: {reason} (kept as {copy})"),
+                    origin,
+                }];
+                self.reject(ing, bad).await?;
             }
         }
-        self.record_done(&object).await?;
+        self.record_done(ing, &object).await?;
         ing.done.insert(object);
         Ok(())
     }
@@ -201,19 +303,10 @@ impl LandingReader {
             .await
             .map_err(|e| self.failed(e))?;
         let base = object.key.rsplit('/').next().unwrap_or("object");
-        let path = self
-            .lake
-            .partition_dir(
-                Zone::Errors,
-                &self.name,
-                Some(sluice_engine::EventTime::now().micros()),
-            )
-            .join(unique_file_name(base));
-        self.lake
-            .put(&path, bytes)
+        ing.errors
+            .put_raw(bytes, base)
             .await
-            .map_err(|e| self.failed(e))?;
-        Ok(path)
+            .map_err(|e| self.failed(e))
     }
 
     /// JSON lines or CSV (gzip or not), streamed line by line, decoded `batch_size` lines at
@@ -361,10 +454,7 @@ impl LandingReader {
             });
             rejected.push(i);
         }
-        if !bad.is_empty() {
-            ing.ctx.metrics.add_bad_records(bad.len());
-            let _ = ing.ctx.bad_records.send(bad).await;
-        }
+        self.reject(ing, bad).await?;
         publish(ing.ctx, &mut ing.tracker, rows).await;
         Ok(())
     }
@@ -411,8 +501,7 @@ impl LandingReader {
                         origin: format!("{origin} row {}", row_base + row + 1),
                     })
                     .collect();
-                ing.ctx.metrics.add_bad_records(bad.len());
-                let _ = ing.ctx.bad_records.send(bad).await;
+                self.reject(ing, bad).await?;
             }
             publish(ing.ctx, &mut ing.tracker, rows).await;
             row_base += n;
@@ -524,7 +613,22 @@ fn fit(
 
 #[async_trait]
 impl SourceReader for LandingReader {
-    async fn run(self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
+    /// Its progress is the objects' markers, staged and committed with each checkpoint.
+    fn checkpointable(&self) -> bool {
+        true
+    }
+
+    /// Nothing to restore: the committed markers are what was ingested.
+    fn restore(&mut self, _position: &serde_json::Value) -> sluice_engine::Result<()> {
+        Ok(())
+    }
+
+    async fn run(self: Box<Self>, mut ctx: SourceContext) -> sluice_engine::Result<()> {
+        let checkpoint = ctx.checkpoint.take();
+        let mut errors = RecordZone::new(self.lake.clone(), Zone::Errors, self.name.as_str());
+        if checkpoint.is_some() {
+            errors = errors.staging();
+        }
         let store: Arc<dyn ObjectStore> = Arc::new(
             self.config
                 .aws
@@ -540,6 +644,12 @@ impl SourceReader for LandingReader {
             store: Arc::clone(&store),
             done: self.load_done().await?,
             tracker,
+            committed: checkpoint.as_ref().map(ReaderCheckpoint::committed_epochs),
+            checkpoint,
+            errors,
+            markers: vec![],
+            handles: vec![],
+            to_delete: BTreeMap::new(),
         };
         let sqs = match &self.config.notifications {
             Some(_) => Some(aws_sdk_sqs::Client::new(
@@ -551,12 +661,18 @@ impl SourceReader for LandingReader {
         for object in self.list(store.as_ref()).await? {
             self.ingest(&mut ing, object).await?;
         }
+        // Barriers in between do not put the next listing off.
+        let mut next_listing = tokio::time::Instant::now() + self.config.poll_interval;
         loop {
             if ctx.cancel.is_cancelled() {
                 return Ok(());
             }
             match (&sqs, &self.config.notifications) {
                 (Some(sqs), Some(queue)) => {
+                    // A receive is never cut short (messages it took would stay invisible until
+                    // their timeout): barriers go between receives, at most a second apart.
+                    self.barrier_if_due(&mut ing).await;
+                    self.delete_committed(&mut ing, sqs, queue).await;
                     let received = tokio::select! {
                         _ = ctx.cancel.cancelled() => return Ok(()),
                         r = sqs.receive_message().queue_url(queue).max_number_of_messages(10).wait_time_seconds(1).send() => r,
@@ -587,6 +703,12 @@ impl SourceReader for LandingReader {
                         if ctx.cancel.is_cancelled() {
                             return Ok(());
                         }
+                        // With checkpoints, once the epoch covering its objects is committed.
+                        if let (Some(handle), Some(_)) = (message.receipt_handle(), &ing.checkpoint)
+                        {
+                            ing.handles.push(handle.to_string());
+                            continue;
+                        }
                         if let Some(handle) = message.receipt_handle()
                             && let Err(e) = sqs
                                 .delete_message()
@@ -603,8 +725,13 @@ impl SourceReader for LandingReader {
                 _ => {
                     tokio::select! {
                         _ = ctx.cancel.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(self.config.poll_interval) => {}
+                        epoch = sluice_engine::checkpoint::barrier_due(&mut ing.checkpoint) => {
+                            self.barrier(&mut ing, epoch).await;
+                            continue;
+                        }
+                        _ = tokio::time::sleep_until(next_listing) => {}
                     }
+                    next_listing = tokio::time::Instant::now() + self.config.poll_interval;
                     for object in self.list(store.as_ref()).await? {
                         self.ingest(&mut ing, object).await?;
                     }
