@@ -167,21 +167,9 @@ pub async fn start_source(
     let mut checkpointed = false;
     if let (Some(ingest), Some(c)) = (&http, coordinator) {
         checkpointed = true;
-        let mut ck = c
-            .register(StreamRegistration {
-                name: source_participant(&def.name),
-                sql: sql.to_string(),
-                readers: vec![def.name.clone()],
-                parallelism: 0,
-                writer: false,
-                interval: c.default_interval(),
-            })
-            .await?;
-        replay_from = ck
-            .restored
-            .take()
-            .and_then(|r| r.positions.get(&def.name).cloned());
-        if let Some(reader) = ck.readers.remove(&def.name) {
+        let (reader, position) = register_source(c, &def.name, sql, false).await?;
+        replay_from = position;
+        if let Some(reader) = reader {
             ingest.checkpoint(reader);
         }
     }
@@ -193,24 +181,11 @@ pub async fn start_source(
         // are committed with the epoch, and it resumes from its last position.
         let mut checkpoint = None;
         if let Some(c) = coordinator.filter(|_| archiver.checkpointable()) {
-            let mut ck = c
-                .register(StreamRegistration {
-                    name: source_participant(&def.name),
-                    sql: sql.to_string(),
-                    readers: vec![def.name.clone()],
-                    parallelism: 0,
-                    writer: true,
-                    interval: c.default_interval(),
-                })
-                .await?;
-            if let Some(position) = ck
-                .restored
-                .take()
-                .and_then(|r| r.positions.get(&def.name).cloned())
-            {
+            let (reader, position) = register_source(c, &def.name, sql, true).await?;
+            if let Some(position) = position {
                 archiver.restore(&position)?;
             }
-            checkpoint = ck.readers.remove(&def.name);
+            checkpoint = reader;
             checkpointed = def.config.publishes_to_hub();
         }
         let ctx = SourceContext {
@@ -248,6 +223,34 @@ pub async fn start_source(
         replay_from,
         checkpointed,
     })
+}
+
+/// Registers a source's own reader with the checkpoints (as [`source_participant`]);
+/// `writer`: it stages lake files itself. Returns its handle and the position to resume from.
+async fn register_source(
+    c: &Coordinator,
+    name: &str,
+    sql: &str,
+    writer: bool,
+) -> Result<(
+    Option<sluice_engine::checkpoint::ReaderCheckpoint>,
+    Option<serde_json::Value>,
+)> {
+    let mut ck = c
+        .register(StreamRegistration {
+            name: source_participant(name),
+            sql: sql.to_string(),
+            readers: vec![name.to_string()],
+            parallelism: 0,
+            writer,
+            interval: c.default_interval(),
+        })
+        .await?;
+    let position = ck
+        .restored
+        .take()
+        .and_then(|r| r.positions.get(name).cloned());
+    Ok((ck.readers.remove(name), position))
 }
 
 /// How a source that takes part in checkpoints itself (`http`) is named among them.

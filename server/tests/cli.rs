@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{psql, serve_with, sluice};
+use common::{create_topic, kafka_brokers, produce_records, psql, serve_with, sluice};
 
 /// Starts `sluice serve` on the local `lake`, configured from the environment.
 fn serve(lake: &std::path::Path) -> (Child, u16) {
@@ -101,32 +101,14 @@ fn sigterm_flushes_open_files_and_a_restart_restores_the_catalog() {
 
 /// Produces orders `ids` to `topic` (JSON, one second apart in event time).
 fn produce(brokers: &str, topic: &str, ids: std::ops::Range<u32>) {
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("acks", "all")
-        .create()
-        .expect("a producer");
-    for id in ids {
+    let records = ids.map(|id| {
         let value = format!(
             r#"{{"order_id":{id},"ts":"{}"}}"#,
             chrono_like_timestamp(u64::from(id))
         );
-        let key = id.to_string();
-        let mut record = BaseRecord::to(topic).key(&key).payload(&value);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        }
-    }
-    producer
-        .flush(Duration::from_secs(30))
-        .expect("acknowledged");
+        (id.to_string(), value)
+    });
+    produce_records(brokers, topic, records);
 }
 
 /// 2024-05-01T08:00:00Z plus `seconds`, as RFC 3339.
@@ -137,25 +119,9 @@ fn chrono_like_timestamp(seconds: u64) -> String {
 
 #[test]
 fn kill_9_while_reading_kafka_loses_nothing_and_duplicates_nothing() {
-    let brokers = std::env::var("SLUICE_TEST_KAFKA").unwrap_or_else(|_| {
-        panic!("SLUICE_TEST_KAFKA is not set: run scripts/test.sh, which starts a Kafka-protocol broker")
-    });
+    let brokers = kafka_brokers();
     let topic = format!("kill-{}", std::process::id());
-    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-        rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .create()
-            .unwrap();
-    let created = futures_lite_block_on(admin.create_topics(
-        &[rdkafka::admin::NewTopic::new(
-            &topic,
-            2,
-            rdkafka::admin::TopicReplication::Fixed(1),
-        )],
-        &rdkafka::admin::AdminOptions::new(),
-    ))
-    .unwrap();
-    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    create_topic(&brokers, &topic, 2);
     produce(&brokers, &topic, 0..20_000);
 
     let lake = tempfile::tempdir().unwrap();
@@ -208,13 +174,4 @@ fn kill_9_while_reading_kafka_loses_nothing_and_duplicates_nothing() {
     assert_eq!(rows, 25_000, "every order exactly once");
     child.kill().unwrap();
     child.wait().unwrap();
-}
-
-/// Runs a future to completion on a small runtime (the test itself is synchronous).
-fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
 }

@@ -145,9 +145,6 @@ async fn run_stream_counting_rejects(
         other => panic!("not a CREATE STREAM: {other:?}"),
     };
     let plan = plan_stream(&stmt, &relations()).await.unwrap();
-    let chain = |ops: &[sluice_sql::OpSpec]| {
-        OperatorChain::new(ops.iter().map(|o| o.instantiate("test").unwrap()).collect())
-    };
     let parallelism = if plan.partition_keys.is_empty() {
         1
     } else {
@@ -156,38 +153,19 @@ async fn run_stream_counting_rejects(
     let source = FanOut::new("events");
     let output = FanOut::new("s");
     let (bad_tx, mut bad_rx) = tokio::sync::mpsc::channel(16);
-    let task = StreamTask {
-        name: "s".into(),
-        branches: plan
-            .branches
-            .iter()
-            .map(|b| Branch {
-                input: source.subscribe(16),
-                chain: chain(&b.ops),
-                idle_timeout: None,
-            })
-            .collect(),
-        output: output.clone(),
-        output_schema: Arc::clone(&plan.merge_schema),
-        post: (0..parallelism).map(|_| chain(&plan.post)).collect(),
-        router: (parallelism > 1)
-            .then(|| HashRouter::new(plan.partition_keys.clone(), parallelism)),
-        event_time_column: None,
-        metrics: Arc::default(),
-        bad_records: bad_tx,
-        cancel: CancellationToken::new(),
-        checkpoints: vec![],
-    };
+    let task = stream_task(
+        &plan,
+        &source,
+        &output,
+        (0..parallelism).map(|_| chain(&plan.post)).collect(),
+        (parallelism > 1).then(|| HashRouter::new(plan.partition_keys.clone(), parallelism)),
+        bad_tx,
+        CancellationToken::new(),
+        vec![],
+    );
     let lake_dir = tempfile::tempdir().unwrap();
     let lake = Lake::open(lake_dir.path().to_str().unwrap()).unwrap();
-    let writer = ParquetLakeWriter::new(
-        lake,
-        "s",
-        &plan.output_schema,
-        plan.event_time_column.as_deref(),
-        LakeWriterConfig::default(),
-        Arc::default(),
-    );
+    let writer = lake_writer(lake, &plan);
     let written = tokio::spawn(run_sink(output.subscribe(16), Box::new(writer)));
     let rejected = tokio::spawn(async move {
         let mut n = 0;
@@ -209,6 +187,58 @@ async fn run_stream_counting_rejects(
         .flat_map(|f| read_parquet(f))
         .collect();
     (rows(&batches), rejected.await.unwrap())
+}
+
+/// The operators of `ops`, chained.
+fn chain(ops: &[sluice_sql::OpSpec]) -> OperatorChain {
+    OperatorChain::new(ops.iter().map(|o| o.instantiate("test").unwrap()).collect())
+}
+
+/// The stream task of `plan`, every branch reading `source`, writing to `output`.
+#[allow(clippy::too_many_arguments)]
+fn stream_task(
+    plan: &sluice_sql::StreamPlan,
+    source: &FanOut,
+    output: &FanOut,
+    post: Vec<OperatorChain>,
+    router: Option<HashRouter>,
+    bad_records: tokio::sync::mpsc::Sender<Vec<sluice_engine::BadRecord>>,
+    cancel: CancellationToken,
+    checkpoints: Vec<CheckpointHandle>,
+) -> StreamTask {
+    StreamTask {
+        name: "s".into(),
+        branches: plan
+            .branches
+            .iter()
+            .map(|b| Branch {
+                input: source.subscribe(16),
+                chain: chain(&b.ops),
+                idle_timeout: None,
+            })
+            .collect(),
+        output: output.clone(),
+        output_schema: Arc::clone(&plan.merge_schema),
+        post,
+        router,
+        event_time_column: None,
+        metrics: Arc::default(),
+        bad_records,
+        cancel,
+        checkpoints,
+    }
+}
+
+/// The lake writer of `plan`'s stream `s`.
+fn lake_writer(lake: Lake, plan: &sluice_sql::StreamPlan) -> ParquetLakeWriter {
+    ParquetLakeWriter::new(
+        lake,
+        "s",
+        &plan.output_schema,
+        plan.event_time_column.as_deref(),
+        LakeWriterConfig::default(),
+        Arc::default(),
+    )
 }
 
 /// DataFusion's batch answer to `sql` over every event of `input`.
@@ -420,9 +450,6 @@ async fn run_checkpointed(
         })
         .await
         .unwrap();
-    let chain = |ops: &[sluice_sql::OpSpec]| {
-        OperatorChain::new(ops.iter().map(|o| o.instantiate("test").unwrap()).collect())
-    };
     let router =
         (parallelism > 1).then(|| HashRouter::new(plan.partition_keys.clone(), parallelism));
     let mut post: Vec<OperatorChain> = (0..parallelism).map(|_| chain(&plan.post)).collect();
@@ -443,36 +470,17 @@ async fn run_checkpointed(
     let output = FanOut::new("s");
     let cancel = CancellationToken::new();
     let (bad_tx, mut bad_rx) = tokio::sync::mpsc::channel(16);
-    let task = StreamTask {
-        name: "s".into(),
-        branches: plan
-            .branches
-            .iter()
-            .map(|b| Branch {
-                input: source.subscribe(16),
-                chain: chain(&b.ops),
-                idle_timeout: None,
-            })
-            .collect(),
-        output: output.clone(),
-        output_schema: Arc::clone(&plan.merge_schema),
+    let task = stream_task(
+        &plan,
+        &source,
+        &output,
         post,
         router,
-        event_time_column: None,
-        metrics: Arc::default(),
-        bad_records: bad_tx,
-        cancel: cancel.clone(),
-        checkpoints: subtasks,
-    };
-    let writer = ParquetLakeWriter::new(
-        lake,
-        "s",
-        &plan.output_schema,
-        plan.event_time_column.as_deref(),
-        LakeWriterConfig::default(),
-        Arc::default(),
-    )
-    .with_checkpoints(ck.writer, cancel.clone());
+        bad_tx,
+        cancel.clone(),
+        subtasks,
+    );
+    let writer = lake_writer(lake, &plan).with_checkpoints(ck.writer, cancel.clone());
     let written = tokio::spawn(run_sink(output.subscribe(16), Box::new(writer)));
     tokio::spawn(async move { while bad_rx.recv().await.is_some() {} });
     let running = tokio::spawn(task.run());

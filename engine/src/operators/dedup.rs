@@ -36,7 +36,10 @@ use arrow::row::{RowConverter, SortField};
 use datafusion::physical_expr::PhysicalExpr;
 use hashbrown::HashTable;
 
-use super::{ForwardedWatermark, Lateness, bad_row, evaluate_all, gather_rows};
+use super::{
+    ForwardedWatermark, Lateness, bad_row, evaluate_all, gather_rows, restored_watermarks,
+    save_watermarks,
+};
 use crate::checkpoint::{KeyFilter, OperatorState};
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
@@ -488,28 +491,15 @@ impl Operator for Dedup {
                 .tables
                 .insert("pending".into(), RecordBatch::try_new(schema, columns)?);
         }
-        if let Some(w) = self.watermark {
-            state.values.insert("watermark".into(), w);
-        }
-        state.values.insert("forwarded".into(), self.forwarded.0);
+        save_watermarks(&mut state, self.watermark, &self.forwarded);
         state.values.insert("next_sweep".into(), self.next_sweep);
         Ok(Some(state))
     }
 
     fn restore(&mut self, parts: Vec<OperatorState>, keep: &KeyFilter) -> Result<()> {
         let mut pending = vec![];
+        (self.watermark, self.forwarded) = restored_watermarks(&parts);
         for part in parts {
-            let min = |a: Option<i64>, b: i64| Some(a.map_or(b, |a| a.min(b)));
-            if let Some(w) = part.values.get("watermark") {
-                self.watermark = min(self.watermark, *w);
-            }
-            if let Some(f) = part.values.get("forwarded") {
-                self.forwarded.0 = if self.forwarded.0 == i64::MIN {
-                    *f
-                } else {
-                    self.forwarded.0.min(*f)
-                };
-            }
             if let Some(n) = part.values.get("next_sweep") {
                 self.next_sweep = *n;
             }

@@ -107,6 +107,36 @@ impl ForwardedWatermark {
     }
 }
 
+/// The event-time state every stateful operator checkpoints: its watermark and the
+/// watermark it forwarded, as the state's `watermark` and `forwarded` values.
+pub(crate) fn save_watermarks(
+    state: &mut crate::checkpoint::OperatorState,
+    watermark: Option<i64>,
+    forwarded: &ForwardedWatermark,
+) {
+    if let Some(w) = watermark {
+        state.values.insert("watermark".into(), w);
+    }
+    state.values.insert("forwarded".into(), forwarded.0);
+}
+
+/// The watermarks saved by [`save_watermarks`] in `parts` (one per old subtask, which all
+/// saw the same watermarks): the smallest of each, to be safe.
+pub(crate) fn restored_watermarks(
+    parts: &[crate::checkpoint::OperatorState],
+) -> (Option<i64>, ForwardedWatermark) {
+    let min = |key: &str| {
+        parts
+            .iter()
+            .filter_map(|p| p.values.get(key).copied())
+            .min()
+    };
+    (
+        min("watermark"),
+        ForwardedWatermark(min("forwarded").unwrap_or(i64::MIN)),
+    )
+}
+
 /// The rows `rows` — (batch id, row) pairs, in output order — of the retained `batches`, as
 /// columns (one `interleave` per column). `batches` maps an id to the batch and how many of
 /// its rows are still held.

@@ -32,7 +32,10 @@ use datafusion::logical_expr::EmitTo;
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::window_aggregate::{aggregate_inputs, create_accumulators};
-use super::{ForwardedWatermark, WindowAggregateSpec, bad_row, evaluate_all, gather_rows};
+use super::{
+    ForwardedWatermark, WindowAggregateSpec, bad_row, evaluate_all, gather_rows,
+    restored_watermarks, save_watermarks,
+};
 use crate::checkpoint::{KeyFilter, OperatorState};
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
@@ -220,10 +223,7 @@ impl Operator for SessionAggregate {
     /// watermark in force, which rebuilds the same sessions.
     fn snapshot(&mut self) -> Result<Option<OperatorState>> {
         let mut state = OperatorState::default();
-        if let Some(w) = self.watermark {
-            state.values.insert("watermark".into(), w);
-        }
-        state.values.insert("forwarded".into(), self.forwarded.0);
+        save_watermarks(&mut state, self.watermark, &self.forwarded);
         let held: Vec<(u64, u32)> = self
             .sessions
             .values()
@@ -243,19 +243,10 @@ impl Operator for SessionAggregate {
     }
 
     fn restore(&mut self, parts: Vec<OperatorState>, keep: &KeyFilter) -> Result<()> {
-        let mut watermark: Option<i64> = None;
+        let (watermark, forwarded) = restored_watermarks(&parts);
+        self.forwarded = forwarded;
         let mut rows = vec![];
         for part in parts {
-            if let Some(w) = part.values.get("watermark") {
-                watermark = Some(watermark.map_or(*w, |m| m.min(*w)));
-            }
-            if let Some(f) = part.values.get("forwarded") {
-                self.forwarded.0 = if self.forwarded.0 == i64::MIN {
-                    *f
-                } else {
-                    self.forwarded.0.min(*f)
-                };
-            }
             if let Some(t) = part.tables.get("rows")
                 && let Some(mine) = keep.keep_rows(t)?
             {

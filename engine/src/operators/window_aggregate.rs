@@ -29,7 +29,9 @@ use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
 use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
-use super::{ForwardedWatermark, Lateness, bad_row, evaluate_all};
+use super::{
+    ForwardedWatermark, Lateness, bad_row, evaluate_all, restored_watermarks, save_watermarks,
+};
 use crate::checkpoint::{KeyFilter, OperatorState};
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
@@ -427,10 +429,7 @@ impl Operator for WindowAggregate {
             .collect::<Result<Vec<_>>>()?;
         let table = RecordBatch::try_new(schema, columns)?;
         let mut state = OperatorState::default();
-        if let Some(w) = self.watermark {
-            state.values.insert("watermark".into(), w);
-        }
-        state.values.insert("forwarded".into(), self.forwarded.0);
+        save_watermarks(&mut state, self.watermark, &self.forwarded);
         state.tables.insert("windows".into(), table);
         Ok(Some(state))
     }
@@ -443,17 +442,8 @@ impl Operator for WindowAggregate {
             .iter()
             .map(|a| Ok(a.state_fields()?.len()))
             .collect::<Result<Vec<_>>>()?;
+        (self.watermark, self.forwarded) = restored_watermarks(&parts);
         for part in parts {
-            if let Some(w) = part.values.get("watermark") {
-                self.watermark = Some(self.watermark.map_or(*w, |m| m.min(*w)));
-            }
-            if let Some(f) = part.values.get("forwarded") {
-                self.forwarded.0 = if self.forwarded.0 == i64::MIN {
-                    *f
-                } else {
-                    self.forwarded.0.min(*f)
-                };
-            }
             let Some(table) = part.tables.get("windows") else {
                 continue;
             };
