@@ -135,7 +135,7 @@ pub struct StagedFile {
 }
 
 /// What a participant reports for an epoch.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Payload {
     /// A reader's position (connector-defined JSON: offsets, sequence numbers, row counts).
     Position(serde_json::Value),
@@ -773,20 +773,21 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
             continue;
         }
         in_flight = None;
-        match commit(&shared, epoch, &mut pending).await {
-            Ok(()) => {
-                let took = started.elapsed();
-                shared
-                    .last_duration_micros
-                    .store(took.as_micros() as u64, Ordering::Relaxed);
-                tracing::debug!(epoch, ?took, "checkpoint complete");
-                shared.completed.send_replace(epoch);
-            }
-            Err(e) => {
-                // Nothing of the epoch is visible; the next one covers its rows too.
-                tracing::error!(epoch, error = %e, "checkpoint failed");
-            }
+        // An epoch's reports cover rows no later report repeats: its commit is retried until
+        // it succeeds (the lake may be away for a while); the pipelines go on meanwhile.
+        let mut attempt = 0u32;
+        while let Err(e) = commit(&shared, epoch, &pending).await {
+            attempt += 1;
+            tracing::error!(epoch, attempt, error = %e, "checkpoint commit failed; retrying");
+            tokio::time::sleep(Duration::from_millis(200) * attempt.min(25)).await;
         }
+        consume_finals(&shared);
+        let took = started.elapsed();
+        shared
+            .last_duration_micros
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+        tracing::debug!(epoch, ?took, "checkpoint complete");
+        shared.completed.send_replace(epoch);
         pending.clear();
         if std::mem::take(&mut triggered) {
             next_due = tokio::time::Instant::now();
@@ -808,11 +809,27 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
     }
 }
 
+/// After a commit: the final reports' files and rejected rows are published; later epochs
+/// carry only their positions and state.
+fn consume_finals(shared: &Shared) {
+    let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+    for s in st.streams.values_mut() {
+        for payload in s.finals.values_mut() {
+            match payload {
+                Payload::Staged { files, .. } => files.clear(),
+                Payload::State { rejected, .. } => rejected.clear(),
+                Payload::Position(_) => {}
+            }
+        }
+    }
+}
+
 /// Writes epoch `epoch`'s state files and manifest, then publishes its staged files.
+/// Idempotent: a failed attempt can be repeated with the same reports.
 async fn commit(
     shared: &Shared,
     epoch: u64,
-    pending: &mut BTreeMap<(String, String), Payload>,
+    pending: &BTreeMap<(String, String), Payload>,
 ) -> Result<()> {
     let dir = epoch_dir(epoch);
     // Gather each registered stream's parts: this epoch's report, else its final one.
@@ -831,26 +848,12 @@ async fn commit(
             }
             let mut parts = vec![];
             for p in &s.participants {
-                if let Some(payload) = pending.remove(&(name.clone(), p.clone())) {
-                    parts.push((p.clone(), payload));
-                } else if let Some(payload) = s.finals.get_mut(p) {
-                    // A final report stands for every later epoch; its files are published
-                    // once.
-                    let payload = match payload {
-                        Payload::Staged { files, published } => Payload::Staged {
-                            files: std::mem::take(files),
-                            published: Arc::clone(published),
-                        },
-                        Payload::Position(v) => Payload::Position(v.clone()),
-                        Payload::State {
-                            operators,
-                            rejected,
-                        } => Payload::State {
-                            operators: operators.clone(),
-                            rejected: std::mem::take(rejected),
-                        },
-                    };
-                    parts.push((p.clone(), payload));
+                if let Some(payload) = pending.get(&(name.clone(), p.clone())) {
+                    parts.push((p.clone(), payload.clone()));
+                } else if let Some(payload) = s.finals.get(p) {
+                    // A final report stands for every later epoch (its files and rejected
+                    // rows are published once: see `consume_finals`).
+                    parts.push((p.clone(), payload.clone()));
                 }
             }
             out.push((name.clone(), s.sql.clone(), s.parallelism, parts));
