@@ -776,12 +776,17 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
         // An epoch's reports cover rows no later report repeats: its commit is retried until
         // it succeeds (the lake may be away for a while); the pipelines go on meanwhile.
         let mut attempt = 0u32;
-        while let Err(e) = commit(&shared, epoch, &pending).await {
-            attempt += 1;
-            tracing::error!(epoch, attempt, error = %e, "checkpoint commit failed; retrying");
-            tokio::time::sleep(Duration::from_millis(200) * attempt.min(25)).await;
-        }
-        consume_finals(&shared);
+        let used = loop {
+            match commit(&shared, epoch, &pending).await {
+                Ok(used) => break used,
+                Err(e) => {
+                    attempt += 1;
+                    tracing::error!(epoch, attempt, error = %e, "checkpoint commit failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200) * attempt.min(25)).await;
+                }
+            }
+        };
+        consume_finals(&shared, &used);
         let took = started.elapsed();
         shared
             .last_duration_micros
@@ -809,28 +814,32 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
     }
 }
 
-/// After a commit: the final reports' files and rejected rows are published; later epochs
-/// carry only their positions and state.
-fn consume_finals(shared: &Shared) {
+/// After a commit: the files and rejected rows of the final reports it `used` (stream,
+/// participant) are published; later epochs carry only their positions and state.
+fn consume_finals(shared: &Shared, used: &[(String, String)]) {
     let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-    for s in st.streams.values_mut() {
-        for payload in s.finals.values_mut() {
-            match payload {
-                Payload::Staged { files, .. } => files.clear(),
-                Payload::State { rejected, .. } => rejected.clear(),
-                Payload::Position(_) => {}
-            }
+    for (stream, participant) in used {
+        let payload = st
+            .streams
+            .get_mut(stream)
+            .and_then(|s| s.finals.get_mut(participant));
+        match payload {
+            Some(Payload::Staged { files, .. }) => files.clear(),
+            Some(Payload::State { rejected, .. }) => rejected.clear(),
+            Some(Payload::Position(_)) | None => {}
         }
     }
 }
 
 /// Writes epoch `epoch`'s state files and manifest, then publishes its staged files.
 /// Idempotent: a failed attempt can be repeated with the same reports.
+/// Returns the final reports it used (see [`consume_finals`]).
 async fn commit(
     shared: &Shared,
     epoch: u64,
     pending: &BTreeMap<(String, String), Payload>,
-) -> Result<()> {
+) -> Result<Vec<(String, String)>> {
+    let mut used_finals = vec![];
     let dir = epoch_dir(epoch);
     // Gather each registered stream's parts: this epoch's report, else its final one.
     let mut streams: BTreeMap<String, StreamCheckpoint> = BTreeMap::new();
@@ -854,6 +863,7 @@ async fn commit(
                     // A final report stands for every later epoch (its files and rejected
                     // rows are published once: see `consume_finals`).
                     parts.push((p.clone(), payload.clone()));
+                    used_finals.push((name.clone(), p.clone()));
                 }
             }
             out.push((name.clone(), s.sql.clone(), s.parallelism, parts));
@@ -966,7 +976,7 @@ async fn commit(
         }
     }
     shared.state.lock().unwrap_or_else(|e| e.into_inner()).last = manifest;
-    Ok(())
+    Ok(used_finals)
 }
 
 /// One batch as an Arrow IPC file.
