@@ -1,0 +1,122 @@
+//! The checkpoint coordinator's protocol against a real lake (a local directory): which
+//! reports make an epoch, what its commit publishes, and what a restart recovers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_connectors::lake::Lake;
+use sluice_engine::FanOut;
+use sluice_engine::checkpoint::{
+    CheckpointStore, Coordinator, Payload, StagedFile, StreamRegistration,
+};
+
+/// Stages a file with `body` for `target`; returns what a writer reports for it.
+async fn stage(lake: &Lake, name: &str, target: &str) -> StagedFile {
+    let staged = format!("_sluice/staging/s/{name}");
+    CheckpointStore::put(lake, &staged, bytes::Bytes::from(name.to_string()))
+        .await
+        .unwrap();
+    StagedFile {
+        staged,
+        target: target.to_string(),
+    }
+}
+
+fn staged(files: Vec<StagedFile>) -> Payload {
+    Payload::Staged {
+        files,
+        published: Arc::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+    let store: Arc<dyn CheckpointStore> = Arc::new(lake.clone());
+    let coordinator = Coordinator::open(Arc::clone(&store), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let mut ck = coordinator
+        .register(StreamRegistration {
+            name: "s".into(),
+            sql: "CREATE STREAM s AS SELECT 1".into(),
+            readers: vec!["src".into()],
+            parallelism: 1,
+            writer: true,
+            interval: Duration::from_secs(3600),
+        })
+        .await
+        .unwrap();
+    let mut reader = ck.readers.remove("src").unwrap();
+    let out = FanOut::new("src");
+
+    coordinator.trigger();
+    let epoch = reader.requested().await;
+    let a = stage(&lake, "a", "processed/s/a.parquet").await;
+    let b = stage(&lake, "b", "processed/s/b.parquet").await;
+    // The writer reports the epoch's file, then finishes with another before the epoch is
+    // complete (the subtask has not reported yet): the epoch publishes `a`; `b` waits for
+    // the next one.
+    ck.writer.report(epoch, staged(vec![a]));
+    ck.writer.finish(staged(vec![b]));
+    reader
+        .barrier(&out, epoch, serde_json::json!({ "at": 1 }))
+        .await;
+    ck.subtasks[0].report(
+        epoch,
+        Payload::State {
+            operators: vec![None],
+            rejected: vec![],
+        },
+    );
+    tokio::time::timeout(Duration::from_secs(10), coordinator.wait_for(epoch))
+        .await
+        .expect("the epoch commits");
+    assert!(store.get("processed/s/a.parquet").await.unwrap().is_some());
+    assert!(
+        store.get("processed/s/b.parquet").await.unwrap().is_none(),
+        "a final report's files wait for an epoch that has them"
+    );
+
+    // The reader and the subtask finish too; the next checkpoint publishes `b`.
+    reader.finish(serde_json::json!({ "at": 2 }));
+    ck.subtasks[0].finish(Payload::State {
+        operators: vec![None],
+        rejected: vec![],
+    });
+    tokio::time::timeout(Duration::from_secs(10), coordinator.checkpoint_now())
+        .await
+        .expect("the next epoch commits");
+    assert_eq!(
+        store.get("processed/s/b.parquet").await.unwrap().as_deref(),
+        Some(&b"b"[..])
+    );
+    assert!(
+        store.list("_sluice/staging").await.unwrap().is_empty(),
+        "nothing left staged"
+    );
+
+    // A file staged by an epoch that never commits is gone after a restart, and the
+    // restarted stream gets the last committed position back.
+    let orphan = stage(&lake, "c", "processed/s/c.parquet").await;
+    drop(coordinator);
+    let coordinator = Coordinator::open(Arc::clone(&store), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert!(store.get(&orphan.staged).await.unwrap().is_none());
+    assert!(store.get("processed/s/c.parquet").await.unwrap().is_none());
+    let ck = coordinator
+        .register(StreamRegistration {
+            name: "s".into(),
+            sql: "CREATE STREAM s AS SELECT 1".into(),
+            readers: vec!["src".into()],
+            parallelism: 1,
+            writer: true,
+            interval: Duration::from_secs(3600),
+        })
+        .await
+        .unwrap();
+    let restored = ck.restored.expect("the stream is in the checkpoint");
+    assert_eq!(restored.positions["src"], serde_json::json!({ "at": 2 }));
+}
