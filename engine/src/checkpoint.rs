@@ -67,8 +67,15 @@ pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
     /// Moves `staged` to `target`. Idempotent: when `staged` is gone and `target` exists,
     /// the move already happened.
     async fn publish(&self, staged: &str, target: &str) -> Result<()>;
-    /// Stages `records` as one errors-zone file of `name` (published with the epoch).
-    async fn stage_errors(&self, name: &str, records: &[BadRecord]) -> Result<StagedFile>;
+    /// Stages `records` as the errors-zone file `file` of `name`, in the partition of
+    /// `at_micros` (published with the epoch; the same arguments give the same file).
+    async fn stage_errors(
+        &self,
+        name: &str,
+        records: &[BadRecord],
+        at_micros: i64,
+        file: &str,
+    ) -> Result<StagedFile>;
 }
 
 /// A copy of one operator's state, taken when a barrier passes it.
@@ -693,7 +700,8 @@ pub async fn latest_manifest(store: &dyn CheckpointStore) -> Result<Option<Manif
 async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) {
     // Reports of an epoch not yet complete, by (stream, participant).
     let mut pending: BTreeMap<(String, String), Payload> = BTreeMap::new();
-    let mut in_flight: Option<(u64, std::time::Instant)> = None;
+    // The epoch in flight, when it was requested (monotonic, and wall clock µs).
+    let mut in_flight: Option<(u64, std::time::Instant, i64)> = None;
     // A trigger that came while a checkpoint was in flight: the next one starts right after.
     let mut triggered = false;
     let mut next_due = tokio::time::Instant::now() + shared.default_interval;
@@ -725,7 +733,7 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
                             }
                         }
                     }
-                    Some(e) if in_flight.is_some_and(|(f, _)| f == e) => {
+                    Some(e) if in_flight.is_some_and(|(f, _, _)| f == e) => {
                         pending.insert((r.stream, r.participant), r.payload);
                     }
                     Some(e) => tracing::debug!(epoch = e, stream = %r.stream, "stale checkpoint report ignored"),
@@ -747,7 +755,11 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
                 }
                 let epoch = st.next_epoch;
                 st.next_epoch += 1;
-                in_flight = Some((epoch, std::time::Instant::now()));
+                in_flight = Some((
+                    epoch,
+                    std::time::Instant::now(),
+                    crate::time::EventTime::now().micros(),
+                ));
                 drop(st);
                 shared.requests.send_replace(epoch);
                 tracing::debug!(epoch, "checkpoint requested");
@@ -755,7 +767,7 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
             // Re-check completion now and then: streams may deregister mid-epoch.
             _ = tokio::time::sleep(Duration::from_millis(100)), if in_flight.is_some() => {}
         }
-        let Some((epoch, started)) = in_flight else {
+        let Some((epoch, started, requested_at)) = in_flight else {
             continue;
         };
         let complete = {
@@ -777,7 +789,7 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
         // it succeeds (the lake may be away for a while); the pipelines go on meanwhile.
         let mut attempt = 0u32;
         let used = loop {
-            match commit(&shared, epoch, &pending).await {
+            match commit(&shared, epoch, requested_at, &pending).await {
                 Ok(used) => break used,
                 Err(e) => {
                     attempt += 1;
@@ -837,6 +849,7 @@ fn consume_finals(shared: &Shared, used: &[(String, String)]) {
 async fn commit(
     shared: &Shared,
     epoch: u64,
+    requested_at: i64,
     pending: &BTreeMap<(String, String), Payload>,
 ) -> Result<Vec<(String, String)>> {
     let mut used_finals = vec![];
@@ -890,11 +903,17 @@ async fn commit(
                         rejected,
                     },
                 ) => {
-                    if !rejected.is_empty() {
-                        c.staged
-                            .push(shared.store.stage_errors(&name, &rejected).await?);
-                    }
                     let k: usize = k.parse().unwrap_or(0);
+                    if !rejected.is_empty() {
+                        // Named after the epoch: a retried commit stages the same file.
+                        let file = format!("epoch-{epoch:020}-subtask-{k}.jsonl");
+                        c.staged.push(
+                            shared
+                                .store
+                                .stage_errors(&name, &rejected, requested_at, &file)
+                                .await?,
+                        );
+                    }
                     let mut stored = vec![];
                     for (i, s) in states.into_iter().enumerate() {
                         stored.push(match s {

@@ -253,9 +253,11 @@ impl sluice_engine::checkpoint::CheckpointStore for Lake {
         &self,
         name: &str,
         records: &[sluice_engine::BadRecord],
+        at_micros: i64,
+        file: &str,
     ) -> sluice_engine::Result<sluice_engine::checkpoint::StagedFile> {
         let zone = RecordZone::new(self.clone(), Zone::Errors, name).staging();
-        zone.put_bad_records(records)
+        zone.put_bad_records_named(records, sluice_engine::EventTime(at_micros), file)
             .await
             .map_err(|e| lake_error(&format!("errors of {name}"), e))?;
         zone.take_staged()

@@ -180,10 +180,37 @@ impl RecordZone {
 
     /// Stores bad records as one new JSON-lines file. Durable when this returns.
     pub async fn put_bad_records(&self, records: &[BadRecord]) -> Result<Option<Path>> {
+        let path = self.new_path("jsonl");
+        self.put_bad_records_as(records, EventTime::now(), path)
+            .await
+    }
+
+    /// Stores bad records received at `at` as the file `name` in the partition of `at`: the
+    /// same records give the same file, so writing them again (a retried checkpoint) does not
+    /// repeat them.
+    pub async fn put_bad_records_named(
+        &self,
+        records: &[BadRecord],
+        at: EventTime,
+        name: &str,
+    ) -> Result<Option<Path>> {
+        let path = self
+            .lake
+            .partition_dir(self.zone, &self.name, Some(at.micros()))
+            .join(name);
+        self.put_bad_records_as(records, at, path).await
+    }
+
+    async fn put_bad_records_as(
+        &self,
+        records: &[BadRecord],
+        at: EventTime,
+        path: Path,
+    ) -> Result<Option<Path>> {
         if records.is_empty() {
             return Ok(None);
         }
-        let received_at = EventTime::now().to_string();
+        let received_at = at.to_string();
         let mut buf = Vec::with_capacity(records.len() * 128);
         for r in records {
             let line = ErrorLine {
@@ -196,7 +223,6 @@ impl RecordZone {
             serde_json::to_writer(&mut buf, &line).expect("serialising strings cannot fail");
             buf.push(b'\n');
         }
-        let path = self.new_path("jsonl");
         self.write(&path, bytes::Bytes::from(buf)).await?;
         Ok(Some(path))
     }
