@@ -507,15 +507,8 @@ impl SourceReader for KafkaReader {
             tokio::select! {
                 biased;
                 _ = ctx.cancel.cancelled() => return Ok(()),
-                polled = rx.recv() => match polled {
-                    Some(Ok(batch)) => {
-                        self.flush(&ctx, &mut decoder, batch, &mut clock, &mut emitted, &mut next_offsets).await?;
-                    }
-                    Some(Err(e)) => {
-                        return Err(EngineError::external(format!("kafka source `{}`", self.name), e));
-                    }
-                    None => return Err(EngineError::Internal("kafka polling thread ended".into())),
-                },
+                // Before the records: under steady load they are always ready, and a
+                // barrier must not wait for a lull.
                 epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
                     let offsets: serde_json::Map<String, serde_json::Value> = next_offsets
                         .iter()
@@ -541,6 +534,15 @@ impl SourceReader for KafkaReader {
                         self.commit(&consumer, &offsets);
                     }
                 }
+                polled = rx.recv() => match polled {
+                    Some(Ok(batch)) => {
+                        self.flush(&ctx, &mut decoder, batch, &mut clock, &mut emitted, &mut next_offsets).await?;
+                    }
+                    Some(Err(e)) => {
+                        return Err(EngineError::external(format!("kafka source `{}`", self.name), e));
+                    }
+                    None => return Err(EngineError::Internal("kafka polling thread ended".into())),
+                },
                 _ = idle_tick.tick() => self.advance_watermark(&ctx, &clock, &mut emitted).await,
             }
         }
