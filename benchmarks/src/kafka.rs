@@ -85,11 +85,15 @@ async fn produce(brokers: &str, topic: &str, n: u64, args: &Args) -> anyhow::Res
 }
 
 /// Runs the pipeline over `args.events` bids on the broker at `SLUICE_TEST_KAFKA`.
-pub async fn run(args: &Args) -> anyhow::Result<Measured> {
+pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
     let brokers = std::env::var("SLUICE_TEST_KAFKA").context(
         "the kafka pipeline needs a broker: `eval \"$(scripts/services.sh start)\"` sets SLUICE_TEST_KAFKA",
     )?;
-    let topic = format!("bench-bids-{}", std::process::id());
+    let topic = format!(
+        "bench-bids-{}{}",
+        std::process::id(),
+        if checkpoint { "-ckpt" } else { "" }
+    );
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()?;
@@ -162,12 +166,50 @@ pub async fn run(args: &Args) -> anyhow::Result<Measured> {
     let source_out = FanOut::new("clicks");
     let (bad_tx, mut bad_rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move { while bad_rx.recv().await.is_some() {} });
+    let lake_dir = tempfile::tempdir()?;
+    let lake = Lake::open(lake_dir.path().to_str().context("UTF-8 temp dir")?)?;
+    // With checkpoints: positions, window state and staged files to the same local lake.
+    let (coordinator, mut registered) = if checkpoint {
+        let c = sluice_engine::checkpoint::Coordinator::open(
+            Arc::new(lake.clone()),
+            args.checkpoint_interval,
+        )
+        .await?;
+        let r = c
+            .register(sluice_engine::checkpoint::StreamRegistration {
+                name: "per_auction".into(),
+                sql: TUMBLE.into(),
+                readers: vec!["clicks".into()],
+                parallelism: 1,
+                writer: true,
+                interval: args.checkpoint_interval,
+            })
+            .await?;
+        (Some(c), Some(r))
+    } else {
+        (None, None)
+    };
+    let durations = Arc::new(std::sync::Mutex::new(Vec::<Duration>::new()));
+    if let Some(c) = coordinator.clone() {
+        let durations = Arc::clone(&durations);
+        tokio::spawn(async move {
+            let mut next = 1;
+            loop {
+                c.wait_for(next).await;
+                durations
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(c.last_duration());
+                next = c.last_completed() + 1;
+            }
+        });
+    }
     let ctx = SourceContext {
         output: source_out.clone(),
         metrics: Arc::default(),
         bad_records: bad_tx.clone(),
         cancel: cancel.clone(),
-        checkpoint: None,
+        checkpoint: registered.as_mut().and_then(|r| r.readers.remove("clicks")),
         watermark: def.watermark.clone(),
     };
     let out = FanOut::new("per_auction");
@@ -186,18 +228,23 @@ pub async fn run(args: &Args) -> anyhow::Result<Measured> {
         metrics: Arc::default(),
         bad_records: bad_tx,
         cancel: CancellationToken::new(),
-        checkpoints: vec![],
+        checkpoints: registered
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.subtasks))
+            .unwrap_or_default(),
     };
-    let lake_dir = tempfile::tempdir()?;
     let files = Arc::new(AtomicU64::new(0));
-    let writer = ParquetLakeWriter::new(
-        Lake::open(lake_dir.path().to_str().context("UTF-8 temp dir")?)?,
+    let mut writer = ParquetLakeWriter::new(
+        lake,
         "per_auction",
         &plan.output_schema,
         plan.event_time_column.as_deref(),
         LakeWriterConfig::default(),
         Arc::clone(&files),
     );
+    if let Some(r) = registered {
+        writer = writer.with_checkpoints(r.writer, CancellationToken::new());
+    }
     let sink = tokio::spawn(run_sink(
         out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY),
         Box::new(writer),
@@ -231,18 +278,24 @@ pub async fn run(args: &Args) -> anyhow::Result<Measured> {
         "consumed {events} of {} records",
         args.events
     );
+    // (With checkpoints the last files wait for an epoch the stopped reader will not join.)
     anyhow::ensure!(
-        files.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        checkpoint || files.load(std::sync::atomic::Ordering::Relaxed) > 0,
         "no Parquet file written"
     );
     Ok(Measured {
-        name: "kafka JSON bids -> 10s tumble -> lake",
+        name: if checkpoint {
+            "  same, checkpoints (offsets, open windows)"
+        } else {
+            "kafka JSON bids -> 10s tumble -> lake"
+        },
         events,
         wall,
         cpu,
         rss: (0.0, 0.0),
         latency: None,
         state: None,
-        checkpoints: None,
+        checkpoints: checkpoint
+            .then(|| std::mem::take(&mut *durations.lock().unwrap_or_else(|e| e.into_inner()))),
     })
 }

@@ -51,7 +51,7 @@ struct Args {
     parallelism: usize,
     /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop,
     /// dedup, and kafka (needs a broker: `eval "$(scripts/services.sh start)"`). Append
-    /// `+ckpt` to lake, tumble, hop or dedup to run it with checkpoints every
+    /// `+ckpt` to lake, tumble, hop, dedup or kafka to run it with checkpoints every
     /// `--checkpoint-interval` (compare with the same pipeline without, in one run).
     #[arg(long, default_value = "source,discard,lake,bids,tumble,hop")]
     pipelines: String,
@@ -555,10 +555,10 @@ fn main() -> anyhow::Result<()> {
     );
     for kind in args.pipelines.split(',').map(str::trim) {
         let (kind, checkpoint) = match kind.strip_suffix("+ckpt") {
-            Some(k @ ("lake" | "tumble" | "hop" | "dedup")) => (k, true),
-            Some(other) => {
-                anyhow::bail!("`{other}+ckpt`: checkpoints apply to lake, tumble, hop and dedup")
-            }
+            Some(k @ ("lake" | "tumble" | "hop" | "dedup" | "kafka")) => (k, true),
+            Some(other) => anyhow::bail!(
+                "`{other}+ckpt`: checkpoints apply to lake, tumble, hop, dedup and kafka"
+            ),
             None => (kind, false),
         };
         let kind: &'static str = match kind {
@@ -577,7 +577,7 @@ fn main() -> anyhow::Result<()> {
             }
         };
         let m = if kind == "kafka" {
-            rt.block_on(kafka::run(&args))?
+            rt.block_on(kafka::run(&args, checkpoint))?
         } else {
             rt.block_on(run(kind, &args, checkpoint))?
         };
