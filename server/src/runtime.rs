@@ -115,6 +115,8 @@ pub struct RunningStream {
     pub cancel: CancellationToken,
     /// It takes part in checkpoints.
     pub checkpointed: bool,
+    /// How often it checkpoints (`None`: it does not).
+    pub checkpoint_interval: Option<Duration>,
     done: Option<JoinHandle<()>>,
 }
 
@@ -551,6 +553,7 @@ pub async fn start_stream(
         status,
         cancel,
         checkpointed,
+        checkpoint_interval: interval.filter(|_| checkpointed),
         done: Some(done),
     })
 }

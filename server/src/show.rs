@@ -47,6 +47,7 @@ pub fn streams_schema() -> SchemaRef {
         Field::new("files", DataType::Int64, false),
         ts_field("last_event_time"),
         ts_field("watermark"),
+        Field::new("checkpoints", DataType::Utf8, false),
     ]))
 }
 
@@ -126,8 +127,12 @@ pub fn streams<'a>(
     let mut cols: (Vec<String>, Vec<String>, Vec<String>) = (vec![], vec![], vec![]);
     let (mut rin, mut rout, mut errors, mut files, mut last, mut wm) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let (mut late, mut duplicates) = (vec![], vec![]);
+    let (mut late, mut duplicates, mut checkpoints) = (vec![], vec![], vec![]);
     for s in streams {
+        checkpoints.push(match s.checkpoint_interval {
+            Some(d) => format!("every {d:?}"),
+            None => "off".to_string(),
+        });
         let m = s.metrics.snapshot();
         cols.0.push(s.plan.name.clone());
         cols.1.push(get(&s.status).to_string());
@@ -156,6 +161,7 @@ pub fn streams<'a>(
             i64s(files),
             ts(last),
             ts(wm),
+            strings(checkpoints),
         ],
     )
 }
