@@ -154,12 +154,31 @@ impl SinkConfig {
         }
     }
 
-    /// The running sink, named `name`.
-    pub fn sink(&self, name: &str) -> Result<Box<dyn sluice_engine::Sink>> {
+    /// Whether the sink can deliver exactly once (with a [`crate::kafka::SinkCheckpoint`]),
+    /// and whether it was asked to: `Some(true)` asked, `Some(false)` declined, `None` left
+    /// to the default (exactly once when its input checkpoints).
+    pub fn exactly_once(&self) -> (bool, Option<bool>) {
         match self {
-            SinkConfig::Kafka(c) => {
-                Ok(Box::new(crate::kafka::KafkaSink::try_new(name, c.clone())?))
-            }
+            SinkConfig::Kafka(c) => (
+                true,
+                c.delivery.map(|d| d == crate::kafka::Delivery::ExactlyOnce),
+            ),
+            SinkConfig::Kinesis(_) => (false, None),
+        }
+    }
+
+    /// The running sink, named `name`; exactly once when given `checkpoint` (see
+    /// [`Self::exactly_once`]).
+    pub fn sink(
+        &self,
+        name: &str,
+        checkpoint: Option<crate::kafka::SinkCheckpoint>,
+    ) -> Result<Box<dyn sluice_engine::Sink>> {
+        match self {
+            SinkConfig::Kafka(c) => Ok(Box::new(match checkpoint {
+                Some(ck) => crate::kafka::KafkaSink::exactly_once(name, c.clone(), ck)?,
+                None => crate::kafka::KafkaSink::try_new(name, c.clone())?,
+            })),
             SinkConfig::Kinesis(c) => Ok(Box::new(crate::kinesis::KinesisSink::try_new(
                 name,
                 c.clone(),

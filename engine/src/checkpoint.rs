@@ -139,6 +139,21 @@ pub struct StagedFile {
     pub staged: String,
     /// Its final path.
     pub target: String,
+    /// The target is consumed once published (an exactly-once sink deletes it when
+    /// delivered), so recovery finds neither file when it was.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transient: bool,
+}
+
+impl StagedFile {
+    /// A file staged at `staged` that becomes `target`.
+    pub fn new(staged: impl Into<String>, target: impl Into<String>) -> Self {
+        Self {
+            staged: staged.into(),
+            target: target.into(),
+            transient: false,
+        }
+    }
 }
 
 /// What a participant reports for an epoch.
@@ -434,6 +449,9 @@ impl Coordinator {
         if let Some(m) = &last {
             for s in m.streams.values() {
                 for f in &s.staged {
+                    if f.transient && store.get(&f.staged).await?.is_none() {
+                        continue; // published, and consumed since
+                    }
                     store.publish(&f.staged, &f.target).await?;
                 }
             }

@@ -593,6 +593,39 @@ impl Sluice {
         let input = state
             .input(&c.from)
             .ok_or_else(|| ServerError::Internal(format!("`{}` is not running", c.from)))?;
+        let checkpointed = matches!(
+            input,
+            Input::Hub {
+                checkpointed: true,
+                ..
+            }
+        );
+        let exactly_once = match config.exactly_once() {
+            (_, Some(false)) => false,
+            (capable, None) => capable && checkpointed,
+            (_, Some(true)) if !checkpointed => {
+                let what = if state.streams.contains_key(&c.from) {
+                    format!(
+                        "stream `{}` does not checkpoint (checkpoint_interval = '0 s'); \
+                         let it checkpoint",
+                        c.from
+                    )
+                } else {
+                    format!(
+                        "the sink would read source `{0}` with a reader of its own, outside \
+                         checkpoints; read it through a stream (CREATE STREAM … AS SELECT * FROM {0})",
+                        c.from
+                    )
+                };
+                return Err(SqlError::InvalidOption(format!(
+                    "sink `{}`: delivery = 'exactly_once' needs an input that checkpoints, but {what}, \
+                     or use delivery = 'at_least_once'",
+                    c.name
+                ))
+                .into());
+            }
+            (_, Some(true)) => true,
+        };
         let running = start_sink(
             &self.inner.lake,
             c.clone(),
@@ -600,7 +633,9 @@ impl Sluice {
             input,
             &self.inner.shutdown,
             &self.inner.readers_gate.subscribe(),
-        )?;
+            checkpointed.then_some((&self.inner.checkpoints, exactly_once)),
+        )
+        .await?;
         self.directory_mut().insert(c.name.clone(), Named::Sink);
         state.sinks.insert(c.name.clone(), running);
         self.record(
@@ -693,6 +728,9 @@ impl Sluice {
                     if let Some(s) = state.sinks.remove(&name) {
                         s.stop(STOP_TIMEOUT).await;
                     }
+                    // An exactly-once sink's undelivered epochs go too.
+                    self.inner.checkpoints.deregister(&name, false);
+                    crate::runtime::forget_sink(&self.inner.lake, &name).await;
                 }
             }
             self.directory_mut().remove(&name);

@@ -22,7 +22,9 @@ use std::time::Duration;
 use sluice_connectors::http::HttpIngest;
 use sluice_connectors::lake::{Lake, ParquetLakeWriter, RecordZone, Zone, run_errors_writer};
 use sluice_connectors::{SinkConfig, SourceConfig};
-use sluice_engine::checkpoint::{Coordinator, KeyFilter, StreamRegistration};
+use sluice_engine::checkpoint::{
+    CheckpointHandle, Coordinator, KeyFilter, Payload, StreamRegistration,
+};
 use sluice_engine::pipeline::{Branch, StreamTask};
 use sluice_engine::sink::run_sink;
 use sluice_engine::{
@@ -633,16 +635,29 @@ pub struct RunningSink {
     pub config: SinkConfig,
     /// Its state.
     pub status: SharedStatus,
-    /// Rows delivered (acknowledged by the destination).
+    /// Rows delivered (acknowledged by the destination; with exactly-once delivery, rows
+    /// accepted, which reach the destination once their checkpoint is durable).
     pub delivered: Arc<AtomicU64>,
+    /// It delivers exactly once (rows travel with checkpoints).
+    pub exactly_once: bool,
     cancel: CancellationToken,
     done: Option<JoinHandle<()>>,
 }
 
-/// Counts the rows a connector's sink accepted.
+/// Counts the rows a connector's sink accepted; with `checkpoint`, reports each barrier
+/// once everything before it is acknowledged (connectors' `write_batch` returns then).
 struct Counted {
     inner: Box<dyn sluice_engine::Sink>,
     delivered: Arc<AtomicU64>,
+    checkpoint: Option<CheckpointHandle>,
+}
+
+/// A report with nothing staged: what a sink that delivers as it goes tells a checkpoint.
+fn nothing_staged() -> Payload {
+    Payload::Staged {
+        files: vec![],
+        published: Arc::default(),
+    }
 }
 
 #[async_trait::async_trait]
@@ -664,7 +679,13 @@ impl sluice_engine::Sink for Counted {
         self.inner.on_watermark(t).await
     }
     async fn on_barrier(&mut self, b: sluice_engine::Barrier) -> sluice_engine::Result<()> {
-        self.inner.on_barrier(b).await
+        self.inner.on_barrier(b).await?;
+        if let Some(h) = &self.checkpoint
+            && b.epoch >= h.first_epoch()
+        {
+            h.report(b.epoch, nothing_staged());
+        }
+        Ok(())
     }
     fn tick_interval(&self) -> Option<Duration> {
         self.inner.tick_interval()
@@ -673,33 +694,92 @@ impl sluice_engine::Sink for Counted {
         self.inner.on_tick().await
     }
     async fn close(&mut self) -> sluice_engine::Result<()> {
-        self.inner.close().await
+        self.inner.close().await?;
+        if let Some(h) = &self.checkpoint {
+            h.finish(nothing_staged());
+        }
+        Ok(())
     }
 }
 
+/// How often a sink asks for checkpoints: never by itself (it follows the epochs of its
+/// input stream).
+const SINK_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Starts a sink delivering what `input` (the source or stream it reads) produces.
-pub fn start_sink(
+///
+/// Given `checkpoints` (the coordinator, and whether to deliver exactly once: the input is
+/// a stream that checkpoints) the sink takes part in them: exactly once, its rows travel
+/// with the checkpoints; otherwise a checkpoint
+/// completes only once the sink has had every row before its barrier acknowledged, so a
+/// restart replays whatever it may not have delivered (at least once).
+pub async fn start_sink(
     lake: &Lake,
     create: CreateSink,
     config: SinkConfig,
     input: Input,
     parent: &CancellationToken,
     gate: &Gate,
+    checkpoints: Option<(&Coordinator, bool)>,
 ) -> Result<RunningSink> {
+    let coordinator = checkpoints.map(|(c, _)| c);
+    let exactly_once = checkpoints.is_some_and(|(_, e)| e);
     let cancel = parent.child_token();
     let delivered = Arc::new(AtomicU64::new(0));
-    let sink: Box<dyn sluice_engine::Sink> = Box::new(Counted {
-        inner: config.sink(&create.name)?,
-        delivered: Arc::clone(&delivered),
-    });
+    // Subscribe before registering: no barrier of an epoch the sink takes part in is missed.
     let (subscription, reader) = match input {
         Input::Hub { hub, .. } => (hub.subscribe(DEFAULT_CHANNEL_CAPACITY), None),
         Input::Reader { def, metrics } => {
             let reader = PendingReader::new(lake, &def, metrics, &cancel)?;
             let subscription = reader.output.subscribe(DEFAULT_CHANNEL_CAPACITY);
-            (subscription, Some(reader.start(gate.clone())))
+            (subscription, Some(reader))
         }
     };
+    let registered = match coordinator {
+        Some(c) => {
+            let registered = c
+                .register(StreamRegistration {
+                    name: create.name.clone(),
+                    sql: create.to_string(),
+                    readers: vec![],
+                    parallelism: 0,
+                    writer: true,
+                    interval: SINK_CHECKPOINT_INTERVAL,
+                })
+                .await?;
+            Some((c, registered.writer))
+        }
+        None => None,
+    };
+    let (checkpoint, acknowledged) = match registered {
+        Some((c, handle)) if exactly_once => (
+            Some(sluice_connectors::kafka::SinkCheckpoint {
+                store: Arc::new(lake.clone()),
+                coordinator: c.clone(),
+                handle,
+            }),
+            None,
+        ),
+        Some((_, handle)) => (None, Some(handle)),
+        None => (None, None),
+    };
+    let exactly_once = checkpoint.is_some();
+    let inner = match config.sink(&create.name, checkpoint) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(c) = coordinator {
+                c.deregister(&create.name, true);
+            }
+            return Err(e.into());
+        }
+    };
+    let sink: Box<dyn sluice_engine::Sink> = Box::new(Counted {
+        inner,
+        delivered: Arc::clone(&delivered),
+        checkpoint: acknowledged,
+    });
+    let reader = reader.map(|r| r.start(gate.clone()));
+    let coordinator = coordinator.cloned();
     let status: SharedStatus = Arc::new(Mutex::new(Status::Running));
     let done = {
         let status = Arc::clone(&status);
@@ -718,6 +798,10 @@ pub fn start_sink(
                 Ok(()) => Status::Finished,
                 Err(e) => {
                     tracing::error!(sink = %name, error = %e, "sink failed");
+                    if let Some(c) = &coordinator {
+                        // Checkpoints go on without it; a restart delivers what it owes.
+                        c.deregister(&name, true);
+                    }
                     Status::Failed(e.to_string())
                 }
             };
@@ -726,11 +810,28 @@ pub fn start_sink(
     Ok(RunningSink {
         create,
         config,
+        exactly_once,
         status,
         delivered,
         cancel,
         done: Some(done),
     })
+}
+
+/// Deletes what an exactly-once sink still owed (`DROP SINK`).
+pub async fn forget_sink(lake: &Lake, name: &str) {
+    use sluice_engine::checkpoint::CheckpointStore;
+    let dir = format!("_sluice/sinks/{name}");
+    match lake.list(&dir).await {
+        Ok(paths) => {
+            for p in paths {
+                if let Err(e) = lake.delete(&p).await {
+                    tracing::warn!(sink = %name, "cannot delete {p}: {e}");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(sink = %name, "cannot list {dir}: {e}"),
+    }
 }
 
 impl RunningSink {

@@ -224,6 +224,7 @@ pub fn sinks_schema() -> SchemaRef {
         Field::new("connector", DataType::Utf8, false),
         Field::new("from", DataType::Utf8, false),
         Field::new("status", DataType::Utf8, false),
+        Field::new("delivery", DataType::Utf8, false),
         Field::new("rows_delivered", DataType::Int64, false),
     ]))
 }
@@ -231,12 +232,20 @@ pub fn sinks_schema() -> SchemaRef {
 /// `SHOW SINKS`.
 pub fn sinks<'a>(sinks: impl Iterator<Item = &'a RunningSink>) -> Result<RecordBatch, ArrowError> {
     let (mut name, mut connector, mut from, mut status) = (vec![], vec![], vec![], vec![]);
-    let mut delivered = vec![];
+    let (mut delivery, mut delivered) = (vec![], vec![]);
     for s in sinks {
         name.push(s.create.name.clone());
         connector.push(s.config.connector().to_string());
         from.push(s.create.from.clone());
         status.push(get(&s.status).to_string());
+        delivery.push(
+            if s.exactly_once {
+                "exactly_once"
+            } else {
+                "at_least_once"
+            }
+            .to_string(),
+        );
         delivered.push(s.delivered.load(Ordering::Relaxed));
     }
     RecordBatch::try_new(
@@ -246,6 +255,7 @@ pub fn sinks<'a>(sinks: impl Iterator<Item = &'a RunningSink>) -> Result<RecordB
             strings(connector),
             strings(from),
             strings(status),
+            strings(delivery),
             i64s(delivered),
         ],
     )

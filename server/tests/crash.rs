@@ -148,6 +148,17 @@ fn kill_9_at_random_moments_loses_nothing_and_duplicates_nothing() {
          FROM TUMBLE(unique_orders, ts, INTERVAL '10 seconds')
          GROUP BY window_start, window_end",
     );
+    // The windows also go to a topic, exactly once (a transaction per epoch).
+    let out_topic = format!("crash-out-{}", std::process::id());
+    create_topic(&brokers, &out_topic, 3);
+    psql(
+        port,
+        &format!(
+            "CREATE SINK revenue_out FROM revenue
+             WITH (connector = 'kafka', brokers = '{brokers}', topic = '{out_topic}',
+                   key = 'window_start', format = 'json')"
+        ),
+    );
     // The orders arrive over several seconds, while the server is killed and restarted.
     let producer = {
         let (brokers, topic) = (brokers.clone(), topic.clone());
@@ -187,13 +198,20 @@ fn kill_9_at_random_moments_loses_nothing_and_duplicates_nothing() {
         got = landed(port);
     }
     let rows = landed_rows(port);
+    // The sink's topic: every window once, as a `read_committed` consumer sees it.
+    let mut delivered = on_topic(&brokers, &out_topic);
+    while delivered.len() < expected.len() && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(250));
+        delivered = on_topic(&brokers, &out_topic);
+    }
     // The source's raw and errors zones: every record archived once, every bad one reported
     // once, however often the archiver was killed.
     let (produced, bad) = (
         records().len(),
         (ORDERS as usize).div_ceil(BAD_EVERY as usize),
     );
-    let (mut raw, mut errors) = (0, 0);
+    let mut raw = lines_under(&lake.path().join("raw/orders"), "ndjson");
+    let mut errors = lines_under(&lake.path().join("errors/orders"), "jsonl");
     while (raw < produced || errors < bad) && start.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(250));
         raw = lines_under(&lake.path().join("raw/orders"), "ndjson");
@@ -219,6 +237,36 @@ fn kill_9_at_random_moments_loses_nothing_and_duplicates_nothing() {
         "{} windows differ: {wrong:#?}",
         wrong.len()
     );
+    let mut on_topic_once = BTreeMap::new();
+    for (w, v) in &delivered {
+        assert!(
+            on_topic_once.insert(*w, *v).is_none(),
+            "window {w} is on the topic more than once ({} records for {} windows)",
+            delivered.len(),
+            expected.len()
+        );
+    }
+    assert_eq!(
+        on_topic_once, expected,
+        "the sink's topic holds every window once"
+    );
+}
+
+/// The windows on the sink's topic, one entry per record: (start in seconds, (n, total)).
+fn on_topic(brokers: &str, topic: &str) -> Vec<(i64, (i64, i64))> {
+    common::read_topic(brokers, topic)
+        .iter()
+        .map(|v| {
+            let row: serde_json::Value = serde_json::from_slice(v).unwrap();
+            let start = row["window_start"].as_str().expect("window_start as text");
+            let start = chrono::NaiveDateTime::parse_from_str(&start[..19], "%Y-%m-%dT%H:%M:%S")
+                .unwrap_or_else(|e| panic!("window_start {start}: {e}"));
+            (
+                start.and_utc().timestamp(),
+                (row["n"].as_i64().unwrap(), row["total"].as_i64().unwrap()),
+            )
+        })
+        .collect()
 }
 
 /// Kills the server `rounds` times at moments drawn from `seed`, restarting it on `lake`

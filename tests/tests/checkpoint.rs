@@ -16,10 +16,7 @@ async fn stage(lake: &Lake, name: &str, target: &str) -> StagedFile {
     CheckpointStore::put(lake, &staged, bytes::Bytes::from(name.to_string()))
         .await
         .unwrap();
-    StagedFile {
-        staged,
-        target: target.to_string(),
-    }
+    StagedFile::new(staged, target.to_string())
 }
 
 fn staged(files: Vec<StagedFile>) -> Payload {

@@ -242,14 +242,18 @@ async fn a_kafka_sink_delivers_a_stream_keyed_like_the_java_client() {
             String::from_utf8_lossy(key),
             m.partition()
         );
-        // `header.<name>` columns as headers, as text.
+        // `header.<name>` columns as headers, as text; exactly-once delivery names each
+        // record `<sink>/<epoch>/<row>`.
         use rdkafka::message::Headers as _;
-        let headers: Vec<(String, Vec<u8>)> = m
+        let mut headers: Vec<(String, Vec<u8>)> = m
             .headers()
             .expect("headers")
             .iter()
             .map(|h| (h.key.to_string(), h.value.unwrap().to_vec()))
             .collect();
+        let (name, id) = headers.pop().expect("a delivery header");
+        assert_eq!(name, sluice_connectors::kafka::DELIVERY_HEADER);
+        assert!(String::from_utf8(id).unwrap().starts_with("big_out/"));
         assert_eq!(
             headers,
             [

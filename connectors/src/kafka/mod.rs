@@ -46,10 +46,12 @@
 //! one more reader, which archives the raw values and reports the bad records — once for the
 //! source, however many streams read it.
 
+mod exactly_once;
 mod sink;
 mod source;
 
-pub use sink::{KafkaSink, KafkaSinkConfig};
+pub use exactly_once::{DELIVERY_HEADER, SinkCheckpoint};
+pub use sink::{Delivery, KafkaSink, KafkaSinkConfig};
 pub use source::{KafkaReader, ReaderRole};
 
 use std::time::Duration;

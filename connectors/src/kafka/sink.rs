@@ -12,19 +12,23 @@
 //! absent or the value is NULL). Partitions are chosen by librdkafka's `murmur2_random` partitioner — the Java
 //! client's default: `murmur2(key) % partitions` for keyed records, so keys land where other
 //! producers put them and a key's records stay in order. The producer is idempotent with
-//! `acks=all`; librdkafka retries with backoff. A batch counts as written only when every
-//! record of it is acknowledged, so what is acknowledged upstream of the sink is on the
-//! topic (at least once; exactly once comes with checkpoints).
+//! `acks=all`; librdkafka retries with backoff. With `delivery = 'at_least_once'` a batch
+//! counts as written only when every record of it is acknowledged, so what is acknowledged
+//! upstream of the sink is on the topic (after a crash, some rows may be sent again). With
+//! `delivery = 'exactly_once'` (the default when the input is a stream that checkpoints) rows
+//! travel with the checkpoints and are sent in one transaction per epoch: see
+//! `exactly_once.rs`.
 //!
 //! `header.<name> = '<column>'` adds a header `<name>` to each record carrying the column's
 //! value (bytes for `BYTEA`, text otherwise; no header when NULL).
 //!
 //! Options: `brokers`, `topic` (required), `key`, `format` (`json` or `avro`),
-//! `schema_registry` (with `avro`), `header.<name>`, `properties.<name>`.
+//! `schema_registry` (with `avro`), `header.<name>`, `delivery`, `transactional_id` (with
+//! exactly-once delivery; default `sluice-<sink>`), `properties.<name>`.
 
-use std::time::Duration;
-
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::array::{Array, ArrayRef, AsArray, StringArray};
 use arrow::compute::cast;
@@ -34,11 +38,13 @@ use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use sluice_engine::{EngineError, WithOptions};
+use sluice_engine::{Barrier, EngineError, WithOptions};
 
 use crate::error::{ConnectorError, Result};
 use crate::formats::RecordFormat;
 use crate::formats::encoder::RowEncoder;
+
+use super::exactly_once::{DELIVERY_HEADER, EpochSink, SinkCheckpoint};
 
 /// Validated options of a `kafka` sink.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +61,29 @@ pub struct KafkaSinkConfig {
     pub headers: Vec<(String, String)>,
     /// Extra librdkafka properties.
     pub properties: Vec<(String, String)>,
+    /// The `delivery` option; `None`: exactly once when the input checkpoints.
+    pub delivery: Option<Delivery>,
+    /// With exactly-once delivery: the producer's `transactional.id` (default
+    /// `sluice-<sink>`).
+    pub transactional_id: Option<String>,
+}
+
+/// What a sink promises about each row it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Rows are sent as they come; after a crash some may be sent again.
+    AtLeastOnce,
+    /// Rows are sent once their checkpoint is durable, each exactly once.
+    ExactlyOnce,
+}
+
+impl std::fmt::Display for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Delivery::AtLeastOnce => "at_least_once",
+            Delivery::ExactlyOnce => "exactly_once",
+        })
+    }
 }
 
 impl KafkaSinkConfig {
@@ -85,7 +114,29 @@ impl KafkaSinkConfig {
             }
         }
         headers.sort();
+        let delivery = match opts.take_str("delivery") {
+            None => None,
+            Some(d) => match d.to_ascii_lowercase().as_str() {
+                "exactly_once" => Some(Delivery::ExactlyOnce),
+                "at_least_once" => Some(Delivery::AtLeastOnce),
+                other => {
+                    return Err(ConnectorError::InvalidConfig(format!(
+                        "{}: option `delivery`: '{other}' is not one of 'exactly_once', 'at_least_once'",
+                        opts.owner()
+                    )));
+                }
+            },
+        };
+        let transactional_id = opts.take_str("transactional_id");
+        if transactional_id.is_some() && delivery == Some(Delivery::AtLeastOnce) {
+            return Err(ConnectorError::InvalidConfig(format!(
+                "{}: option `transactional_id` needs delivery = 'exactly_once'",
+                opts.owner()
+            )));
+        }
         Ok(Self {
+            delivery,
+            transactional_id,
             brokers,
             topic,
             key,
@@ -99,16 +150,62 @@ impl KafkaSinkConfig {
 /// Writes rows to a topic. See the module docs.
 pub struct KafkaSink {
     name: String,
-    config: KafkaSinkConfig,
-    producer: FutureProducer,
+    mode: Mode,
+}
+
+enum Mode {
+    /// Each batch is sent as it comes and counts as written once acknowledged.
+    AtLeastOnce(Box<RecordWriter>),
+    /// Rows are held per epoch and sent in a transaction once the epoch is committed.
+    ExactlyOnce(EpochSink),
+}
+
+impl KafkaSink {
+    /// A sink named `name` (for logs and errors) writing as `config` says, at least once.
+    pub fn try_new(name: impl Into<String>, config: KafkaSinkConfig) -> Result<Self> {
+        let name = name.into();
+        let writer = RecordWriter::try_new(&name, config, None)?;
+        Ok(Self {
+            name,
+            mode: Mode::AtLeastOnce(Box::new(writer)),
+        })
+    }
+
+    /// A sink that delivers each row exactly once (see [`super::exactly_once`]): its rows are
+    /// checkpointed with its input's epochs and sent in one Kafka transaction per epoch.
+    pub fn exactly_once(
+        name: impl Into<String>,
+        config: KafkaSinkConfig,
+        checkpoint: SinkCheckpoint,
+    ) -> Result<Self> {
+        let name = name.into();
+        let transactional_id = config
+            .transactional_id
+            .clone()
+            .unwrap_or_else(|| format!("sluice-{name}"));
+        let writer = RecordWriter::try_new(&name, config, Some(&transactional_id))?;
+        Ok(Self {
+            mode: Mode::ExactlyOnce(EpochSink::start(&name, writer, checkpoint)),
+            name,
+        })
+    }
+}
+
+/// Encodes rows and sends them as records: the part both delivery modes share.
+pub(super) struct RecordWriter {
+    pub(super) sink: String,
+    pub(super) config: KafkaSinkConfig,
+    pub(super) producer: FutureProducer,
     /// Rows → record values.
     encoder: RowEncoder,
 }
 
-impl KafkaSink {
-    /// A sink named `name` (for logs and errors) writing as `config` says.
-    pub fn try_new(name: impl Into<String>, config: KafkaSinkConfig) -> Result<Self> {
-        let name = name.into();
+impl RecordWriter {
+    fn try_new(
+        name: &str,
+        config: KafkaSinkConfig,
+        transactional_id: Option<&str>,
+    ) -> Result<Self> {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &config.brokers)
             .set("acks", "all")
@@ -117,37 +214,42 @@ impl KafkaSink {
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "5")
             .set("message.timeout.ms", "120000");
+        if let Some(id) = transactional_id {
+            cfg.set("transactional.id", id)
+                .set("transaction.timeout.ms", "120000");
+        }
         for (k, v) in &config.properties {
             cfg.set(k, v);
         }
         let producer = cfg.create().map_err(|e| {
             ConnectorError::InvalidConfig(format!("sink `{name}`: kafka producer: {e}"))
         })?;
-        let encoder = RowEncoder::new(&name, &config.topic, &config.format)?;
+        let encoder = RowEncoder::new(name, &config.topic, &config.format)?;
         Ok(Self {
-            name,
+            sink: name.to_string(),
             config,
             producer,
             encoder,
         })
     }
 
-    fn failed(&self, what: impl std::fmt::Display) -> EngineError {
+    pub(super) fn failed(&self, what: impl std::fmt::Display) -> EngineError {
         EngineError::external(
-            format!("sink `{}` (kafka topic `{}`)", self.name, self.config.topic),
+            format!("sink `{}` (kafka topic `{}`)", self.sink, self.config.topic),
             std::io::Error::other(what.to_string()),
         )
     }
-}
 
-#[async_trait]
-impl sluice_engine::Sink for KafkaSink {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    async fn write_batch(&mut self, batch: RecordBatch) -> sluice_engine::Result<()> {
-        let values = self.encoder.encode(&batch).await?;
+    /// Sends `batch`'s rows and waits until every one is acknowledged. With `tag`, row `i`
+    /// carries the header [`DELIVERY_HEADER`] = `<tag>/<i>`, and rows whose index is in
+    /// `skip` are not sent (they are on the topic already).
+    pub(super) async fn send(
+        &mut self,
+        batch: &RecordBatch,
+        tag: Option<&str>,
+        skip: &HashSet<u64>,
+    ) -> sluice_engine::Result<()> {
+        let values = self.encoder.encode(batch).await?;
         let keys: Option<StringArray> = match &self.config.key {
             Some(k) => {
                 let column = batch
@@ -177,7 +279,14 @@ impl sluice_engine::Sink for KafkaSink {
             headers.push((name.as_str(), bytes));
         }
         let mut deliveries = Vec::with_capacity(batch.num_rows());
+        let mut ids = Vec::new();
+        if let Some(tag) = tag {
+            ids = (0..values.len()).map(|i| format!("{tag}/{i}")).collect();
+        }
         for (i, value) in values.iter().enumerate() {
+            if skip.contains(&(i as u64)) {
+                continue;
+            }
             let mut record =
                 FutureRecord::<str, [u8]>::to(&self.config.topic).payload(value.as_ref());
             if let Some(keys) = &keys
@@ -185,8 +294,8 @@ impl sluice_engine::Sink for KafkaSink {
             {
                 record = record.key(keys.value(i));
             }
-            if !headers.is_empty() {
-                let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+            if !headers.is_empty() || tag.is_some() {
+                let mut owned = OwnedHeaders::new_with_capacity(headers.len() + 1);
                 for (name, values) in &headers {
                     let values = values.as_binary::<i32>();
                     if values.is_valid(i) {
@@ -195,6 +304,12 @@ impl sluice_engine::Sink for KafkaSink {
                             value: Some(values.value(i)),
                         });
                     }
+                }
+                if let Some(id) = ids.get(i) {
+                    owned = owned.insert(Header {
+                        key: DELIVERY_HEADER,
+                        value: Some(id.as_bytes()),
+                    });
                 }
                 record = record.headers(owned);
             }
@@ -207,11 +322,40 @@ impl sluice_engine::Sink for KafkaSink {
         Ok(())
     }
 
-    async fn close(&mut self) -> sluice_engine::Result<()> {
+    /// Waits until everything sent is acknowledged.
+    pub(super) async fn flush(&self) -> sluice_engine::Result<()> {
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(30)))
             .await
             .map_err(|e| EngineError::Internal(format!("kafka flush task: {e}")))?
             .map_err(|e| self.failed(e))
+    }
+}
+
+#[async_trait]
+impl sluice_engine::Sink for KafkaSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn write_batch(&mut self, batch: RecordBatch) -> sluice_engine::Result<()> {
+        match &mut self.mode {
+            Mode::AtLeastOnce(w) => w.send(&batch, None, &HashSet::new()).await,
+            Mode::ExactlyOnce(e) => e.write_batch(batch),
+        }
+    }
+
+    async fn on_barrier(&mut self, b: Barrier) -> sluice_engine::Result<()> {
+        match &mut self.mode {
+            Mode::AtLeastOnce(_) => Ok(()),
+            Mode::ExactlyOnce(e) => e.on_barrier(b).await,
+        }
+    }
+
+    async fn close(&mut self) -> sluice_engine::Result<()> {
+        match &mut self.mode {
+            Mode::AtLeastOnce(w) => w.flush().await,
+            Mode::ExactlyOnce(e) => e.close().await,
+        }
     }
 }

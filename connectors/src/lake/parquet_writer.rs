@@ -232,10 +232,8 @@ impl ParquetLakeWriter {
                     .dir(Zone::Internal, "staging")
                     .join(self.stream.as_str())
                     .join(name.as_str());
-                let staged = StagedFile {
-                    staged: self.lake.relative(&path),
-                    target: self.lake.relative(&target),
-                };
+                let staged =
+                    StagedFile::new(self.lake.relative(&path), self.lake.relative(&target));
                 (path, Some(staged))
             }
         };

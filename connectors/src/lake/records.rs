@@ -79,10 +79,10 @@ impl RecordZone {
         staged
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(StagedFile {
-                staged: self.lake.relative(&staging),
-                target: self.lake.relative(path),
-            });
+            .push(StagedFile::new(
+                self.lake.relative(&staging),
+                self.lake.relative(path),
+            ));
         Ok(())
     }
 

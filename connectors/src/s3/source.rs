@@ -148,10 +148,10 @@ impl LandingReader {
             .put(&staged, body)
             .await
             .map_err(|e| self.failed(e))?;
-        ing.markers.push(StagedFile {
-            staged: self.lake.relative(&staged),
-            target: self.lake.relative(&path),
-        });
+        ing.markers.push(StagedFile::new(
+            self.lake.relative(&staged),
+            self.lake.relative(&path),
+        ));
         Ok(())
     }
 

@@ -127,3 +127,51 @@ pub fn produce_records(
         .flush(std::time::Duration::from_secs(30))
         .expect("acknowledged");
 }
+
+/// Every record value on `topic` as a `read_committed` consumer sees it, from the beginning
+/// of each partition to its end.
+pub fn read_topic(brokers: &str, topic: &str) -> Vec<Vec<u8>> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let timeout = std::time::Duration::from_secs(10);
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("test-reader-{topic}"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("a consumer");
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut open = std::collections::BTreeSet::new();
+    for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout).unwrap();
+        if high > low {
+            tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Offset(low))
+                .unwrap();
+            open.insert(p.id());
+        }
+    }
+    let mut values = vec![];
+    if open.is_empty() {
+        return values;
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !open.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{topic}: no end in sight"
+        );
+        match consumer.poll(std::time::Duration::from_millis(500)) {
+            None => {}
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            Some(Ok(m)) => values.push(m.payload().unwrap_or_default().to_vec()),
+        }
+    }
+    values
+}
