@@ -33,20 +33,45 @@ pub struct Decoded {
 }
 
 /// Decodes JSON objects into batches of one schema.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct JsonDecoder {
     schema: SchemaRef,
+    /// arrow-json's decoder of the last whole input that decoded cleanly, kept so that its
+    /// buffers keep their capacity; taken by one call at a time (a concurrent call builds
+    /// its own).
+    reused: std::sync::Mutex<Option<Reused>>,
+}
+
+/// A kept arrow-json decoder and the most rows it takes in one flush.
+struct Reused {
+    decoder: arrow::json::reader::Decoder,
+    rows: usize,
+}
+
+impl std::fmt::Debug for Reused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reused").field("rows", &self.rows).finish()
+    }
+}
+
+impl Clone for JsonDecoder {
+    fn clone(&self) -> Self {
+        Self::new(std::sync::Arc::clone(&self.schema))
+    }
 }
 
 impl JsonDecoder {
     /// A decoder producing `schema`.
     pub fn new(schema: SchemaRef) -> Self {
-        Self { schema }
+        Self {
+            schema,
+            reused: std::sync::Mutex::new(None),
+        }
     }
 
     /// Decodes `records` (each one JSON object, without a trailing newline).
     pub fn decode(&self, records: &[&[u8]]) -> Result<Decoded> {
-        match self.decode_all(records) {
+        match self.decode_whole(records) {
             Ok(batch) => Ok(Decoded {
                 batch,
                 errors: vec![],
@@ -70,11 +95,43 @@ impl JsonDecoder {
         }
     }
 
-    fn decode_all(&self, records: &[&[u8]]) -> Result<RecordBatch, String> {
-        let mut decoder = ReaderBuilder::new(std::sync::Arc::clone(&self.schema))
-            .with_batch_size(records.len().max(1))
+    /// [`Self::decode_all`] with the kept arrow-json decoder (or a new one, kept when
+    /// this input decodes cleanly).
+    fn decode_whole(&self, records: &[&[u8]]) -> Result<RecordBatch, String> {
+        let Ok(mut slot) = self.reused.try_lock() else {
+            return self.decode_all(records);
+        };
+        let mut reused = match slot.take() {
+            Some(r) if r.rows >= records.len() => r,
+            _ => Reused {
+                decoder: self.arrow_decoder(records.len())?,
+                rows: records.len().max(1),
+            },
+        };
+        // A failed decode leaves the decoder mid-record: it is dropped, not kept.
+        let batch = self.decode_with(&mut reused.decoder, records)?;
+        *slot = Some(reused);
+        Ok(batch)
+    }
+
+    fn arrow_decoder(&self, rows: usize) -> Result<arrow::json::reader::Decoder, String> {
+        ReaderBuilder::new(std::sync::Arc::clone(&self.schema))
+            .with_batch_size(rows.max(1))
             .build_decoder()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())
+    }
+
+    fn decode_all(&self, records: &[&[u8]]) -> Result<RecordBatch, String> {
+        let mut decoder = self.arrow_decoder(records.len())?;
+        self.decode_with(&mut decoder, records)
+    }
+
+    /// Decodes `records` with `decoder` (which takes at least as many rows, and is empty).
+    fn decode_with(
+        &self,
+        decoder: &mut arrow::json::reader::Decoder,
+        records: &[&[u8]],
+    ) -> Result<RecordBatch, String> {
         for r in records {
             if !r.trim_ascii_start().starts_with(b"{") {
                 return Err("not a JSON object".to_string());

@@ -47,6 +47,7 @@
 //! source, however many streams read it.
 
 mod exactly_once;
+mod fetch_queue;
 mod sink;
 mod source;
 

@@ -12,12 +12,15 @@ use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message as _;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_engine::source::publish;
 use sluice_engine::{BadRecord, EngineError, SourceContext, SourceReader};
 
+use super::fetch_queue::{FetchQueue, Fetched};
 use super::{KafkaConfig, StartPosition};
 use crate::formats::Decoder;
 use crate::lake::RecordZone;
@@ -45,17 +48,36 @@ struct HeaderAt {
 }
 
 /// The records of one batch: their values back to back in one buffer (no allocation per
-/// record).
+/// record). Batches are recycled: the reader hands an emptied one back to the poller, so
+/// the buffers keep their capacity.
 #[derive(Default)]
 struct Records {
     records: Vec<Record>,
     values: Vec<u8>,
     headers: Vec<HeaderAt>,
+    /// Per partition in the batch, the offset of its last record.
+    last_offsets: Vec<(i32, i64)>,
 }
 
 impl Records {
     fn len(&self) -> usize {
         self.records.len()
+    }
+
+    /// Empties the batch, keeping its buffers.
+    fn clear(&mut self) {
+        self.records.clear();
+        self.values.clear();
+        self.headers.clear();
+        self.last_offsets.clear();
+    }
+
+    /// Notes that the batch holds `offset` of `partition` (offsets arrive in order).
+    fn note_offset(&mut self, partition: i32, offset: i64) {
+        match self.last_offsets.iter_mut().find(|(p, _)| *p == partition) {
+            Some((_, last)) => *last = offset,
+            None => self.last_offsets.push((partition, offset)),
+        }
     }
 
     fn value(&self, r: &Record) -> Option<&[u8]> {
@@ -123,6 +145,8 @@ pub struct KafkaReader {
     wants_key: bool,
     /// The source declares `_kafka_headers`: headers are copied out too.
     wants_headers: bool,
+    /// The source declares `_kafka_timestamp`: timestamps are read too.
+    wants_timestamp: bool,
     /// Where to resume, per partition (the next offset to read), from a checkpoint.
     resume: BTreeMap<i32, i64>,
 }
@@ -135,6 +159,7 @@ impl KafkaReader {
             config,
             wants_key: schema.field_with_name("_kafka_key").is_ok(),
             wants_headers: schema.field_with_name("_kafka_headers").is_ok(),
+            wants_timestamp: schema.field_with_name("_kafka_timestamp").is_ok(),
             schema,
             role: ReaderRole::Stream,
             raw: None,
@@ -158,6 +183,7 @@ impl KafkaReader {
             config,
             wants_key: false,
             wants_headers: false,
+            wants_timestamp: false,
             schema,
             role: ReaderRole::Archive,
             raw,
@@ -184,6 +210,10 @@ impl KafkaReader {
             .set("group.id", format!("sluice-{}", self.name))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
+            // When the fetched records outnumber `queued.min.messages`, librdkafka pauses the
+            // partition's fetching this long (1 s by default): long enough for the reader to
+            // drain the queue and sit idle. A short pause keeps the queue from running dry.
+            .set("fetch.queue.backoff.ms", "20")
             .set(
                 "auto.offset.reset",
                 match self.config.start {
@@ -202,11 +232,12 @@ impl KafkaReader {
             .map_err(|e| EngineError::external(format!("kafka source `{}`", self.name), e))
     }
 
-    /// Assigns every partition of the topic, at the start position; returns them.
+    /// Assigns every partition of the topic, at the start position, their records forwarded
+    /// to one [`FetchQueue`]; returns it and the partitions.
     async fn assign(
         &self,
-        consumer: BaseConsumer<LagReporter>,
-    ) -> sluice_engine::Result<(BaseConsumer<LagReporter>, Vec<i32>)> {
+        consumer: Arc<BaseConsumer<LagReporter>>,
+    ) -> sluice_engine::Result<(FetchQueue<LagReporter>, Vec<i32>)> {
         let topic = self.config.topic.clone();
         let start = match self.config.start {
             StartPosition::Earliest => Offset::Beginning,
@@ -238,11 +269,14 @@ impl KafkaReader {
                 tpl.add_partition_offset(&topic, *p, at)
                     .map_err(|e| EngineError::external(context(), e))?;
             }
+            // Before assigning: librdkafka keeps the forwarding when fetching starts.
+            let queue = FetchQueue::new(Arc::clone(&consumer), &topic, &partitions)
+                .map_err(|e| EngineError::external(context(), e))?;
             consumer
                 .assign(&tpl)
                 .map_err(|e| EngineError::external(context(), e))?;
             tracing::info!(source = %name, topic = %topic, partitions = partitions.len(), "kafka: assigned");
-            Ok((consumer, partitions))
+            Ok((queue, partitions))
         })
         .await
         .map_err(|e| EngineError::Internal(format!("kafka assignment task: {e}")))?
@@ -253,7 +287,7 @@ impl KafkaReader {
         &self,
         ctx: &SourceContext,
         decoder: &mut Decoder,
-        batch: Records,
+        batch: &Records,
         clock: &mut SplitClock<i32>,
         emitted: &mut Option<i64>,
         next_offsets: &mut BTreeMap<i32, i64>,
@@ -262,8 +296,8 @@ impl KafkaReader {
             return Ok(());
         }
         let records = &batch.records;
-        for r in records {
-            next_offsets.insert(r.partition, r.offset + 1);
+        for (partition, last) in &batch.last_offsets {
+            next_offsets.insert(*partition, last + 1);
         }
         let topic = &self.config.topic;
         let origin = |r: &Record| {
@@ -340,16 +374,25 @@ impl KafkaReader {
             .filter(|(_, f)| !**f)
             .map(|(r, _)| *r)
             .collect();
-        let rows = self.with_metadata(decoded.batch, &batch, &good)?;
+        let rows = self.with_metadata(decoded.batch, batch, &good)?;
         // Event time per partition, from the good rows; every partition in the batch delivered.
-        let mut latest: BTreeMap<i32, Option<i64>> =
-            records.iter().map(|r| (r.partition, None)).collect();
+        let mut latest: Vec<(i32, Option<i64>)> =
+            batch.last_offsets.iter().map(|(p, _)| (*p, None)).collect();
         if let Some(ts) = event_times(ctx, &rows) {
+            // Rows come in runs of one partition: find its slot once per run.
+            let mut slot = 0;
             for (row, r) in good.iter().enumerate() {
-                if ts.is_valid(row) {
-                    let m = latest.entry(r.partition).or_default();
-                    *m = Some(m.map_or(ts.value(row), |m| m.max(ts.value(row))));
+                if !ts.is_valid(row) {
+                    continue;
                 }
+                if latest[slot].0 != r.partition {
+                    slot = latest
+                        .iter()
+                        .position(|(p, _)| *p == r.partition)
+                        .expect("every record's partition is in the batch");
+                }
+                let m = &mut latest[slot].1;
+                *m = Some(m.map_or(ts.value(row), |m| m.max(ts.value(row))));
             }
         }
         for (partition, max) in latest {
@@ -480,8 +523,8 @@ impl SourceReader for KafkaReader {
             self.errors = None; // bad records go to the context's errors writer
         }
         let mut next_offsets = self.resume.clone();
-        let (consumer, partitions) = self.assign(self.consumer(&ctx.metrics)?).await?;
-        let consumer = Arc::new(consumer);
+        let consumer = Arc::new(self.consumer(&ctx.metrics)?);
+        let (queue, partitions) = self.assign(Arc::clone(&consumer)).await?;
         let mut decoder = Decoder::new(&self.config.format, self.value_schema())?;
         // Every partition holds the watermark back until it delivers (or, with the source's
         // `idle_timeout`, until it has been quiet that long).
@@ -491,16 +534,19 @@ impl SourceReader for KafkaReader {
         }
         let mut emitted = None;
         // librdkafka is polled on a thread of its own, which hands over whole batches: no
-        // per-record wake-ups or timers on the async side.
+        // per-record wake-ups or timers on the async side. Handled batches go back to it.
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let (recycle, spares) = std::sync::mpsc::sync_channel(2);
         let poller = Poller {
-            consumer: Arc::clone(&consumer),
+            name: self.name.clone(),
+            queue,
             batch_size: self.config.batch_size,
             linger: self.config.linger,
             wants_key: self.wants_key,
             wants_headers: self.wants_headers,
+            wants_timestamp: self.wants_timestamp,
         };
-        let _polling = tokio::task::spawn_blocking(move || poller.run(tx));
+        let _polling = tokio::task::spawn_blocking(move || poller.run(tx, spares));
         // Ticks so that quiet partitions are noticed.
         let mut idle_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -535,8 +581,10 @@ impl SourceReader for KafkaReader {
                     }
                 }
                 polled = rx.recv() => match polled {
-                    Some(Ok(batch)) => {
-                        self.flush(&ctx, &mut decoder, batch, &mut clock, &mut emitted, &mut next_offsets).await?;
+                    Some(Ok(mut batch)) => {
+                        self.flush(&ctx, &mut decoder, &batch, &mut clock, &mut emitted, &mut next_offsets).await?;
+                        batch.clear();
+                        let _ = recycle.try_send(batch);
                     }
                     Some(Err(e)) => {
                         return Err(EngineError::external(format!("kafka source `{}`", self.name), e));
@@ -560,89 +608,114 @@ async fn checkpoint_committed(committed: &mut Option<tokio::sync::watch::Receive
     }
 }
 
-/// Polls the consumer on a blocking thread; hands over a batch when it holds `batch_size`
-/// records or its first record is `linger` old.
+/// Drains the [`FetchQueue`] on a blocking thread; hands over a batch when it holds
+/// `batch_size` records or `linger` passed since it started waiting for them.
 struct Poller {
-    consumer: Arc<BaseConsumer<LagReporter>>,
+    name: String,
+    queue: FetchQueue<LagReporter>,
     batch_size: usize,
     linger: Duration,
     wants_key: bool,
     wants_headers: bool,
+    wants_timestamp: bool,
 }
 
+type Polled = Result<Records, KafkaError>;
+
 impl Poller {
-    /// Runs until the receiving side goes away.
-    fn run(self, tx: tokio::sync::mpsc::Sender<Result<Records, rdkafka::error::KafkaError>>) {
-        const QUIET_POLL: Duration = Duration::from_millis(100);
+    /// Runs until the receiving side goes away or librdkafka reports an error it cannot
+    /// recover from.
+    fn run(mut self, tx: tokio::sync::mpsc::Sender<Polled>, spares: std::sync::mpsc::Receiver<Records>) {
+        // A non-fatal error is logged (librdkafka recovers by itself), at most this often.
+        const WARN_EVERY: Duration = Duration::from_secs(10);
+        let mut last_warning: Option<std::time::Instant> = None;
         let mut batch = Records::default();
-        // When the batch must go at the latest; the clock is read once per record.
-        let mut deadline = std::time::Instant::now();
-        let mut now = deadline;
         loop {
             if tx.is_closed() {
                 return;
             }
-            let timeout = if batch.len() == 0 {
-                QUIET_POLL
-            } else {
-                deadline.saturating_duration_since(now)
-            };
-            let polled = self.consumer.poll(timeout);
-            now = std::time::Instant::now();
-            match polled {
+            // The consumer's own queue: statistics, commit results, errors. Its records all go
+            // to the fetch queue.
+            match self.queue.consumer().poll(Duration::ZERO) {
+                None => {}
                 Some(Ok(m)) => {
-                    if batch.len() == 0 {
-                        deadline = now + self.linger;
-                    }
-                    self.append(&mut batch, &m);
-                }
-                Some(Err(e)) => {
+                    let e = KafkaError::MessageConsumption(RDKafkaErrorCode::Fail);
+                    tracing::error!(source = %self.name, partition = m.partition(), offset = m.offset(),
+                        "kafka: a record arrived outside the fetch queue");
                     let _ = tx.blocking_send(Err(e));
                     return;
                 }
-                None => {}
+                Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+                Some(Err(e)) => {
+                    if last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                        tracing::warn!(source = %self.name, "kafka: {e} (librdkafka retries)");
+                        last_warning = Some(std::time::Instant::now());
+                    }
+                }
             }
-            let due = batch.len() >= self.batch_size || (batch.len() > 0 && now >= deadline);
-            if due && tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+            let mut failed = None;
+            let want = self.batch_size.saturating_sub(batch.len()).max(1);
+            let (wants_key, wants_headers, wants_timestamp) =
+                (self.wants_key, self.wants_headers, self.wants_timestamp);
+            self.queue.consume(want, self.linger, |fetched| match fetched {
+                Ok(m) => append(&mut batch, &m, wants_key, wants_headers, wants_timestamp),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            });
+            // Full, or `linger` passed: either way the batch goes.
+            if batch.len() > 0 {
+                let next = spares.try_recv().unwrap_or_default();
+                if tx.blocking_send(Ok(std::mem::replace(&mut batch, next))).is_err() {
+                    return;
+                }
+            }
+            if let Some(e) = failed {
+                let _ = tx.blocking_send(Err(e));
                 return;
             }
         }
     }
+}
 
-    /// Copies record `m` into `batch`.
-    fn append(&self, batch: &mut Records, m: &rdkafka::message::BorrowedMessage<'_>) {
-        let mut copy = |bytes: &[u8]| {
-            let start = batch.values.len();
-            batch.values.extend_from_slice(bytes);
-            start..batch.values.len()
-        };
-        let value = m.payload().map(&mut copy);
-        let key = if self.wants_key {
-            m.key().map(&mut copy)
-        } else {
-            None
-        };
-        let first_header = batch.headers.len();
-        if self.wants_headers
-            && let Some(headers) = m.headers()
-        {
-            for h in headers.iter() {
-                let value = h.value.map(&mut copy);
-                batch.headers.push(HeaderAt {
-                    key: h.key.to_string(),
-                    value,
-                });
-            }
-        }
-        batch.records.push(Record {
-            partition: m.partition(),
-            offset: m.offset(),
-            value,
-            key,
-            timestamp: m.timestamp().to_millis(),
-            headers: first_header..batch.headers.len(),
+/// Copies fetched record `m` into `batch`; its key, headers and timestamp only when asked.
+fn append(
+    batch: &mut Records,
+    m: &Fetched<'_>,
+    wants_key: bool,
+    wants_headers: bool,
+    wants_timestamp: bool,
+) {
+    let mut copy = |bytes: &[u8]| {
+        let start = batch.values.len();
+        batch.values.extend_from_slice(bytes);
+        start..batch.values.len()
+    };
+    let value = m.payload().map(&mut copy);
+    let key = if wants_key { m.key().map(&mut copy) } else { None };
+    let first_header = batch.headers.len();
+    if wants_headers {
+        m.headers(|key, value| {
+            let value = value.map(&mut copy);
+            batch.headers.push(HeaderAt {
+                key: key.to_string(),
+                value,
+            });
         });
     }
+    let (partition, offset) = (m.partition(), m.offset());
+    batch.note_offset(partition, offset);
+    batch.records.push(Record {
+        partition,
+        offset,
+        value,
+        key,
+        timestamp: if wants_timestamp { m.timestamp() } else { None },
+        headers: first_header..batch.headers.len(),
+    });
 }
 
 /// The headers of the `good` records as a `_kafka_headers` column: one JSON object each.
