@@ -175,8 +175,9 @@ impl Fetched<'_> {
             let mut value = std::ptr::null();
             let mut len = 0usize;
             // SAFETY: `headers` is the message's; the pointers it sets live as long.
-            let err =
-                unsafe { rdsys::rd_kafka_header_get_all(headers, i, &mut name, &mut value, &mut len) };
+            let err = unsafe {
+                rdsys::rd_kafka_header_get_all(headers, i, &mut name, &mut value, &mut len)
+            };
             if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
                 return;
             }

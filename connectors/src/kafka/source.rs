@@ -14,7 +14,6 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_engine::source::publish;
@@ -586,9 +585,7 @@ impl SourceReader for KafkaReader {
                         batch.clear();
                         let _ = recycle.try_send(batch);
                     }
-                    Some(Err(e)) => {
-                        return Err(EngineError::external(format!("kafka source `{}`", self.name), e));
-                    }
+                    Some(Err(e)) => return Err(e),
                     None => return Err(EngineError::Internal("kafka polling thread ended".into())),
                 },
                 _ = idle_tick.tick() => self.advance_watermark(&ctx, &clock, &mut emitted).await,
@@ -620,12 +617,20 @@ struct Poller {
     wants_timestamp: bool,
 }
 
-type Polled = Result<Records, KafkaError>;
+type Polled = sluice_engine::Result<Records>;
 
 impl Poller {
+    fn error(&self, e: KafkaError) -> EngineError {
+        EngineError::external(format!("kafka source `{}`", self.name), e)
+    }
+
     /// Runs until the receiving side goes away or librdkafka reports an error it cannot
     /// recover from.
-    fn run(mut self, tx: tokio::sync::mpsc::Sender<Polled>, spares: std::sync::mpsc::Receiver<Records>) {
+    fn run(
+        mut self,
+        tx: tokio::sync::mpsc::Sender<Polled>,
+        spares: std::sync::mpsc::Receiver<Records>,
+    ) {
         // A non-fatal error is logged (librdkafka recovers by itself), at most this often.
         const WARN_EVERY: Duration = Duration::from_secs(10);
         let mut last_warning: Option<std::time::Instant> = None;
@@ -639,42 +644,48 @@ impl Poller {
             match self.queue.consumer().poll(Duration::ZERO) {
                 None => {}
                 Some(Ok(m)) => {
-                    let e = KafkaError::MessageConsumption(RDKafkaErrorCode::Fail);
-                    tracing::error!(source = %self.name, partition = m.partition(), offset = m.offset(),
-                        "kafka: a record arrived outside the fetch queue");
-                    let _ = tx.blocking_send(Err(e));
+                    let _ = tx.blocking_send(Err(EngineError::Internal(format!(
+                        "kafka source `{}`: record {} of partition {} arrived outside the \
+                         fetch queue",
+                        self.name,
+                        m.offset(),
+                        m.partition()
+                    ))));
                     return;
                 }
                 Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
-                    let _ = tx.blocking_send(Err(e));
+                    let _ = tx.blocking_send(Err(self.error(e)));
                     return;
                 }
-                Some(Err(e)) => {
-                    if last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
-                        tracing::warn!(source = %self.name, "kafka: {e} (librdkafka retries)");
-                        last_warning = Some(std::time::Instant::now());
-                    }
+                Some(Err(e)) if last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) => {
+                    tracing::warn!(source = %self.name, "kafka: {e} (librdkafka retries)");
+                    last_warning = Some(std::time::Instant::now());
                 }
+                Some(Err(_)) => {}
             }
             let mut failed = None;
             let want = self.batch_size.saturating_sub(batch.len()).max(1);
             let (wants_key, wants_headers, wants_timestamp) =
                 (self.wants_key, self.wants_headers, self.wants_timestamp);
-            self.queue.consume(want, self.linger, |fetched| match fetched {
-                Ok(m) => append(&mut batch, &m, wants_key, wants_headers, wants_timestamp),
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
-            });
+            self.queue
+                .consume(want, self.linger, |fetched| match fetched {
+                    Ok(m) => append(&mut batch, &m, wants_key, wants_headers, wants_timestamp),
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                });
             // Full, or `linger` passed: either way the batch goes.
             if batch.len() > 0 {
                 let next = spares.try_recv().unwrap_or_default();
-                if tx.blocking_send(Ok(std::mem::replace(&mut batch, next))).is_err() {
+                if tx
+                    .blocking_send(Ok(std::mem::replace(&mut batch, next)))
+                    .is_err()
+                {
                     return;
                 }
             }
             if let Some(e) = failed {
-                let _ = tx.blocking_send(Err(e));
+                let _ = tx.blocking_send(Err(self.error(e)));
                 return;
             }
         }
@@ -695,7 +706,11 @@ fn append(
         start..batch.values.len()
     };
     let value = m.payload().map(&mut copy);
-    let key = if wants_key { m.key().map(&mut copy) } else { None };
+    let key = if wants_key {
+        m.key().map(&mut copy)
+    } else {
+        None
+    };
     let first_header = batch.headers.len();
     if wants_headers {
         m.headers(|key, value| {
