@@ -30,24 +30,101 @@ use crate::{Args, BIDS, Measured, TUMBLE, cpu_time};
 
 const PARTITIONS: i32 = 2;
 
-/// Produces `n` bids as JSON records, round robin over the partitions.
-async fn produce(brokers: &str, topic: &str, n: u64, args: &Args) -> anyhow::Result<()> {
-    let sql = BIDS.replace(
-        "rows_per_second = '0'",
-        &format!(
-            "rows_per_second = '0', max_rows = '{n}', batch_size = '{}'",
-            args.batch_size
-        ),
-    );
-    let SluiceStatement::CreateSource(create) = parse_sql(&sql)?.remove(0) else {
+/// Nexmark-shaped bids as JSON lines, as arrow-json's writer prints them, a batch at a time.
+struct BidLines {
+    generator: sluice_connectors::datagen::DatagenReader,
+    left: u64,
+}
+
+impl BidLines {
+    fn new(n: u64, args: &Args) -> anyhow::Result<Self> {
+        let sql = BIDS.replace(
+            "rows_per_second = '0'",
+            &format!(
+                "rows_per_second = '0', max_rows = '{n}', batch_size = '{}'",
+                args.batch_size
+            ),
+        );
+        let SluiceStatement::CreateSource(create) = parse_sql(&sql)?.remove(0) else {
+            anyhow::bail!("not a CREATE SOURCE")
+        };
+        let def = source_def(&create)?;
+        let SourceConfig::Datagen(config) = &def.config else {
+            anyhow::bail!("not datagen")
+        };
+        Ok(Self {
+            generator: sluice_connectors::datagen::DatagenReader::new(
+                config.clone(),
+                Arc::clone(&def.schema),
+            ),
+            left: n,
+        })
+    }
+
+    /// The next (up to) 8192 bids, one JSON object per line; `None` after the last.
+    fn next_chunk(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let batch = self.generator.next_batch(self.left.min(8192) as usize)?;
+        self.left -= batch.num_rows() as u64;
+        let mut json = Vec::new();
+        {
+            let mut w = arrow::json::LineDelimitedWriter::new(&mut json);
+            w.write(&batch)?;
+            w.finish()?;
+        }
+        Ok(Some(json))
+    }
+}
+
+/// The lines of `json`.
+fn lines(json: &[u8]) -> impl Iterator<Item = &[u8]> {
+    json.split(|b| *b == b'\n').filter(|l| !l.is_empty())
+}
+
+/// The `json` pipeline: the same bids, already in memory, through the kafka source's JSON
+/// decoder (arrow-json) in batches of `--batch-size`: the decoding rate alone, no transport.
+pub async fn decode_only(args: &Args) -> anyhow::Result<Measured> {
+    let SluiceStatement::CreateSource(create) = parse_sql(BIDS)?.remove(0) else {
         anyhow::bail!("not a CREATE SOURCE")
     };
     let def = source_def(&create)?;
-    let SourceConfig::Datagen(config) = &def.config else {
-        anyhow::bail!("not datagen")
-    };
-    let mut generator =
-        sluice_connectors::datagen::DatagenReader::new(config.clone(), Arc::clone(&def.schema));
+    let mut decoder = sluice_connectors::formats::Decoder::new(
+        &sluice_connectors::formats::RecordFormat::Json,
+        Arc::clone(&def.schema),
+    )?;
+    // Generated up front (not measured), in batches of the source's size.
+    let mut generated = BidLines::new(args.events, args)?;
+    let mut all = Vec::new();
+    while let Some(json) = generated.next_chunk()? {
+        all.extend_from_slice(&json);
+    }
+    let records: Vec<&[u8]> = lines(&all).collect();
+    let (start_wall, start_cpu) = (Instant::now(), cpu_time());
+    let mut events = 0u64;
+    for chunk in records.chunks(args.batch_size.max(1)) {
+        let decoded = decoder.decode(chunk).await?;
+        anyhow::ensure!(decoded.errors.is_empty(), "bad bids: {:?}", decoded.errors);
+        events += decoded.batch.num_rows() as u64;
+    }
+    let (wall, cpu) = (start_wall.elapsed(), cpu_time() - start_cpu);
+    anyhow::ensure!(events == args.events, "decoded {events} of {}", args.events);
+    Ok(Measured {
+        name: "bids as JSON -> arrow-json decoder (no kafka)",
+        events,
+        wall,
+        cpu,
+        rss: (0.0, 0.0),
+        latency: None,
+        state: None,
+        checkpoints: None,
+    })
+}
+
+/// Produces `n` bids as JSON records, round robin over the partitions.
+async fn produce(brokers: &str, topic: &str, n: u64, args: &Args) -> anyhow::Result<()> {
+    let mut generator = BidLines::new(n, args)?;
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "20")
@@ -55,17 +132,9 @@ async fn produce(brokers: &str, topic: &str, n: u64, args: &Args) -> anyhow::Res
         .set("queue.buffering.max.messages", "1000000")
         .set("compression.type", "lz4")
         .create()?;
-    let mut produced = 0u64;
     let mut i = 0i32;
-    while produced < n {
-        let batch = generator.next_batch((n - produced).min(8192) as usize)?;
-        let mut json = Vec::new();
-        {
-            let mut w = arrow::json::LineDelimitedWriter::new(&mut json);
-            w.write(&batch)?;
-            w.finish()?;
-        }
-        for line in json.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+    while let Some(json) = generator.next_chunk()? {
+        for line in lines(&json) {
             i = (i + 1) % PARTITIONS;
             let mut record = BaseRecord::<(), [u8]>::to(topic).payload(line).partition(i);
             loop {
@@ -78,7 +147,6 @@ async fn produce(brokers: &str, topic: &str, n: u64, args: &Args) -> anyhow::Res
                 }
             }
         }
-        produced += batch.num_rows() as u64;
     }
     producer.flush(Duration::from_secs(120))?;
     Ok(())
@@ -89,9 +157,12 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
     let brokers = std::env::var("SLUICE_TEST_KAFKA").context(
         "the kafka pipeline needs a broker: `eval \"$(scripts/services.sh start)\"` sets SLUICE_TEST_KAFKA",
     )?;
+    // A topic per run: a pipeline may be listed more than once.
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let topic = format!(
-        "bench-bids-{}{}",
+        "bench-bids-{}-{}{}",
         std::process::id(),
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         if checkpoint { "-ckpt" } else { "" }
     );
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()

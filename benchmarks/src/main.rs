@@ -50,7 +50,8 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     parallelism: usize,
     /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop,
-    /// dedup, and kafka (needs a broker: `eval "$(scripts/services.sh start)"`). Append
+    /// dedup, kafka (needs a broker: `eval "$(scripts/services.sh start)"`) and json (the
+    /// kafka pipeline's bids through its JSON decoder alone, no broker). Append
     /// `+ckpt` to lake, tumble, hop, dedup or kafka to run it with checkpoints every
     /// `--checkpoint-interval` (compare with the same pipeline without, in one run).
     #[arg(long, default_value = "source,discard,lake,bids,tumble,hop")]
@@ -570,14 +571,17 @@ fn main() -> anyhow::Result<()> {
             "hop" => "hop",
             "dedup" => "dedup",
             "kafka" => "kafka",
+            "json" => "json",
             other => {
                 anyhow::bail!(
-                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, dedup, kafka)"
+                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, dedup, kafka, json)"
                 )
             }
         };
         let m = if kind == "kafka" {
             rt.block_on(kafka::run(&args, checkpoint))?
+        } else if kind == "json" {
+            rt.block_on(kafka::decode_only(&args))?
         } else {
             rt.block_on(run(kind, &args, checkpoint))?
         };
