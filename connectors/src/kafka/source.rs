@@ -606,7 +606,7 @@ async fn checkpoint_committed(committed: &mut Option<tokio::sync::watch::Receive
 }
 
 /// Drains the [`FetchQueue`] on a blocking thread; hands over a batch when it holds
-/// `batch_size` records or `linger` passed since it started waiting for them.
+/// `batch_size` records or its first record is `linger` old.
 struct Poller {
     name: String,
     queue: FetchQueue<LagReporter>,
@@ -633,6 +633,9 @@ impl Poller {
     ) {
         // A non-fatal error is logged (librdkafka recovers by itself), at most this often.
         const WARN_EVERY: Duration = Duration::from_secs(10);
+        // How long to wait for a record on a quiet topic before looking at the consumer's
+        // own queue and at whether the reader is still there.
+        const QUIET_POLL: Duration = Duration::from_millis(100);
         let mut last_warning: Option<std::time::Instant> = None;
         let mut batch = Records::default();
         loop {
@@ -664,17 +667,22 @@ impl Poller {
                 Some(Err(_)) => {}
             }
             let mut failed = None;
-            let want = self.batch_size.saturating_sub(batch.len()).max(1);
             let (wants_key, wants_headers, wants_timestamp) =
                 (self.wants_key, self.wants_headers, self.wants_timestamp);
-            self.queue
-                .consume(want, self.linger, |fetched| match fetched {
-                    Ok(m) => append(&mut batch, &m, wants_key, wants_headers, wants_timestamp),
-                    Err(e) => {
-                        failed.get_or_insert(e);
-                    }
-                });
-            // Full, or `linger` passed: either way the batch goes.
+            let mut take = |fetched: Result<Fetched<'_>, KafkaError>| match fetched {
+                Ok(m) => append(&mut batch, &m, wants_key, wants_headers, wants_timestamp),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            };
+            // Wait for the first record (a while: an idle topic costs no CPU), then up to
+            // `linger` for the rest of the batch.
+            if self.queue.consume(1, QUIET_POLL, &mut take) == 0 {
+                continue;
+            }
+            let rest = self.batch_size.saturating_sub(1);
+            self.queue.consume(rest, self.linger, &mut take);
+            // Full, or `linger` passed since its first record: either way the batch goes.
             if batch.len() > 0 {
                 let next = spares.try_recv().unwrap_or_default();
                 if tx
