@@ -111,7 +111,7 @@ fn a_stream_on_s3_reads_back_with_duckdb_and_pyarrow_and_its_athena_ddl_parses()
     );
     assert_eq!(stored.trim_end(), format!("{ddl};"));
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/check_lake.py");
+    let script = std::path::Path::new(&manifest_dir()).join("../tests/python/check_lake.py");
     let mut cmd = Command::new(env("SLUICE_TEST_PYTHON"));
     cmd.arg(script).args([
         &endpoint,
@@ -211,4 +211,10 @@ fn a_stream_on_s3_reads_back_with_duckdb_and_pyarrow_and_its_athena_ddl_parses()
 
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// The package's directory in the checkout being tested, read when the test runs: a
+/// compile-time `env!` would name the checkout the cached test binary was built in.
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR is set by cargo test")
 }

@@ -23,7 +23,7 @@ fn s3_endpoint() -> String {
 fn landing(args: &[&str]) -> String {
     let python = std::env::var("SLUICE_TEST_PYTHON")
         .expect("SLUICE_TEST_PYTHON is not set: run the tests with scripts/test.sh");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/landing.py");
+    let script = std::path::Path::new(&manifest_dir()).join("python/landing.py");
     let out = Command::new(python)
         .arg(script)
         .args(args)
@@ -224,4 +224,10 @@ async fn landed_files_are_ingested_exactly_once_and_bad_ones_reach_the_errors_zo
     assert_eq!(scalar(&pg, "SELECT count(*) FROM all_invoices").await, 10);
     assert_eq!(scalar(&pg, "SELECT count(*) FROM all_csv").await, 2);
     server.shutdown().await;
+}
+
+/// The package's directory in the checkout being tested, read when the test runs: a
+/// compile-time `env!` would name the checkout the cached test binary was built in.
+fn manifest_dir() -> String {
+    std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR is set by cargo test")
 }
