@@ -13,6 +13,10 @@ use crate::message::Message;
 /// (backpressure, as in Flink). A subscriber that dropped its receiver is removed on the next
 /// send. Readers that subscribe later see only later messages. After [`Message::End`] is sent
 /// the hub is finished and new subscribers receive `End` at once.
+///
+/// A producer that fails calls [`FanOut::abort`] instead of sending `End`: its subscribers'
+/// channels close without `End`, which tells them the input did not finish (what they hold
+/// is not complete and must not be published as if it were).
 #[derive(Debug, Clone)]
 pub struct FanOut {
     name: Arc<str>,
@@ -24,6 +28,8 @@ pub struct FanOut {
 struct Inner {
     subscribers: Vec<mpsc::Sender<Message>>,
     ended: bool,
+    /// Ended by [`FanOut::abort`], without `End`.
+    aborted: bool,
 }
 
 /// The receiving side of a [`FanOut`] subscription.
@@ -48,7 +54,9 @@ impl FanOut {
     pub fn subscribe(&self, capacity: usize) -> Subscription {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let mut inner = self.lock();
-        if inner.ended {
+        if inner.aborted {
+            // `tx` is dropped: the subscription is closed at once, without `End`.
+        } else if inner.ended {
             // Capacity is at least one, so this cannot fail.
             let _ = tx.try_send(Message::End);
         } else {
@@ -129,6 +137,18 @@ impl FanOut {
         delivered
     }
 
+    /// Ends the hub without [`Message::End`]: the producer failed. Subscribers receive what
+    /// was sent before, then their channel closes; later subscribers' channels are closed at
+    /// once. Does nothing once the hub has ended.
+    pub fn abort(&self) {
+        let mut inner = self.lock();
+        if !inner.ended {
+            inner.ended = true;
+            inner.aborted = true;
+            inner.subscribers.clear();
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave `Inner` inconsistent (every update is a
         // single assignment or `retain`), so a poisoned lock is safe to use.
@@ -168,6 +188,22 @@ mod tests {
         hub.send(Message::End).await;
         let mut late = hub.subscribe(1);
         assert!(matches!(late.recv().await, Some(Message::End)));
+    }
+
+    #[tokio::test]
+    async fn an_aborted_hub_closes_its_subscriptions_without_end() {
+        let hub = FanOut::new("t");
+        let mut a = hub.subscribe(4);
+        hub.send(Message::Watermark(EventTime(1))).await;
+        hub.abort();
+        assert!(matches!(
+            a.recv().await,
+            Some(Message::Watermark(EventTime(1)))
+        ));
+        assert!(a.recv().await.is_none());
+        assert_eq!(hub.send(Message::End).await, 0);
+        let mut late = hub.subscribe(1);
+        assert!(late.recv().await.is_none());
     }
 
     #[tokio::test]

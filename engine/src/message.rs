@@ -10,7 +10,9 @@ use crate::time::EventTime;
 /// [`Message::Watermark`] promises that no later `Data` on that channel carries event times
 /// at or below it (late rows may still arrive and are the receiver's to handle); a
 /// [`Message::Barrier`] separates the rows of one checkpoint epoch from the next;
-/// [`Message::End`] is the last message of a channel.
+/// [`Message::End`] is the last message of a channel that finished. A channel that closes
+/// without `End` was cut short by a failure upstream: the receiver must not treat what it
+/// holds as complete (no final flush, nothing published), and fails too.
 #[derive(Debug, Clone)]
 pub enum Message {
     /// A batch of rows.

@@ -216,8 +216,8 @@ struct Merge {
 }
 
 impl StreamTask {
-    /// Runs until every input ends or the task is cancelled; always finishes by sending
-    /// `End` downstream.
+    /// Runs until every input ends or the task is cancelled, then sends `End` downstream;
+    /// when it fails, it aborts its output instead (see [`FanOut::abort`]).
     pub async fn run(self) -> Result<()> {
         let StreamTask {
             name,
@@ -289,12 +289,19 @@ impl StreamTask {
                 failed.get_or_insert(e);
             }
         }
-        output.send(Message::End).await;
-        match (result, failed) {
+        let result = match (result, failed) {
             // The merge only saw that a subtask stopped: the subtask's error says why.
             (Err(EngineError::Closed(_)), Some(e)) | (Ok(()), Some(e)) => Err(e),
             (result, _) => result,
+        };
+        match &result {
+            Ok(()) => {
+                output.send(Message::End).await;
+            }
+            // Readers downstream must not take a failure for the end of the stream.
+            Err(_) => output.abort(),
         }
+        result
     }
 }
 
@@ -504,7 +511,13 @@ impl Merge {
             let Some((i, msg)) = received else {
                 return self.post_and_deliver(Message::End).await; // every branch ended
             };
-            let msg = msg.unwrap_or(Message::End);
+            let Some(msg) = msg else {
+                // Cut short by a failure upstream: what the stream holds is not complete.
+                return Err(EngineError::Closed(format!(
+                    "input {} of the stream failed before its end",
+                    i + 1
+                )));
+            };
             // Checkpoint barriers are not activity: a quiet input stays idle.
             if !matches!(msg, Message::Barrier(_)) {
                 last_seen[i] = Instant::now();

@@ -5,15 +5,15 @@ use std::time::Duration;
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::fanout::Subscription;
 use crate::message::{Barrier, Message};
 use crate::time::EventTime;
 
 /// A connector's writing side.
 ///
-/// Hooks are called from one task, in input order. `close` is called exactly once, when the
-/// input ends (or its sender goes away); a sink makes everything it accepted visible there.
+/// Hooks are called from one task, in input order. Exactly one of `close` (the input ended)
+/// or `abort` (it was cut short by a failure upstream) is called, last.
 #[async_trait]
 pub trait Sink: Send {
     /// A short name for logs.
@@ -44,9 +44,18 @@ pub trait Sink: Send {
 
     /// The input ended: flush and publish everything.
     async fn close(&mut self) -> Result<()>;
+
+    /// The input was cut short by a failure upstream (its channel closed without `End`).
+    /// A sink that publishes with checkpoints discards what the last checkpoint does not
+    /// cover: a restart replays it from there. The default, for sinks that deliver at least
+    /// once, is [`Sink::close`].
+    async fn abort(&mut self) -> Result<()> {
+        self.close().await
+    }
 }
 
-/// Drives `sink` from `input` until `End`, then closes it.
+/// Drives `sink` from `input` until `End`, then closes it. When the input closes without
+/// `End`, the sink is aborted and this fails with [`EngineError::Closed`].
 pub async fn run_sink(mut input: Subscription, mut sink: Box<dyn Sink>) -> Result<()> {
     let mut ticker = sink.tick_interval().map(|d| {
         let mut t = tokio::time::interval(d);
@@ -65,7 +74,14 @@ pub async fn run_sink(mut input: Subscription, mut sink: Box<dyn Sink>) -> Resul
             Some(Message::Data(b)) => sink.write_batch(b).await?,
             Some(Message::Watermark(t)) => sink.on_watermark(t).await?,
             Some(Message::Barrier(b)) => sink.on_barrier(b).await?,
-            Some(Message::End) | None => break,
+            Some(Message::End) => break,
+            None => {
+                sink.abort().await?;
+                return Err(EngineError::Closed(format!(
+                    "the input of `{}` failed before its end",
+                    sink.name()
+                )));
+            }
         }
     }
     sink.close().await

@@ -204,11 +204,14 @@ pub async fn start_source(
         let name = def.name.clone();
         let coordinator = coordinator.filter(|_| ctx.checkpoint.is_some()).cloned();
         let mut gate = gate.clone();
+        let hub = fanout.clone();
         tokio::spawn(async move {
             // One that publishes to streams starts once they are all back (at startup).
             let _ = gate.wait_for(|open| *open).await;
             if let Err(e) = archiver.run(ctx).await {
                 tracing::error!(source = %name, error = %e, "the source's reader failed");
+                // Streams reading its hub fail too, rather than wait for rows that never come.
+                hub.abort();
                 *status.lock().unwrap_or_else(|e| e.into_inner()) = Status::Failed(e.to_string());
                 if let Some(c) = coordinator {
                     // Checkpoints go on without it; its last position stays for a restart.
@@ -337,7 +340,13 @@ impl PendingReader {
             // not produce before the streams reading it have subscribed again.
             let _ = gate.wait_for(|open| *open).await;
             let result = reader.run(ctx).await;
-            output.send(Message::End).await;
+            match &result {
+                Ok(()) => {
+                    output.send(Message::End).await;
+                }
+                // The stream must not take a failure for the end of its input.
+                Err(_) => output.abort(),
+            }
             result
         })
     }
@@ -515,19 +524,22 @@ pub async fn start_stream(
             if sink_status != Status::Finished {
                 cancel.cancel();
             }
-            // A reader's failure (the stream only saw its `End`) fails the stream too.
-            let mut final_status = outcome(&name, task.await);
+            // The first failure says why: a reader's (the stream and its writer only saw
+            // their input cut short), the stream's (its writer saw that), or the writer's
+            // (the stream was cancelled then).
+            let task_status = outcome(&name, task.await);
+            let mut final_status = Status::Finished;
             for r in readers {
                 let reader_status = outcome(&name, r.await);
                 if final_status == Status::Finished {
                     final_status = reader_status;
                 }
             }
-            let final_status = if sink_status != Status::Finished {
-                sink_status
-            } else {
-                final_status
-            };
+            for status in [task_status, sink_status] {
+                if final_status == Status::Finished {
+                    final_status = status;
+                }
+            }
             match (&coordinator, &final_status) {
                 (Some(c), Status::Failed(_)) => {
                     // Its last checkpoint stays: a restart resumes it from there.
@@ -699,6 +711,10 @@ impl sluice_engine::Sink for Counted {
             h.finish(nothing_staged());
         }
         Ok(())
+    }
+    async fn abort(&mut self) -> sluice_engine::Result<()> {
+        // Not finished: checkpoints stop counting on it once it fails.
+        self.inner.abort().await
     }
 }
 

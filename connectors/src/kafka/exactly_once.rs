@@ -236,6 +236,13 @@ impl EpochSink {
         }
         self.delivery_result().await
     }
+
+    /// The input failed: the rows since the last barrier are dropped (a restart replays
+    /// them from the last checkpoint); the epochs already committed are still delivered.
+    pub(super) async fn abort(&mut self) -> sluice_engine::Result<()> {
+        self.held.clear();
+        self.delivery_result().await
+    }
 }
 
 impl Drop for EpochSink {

@@ -358,4 +358,11 @@ impl sluice_engine::Sink for KafkaSink {
             Mode::ExactlyOnce(e) => e.close().await,
         }
     }
+
+    async fn abort(&mut self) -> sluice_engine::Result<()> {
+        match &mut self.mode {
+            Mode::AtLeastOnce(w) => w.flush().await,
+            Mode::ExactlyOnce(e) => e.abort().await,
+        }
+    }
 }

@@ -356,6 +356,17 @@ impl Sink for ParquetLakeWriter {
         }
         Ok(())
     }
+
+    async fn abort(&mut self) -> sluice_engine::Result<()> {
+        if self.staging.is_none() {
+            // Without checkpoints nothing replays a failed stream's rows: keep them.
+            return self.close().await;
+        }
+        // The last checkpoint stands; what was written since is replayed after a restart
+        // (its staged files are deleted then).
+        self.open.clear();
+        Ok(())
+    }
 }
 
 #[cfg(test)]
