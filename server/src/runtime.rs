@@ -648,7 +648,7 @@ pub struct RunningSink {
     /// Its state.
     pub status: SharedStatus,
     /// Rows delivered (acknowledged by the destination; with exactly-once delivery, rows
-    /// accepted, which reach the destination once their checkpoint is durable).
+    /// whose epoch's transaction is committed).
     pub delivered: Arc<AtomicU64>,
     /// It delivers exactly once (rows travel with checkpoints).
     pub exactly_once: bool,
@@ -656,11 +656,12 @@ pub struct RunningSink {
     done: Option<JoinHandle<()>>,
 }
 
-/// Counts the rows a connector's sink accepted; with `checkpoint`, reports each barrier
-/// once everything before it is acknowledged (connectors' `write_batch` returns then).
+/// Counts the rows a connector's sink accepted (`delivered`: unless the connector counts
+/// them itself); with `checkpoint`, reports each barrier once everything before it is
+/// acknowledged (connectors' `write_batch` returns then).
 struct Counted {
     inner: Box<dyn sluice_engine::Sink>,
-    delivered: Arc<AtomicU64>,
+    delivered: Option<Arc<AtomicU64>>,
     checkpoint: Option<CheckpointHandle>,
 }
 
@@ -683,8 +684,9 @@ impl sluice_engine::Sink for Counted {
     ) -> sluice_engine::Result<()> {
         let n = batch.num_rows() as u64;
         self.inner.write_batch(batch).await?;
-        self.delivered
-            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        if let Some(delivered) = &self.delivered {
+            delivered.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
     async fn on_watermark(&mut self, t: sluice_engine::EventTime) -> sluice_engine::Result<()> {
@@ -773,6 +775,7 @@ pub async fn start_sink(
                 store: Arc::new(lake.clone()),
                 coordinator: c.clone(),
                 handle,
+                delivered: Arc::clone(&delivered),
             }),
             None,
         ),
@@ -791,7 +794,8 @@ pub async fn start_sink(
     };
     let sink: Box<dyn sluice_engine::Sink> = Box::new(Counted {
         inner,
-        delivered: Arc::clone(&delivered),
+        // Exactly once, the connector counts: its rows are delivered after their checkpoint.
+        delivered: (!exactly_once).then(|| Arc::clone(&delivered)),
         checkpoint: acknowledged,
     });
     let reader = reader.map(|r| r.start(gate.clone()));

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arrow::array::{Int64Array, StringArray};
@@ -199,6 +200,7 @@ async fn epochs_owed_at_a_crash_are_delivered_once_and_rows_already_sent_are_not
         delivery: Some(Delivery::ExactlyOnce),
         transactional_id: None,
     };
+    let delivered: Arc<AtomicU64> = Arc::default();
     let mut sink = KafkaSink::exactly_once(
         "out",
         config,
@@ -206,6 +208,7 @@ async fn epochs_owed_at_a_crash_are_delivered_once_and_rows_already_sent_are_not
             store: Arc::clone(&store),
             coordinator: coordinator.clone(),
             handle: registered.writer,
+            delivered: Arc::clone(&delivered),
         },
     )
     .unwrap();
@@ -234,6 +237,8 @@ async fn epochs_owed_at_a_crash_are_delivered_once_and_rows_already_sent_are_not
         }
     }
     assert_eq!(records.len(), 25 + 4 + 2, "nothing else: {per_tag:?}");
+    // Both epochs count as delivered, once each, whole.
+    assert_eq!(delivered.load(Ordering::Relaxed), 25 + 4);
     // Delivered epochs are forgotten.
     assert_eq!(store.list(pending).await.unwrap(), Vec::<String>::new());
 }

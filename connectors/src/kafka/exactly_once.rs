@@ -71,6 +71,8 @@ pub struct SinkCheckpoint {
     pub coordinator: Coordinator,
     /// The sink's participant handle (registered as a writer).
     pub handle: CheckpointHandle,
+    /// Counts the rows on the topic: an epoch's, once its transaction is committed.
+    pub delivered: Arc<AtomicU64>,
 }
 
 /// Where a sink's committed epochs wait for delivery.
@@ -112,6 +114,7 @@ impl EpochSink {
             writer,
             store: Arc::clone(&checkpoint.store),
             coordinator: checkpoint.coordinator.clone(),
+            delivered: checkpoint.delivered,
         };
         let first_epoch = checkpoint.handle.first_epoch();
         let task = tokio::spawn(delivery.run(rx, first_epoch));
@@ -258,6 +261,7 @@ struct Delivery {
     writer: RecordWriter,
     store: Arc<dyn CheckpointStore>,
     coordinator: Coordinator,
+    delivered: Arc<AtomicU64>,
 }
 
 impl Delivery {
@@ -355,7 +359,11 @@ impl Delivery {
                 tracing::info!(sink = %self.writer.sink, epoch = %stem, found = skip.len(), rows = rows.num_rows(), "rows already on the topic are not sent again");
             }
             match self.transaction(rows, &tag, &skip).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    self.delivered
+                        .fetch_add(rows.num_rows() as u64, Ordering::Relaxed);
+                    break;
+                }
                 Err(e) if attempt >= ATTEMPTS => return Err(e),
                 Err(e) => {
                     tracing::warn!(sink = %self.writer.sink, epoch = %stem, attempt, error = %e, "transaction failed; retrying");
