@@ -296,8 +296,8 @@ fn kill_and_restart(
     (child, port)
 }
 
-/// Waits until `SHOW STREAMS` says `stream` finished.
-fn wait_finished(port: u16, stream: &str) {
+/// Waits until `done` holds for the status of `stream` in `SHOW STREAMS`; its line.
+fn wait_status(port: u16, stream: &str, done: impl Fn(&str) -> bool) -> String {
     let start = Instant::now();
     loop {
         let out = psql(port, "SHOW STREAMS");
@@ -305,16 +305,23 @@ fn wait_finished(port: u16, stream: &str) {
             .lines()
             .find(|l| l.split('|').next() == Some(stream))
             .unwrap_or_else(|| panic!("no stream `{stream}` in {out}"));
-        if line.split('|').nth(1) == Some("finished") {
-            return;
+        if done(line.split('|').nth(1).unwrap_or_default()) {
+            return line.to_string();
         }
-        assert!(!line.contains("failed"), "stream `{stream}` failed: {line}");
         assert!(
             start.elapsed() < Duration::from_secs(90),
-            "stream `{stream}` still running: {line}"
+            "stream `{stream}` is still at: {line}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Waits until `SHOW STREAMS` says `stream` finished.
+fn wait_finished(port: u16, stream: &str) {
+    wait_status(port, stream, |status| {
+        assert!(!status.starts_with("failed"), "stream `{stream}` {status}");
+        status == "finished"
+    });
 }
 
 const DATAGEN_PIPELINE: &[&str] = &[
@@ -579,26 +586,7 @@ const FAILING_PIPELINE: &[&str] = &[
 
 /// Waits until `SHOW STREAMS` says `stream` failed; its line.
 fn wait_failed(port: u16, stream: &str) -> String {
-    let start = Instant::now();
-    loop {
-        let out = psql(port, "SHOW STREAMS");
-        let line = out
-            .lines()
-            .find(|l| l.split('|').next() == Some(stream))
-            .unwrap_or_else(|| panic!("no stream `{stream}` in {out}"));
-        if line
-            .split('|')
-            .nth(1)
-            .is_some_and(|s| s.starts_with("failed"))
-        {
-            return line.to_string();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "stream `{stream}` has not failed: {line}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_status(port, stream, |status| status.starts_with("failed"))
 }
 
 /// The rows of a stream of [`FAILING_PIPELINE`], one line each.
