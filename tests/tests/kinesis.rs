@@ -299,3 +299,65 @@ async fn a_restart_resumes_every_shard_from_the_checkpoint() {
     assert_eq!(raw, 100, "the raw zone holds every record once");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_stream_fails_its_readers_and_open_windows_are_not_published_half_full() {
+    let client = kinesis_client();
+    let endpoint = kinesis_endpoint();
+    let input = format!("deleted-{}", std::process::id());
+    create_stream(&client, &input, 1).await;
+    // One record a second for 60 s: with 5 s of watermark delay, the windows up to 00:50 close
+    // and the one from 00:50 stays open.
+    put_shipments(&client, &input, 0..60).await;
+    let lake = tempfile::tempdir().unwrap();
+    let definitions = format!(
+        "CREATE SOURCE shipments (order_id TEXT NOT NULL, seq BIGINT NOT NULL, status TEXT,
+                                  ts TIMESTAMP NOT NULL, WATERMARK FOR ts AS ts - INTERVAL '5 seconds')
+         WITH (connector = 'kinesis', stream = '{input}', endpoint = '{endpoint}',
+               start = 'trim_horizon', poll_interval = '100 ms');
+         CREATE STREAM per_order WITH (checkpoint_interval = '200 ms') AS
+         SELECT order_id, window_start, count(*) AS n
+         FROM TUMBLE(shipments, ts, INTERVAL '10 seconds')
+         GROUP BY order_id, window_start, window_end"
+    );
+    let server = start_server(lake.path()).await;
+    let pg = pg_connect(server.pg_addr).await;
+    pg.batch_execute(&definitions).await.unwrap();
+    let closed = "SELECT count(*) FROM per_order";
+    wait_for("the closed windows", Duration::from_secs(60), || async {
+        (scalar(&pg, closed).await == 50).then_some(())
+    })
+    .await;
+
+    client
+        .delete_stream()
+        .stream_name(&input)
+        .send()
+        .await
+        .expect("DeleteStream");
+    let status = sluice_tests::wait_stream_done(&pg, "per_order").await;
+    assert!(
+        status.starts_with("failed") && status.contains("no longer exists"),
+        "{status}"
+    );
+    // A moment for anything published late to show.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        scalar(&pg, closed).await,
+        50,
+        "the closed windows, and not the open one"
+    );
+    assert_eq!(
+        scalar(
+            &pg,
+            "SELECT count(*) FROM per_order WHERE window_start >= TIMESTAMP '2024-05-01 08:00:50'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar(&pg, "SELECT count(*) FROM per_order WHERE n <> 1").await,
+        0
+    );
+    server.shutdown().await;
+}

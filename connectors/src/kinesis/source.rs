@@ -347,6 +347,12 @@ impl ShardReader {
                         .as_service_error()
                         .is_some_and(|s| s.is_provisioned_throughput_exceeded_exception());
                     let text = aws_sdk_kinesis::error::DisplayErrorContext(&e).to_string();
+                    // A deleted stream does not come back: no point in retrying.
+                    if e.as_service_error()
+                        .is_some_and(|s| s.is_resource_not_found_exception())
+                    {
+                        return Err(format!("the stream or shard no longer exists: {text}"));
+                    }
                     if !throttled {
                         failures += 1;
                     }
