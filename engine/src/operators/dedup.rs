@@ -37,8 +37,8 @@ use datafusion::physical_expr::PhysicalExpr;
 use hashbrown::HashTable;
 
 use super::{
-    ForwardedWatermark, Lateness, bad_row, evaluate_all, gather_rows, restored_watermarks,
-    save_watermarks,
+    ForwardedWatermark, Lateness, bad_row, evaluate_all, evaluate_or_reject, gather_rows,
+    restored_watermarks, save_watermarks,
 };
 use crate::checkpoint::{KeyFilter, OperatorState};
 use crate::error::{EngineError, Result};
@@ -314,8 +314,14 @@ impl Operator for Dedup {
     }
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
+        // Rows whose key fails to evaluate go to the errors zone.
+        let Some((batch, keys)) = evaluate_or_reject(batch, &self.origin, out, |b| {
+            evaluate_all(&self.spec.keys, b)
+        })?
+        else {
+            return Ok(());
+        };
         let n = batch.num_rows();
-        let keys = evaluate_all(&self.spec.keys, &batch)?;
         let rows = self.converter.convert_columns(&keys)?;
         let ts = batch
             .column(self.spec.event_time)

@@ -73,6 +73,34 @@ impl Lateness {
     }
 }
 
+/// Runs `eval` over `batch`; when it fails, runs it row by row, rejects the rows it fails on
+/// to `out` with the reason (see the module docs), and runs it over the others. Returns the
+/// rows evaluated (all of `batch`, or its good rows) with the result; `None` when every row
+/// failed. An error that no single row causes still fails.
+pub(crate) fn evaluate_or_reject<T>(
+    batch: RecordBatch,
+    origin: &str,
+    out: &mut Collector,
+    eval: impl Fn(&RecordBatch) -> crate::error::Result<T>,
+) -> crate::error::Result<Option<(RecordBatch, T)>> {
+    if let Ok(v) = eval(&batch) {
+        return Ok(Some((batch, v)));
+    }
+    let mut good = Vec::with_capacity(batch.num_rows());
+    for row in 0..batch.num_rows() {
+        match eval(&batch.slice(row, 1)) {
+            Ok(_) => good.push(row as u32),
+            Err(e) => out.reject(bad_row(&batch, row, origin, &e.to_string())),
+        }
+    }
+    if good.is_empty() {
+        return Ok(None);
+    }
+    let batch = arrow::compute::take_record_batch(&batch, &arrow::array::UInt32Array::from(good))?;
+    let v = eval(&batch)?;
+    Ok(Some((batch, v)))
+}
+
 /// Evaluates `exprs` over `batch`, one array each.
 pub(crate) fn evaluate_all(
     exprs: &[std::sync::Arc<dyn datafusion::physical_expr::PhysicalExpr>],

@@ -33,8 +33,8 @@ use datafusion::physical_expr::PhysicalExpr;
 
 use super::window_aggregate::{aggregate_inputs, create_accumulators};
 use super::{
-    ForwardedWatermark, WindowAggregateSpec, bad_row, evaluate_all, gather_rows,
-    restored_watermarks, save_watermarks,
+    ForwardedWatermark, WindowAggregateSpec, bad_row, evaluate_all, evaluate_or_reject,
+    gather_rows, restored_watermarks, save_watermarks,
 };
 use crate::checkpoint::{KeyFilter, OperatorState};
 use crate::error::{EngineError, Result};
@@ -217,6 +217,25 @@ impl SessionAggregate {
     }
 }
 
+impl SessionAggregate {
+    /// A batch's keys and event times. The aggregates' arguments are evaluated too, only to
+    /// find the rows they fail on now: evaluated again when the session closes, they must
+    /// not fail the stream then.
+    fn evaluate(&self, batch: &RecordBatch) -> Result<(Vec<ArrayRef>, TimestampMicrosecondArray)> {
+        for agg in &self.spec.aggregates {
+            evaluate_all(&aggregate_inputs(agg), batch)?;
+        }
+        let times = self.spec.group_exprs[self.spec.window_start]
+            .evaluate(batch)?
+            .into_array(batch.num_rows())?
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .cloned()
+            .ok_or_else(|| EngineError::Internal("session time is not a µs timestamp".into()))?;
+        Ok((evaluate_all(&self.keys, batch)?, times))
+    }
+}
+
 impl Operator for SessionAggregate {
     /// State: the watermarks, and table `rows`: every row of the open sessions, session by
     /// session in arrival order (input rows). Restoring feeds them in again with no
@@ -273,16 +292,14 @@ impl Operator for SessionAggregate {
     }
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
+        // Rows whose key, time or aggregate arguments fail to evaluate go to the errors zone.
+        let Some((batch, (keys, times))) =
+            evaluate_or_reject(batch, &self.origin, out, |b| self.evaluate(b))?
+        else {
+            return Ok(());
+        };
         let n = batch.num_rows();
-        let keys = evaluate_all(&self.keys, &batch)?;
         let rows = self.converter.convert_columns(&keys)?;
-        let times = self.spec.group_exprs[self.spec.window_start]
-            .evaluate(&batch)?
-            .into_array(n)?;
-        let times = times
-            .as_any()
-            .downcast_ref::<TimestampMicrosecondArray>()
-            .ok_or_else(|| EngineError::Internal("session time is not a µs timestamp".into()))?;
         let horizon = self.horizon();
         let batch_id = self.next_batch;
         let mut held = 0usize;

@@ -30,7 +30,8 @@ use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
 use super::{
-    ForwardedWatermark, Lateness, bad_row, evaluate_all, restored_watermarks, save_watermarks,
+    ForwardedWatermark, Lateness, bad_row, evaluate_all, evaluate_or_reject, restored_watermarks,
+    save_watermarks,
 };
 use crate::checkpoint::{KeyFilter, OperatorState};
 use crate::error::{EngineError, Result};
@@ -241,25 +242,61 @@ pub(crate) fn create_accumulators(
         .collect()
 }
 
-impl Operator for WindowAggregate {
-    fn name(&self) -> &str {
-        "window_aggregate"
-    }
+/// What a batch's rows are aggregated by: evaluated all at once, before any state changes.
+struct Inputs {
+    keys: Vec<ArrayRef>,
+    starts: TimestampMicrosecondArray,
+    ends: TimestampMicrosecondArray,
+    /// Each aggregate's arguments.
+    args: Vec<Vec<ArrayRef>>,
+}
 
-    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
+impl WindowAggregate {
+    fn evaluate(&self, batch: &RecordBatch) -> Result<Inputs> {
         let n = batch.num_rows();
-        let keys = evaluate_all(&self.keys, &batch)?;
         let micros = |i: usize| -> Result<TimestampMicrosecondArray> {
             self.spec.group_exprs[i]
-                .evaluate(&batch)?
+                .evaluate(batch)?
                 .into_array(n)?
                 .as_any()
                 .downcast_ref::<TimestampMicrosecondArray>()
                 .cloned()
                 .ok_or_else(|| EngineError::Internal("window bound is not a µs timestamp".into()))
         };
-        let ends = micros(self.spec.window_end)?;
-        let starts = micros(self.spec.window_start)?;
+        let args = self
+            .spec
+            .aggregates
+            .iter()
+            .map(|agg| evaluate_all(&aggregate_inputs(agg), batch))
+            .collect::<Result<_>>()?;
+        Ok(Inputs {
+            keys: evaluate_all(&self.keys, batch)?,
+            starts: micros(self.spec.window_start)?,
+            ends: micros(self.spec.window_end)?,
+            args,
+        })
+    }
+}
+
+impl Operator for WindowAggregate {
+    fn name(&self) -> &str {
+        "window_aggregate"
+    }
+
+    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
+        // Rows whose key, window or aggregate arguments fail to evaluate go to the errors zone.
+        let Some((batch, inputs)) =
+            evaluate_or_reject(batch, &self.origin, out, |b| self.evaluate(b))?
+        else {
+            return Ok(());
+        };
+        let Inputs {
+            keys,
+            starts,
+            ends,
+            args,
+        } = inputs;
+        let n = batch.num_rows();
         let horizon = self
             .watermark
             .map_or(i64::MIN, |w| self.spec.lateness.horizon(w));
@@ -333,21 +370,6 @@ impl Operator for WindowAggregate {
                 }
             }
         }
-        if routed.is_empty() {
-            return Ok(());
-        }
-        // Each aggregate's arguments, evaluated once per batch.
-        let args: Vec<Vec<ArrayRef>> = self
-            .spec
-            .aggregates
-            .iter()
-            .map(|agg| {
-                aggregate_inputs(agg)
-                    .iter()
-                    .map(|e| Ok(e.evaluate(&batch)?.into_array(n)?))
-                    .collect::<Result<Vec<_>>>()
-            })
-            .collect::<Result<_>>()?;
         for (end, _, take_rows, groups) in routed {
             let w = self.windows.get_mut(&end).expect("routed windows exist");
             let total = w.len;
@@ -514,8 +536,9 @@ mod tests {
     use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
     use arrow::util::pretty::pretty_format_batches;
     use datafusion::functions_aggregate::sum::sum_udaf;
+    use datafusion::logical_expr::Operator as BinaryOp;
     use datafusion::physical_expr::aggregate::AggregateExprBuilder;
-    use datafusion::physical_expr::expressions::col;
+    use datafusion::physical_expr::expressions::{binary, col, lit};
 
     use super::*;
     use crate::message::Message;
@@ -548,8 +571,13 @@ mod tests {
     }
 
     fn operator() -> WindowAggregate {
+        operator_summing(col("v", &input()).unwrap())
+    }
+
+    /// `SELECT k, window_end, sum(<arg>) AS total … GROUP BY k, window_end`.
+    fn operator_summing(arg: Arc<dyn PhysicalExpr>) -> WindowAggregate {
         let schema = input();
-        let sum = AggregateExprBuilder::new(sum_udaf(), vec![col("v", &schema).unwrap()])
+        let sum = AggregateExprBuilder::new(sum_udaf(), vec![arg])
             .schema(Arc::clone(&schema))
             .alias("total")
             .build()
@@ -624,5 +652,44 @@ mod tests {
             emitted.contains("| 2 | 1970-01-01T00:00:00.000020Z | 6     |"),
             "{emitted}"
         );
+    }
+
+    #[test]
+    fn rows_whose_arguments_fail_go_to_the_errors_zone_and_the_rest_aggregate() {
+        let schema = input();
+        // sum(60 / v): fails where v = 0.
+        let arg = binary(
+            lit(60i64),
+            BinaryOp::Divide,
+            col("v", &schema).unwrap(),
+            &schema,
+        )
+        .unwrap();
+        let mut op = operator_summing(arg);
+        let mut out = Collector::default();
+        op.process_batch(batch(&[(1, 10, 2), (1, 10, 0), (1, 10, 3)]), &mut out)
+            .unwrap();
+        let bad = out.take_rejected();
+        assert_eq!(bad.len(), 1);
+        assert!(
+            bad[0].reason.contains("Divide by zero"),
+            "{}",
+            bad[0].reason
+        );
+        assert_eq!(
+            bad[0].payload,
+            r#"{"k":1,"window_end":"1970-01-01T00:00:00.000010Z","v":0}"#
+        );
+        assert_eq!(bad[0].origin, "stream t");
+        // A batch of bad rows only changes nothing.
+        op.process_batch(batch(&[(2, 10, 0)]), &mut out).unwrap();
+        assert_eq!(out.take_rejected().len(), 1);
+        op.on_watermark(EventTime(10), &mut out).unwrap();
+        let (emitted, _) = rows(&mut out);
+        assert!(
+            emitted.contains("| 1 | 1970-01-01T00:00:00.000010Z | 50    |"),
+            "30 + 20: {emitted}"
+        );
+        assert!(!emitted.contains("| 2 |"), "{emitted}");
     }
 }
