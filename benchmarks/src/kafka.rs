@@ -152,8 +152,10 @@ async fn produce(brokers: &str, topic: &str, n: u64, args: &Args) -> anyhow::Res
     Ok(())
 }
 
-/// Runs the pipeline over `args.events` bids on the broker at `SLUICE_TEST_KAFKA`.
-pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
+/// Runs the pipeline over `args.events` bids on the broker at `SLUICE_TEST_KAFKA`; with
+/// `serve`, the source's own reader (errors zone; raw zone off) runs beside the stream's, as
+/// `sluice serve` runs a Kafka source with one stream.
+pub async fn run(args: &Args, checkpoint: bool, serve: bool) -> anyhow::Result<Measured> {
     let brokers = std::env::var("SLUICE_TEST_KAFKA").context(
         "the kafka pipeline needs a broker: `eval \"$(scripts/services.sh start)\"` sets SLUICE_TEST_KAFKA",
     )?;
@@ -209,6 +211,7 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
     };
+    let archiver_config = sluice_connectors::SourceConfig::Kafka(config.clone());
     let reader = Box::new(KafkaReader::for_stream(
         "clicks",
         config,
@@ -239,6 +242,7 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
     tokio::spawn(async move { while bad_rx.recv().await.is_some() {} });
     let lake_dir = tempfile::tempdir()?;
     let lake = Lake::open(lake_dir.path().to_str().context("UTF-8 temp dir")?)?;
+    let lake_for_archiver = lake.clone();
     // With checkpoints: positions, window state and staged files to the same local lake.
     let (coordinator, mut registered) = if checkpoint {
         let c = sluice_engine::checkpoint::Coordinator::open(
@@ -324,6 +328,27 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
     let start_wall = Instant::now();
     let start_cpu = cpu_time();
     let stream = tokio::spawn(task.run());
+    // The source's own reader: every record again, for the errors zone.
+    let archived: Arc<sluice_engine::Metrics> = Arc::default();
+    let archiver = match serve {
+        false => None,
+        true => {
+            let archiver = archiver_config
+                .archiver("clicks", Arc::clone(&def.schema), &lake_for_archiver)
+                .context("a kafka source has its own reader")?;
+            let (errors_tx, mut errors_rx) = tokio::sync::mpsc::channel(16);
+            tokio::spawn(async move { while errors_rx.recv().await.is_some() {} });
+            let ctx = SourceContext {
+                output: FanOut::new("clicks-archive"),
+                metrics: Arc::clone(&archived),
+                bad_records: errors_tx,
+                cancel: cancel.clone(),
+                checkpoint: None,
+                watermark: def.watermark.clone(),
+            };
+            Some(tokio::spawn(async move { archiver.run(ctx).await }))
+        }
+    };
     let consumed = Arc::clone(&ctx.metrics);
     let source = tokio::spawn(async move {
         let r = reader.run(ctx).await;
@@ -331,14 +356,24 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
         r
     });
     // A topic never ends: stop the source once every record was read.
-    while consumed.snapshot().rows_in < args.events {
-        if source.is_finished() {
+    // The source's own reader publishes nothing: it has read everything once its lag (from
+    // librdkafka's statistics, every second) is 0 on every partition.
+    let archive_done = || {
+        let lag = archived.snapshot().partition_lag;
+        lag.len() == PARTITIONS as usize && lag.iter().all(|(_, l)| *l == 0)
+    };
+    while consumed.snapshot().rows_in < args.events || (serve && !archive_done()) {
+        if source.is_finished() || archiver.as_ref().is_some_and(|a| a.is_finished()) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     cancel.cancel();
     source.await??;
+    if let Some(a) = archiver {
+        a.await??;
+        anyhow::ensure!(archive_done(), "the source's own reader fell behind");
+    }
     stream.await??;
     sink.await??;
     let wall = start_wall.elapsed();
@@ -355,10 +390,10 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
         "no Parquet file written"
     );
     Ok(Measured {
-        name: if checkpoint {
-            "  same, checkpoints (offsets, open windows)"
-        } else {
-            "kafka JSON bids -> 10s tumble -> lake"
+        name: match (checkpoint, serve) {
+            (true, _) => "  same, checkpoints (offsets, open windows)",
+            (false, true) => "  same + the source's own reader (as serve)",
+            (false, false) => "kafka JSON bids -> 10s tumble -> lake",
         },
         events,
         wall,
