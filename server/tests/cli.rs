@@ -2,15 +2,15 @@
 //! the startup lines, a graceful stop on SIGTERM that flushes open files to the lake, and
 //! `kill -9` in the middle of reading a Kafka topic losing nothing.
 
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{create_topic, kafka_brokers, produce_records, psql, serve_with, sluice};
+use common::{Server, create_topic, kafka_brokers, produce_records, psql, serve_with, sluice};
 
 /// Starts `sluice serve` on the local `lake`, configured from the environment.
-fn serve(lake: &std::path::Path) -> (Child, u16) {
+fn serve(lake: &std::path::Path) -> (Server, u16) {
     serve_with(|cmd| {
         cmd.env("SLUICE_LAKE", lake); // configuration from the environment
     })

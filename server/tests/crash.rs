@@ -5,16 +5,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{create_topic, kafka_brokers, produce_records, psql, serve_with};
+use common::{Server, create_topic, kafka_brokers, produce_records, psql, serve_with};
 
 /// 2024-05-01T08:00:00Z in µs (a multiple of 10 s).
 const T0: i64 = 1_714_550_400_000_000;
 const ORDERS: i64 = 24_000;
 
-fn serve(lake: &std::path::Path) -> (Child, u16) {
+fn serve(lake: &std::path::Path) -> (Server, u16) {
     serve_with(|cmd| {
         cmd.env("SLUICE_LAKE", lake);
     })
@@ -273,10 +272,10 @@ fn on_topic(brokers: &str, topic: &str) -> Vec<(i64, (i64, i64))> {
 /// each time; returns the last server, still running.
 fn kill_and_restart(
     lake: &std::path::Path,
-    mut child: Child,
+    mut child: Server,
     rounds: usize,
     seed: u64,
-) -> (Child, u16) {
+) -> (Server, u16) {
     let mut seed = seed;
     println!("kill moments seed: {seed}");
     let mut next = move || {

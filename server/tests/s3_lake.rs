@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn env(name: &str) -> String {
@@ -42,7 +42,7 @@ fn python(script: &str, args: &[&str], endpoint: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn serve(lake: &str, endpoint: &str) -> (Child, u16) {
+fn serve(lake: &str, endpoint: &str) -> (common::Server, u16) {
     common::serve_with(|cmd| {
         cmd.args(["--lake", lake]);
         aws(cmd, endpoint);

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::io::{BufRead, BufReader};
+use std::ops::{Deref, DerefMut};
 use std::process::{Child, Command, Stdio};
 
 /// The `sluice` binary under test.
@@ -27,15 +28,38 @@ pub fn psql(port: u16, sql: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A running `sluice serve`, killed when dropped: a test that fails leaves no server behind.
+pub struct Server(Child);
+
+impl Deref for Server {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `sluice serve` on free ports with `lake` (set by `configure`, which may add more
-/// environment); returns the child and its pg port once it listens.
-pub fn serve_with(configure: impl FnOnce(&mut Command)) -> (Child, u16) {
+/// environment); returns the server and its pg port once it listens.
+pub fn serve_with(configure: impl FnOnce(&mut Command)) -> (Server, u16) {
     let (child, pg, _) = serve_ports(configure);
     (child, pg)
 }
 
 /// As [`serve_with`]; returns the pg and the HTTP ports.
-pub fn serve_ports(configure: impl FnOnce(&mut Command)) -> (Child, u16, u16) {
+pub fn serve_ports(configure: impl FnOnce(&mut Command)) -> (Server, u16, u16) {
     let mut cmd = sluice();
     cmd.args([
         "serve",
@@ -47,7 +71,7 @@ pub fn serve_ports(configure: impl FnOnce(&mut Command)) -> (Child, u16, u16) {
     .stdout(Stdio::piped())
     .stderr(Stdio::null());
     configure(&mut cmd);
-    let mut child = cmd.spawn().expect("sluice starts");
+    let mut child = Server(cmd.spawn().expect("sluice starts"));
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let mut port = None;
     let mut http = None;
