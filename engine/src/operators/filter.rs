@@ -5,12 +5,12 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, BooleanArray, UInt32Array};
-use arrow::compute::{filter_record_batch, take_record_batch};
+use arrow::array::{Array, BooleanArray};
+use arrow::compute::filter_record_batch;
 use arrow::record_batch::RecordBatch;
 use datafusion::physical_expr::PhysicalExpr;
 
-use super::bad_row;
+use super::evaluate_or_reject;
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
 
@@ -54,21 +54,10 @@ impl Operator for Filter {
     }
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
-        match self.mask(&batch) {
-            Ok(mask) => out.emit(filter_record_batch(&batch, &mask)?),
-            Err(EngineError::Internal(e)) => return Err(EngineError::Internal(e)),
-            Err(_) => {
-                // Slow path: find the rows the predicate fails on.
-                let mut keep = Vec::new();
-                for row in 0..batch.num_rows() {
-                    match self.mask(&batch.slice(row, 1)) {
-                        Ok(m) if m.is_valid(0) && m.value(0) => keep.push(row as u32),
-                        Ok(_) => {}
-                        Err(e) => out.reject(bad_row(&batch, row, &self.origin, &e.to_string())),
-                    }
-                }
-                out.emit(take_record_batch(&batch, &UInt32Array::from(keep))?);
-            }
+        // Rows the predicate fails on go to the errors zone.
+        if let Some((batch, mask)) = evaluate_or_reject(batch, &self.origin, out, |b| self.mask(b))?
+        {
+            out.emit(filter_record_batch(&batch, &mask)?);
         }
         Ok(())
     }

@@ -5,12 +5,11 @@
 
 use std::sync::Arc;
 
-use arrow::compute::concat_batches;
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::{RecordBatch, RecordBatchOptions};
 use datafusion::physical_expr::PhysicalExpr;
 
-use super::bad_row;
+use super::evaluate_or_reject;
 use crate::error::Result;
 use crate::operator::{Collector, Operator};
 
@@ -58,19 +57,11 @@ impl Operator for Projection {
     }
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
-        match self.project(&batch) {
-            Ok(projected) => out.emit(projected),
-            Err(_) => {
-                // Slow path: find the rows the expressions fail on.
-                let mut good = Vec::new();
-                for row in 0..batch.num_rows() {
-                    match self.project(&batch.slice(row, 1)) {
-                        Ok(p) => good.push(p),
-                        Err(e) => out.reject(bad_row(&batch, row, &self.origin, &e.to_string())),
-                    }
-                }
-                out.emit(concat_batches(&self.schema, &good)?);
-            }
+        // Rows the expressions fail on go to the errors zone.
+        if let Some((_, projected)) =
+            evaluate_or_reject(batch, &self.origin, out, |b| self.project(b))?
+        {
+            out.emit(projected);
         }
         Ok(())
     }
