@@ -11,7 +11,7 @@
 //!
 //! Evaluation is non-strict: when an expression fails on a batch (a cast that cannot parse
 //! one row, say), the rows it fails on are found by evaluating halves of the batch, down to
-//! single rows ([`evaluate_or_reject`]); they go to the errors zone with the reason, the
+//! single rows (`evaluate_or_reject`); they go to the errors zone with the reason, the
 //! others continue. The slow path runs only for batches that hold a bad row, and costs a few
 //! dozen evaluations per bad row. Every operator evaluates this way: filters, projections,
 //! and the keys, window bounds and aggregate arguments of the stateful ones.
