@@ -428,6 +428,8 @@ struct Shared {
     default_interval: Duration,
     /// Duration of the last checkpoint, µs.
     last_duration_micros: AtomicU64,
+    /// When the last checkpoint completed.
+    last_completed_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// The server's checkpoint coordinator. See the module docs.
@@ -484,6 +486,7 @@ impl Coordinator {
             changed: Notify::new(),
             default_interval,
             last_duration_micros: AtomicU64::new(0),
+            last_completed_at: Mutex::new(None),
         });
         tokio::spawn(run(Arc::clone(&shared), reports_rx));
         Ok(Self { shared })
@@ -502,6 +505,16 @@ impl Coordinator {
     /// How long the last checkpoint took, from request to published files.
     pub fn last_duration(&self) -> Duration {
         Duration::from_micros(self.shared.last_duration_micros.load(Ordering::Relaxed))
+    }
+
+    /// When the last checkpoint completed (`None`: none has in this process). A time long
+    /// past while streams checkpoint every few seconds means checkpoints are stuck.
+    pub fn last_completed_at(&self) -> Option<std::time::Instant> {
+        *self
+            .shared
+            .last_completed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -821,6 +834,10 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
         shared
             .last_duration_micros
             .store(took.as_micros() as u64, Ordering::Relaxed);
+        *shared
+            .last_completed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
         tracing::debug!(epoch, ?took, "checkpoint complete");
         shared.completed.send_replace(epoch);
         pending.clear();

@@ -411,7 +411,10 @@ impl Sluice {
                 let state = self.inner.state.lock().await;
                 let batch = match kind {
                     ObjectKind::Source => show::sources(state.sources.values()),
-                    ObjectKind::Stream => show::streams(state.streams.values()),
+                    ObjectKind::Stream => show::streams(
+                        state.streams.values(),
+                        show::LastCheckpoint::of(&self.inner.checkpoints),
+                    ),
                     ObjectKind::Sink => show::sinks(state.sinks.values()),
                 }
                 .map_err(|e| ServerError::Internal(e.to_string()))?;

@@ -120,18 +120,47 @@ pub fn sources<'a>(
     )
 }
 
-/// `SHOW STREAMS`.
+/// The server's last checkpoint, as `SHOW STREAMS` reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct LastCheckpoint {
+    /// Its epoch.
+    pub epoch: u64,
+    /// How long ago it completed.
+    pub age: std::time::Duration,
+    /// How long it took, from request to published files.
+    pub took: std::time::Duration,
+}
+
+impl LastCheckpoint {
+    /// The coordinator's last checkpoint, if one completed in this process.
+    pub fn of(c: &sluice_engine::checkpoint::Coordinator) -> Option<Self> {
+        c.last_completed_at().map(|at| Self {
+            epoch: c.last_completed(),
+            age: at.elapsed(),
+            took: c.last_duration(),
+        })
+    }
+}
+
+/// `SHOW STREAMS`; `last` is the server's last checkpoint (one epoch for all streams).
 pub fn streams<'a>(
     streams: impl Iterator<Item = &'a RunningStream>,
+    last_checkpoint: Option<LastCheckpoint>,
 ) -> Result<RecordBatch, ArrowError> {
     let mut cols: (Vec<String>, Vec<String>, Vec<String>) = (vec![], vec![], vec![]);
     let (mut rin, mut rout, mut errors, mut files, mut last, mut wm) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut late, mut duplicates, mut checkpoints) = (vec![], vec![], vec![]);
     for s in streams {
-        checkpoints.push(match s.checkpoint_interval {
-            Some(d) => format!("every {d:?}"),
-            None => "off".to_string(),
+        checkpoints.push(match (s.checkpoint_interval, last_checkpoint) {
+            (Some(d), Some(l)) => format!(
+                "every {d:?}; last #{} {:.1}s ago, took {}ms",
+                l.epoch,
+                l.age.as_secs_f64(),
+                l.took.as_millis()
+            ),
+            (Some(d), None) => format!("every {d:?}; none yet"),
+            (None, _) => "off".to_string(),
         });
         let m = s.metrics.snapshot();
         cols.0.push(s.plan.name.clone());
