@@ -430,6 +430,8 @@ struct Shared {
     last_duration_micros: AtomicU64,
     /// When the last checkpoint completed.
     last_completed_at: Mutex<Option<std::time::Instant>>,
+    /// When the coordinator started.
+    opened_at: std::time::Instant,
 }
 
 /// The server's checkpoint coordinator. See the module docs.
@@ -487,6 +489,7 @@ impl Coordinator {
             default_interval,
             last_duration_micros: AtomicU64::new(0),
             last_completed_at: Mutex::new(None),
+            opened_at: std::time::Instant::now(),
         });
         tokio::spawn(run(Arc::clone(&shared), reports_rx));
         Ok(Self { shared })
@@ -515,6 +518,11 @@ impl Coordinator {
             .last_completed_at
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When this coordinator started.
+    pub fn opened_at(&self) -> std::time::Instant {
+        self.shared.opened_at
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use arrow::array::{ArrayRef, BooleanArray, Int64Array, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -123,45 +124,56 @@ pub fn sources<'a>(
 /// The server's last checkpoint, as `SHOW STREAMS` reports it.
 #[derive(Debug, Clone, Copy)]
 pub struct LastCheckpoint {
-    /// Its epoch.
+    /// Its epoch (0: none completed in this process).
     pub epoch: u64,
-    /// How long ago it completed.
-    pub age: std::time::Duration,
-    /// How long it took, from request to published files.
-    pub took: std::time::Duration,
+    /// How long ago it completed (with none, since the server started).
+    pub age: Duration,
 }
 
 impl LastCheckpoint {
-    /// The coordinator's last checkpoint, if one completed in this process.
-    pub fn of(c: &sluice_engine::checkpoint::Coordinator) -> Option<Self> {
-        c.last_completed_at().map(|at| Self {
-            epoch: c.last_completed(),
-            age: at.elapsed(),
-            took: c.last_duration(),
-        })
+    /// The coordinator's last checkpoint.
+    pub fn of(c: &sluice_engine::checkpoint::Coordinator) -> Self {
+        match c.last_completed_at() {
+            Some(at) => Self {
+                epoch: c.last_completed(),
+                age: at.elapsed(),
+            },
+            None => Self {
+                epoch: 0,
+                age: c.opened_at().elapsed(),
+            },
+        }
     }
 }
 
-/// `SHOW STREAMS`; `last` is the server's last checkpoint (one epoch for all streams).
+/// A stream's `checkpoints` column: its interval, and a warning when the server's last
+/// checkpoint is more than three intervals old (there is no checkpoint timeout: a participant
+/// that never reports holds every later checkpoint back).
+fn checkpoints_text(interval: Option<Duration>, last: LastCheckpoint) -> String {
+    let Some(every) = interval else {
+        return "off".to_string();
+    };
+    if last.age <= (every * 3).max(Duration::from_secs(3)) {
+        return format!("every {every:?}");
+    }
+    let age = last.age.as_secs_f64();
+    match last.epoch {
+        0 => format!("every {every:?}; behind: none completed in {age:.0}s"),
+        e => format!("every {every:?}; behind: last (#{e}) completed {age:.0}s ago"),
+    }
+}
+
+/// `SHOW STREAMS`; `last_checkpoint` is the server's (one epoch for all streams).
 pub fn streams<'a>(
     streams: impl Iterator<Item = &'a RunningStream>,
-    last_checkpoint: Option<LastCheckpoint>,
+    last_checkpoint: LastCheckpoint,
 ) -> Result<RecordBatch, ArrowError> {
     let mut cols: (Vec<String>, Vec<String>, Vec<String>) = (vec![], vec![], vec![]);
     let (mut rin, mut rout, mut errors, mut files, mut last, mut wm) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut late, mut duplicates, mut checkpoints) = (vec![], vec![], vec![]);
     for s in streams {
-        checkpoints.push(match (s.checkpoint_interval, last_checkpoint) {
-            (Some(d), Some(l)) => format!(
-                "every {d:?}; last #{} {:.1}s ago, took {}ms",
-                l.epoch,
-                l.age.as_secs_f64(),
-                l.took.as_millis()
-            ),
-            (Some(d), None) => format!("every {d:?}; none yet"),
-            (None, _) => "off".to_string(),
-        });
+        checkpoints.push(checkpoints_text(s.checkpoint_interval, last_checkpoint));
         let m = s.metrics.snapshot();
         cols.0.push(s.plan.name.clone());
         cols.1.push(get(&s.status).to_string());
@@ -288,4 +300,31 @@ pub fn sinks<'a>(sinks: impl Iterator<Item = &'a RunningSink>) -> Result<RecordB
             i64s(delivered),
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_warn_only_when_the_last_is_three_intervals_old() {
+        let every = Some(Duration::from_secs(10));
+        let last = |epoch, secs| LastCheckpoint {
+            epoch,
+            age: Duration::from_secs(secs),
+        };
+        assert_eq!(checkpoints_text(None, last(3, 100)), "off");
+        assert_eq!(checkpoints_text(every, last(3, 29)), "every 10s");
+        assert_eq!(
+            checkpoints_text(every, last(3, 45)),
+            "every 10s; behind: last (#3) completed 45s ago"
+        );
+        assert_eq!(
+            checkpoints_text(every, last(0, 45)),
+            "every 10s; behind: none completed in 45s"
+        );
+        // Short intervals get a few seconds of slack.
+        let fast = Some(Duration::from_millis(300));
+        assert_eq!(checkpoints_text(fast, last(9, 2)), "every 300ms");
+    }
 }

@@ -623,11 +623,10 @@ fn a_stream_that_fails_publishes_nothing_past_its_last_checkpoint() {
         psql(port, sql);
     }
     wait_finished(port, "complete");
-    // Checkpoints show how recent the last one is (a stuck one shows as a growing age).
     let line = wait_status(port, "complete", |_| true);
     assert!(
-        line.ends_with("ms") && line.contains("every 300ms; last #"),
-        "{line}"
+        line.ends_with("|every 300ms"),
+        "checkpoints keep up: {line}"
     );
     let line = wait_failed(port, "failing");
     assert!(line.contains("Overflow"), "why it failed: {line}");
