@@ -23,10 +23,10 @@ use sluice_engine::pipeline::{Branch, StreamTask};
 use sluice_engine::sink::run_sink;
 use sluice_engine::{FanOut, Message, OperatorChain, SourceContext};
 use sluice_sql::parser::SluiceStatement;
-use sluice_sql::{ObjectKind, Relation, parse_sql, plan_stream, source_def};
+use sluice_sql::{ObjectKind, Relation, parse_sql, plan_stream};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Args, BIDS, Measured, TUMBLE, cpu_time};
+use crate::{Args, BIDS, Measured, TUMBLE, cpu_time, source_of};
 
 const PARTITIONS: i32 = 2;
 
@@ -45,10 +45,7 @@ impl BidLines {
                 args.batch_size
             ),
         );
-        let SluiceStatement::CreateSource(create) = parse_sql(&sql)?.remove(0) else {
-            anyhow::bail!("not a CREATE SOURCE")
-        };
-        let def = source_def(&create)?;
+        let def = source_of(&sql)?;
         let SourceConfig::Datagen(config) = &def.config else {
             anyhow::bail!("not datagen")
         };
@@ -86,10 +83,7 @@ fn lines(json: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// The `json` pipeline: the same bids, already in memory, through the kafka source's JSON
 /// decoder (arrow-json) in batches of `--batch-size`: the decoding rate alone, no transport.
 pub async fn decode_only(args: &Args) -> anyhow::Result<Measured> {
-    let SluiceStatement::CreateSource(create) = parse_sql(BIDS)?.remove(0) else {
-        anyhow::bail!("not a CREATE SOURCE")
-    };
-    let def = source_def(&create)?;
+    let def = source_of(BIDS)?;
     let mut decoder = sluice_connectors::formats::Decoder::new(
         &sluice_connectors::formats::RecordFormat::Json,
         Arc::clone(&def.schema),
@@ -110,16 +104,12 @@ pub async fn decode_only(args: &Args) -> anyhow::Result<Measured> {
     }
     let (wall, cpu) = (start_wall.elapsed(), cpu_time() - start_cpu);
     anyhow::ensure!(events == args.events, "decoded {events} of {}", args.events);
-    Ok(Measured {
-        name: "bids as JSON -> arrow-json decoder (no kafka)",
+    Ok(Measured::throughput(
+        "bids as JSON -> arrow-json decoder (no kafka)",
         events,
         wall,
         cpu,
-        rss: (0.0, 0.0),
-        latency: None,
-        state: None,
-        checkpoints: None,
-    })
+    ))
 }
 
 /// Produces `n` bids as JSON records, round robin over the partitions.
@@ -192,10 +182,7 @@ pub async fn run(args: &Args, checkpoint: bool, serve: bool) -> anyhow::Result<M
     );
 
     // The source, as `CREATE SOURCE … WITH (connector = 'kafka', …)` makes it.
-    let SluiceStatement::CreateSource(create) = parse_sql(BIDS)?.remove(0) else {
-        anyhow::bail!("not a CREATE SOURCE")
-    };
-    let def = source_def(&create)?;
+    let def = source_of(BIDS)?;
     let config = KafkaConfig {
         brokers,
         topic,
@@ -389,19 +376,14 @@ pub async fn run(args: &Args, checkpoint: bool, serve: bool) -> anyhow::Result<M
         checkpoint || files.load(std::sync::atomic::Ordering::Relaxed) > 0,
         "no Parquet file written"
     );
+    let name = match (checkpoint, serve) {
+        (true, _) => "  same, checkpoints (offsets, open windows)",
+        (false, true) => "  same + the source's own reader (as serve)",
+        (false, false) => "kafka JSON bids -> 10s tumble -> lake",
+    };
     Ok(Measured {
-        name: match (checkpoint, serve) {
-            (true, _) => "  same, checkpoints (offsets, open windows)",
-            (false, true) => "  same + the source's own reader (as serve)",
-            (false, false) => "kafka JSON bids -> 10s tumble -> lake",
-        },
-        events,
-        wall,
-        cpu,
-        rss: (0.0, 0.0),
-        latency: None,
-        state: None,
         checkpoints: checkpoint
             .then(|| std::mem::take(&mut *durations.lock().unwrap_or_else(|e| e.into_inner()))),
+        ..Measured::throughput(name, events, wall, cpu)
     })
 }

@@ -145,6 +145,30 @@ struct Measured {
     checkpoints: Option<Vec<Duration>>,
 }
 
+impl Measured {
+    /// A throughput figure alone: no memory, latency, state or checkpoint samples.
+    fn throughput(name: &'static str, events: u64, wall: Duration, cpu: Duration) -> Self {
+        Self {
+            name,
+            events,
+            wall,
+            cpu,
+            rss: (0.0, 0.0),
+            latency: None,
+            state: None,
+            checkpoints: None,
+        }
+    }
+}
+
+/// The source a `CREATE SOURCE` statement defines.
+fn source_of(sql: &str) -> anyhow::Result<sluice_sql::SourceDef> {
+    let SluiceStatement::CreateSource(create) = parse_sql(sql)?.remove(0) else {
+        anyhow::bail!("not a CREATE SOURCE")
+    };
+    Ok(source_def(&create)?)
+}
+
 /// The process's resident set size, in bytes.
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -245,10 +269,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
             ),
         );
     }
-    let SluiceStatement::CreateSource(create) = parse_sql(&sql)?.remove(0) else {
-        anyhow::bail!("not a CREATE SOURCE")
-    };
-    let def = source_def(&create)?;
+    let def = source_of(&sql)?;
     let SourceConfig::Datagen(_) = &def.config else {
         anyhow::bail!("not datagen")
     };
