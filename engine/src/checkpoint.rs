@@ -428,10 +428,8 @@ struct Shared {
     default_interval: Duration,
     /// Duration of the last checkpoint, µs.
     last_duration_micros: AtomicU64,
-    /// When the last checkpoint completed.
-    last_completed_at: Mutex<Option<std::time::Instant>>,
-    /// When the coordinator started.
-    opened_at: std::time::Instant,
+    /// When the last checkpoint completed (before the first: when the coordinator opened).
+    last_completed_at: Mutex<std::time::Instant>,
 }
 
 /// The server's checkpoint coordinator. See the module docs.
@@ -488,8 +486,7 @@ impl Coordinator {
             changed: Notify::new(),
             default_interval,
             last_duration_micros: AtomicU64::new(0),
-            last_completed_at: Mutex::new(None),
-            opened_at: std::time::Instant::now(),
+            last_completed_at: Mutex::new(std::time::Instant::now()),
         });
         tokio::spawn(run(Arc::clone(&shared), reports_rx));
         Ok(Self { shared })
@@ -510,19 +507,15 @@ impl Coordinator {
         Duration::from_micros(self.shared.last_duration_micros.load(Ordering::Relaxed))
     }
 
-    /// When the last checkpoint completed (`None`: none has in this process). A time long
-    /// past while streams checkpoint every few seconds means checkpoints are stuck.
-    pub fn last_completed_at(&self) -> Option<std::time::Instant> {
+    /// When the last checkpoint completed; before the first one of this process, when the
+    /// coordinator opened. A time long past while streams checkpoint every few seconds means
+    /// checkpoints are stuck.
+    pub fn last_completed_at(&self) -> std::time::Instant {
         *self
             .shared
             .last_completed_at
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// When this coordinator started.
-    pub fn opened_at(&self) -> std::time::Instant {
-        self.shared.opened_at
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -845,7 +838,7 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
         *shared
             .last_completed_at
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+            .unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
         tracing::debug!(epoch, ?took, "checkpoint complete");
         shared.completed.send_replace(epoch);
         pending.clear();

@@ -124,7 +124,7 @@ pub fn sources<'a>(
 /// The server's last checkpoint, as `SHOW STREAMS` reports it.
 #[derive(Debug, Clone, Copy)]
 pub struct LastCheckpoint {
-    /// Its epoch (0: none completed in this process).
+    /// Its epoch (0: none yet).
     pub epoch: u64,
     /// How long ago it completed (with none, since the server started).
     pub age: Duration,
@@ -133,15 +133,9 @@ pub struct LastCheckpoint {
 impl LastCheckpoint {
     /// The coordinator's last checkpoint.
     pub fn of(c: &sluice_engine::checkpoint::Coordinator) -> Self {
-        match c.last_completed_at() {
-            Some(at) => Self {
-                epoch: c.last_completed(),
-                age: at.elapsed(),
-            },
-            None => Self {
-                epoch: 0,
-                age: c.opened_at().elapsed(),
-            },
+        Self {
+            epoch: c.last_completed(),
+            age: c.last_completed_at().elapsed(),
         }
     }
 }

@@ -215,9 +215,7 @@ impl SessionAggregate {
         let horizon = self.horizon();
         self.forwarded.advance(horizon, held, out);
     }
-}
 
-impl SessionAggregate {
     /// A batch's keys and event times. The aggregates' arguments are evaluated too, only to
     /// find the rows they fail on now: evaluated again when the session closes, they must
     /// not fail the stream then.
