@@ -140,12 +140,8 @@ pub struct KafkaReader {
     /// The archiver's errors zone, written by itself (staged) when it checkpoints; otherwise
     /// bad records go to the context's errors writer.
     errors: Option<RecordZone>,
-    /// The source declares `_kafka_key`: keys are copied out too.
-    wants_key: bool,
-    /// The source declares `_kafka_headers`: headers are copied out too.
-    wants_headers: bool,
-    /// The source declares `_kafka_timestamp`: timestamps are read too.
-    wants_timestamp: bool,
+    /// Which of a record's key, headers and timestamp are copied out with its value.
+    wants: Wants,
     /// Where to resume, per partition (the next offset to read), from a checkpoint.
     resume: BTreeMap<i32, i64>,
 }
@@ -156,9 +152,11 @@ impl KafkaReader {
         Self {
             name: name.into(),
             config,
-            wants_key: schema.field_with_name("_kafka_key").is_ok(),
-            wants_headers: schema.field_with_name("_kafka_headers").is_ok(),
-            wants_timestamp: schema.field_with_name("_kafka_timestamp").is_ok(),
+            wants: Wants {
+                key: schema.field_with_name("_kafka_key").is_ok(),
+                headers: schema.field_with_name("_kafka_headers").is_ok(),
+                timestamp: schema.field_with_name("_kafka_timestamp").is_ok(),
+            },
             schema,
             role: ReaderRole::Stream,
             raw: None,
@@ -180,9 +178,7 @@ impl KafkaReader {
             errors: Some(errors),
             name: name.into(),
             config,
-            wants_key: false,
-            wants_headers: false,
-            wants_timestamp: false,
+            wants: Wants::default(),
             schema,
             role: ReaderRole::Archive,
             raw,
@@ -541,9 +537,7 @@ impl SourceReader for KafkaReader {
             queue,
             batch_size: self.config.batch_size,
             linger: self.config.linger,
-            wants_key: self.wants_key,
-            wants_headers: self.wants_headers,
-            wants_timestamp: self.wants_timestamp,
+            wants: self.wants,
         };
         let _polling = tokio::task::spawn_blocking(move || poller.run(tx, spares));
         // Ticks so that quiet partitions are noticed.
@@ -612,9 +606,7 @@ struct Poller {
     queue: FetchQueue<LagReporter>,
     batch_size: usize,
     linger: Duration,
-    wants_key: bool,
-    wants_headers: bool,
-    wants_timestamp: bool,
+    wants: Wants,
 }
 
 type Polled = sluice_engine::Result<Records>;
@@ -667,10 +659,9 @@ impl Poller {
                 Some(Err(_)) => {}
             }
             let mut failed = None;
-            let (wants_key, wants_headers, wants_timestamp) =
-                (self.wants_key, self.wants_headers, self.wants_timestamp);
+            let wants = self.wants;
             let mut take = |fetched: Result<Fetched<'_>, KafkaError>| match fetched {
-                Ok(m) => append(&mut batch, &m, wants_key, wants_headers, wants_timestamp),
+                Ok(m) => append(&mut batch, &m, wants),
                 Err(e) => {
                     failed.get_or_insert(e);
                 }
@@ -700,27 +691,30 @@ impl Poller {
     }
 }
 
+/// Which metadata of a record the source declares as columns (`_kafka_key`, …) and so is
+/// copied out with its value; none for the source's own reader.
+#[derive(Debug, Clone, Copy, Default)]
+struct Wants {
+    key: bool,
+    headers: bool,
+    timestamp: bool,
+}
+
 /// Copies fetched record `m` into `batch`; its key, headers and timestamp only when asked.
-fn append(
-    batch: &mut Records,
-    m: &Fetched<'_>,
-    wants_key: bool,
-    wants_headers: bool,
-    wants_timestamp: bool,
-) {
+fn append(batch: &mut Records, m: &Fetched<'_>, wants: Wants) {
     let mut copy = |bytes: &[u8]| {
         let start = batch.values.len();
         batch.values.extend_from_slice(bytes);
         start..batch.values.len()
     };
     let value = m.payload().map(&mut copy);
-    let key = if wants_key {
+    let key = if wants.key {
         m.key().map(&mut copy)
     } else {
         None
     };
     let first_header = batch.headers.len();
-    if wants_headers {
+    if wants.headers {
         m.headers(|key, value| {
             let value = value.map(&mut copy);
             batch.headers.push(HeaderAt {
@@ -736,7 +730,7 @@ fn append(
         offset,
         value,
         key,
-        timestamp: if wants_timestamp { m.timestamp() } else { None },
+        timestamp: if wants.timestamp { m.timestamp() } else { None },
         headers: first_header..batch.headers.len(),
     });
 }
