@@ -19,6 +19,15 @@ fn serve(lake: &std::path::Path) -> (Server, u16) {
     })
 }
 
+/// Starts `sluice serve` on `lake` and runs `statements` there.
+fn serve_running(lake: &std::path::Path, statements: &[&str]) -> (Server, u16) {
+    let (child, port) = serve(lake);
+    for sql in statements {
+        psql(port, sql);
+    }
+    (child, port)
+}
+
 /// Order `i`: 10 ms after the previous one in event time, ± 2 s of disorder.
 fn order(i: i64) -> (i64, i64) {
     let jitter_ms = (i * 7919) % 401 - 200;
@@ -357,10 +366,7 @@ fn per_sensor(port: u16) -> Vec<String> {
 fn datagen_pipelines_killed_at_random_moments_write_what_an_uninterrupted_run_writes() {
     // The reference: the same pipeline, run straight through on a lake of its own.
     let reference_lake = tempfile::tempdir().unwrap();
-    let (mut child, port) = serve(reference_lake.path());
-    for sql in DATAGEN_PIPELINE {
-        psql(port, sql);
-    }
+    let (mut child, port) = serve_running(reference_lake.path(), DATAGEN_PIPELINE);
     wait_finished(port, "unique_readings");
     wait_finished(port, "per_sensor");
     let expected = per_sensor(port);
@@ -373,10 +379,7 @@ fn datagen_pipelines_killed_at_random_moments_write_what_an_uninterrupted_run_wr
     );
 
     let lake = tempfile::tempdir().unwrap();
-    let (child, port) = serve(lake.path());
-    for sql in DATAGEN_PIPELINE {
-        psql(port, sql);
-    }
+    let (child, _) = serve_running(lake.path(), DATAGEN_PIPELINE);
     let (mut child, port) = kill_and_restart(lake.path(), child, 4, u64::from(std::process::id()));
     wait_finished(port, "unique_readings");
     wait_finished(port, "per_sensor");
@@ -618,10 +621,7 @@ fn assert_complete_windows_once(got: &[String], complete: &[String]) {
 #[test]
 fn a_stream_that_fails_publishes_nothing_past_its_last_checkpoint() {
     let lake = tempfile::tempdir().unwrap();
-    let (mut child, port) = serve(lake.path());
-    for sql in FAILING_PIPELINE {
-        psql(port, sql);
-    }
+    let (mut child, port) = serve_running(lake.path(), FAILING_PIPELINE);
     wait_finished(port, "complete");
     let line = wait_status(port, "complete", |_| true);
     assert!(
