@@ -17,7 +17,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use sluice_connectors::SourceConfig;
 use sluice_connectors::kafka::{KafkaConfig, KafkaReader, StartPosition};
-use sluice_connectors::lake::{Lake, LakeWriterConfig, ParquetLakeWriter};
+use sluice_connectors::lake::{Lake, LakeWriterConfig, ParquetLakeWriter, RecordZone, Zone};
 use sluice_engine::SourceReader as _;
 use sluice_engine::pipeline::{Branch, StreamTask};
 use sluice_engine::sink::run_sink;
@@ -142,10 +142,10 @@ async fn produce(brokers: &str, topic: &str, n: u64, args: &Args) -> anyhow::Res
     Ok(())
 }
 
-/// Runs the pipeline over `args.events` bids on the broker at `SLUICE_TEST_KAFKA`; with
-/// `serve`, the source's own reader (errors zone; raw zone off) runs beside the stream's, as
-/// `sluice serve` runs a Kafka source with one stream.
-pub async fn run(args: &Args, checkpoint: bool, serve: bool) -> anyhow::Result<Measured> {
+/// Runs the pipeline over `args.events` bids on the broker at `SLUICE_TEST_KAFKA`, as
+/// `sluice serve` runs a Kafka source (its one reader: errors zone, raw zone off) with one
+/// stream reading it.
+pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
     let brokers = std::env::var("SLUICE_TEST_KAFKA").context(
         "the kafka pipeline needs a broker: `eval \"$(scripts/services.sh start)\"` sets SLUICE_TEST_KAFKA",
     )?;
@@ -198,12 +198,6 @@ pub async fn run(args: &Args, checkpoint: bool, serve: bool) -> anyhow::Result<M
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
     };
-    let archiver_config = sluice_connectors::SourceConfig::Kafka(config.clone());
-    let reader = Box::new(KafkaReader::for_stream(
-        "clicks",
-        config,
-        Arc::clone(&def.schema),
-    ));
     let SluiceStatement::CreateStream(stream) = parse_sql(TUMBLE)?.remove(0) else {
         anyhow::bail!("not a CREATE STREAM")
     };
@@ -229,27 +223,44 @@ pub async fn run(args: &Args, checkpoint: bool, serve: bool) -> anyhow::Result<M
     tokio::spawn(async move { while bad_rx.recv().await.is_some() {} });
     let lake_dir = tempfile::tempdir()?;
     let lake = Lake::open(lake_dir.path().to_str().context("UTF-8 temp dir")?)?;
-    let lake_for_archiver = lake.clone();
-    // With checkpoints: positions, window state and staged files to the same local lake.
-    let (coordinator, mut registered) = if checkpoint {
+    let (reader, _joinable) = KafkaReader::shared(
+        "clicks",
+        config,
+        Arc::clone(&def.schema),
+        None,
+        RecordZone::new(lake.clone(), Zone::Errors, "clicks"),
+    );
+    // With checkpoints: the source's position and files, the stream's window state and
+    // staged files, to the same local lake; the barriers reach the stream through the hub.
+    let (coordinator, mut source_registered, mut registered) = if checkpoint {
         let c = sluice_engine::checkpoint::Coordinator::open(
             Arc::new(lake.clone()),
             args.checkpoint_interval,
         )
         .await?;
+        let source = c
+            .register(sluice_engine::checkpoint::StreamRegistration {
+                name: "source:clicks".into(),
+                sql: BIDS.into(),
+                readers: vec!["clicks".into()],
+                parallelism: 0,
+                writer: true,
+                interval: args.checkpoint_interval,
+            })
+            .await?;
         let r = c
             .register(sluice_engine::checkpoint::StreamRegistration {
                 name: "per_auction".into(),
                 sql: TUMBLE.into(),
-                readers: vec!["clicks".into()],
+                readers: vec![],
                 parallelism: 1,
                 writer: true,
                 interval: args.checkpoint_interval,
             })
             .await?;
-        (Some(c), Some(r))
+        (Some(c), Some(source), Some(r))
     } else {
-        (None, None)
+        (None, None, None)
     };
     let durations = Arc::new(std::sync::Mutex::new(Vec::<Duration>::new()));
     if let Some(c) = coordinator.clone() {
@@ -271,7 +282,9 @@ pub async fn run(args: &Args, checkpoint: bool, serve: bool) -> anyhow::Result<M
         metrics: Arc::default(),
         bad_records: bad_tx.clone(),
         cancel: cancel.clone(),
-        checkpoint: registered.as_mut().and_then(|r| r.readers.remove("clicks")),
+        checkpoint: source_registered
+            .as_mut()
+            .and_then(|r| r.readers.remove("clicks")),
         watermark: def.watermark.clone(),
     };
     let out = FanOut::new("per_auction");
@@ -315,52 +328,21 @@ pub async fn run(args: &Args, checkpoint: bool, serve: bool) -> anyhow::Result<M
     let start_wall = Instant::now();
     let start_cpu = cpu_time();
     let stream = tokio::spawn(task.run());
-    // The source's own reader: every record again, for the errors zone.
-    let archived: Arc<sluice_engine::Metrics> = Arc::default();
-    let archiver = match serve {
-        false => None,
-        true => {
-            let archiver = archiver_config
-                .archiver("clicks", Arc::clone(&def.schema), &lake_for_archiver)
-                .context("a kafka source has its own reader")?;
-            let (errors_tx, mut errors_rx) = tokio::sync::mpsc::channel(16);
-            tokio::spawn(async move { while errors_rx.recv().await.is_some() {} });
-            let ctx = SourceContext {
-                output: FanOut::new("clicks-archive"),
-                metrics: Arc::clone(&archived),
-                bad_records: errors_tx,
-                cancel: cancel.clone(),
-                checkpoint: None,
-                watermark: def.watermark.clone(),
-            };
-            Some(tokio::spawn(async move { archiver.run(ctx).await }))
-        }
-    };
     let consumed = Arc::clone(&ctx.metrics);
     let source = tokio::spawn(async move {
-        let r = reader.run(ctx).await;
+        let r = Box::new(reader).run(ctx).await;
         source_out.send(Message::End).await;
         r
     });
     // A topic never ends: stop the source once every record was read.
-    // The source's own reader publishes nothing: it has read everything once its lag (from
-    // librdkafka's statistics, every second) is 0 on every partition.
-    let archive_done = || {
-        let lag = archived.snapshot().partition_lag;
-        lag.len() == PARTITIONS as usize && lag.iter().all(|(_, l)| *l == 0)
-    };
-    while consumed.snapshot().rows_in < args.events || (serve && !archive_done()) {
-        if source.is_finished() || archiver.as_ref().is_some_and(|a| a.is_finished()) {
+    while consumed.snapshot().rows_in < args.events {
+        if source.is_finished() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     cancel.cancel();
     source.await??;
-    if let Some(a) = archiver {
-        a.await??;
-        anyhow::ensure!(archive_done(), "the source's own reader fell behind");
-    }
     stream.await??;
     sink.await??;
     let wall = start_wall.elapsed();
@@ -376,10 +358,9 @@ pub async fn run(args: &Args, checkpoint: bool, serve: bool) -> anyhow::Result<M
         checkpoint || files.load(std::sync::atomic::Ordering::Relaxed) > 0,
         "no Parquet file written"
     );
-    let name = match (checkpoint, serve) {
-        (true, _) => "  same, checkpoints (offsets, open windows)",
-        (false, true) => "  same + the source's own reader (as serve)",
-        (false, false) => "kafka JSON bids -> 10s tumble -> lake",
+    let name = match checkpoint {
+        true => "  same, checkpoints (offsets, open windows)",
+        false => "kafka JSON bids -> 10s tumble -> lake",
     };
     Ok(Measured {
         checkpoints: checkpoint

@@ -50,9 +50,9 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     parallelism: usize,
     /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop,
-    /// dedup, kafka (needs a broker: `eval "$(scripts/services.sh start)"`), kafka-serve (the
-    /// same with the source's own reader beside the stream's, as `sluice serve` runs it) and
-    /// json (the kafka pipeline's bids through its JSON decoder alone, no broker). Append
+    /// dedup, kafka (needs a broker: `eval "$(scripts/services.sh start)"`; the source's one
+    /// reader and a stream, as `sluice serve` runs them) and json (the kafka pipeline's bids
+    /// through its JSON decoder alone, no broker). Append
     /// `+ckpt` to lake, tumble, hop, dedup or kafka to run it with checkpoints every
     /// `--checkpoint-interval` (compare with the same pipeline without, in one run).
     #[arg(long, default_value = "source,discard,lake,bids,tumble,hop")]
@@ -593,16 +593,15 @@ fn main() -> anyhow::Result<()> {
             "hop" => "hop",
             "dedup" => "dedup",
             "kafka" => "kafka",
-            "kafka-serve" => "kafka-serve",
             "json" => "json",
             other => {
                 anyhow::bail!(
-                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, dedup, kafka, kafka-serve, json)"
+                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, dedup, kafka, json)"
                 )
             }
         };
-        let m = if kind == "kafka" || kind == "kafka-serve" {
-            rt.block_on(kafka::run(&args, checkpoint, kind == "kafka-serve"))?
+        let m = if kind == "kafka" {
+            rt.block_on(kafka::run(&args, checkpoint))?
         } else if kind == "json" {
             rt.block_on(kafka::decode_only(&args))?
         } else {

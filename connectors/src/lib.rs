@@ -27,4 +27,4 @@ pub mod s3;
 pub mod split_clock;
 
 pub use error::{ConnectorError, Result};
-pub use registry::{SinkConfig, SourceConfig, sink_config, source_config};
+pub use registry::{Backfill, OwnReader, SinkConfig, SourceConfig, sink_config, source_config};

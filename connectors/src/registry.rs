@@ -1,12 +1,14 @@
 //! The one list of connectors, and the validation of `CREATE SOURCE … WITH (…)`.
 
+use std::sync::Arc;
+
 use arrow::datatypes::SchemaRef;
 use sluice_engine::{SourceReader, WithOptions};
 
 use crate::datagen::{DatagenConfig, DatagenReader};
 use crate::error::{ConnectorError, Result};
 use crate::http::HttpConfig;
-use crate::kafka::{KafkaConfig, KafkaReader};
+use crate::kafka::{KafkaConfig, KafkaReader, StartPosition};
 use crate::kinesis::{KinesisConfig, KinesisReader};
 use crate::lake::{Lake, RecordZone, Zone};
 use crate::s3::{LandingConfig, LandingReader};
@@ -44,65 +46,99 @@ impl SourceConfig {
     /// Whether the source's rows come from one place for every stream (pushed over HTTP, or
     /// read once by the source's own reader), rather than from a reader per stream.
     pub fn publishes_to_hub(&self) -> bool {
-        matches!(self, SourceConfig::Http(_) | SourceConfig::S3(_))
+        matches!(
+            self,
+            SourceConfig::Http(_) | SourceConfig::Kafka(_) | SourceConfig::S3(_)
+        )
     }
 
-    /// A stream's reader of pull-based source `name`; `None` for push-based ones (`http`).
+    /// A stream's reader of source `name`; `None` for sources that publish to their hub
+    /// ([`Self::publishes_to_hub`]).
     pub fn reader(&self, name: &str, schema: SchemaRef) -> Option<Box<dyn SourceReader>> {
         match self {
             SourceConfig::Datagen(c) => Some(Box::new(DatagenReader::new(c.clone(), schema))),
-            SourceConfig::Http(_) | SourceConfig::S3(_) => None,
-            SourceConfig::Kafka(c) => {
-                Some(Box::new(KafkaReader::for_stream(name, c.clone(), schema)))
-            }
+            SourceConfig::Http(_) | SourceConfig::Kafka(_) | SourceConfig::S3(_) => None,
             SourceConfig::Kinesis(c) => {
                 Some(Box::new(KinesisReader::for_stream(name, c.clone(), schema)))
             }
         }
     }
 
-    /// The source's own reader: for kafka and kinesis it archives raw records and reports bad
-    /// ones once per source (not once per stream) and publishes nothing; for s3 it is the one
-    /// reader, publishing to every stream. `lake` holds the raw zone and reader state.
-    pub fn archiver(
-        &self,
-        name: &str,
-        schema: SchemaRef,
-        lake: &Lake,
-    ) -> Option<Box<dyn SourceReader>> {
+    /// The source's own reader. For kinesis it archives raw records and reports bad ones
+    /// once per source (not once per stream) and publishes nothing; for kafka and s3 it is
+    /// the one reader, publishing to every stream. `lake` holds the raw zone and reader
+    /// state.
+    pub fn archiver(&self, name: &str, schema: SchemaRef, lake: &Lake) -> Option<OwnReader> {
+        let raw = |on: bool| on.then(|| RecordZone::new(lake.clone(), Zone::Raw, name));
+        let errors = || RecordZone::new(lake.clone(), Zone::Errors, name);
         match self {
             SourceConfig::Kafka(c) => {
-                let raw = c
-                    .raw_zone
-                    .then(|| RecordZone::new(lake.clone(), Zone::Raw, name));
-                Some(Box::new(KafkaReader::archiver(
+                let (reader, joinable) = KafkaReader::shared(
+                    name,
+                    c.clone(),
+                    Arc::clone(&schema),
+                    raw(c.raw_zone),
+                    errors(),
+                );
+                // With `latest` or `committed`, a stream starts where the source is.
+                let backfill = (c.start == StartPosition::Earliest).then(|| Backfill {
+                    name: name.to_string(),
+                    config: c.clone(),
+                    schema,
+                    joinable,
+                });
+                Some(OwnReader {
+                    reader: Box::new(reader),
+                    backfill,
+                })
+            }
+            SourceConfig::Kinesis(c) => Some(OwnReader {
+                reader: Box::new(KinesisReader::archiver(
                     name,
                     c.clone(),
                     schema,
-                    raw,
-                    RecordZone::new(lake.clone(), Zone::Errors, name),
-                )))
-            }
-            SourceConfig::Kinesis(c) => {
-                let raw = c
-                    .raw_zone
-                    .then(|| RecordZone::new(lake.clone(), Zone::Raw, name));
-                Some(Box::new(KinesisReader::archiver(
-                    name,
-                    c.clone(),
-                    schema,
-                    raw,
-                    RecordZone::new(lake.clone(), Zone::Errors, name),
-                )))
-            }
-            SourceConfig::S3(c) => Some(Box::new(LandingReader::new(
-                name,
-                c.clone(),
-                schema,
-                lake.clone(),
-            ))),
+                    raw(c.raw_zone),
+                    errors(),
+                )),
+                backfill: None,
+            }),
+            SourceConfig::S3(c) => Some(OwnReader {
+                reader: Box::new(LandingReader::new(name, c.clone(), schema, lake.clone())),
+                backfill: None,
+            }),
             SourceConfig::Datagen(_) | SourceConfig::Http(_) => None,
         }
+    }
+}
+
+/// A source's own reader ([`SourceConfig::archiver`]).
+pub struct OwnReader {
+    /// The reader.
+    pub reader: Box<dyn SourceReader>,
+    /// How a stream that starts while the reader runs catches up with it, for sources whose
+    /// streams must see the records read before they started.
+    pub backfill: Option<Backfill>,
+}
+
+/// Makes the readers with which a stream that starts while its kafka source runs reads what
+/// the source's reader has read already, then joins it (see [`crate::kafka::Joinable`]).
+#[derive(Debug, Clone)]
+pub struct Backfill {
+    name: String,
+    config: KafkaConfig,
+    schema: SchemaRef,
+    joinable: crate::kafka::Joinable,
+}
+
+impl Backfill {
+    /// A backfill reader for one stream (or sink).
+    pub fn reader(&self) -> Box<dyn SourceReader> {
+        Box::new(KafkaReader::backfill(
+            self.name.clone(),
+            self.config.clone(),
+            Arc::clone(&self.schema),
+            self.joinable.clone(),
+        ))
     }
 }
 

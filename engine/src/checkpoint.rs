@@ -246,6 +246,12 @@ impl ReaderCheckpoint {
         (e >= self.next).then_some(e)
     }
 
+    /// Whether this reader still owes the barrier of `epoch` (it has not sent it, and the
+    /// epoch is not from before it registered).
+    pub fn owes(&self, epoch: u64) -> bool {
+        epoch >= self.next
+    }
+
     /// Waits until a barrier is due; returns its epoch.
     ///
     /// # Cancel safety

@@ -596,13 +596,7 @@ impl Sluice {
         let input = state
             .input(&c.from)
             .ok_or_else(|| ServerError::Internal(format!("`{}` is not running", c.from)))?;
-        let checkpointed = matches!(
-            input,
-            Input::Hub {
-                checkpointed: true,
-                ..
-            }
-        );
+        let checkpointed = input.checkpointed();
         let exactly_once = match config.exactly_once() {
             (_, Some(false)) => false,
             (capable, None) => capable && checkpointed,

@@ -1,16 +1,18 @@
 //! Starting and stopping the tasks of sources and streams.
 //!
 //! ```text
-//!  pull source (datagen, …): one reader per stream that reads it, started with the stream
-//!  push source (http):       one shared FanOut, fed by ingest requests
+//!  pull source (datagen, kinesis): one reader per stream that reads it, started with the stream
+//!  push source (http), kafka, s3:  one shared FanOut, fed by requests or the source's reader
 //!
 //!  reader ──► FanOut ──┐
-//!  http FanOut ────────┼─► StreamTask (operator chains, merge) ──► FanOut(stream) ──► lake writer
+//!  source FanOut ──────┼─► StreamTask (operator chains, merge) ──► FanOut(stream) ──► lake writer
 //!  FanOut(stream) ─────┘                                             └──► streams reading it
 //! ```
-//! As in Flink and RisingWave, every stream reads a pull source from the source's own start
-//! position with its own reader, so a stream created later still sees every row. A stream
-//! reading another stream sees that stream's rows from the moment it subscribes.
+//! As in Flink, every stream reads a pull source from the source's own start position with
+//! its own reader, so a stream created later still sees every row. A kafka source has one
+//! reader for all its streams; a stream created while it runs catches up with a backfill
+//! reader first ([`Input::CatchUp`]), as RisingWave's shared sources do. A stream reading
+//! another stream sees that stream's rows from the moment it subscribes.
 //!
 //! Each stream has a cancellation token (a child of the server's) and a supervisor task that
 //! records its status when its tasks end.
@@ -21,7 +23,7 @@ use std::time::Duration;
 
 use sluice_connectors::http::HttpIngest;
 use sluice_connectors::lake::{Lake, ParquetLakeWriter, RecordZone, Zone, run_errors_writer};
-use sluice_connectors::{SinkConfig, SourceConfig};
+use sluice_connectors::{Backfill, OwnReader, SinkConfig, SourceConfig};
 use sluice_engine::checkpoint::{
     CheckpointHandle, Coordinator, KeyFilter, Payload, StreamRegistration,
 };
@@ -93,9 +95,12 @@ pub struct RunningSource {
     /// Where an `http` source resumes: what it stored after this position (from the last
     /// checkpoint) is published again before it takes requests.
     pub replay_from: Option<serde_json::Value>,
-    /// Its hub carries barriers and it replays after a crash (`http`, `s3`): streams reading
-    /// it can checkpoint.
+    /// Its hub carries barriers and it replays after a crash (`http`, `kafka`, `s3`): streams
+    /// reading it can checkpoint.
     pub checkpointed: bool,
+    /// How a stream that starts while the source runs catches up with it (`kafka` with
+    /// `start = 'earliest'`).
+    pub backfill: Option<Backfill>,
 }
 
 /// A running stream.
@@ -177,12 +182,17 @@ pub async fn start_source(
             ingest.checkpoint(reader);
         }
     }
-    if let Some(mut archiver) = def
+    let mut backfill = None;
+    if let Some(OwnReader {
+        reader: mut archiver,
+        backfill: catch_up,
+    }) = def
         .config
         .archiver(&def.name, Arc::clone(&def.schema), lake)
     {
-        // A source's own reader that can (kafka's) checkpoints too: its raw and errors files
-        // are committed with the epoch, and it resumes from its last position.
+        backfill = catch_up;
+        // A source's own reader that can (kafka's, kinesis's) checkpoints too: its raw and
+        // errors files are committed with the epoch, and it resumes from its last position.
         let mut checkpoint = None;
         if let Some(c) = coordinator.filter(|_| archiver.checkpointable()) {
             let (reader, position) = register_source(c, &def.name, sql, true).await?;
@@ -229,6 +239,7 @@ pub async fn start_source(
         http,
         replay_from,
         checkpointed,
+        backfill,
     })
 }
 
@@ -285,6 +296,27 @@ pub enum Input {
         /// The source's counters (shared by all its readers).
         metrics: Arc<Metrics>,
     },
+    /// A source with one shared reader that a stream joins after reading, with a backfill
+    /// reader of its own, what the shared one read before the stream started (`kafka`).
+    CatchUp {
+        /// The source.
+        def: Box<SourceDef>,
+        /// Makes the stream's backfill reader.
+        backfill: Backfill,
+        /// The source's reader takes part in checkpoints (so can the stream).
+        checkpointed: bool,
+    },
+}
+
+impl Input {
+    /// Whether a stream or sink reading this input can take part in checkpoints: its
+    /// input replays from a checkpoint's position after a restart.
+    pub fn checkpointed(&self) -> bool {
+        match self {
+            Input::Hub { checkpointed, .. } | Input::CatchUp { checkpointed, .. } => *checkpointed,
+            Input::Reader { .. } => false,
+        }
+    }
 }
 
 /// A reader of a pull source for one stream, not started yet: every branch of the stream
@@ -292,26 +324,47 @@ pub enum Input {
 /// every row.
 struct PendingReader {
     output: FanOut,
+    /// The source's `idle_timeout`.
+    idle_timeout: Option<Duration>,
     reader: Box<dyn sluice_engine::SourceReader>,
     ctx: SourceContext,
 }
 
 impl PendingReader {
+    /// A reader of `input` (`None` for inputs read through a hub).
+    fn of(lake: &Lake, input: &Input, cancel: &CancellationToken) -> Result<Option<Self>> {
+        Ok(match input {
+            Input::Hub { .. } => None,
+            Input::Reader { def, metrics } => {
+                let reader = def
+                    .config
+                    .reader(&def.name, Arc::clone(&def.schema))
+                    .ok_or_else(|| {
+                        ServerError::Internal(format!(
+                            "connector `{}` has no reader",
+                            def.config.connector()
+                        ))
+                    })?;
+                Some(Self::new(lake, def, reader, Arc::clone(metrics), cancel))
+            }
+            // Its own counters: the source's count what the shared reader reads.
+            Input::CatchUp { def, backfill, .. } => Some(Self::new(
+                lake,
+                def,
+                backfill.reader(),
+                Arc::default(),
+                cancel,
+            )),
+        })
+    }
+
     fn new(
         lake: &Lake,
         def: &SourceDef,
+        reader: Box<dyn sluice_engine::SourceReader>,
         metrics: Arc<Metrics>,
         cancel: &CancellationToken,
-    ) -> Result<Self> {
-        let reader = def
-            .config
-            .reader(&def.name, Arc::clone(&def.schema))
-            .ok_or_else(|| {
-                ServerError::Internal(format!(
-                    "connector `{}` has no reader",
-                    def.config.connector()
-                ))
-            })?;
+    ) -> Self {
         let output = FanOut::new(def.name.as_str());
         let ctx = SourceContext {
             output: output.clone(),
@@ -321,11 +374,12 @@ impl PendingReader {
             watermark: def.watermark.clone(),
             checkpoint: None,
         };
-        Ok(Self {
+        Self {
             output,
+            idle_timeout: def.watermark.as_ref().and_then(|w| w.idle_timeout),
             reader,
             ctx,
-        })
+        }
     }
 
     /// Starts the reader once `gate` is open.
@@ -334,6 +388,7 @@ impl PendingReader {
             output,
             reader,
             ctx,
+            ..
         } = self;
         tokio::spawn(async move {
             // Closed only while the catalog is restored at startup: a restored stream must
@@ -387,34 +442,32 @@ pub async fn start_stream(
     let mut pending: std::collections::BTreeMap<String, PendingReader> = Default::default();
     let mut replayable = true;
     for b in &plan.branches {
-        let (subscription, idle_timeout) = match input(&b.input) {
-            Some(Input::Hub {
-                hub,
-                idle_timeout,
-                checkpointed,
-            }) => {
-                replayable &= checkpointed;
-                (hub.subscribe(DEFAULT_CHANNEL_CAPACITY), idle_timeout)
-            }
-            Some(Input::Reader { def, metrics }) => {
-                let idle_timeout = def.watermark.as_ref().and_then(|w| w.idle_timeout);
+        let Some(input) = input(&b.input) else {
+            cancel.cancel();
+            return Err(ServerError::Internal(format!(
+                "stream `{name}` reads `{}`, which is not running",
+                b.input
+            )));
+        };
+        // (A reader of its own replays if it can keep positions: checked below.)
+        replayable &= matches!(input, Input::Reader { .. }) || input.checkpointed();
+        let (subscription, idle_timeout) = match input {
+            Input::Hub {
+                hub, idle_timeout, ..
+            } => (hub.subscribe(DEFAULT_CHANNEL_CAPACITY), idle_timeout),
+            input => {
                 let reader = match pending.entry(b.input.clone()) {
                     std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::btree_map::Entry::Vacant(e) => {
-                        e.insert(PendingReader::new(lake, &def, metrics, &cancel)?)
+                        e.insert(PendingReader::of(lake, &input, &cancel)?.ok_or_else(|| {
+                            ServerError::Internal(format!("`{}` has no reader", b.input))
+                        })?)
                     }
                 };
                 (
                     reader.output.subscribe(DEFAULT_CHANNEL_CAPACITY),
-                    idle_timeout,
+                    reader.idle_timeout,
                 )
-            }
-            None => {
-                cancel.cancel();
-                return Err(ServerError::Internal(format!(
-                    "stream `{name}` reads `{}`, which is not running",
-                    b.input
-                )));
             }
         };
         let chain = instantiate(&b.ops, &origin)?;
@@ -617,6 +670,13 @@ impl RunningSource {
 
     /// What a stream reading this source subscribes to.
     pub fn input(&self) -> Input {
+        if let Some(backfill) = &self.backfill {
+            return Input::CatchUp {
+                def: Box::new(self.def.clone()),
+                backfill: backfill.clone(),
+                checkpointed: self.checkpointed,
+            };
+        }
         match self.def.config.publishes_to_hub() {
             true => Input::Hub {
                 hub: self.fanout.clone(),
@@ -745,26 +805,39 @@ pub async fn start_sink(
     let cancel = parent.child_token();
     let delivered = Arc::new(AtomicU64::new(0));
     // Subscribe before registering: no barrier of an epoch the sink takes part in is missed.
-    let (subscription, reader) = match input {
+    let (subscription, mut reader) = match &input {
         Input::Hub { hub, .. } => (hub.subscribe(DEFAULT_CHANNEL_CAPACITY), None),
-        Input::Reader { def, metrics } => {
-            let reader = PendingReader::new(lake, &def, metrics, &cancel)?;
+        _ => {
+            let reader = PendingReader::of(lake, &input, &cancel)?
+                .ok_or_else(|| ServerError::Internal(format!("`{}` has no reader", create.from)))?;
             let subscription = reader.output.subscribe(DEFAULT_CHANNEL_CAPACITY);
             (subscription, Some(reader))
         }
     };
+    // A backfill reader keeps its position in the sink's checkpoints, and resumes there.
+    let backfills = matches!(input, Input::CatchUp { .. });
     let registered = match coordinator {
         Some(c) => {
-            let registered = c
+            let mut registered = c
                 .register(StreamRegistration {
                     name: create.name.clone(),
                     sql: create.to_string(),
-                    readers: vec![],
+                    readers: backfills.then(|| create.from.clone()).into_iter().collect(),
                     parallelism: 0,
                     writer: true,
                     interval: SINK_CHECKPOINT_INTERVAL,
                 })
                 .await?;
+            if let Some(r) = reader.as_mut().filter(|_| backfills) {
+                r.ctx.checkpoint = registered.readers.remove(&create.from);
+                let restored = registered.restored.as_ref();
+                if let Some(position) = restored.and_then(|x| x.positions.get(&create.from))
+                    && let Err(e) = r.reader.restore(position)
+                {
+                    c.deregister(&create.name, true);
+                    return Err(e.into());
+                }
+            }
             Some((c, registered.writer))
         }
         None => None,

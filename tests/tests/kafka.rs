@@ -532,3 +532,102 @@ async fn archived_offsets_are_committed_and_start_committed_resumes_there() {
     );
     server.shutdown().await;
 }
+
+/// The rows the source read (`SHOW SOURCES`), if it is listed.
+async fn source_events(client: &tokio_postgres::Client, source: &str) -> Option<i64> {
+    let shown = client.simple_query("SHOW SOURCES").await.unwrap();
+    shown.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) if r.get("name") == Some(source) => {
+            r.get("rows_in")?.parse().ok()
+        }
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_created_while_the_source_runs_reads_from_the_start_then_joins_it() {
+    let brokers = kafka_brokers();
+    let topic = format!("late-{}", std::process::id());
+    create_topic(&brokers, &topic, 3).await;
+    let producer = producer(&brokers);
+    let produce = |ids: std::ops::Range<i64>| {
+        let producer = producer.clone();
+        let topic = topic.clone();
+        async move {
+            // In flight together: one at a time, each waits for its acknowledgement.
+            let sends = ids.map(|id| {
+                let (producer, topic) = (producer.clone(), topic.clone());
+                async move {
+                    let value = format!(r#"{{"id":{id}}}"#);
+                    producer
+                        .send(
+                            FutureRecord::<(), str>::to(&topic)
+                                .partition((id % 3) as i32)
+                                .payload(&value),
+                            Duration::from_secs(10),
+                        )
+                        .await
+                        .expect("acknowledged");
+                }
+            });
+            futures::future::join_all(sends).await;
+        }
+    };
+    produce(0..3_000).await;
+    let lake = tempfile::tempdir().unwrap();
+    let server = start_server(lake.path()).await;
+    let client = pg_connect(server.pg_addr).await;
+    // Small batches: the later stream's reader is many batches behind the source's.
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE ids (id BIGINT NOT NULL)
+             WITH (connector = 'kafka', brokers = '{brokers}', topic = '{topic}', batch_size = '50');
+             CREATE STREAM early WITH (rollover_interval = '100 ms') AS SELECT id FROM ids"
+        ))
+        .await
+        .unwrap();
+    let count = |stream: &'static str| {
+        let client = &client;
+        async move { scalar(client, &format!("SELECT count(*) FROM {stream}")).await }
+    };
+    wait_for("the first records", Duration::from_secs(60), || async {
+        (count("early").await == 3_000).then_some(())
+    })
+    .await;
+    // More records arrive while the second stream catches up and joins.
+    let more = tokio::spawn(produce(3_000..6_000));
+    client
+        .batch_execute(
+            "CREATE STREAM later WITH (rollover_interval = '100 ms') AS SELECT id FROM ids",
+        )
+        .await
+        .unwrap();
+    more.await.unwrap();
+    produce(6_000..6_300).await;
+    for stream in ["early", "later"] {
+        wait_for(stream, Duration::from_secs(60), || async {
+            (count(stream).await >= 6_300).then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for stream in ["early", "later"] {
+        let summary = client
+            .query_one(
+                &format!("SELECT count(*), count(DISTINCT id), min(id), max(id) FROM {stream}"),
+                &[],
+            )
+            .await
+            .unwrap();
+        let got: (i64, i64, i64, i64) = (
+            summary.get(0),
+            summary.get(1),
+            summary.get(2),
+            summary.get(3),
+        );
+        assert_eq!(got, (6_300, 6_300, 0, 6_299), "{stream}: every record once");
+    }
+    // One reader decodes for both streams: the source counts each record once.
+    assert_eq!(source_events(&client, "ids").await, Some(6_300));
+    server.shutdown().await;
+}

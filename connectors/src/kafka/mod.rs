@@ -41,19 +41,23 @@
 //! (Without `idle_timeout`, an empty partition holds windows open: set it for topics whose
 //! partitions may be empty.)
 //!
-//! Each stream reading the source has its own reader, assigned every partition (no consumer
-//! group coordination), as a Flink or RisingWave job reads a topic. The source itself runs
-//! one more reader, which archives the raw values and reports the bad records — once for the
-//! source, however many streams read it.
+//! The source has one reader, assigned every partition (no consumer group coordination): it
+//! decodes each record once, archives the raw values, reports the bad records and publishes
+//! the rows to every stream reading the source. A stream created while the source runs
+//! (with `start = 'earliest'`) first reads the topic with a backfill reader of its own until
+//! it is level with the source's reader, then joins it (see `join.rs`); with `latest` or
+//! `committed` it starts where the source's reader is.
 
 mod exactly_once;
 mod fetch_queue;
+mod join;
 mod sink;
 mod source;
 
 pub use exactly_once::{DELIVERY_HEADER, SinkCheckpoint};
+pub use join::Joinable;
 pub use sink::{Delivery, KafkaSink, KafkaSinkConfig};
-pub use source::{KafkaReader, ReaderRole};
+pub use source::KafkaReader;
 
 use std::time::Duration;
 

@@ -16,10 +16,14 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
+use sluice_engine::checkpoint::ReaderCheckpoint;
 use sluice_engine::source::publish;
 use sluice_engine::{BadRecord, EngineError, SourceContext, SourceReader};
 
 use super::fetch_queue::{FetchQueue, Fetched};
+use super::join::{
+    JoinService, Joinable, Joined, Offsets, covers, gone, join_channel, position_json, relay,
+};
 use super::{KafkaConfig, StartPosition};
 use crate::formats::Decoder;
 use crate::lake::RecordZone;
@@ -79,6 +83,29 @@ impl Records {
         }
     }
 
+    /// Drops the records at or past `limit` in their partition, and those of partitions it
+    /// does not name; a partition whose records reached the limit is marked read up to it
+    /// in `next`.
+    fn keep_before(&mut self, limit: &Offsets, next: &mut Offsets) {
+        let before = self.records.len();
+        self.records.retain(|r| match limit.get(&r.partition) {
+            Some(&l) if r.offset < l => true,
+            Some(&l) => {
+                let reached = next.entry(r.partition).or_insert(l);
+                *reached = (*reached).max(l);
+                false
+            }
+            None => false,
+        });
+        if self.records.len() != before {
+            self.last_offsets.clear();
+            for i in 0..self.records.len() {
+                let (p, o) = (self.records[i].partition, self.records[i].offset);
+                self.note_offset(p, o);
+            }
+        }
+    }
+
     fn value(&self, r: &Record) -> Option<&[u8]> {
         r.value.clone().map(|range| &self.values[range])
     }
@@ -86,17 +113,6 @@ impl Records {
     fn key(&self, r: &Record) -> Option<&[u8]> {
         r.key.clone().map(|range| &self.values[range])
     }
-}
-
-/// What a [`KafkaReader`] does with what it reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReaderRole {
-    /// The source's own reader: archives values in the raw zone (with `raw_zone`) and sends
-    /// records that fail to decode to the errors zone, once for the source. Publishes nothing.
-    Archive,
-    /// A stream's reader: publishes the decoded rows and the watermark; skips bad records
-    /// (the archiving reader reports them).
-    Stream,
 }
 
 /// The consumer's context: turns librdkafka's statistics into the source's per-partition lag
@@ -130,27 +146,74 @@ impl ClientContext for LagReporter {
 
 impl ConsumerContext for LagReporter {}
 
+/// What a [`KafkaReader`] is to its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The source's one reader: archives values in the raw zone (with `raw_zone`), sends
+    /// records that fail to decode to the errors zone, publishes the rows and the watermark
+    /// to the source's hub, commits offsets to the consumer group and reports lag; streams
+    /// that start later join it ([`JoinService`]).
+    Shared,
+    /// A stream's reader that catches up with the shared reader, then joins it (see
+    /// [`super::join`]); skips bad records (the shared reader reports them).
+    Backfill,
+}
+
 /// Reads every partition of the topic. See the module docs.
 pub struct KafkaReader {
     name: String,
     config: KafkaConfig,
     schema: SchemaRef,
-    role: ReaderRole,
+    role: Role,
+    /// The shared reader's: answers the join requests of backfill readers.
+    service: Option<JoinService>,
+    /// A backfill reader's: the shared reader it joins.
+    joinable: Option<Joinable>,
     raw: Option<RecordZone>,
-    /// The archiver's errors zone, written by itself (staged) when it checkpoints; otherwise
-    /// bad records go to the context's errors writer.
+    /// The shared reader's errors zone, written by itself (staged) when it checkpoints;
+    /// otherwise bad records go to the context's errors writer.
     errors: Option<RecordZone>,
     /// Which of a record's key, headers and timestamp are copied out with its value.
     wants: Wants,
     /// Where to resume, per partition (the next offset to read), from a checkpoint.
-    resume: BTreeMap<i32, i64>,
+    resume: Offsets,
 }
 
 impl KafkaReader {
-    /// A stream's reader for source `name` producing `schema`.
-    pub fn for_stream(name: impl Into<String>, config: KafkaConfig, schema: SchemaRef) -> Self {
+    /// The source's shared reader (source `name`, producing `schema`); `raw` is its raw zone
+    /// when `raw_zone` is on, `errors` its errors zone. The [`Joinable`] makes backfill
+    /// readers for streams that start while it runs ([`Self::backfill`]).
+    pub fn shared(
+        name: impl Into<String>,
+        config: KafkaConfig,
+        schema: SchemaRef,
+        raw: Option<RecordZone>,
+        errors: RecordZone,
+    ) -> (Self, Joinable) {
+        let (joinable, service) = join_channel();
+        let mut reader = Self::new(name.into(), config, schema, Role::Shared);
+        reader.service = Some(service);
+        reader.raw = raw;
+        reader.errors = Some(errors);
+        (reader, joinable)
+    }
+
+    /// A backfill reader of source `name` for one stream: reads from the source's `start`
+    /// until it is level with the shared reader behind `joinable`, then relays that one.
+    pub fn backfill(
+        name: impl Into<String>,
+        config: KafkaConfig,
+        schema: SchemaRef,
+        joinable: Joinable,
+    ) -> Self {
+        let mut reader = Self::new(name.into(), config, schema, Role::Backfill);
+        reader.joinable = Some(joinable);
+        reader
+    }
+
+    fn new(name: String, config: KafkaConfig, schema: SchemaRef, role: Role) -> Self {
         Self {
-            name: name.into(),
+            name,
             config,
             wants: Wants {
                 key: schema.field_with_name("_kafka_key").is_ok(),
@@ -158,32 +221,17 @@ impl KafkaReader {
                 timestamp: schema.field_with_name("_kafka_timestamp").is_ok(),
             },
             schema,
-            role: ReaderRole::Stream,
+            role,
+            service: None,
+            joinable: None,
             raw: None,
             errors: None,
-            resume: BTreeMap::new(),
+            resume: Offsets::new(),
         }
     }
 
-    /// The source's archiving reader; `raw` is its raw zone when `raw_zone` is on, `errors`
-    /// its errors zone.
-    pub fn archiver(
-        name: impl Into<String>,
-        config: KafkaConfig,
-        schema: SchemaRef,
-        raw: Option<RecordZone>,
-        errors: RecordZone,
-    ) -> Self {
-        Self {
-            errors: Some(errors),
-            name: name.into(),
-            config,
-            wants: Wants::default(),
-            schema,
-            role: ReaderRole::Archive,
-            raw,
-            resume: BTreeMap::new(),
-        }
+    fn is_shared(&self) -> bool {
+        self.role == Role::Shared
     }
 
     fn consumer(
@@ -195,11 +243,7 @@ impl KafkaReader {
             // Statistics only where lag is reported: they cost per-message bookkeeping.
             .set(
                 "statistics.interval.ms",
-                if self.role == ReaderRole::Archive {
-                    "1000"
-                } else {
-                    "0"
-                },
+                if self.is_shared() { "1000" } else { "0" },
             )
             // Partitions are assigned, not balanced by a group; the id is only required.
             .set("group.id", format!("sluice-{}", self.name))
@@ -221,17 +265,19 @@ impl KafkaReader {
         }
         let context = LagReporter {
             topic: self.config.topic.clone(),
-            metrics: (self.role == ReaderRole::Archive).then(|| Arc::clone(metrics)),
+            metrics: self.is_shared().then(|| Arc::clone(metrics)),
         };
         cfg.create_with_context(context)
             .map_err(|e| EngineError::external(format!("kafka source `{}`", self.name), e))
     }
 
-    /// Assigns every partition of the topic, at the start position, their records forwarded
+    /// Assigns every partition of the topic, at `resume` (the start position for partitions
+    /// it does not name), their records forwarded
     /// to one [`FetchQueue`]; returns it and the partitions.
     async fn assign(
         &self,
         consumer: Arc<BaseConsumer<LagReporter>>,
+        resume: Offsets,
     ) -> sluice_engine::Result<(FetchQueue<LagReporter>, Vec<i32>)> {
         let topic = self.config.topic.clone();
         let start = match self.config.start {
@@ -240,7 +286,6 @@ impl KafkaReader {
             StartPosition::Committed => Offset::Stored,
         };
         let name = self.name.clone();
-        let resume = self.resume.clone();
         tokio::task::spawn_blocking(move || {
             let context = || format!("kafka source `{name}`: topic `{topic}`");
             let metadata = consumer
@@ -343,25 +388,24 @@ impl KafkaReader {
                 origin: origin(decoded_from[e.index]),
             });
         }
-        if self.role == ReaderRole::Archive {
-            if !bad.is_empty() {
-                ctx.metrics.add_bad_records(bad.len());
-                match &self.errors {
-                    Some(errors) => {
-                        errors.put_bad_records(&bad).await.map_err(|e| {
-                            EngineError::external(
-                                format!("kafka source `{}`: errors zone", self.name),
-                                e,
-                            )
-                        })?;
-                    }
-                    // The errors writer only goes away at shutdown.
-                    None => {
-                        let _ = ctx.bad_records.send(bad).await;
-                    }
+        // The shared reader reports bad records, once for the source; backfill readers skip
+        // them (the shared reader read them too).
+        if self.is_shared() && !bad.is_empty() {
+            ctx.metrics.add_bad_records(bad.len());
+            match &self.errors {
+                Some(errors) => {
+                    errors.put_bad_records(&bad).await.map_err(|e| {
+                        EngineError::external(
+                            format!("kafka source `{}`: errors zone", self.name),
+                            e,
+                        )
+                    })?;
+                }
+                // The errors writer only goes away at shutdown.
+                None => {
+                    let _ = ctx.bad_records.send(bad).await;
                 }
             }
-            return Ok(());
         }
         let good: Vec<&Record> = decoded_from
             .iter()
@@ -394,7 +438,7 @@ impl KafkaReader {
             clock.delivered(partition, max);
         }
         publish(ctx, &mut None, rows).await;
-        self.advance_watermark(ctx, clock, emitted).await;
+        advance_watermark(ctx, clock, emitted).await;
         Ok(())
     }
 
@@ -462,24 +506,256 @@ impl KafkaReader {
         }
     }
 
-    /// Sends the source's watermark (see [`SplitClock`]), if it advanced.
-    async fn advance_watermark(
+    /// Starts fetching from `from` (the start position for partitions it does not name).
+    async fn start_fetching(
         &self,
         ctx: &SourceContext,
-        clock: &SplitClock<i32>,
-        emitted: &mut Option<i64>,
-    ) {
-        if self.role == ReaderRole::Archive {
-            return; // publishes nothing
+        from: &Offsets,
+    ) -> sluice_engine::Result<Fetching> {
+        let consumer = Arc::new(self.consumer(&ctx.metrics)?);
+        let (queue, partitions) = self.assign(Arc::clone(&consumer), from.clone()).await?;
+        let decoder = Decoder::new(&self.config.format, self.value_schema())?;
+        // Every partition holds the watermark back until it delivers (or, with the source's
+        // `idle_timeout`, until it has been quiet that long).
+        let mut clock = SplitClock::default();
+        for p in partitions {
+            clock.add(p);
         }
-        advance_watermark(ctx, clock, emitted).await;
+        // librdkafka is polled on a thread of its own, which hands over whole batches: no
+        // per-record wake-ups or timers on the async side. Handled batches go back to it.
+        let (tx, batches) = tokio::sync::mpsc::channel(2);
+        let (recycle, spares) = std::sync::mpsc::sync_channel(2);
+        let poller = Poller {
+            name: self.name.clone(),
+            queue,
+            batch_size: self.config.batch_size,
+            linger: self.config.linger,
+            wants: self.wants,
+        };
+        tokio::task::spawn_blocking(move || poller.run(tx, spares));
+        Ok(Fetching {
+            consumer,
+            batches,
+            recycle,
+            decoder,
+            clock,
+            emitted: None,
+        })
+    }
+
+    /// Decodes, archives and publishes `batch` (see [`Self::flush`]), then hands it back.
+    async fn handle(
+        &self,
+        ctx: &SourceContext,
+        f: &mut Fetching,
+        mut batch: Records,
+        next_offsets: &mut Offsets,
+    ) -> sluice_engine::Result<()> {
+        self.flush(
+            ctx,
+            &mut f.decoder,
+            &batch,
+            &mut f.clock,
+            &mut f.emitted,
+            next_offsets,
+        )
+        .await?;
+        batch.clear();
+        let _ = f.recycle.try_send(batch);
+        Ok(())
+    }
+
+    /// The shared reader: see [`Role::Shared`].
+    async fn run_shared(
+        mut self: Box<Self>,
+        mut ctx: SourceContext,
+        mut service: JoinService,
+    ) -> sluice_engine::Result<()> {
+        let mut checkpoint = ctx.checkpoint.take();
+        let checkpointing = checkpoint.is_some();
+        // It commits to the consumer group what each committed checkpoint covers.
+        let mut to_commit: BTreeMap<u64, Offsets> = BTreeMap::new();
+        let mut committed = checkpoint.as_ref().map(|c| c.committed_epochs());
+        if checkpointing {
+            self.raw = self.raw.take().map(RecordZone::staging);
+            self.errors = self.errors.take().map(RecordZone::staging);
+        } else {
+            self.errors = None; // bad records go to the context's errors writer
+        }
+        let mut next_offsets = self.resume.clone();
+        service.set_position(&next_offsets);
+        let mut f = self.start_fetching(&ctx, &next_offsets).await?;
+        // Ticks so that quiet partitions are noticed.
+        let mut idle_tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                biased;
+                _ = ctx.cancel.cancelled() => return Ok(()),
+                // Before the records: under steady load they are always ready, and a
+                // barrier must not wait for a lull.
+                epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
+                    if let Some(ck) = &mut checkpoint {
+                        let mut files = vec![];
+                        for zone in [&self.raw, &self.errors].into_iter().flatten() {
+                            files.extend(zone.take_staged());
+                        }
+                        ck.staged(epoch, files);
+                        service.barrier(epoch, &next_offsets);
+                        ck.barrier(&ctx.output, epoch, position_json(&next_offsets)).await;
+                    }
+                    to_commit.insert(epoch, next_offsets.clone());
+                }
+                epoch = checkpoint_committed(&mut committed) => {
+                    let mut done = to_commit.split_off(&(epoch + 1));
+                    std::mem::swap(&mut done, &mut to_commit);
+                    if let Some((_, offsets)) = done.pop_last() {
+                        self.commit(&f.consumer, &offsets);
+                    }
+                }
+                // Between two batches: a stream that joins now gets every row from here on.
+                request = service.request() => {
+                    service.serve(Some(request), &next_offsets, &ctx.output);
+                }
+                batch = f.next() => {
+                    self.handle(&ctx, &mut f, batch?, &mut next_offsets).await?;
+                    service.set_position(&next_offsets);
+                    service.serve(None, &next_offsets, &ctx.output);
+                }
+                _ = idle_tick.tick() => advance_watermark(&ctx, &f.clock, &mut f.emitted).await,
+            }
+        }
+    }
+
+    /// A backfill reader: see [`super::join`].
+    async fn run_backfill(
+        self: Box<Self>,
+        mut ctx: SourceContext,
+        joinable: Joinable,
+    ) -> sluice_engine::Result<()> {
+        let mut checkpoint = ctx.checkpoint.take();
+        let mut mine = self.resume.clone();
+        // Within a batch of the shared reader: joining now keeps the hub waiting at most
+        // that long while this reader reads what lies between.
+        let level = self.config.batch_size as i64;
+        let mut fetching = None;
+        if joinable.behind(&mine) > level {
+            tracing::info!(source = %self.name, behind = joinable.behind(&mine), "kafka: a stream catches up with the source");
+            let mut f = self.start_fetching(&ctx, &mine).await?;
+            let mut idle_tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = ctx.cancel.cancelled() => return Ok(()),
+                    epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
+                        barrier(&ctx, &mut checkpoint, epoch, &mine).await;
+                    }
+                    batch = f.next() => {
+                        self.handle(&ctx, &mut f, batch?, &mut mine).await?;
+                        if joinable.behind(&mine) <= level {
+                            break;
+                        }
+                    }
+                    _ = idle_tick.tick() => {
+                        advance_watermark(&ctx, &f.clock, &mut f.emitted).await;
+                        if joinable.behind(&mine) <= level {
+                            break;
+                        }
+                    }
+                }
+            }
+            fetching = Some(f);
+        }
+        let mut answer = joinable.join(&self.name, mine.clone()).await?;
+        let joined = loop {
+            tokio::select! {
+                biased;
+                _ = ctx.cancel.cancelled() => return Ok(()),
+                epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
+                    barrier(&ctx, &mut checkpoint, epoch, &mine).await;
+                }
+                joined = &mut answer => break joined.map_err(|_| gone(&self.name))?,
+            }
+        };
+        let Joined {
+            subscription,
+            offsets: target,
+            last_barrier,
+        } = joined;
+        // What the shared reader read before the join and this reader has not.
+        if !covers(&mine, &target) {
+            let f = match &mut fetching {
+                Some(f) => f,
+                None => fetching.insert(self.start_fetching(&ctx, &mine).await?),
+            };
+            while !covers(&mine, &target) {
+                tokio::select! {
+                    biased;
+                    _ = ctx.cancel.cancelled() => return Ok(()),
+                    epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
+                        barrier(&ctx, &mut checkpoint, epoch, &mine).await;
+                    }
+                    batch = f.next() => {
+                        let mut batch = batch?;
+                        batch.keep_before(&target, &mut mine);
+                        self.handle(&ctx, f, batch, &mut mine).await?;
+                    }
+                }
+            }
+        }
+        drop(fetching); // its consumer and polling thread stop
+        tracing::info!(source = %self.name, "kafka: a stream joined the source's reader");
+        // A barrier the shared reader sent before the join is this reader's to send.
+        if let Some(ck) = &mut checkpoint
+            && let Some(epoch) = ck.due()
+            && epoch <= last_barrier
+        {
+            ck.barrier(&ctx.output, epoch, position_json(&target)).await;
+        }
+        relay(&self.name, &joinable, subscription, &ctx, checkpoint).await
+    }
+}
+
+/// Sends a backfill reader's barrier of `epoch`, at its position `mine`.
+async fn barrier(
+    ctx: &SourceContext,
+    checkpoint: &mut Option<ReaderCheckpoint>,
+    epoch: u64,
+    mine: &Offsets,
+) {
+    if let Some(ck) = checkpoint {
+        ck.barrier(&ctx.output, epoch, position_json(mine)).await;
+    }
+}
+
+/// A reader's fetching: its consumer, the batches of its polling thread, its decoder and
+/// its watermark clock. Dropping it stops the polling thread.
+struct Fetching {
+    consumer: Arc<BaseConsumer<LagReporter>>,
+    batches: tokio::sync::mpsc::Receiver<Polled>,
+    /// Handled batches go back to the polling thread.
+    recycle: std::sync::mpsc::SyncSender<Records>,
+    decoder: Decoder,
+    clock: SplitClock<i32>,
+    emitted: Option<i64>,
+}
+
+impl Fetching {
+    /// The next batch of records.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    async fn next(&mut self) -> sluice_engine::Result<Records> {
+        match self.batches.recv().await {
+            Some(polled) => polled,
+            None => Err(EngineError::Internal("kafka polling thread ended".into())),
+        }
     }
 }
 
 #[async_trait]
 impl SourceReader for KafkaReader {
-    /// Both roles: a stream's reader keeps its position; the archiver its position and its
-    /// raw and errors files (staged, committed with the checkpoint).
+    /// Both roles keep their position; the shared reader also its raw and errors files
+    /// (staged, committed with the checkpoint).
     fn checkpointable(&self) -> bool {
         true
     }
@@ -501,89 +777,21 @@ impl SourceReader for KafkaReader {
             let p: i32 = p.parse().map_err(|_| bad())?;
             self.resume.insert(p, o.as_i64().ok_or_else(bad)?);
         }
+        if let Some(service) = &self.service {
+            // Streams starting before it runs compare themselves with where it resumes.
+            service.set_position(&self.resume);
+        }
         Ok(())
     }
 
-    async fn run(mut self: Box<Self>, mut ctx: SourceContext) -> sluice_engine::Result<()> {
-        let mut checkpoint = ctx.checkpoint.take();
-        let checkpointing = checkpoint.is_some();
-        // The archiver commits to the consumer group what each committed checkpoint covers.
-        let mut to_commit: BTreeMap<u64, BTreeMap<i32, i64>> = BTreeMap::new();
-        let commits = self.role == ReaderRole::Archive && checkpointing;
-        let mut committed = checkpoint.as_ref().map(|c| c.committed_epochs());
-        if checkpointing {
-            self.raw = self.raw.take().map(RecordZone::staging);
-            self.errors = self.errors.take().map(RecordZone::staging);
-        } else {
-            self.errors = None; // bad records go to the context's errors writer
-        }
-        let mut next_offsets = self.resume.clone();
-        let consumer = Arc::new(self.consumer(&ctx.metrics)?);
-        let (queue, partitions) = self.assign(Arc::clone(&consumer)).await?;
-        let mut decoder = Decoder::new(&self.config.format, self.value_schema())?;
-        // Every partition holds the watermark back until it delivers (or, with the source's
-        // `idle_timeout`, until it has been quiet that long).
-        let mut clock = SplitClock::default();
-        for p in partitions {
-            clock.add(p);
-        }
-        let mut emitted = None;
-        // librdkafka is polled on a thread of its own, which hands over whole batches: no
-        // per-record wake-ups or timers on the async side. Handled batches go back to it.
-        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
-        let (recycle, spares) = std::sync::mpsc::sync_channel(2);
-        let poller = Poller {
-            name: self.name.clone(),
-            queue,
-            batch_size: self.config.batch_size,
-            linger: self.config.linger,
-            wants: self.wants,
-        };
-        let _polling = tokio::task::spawn_blocking(move || poller.run(tx, spares));
-        // Ticks so that quiet partitions are noticed.
-        let mut idle_tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                biased;
-                _ = ctx.cancel.cancelled() => return Ok(()),
-                // Before the records: under steady load they are always ready, and a
-                // barrier must not wait for a lull.
-                epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
-                    let offsets: serde_json::Map<String, serde_json::Value> = next_offsets
-                        .iter()
-                        .map(|(p, o)| (p.to_string(), (*o).into()))
-                        .collect();
-                    let position = serde_json::json!({ "offsets": offsets });
-                    if let Some(ck) = &mut checkpoint {
-                        let mut files = vec![];
-                        for zone in [&self.raw, &self.errors].into_iter().flatten() {
-                            files.extend(zone.take_staged());
-                        }
-                        ck.staged(epoch, files);
-                        ck.barrier(&ctx.output, epoch, position).await;
-                    }
-                    if commits {
-                        to_commit.insert(epoch, next_offsets.clone());
-                    }
-                }
-                epoch = checkpoint_committed(&mut committed), if commits => {
-                    let mut done = to_commit.split_off(&(epoch + 1));
-                    std::mem::swap(&mut done, &mut to_commit);
-                    if let Some((_, offsets)) = done.pop_last() {
-                        self.commit(&consumer, &offsets);
-                    }
-                }
-                polled = rx.recv() => match polled {
-                    Some(Ok(mut batch)) => {
-                        self.flush(&ctx, &mut decoder, &batch, &mut clock, &mut emitted, &mut next_offsets).await?;
-                        batch.clear();
-                        let _ = recycle.try_send(batch);
-                    }
-                    Some(Err(e)) => return Err(e),
-                    None => return Err(EngineError::Internal("kafka polling thread ended".into())),
-                },
-                _ = idle_tick.tick() => self.advance_watermark(&ctx, &clock, &mut emitted).await,
-            }
+    async fn run(mut self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
+        match (self.service.take(), self.joinable.take()) {
+            (Some(service), _) => self.run_shared(ctx, service).await,
+            (None, Some(joinable)) => self.run_backfill(ctx, joinable).await,
+            (None, None) => Err(EngineError::Internal(format!(
+                "kafka source `{}`: a reader runs once",
+                self.name
+            ))),
         }
     }
 }

@@ -35,7 +35,7 @@ mod sink;
 mod source;
 
 pub use sink::{KinesisSink, KinesisSinkConfig};
-pub use source::KinesisReader;
+pub use source::{KinesisReader, ReaderRole};
 
 use std::cmp::Ordering;
 use std::time::Duration;

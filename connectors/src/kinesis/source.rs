@@ -18,9 +18,19 @@ use tokio_util::sync::CancellationToken;
 
 use super::{KinesisConfig, KinesisStart, compare_sequence_numbers};
 use crate::formats::Decoder;
-use crate::kafka::ReaderRole;
 use crate::lake::RecordZone;
 use crate::split_clock::{SplitClock, advance_watermark, event_times};
+
+/// What a [`KinesisReader`] does with what it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReaderRole {
+    /// The source's own reader: archives values in the raw zone (with `raw_zone`) and sends
+    /// records that fail to decode to the errors zone, once for the source. Publishes nothing.
+    Archive,
+    /// A stream's reader: publishes the decoded rows and the watermark; skips bad records
+    /// (the archiving reader reports them).
+    Stream,
+}
 
 /// What one shard's reader hands over: a `GetRecords` answer.
 struct ShardBatch {
