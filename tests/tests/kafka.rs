@@ -631,3 +631,217 @@ async fn a_stream_created_while_the_source_runs_reads_from_the_start_then_joins_
     assert_eq!(source_events(&client, "ids").await, Some(6_300));
     server.shutdown().await;
 }
+
+/// The `id`s in a message's rows, if it carries rows.
+fn ids_of(msg: &sluice_engine::Message) -> Vec<i64> {
+    match msg {
+        sluice_engine::Message::Data(batch) => batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .expect("id is BIGINT")
+            .values()
+            .to_vec(),
+        _ => vec![],
+    }
+}
+
+/// The connector's parts directly, with a checkpoint coordinator on a local lake: a backfill
+/// reader checkpointed half way through the topic and then stopped (as in a crash) resumes
+/// from its checkpoint's position and joins the source's reader, which went on meanwhile;
+/// what it delivered before the checkpoint and after the restart is every record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
+    use std::sync::Arc;
+
+    use sluice_engine::checkpoint::{Coordinator, StreamRegistration};
+    use sluice_engine::{FanOut, Message, SourceContext};
+
+    let brokers = kafka_brokers();
+    let topic = format!("resume-{}", std::process::id());
+    // One partition: the backfill joins the source's reader part way through the log.
+    create_topic(&brokers, &topic, 1).await;
+    let producer = producer(&brokers);
+    let produce = |ids: std::ops::Range<i64>| {
+        let sends = ids.map(|id| {
+            let (producer, topic) = (producer.clone(), topic.clone());
+            async move {
+                let value = format!(r#"{{"id":{id}}}"#);
+                producer
+                    .send(
+                        FutureRecord::<(), str>::to(&topic)
+                            .partition(0)
+                            .payload(&value),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .expect("acknowledged");
+            }
+        });
+        futures::future::join_all(sends)
+    };
+    // (Not a multiple of the batch size: the two readers' batches do not line up.)
+    produce(0..2_005).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let lake = sluice_connectors::lake::Lake::open(dir.path().to_str().unwrap()).unwrap();
+    let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("id", arrow::datatypes::DataType::Int64, false),
+    ]));
+    let options = [
+        ("connector", "kafka"),
+        ("brokers", brokers.as_str()),
+        ("topic", topic.as_str()),
+        ("batch_size", "10"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let config = sluice_connectors::source_config(
+        sluice_engine::WithOptions::new("source `ids`", options),
+        &schema,
+    )
+    .unwrap();
+    let own = config
+        .archiver("ids", Arc::clone(&schema), &lake)
+        .expect("a kafka source has its own reader");
+    let backfill = own.backfill.expect("start = 'earliest' backfills");
+    let coordinator = Coordinator::open(Arc::new(lake.clone()), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let registration = |name: &str, writer: bool| StreamRegistration {
+        name: name.into(),
+        sql: format!("-- {name}"),
+        readers: vec!["ids".into()],
+        parallelism: 0,
+        writer,
+        interval: Duration::from_secs(3600),
+    };
+    let (bad, mut bad_rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move { while bad_rx.recv().await.is_some() {} });
+    let context = |output: FanOut, checkpoint| SourceContext {
+        output,
+        metrics: Arc::default(),
+        bad_records: bad.clone(),
+        cancel: tokio_util::sync::CancellationToken::new(),
+        watermark: None,
+        checkpoint,
+    };
+
+    // The source's reader reads everything so far (publishing to no one yet).
+    let mut source_ck = coordinator
+        .register(registration("source:ids", true))
+        .await
+        .unwrap();
+    let hub = FanOut::new("ids");
+    let shared_ctx = context(hub.clone(), source_ck.readers.remove("ids"));
+    let read = Arc::clone(&shared_ctx.metrics);
+    let shared = tokio::spawn(own.reader.run(shared_ctx));
+    wait_for("the source's reader", Duration::from_secs(30), || async {
+        (read.snapshot().rows_in == 2_005).then_some(())
+    })
+    .await;
+
+    // A stream starts: its backfill reader reads from the start. Its output is read slowly,
+    // so it is still backfilling when the checkpoint's barrier comes.
+    let mut stream_ck = coordinator
+        .register(registration("s", false))
+        .await
+        .unwrap();
+    let out = FanOut::new("s");
+    let mut rx = out.subscribe(4);
+    let ctx = context(out.clone(), stream_ck.readers.remove("ids"));
+    let cancel = ctx.cancel.clone();
+    let first = tokio::spawn(backfill.reader().run(ctx));
+    let mut before_barrier = vec![];
+    for _ in 0..3 {
+        before_barrier.extend(ids_of(&rx.recv().await.unwrap()));
+    }
+    coordinator.trigger();
+    let epoch = loop {
+        match rx.recv().await.unwrap() {
+            Message::Barrier(b) => break b.epoch,
+            m => before_barrier.extend(ids_of(&m)),
+        }
+    };
+    assert!(
+        before_barrier.len() < 1_000,
+        "the barrier came mid-backfill ({} rows before it)",
+        before_barrier.len()
+    );
+    coordinator.wait_for(epoch).await;
+    // A crash: the stream, the source's reader and the coordinator stop; what the stream
+    // delivered after the barrier is lost with it. Records keep arriving.
+    cancel.cancel();
+    drop(rx); // (a reader waiting for room in its output sees the stream gone)
+    first.await.unwrap().unwrap();
+    shared.abort();
+    let _ = shared.await;
+    drop(coordinator);
+    produce(2_005..3_000).await;
+
+    // The restart: the source's reader resumes from the checkpoint, and the stream's
+    // backfill from its own position there; it must deliver exactly what followed it.
+    let coordinator = Coordinator::open(Arc::new(lake.clone()), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let own = config
+        .archiver("ids", Arc::clone(&schema), &lake)
+        .expect("a kafka source has its own reader");
+    let backfill = own.backfill.expect("start = 'earliest' backfills");
+    let position = |ck: &sluice_engine::checkpoint::StreamCheckpoints| {
+        ck.restored
+            .as_ref()
+            .and_then(|r| r.positions.get("ids").cloned())
+            .expect("the checkpoint holds the reader's position")
+    };
+    let mut source_ck = coordinator
+        .register(registration("source:ids", true))
+        .await
+        .unwrap();
+    let mut shared_reader = own.reader;
+    shared_reader.restore(&position(&source_ck)).unwrap();
+    // Another stream reads the source slowly: the source's reader is still going through
+    // the new records when the backfill joins it, so the backfill stops part way through a
+    // batch of its own.
+    let hub = FanOut::new("ids");
+    let mut slow = hub.subscribe(1);
+    tokio::spawn(async move {
+        while slow.recv().await.is_some() {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    });
+    let shared = tokio::spawn(shared_reader.run(context(hub, source_ck.readers.remove("ids"))));
+    let mut stream_ck = coordinator
+        .register(registration("s", false))
+        .await
+        .unwrap();
+    let mut reader = backfill.reader();
+    reader.restore(&position(&stream_ck)).unwrap();
+    let out = FanOut::new("s");
+    let mut rx = out.subscribe(64);
+    let ctx = context(out, stream_ck.readers.remove("ids"));
+    let cancel = ctx.cancel.clone();
+    let second = tokio::spawn(reader.run(ctx));
+    let mut after = vec![];
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while before_barrier.len() + after.len() < 3_000 {
+            after.extend(ids_of(&rx.recv().await.expect("the reader goes on")));
+        }
+    })
+    .await
+    .expect("every record within a minute");
+    // Nothing more comes (no duplicate after the last one).
+    produce(3_000..3_001).await;
+    let next = loop {
+        let ids = ids_of(&rx.recv().await.unwrap());
+        if !ids.is_empty() {
+            break ids;
+        }
+    };
+    assert_eq!(next, vec![3_000]);
+    let mut every: Vec<i64> = before_barrier.into_iter().chain(after).collect();
+    every.sort_unstable();
+    assert_eq!(every, (0..3_000).collect::<Vec<_>>(), "every record once");
+    cancel.cancel();
+    second.await.unwrap().unwrap();
+    shared.abort();
+}
