@@ -17,7 +17,8 @@
 //! - `schema_registry` — with `avro`: the URL of a Confluent-compatible schema registry.
 //! - `start` — `earliest` (the default), `latest`, or `committed` (where the source's
 //!   consumer group `sluice-<source>` committed: Sluice commits the offsets the source has
-//!   archived once a checkpoint made them durable): where a stream starts reading.
+//!   read once a checkpoint made them durable): where the source's reader starts, and with
+//!   `earliest` where a stream created while the source runs starts too (see below).
 //! - `raw_zone` — `true` archives every record value as received under `raw/<source>/…`
 //!   before it is decoded (default `false`).
 //! - `batch_size` — records per batch at most (default 8192); a batch is also cut after

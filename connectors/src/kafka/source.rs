@@ -272,8 +272,8 @@ impl KafkaReader {
     }
 
     /// Assigns every partition of the topic, at `resume` (the start position for partitions
-    /// it does not name), their records forwarded
-    /// to one [`FetchQueue`]; returns it and the partitions.
+    /// it does not name), their records forwarded to one [`FetchQueue`]; returns it and the
+    /// partitions.
     async fn assign(
         &self,
         consumer: Arc<BaseConsumer<LagReporter>>,
