@@ -294,6 +294,7 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
             input: source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY),
             chain: chain(&plan.branches[0].ops)?,
             idle_timeout: None,
+            same_input_as: None,
         }],
         output: out.clone(),
         output_schema: Arc::clone(&plan.merge_schema),

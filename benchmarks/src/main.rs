@@ -378,6 +378,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
                 input: source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY),
                 chain: chain(&b.ops)?,
                 idle_timeout: None,
+                same_input_as: (!branches.is_empty()).then_some(0),
             });
         }
         let out = FanOut::new("out");

@@ -52,6 +52,12 @@ pub struct Branch {
     /// After how long without any message the merge stops holding the watermark back for
     /// this input (until it delivers again); `None`: it always waits for it.
     pub idle_timeout: Option<std::time::Duration>,
+    /// The first branch (by index) that reads the same messages as this one (the copies of a
+    /// `HOP` or `CUMULATE` window, a self-union), if this is not it. Such branches are read in
+    /// lockstep, a message of each in turn, so what is late does not depend on which copy the
+    /// scheduler happened to run ahead: a row meets the watermark that preceded it in its
+    /// input, as with one input.
+    pub same_input_as: Option<usize>,
 }
 
 /// A running stream: merges its branches into `output`.
@@ -448,6 +454,26 @@ async fn merge_subtasks(
     }
 }
 
+/// Marks in `skip` the branches that must wait for their turn: of the branches reading one
+/// input (same leader) that may be read now (not in `skip`: not ended, not held at a
+/// barrier), only the first with the fewest messages taken may take the next. (Copies that
+/// subscribed while the input was sending may be a message apart: the turn then passes over
+/// one held at a barrier rather than wait for it.)
+fn not_their_turn(leaders: &[usize], taken: &[u64], skip: &mut [bool]) {
+    let readable = skip.iter().map(|s| !*s).collect::<Vec<_>>();
+    for (i, leader) in leaders.iter().enumerate() {
+        if !readable[i] {
+            continue;
+        }
+        let turn = (0..leaders.len())
+            .filter(|j| leaders[*j] == *leader && readable[*j])
+            .min_by_key(|j| (taken[*j], *j));
+        if turn != Some(i) {
+            skip[i] = true;
+        }
+    }
+}
+
 /// Whether every input that has not ended delivered the barrier being aligned.
 fn aligned(blocked: &[bool], ended: &[bool]) -> bool {
     blocked.iter().zip(ended).all(|(b, e)| *b || *e)
@@ -464,6 +490,16 @@ impl Merge {
         let mut blocked = vec![false; n];
         let mut pending_barrier = None;
         let mut next_poll = 0usize;
+        // Messages taken from each branch, for reading copies of one input in lockstep.
+        let leaders: Vec<usize> = (0..n)
+            .map(|i| {
+                self.branches[i]
+                    .same_input_as
+                    .filter(|l| *l < i)
+                    .unwrap_or(i)
+            })
+            .collect();
+        let mut taken = vec![0u64; n];
         let cancel = self.cancel.clone();
         // Idle inputs: excluded from the watermark while they deliver nothing.
         let timeouts: Vec<Option<Duration>> =
@@ -479,7 +515,8 @@ impl Merge {
             tokio::time::interval(check_every.unwrap_or(Duration::from_secs(3600)));
         idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let skip = excluded(&ended, &blocked);
+            let mut skip = excluded(&ended, &blocked);
+            not_their_turn(&leaders, &taken, &mut skip);
             let received = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Ok(()),
@@ -518,6 +555,7 @@ impl Merge {
                     i + 1
                 )));
             };
+            taken[i] += 1;
             // Checkpoint barriers are not activity: a quiet input stays idle.
             if !matches!(msg, Message::Barrier(_)) {
                 last_seen[i] = Instant::now();
@@ -736,11 +774,13 @@ mod tests {
                     input: a.subscribe(8),
                     chain: OperatorChain::default(),
                     idle_timeout: None,
+                    same_input_as: None,
                 },
                 Branch {
                     input: b.subscribe(8),
                     chain: OperatorChain::default(),
                     idle_timeout: None,
+                    same_input_as: None,
                 },
             ],
             output: out.clone(),
@@ -798,6 +838,7 @@ mod tests {
                 input: input.subscribe(8),
                 chain: OperatorChain::default(),
                 idle_timeout: None,
+                same_input_as: None,
             }],
             output: out.clone(),
             output_schema: Arc::clone(&schema),
@@ -857,6 +898,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn copies_of_one_input_are_read_in_lockstep_whichever_arrives_first() {
+        // Two branches reading the same messages (here two hubs, so that one copy can be
+        // sent well before the other): the merge takes a message of each in turn.
+        let (a, b, out) = (FanOut::new("a"), FanOut::new("b"), FanOut::new("out"));
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let (bad_tx, _bad_rx) = mpsc::channel(4);
+        let copy = |input: &FanOut, same_input_as| Branch {
+            input: input.subscribe(8),
+            chain: OperatorChain::default(),
+            idle_timeout: None,
+            same_input_as,
+        };
+        let task = StreamTask {
+            name: "copies".into(),
+            branches: vec![copy(&a, None), copy(&b, Some(0))],
+            output: out.clone(),
+            output_schema: Arc::clone(&schema),
+            post: vec![OperatorChain::default()],
+            router: None,
+            event_time_column: None,
+            metrics: Arc::default(),
+            bad_records: bad_tx,
+            cancel: CancellationToken::new(),
+            checkpoints: vec![],
+        };
+        let mut rx = out.subscribe(64);
+        let handle = tokio::spawn(task.run());
+        for (hub, first) in [(&a, 10), (&b, 11)] {
+            hub.send(Message::Data(batch("x", vec![first]))).await;
+            hub.send(Message::Watermark(EventTime(100))).await;
+            hub.send(Message::Data(batch("x", vec![first + 10]))).await;
+            hub.send(Message::End).await;
+            // The first copy is all there before the second starts.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        handle.await.unwrap().unwrap();
+        let mut seen = vec![];
+        while let Some(m) = rx.recv().await {
+            match m {
+                Message::Data(d) => seen.push(
+                    d.column(0)
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .unwrap()
+                        .value(0)
+                        .to_string(),
+                ),
+                Message::Watermark(t) => seen.push(format!("wm {}", t.0)),
+                Message::End => break,
+                Message::Barrier(_) => unreachable!(),
+            }
+        }
+        // Not 10, 20, 11, 21: the second row of `a` waits for `b` to reach the watermark
+        // that preceded it.
+        assert_eq!(seen, ["10", "11", "wm 100", "20", "21"]);
+    }
+
+    #[tokio::test]
     async fn an_idle_input_stops_holding_the_watermark_back_until_it_delivers_again() {
         let a = FanOut::new("a");
         let b = FanOut::new("b");
@@ -867,6 +966,7 @@ mod tests {
             input: input.subscribe(8),
             chain: OperatorChain::default(),
             idle_timeout: idle,
+            same_input_as: None,
         };
         let task = StreamTask {
             name: "idle".into(),

@@ -475,6 +475,11 @@ pub async fn start_stream(
             input: subscription,
             chain,
             idle_timeout,
+            same_input_as: plan
+                .branches
+                .iter()
+                .position(|other| other.input == b.input)
+                .filter(|first| *first < branches.len()),
         });
     }
     let parallelism = plan.parallelism.max(1);

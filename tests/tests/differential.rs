@@ -211,10 +211,13 @@ fn stream_task(
         branches: plan
             .branches
             .iter()
-            .map(|b| Branch {
+            .enumerate()
+            .map(|(i, b)| Branch {
                 input: source.subscribe(16),
                 chain: chain(&b.ops),
                 idle_timeout: None,
+                // Every branch reads the one source.
+                same_input_as: (i > 0).then_some(0),
             })
             .collect(),
         output: output.clone(),
