@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use futures::FutureExt;
 use rdkafka::producer::FutureRecord;
 use sluice_tests::{
     consume_from_beginning, create_topic, files_with_ext, kafka_brokers, pg_connect, producer,
@@ -533,6 +534,32 @@ async fn archived_offsets_are_committed_and_start_committed_resumes_there() {
     server.shutdown().await;
 }
 
+/// Produces `{"id": n}` for each `n` of `ids`, to partition `n % partitions`, all in flight
+/// together (one at a time, each would wait for its acknowledgement).
+fn produce_ids(
+    producer: rdkafka::producer::FutureProducer,
+    topic: String,
+    ids: std::ops::Range<i64>,
+    partitions: i64,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let sends = ids.map(move |id| {
+        let (producer, topic) = (producer.clone(), topic.clone());
+        async move {
+            let value = format!(r#"{{"id":{id}}}"#);
+            producer
+                .send(
+                    FutureRecord::<(), str>::to(&topic)
+                        .partition((id % partitions) as i32)
+                        .payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("acknowledged");
+        }
+    });
+    futures::future::join_all(sends.collect::<Vec<_>>()).map(|_| ())
+}
+
 /// The rows the source read (`SHOW SOURCES`), if it is listed.
 async fn source_events(client: &tokio_postgres::Client, source: &str) -> Option<i64> {
     let shown = client.simple_query("SHOW SOURCES").await.unwrap();
@@ -550,29 +577,7 @@ async fn a_stream_created_while_the_source_runs_reads_from_the_start_then_joins_
     let topic = format!("late-{}", std::process::id());
     create_topic(&brokers, &topic, 3).await;
     let producer = producer(&brokers);
-    let produce = |ids: std::ops::Range<i64>| {
-        let producer = producer.clone();
-        let topic = topic.clone();
-        async move {
-            // In flight together: one at a time, each waits for its acknowledgement.
-            let sends = ids.map(|id| {
-                let (producer, topic) = (producer.clone(), topic.clone());
-                async move {
-                    let value = format!(r#"{{"id":{id}}}"#);
-                    producer
-                        .send(
-                            FutureRecord::<(), str>::to(&topic)
-                                .partition((id % 3) as i32)
-                                .payload(&value),
-                            Duration::from_secs(10),
-                        )
-                        .await
-                        .expect("acknowledged");
-                }
-            });
-            futures::future::join_all(sends).await;
-        }
-    };
+    let produce = |ids| produce_ids(producer.clone(), topic.clone(), ids, 3);
     produce(0..3_000).await;
     let lake = tempfile::tempdir().unwrap();
     let server = start_server(lake.path()).await;
@@ -662,24 +667,7 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
     // One partition: the backfill joins the source's reader part way through the log.
     create_topic(&brokers, &topic, 1).await;
     let producer = producer(&brokers);
-    let produce = |ids: std::ops::Range<i64>| {
-        let sends = ids.map(|id| {
-            let (producer, topic) = (producer.clone(), topic.clone());
-            async move {
-                let value = format!(r#"{{"id":{id}}}"#);
-                producer
-                    .send(
-                        FutureRecord::<(), str>::to(&topic)
-                            .partition(0)
-                            .payload(&value),
-                        Duration::from_secs(10),
-                    )
-                    .await
-                    .expect("acknowledged");
-            }
-        });
-        futures::future::join_all(sends)
-    };
+    let produce = |ids| produce_ids(producer.clone(), topic.clone(), ids, 1);
     // (Not a multiple of the batch size: the two readers' batches do not line up.)
     produce(0..2_005).await;
 
