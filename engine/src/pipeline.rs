@@ -755,6 +755,35 @@ mod tests {
 
     use super::*;
 
+    /// A task merging `branches` (no stateful chain) into `out`.
+    fn merging(name: &str, branches: Vec<Branch>, out: &FanOut, schema: SchemaRef) -> StreamTask {
+        let (bad_tx, mut bad_rx) = mpsc::channel(4);
+        tokio::spawn(async move { while bad_rx.recv().await.is_some() {} });
+        StreamTask {
+            name: name.into(),
+            branches,
+            output: out.clone(),
+            output_schema: schema,
+            post: vec![OperatorChain::default()],
+            router: None,
+            event_time_column: None,
+            metrics: Arc::default(),
+            bad_records: bad_tx,
+            cancel: CancellationToken::new(),
+            checkpoints: vec![],
+        }
+    }
+
+    /// A branch reading `input` as is.
+    fn branch(input: &FanOut) -> Branch {
+        Branch {
+            input: input.subscribe(8),
+            chain: OperatorChain::default(),
+            idle_timeout: None,
+            same_input_as: None,
+        }
+    }
+
     fn batch(name: &str, v: Vec<i64>) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![Field::new(name, DataType::Int64, false)]));
         RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(v))]).unwrap()
@@ -766,33 +795,7 @@ mod tests {
         let b = FanOut::new("b");
         let out = FanOut::new("out");
         let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
-        let (bad_tx, _bad_rx) = mpsc::channel(4);
-        let task = StreamTask {
-            name: "u".into(),
-            branches: vec![
-                Branch {
-                    input: a.subscribe(8),
-                    chain: OperatorChain::default(),
-                    idle_timeout: None,
-                    same_input_as: None,
-                },
-                Branch {
-                    input: b.subscribe(8),
-                    chain: OperatorChain::default(),
-                    idle_timeout: None,
-                    same_input_as: None,
-                },
-            ],
-            output: out.clone(),
-            output_schema: Arc::clone(&schema),
-            post: vec![OperatorChain::default()],
-            router: None,
-            event_time_column: None,
-            metrics: Arc::default(),
-            bad_records: bad_tx,
-            cancel: CancellationToken::new(),
-            checkpoints: vec![],
-        };
+        let task = merging("u", vec![branch(&a), branch(&b)], &out, Arc::clone(&schema));
         let mut rx = out.subscribe(64);
         let handle = tokio::spawn(task.run());
         a.send(Message::Data(batch("a", vec![1, 2]))).await;
@@ -903,26 +906,16 @@ mod tests {
         // sent well before the other): the merge takes a message of each in turn.
         let (a, b, out) = (FanOut::new("a"), FanOut::new("b"), FanOut::new("out"));
         let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
-        let (bad_tx, _bad_rx) = mpsc::channel(4);
         let copy = |input: &FanOut, same_input_as| Branch {
-            input: input.subscribe(8),
-            chain: OperatorChain::default(),
-            idle_timeout: None,
             same_input_as,
+            ..branch(input)
         };
-        let task = StreamTask {
-            name: "copies".into(),
-            branches: vec![copy(&a, None), copy(&b, Some(0))],
-            output: out.clone(),
-            output_schema: Arc::clone(&schema),
-            post: vec![OperatorChain::default()],
-            router: None,
-            event_time_column: None,
-            metrics: Arc::default(),
-            bad_records: bad_tx,
-            cancel: CancellationToken::new(),
-            checkpoints: vec![],
-        };
+        let task = merging(
+            "copies",
+            vec![copy(&a, None), copy(&b, Some(0))],
+            &out,
+            schema,
+        );
         let mut rx = out.subscribe(64);
         let handle = tokio::spawn(task.run());
         for (hub, first) in [(&a, 10), (&b, 11)] {
@@ -961,29 +954,19 @@ mod tests {
         let b = FanOut::new("b");
         let out = FanOut::new("out");
         let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
-        let (bad_tx, _bad_rx) = mpsc::channel(4);
-        let branch = |input: &FanOut, idle| Branch {
-            input: input.subscribe(8),
-            chain: OperatorChain::default(),
-            idle_timeout: idle,
-            same_input_as: None,
+        let quiet_after = |input: &FanOut, idle_timeout| Branch {
+            idle_timeout,
+            ..branch(input)
         };
-        let task = StreamTask {
-            name: "idle".into(),
-            branches: vec![
-                branch(&a, None),
-                branch(&b, Some(std::time::Duration::from_millis(50))),
+        let task = merging(
+            "idle",
+            vec![
+                quiet_after(&a, None),
+                quiet_after(&b, Some(std::time::Duration::from_millis(50))),
             ],
-            output: out.clone(),
-            output_schema: schema,
-            post: vec![OperatorChain::default()],
-            router: None,
-            event_time_column: None,
-            metrics: Arc::default(),
-            bad_records: bad_tx,
-            cancel: CancellationToken::new(),
-            checkpoints: vec![],
-        };
+            &out,
+            schema,
+        );
         let mut rx = out.subscribe(64);
         let handle = tokio::spawn(task.run());
         async fn next_wm(rx: &mut Subscription) -> Result<i64, tokio::time::error::Elapsed> {
