@@ -124,6 +124,9 @@ pub struct RunningStream {
     pub checkpointed: bool,
     /// How often it checkpoints (`None`: it does not).
     pub checkpoint_interval: Option<Duration>,
+    /// The counters of its backfill readers, by source: their partition lag is how far
+    /// behind the source's reader they are (empty once joined).
+    pub backfills: Vec<(String, Arc<Metrics>)>,
     done: Option<JoinHandle<()>>,
 }
 
@@ -441,6 +444,7 @@ pub async fn start_stream(
     // k copies of a HOP window), started once every branch has subscribed.
     let mut pending: std::collections::BTreeMap<String, PendingReader> = Default::default();
     let mut replayable = true;
+    let mut backfills = vec![];
     for b in &plan.branches {
         let Some(input) = input(&b.input) else {
             cancel.cancel();
@@ -459,9 +463,14 @@ pub async fn start_stream(
                 let reader = match pending.entry(b.input.clone()) {
                     std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::btree_map::Entry::Vacant(e) => {
-                        e.insert(PendingReader::of(lake, &input, &cancel)?.ok_or_else(|| {
-                            ServerError::Internal(format!("`{}` has no reader", b.input))
-                        })?)
+                        let reader =
+                            PendingReader::of(lake, &input, &cancel)?.ok_or_else(|| {
+                                ServerError::Internal(format!("`{}` has no reader", b.input))
+                            })?;
+                        if matches!(input, Input::CatchUp { .. }) {
+                            backfills.push((b.input.clone(), Arc::clone(&reader.ctx.metrics)));
+                        }
+                        e.insert(reader)
                     }
                 };
                 (
@@ -626,6 +635,7 @@ pub async fn start_stream(
         cancel,
         checkpointed,
         checkpoint_interval: interval.filter(|_| checkpointed),
+        backfills,
         done: Some(done),
     })
 }

@@ -157,6 +157,29 @@ fn checkpoints_text(interval: Option<Duration>, last: LastCheckpoint) -> String 
     }
 }
 
+/// A stream's inputs; one it is still catching up with says how far behind it is
+/// (`orders (catching up: 120000 behind)`).
+fn inputs_text(s: &RunningStream) -> String {
+    s.plan
+        .inputs
+        .iter()
+        .map(|input| {
+            let behind: Option<i64> = s
+                .backfills
+                .iter()
+                .filter(|(source, _)| source == input)
+                .map(|(_, m)| m.snapshot().partition_lag)
+                .find(|lag| !lag.is_empty())
+                .map(|lag| lag.iter().map(|(_, n)| n).sum());
+            match behind {
+                Some(n) => format!("{input} (catching up: {n} behind)"),
+                None => input.clone(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `SHOW STREAMS`; `last_checkpoint` is the server's (one epoch for all streams).
 pub fn streams<'a>(
     streams: impl Iterator<Item = &'a RunningStream>,
@@ -171,8 +194,7 @@ pub fn streams<'a>(
         let m = s.metrics.snapshot();
         cols.0.push(s.plan.name.clone());
         cols.1.push(get(&s.status).to_string());
-        cols.2
-            .push(s.plan.inputs.iter().cloned().collect::<Vec<_>>().join(", "));
+        cols.2.push(inputs_text(s));
         rin.push(m.rows_in);
         rout.push(m.rows_out);
         errors.push(m.bad_records);

@@ -634,6 +634,15 @@ async fn a_stream_created_while_the_source_runs_reads_from_the_start_then_joins_
     }
     // One reader decodes for both streams: the source counts each record once.
     assert_eq!(source_events(&client, "ids").await, Some(6_300));
+    // Joined: `SHOW STREAMS` no longer says it is catching up.
+    let shown = client.simple_query("SHOW STREAMS").await.unwrap();
+    let inputs = shown.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) if r.get("name") == Some("later") => {
+            r.get("inputs").map(str::to_string)
+        }
+        _ => None,
+    });
+    assert_eq!(inputs.as_deref(), Some("ids"));
     server.shutdown().await;
 }
 
@@ -738,11 +747,20 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
     let mut rx = out.subscribe(4);
     let ctx = context(out.clone(), stream_ck.readers.remove("ids"));
     let cancel = ctx.cancel.clone();
+    let progress = Arc::clone(&ctx.metrics);
     let first = tokio::spawn(backfill.reader().run(ctx));
     let mut before_barrier = vec![];
     for _ in 0..3 {
         before_barrier.extend(ids_of(&rx.recv().await.unwrap()));
     }
+    // How far behind it is (`SHOW STREAMS` says so).
+    let behind: i64 = progress
+        .snapshot()
+        .partition_lag
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    assert!(behind > 1_500, "{behind} behind the source's reader");
     coordinator.trigger();
     let epoch = loop {
         match rx.recv().await.unwrap() {
@@ -808,6 +826,7 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
     let mut rx = out.subscribe(64);
     let ctx = context(out, stream_ck.readers.remove("ids"));
     let cancel = ctx.cancel.clone();
+    let progress = Arc::clone(&ctx.metrics);
     let second = tokio::spawn(reader.run(ctx));
     let mut after = vec![];
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -826,6 +845,10 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
         }
     };
     assert_eq!(next, vec![3_000]);
+    assert!(
+        progress.snapshot().partition_lag.is_empty(),
+        "joined: no longer behind"
+    );
     let mut every: Vec<i64> = before_barrier.into_iter().chain(after).collect();
     every.sort_unstable();
     assert_eq!(every, (0..3_000).collect::<Vec<_>>(), "every record once");

@@ -133,6 +133,16 @@ impl Joinable {
         distance(mine, &lock(&self.position).next)
     }
 
+    /// Per partition the shared reader has read, how many records it has read that a reader
+    /// at `mine` has not.
+    pub(super) fn lag(&self, mine: &Offsets) -> Vec<(i32, i64)> {
+        lock(&self.position)
+            .next
+            .iter()
+            .map(|(p, o)| (*p, (o - mine.get(p).copied().unwrap_or(0)).max(0)))
+            .collect()
+    }
+
     /// Asks to join once the shared reader's position covers `at`; the answer comes on the
     /// returned channel. Fails if the shared reader is gone.
     pub(super) async fn join(

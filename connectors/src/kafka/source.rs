@@ -638,6 +638,8 @@ impl KafkaReader {
         // that long while this reader reads what lies between.
         let level = self.config.batch_size as i64;
         let mut fetching = None;
+        // How far behind it is, per partition, for `SHOW STREAMS`; nothing once joined.
+        ctx.metrics.set_partition_lag(joinable.lag(&mine));
         if joinable.behind(&mine) > level {
             tracing::info!(source = %self.name, behind = joinable.behind(&mine), "kafka: a stream catches up with the source");
             let mut f = self.start_fetching(&ctx, &mine).await?;
@@ -651,6 +653,7 @@ impl KafkaReader {
                     }
                     batch = f.next() => {
                         self.handle(&ctx, &mut f, batch?, &mut mine).await?;
+                        ctx.metrics.set_partition_lag(joinable.lag(&mine));
                         if joinable.behind(&mine) <= level {
                             break;
                         }
@@ -703,6 +706,7 @@ impl KafkaReader {
             }
         }
         drop(fetching); // its consumer and polling thread stop
+        ctx.metrics.set_partition_lag(vec![]);
         tracing::info!(source = %self.name, "kafka: a stream joined the source's reader");
         // A barrier the shared reader sent before the join is this reader's to send.
         if let Some(ck) = &mut checkpoint
