@@ -856,3 +856,69 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
     second.await.unwrap().unwrap();
     shared.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_created_while_a_kafka_source_runs_delivers_the_whole_topic_exactly_once() {
+    use futures::StreamExt;
+    use rdkafka::Message as _;
+
+    let brokers = kafka_brokers();
+    let (input, output) = (
+        format!("sink-in-{}", std::process::id()),
+        format!("sink-out-{}", std::process::id()),
+    );
+    create_topic(&brokers, &input, 2).await;
+    create_topic(&brokers, &output, 2).await;
+    let producer = producer(&brokers);
+    let produce = |ids| produce_ids(producer.clone(), input.clone(), ids, 2);
+    produce(0..300).await;
+    let lake = tempfile::tempdir().unwrap();
+    let server = start_server(lake.path()).await;
+    let client = pg_connect(server.pg_addr).await;
+    // The stream only makes checkpoints (which commit the sink's transactions) frequent.
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE ids (id BIGINT NOT NULL)
+             WITH (connector = 'kafka', brokers = '{brokers}', topic = '{input}', batch_size = '50');
+             CREATE STREAM ticks WITH (checkpoint_interval = '300 ms') AS SELECT id FROM ids"
+        ))
+        .await
+        .unwrap();
+    wait_for("the source's reader", Duration::from_secs(30), || async {
+        (source_events(&client, "ids").await == Some(300)).then_some(())
+    })
+    .await;
+    client
+        .batch_execute(&format!(
+            "CREATE SINK ids_out FROM ids
+             WITH (connector = 'kafka', brokers = '{brokers}', topic = '{output}', key = 'id', format = 'json')"
+        ))
+        .await
+        .unwrap();
+    let sinks = client.simple_query("SHOW SINKS").await.unwrap();
+    let delivery = sinks.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get("delivery").map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(delivery.as_deref(), Some("exactly_once"));
+    produce(300..400).await;
+
+    let consumer = consume_from_beginning(&brokers, &output, 2);
+    let mut stream = consumer.stream();
+    let mut ids = vec![];
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while ids.len() < 400 {
+            let m = stream.next().await.unwrap().unwrap();
+            let value: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            ids.push(value["id"].as_i64().unwrap());
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("400 records on the topic, got {}", ids.len()));
+    // A little longer: nothing is delivered twice.
+    let extra = tokio::time::timeout(Duration::from_secs(2), stream.next()).await;
+    assert!(extra.is_err(), "a record beyond the 400");
+    ids.sort_unstable();
+    assert_eq!(ids, (0..400).collect::<Vec<_>>(), "the whole topic, once");
+    server.shutdown().await;
+}
