@@ -29,10 +29,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use sluice_engine::checkpoint::ReaderCheckpoint;
-use sluice_engine::{DEFAULT_CHANNEL_CAPACITY, EngineError, FanOut, Message, SourceContext};
+use sluice_engine::{
+    DEFAULT_CHANNEL_CAPACITY, EngineError, FanOut, Message, SourceContext, Subscription,
+};
 use tokio::sync::{mpsc, oneshot};
-
-use tokio::sync::mpsc::Receiver;
 
 /// The next offset to read, per partition.
 pub(super) type Offsets = BTreeMap<i32, i64>;
@@ -68,7 +68,7 @@ pub(super) fn distance(behind: &Offsets, ahead: &Offsets) -> i64 {
 /// Where a stream joins the shared reader's hub.
 pub(super) struct Joined {
     /// The stream's subscription to the hub: rows from `offsets` on.
-    pub subscription: Receiver<Message>,
+    pub subscription: Subscription,
     /// The shared reader's position when the stream subscribed.
     pub offsets: Offsets,
     /// The epoch of the last barrier the shared reader sent before (0: none).
@@ -233,7 +233,7 @@ impl JoinService {
 pub(super) async fn relay(
     source: &str,
     joinable: &Joinable,
-    mut subscription: Receiver<Message>,
+    mut subscription: Subscription,
     ctx: &SourceContext,
     mut checkpoint: Option<ReaderCheckpoint>,
 ) -> sluice_engine::Result<()> {
