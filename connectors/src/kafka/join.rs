@@ -56,13 +56,13 @@ pub(super) fn covers(a: &Offsets, b: &Offsets) -> bool {
         .all(|(p, o)| a.get(p).is_some_and(|reached| reached >= o))
 }
 
-/// Records between position `behind` and position `ahead`, over the partitions `ahead`
-/// names (a partition `behind` has not read counts from offset 0).
-pub(super) fn distance(behind: &Offsets, ahead: &Offsets) -> i64 {
+/// Per partition `ahead` names, how many records position `behind` has still to read to
+/// reach it (a partition `behind` has not read counts from offset 0).
+pub(super) fn lag(behind: &Offsets, ahead: &Offsets) -> Vec<(i32, i64)> {
     ahead
         .iter()
-        .map(|(p, o)| (o - behind.get(p).copied().unwrap_or(0)).max(0))
-        .sum()
+        .map(|(p, o)| (*p, (o - behind.get(p).copied().unwrap_or(0)).max(0)))
+        .collect()
 }
 
 /// Where a stream joins the shared reader's hub.
@@ -128,19 +128,10 @@ fn lock(position: &Mutex<Position>) -> std::sync::MutexGuard<'_, Position> {
 }
 
 impl Joinable {
-    /// How many records the shared reader has read that a reader at `mine` has not.
-    pub(super) fn behind(&self, mine: &Offsets) -> i64 {
-        distance(mine, &lock(&self.position).next)
-    }
-
     /// Per partition the shared reader has read, how many records it has read that a reader
     /// at `mine` has not.
     pub(super) fn lag(&self, mine: &Offsets) -> Vec<(i32, i64)> {
-        lock(&self.position)
-            .next
-            .iter()
-            .map(|(p, o)| (*p, (o - mine.get(p).copied().unwrap_or(0)).max(0)))
-            .collect()
+        lag(mine, &lock(&self.position).next)
     }
 
     /// Asks to join once the shared reader's position covers `at`; the answer comes on the
@@ -287,11 +278,11 @@ mod tests {
     }
 
     #[test]
-    fn distance_counts_records_ahead_only() {
+    fn lag_counts_records_ahead_only() {
         let mine = offsets(&[(0, 10), (1, 50)]);
         let shared = offsets(&[(0, 25), (1, 40), (2, 7)]);
         // 15 in partition 0, none in 1 (ahead there), 7 in partition 2 (not read).
-        assert_eq!(distance(&mine, &shared), 22);
+        assert_eq!(lag(&mine, &shared), [(0, 15), (1, 0), (2, 7)]);
     }
 
     #[tokio::test]

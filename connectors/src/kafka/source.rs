@@ -638,10 +638,9 @@ impl KafkaReader {
         // that long while this reader reads what lies between.
         let level = self.config.batch_size as i64;
         let mut fetching = None;
-        // How far behind it is, per partition, for `SHOW STREAMS`; nothing once joined.
-        ctx.metrics.set_partition_lag(joinable.lag(&mine));
-        if joinable.behind(&mine) > level {
-            tracing::info!(source = %self.name, behind = joinable.behind(&mine), "kafka: a stream catches up with the source");
+        let behind = report_lag(&ctx, &joinable, &mine);
+        if behind > level {
+            tracing::info!(source = %self.name, behind, "kafka: a stream catches up with the source");
             let mut f = self.start_fetching(&ctx, &mine).await?;
             let mut idle_tick = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -653,14 +652,13 @@ impl KafkaReader {
                     }
                     batch = f.next() => {
                         self.handle(&ctx, &mut f, batch?, &mut mine).await?;
-                        ctx.metrics.set_partition_lag(joinable.lag(&mine));
-                        if joinable.behind(&mine) <= level {
+                        if report_lag(&ctx, &joinable, &mine) <= level {
                             break;
                         }
                     }
                     _ = idle_tick.tick() => {
                         advance_watermark(&ctx, &f.clock, &mut f.emitted).await;
-                        if joinable.behind(&mine) <= level {
+                        if report_lag(&ctx, &joinable, &mine) <= level {
                             break;
                         }
                     }
@@ -717,6 +715,15 @@ impl KafkaReader {
         }
         relay(&self.name, &joinable, subscription, &ctx, checkpoint).await
     }
+}
+
+/// Shows how far a backfill reader at `mine` is behind the shared reader (per partition, in
+/// its counters: `SHOW STREAMS` reads them; cleared once joined); returns the total.
+fn report_lag(ctx: &SourceContext, joinable: &Joinable, mine: &Offsets) -> i64 {
+    let lag = joinable.lag(mine);
+    let total = lag.iter().map(|(_, n)| n).sum();
+    ctx.metrics.set_partition_lag(lag);
+    total
 }
 
 /// Sends a backfill reader's barrier of `epoch`, at its position `mine`.
