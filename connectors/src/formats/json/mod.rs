@@ -1,6 +1,8 @@
-//! JSON records decoded into Arrow batches with arrow-json's decoder.
+//! JSON records decoded into Arrow batches.
 //!
-//! The whole input is decoded in one pass (the fast path). Only when that fails is each
+//! Three paths, fastest first. Flat objects of scalar columns, the common case, are decoded
+//! by [`flat`] in one pass over each record. An input it is not sure of (see its docs) is
+//! decoded whole by arrow-json's decoder, which sets the rules. Only when that fails is each
 //! record decoded on its own, to tell the good records from the bad ones and say why each
 //! bad one failed; the good ones are then decoded together again.
 //!
@@ -13,6 +15,12 @@ use arrow::json::ReaderBuilder;
 use arrow::record_batch::RecordBatch;
 
 use crate::error::Result;
+
+mod flat;
+
+/// After the fast path turned down an input, this many inputs go straight to arrow-json
+/// before it is tried again (so that a source whose records it never takes loses little).
+const FAST_PATH_BACKOFF: u32 = 8;
 
 /// A record that failed to decode.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +44,11 @@ pub struct Decoded {
 #[derive(Debug)]
 pub struct JsonDecoder {
     schema: SchemaRef,
+    /// The fast path, if the schema's columns allow it (boxed: it is large, and the
+    /// decoder is moved around inside other enums).
+    flat: Option<Box<flat::FlatDecoder>>,
+    /// Inputs left to send straight to arrow-json (see [`FAST_PATH_BACKOFF`]).
+    flat_backoff: std::sync::atomic::AtomicU32,
     /// arrow-json's decoder of the last whole input that decoded cleanly, kept so that its
     /// buffers keep their capacity; taken by one call at a time (a concurrent call builds
     /// its own).
@@ -64,13 +77,21 @@ impl JsonDecoder {
     /// A decoder producing `schema`.
     pub fn new(schema: SchemaRef) -> Self {
         Self {
+            flat: flat::FlatDecoder::new(&schema).map(Box::new),
+            flat_backoff: std::sync::atomic::AtomicU32::new(0),
             schema,
             reused: std::sync::Mutex::new(None),
         }
     }
 
-    /// Decodes `records` (each one JSON object, without a trailing newline).
+    /// Decodes `records` (each one JSON object).
     pub fn decode(&self, records: &[&[u8]]) -> Result<Decoded> {
+        if let Some(batch) = self.decode_flat(records) {
+            return Ok(Decoded {
+                batch,
+                errors: vec![],
+            });
+        }
         match self.decode_whole(records) {
             Ok(batch) => Ok(Decoded {
                 batch,
@@ -93,6 +114,22 @@ impl JsonDecoder {
                 Ok(Decoded { batch, errors })
             }
         }
+    }
+
+    /// The fast path's batch, unless it is off or turned `records` down.
+    fn decode_flat(&self, records: &[&[u8]]) -> Option<RecordBatch> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let flat = self.flat.as_ref()?;
+        let backoff = self.flat_backoff.load(Relaxed);
+        if backoff > 0 {
+            self.flat_backoff.store(backoff - 1, Relaxed);
+            return None;
+        }
+        let batch = flat.decode(records);
+        if batch.is_none() {
+            self.flat_backoff.store(FAST_PATH_BACKOFF, Relaxed);
+        }
+        batch
     }
 
     /// [`Self::decode_all`] with the kept arrow-json decoder (or a new one, kept when
@@ -133,7 +170,10 @@ impl JsonDecoder {
         records: &[&[u8]],
     ) -> Result<RecordBatch, String> {
         for r in records {
-            if !r.trim_ascii_start().starts_with(b"{") {
+            // Whitespace around the value is no part of it (arrow-json would leave what
+            // follows the last row of a batch unread).
+            let r = trim_json_whitespace(r);
+            if !r.starts_with(b"{") {
                 return Err("not a JSON object".to_string());
             }
             let n = decoder.decode(r).map_err(|e| explain(&e.to_string()))?;
@@ -153,6 +193,14 @@ impl JsonDecoder {
         }
         Ok(batch)
     }
+}
+
+/// `record` without the JSON whitespace (space, tab, CR, LF) at its ends.
+fn trim_json_whitespace(record: &[u8]) -> &[u8] {
+    let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+    let start = record.iter().position(|b| !ws(b)).unwrap_or(record.len());
+    let end = record.iter().rposition(|b| !ws(b)).map_or(start, |i| i + 1);
+    &record[start..end]
 }
 
 /// Rewords arrow-json's messages where they would puzzle a user.
