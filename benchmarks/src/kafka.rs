@@ -16,7 +16,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use sluice_connectors::SourceConfig;
-use sluice_connectors::kafka::{KafkaConfig, KafkaReader, StartPosition};
+use sluice_connectors::kafka::{FetchClient, KafkaConfig, KafkaReader, StartPosition};
 use sluice_connectors::lake::{Lake, LakeWriterConfig, ParquetLakeWriter, RecordZone, Zone};
 use sluice_engine::SourceReader as _;
 use sluice_engine::pipeline::{Branch, StreamTask};
@@ -197,6 +197,12 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        // `SLUICE_BENCH_KAFKA_FETCHER=librdkafka` measures the source fetching with librdkafka.
+        fetcher: match std::env::var("SLUICE_BENCH_KAFKA_FETCHER").as_deref() {
+            Ok("librdkafka") => FetchClient::Librdkafka,
+            Ok("builtin") => FetchClient::Builtin,
+            _ => FetchClient::Auto,
+        },
     };
     let SluiceStatement::CreateStream(stream) = parse_sql(TUMBLE)?.remove(0) else {
         anyhow::bail!("not a CREATE STREAM")

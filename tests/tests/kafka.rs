@@ -922,3 +922,132 @@ async fn a_sink_created_while_a_kafka_source_runs_delivers_the_whole_topic_exact
     assert_eq!(ids, (0..400).collect::<Vec<_>>(), "the whole topic, once");
     server.shutdown().await;
 }
+
+/// Every compression codec a producer may use (none, gzip, snappy, lz4, zstd) reads back
+/// record for record: value, key, headers, partition and offset, with the source's own fetch
+/// client and with librdkafka's. Records are produced all in flight together so that each
+/// record batch holds many of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_every_compression_codec_read_back_with_their_metadata() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let brokers = kafka_brokers();
+    let topic = format!("codecs-{}", std::process::id());
+    create_topic(&brokers, &topic, 2).await;
+    const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
+    const PER_CODEC: i64 = 400;
+    for (c, codec) in CODECS.iter().enumerate() {
+        let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("acks", "all")
+            .set("compression.type", *codec)
+            .set("linger.ms", "20")
+            .create()
+            .expect("a producer");
+        let sends = (0..PER_CODEC).map(|i| {
+            let id = c as i64 * PER_CODEC + i;
+            let (producer, topic) = (producer.clone(), topic.clone());
+            async move {
+                // Repetitive text so that compression has something to do.
+                let value = format!(
+                    r#"{{"id":{id},"codec":"{codec}","note":"{}"}}"#,
+                    "abc".repeat(id as usize % 50)
+                );
+                let key = format!("k{id}");
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: "codec",
+                    value: Some(*codec),
+                });
+                producer
+                    .send(
+                        FutureRecord::to(&topic)
+                            .partition((id % 2) as i32)
+                            .key(&key)
+                            .payload(&value)
+                            .headers(headers),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .expect("acknowledged");
+            }
+        });
+        futures::future::join_all(sends.collect::<Vec<_>>()).await;
+    }
+    let total = CODECS.len() as i64 * PER_CODEC;
+
+    let lake = tempfile::tempdir().unwrap();
+    let server = start_server(lake.path()).await;
+    let client = pg_connect(server.pg_addr).await;
+    // Once with the source's own fetch client, once with librdkafka's.
+    for fetcher in ["builtin", "librdkafka"] {
+        client
+            .batch_execute(&format!(
+                "CREATE SOURCE records_{fetcher} (id BIGINT NOT NULL, codec TEXT NOT NULL, note TEXT NOT NULL,
+                                        _kafka_key TEXT, _kafka_partition INT, _kafka_offset BIGINT,
+                                        _kafka_headers TEXT)
+                 WITH (connector = 'kafka', brokers = '{brokers}', topic = '{topic}', format = 'json',
+                       fetcher = '{fetcher}');
+                 CREATE STREAM all_{fetcher} WITH (rollover_interval = '100 ms') AS
+                   SELECT * FROM records_{fetcher}"
+            ))
+            .await
+            .unwrap();
+    }
+    for fetcher in ["builtin", "librdkafka"] {
+        let all = format!("all_{fetcher}");
+        wait_for(
+            &format!("every record ({fetcher})"),
+            Duration::from_secs(60),
+            || async {
+                (scalar(&client, &format!("SELECT count(*) FROM {all}")).await == total)
+                    .then_some(())
+            },
+        )
+        .await;
+        // Each record once, with the key, header, note and partition it was produced with.
+        let wrong = format!(
+            "SELECT count(*) FROM {all}
+             WHERE _kafka_key <> 'k' || CAST(id AS TEXT)
+                OR _kafka_headers <> '{{\"codec\":\"' || codec || '\"}}'
+                OR codec <> (ARRAY['none', 'gzip', 'snappy', 'lz4', 'zstd'])[id / {PER_CODEC} + 1]
+                OR note <> repeat('abc', CAST(id % 50 AS INT))
+                OR _kafka_partition <> id % 2"
+        );
+        assert_eq!(scalar(&client, &wrong).await, 0, "{fetcher}");
+        assert_eq!(
+            scalar(&client, &format!("SELECT count(DISTINCT id) FROM {all}")).await,
+            total,
+            "{fetcher}"
+        );
+        // Offsets 0, 1, 2, … in each partition, none skipped or repeated.
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT _kafka_partition, count(DISTINCT _kafka_offset), min(_kafka_offset),
+                            max(_kafka_offset)
+                     FROM {all} GROUP BY _kafka_partition ORDER BY _kafka_partition"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        let got: Vec<(i32, i64, i64, i64)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        let half = total / 2;
+        assert_eq!(
+            got,
+            [(0, half, 0, half - 1), (1, half, 0, half - 1)],
+            "{fetcher}"
+        );
+        assert!(
+            files_with_ext(
+                &lake.path().join(format!("errors/records_{fetcher}")),
+                "jsonl"
+            )
+            .is_empty(),
+            "no record fails to decode ({fetcher})"
+        );
+    }
+    server.shutdown().await;
+}

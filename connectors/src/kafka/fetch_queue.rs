@@ -10,8 +10,10 @@
 //! The consumer's own queue still carries its events (statistics, commit results, errors):
 //! the caller keeps calling `BaseConsumer::poll` on it, which returns no records.
 //!
-//! This is the workspace's only use of librdkafka's C API (`unsafe_code` is denied
-//! everywhere else); every `unsafe` block is here, each with why it holds.
+//! Only sources that fetch with librdkafka use it (TLS, SASL, or `fetcher = 'librdkafka'`;
+//! the others fetch with [`super::fetcher`]). This is the workspace's only use of
+//! librdkafka's C API (`unsafe_code` is denied everywhere else but for one ASCII check in
+//! the JSON fast path); every `unsafe` block is here, each with why it holds.
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString};

@@ -24,6 +24,11 @@
 //! - `batch_size` — records per batch at most (default 8192); a batch is also cut after
 //!   `linger` (default `50 ms`) so a quiet topic still flows.
 //! - `properties.<name>` — passed to librdkafka as is (e.g. `properties.security.protocol`).
+//! - `fetcher` — which client fetches the records: `builtin` (the source's own Fetch API
+//!   client, see `fetcher/`: a record costs a few varints and one copy), `librdkafka`, or
+//!   `auto` (the default: `builtin` unless the properties ask for TLS or SASL, which only
+//!   librdkafka speaks). librdkafka does the rest either way: metadata, start offsets,
+//!   the consumer group's commits, the sink.
 //!
 //! Record metadata becomes columns when the source declares them by these names (any type
 //! the value casts to): `_kafka_key` (text; NULL without a key), `_kafka_partition`,
@@ -51,6 +56,7 @@
 
 mod exactly_once;
 mod fetch_queue;
+mod fetcher;
 mod join;
 mod sink;
 mod source;
@@ -100,6 +106,20 @@ pub struct KafkaConfig {
     pub linger: Duration,
     /// Extra librdkafka properties.
     pub properties: Vec<(String, String)>,
+    /// Which client fetches the records.
+    pub fetcher: FetchClient,
+}
+
+/// Which client fetches a source's records (the `fetcher` option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchClient {
+    /// The source's own fetch client where it speaks what the cluster needs (plaintext),
+    /// librdkafka otherwise.
+    Auto,
+    /// The source's own fetch client; only for plaintext connections.
+    Builtin,
+    /// librdkafka's consumer.
+    Librdkafka,
 }
 
 /// The metadata columns a kafka source may declare, and the type each is made as.
@@ -175,6 +195,26 @@ impl KafkaConfig {
             .take_duration("linger")?
             .unwrap_or(Duration::from_millis(50));
         let properties = opts.take_prefixed("properties.");
+        let fetcher = match opts.take_str("fetcher") {
+            None => FetchClient::Auto,
+            Some(s) => match s.to_ascii_lowercase().as_str() {
+                "auto" => FetchClient::Auto,
+                "builtin" => FetchClient::Builtin,
+                "librdkafka" => FetchClient::Librdkafka,
+                _ => {
+                    return Err(opts
+                        .bad("fetcher", &s, "'auto', 'builtin' or 'librdkafka'")
+                        .into());
+                }
+            },
+        };
+        if fetcher == FetchClient::Builtin && !fetcher::speaks(&properties) {
+            return Err(ConnectorError::InvalidConfig(format!(
+                "{}: fetcher = 'builtin' speaks plaintext only, but the source's properties ask \
+                 for TLS or SASL: leave `fetcher` out or set it to 'librdkafka'",
+                opts.owner()
+            )));
+        }
         Ok(Self {
             brokers,
             topic,
@@ -184,6 +224,7 @@ impl KafkaConfig {
             batch_size,
             linger,
             properties,
+            fetcher,
         })
     }
 }

@@ -24,7 +24,7 @@ use super::fetch_queue::{FetchQueue, Fetched};
 use super::join::{
     JoinService, Joinable, Joined, Offsets, covers, gone, join_channel, position_json, relay,
 };
-use super::{KafkaConfig, StartPosition};
+use super::{FetchClient, KafkaConfig, StartPosition};
 use crate::formats::Decoder;
 use crate::lake::RecordZone;
 use crate::split_clock::{SplitClock, advance_watermark, event_times};
@@ -54,7 +54,7 @@ struct HeaderAt {
 /// record). Batches are recycled: the reader hands an emptied one back to the poller, so
 /// the buffers keep their capacity.
 #[derive(Default)]
-struct Records {
+pub(super) struct Records {
     records: Vec<Record>,
     values: Vec<u8>,
     headers: Vec<HeaderAt>,
@@ -63,7 +63,7 @@ struct Records {
 }
 
 impl Records {
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.records.len()
     }
 
@@ -118,7 +118,7 @@ impl Records {
 /// The consumer's context: turns librdkafka's statistics into the source's per-partition lag
 /// (fetch side: the partition's high watermark as last fetched minus the reader's position),
 /// when it is the source's own reader.
-struct LagReporter {
+pub(super) struct LagReporter {
     topic: String,
     metrics: Option<Arc<sluice_engine::Metrics>>,
 }
@@ -234,16 +234,30 @@ impl KafkaReader {
         self.role == Role::Shared
     }
 
+    /// Whether the source's own fetch client reads the topic (else librdkafka does).
+    fn fetches_itself(&self) -> bool {
+        match self.config.fetcher {
+            FetchClient::Auto => super::fetcher::speaks(&self.config.properties),
+            FetchClient::Builtin => true,
+            FetchClient::Librdkafka => false,
+        }
+    }
+
     fn consumer(
         &self,
         metrics: &Arc<sluice_engine::Metrics>,
     ) -> sluice_engine::Result<BaseConsumer<LagReporter>> {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.config.brokers)
-            // Statistics only where lag is reported: they cost per-message bookkeeping.
+            // Statistics only where lag is reported from them (librdkafka fetching for the
+            // shared reader): they cost per-message bookkeeping.
             .set(
                 "statistics.interval.ms",
-                if self.is_shared() { "1000" } else { "0" },
+                if self.is_shared() && !self.fetches_itself() {
+                    "1000"
+                } else {
+                    "0"
+                },
             )
             // Partitions are assigned, not balanced by a group; the id is only required.
             .set("group.id", format!("sluice-{}", self.name))
@@ -288,21 +302,13 @@ impl KafkaReader {
         let name = self.name.clone();
         tokio::task::spawn_blocking(move || {
             let context = || format!("kafka source `{name}`: topic `{topic}`");
-            let metadata = consumer
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .map_err(|e| EngineError::external(context(), e))?;
-            let partitions: Vec<i32> = metadata
-                .topics()
-                .iter()
-                .filter(|t| t.name() == topic && t.error().is_none())
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .collect();
-            if partitions.is_empty() {
-                return Err(EngineError::InvalidOption(format!(
+            let partitions = topic_partitions(&consumer, &topic).map_err(|e| match e {
+                Some(e) => EngineError::external(context(), e),
+                None => EngineError::InvalidOption(format!(
                     "{}: the topic does not exist or has no partitions",
                     context()
-                )));
-            }
+                )),
+            })?;
             let mut tpl = TopicPartitionList::new();
             for p in &partitions {
                 let at = resume.get(p).map_or(start, |o| Offset::Offset(*o));
@@ -506,6 +512,51 @@ impl KafkaReader {
         }
     }
 
+    /// The source's own fetch client for every partition of the topic, at `from` (the
+    /// start position for partitions it does not name).
+    async fn fetcher(
+        &self,
+        ctx: &SourceContext,
+        consumer: Arc<BaseConsumer<LagReporter>>,
+        from: &Offsets,
+    ) -> sluice_engine::Result<super::fetcher::Fetcher> {
+        let read_committed = !self.config.properties.iter().any(|(k, v)| {
+            k.eq_ignore_ascii_case("isolation.level") && v.eq_ignore_ascii_case("read_uncommitted")
+        });
+        let mut fetcher = super::fetcher::Fetcher {
+            name: self.name.clone(),
+            topic: self.config.topic.clone(),
+            consumer,
+            start: self.config.start,
+            isolation: i8::from(read_committed),
+            batch_size: self.config.batch_size,
+            linger: self.config.linger,
+            wants: self.wants,
+            lag: self.is_shared().then(|| Arc::clone(&ctx.metrics)),
+            positions: BTreeMap::new(),
+        };
+        let from = from.clone();
+        let name = self.name.clone();
+        tokio::task::spawn_blocking(move || {
+            let topic = fetcher.topic.clone();
+            let context = || format!("kafka source `{name}`: topic `{topic}`");
+            let partitions = topic_partitions(&fetcher.consumer, &topic).map_err(|e| match e {
+                Some(e) => EngineError::external(context(), e),
+                None => EngineError::InvalidOption(format!(
+                    "{}: the topic does not exist or has no partitions",
+                    context()
+                )),
+            })?;
+            fetcher
+                .resolve_positions(&partitions, &from)
+                .map_err(|e| EngineError::external(context(), e))?;
+            tracing::info!(source = %name, topic = %topic, partitions = partitions.len(), "kafka: fetching");
+            Ok(fetcher)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("kafka assignment task: {e}")))?
+    }
+
     /// Starts fetching from `from` (the start position for partitions it does not name).
     async fn start_fetching(
         &self,
@@ -513,7 +564,27 @@ impl KafkaReader {
         from: &Offsets,
     ) -> sluice_engine::Result<Fetching> {
         let consumer = Arc::new(self.consumer(&ctx.metrics)?);
-        let (queue, partitions) = self.assign(Arc::clone(&consumer), from.clone()).await?;
+        // The fetching runs on a thread of its own, which hands over whole batches: no
+        // per-record wake-ups or timers on the async side. Handled batches go back to it.
+        let (tx, batches) = tokio::sync::mpsc::channel(2);
+        let (recycle, spares) = std::sync::mpsc::sync_channel(2);
+        let partitions = if self.fetches_itself() {
+            let fetcher = self.fetcher(ctx, Arc::clone(&consumer), from).await?;
+            let partitions = fetcher.positions.keys().copied().collect();
+            tokio::task::spawn_blocking(move || fetcher.run(tx, spares));
+            partitions
+        } else {
+            let (queue, partitions) = self.assign(Arc::clone(&consumer), from.clone()).await?;
+            let poller = Poller {
+                name: self.name.clone(),
+                queue,
+                batch_size: self.config.batch_size,
+                linger: self.config.linger,
+                wants: self.wants,
+            };
+            tokio::task::spawn_blocking(move || poller.run(tx, spares));
+            partitions
+        };
         let decoder = Decoder::new(&self.config.format, self.value_schema())?;
         // Every partition holds the watermark back until it delivers (or, with the source's
         // `idle_timeout`, until it has been quiet that long).
@@ -521,18 +592,6 @@ impl KafkaReader {
         for p in partitions {
             clock.add(p);
         }
-        // librdkafka is polled on a thread of its own, which hands over whole batches: no
-        // per-record wake-ups or timers on the async side. Handled batches go back to it.
-        let (tx, batches) = tokio::sync::mpsc::channel(2);
-        let (recycle, spares) = std::sync::mpsc::sync_channel(2);
-        let poller = Poller {
-            name: self.name.clone(),
-            queue,
-            batch_size: self.config.batch_size,
-            linger: self.config.linger,
-            wants: self.wants,
-        };
-        tokio::task::spawn_blocking(move || poller.run(tx, spares));
         Ok(Fetching {
             consumer,
             batches,
@@ -807,6 +866,26 @@ impl SourceReader for KafkaReader {
     }
 }
 
+/// The partitions of `topic`; `Err(None)` when it has none (or does not exist).
+fn topic_partitions(
+    consumer: &BaseConsumer<LagReporter>,
+    topic: &str,
+) -> Result<Vec<i32>, Option<KafkaError>> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(Some)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(None);
+    }
+    Ok(partitions)
+}
+
 /// The epoch of the next committed checkpoint; never, without checkpoints.
 async fn checkpoint_committed(committed: &mut Option<tokio::sync::watch::Receiver<u64>>) -> u64 {
     match committed {
@@ -828,7 +907,7 @@ struct Poller {
     wants: Wants,
 }
 
-type Polled = sluice_engine::Result<Records>;
+pub(super) type Polled = sluice_engine::Result<Records>;
 
 impl Poller {
     fn error(&self, e: KafkaError) -> EngineError {
@@ -880,7 +959,9 @@ impl Poller {
             let mut failed = None;
             let wants = self.wants;
             let mut take = |fetched: Result<Fetched<'_>, KafkaError>| match fetched {
-                Ok(m) => append(&mut batch, &m, wants),
+                Ok(m) => {
+                    let Ok(()) = append(&mut batch, &m, wants);
+                }
                 Err(e) => {
                     failed.get_or_insert(e);
                 }
@@ -913,14 +994,57 @@ impl Poller {
 /// Which metadata of a record the source declares as columns (`_kafka_key`, …) and so is
 /// copied out with its value; none for the source's own reader.
 #[derive(Debug, Clone, Copy, Default)]
-struct Wants {
+pub(super) struct Wants {
     key: bool,
     headers: bool,
     timestamp: bool,
 }
 
+/// A record as a fetch path hands it over: librdkafka's ([`Fetched`]) or the source's own
+/// fetch client's.
+pub(super) trait FetchedRecord {
+    /// What reading its headers can fail with.
+    type Error;
+    fn partition(&self) -> i32;
+    fn offset(&self) -> i64;
+    /// Its value; `None` for a tombstone.
+    fn payload(&self) -> Option<&[u8]>;
+    fn key(&self) -> Option<&[u8]>;
+    /// Its timestamp, ms since the epoch.
+    fn timestamp(&self) -> Option<i64>;
+    /// Calls `each` with every header: its name and value (`None` for a null value).
+    fn headers(&self, each: impl FnMut(&str, Option<&[u8]>)) -> Result<(), Self::Error>;
+}
+
+impl FetchedRecord for Fetched<'_> {
+    type Error = std::convert::Infallible;
+    fn partition(&self) -> i32 {
+        Fetched::partition(self)
+    }
+    fn offset(&self) -> i64 {
+        Fetched::offset(self)
+    }
+    fn payload(&self) -> Option<&[u8]> {
+        Fetched::payload(self)
+    }
+    fn key(&self) -> Option<&[u8]> {
+        Fetched::key(self)
+    }
+    fn timestamp(&self) -> Option<i64> {
+        Fetched::timestamp(self)
+    }
+    fn headers(&self, each: impl FnMut(&str, Option<&[u8]>)) -> Result<(), Self::Error> {
+        Fetched::headers(self, each);
+        Ok(())
+    }
+}
+
 /// Copies fetched record `m` into `batch`; its key, headers and timestamp only when asked.
-fn append(batch: &mut Records, m: &Fetched<'_>, wants: Wants) {
+pub(super) fn append<R: FetchedRecord>(
+    batch: &mut Records,
+    m: &R,
+    wants: Wants,
+) -> Result<(), R::Error> {
     let mut copy = |bytes: &[u8]| {
         let start = batch.values.len();
         batch.values.extend_from_slice(bytes);
@@ -940,7 +1064,7 @@ fn append(batch: &mut Records, m: &Fetched<'_>, wants: Wants) {
                 key: key.to_string(),
                 value,
             });
-        });
+        })?;
     }
     let (partition, offset) = (m.partition(), m.offset());
     batch.note_offset(partition, offset);
@@ -952,6 +1076,7 @@ fn append(batch: &mut Records, m: &Fetched<'_>, wants: Wants) {
         timestamp: if wants.timestamp { m.timestamp() } else { None },
         headers: first_header..batch.headers.len(),
     });
+    Ok(())
 }
 
 /// The headers of the `good` records as a `_kafka_headers` column: one JSON object each.
