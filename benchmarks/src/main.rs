@@ -51,8 +51,9 @@ struct Args {
     parallelism: usize,
     /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop,
     /// dedup, kafka (needs a broker: `eval "$(scripts/services.sh start)"`; the source's one
-    /// reader and a stream, as `sluice serve` runs them) and json (the kafka pipeline's bids
-    /// through its JSON decoder alone, no broker). Append
+    /// reader and a stream, as `sluice serve` runs them), json (the kafka pipeline's bids
+    /// through its JSON decoder alone, no broker) and arrow-json (the same bids through
+    /// arrow-json's decoder: the reference the JSON target is set against). Append
     /// `+ckpt` to lake, tumble, hop, dedup or kafka to run it with checkpoints every
     /// `--checkpoint-interval` (compare with the same pipeline without, in one run).
     #[arg(long, default_value = "source,discard,lake,bids,tumble,hop")]
@@ -595,9 +596,10 @@ fn main() -> anyhow::Result<()> {
             "dedup" => "dedup",
             "kafka" => "kafka",
             "json" => "json",
+            "arrow-json" => "arrow-json",
             other => {
                 anyhow::bail!(
-                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, dedup, kafka, json)"
+                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, dedup, kafka, json, arrow-json)"
                 )
             }
         };
@@ -605,6 +607,8 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(kafka::run(&args, checkpoint))?
         } else if kind == "json" {
             rt.block_on(kafka::decode_only(&args))?
+        } else if kind == "arrow-json" {
+            rt.block_on(kafka::arrow_json_only(&args))?
         } else {
             rt.block_on(run(kind, &args, checkpoint))?
         };

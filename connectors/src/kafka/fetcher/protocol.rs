@@ -275,7 +275,8 @@ fn batch(b: &[u8]) -> Result<(BatchHeader, &[u8]), ProtocolError> {
 }
 
 /// Calls `each` with every record of a batch, decompressing its `data` into `scratch` first
-/// when it is compressed.
+/// when it is compressed (`scratch` keeps its length between batches: only its first bytes,
+/// as many as this batch decompressed to, are this batch's).
 pub(crate) fn records<'s>(
     header: &BatchHeader,
     data: &'s [u8],
@@ -285,8 +286,8 @@ pub(crate) fn records<'s>(
     let data: &[u8] = match header.codec() {
         0 => data,
         codec => {
-            decompress(codec, data, scratch)?;
-            scratch
+            let n = decompress(codec, data, scratch)?;
+            &scratch[..n]
         }
     };
     let mut r = Varints { b: data, i: 0 };
@@ -372,10 +373,18 @@ impl<'a> Varints<'a> {
     }
 }
 
-/// Decompresses a batch's records with `codec` (1 gzip, 2 snappy, 3 lz4, 4 zstd).
-fn decompress(codec: i16, data: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
-    out.clear();
+/// Decompresses a batch's records with `codec` (1 gzip, 2 snappy, 3 lz4, 4 zstd) into the
+/// start of `out`, returning how many bytes they take. `out` may be longer than that.
+fn decompress(codec: i16, data: &[u8], out: &mut Vec<u8>) -> Result<usize, ProtocolError> {
     let failed = |e: &dyn std::fmt::Display| bad(format!("decompressing a record batch: {e}"));
+    if codec == 3 {
+        match lz4_blocks(data, out) {
+            Lz4::Decoded(n) => return Ok(n),
+            Lz4::Failed(e) => return Err(failed(&e)),
+            Lz4::NotIndependent => {} // lz4_flex's frame decoder, below
+        }
+    }
+    out.clear();
     match codec {
         1 => {
             flate2::read::MultiGzDecoder::new(data)
@@ -395,7 +404,91 @@ fn decompress(codec: i16, data: &[u8], out: &mut Vec<u8>) -> Result<(), Protocol
         }
         other => return Err(bad(format!("unknown compression codec {other}"))),
     }
-    Ok(())
+    Ok(out.len())
+}
+
+/// What [`lz4_blocks`] made of a record batch.
+enum Lz4 {
+    /// Its records took this many bytes at the start of the output.
+    Decoded(usize),
+    /// It is not LZ4 frames of independent blocks without a dictionary.
+    NotIndependent,
+    /// It is broken.
+    Failed(String),
+}
+
+/// LZ4 frames as Kafka producers write them (librdkafka and the Java client: independent
+/// blocks, no dictionary), each block decoded straight into `out` with lz4_flex's block
+/// decoder: no copy through a frame decoder's buffer, and `out` only ever grows, so it is
+/// zeroed once rather than per batch. Checksums are skipped (the broker checked the batch's
+/// CRC when it was produced). Frames of linked blocks, with a dictionary or skippable, are
+/// left to lz4_flex's frame decoder.
+fn lz4_blocks(data: &[u8], out: &mut Vec<u8>) -> Lz4 {
+    const MAGIC: u32 = 0x184D_2204;
+    let broken = |what: &str| Lz4::Failed(format!("lz4 frame: {what}"));
+    let (mut rest, mut used) = (data, 0usize);
+    while !rest.is_empty() {
+        let le32 = |b: &[u8], at: usize| {
+            b.get(at..at + 4)
+                .map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes")))
+        };
+        if le32(rest, 0) != Some(MAGIC) || rest.len() < 7 {
+            return Lz4::NotIndependent;
+        }
+        let (flags, bd) = (rest[4], rest[5]);
+        let independent = flags & 0x20 != 0;
+        if flags >> 6 != 1 || !independent || flags & 0x01 != 0 {
+            return Lz4::NotIndependent;
+        }
+        let max = match (bd >> 4) & 7 {
+            4 => 64 << 10,
+            5 => 256 << 10,
+            6 => 1 << 20,
+            7 => 4 << 20,
+            _ => return broken("unknown block size"),
+        };
+        let block_checksum = if flags & 0x10 != 0 { 4 } else { 0 };
+        // Magic, flags, block size byte, the content size if present, the header checksum.
+        let mut at = 6 + if flags & 0x08 != 0 { 8 } else { 0 } + 1;
+        loop {
+            let Some(size) = le32(rest, at) else {
+                return broken("ends before its end mark");
+            };
+            at += 4;
+            if size == 0 {
+                break;
+            }
+            let n = (size & 0x7fff_ffff) as usize;
+            let Some(block) = rest.get(at..at + n) else {
+                return broken("block longer than the frame");
+            };
+            at += n + block_checksum;
+            if size & 0x8000_0000 != 0 {
+                // Stored uncompressed.
+                if out.len() < used + n {
+                    out.resize(used + n, 0);
+                }
+                out[used..used + n].copy_from_slice(block);
+                used += n;
+            } else {
+                if out.len() < used + max {
+                    out.resize(used + max, 0);
+                }
+                match lz4_flex::block::decompress_into(block, &mut out[used..used + max]) {
+                    Ok(n) => used += n,
+                    Err(e) => return Lz4::Failed(e.to_string()),
+                }
+            }
+        }
+        if flags & 0x04 != 0 {
+            at += 4; // content checksum
+        }
+        let Some(next) = rest.get(at..) else {
+            return broken("ends inside its checksum");
+        };
+        rest = next;
+    }
+    Lz4::Decoded(used)
 }
 
 /// Snappy as Kafka producers write it: the Java client's framing (a magic header, then
@@ -420,6 +513,72 @@ fn snappy(data: &[u8], out: &mut Vec<u8>) -> Result<(), snap::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
+
+    /// `data` as one LZ4 frame shaped by `info` (with `data`'s size if `info` has one).
+    fn lz4_frame(data: &[u8], mut info: lz4_flex::frame::FrameInfo) -> Vec<u8> {
+        if info.content_size.is_some() {
+            info.content_size = Some(data.len() as u64);
+        }
+        let mut encoder = lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::new());
+        encoder.write_all(data).expect("in memory");
+        encoder.finish().expect("in memory")
+    }
+
+    #[test]
+    fn lz4_frames_of_every_shape_decompress_to_their_input() {
+        use lz4_flex::frame::{BlockMode, BlockSize, FrameInfo};
+        // Compressible and incompressible parts, over several 64 KiB blocks.
+        let mut data = Vec::new();
+        let mut x = 1u64;
+        for i in 0..300_000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            data.push(if (i / 5000) % 2 == 0 {
+                b'a' + (i % 7) as u8
+            } else {
+                (x >> 56) as u8
+            });
+        }
+        let shapes = [
+            FrameInfo::new(),
+            FrameInfo::new()
+                .block_checksums(true)
+                .content_checksum(true),
+            FrameInfo::new().content_size(Some(0)),
+            FrameInfo::new().block_size(BlockSize::Max256KB),
+            FrameInfo::new().block_mode(BlockMode::Linked),
+        ];
+        // `out` carries over between batches, longer than the next one needs.
+        let mut out = vec![7u8; 1 << 20];
+        for info in shapes {
+            let linked = matches!(info.block_mode, BlockMode::Linked);
+            for input in [&data[..], &data[..10], &[][..]] {
+                let mut frames = lz4_frame(input, info.clone());
+                let mut want = input.to_vec();
+                // Two frames back to back decode as one stream (left out for linked blocks,
+                // which lz4_flex's frame decoder takes one frame of).
+                if !linked {
+                    frames.extend(lz4_frame(b"tail", info.clone()));
+                    want.extend_from_slice(b"tail");
+                }
+                let n = decompress(3, &frames, &mut out).expect("decodes");
+                assert!(out[..n] == want[..], "{info:?}, {} bytes", input.len());
+            }
+        }
+        // Independent blocks (the default, and what Kafka producers write) take the block path.
+        let frame = lz4_frame(&data, FrameInfo::new());
+        assert!(matches!(lz4_blocks(&frame, &mut out), Lz4::Decoded(n) if n == data.len()));
+        let linked = lz4_frame(&data, FrameInfo::new().block_mode(BlockMode::Linked));
+        assert!(matches!(lz4_blocks(&linked, &mut out), Lz4::NotIndependent));
+        for cut in [5, 12, frame.len() / 2, frame.len() - 1] {
+            assert!(
+                decompress(3, &frame[..cut], &mut out).is_err(),
+                "cut at {cut}"
+            );
+        }
+    }
 
     fn zigzag(v: i64, out: &mut Vec<u8>) {
         let mut u = ((v << 1) ^ (v >> 63)) as u64;
