@@ -302,13 +302,7 @@ impl KafkaReader {
         let name = self.name.clone();
         tokio::task::spawn_blocking(move || {
             let context = || format!("kafka source `{name}`: topic `{topic}`");
-            let partitions = topic_partitions(&consumer, &topic).map_err(|e| match e {
-                Some(e) => EngineError::external(context(), e),
-                None => EngineError::InvalidOption(format!(
-                    "{}: the topic does not exist or has no partitions",
-                    context()
-                )),
-            })?;
+            let partitions = topic_partitions(&consumer, &topic, &context())?;
             let mut tpl = TopicPartitionList::new();
             for p in &partitions {
                 let at = resume.get(p).map_or(start, |o| Offset::Offset(*o));
@@ -540,13 +534,7 @@ impl KafkaReader {
         tokio::task::spawn_blocking(move || {
             let topic = fetcher.topic.clone();
             let context = || format!("kafka source `{name}`: topic `{topic}`");
-            let partitions = topic_partitions(&fetcher.consumer, &topic).map_err(|e| match e {
-                Some(e) => EngineError::external(context(), e),
-                None => EngineError::InvalidOption(format!(
-                    "{}: the topic does not exist or has no partitions",
-                    context()
-                )),
-            })?;
+            let partitions = topic_partitions(&fetcher.consumer, &topic, &context())?;
             fetcher
                 .resolve_positions(&partitions, &from)
                 .map_err(|e| EngineError::external(context(), e))?;
@@ -866,14 +854,16 @@ impl SourceReader for KafkaReader {
     }
 }
 
-/// The partitions of `topic`; `Err(None)` when it has none (or does not exist).
+/// The partitions of `topic`; an error when it has none (or does not exist). `context`
+/// names the source and topic in the error.
 fn topic_partitions(
     consumer: &BaseConsumer<LagReporter>,
     topic: &str,
-) -> Result<Vec<i32>, Option<KafkaError>> {
+    context: &str,
+) -> sluice_engine::Result<Vec<i32>> {
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(Some)?;
+        .map_err(|e| EngineError::external(context, e))?;
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()
@@ -881,7 +871,9 @@ fn topic_partitions(
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     if partitions.is_empty() {
-        return Err(None);
+        return Err(EngineError::InvalidOption(format!(
+            "{context}: the topic does not exist or has no partitions"
+        )));
     }
     Ok(partitions)
 }
