@@ -97,7 +97,7 @@ pub(crate) fn fetch_response<'a>(
     body: &'a [u8],
     topic: &str,
 ) -> Result<(i32, Vec<PartitionData<'a>>), ProtocolError> {
-    let mut r = Reader { b: body, i: 0 };
+    let mut r = Reader::new(body, "fetch response");
     let correlation = r.i32()?;
     let _throttle_ms = r.i32()?;
     let mut out = Vec::new();
@@ -128,16 +128,22 @@ pub(crate) fn fetch_response<'a>(
     Ok((correlation, out))
 }
 
-/// Big-endian fields of a response, checked against its end.
+/// A cursor over the fields of a response or a batch's records: big-endian integers and
+/// zigzag varints, each checked against the end.
 struct Reader<'a> {
     b: &'a [u8],
     i: usize,
+    /// What is read, for the error when it ends early.
+    what: &'static str,
 }
 
 impl<'a> Reader<'a> {
+    fn new(b: &'a [u8], what: &'static str) -> Self {
+        Self { b, i: 0, what }
+    }
     fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
         let end = self.i.checked_add(n).filter(|e| *e <= self.b.len());
-        let end = end.ok_or_else(|| bad("fetch response ends early"))?;
+        let end = end.ok_or_else(|| bad(format!("{} ends early", self.what)))?;
         let s = &self.b[self.i..end];
         self.i = end;
         Ok(s)
@@ -171,6 +177,29 @@ impl<'a> Reader<'a> {
             return Ok(None);
         }
         self.take(n as usize).map(Some)
+    }
+    fn varint(&mut self) -> Result<i64, ProtocolError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let Some(&byte) = self.b.get(self.i) else {
+                return Err(bad(format!("{} ends early", self.what)));
+            };
+            self.i += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok((v >> 1) as i64 ^ -((v & 1) as i64));
+            }
+        }
+        Err(bad("varint longer than 10 bytes"))
+    }
+    /// Bytes with a varint length (negative: null).
+    fn nullable_bytes(&mut self) -> Result<Option<&'a [u8]>, ProtocolError> {
+        let n = self.varint()?;
+        if n < 0 {
+            return Ok(None);
+        }
+        let n = usize::try_from(n).map_err(|_| bad("field too long"))?;
+        self.take(n).map(Some)
     }
 }
 
@@ -290,7 +319,7 @@ pub(crate) fn records<'s>(
             &scratch[..n]
         }
     };
-    let mut r = Varints { b: data, i: 0 };
+    let mut r = Reader::new(data, "record");
     for _ in 0..header.record_count.max(0) {
         let length = r.varint()?;
         let end = r.i + usize::try_from(length).map_err(|_| bad("negative record length"))?;
@@ -323,54 +352,13 @@ pub(crate) fn headers(
     record: &RecordView<'_>,
     mut each: impl FnMut(&[u8], Option<&[u8]>),
 ) -> Result<(), ProtocolError> {
-    let mut r = Varints {
-        b: record.headers,
-        i: 0,
-    };
+    let mut r = Reader::new(record.headers, "record");
     for _ in 0..record.header_count.max(0) {
         let key = r.nullable_bytes()?.unwrap_or_default();
         let value = r.nullable_bytes()?;
         each(key, value);
     }
     Ok(())
-}
-
-/// Zigzag varints and the fields built of them.
-struct Varints<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl<'a> Varints<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
-        let end = self.i.checked_add(n).filter(|e| *e <= self.b.len());
-        let end = end.ok_or_else(|| bad("record ends early"))?;
-        let s = &self.b[self.i..end];
-        self.i = end;
-        Ok(s)
-    }
-
-    fn varint(&mut self) -> Result<i64, ProtocolError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = *self.b.get(self.i).ok_or_else(|| bad("record ends early"))?;
-            self.i += 1;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Ok((v >> 1) as i64 ^ -((v & 1) as i64));
-            }
-        }
-        Err(bad("varint longer than 10 bytes"))
-    }
-
-    fn nullable_bytes(&mut self) -> Result<Option<&'a [u8]>, ProtocolError> {
-        let n = self.varint()?;
-        if n < 0 {
-            return Ok(None);
-        }
-        let n = usize::try_from(n).map_err(|_| bad("field too long"))?;
-        self.take(n).map(Some)
-    }
 }
 
 /// Decompresses a batch's records with `codec` (1 gzip, 2 snappy, 3 lz4, 4 zstd) into the
@@ -610,7 +598,7 @@ mod tests {
         ] {
             let mut b = Vec::new();
             zigzag(v, &mut b);
-            assert_eq!(Varints { b: &b, i: 0 }.varint().unwrap(), v);
+            assert_eq!(Reader::new(&b, "test").varint().unwrap(), v);
         }
     }
 
