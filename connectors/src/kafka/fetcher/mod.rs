@@ -79,6 +79,13 @@ pub(super) struct Fetcher {
     pub(super) positions: BTreeMap<i32, i64>,
 }
 
+/// The brokers fetched from: forgotten after a failure, found again from fresh metadata.
+#[derive(Default)]
+struct Brokers {
+    leaders: Option<Leaders>,
+    connections: HashMap<i32, Connection>,
+}
+
 /// Which broker leads each partition, and where each broker is.
 struct Leaders {
     of: BTreeMap<i32, i32>,
@@ -158,37 +165,32 @@ impl Fetcher {
         tx: tokio::sync::mpsc::Sender<Polled>,
         spares: std::sync::mpsc::Receiver<Records>,
     ) {
-        let mut batch = Records::default();
-        let mut first_at: Option<Instant> = None;
-        let mut leaders: Option<Leaders> = None;
-        let mut connections: HashMap<i32, Connection> = HashMap::new();
+        let mut out = Output {
+            batch: Records::default(),
+            first_at: None,
+            tx,
+            spares,
+            gone: false,
+        };
+        let mut brokers = Brokers::default();
         let mut last_warning: Option<Instant> = None;
         let mut had_records = false;
         let mut scratch = Vec::new();
         let mut lag: BTreeMap<i32, i64> = BTreeMap::new();
         loop {
-            if tx.is_closed() {
+            if out.tx.is_closed() {
                 return;
             }
             if let Err(e) = self.serve_consumer_events() {
-                let _ = tx.blocking_send(Err(e));
+                let _ = out.tx.blocking_send(Err(e));
                 return;
             }
-            let round = self.round(
-                &mut leaders,
-                &mut connections,
-                &mut batch,
-                &mut first_at,
-                had_records,
-                &mut scratch,
-                &mut lag,
-                &tx,
-                &spares,
-            );
+            let round = self.round(&mut brokers, &mut out, had_records, &mut scratch, &mut lag);
             had_records = match round {
+                Ok(_) if out.gone => return,
                 Ok(got) => got,
                 Err(Failure::Fatal(e)) => {
-                    let _ = tx.blocking_send(Err(e));
+                    let _ = out.tx.blocking_send(Err(e));
                     return;
                 }
                 Err(Failure::Retry(why)) => {
@@ -196,8 +198,7 @@ impl Fetcher {
                         tracing::warn!(source = %self.name, "kafka fetch: {why} (retrying)");
                         last_warning = Some(Instant::now());
                     }
-                    leaders = None;
-                    connections.clear();
+                    brokers = Brokers::default();
                     std::thread::sleep(RETRY_BACKOFF);
                     false
                 }
@@ -207,12 +208,9 @@ impl Fetcher {
             {
                 metrics.set_partition_lag(lag.iter().map(|(p, l)| (*p, *l)).collect());
             }
-            let lingered = first_at.is_some_and(|at| at.elapsed() >= self.linger);
-            if batch.len() > 0 && (lingered || !had_records) && !ship(&mut batch, &tx, &spares) {
+            let lingered = out.first_at.is_some_and(|at| at.elapsed() >= self.linger);
+            if out.batch.len() > 0 && (lingered || !had_records) && !out.ship() {
                 return;
-            }
-            if batch.len() == 0 {
-                first_at = None;
             }
         }
     }
@@ -230,24 +228,23 @@ impl Fetcher {
         }
     }
 
-    /// One fetch from each broker leading a partition; appends what came to `batch`,
-    /// shipping it whenever it is full. Returns whether any records came.
-    #[allow(clippy::too_many_arguments)]
+    /// One fetch from each broker leading a partition; appends what came to `out`, which
+    /// ships it whenever it is full. Returns whether any records came.
     fn round(
         &mut self,
-        leaders: &mut Option<Leaders>,
-        connections: &mut HashMap<i32, Connection>,
-        batch: &mut Records,
-        first_at: &mut Option<Instant>,
+        brokers: &mut Brokers,
+        out: &mut Output,
         had_records: bool,
         scratch: &mut Vec<u8>,
         lag: &mut BTreeMap<i32, i64>,
-        tx: &tokio::sync::mpsc::Sender<Polled>,
-        spares: &std::sync::mpsc::Receiver<Records>,
     ) -> Result<bool, Failure> {
-        if leaders.is_none() {
-            *leaders = Some(self.leaders()?);
+        if brokers.leaders.is_none() {
+            brokers.leaders = Some(self.leaders()?);
         }
+        let Brokers {
+            leaders,
+            connections,
+        } = brokers;
         let leaders = leaders.as_ref().expect("just set");
         let mut by_broker: BTreeMap<i32, Vec<PartitionFetch>> = BTreeMap::new();
         for (p, at) in &self.positions {
@@ -260,7 +257,7 @@ impl Fetcher {
                 max_bytes: PARTITION_MAX_BYTES,
             });
         }
-        let wait = match first_at {
+        let wait = match out.first_at {
             Some(at) => self.linger.saturating_sub(at.elapsed()),
             None if had_records => Duration::ZERO,
             None => QUIET_WAIT,
@@ -325,14 +322,7 @@ impl Fetcher {
                         )));
                     }
                 }
-                let mut out = Output {
-                    batch,
-                    first_at,
-                    tx,
-                    spares,
-                    gone: false,
-                };
-                let next = self.take_records(&part, position, &mut out, scratch, &mut got)?;
+                let next = self.take_records(&part, position, out, scratch, &mut got)?;
                 if out.gone {
                     return Ok(got);
                 }
@@ -350,7 +340,7 @@ impl Fetcher {
         &self,
         part: &protocol::PartitionData<'_>,
         mut position: i64,
-        out: &mut Output<'_>,
+        out: &mut Output,
         scratch: &mut Vec<u8>,
         got: &mut bool,
     ) -> Result<i64, Failure> {
@@ -434,17 +424,18 @@ impl Fetcher {
 }
 
 /// Where fetched records go: the batch being filled, shipped to the reader when full.
-struct Output<'a> {
-    batch: &'a mut Records,
+struct Output {
+    batch: Records,
     /// When the batch's first record came.
-    first_at: &'a mut Option<Instant>,
-    tx: &'a tokio::sync::mpsc::Sender<Polled>,
-    spares: &'a std::sync::mpsc::Receiver<Records>,
+    first_at: Option<Instant>,
+    tx: tokio::sync::mpsc::Sender<Polled>,
+    /// Batches the reader handed back, emptied, to be filled again.
+    spares: std::sync::mpsc::Receiver<Records>,
     /// The reader went away.
     gone: bool,
 }
 
-impl Output<'_> {
+impl Output {
     /// Appends `r`; ships the batch once it holds `batch_size` records.
     fn push(
         &mut self,
@@ -452,27 +443,26 @@ impl Output<'_> {
         wants: Wants,
         batch_size: usize,
     ) -> Result<(), ProtocolError> {
-        if self.batch.len() == 0 {
-            *self.first_at = Some(Instant::now());
+        let first = self.batch.len() == 0;
+        append(&mut self.batch, r, wants)?;
+        if first {
+            self.first_at = Some(Instant::now());
         }
-        append(self.batch, r, wants)?;
         if self.batch.len() >= batch_size {
-            self.gone = !ship(self.batch, self.tx, self.spares);
-            *self.first_at = None;
+            self.ship();
         }
         Ok(())
     }
-}
 
-/// Hands `batch` to the reader and takes a spare in its place; `false` when the reader is
-/// gone.
-fn ship(
-    batch: &mut Records,
-    tx: &tokio::sync::mpsc::Sender<Polled>,
-    spares: &std::sync::mpsc::Receiver<Records>,
-) -> bool {
-    let next = spares.try_recv().unwrap_or_default();
-    tx.blocking_send(Ok(std::mem::replace(batch, next))).is_ok()
+    /// Hands the batch to the reader and takes a spare in its place; `false` (and `gone`)
+    /// when the reader is gone.
+    fn ship(&mut self) -> bool {
+        let next = self.spares.try_recv().unwrap_or_default();
+        let batch = std::mem::replace(&mut self.batch, next);
+        self.first_at = None;
+        self.gone = self.tx.blocking_send(Ok(batch)).is_err();
+        !self.gone
+    }
 }
 
 impl Connection {
