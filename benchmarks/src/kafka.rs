@@ -257,7 +257,10 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
         fetcher: match std::env::var("SLUICE_BENCH_KAFKA_FETCHER").as_deref() {
             Ok("librdkafka") => FetchClient::Librdkafka,
             Ok("builtin") => FetchClient::Builtin,
-            _ => FetchClient::Auto,
+            Ok("auto") | Err(_) => FetchClient::Auto,
+            Ok(other) => anyhow::bail!(
+                "SLUICE_BENCH_KAFKA_FETCHER={other}: expected auto, builtin or librdkafka"
+            ),
         },
     };
     let SluiceStatement::CreateStream(stream) = parse_sql(TUMBLE)?.remove(0) else {

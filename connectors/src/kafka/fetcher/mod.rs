@@ -215,10 +215,16 @@ impl Fetcher {
         }
     }
 
-    /// The consumer's own events (commit results, errors): it fetches nothing itself.
+    /// The consumer's own events (commit results, errors): it fetches nothing itself. Its
+    /// errors (a broker it cannot reach for metadata or commits) are the client's to
+    /// retry; they are logged, and fetching goes on.
     fn serve_consumer_events(&self) -> Result<(), EngineError> {
         match self.consumer.poll(Duration::ZERO) {
-            None | Some(Err(_)) => Ok(()),
+            None => Ok(()),
+            Some(Err(e)) => {
+                tracing::warn!(source = %self.name, "kafka client: {e}");
+                Ok(())
+            }
             Some(Ok(m)) => Err(EngineError::Internal(format!(
                 "kafka source `{}`: librdkafka fetched record {} of partition {} itself",
                 self.name,
