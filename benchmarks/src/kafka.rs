@@ -301,6 +301,7 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
         let c = sluice_engine::checkpoint::Coordinator::open(
             Arc::new(lake.clone()),
             args.checkpoint_interval,
+            Arc::new(sluice_engine::checkpoint::NoFence),
         )
         .await?;
         let source = c

@@ -319,7 +319,11 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
     let coordinator = if checkpoint {
         let lake = Lake::open(lake_dir.path().to_str().context("UTF-8 temp dir")?)?;
         Some(
-            sluice_engine::checkpoint::Coordinator::open(Arc::new(lake), args.checkpoint_interval)
+            sluice_engine::checkpoint::Coordinator::open(
+                Arc::new(lake),
+                args.checkpoint_interval,
+                Arc::new(sluice_engine::checkpoint::NoFence),
+            )
                 .await?,
         )
     } else {

@@ -8,8 +8,15 @@
 //! source's `idle_timeout` stops counting until it delivers again; when every split is quiet,
 //! nothing is pending and the watermark is the largest of theirs. A split that has ended
 //! (a closed Kinesis shard read to its end) no longer counts at all.
+//!
+//! The clock is part of a reader's checkpoint ([`ClockState`] in its position): after a
+//! restart the reader resumes with each split's largest event time and sends the watermark
+//! it had sent at once, so what the restored operators hold back is emitted even when the
+//! source stays quiet. Restored splits count as having delivered at the restart, so the
+//! idle rules apply to them as before it.
 
 use std::collections::BTreeMap;
+use std::str::FromStr;
 use std::time::Instant;
 
 use arrow::array::TimestampMicrosecondArray;
@@ -86,6 +93,82 @@ impl<K: Ord> SplitClock<K> {
     }
 }
 
+impl<K: Ord + ToString + FromStr> SplitClock<K> {
+    /// What a checkpoint keeps of the clock: each split's largest event time, and
+    /// `emitted`, the watermark the reader last sent.
+    pub fn state(&self, emitted: Option<i64>) -> ClockState {
+        ClockState {
+            splits: self
+                .splits
+                .iter()
+                .filter_map(|(k, t)| Some((k.to_string(), t.max_seen?)))
+                .collect(),
+            emitted,
+        }
+    }
+
+    /// Takes back each split's largest event time from a checkpoint (as delivered now);
+    /// returns the watermark the reader had sent.
+    pub fn restore(&mut self, state: &ClockState) -> Option<i64> {
+        for (k, max) in &state.splits {
+            if let Ok(k) = k.parse::<K>() {
+                self.delivered(k, Some(*max));
+            }
+        }
+        state.emitted
+    }
+}
+
+/// A reader's event time as its checkpointed position holds it (under `"event_time"`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClockState {
+    /// Per split (its name as text), the largest event time delivered, µs.
+    pub splits: BTreeMap<String, i64>,
+    /// The watermark the reader had sent, µs.
+    pub emitted: Option<i64>,
+}
+
+impl ClockState {
+    /// Adds the state to a position object as `"event_time": {"splits": {…}, "watermark": w}`.
+    pub fn write_into(&self, position: &mut serde_json::Value) {
+        if let Some(obj) = position.as_object_mut() {
+            obj.insert(
+                "event_time".into(),
+                serde_json::json!({ "splits": self.splits, "watermark": self.emitted }),
+            );
+        }
+    }
+
+    /// The state in a position written by [`Self::write_into`]; empty for a position
+    /// without one (written before event time was checkpointed). `None` when it is there
+    /// but malformed.
+    pub fn read_from(position: &serde_json::Value) -> Option<Self> {
+        let Some(v) = position.get("event_time") else {
+            return Some(Self::default());
+        };
+        let splits = v
+            .get("splits")?
+            .as_object()?
+            .iter()
+            .map(|(k, t)| Some((k.clone(), t.as_i64()?)))
+            .collect::<Option<_>>()?;
+        let emitted = match v.get("watermark") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(w) => Some(w.as_i64()?),
+        };
+        Some(Self { splits, emitted })
+    }
+}
+
+/// Sends the watermark a reader restored from its checkpoint (see [`SplitClock::restore`]),
+/// before anything else: the promise it made before the restart still holds.
+pub async fn resend_watermark(ctx: &SourceContext, emitted: Option<i64>) {
+    if let (Some(_), Some(wm)) = (&ctx.watermark, emitted) {
+        ctx.metrics.observe_watermark(EventTime(wm));
+        ctx.output.send(Message::Watermark(EventTime(wm))).await;
+    }
+}
+
 /// The event-time column of a source's `rows`, when it declares one.
 pub fn event_times<'a>(
     ctx: &SourceContext,
@@ -143,6 +226,34 @@ mod tests {
         assert_eq!(c.watermark(&spec(None)), Some(40));
         c.remove(&2);
         assert_eq!(c.watermark(&spec(None)), Some(90));
+    }
+
+    #[test]
+    fn a_restored_clock_has_every_split_and_the_watermark_it_had() {
+        let mut c = SplitClock::default();
+        c.add(1);
+        c.add(2);
+        c.add(3);
+        c.delivered(1, Some(100));
+        c.delivered(2, Some(70));
+        let mut position = serde_json::json!({ "offsets": {} });
+        c.state(Some(60)).write_into(&mut position);
+        let state = ClockState::read_from(&position).unwrap();
+        let mut restored: SplitClock<i32> = SplitClock::default();
+        restored.add(3);
+        assert_eq!(restored.restore(&state), Some(60));
+        assert_eq!(
+            restored.watermark(&spec(None)),
+            None,
+            "split 3 had delivered nothing: it still holds the watermark back"
+        );
+        restored.delivered(3, Some(500));
+        assert_eq!(restored.watermark(&spec(None)), Some(60), "min(100, 70, 500) - 10");
+        assert_eq!(
+            ClockState::read_from(&serde_json::json!({ "offsets": {} })),
+            Some(ClockState::default()),
+            "positions of older checkpoints have no event time"
+        );
     }
 
     #[test]

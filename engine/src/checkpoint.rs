@@ -21,9 +21,18 @@
 //! that report stands for it in every later epoch.
 //!
 //! On start, [`Coordinator::open`] reads the newest manifest, finishes its phase two (moving
-//! any staged file it lists that is still staged), deletes every other staged file (epochs
-//! that never committed) and hands each stream its positions and state when it registers
-//! again with the same SQL. State is stored as Arrow IPC files per operator table, with the
+//! any staged file it lists that is still staged), claims the next epoch (see *Fencing*),
+//! deletes every other staged file (epochs that never committed) and hands each stream its
+//! positions and state when it registers again with the same SQL.
+//!
+//! # Fencing
+//!
+//! One process writes a lake (the server holds a lease; see [`Fence`]). Every commit first
+//! asks the fence whether this process still holds it, and writes its manifest only if no
+//! manifest of that epoch exists ([`CheckpointStore::put_new`]: `If-None-Match` on S3). A
+//! process taking over claims the epoch after the newest manifest at once, by writing a copy
+//! of it under that epoch: a paused old writer that wakes up and tries to commit the epoch it
+//! had in flight finds it taken, and stops (`EngineError::Fenced`) without publishing. State is stored as Arrow IPC files per operator table, with the
 //! format version in the manifest, so a newer Sluice knows what an older one wrote.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -58,6 +67,9 @@ pub const STAGING_DIR: &str = "_sluice/staging";
 pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
     /// Writes an object whole (atomically: readers see all of it or nothing).
     async fn put(&self, path: &str, bytes: Bytes) -> Result<()>;
+    /// Writes an object only if there is none at `path` (a conditional create); returns
+    /// whether it wrote it.
+    async fn put_new(&self, path: &str, bytes: Bytes) -> Result<bool>;
     /// Reads an object; `None` if it does not exist.
     async fn get(&self, path: &str) -> Result<Option<Bytes>>;
     /// Every object under `prefix`, recursively.
@@ -76,6 +88,22 @@ pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
         at_micros: i64,
         file: &str,
     ) -> Result<StagedFile>;
+}
+
+/// Whether this process may still commit to the lake: it holds the lake's writer lease.
+pub trait Fence: Send + Sync + std::fmt::Debug {
+    /// `Err(EngineError::Fenced)` once the lease may have passed to another process.
+    fn check(&self) -> Result<()>;
+}
+
+/// The fence of a process that is the lake's only writer by construction (tests, tools).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFence;
+
+impl Fence for NoFence {
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A copy of one operator's state, taken when a barrier passes it.
@@ -168,6 +196,9 @@ pub enum Payload {
         operators: Vec<Option<OperatorState>>,
         /// Rejected rows.
         rejected: Vec<BadRecord>,
+        /// The stream's counters at the barrier ([`crate::Metrics::counters`]), so that a
+        /// restart carries them over (subtask 0's are kept).
+        counters: BTreeMap<String, i64>,
     },
     /// A lake writer's staged files; `published` counts them once they are visible.
     Staged {
@@ -340,6 +371,9 @@ pub struct StreamCheckpoint {
     pub subtasks: Vec<Vec<Option<StoredState>>>,
     /// Files this epoch made visible (phase two; redone on recovery if interrupted).
     pub staged: Vec<StagedFile>,
+    /// The stream's counters at the barrier (absent in checkpoints of older versions).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counters: BTreeMap<String, i64>,
 }
 
 /// `_sluice/checkpoints/<epoch>/manifest.json`: one complete checkpoint.
@@ -353,6 +387,10 @@ pub struct Manifest {
     pub completed_at_micros: i64,
     /// Every checkpointed stream.
     pub streams: BTreeMap<String, StreamCheckpoint>,
+    /// The coordinator that wrote it (an id per process start), so that a retried commit
+    /// knows its own manifest from another writer's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub writer: String,
 }
 
 /// What a stream gets back from the last checkpoint when it registers.
@@ -366,6 +404,8 @@ pub struct Restored {
     pub operators: Vec<Vec<OperatorState>>,
     /// The parallelism the state was written at.
     pub parallelism: usize,
+    /// The stream's counters at the checkpoint, to carry over.
+    pub counters: BTreeMap<String, i64>,
 }
 
 /// A stream's participants, handed out at registration.
@@ -424,6 +464,9 @@ struct State {
 #[derive(Debug)]
 struct Shared {
     store: Arc<dyn CheckpointStore>,
+    fence: Arc<dyn Fence>,
+    /// This coordinator's id in the manifests it writes.
+    writer: String,
     state: Mutex<State>,
     requests: watch::Sender<u64>,
     completed: watch::Sender<u64>,
@@ -449,36 +492,67 @@ fn epoch_dir(epoch: u64) -> String {
 }
 
 impl Coordinator {
-    /// Recovers from the newest checkpoint in `store` (finishing its phase two and deleting
-    /// files staged by epochs that never committed) and starts the coordinator task.
-    /// `default_interval` applies to streams that do not set `checkpoint_interval`.
-    pub async fn open(store: Arc<dyn CheckpointStore>, default_interval: Duration) -> Result<Self> {
-        let last = latest_manifest(store.as_ref()).await?;
-        if let Some(m) = &last {
-            for s in m.streams.values() {
-                for f in &s.staged {
-                    if f.transient && store.get(&f.staged).await?.is_none() {
-                        continue; // published, and consumed since
+    /// Recovers from the newest checkpoint in `store` (finishing its phase two, claiming the
+    /// next epoch and deleting files staged by epochs that never committed) and starts the
+    /// coordinator task. `default_interval` applies to streams that do not set
+    /// `checkpoint_interval`; every commit asks `fence` first (see *Fencing*).
+    pub async fn open(
+        store: Arc<dyn CheckpointStore>,
+        default_interval: Duration,
+        fence: Arc<dyn Fence>,
+    ) -> Result<Self> {
+        let writer = format!(
+            "{}-{}",
+            std::process::id(),
+            crate::time::EventTime::now().micros()
+        );
+        let last = loop {
+            let last = latest_manifest(store.as_ref()).await?;
+            if let Some(m) = &last {
+                for s in m.streams.values() {
+                    for f in &s.staged {
+                        if f.transient && store.get(&f.staged).await?.is_none() {
+                            continue; // published, and consumed since
+                        }
+                        store.publish(&f.staged, &f.target).await?;
                     }
-                    store.publish(&f.staged, &f.target).await?;
                 }
+                tracing::info!(
+                    epoch = m.epoch,
+                    streams = m.streams.len(),
+                    "recovered checkpoint"
+                );
             }
-            tracing::info!(
-                epoch = m.epoch,
-                streams = m.streams.len(),
-                "recovered checkpoint"
-            );
-        }
+            // Claim the next epoch: the same checkpoint again, under an epoch of our own.
+            let mut claim = last.clone().unwrap_or(Manifest {
+                version: MANIFEST_VERSION,
+                ..Default::default()
+            });
+            claim.epoch += 1;
+            claim.version = MANIFEST_VERSION;
+            claim.writer.clone_from(&writer);
+            for s in claim.streams.values_mut() {
+                s.staged.clear(); // published above
+            }
+            fence.check()?;
+            let bytes = serde_json::to_vec_pretty(&claim).expect("the manifest serialises");
+            if store
+                .put_new(&format!("{}/manifest.json", epoch_dir(claim.epoch)), Bytes::from(bytes))
+                .await?
+            {
+                break claim;
+            }
+            // A writer we are taking over from committed that epoch meanwhile: recover it.
+            tracing::warn!(epoch = claim.epoch, "another writer committed this epoch meanwhile; recovering it");
+        };
         for leftover in store.list(STAGING_DIR).await? {
             store.delete(&leftover).await?;
         }
-        let last = last.unwrap_or(Manifest {
-            version: MANIFEST_VERSION,
-            ..Default::default()
-        });
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             store,
+            fence,
+            writer,
             state: Mutex::new(State {
                 next_epoch: last.epoch + 1,
                 unclaimed: last.streams.keys().cloned().collect(),
@@ -632,6 +706,7 @@ impl Coordinator {
             positions: c.positions,
             operators,
             parallelism: c.parallelism,
+            counters: c.counters,
         })
     }
 
@@ -829,6 +904,11 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
         let used = loop {
             match commit(&shared, epoch, requested_at, &pending).await {
                 Ok(used) => break used,
+                Err(e @ EngineError::Fenced(_)) => {
+                    // Another process writes the lake now: nothing more is committed here.
+                    tracing::error!(epoch, error = %e, "checkpoints stop: this server is no longer the lake's writer");
+                    return;
+                }
                 Err(e) => {
                     attempt += 1;
                     tracing::error!(epoch, attempt, error = %e, "checkpoint commit failed; retrying");
@@ -943,9 +1023,13 @@ async fn commit(
                     Payload::State {
                         operators: states,
                         rejected,
+                        counters,
                     },
                 ) => {
                     let k: usize = k.parse().unwrap_or(0);
+                    if k == 0 {
+                        c.counters = counters;
+                    }
                     if !rejected.is_empty() {
                         // Named after the epoch: a retried commit stages the same file.
                         let file = format!("epoch-{epoch:020}-subtask-{k}.jsonl");
@@ -1009,15 +1093,28 @@ async fn commit(
         epoch,
         completed_at_micros: crate::time::EventTime::now().micros(),
         streams,
+        writer: shared.writer.clone(),
     };
     let bytes = serde_json::to_vec_pretty(&manifest).expect("the manifest serialises");
-    shared
-        .store
-        .put(&format!("{dir}/manifest.json"), Bytes::from(bytes))
-        .await?;
+    let path = format!("{dir}/manifest.json");
+    shared.fence.check()?;
+    if !shared.store.put_new(&path, Bytes::from(bytes)).await? {
+        // Either our own earlier attempt wrote it (a retry), or another writer took the
+        // epoch: only the first may go on.
+        let theirs = shared.store.get(&path).await?;
+        let ours = theirs
+            .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+            .is_some_and(|m| m.writer == shared.writer);
+        if !ours {
+            return Err(EngineError::Fenced(format!(
+                "epoch {epoch} was committed by another writer"
+            )));
+        }
+    }
     // Committed. Phase two: make the epoch's files visible.
     for s in manifest.streams.values() {
         for f in &s.staged {
+            shared.fence.check()?;
             shared.store.publish(&f.staged, &f.target).await?;
         }
     }

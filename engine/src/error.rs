@@ -34,6 +34,9 @@ pub enum EngineError {
     /// Sluice, or for a different query).
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// This process no longer holds the lake's writer lease: it must commit nothing more.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// A broken invariant: this is a bug in Sluice.
     #[error("internal error (this is a bug in Sluice): {0}")]
     Internal(String),

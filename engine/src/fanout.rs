@@ -5,14 +5,17 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, mpsc};
 
 use crate::message::Message;
+use crate::time::EventTime;
 
 /// A hub that delivers each message to every current subscriber, in order, over bounded
 /// channels.
 ///
 /// `send` waits until every subscriber has room, so the slowest reader sets the pace
 /// (backpressure, as in Flink). A subscriber that dropped its receiver is removed on the next
-/// send. Readers that subscribe later see only later messages. After [`Message::End`] is sent
-/// the hub is finished and new subscribers receive `End` at once.
+/// send. Readers that subscribe later see only later messages, after the last watermark sent
+/// (a promise about every later message, so theirs too: a reader that joins a quiet hub still
+/// knows how far event time is). After [`Message::End`] is sent the hub is finished and new
+/// subscribers receive `End` at once.
 ///
 /// A producer that fails calls [`FanOut::abort`] instead of sending `End`: its subscribers'
 /// channels close without `End`, which tells them the input did not finish (what they hold
@@ -30,6 +33,8 @@ struct Inner {
     ended: bool,
     /// Ended by [`FanOut::abort`], without `End`.
     aborted: bool,
+    /// The last watermark sent: a new subscriber gets it first.
+    watermark: Option<EventTime>,
 }
 
 /// The receiving side of a [`FanOut`] subscription.
@@ -60,6 +65,10 @@ impl FanOut {
             // Capacity is at least one, so this cannot fail.
             let _ = tx.try_send(Message::End);
         } else {
+            if let Some(t) = inner.watermark {
+                // A fresh channel has room: this cannot fail.
+                let _ = tx.try_send(Message::Watermark(t));
+            }
             inner.subscribers.push(tx);
         }
         drop(inner);
@@ -106,6 +115,9 @@ impl FanOut {
                 return 0;
             }
             let is_end = matches!(msg, Message::End);
+            if let Message::Watermark(t) = &msg {
+                inner.watermark = Some(inner.watermark.map_or(*t, |w| w.max(*t)));
+            }
             if is_end {
                 inner.ended = true;
                 (std::mem::take(&mut inner.subscribers), true)
@@ -159,7 +171,19 @@ impl FanOut {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::time::EventTime;
+
+    #[tokio::test]
+    async fn a_late_subscriber_gets_the_last_watermark_first() {
+        let hub = FanOut::new("t");
+        let mut early = hub.subscribe(4);
+        hub.send(Message::Watermark(EventTime(5))).await;
+        hub.send(Message::Watermark(EventTime(7))).await;
+        let mut late = hub.subscribe(4);
+        hub.send(Message::End).await;
+        assert!(matches!(early.recv().await, Some(Message::Watermark(EventTime(5)))));
+        assert!(matches!(late.recv().await, Some(Message::Watermark(EventTime(7)))));
+        assert!(matches!(late.recv().await, Some(Message::End)));
+    }
 
     #[tokio::test]
     async fn every_subscriber_gets_every_message_in_order() {

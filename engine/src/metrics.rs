@@ -103,6 +103,53 @@ impl Metrics {
         self.watermark.fetch_max(t.0, Ordering::Relaxed);
     }
 
+    /// The counters a checkpoint keeps, by name (see [`Metrics::restore_counters`]).
+    pub fn counters(&self) -> std::collections::BTreeMap<String, i64> {
+        let s = self.snapshot();
+        let mut c: std::collections::BTreeMap<String, i64> = [
+            ("rows_in", s.rows_in),
+            ("rows_out", s.rows_out),
+            ("bad_records", s.bad_records),
+            ("batches", s.batches),
+            ("late_events", s.late_events),
+            ("duplicates", s.duplicates),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), i64::try_from(v).unwrap_or(i64::MAX)))
+        .collect();
+        for (k, v) in [("last_event_time", s.last_event_time), ("watermark", s.watermark)] {
+            if let Some(t) = v {
+                c.insert(k.to_string(), t.0);
+            }
+        }
+        c
+    }
+
+    /// Carries counters over from a checkpoint ([`Metrics::counters`]): a restarted
+    /// pipeline goes on counting where its last checkpoint was. Unknown names are ignored.
+    pub fn restore_counters(&self, counters: &std::collections::BTreeMap<String, i64>) {
+        for (name, v) in counters {
+            let n = u64::try_from(*v).unwrap_or(0);
+            match name.as_str() {
+                "rows_in" => self.rows_in.fetch_add(n, Ordering::Relaxed),
+                "rows_out" => self.rows_out.fetch_add(n, Ordering::Relaxed),
+                "bad_records" => self.bad_records.fetch_add(n, Ordering::Relaxed),
+                "batches" => self.batches.fetch_add(n, Ordering::Relaxed),
+                "late_events" => self.late_events.fetch_add(n, Ordering::Relaxed),
+                "duplicates" => self.duplicates.fetch_add(n, Ordering::Relaxed),
+                "last_event_time" => {
+                    self.observe_event_time(EventTime(*v));
+                    continue;
+                }
+                "watermark" => {
+                    self.observe_watermark(EventTime(*v));
+                    continue;
+                }
+                _ => continue,
+            };
+        }
+    }
+
     /// Reads all counters.
     pub fn snapshot(&self) -> MetricsSnapshot {
         let opt = |v: i64| (v != i64::MIN).then_some(EventTime(v));

@@ -335,6 +335,7 @@ async fn process_and_snapshot(
         let state = Payload::State {
             operators: chain.snapshot()?,
             rejected: delivery.take_held(merged),
+            counters: delivery.metrics.counters(),
         };
         match epoch {
             Some(e) => h.report(e, state),

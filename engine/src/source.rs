@@ -111,6 +111,18 @@ impl WatermarkTracker {
         Some(EventTime(max))
     }
 
+    /// What a checkpoint keeps: the largest event time seen and the watermark emitted.
+    pub fn state(&self) -> (Option<i64>, Option<i64>) {
+        (self.max_seen, self.emitted)
+    }
+
+    /// Takes back [`Self::state`] from a checkpoint; returns the watermark to send again.
+    pub fn restore(&mut self, max_seen: Option<i64>, emitted: Option<i64>) -> Option<EventTime> {
+        self.max_seen = self.max_seen.max(max_seen);
+        self.emitted = self.emitted.max(emitted);
+        self.emitted.map(EventTime)
+    }
+
     /// The watermark to emit, if it advanced since the last call.
     pub fn advance(&mut self) -> Option<EventTime> {
         let wm = self.max_seen?.saturating_sub(self.delay_micros);

@@ -36,15 +36,27 @@ fn path(lake: &Lake) -> Path {
 
 /// Reads the catalog; an absent file is an empty catalog.
 pub async fn load(lake: &Lake) -> Result<Vec<Entry>> {
-    let Some(bytes) = lake.get_opt(&path(lake)).await? else {
+    match raw(lake).await? {
+        Some(bytes) => parse(&bytes).map_err(|e| ServerError::Internal(format!("{}: {e}", path(lake)))),
+        None => Ok(vec![]),
+    }
+}
+
+/// The catalog file's bytes, if there is one.
+pub async fn raw(lake: &Lake) -> Result<Option<Vec<u8>>> {
+    Ok(lake.get_opt(&path(lake)).await?.map(|b| b.to_vec()))
+}
+
+/// The entries of a catalog file's bytes (none for empty bytes).
+pub fn parse(bytes: &[u8]) -> Result<Vec<Entry>> {
+    if bytes.is_empty() {
         return Ok(vec![]);
-    };
-    let file: CatalogFile = serde_json::from_slice(&bytes)
-        .map_err(|e| ServerError::Internal(format!("{}: unreadable catalog: {e}", path(lake))))?;
+    }
+    let file: CatalogFile = serde_json::from_slice(bytes)
+        .map_err(|e| ServerError::Internal(format!("unreadable catalog: {e}")))?;
     if file.version > CATALOG_VERSION {
         return Err(ServerError::Internal(format!(
-            "{}: catalog version {} was written by a newer Sluice (this one reads up to {CATALOG_VERSION})",
-            path(lake),
+            "catalog version {} was written by a newer Sluice (this one reads up to {CATALOG_VERSION})",
             file.version
         )));
     }

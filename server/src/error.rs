@@ -15,6 +15,14 @@ pub enum ServerError {
     /// The lake could not be read or written; retrying may help.
     #[error("lake: {0}")]
     Lake(#[from] ConnectorError),
+    /// This server is not the lake's writer (a standby, or one that lost the lease): the
+    /// statement must go to the writer the message names.
+    #[error("{0}")]
+    Standby(String),
+    /// Something outside Sluice failed or refused (a port in use, an unreachable service,
+    /// a denied bucket): the message says what; not a bug.
+    #[error("{0}")]
+    External(String),
     /// A bug in Sluice.
     #[error("internal error (this is a bug in Sluice): {0}")]
     Internal(String),
@@ -27,6 +35,9 @@ impl ServerError {
             ServerError::Sql(e) => e.sqlstate(),
             ServerError::Query(e) => sluice_sql::error::datafusion_sqlstate(e),
             ServerError::Lake(_) => "58030",
+            // Postgres's answer to a write on a hot standby.
+            ServerError::Standby(_) => "25006",
+            ServerError::External(_) => "58000",
             ServerError::Internal(_) => "XX000",
         }
     }

@@ -1,4 +1,4 @@
-//! The HTTP front door: `POST /v1/sources/{name}/events` and `GET /health`.
+//! The HTTP front door: `POST /v1/sources/{name}/events`, `GET /health` and `GET /ready`.
 //!
 //! Responses are JSON:
 //! - `200 {"accepted": n, "rejected": []}` — every record stored and published;
@@ -9,7 +9,9 @@
 //!   zone whole);
 //! - `404` unknown source, `409` not an `http` source, `413` body over the source's
 //!   `max_request_size`, `503` the lake could not store the request (nothing was published;
-//!   retry).
+//!   retry), or this server is a standby (the message names the writer).
+//!
+//! `GET /ready` is 200 on the lake's writer and 503 on a standby.
 
 use axum::Router;
 use axum::body::Body;
@@ -20,12 +22,13 @@ use axum::routing::{get, post};
 use serde_json::json;
 use sluice_connectors::http::IngestError;
 
-use crate::instance::Sluice;
+use crate::node::{IngestRefusal, Node};
 
-/// The HTTP routes of a Sluice instance.
-pub fn router(sluice: Sluice) -> Router {
+/// The HTTP routes of a Sluice server.
+pub fn router(sluice: Node) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/v1/sources/{name}/events", post(ingest))
         .layer(DefaultBodyLimit::disable())
         .with_state(sluice)
@@ -35,12 +38,24 @@ async fn health() -> Response {
     axum::Json(json!({"status": "ok"})).into_response()
 }
 
+/// 200 on the lake's writer; 503 on a standby, naming the writer.
+async fn ready(State(node): State<Node>) -> Response {
+    match node.ready() {
+        Ok(()) => axum::Json(json!({"status": "ready", "role": "writer"})).into_response(),
+        Err(m) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "standby", "role": "standby", "error": m})),
+        )
+            .into_response(),
+    }
+}
+
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({"error": message.into()}))).into_response()
 }
 
 async fn ingest(
-    State(sluice): State<Sluice>,
+    State(sluice): State<Node>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -57,7 +72,8 @@ async fn ingest(
                 format!("source `{name}` does not exist"),
             );
         }
-        Err(m) => return error(StatusCode::CONFLICT, m),
+        Err(IngestRefusal::Conflict(m)) => return error(StatusCode::CONFLICT, m),
+        Err(IngestRefusal::Unavailable(m)) => return error(StatusCode::SERVICE_UNAVAILABLE, m),
     };
     let limit = source.max_request_size() as usize;
     let too_large = || {

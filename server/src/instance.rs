@@ -11,8 +11,8 @@ use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 use sluice_connectors::http::HttpIngest;
-use sluice_connectors::lake::{Lake, athena_ddl, lake_schema, write_athena_ddl};
-use sluice_engine::checkpoint::Coordinator;
+use sluice_connectors::lake::{Lake, Zone, athena_ddl, lake_schema, write_athena_ddl};
+use sluice_engine::checkpoint::{Coordinator, Fence, NoFence};
 use sluice_sql::parser::{CreateSink, CreateSource, CreateStream};
 use sluice_sql::{
     ObjectKind, Relation, SluiceStatement, SqlError, parse_sql, plan_stream, source_def,
@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::adhoc::{AdHoc, PARTITION_COLUMNS};
 use crate::catalog::{self, Entry};
 use crate::error::{Result, ServerError};
+use crate::lease::WriterLease;
 use crate::runtime::{
     Input, RunningSink, RunningSource, RunningStream, start_sink, start_source, start_stream,
 };
@@ -102,6 +103,8 @@ struct Inner {
     checkpoints: Coordinator,
     /// Closed while the catalog is restored: readers start once every stream is back.
     readers_gate: tokio::sync::watch::Sender<bool>,
+    /// The writer lease this instance holds (`None`: the lake has no other writer).
+    lease: Option<WriterLease>,
 }
 
 /// An entry of the name directory.
@@ -208,14 +211,25 @@ impl State {
 }
 
 impl Sluice {
-    /// Opens the lake at `lake_location` and restores every source and stream of its catalog.
+    /// Opens the lake at `lake_location` as its only writer (tests and tools that run no
+    /// second server) and restores every source and stream of its catalog.
     pub async fn open(lake_location: &str) -> Result<Sluice> {
-        let lake = Lake::open(lake_location)?;
+        Self::open_as_writer(Lake::open(lake_location)?, None).await
+    }
+
+    /// Opens `lake` as the holder of its writer `lease` (every commit is fenced by it; see
+    /// [`crate::lease`]) and restores every source and stream of its catalog.
+    pub async fn open_as_writer(lake: Lake, lease: Option<WriterLease>) -> Result<Sluice> {
+        let fence: Arc<dyn Fence> = match &lease {
+            Some(l) => Arc::new(l.clone()),
+            None => Arc::new(NoFence),
+        };
         // Recovery first: finish the last checkpoint's commit, drop what never committed.
         let checkpoints =
-            Coordinator::open(Arc::new(lake.clone()), DEFAULT_CHECKPOINT_INTERVAL).await?;
+            Coordinator::open(Arc::new(lake.clone()), DEFAULT_CHECKPOINT_INTERVAL, fence).await?;
         let sluice = Sluice {
             inner: Arc::new(Inner {
+                lease,
                 checkpoints,
                 readers_gate: tokio::sync::watch::channel(false).0,
                 adhoc: AdHoc::new(lake.clone()),
@@ -361,6 +375,7 @@ impl Sluice {
             SluiceStatement::Show(ObjectKind::Source) => Some(show::sources_schema()),
             SluiceStatement::Show(ObjectKind::Stream) => Some(show::streams_schema()),
             SluiceStatement::Show(ObjectKind::Sink) => Some(show::sinks_schema()),
+            SluiceStatement::ShowStatus => Some(show::status_schema()),
             SluiceStatement::Describe(_) => Some(show::describe_schema()),
             SluiceStatement::ShowAthenaDdl(_) => Some(athena_schema()),
             SluiceStatement::ExplainStream(_) => Some(explain_schema()),
@@ -407,6 +422,7 @@ impl Sluice {
                 if_exists,
                 cascade,
             } => self.drop_objects(kind, names, if_exists, cascade).await,
+            SluiceStatement::ShowStatus => self.status(),
             SluiceStatement::Show(kind) => {
                 let state = self.inner.state.lock().await;
                 let batch = match kind {
@@ -708,10 +724,29 @@ impl Sluice {
             match k {
                 ObjectKind::Stream => {
                     if let Some(s) = state.streams.remove(&name) {
+                        // What it emitted so far is committed first, as at shutdown: a
+                        // checkpoint that covers it, then the stop (which discards only what
+                        // follows that checkpoint).
+                        if s.checkpointed
+                            && tokio::time::timeout(
+                                STOP_TIMEOUT,
+                                self.inner.checkpoints.checkpoint_now(),
+                            )
+                            .await
+                            .is_err()
+                        {
+                            tracing::warn!(stream = %name, "no checkpoint completed before the drop; what it emitted since the last one is not in the lake");
+                        }
                         s.stop(STOP_TIMEOUT).await;
                     }
                     // Its checkpointed state goes too: a new stream of that name starts afresh.
                     self.inner.checkpoints.deregister(&name, false);
+                    // And what it staged after that checkpoint.
+                    for (zone, dir) in [(Zone::Internal, format!("staging/{name}")), (Zone::Internal, format!("staging/errors/{name}"))] {
+                        if let Err(e) = self.inner.lake.remove_dir(zone, &dir).await {
+                            tracing::warn!(stream = %name, "cannot remove its staging folder: {e}");
+                        }
+                    }
                 }
                 ObjectKind::Source => {
                     if let Some(s) = state.sources.remove(&name) {
@@ -762,10 +797,42 @@ impl Sluice {
     }
 
     async fn persist(&self, state: &mut State) -> Result<()> {
+        self.fenced()?;
         catalog::store(&self.inner.lake, &state.entries).await
     }
 
+    /// An error once this instance no longer holds the lake's writer lease.
+    pub fn fenced(&self) -> Result<()> {
+        match &self.inner.lease {
+            Some(lease) if !lease.is_held() => Err(ServerError::Standby(format!(
+                "this server lost the lake's writer lease (generation {}) and is stopping",
+                lease.generation()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// `SHOW STATUS`: this server's role in the lake.
+    fn status(&self) -> Result<Outcome> {
+        let (generation, pg, http) = match &self.inner.lease {
+            Some(l) => {
+                let r = l.record();
+                (Some(r.generation as i64), r.pg, r.http)
+            }
+            None => (None, String::new(), String::new()),
+        };
+        show::status("writer", self.inner.lake.location(), &pg, &http, generation)
+    }
+
     async fn other(&self, stmt: DFStatement) -> Result<Outcome> {
+        run_adhoc(&self.inner.adhoc, stmt).await
+    }
+}
+
+/// Runs a statement that is not Sluice's own over the lake's tables in `adhoc`: a query, or
+/// a session statement clients send (`SET`, `BEGIN`, …).
+pub(crate) async fn run_adhoc(adhoc: &AdHoc, stmt: DFStatement) -> Result<Outcome> {
+    {
         if let DFStatement::Statement(s) = &stmt {
             match s.as_ref() {
                 Statement::StartTransaction { .. } => return Ok(Outcome::Command("BEGIN".into())),
@@ -791,9 +858,9 @@ impl Sluice {
             ))
             .into());
         }
-        let plan = self.inner.adhoc.plan(stmt).await?;
+        let plan = adhoc.plan(stmt).await?;
         let is_set = matches!(plan, datafusion::logical_expr::LogicalPlan::Statement(_));
-        let (schema, stream) = self.inner.adhoc.run(plan).await?;
+        let (schema, stream) = adhoc.run(plan).await?;
         if is_set {
             futures::TryStreamExt::try_collect::<Vec<_>>(stream).await?;
             return Ok(Outcome::Command("SET".into()));
@@ -828,7 +895,7 @@ fn collect_drop_order(
     }
 }
 
-fn is_query(stmt: &DFStatement) -> bool {
+pub(crate) fn is_query(stmt: &DFStatement) -> bool {
     match stmt {
         DFStatement::Statement(s) => matches!(
             s.as_ref(),

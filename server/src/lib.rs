@@ -9,6 +9,8 @@ pub mod catalog;
 pub mod error;
 pub mod http;
 pub mod instance;
+pub mod lease;
+pub mod node;
 pub mod pg;
 pub mod runtime;
 pub mod server;
@@ -16,4 +18,5 @@ pub mod show;
 
 pub use error::{Result, ServerError};
 pub use instance::{Outcome, Sluice};
+pub use node::Node;
 pub use server::{RunningServer, ServerConfig, start};

@@ -1,6 +1,7 @@
 //! The `sluice` binary.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -43,6 +44,32 @@ struct ServeArgs {
     /// Port 0 picks a free port (printed at startup).
     #[arg(long, env = "SLUICE_HTTP_LISTEN", default_value = "127.0.0.1:6876")]
     http_listen: SocketAddr,
+
+    /// How long the lake's writer lease lasts without renewal (renewed every third of
+    /// it). One server writes a lake; another started on the same lake is a standby that
+    /// serves queries and takes over once the writer's lease has expired.
+    #[arg(long, env = "SLUICE_LEASE_TTL", default_value = "15s", value_parser = parse_duration)]
+    lease_ttl: Duration,
+}
+
+/// A duration such as `15s`, `500ms`, `2m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 15s, 500ms, 1m)"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        other => return Err(format!("unknown unit `{other}` in `{s}`: use ms, s or m")),
+    };
+    if d < Duration::from_millis(300) {
+        return Err(format!("`{s}` is too short for a lease: at least 300ms"));
+    }
+    Ok(d)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,15 +96,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         lake: args.lake.clone(),
         pg_listen: args.pg_listen,
         http_listen: args.http_listen,
+        lease_ttl: args.lease_ttl,
     };
-    let server = sluice_server::start(&config)
-        .await
-        .with_context(|| format!("cannot start with the lake at {}", args.lake))?;
+    let server = match sluice_server::start(&config).await {
+        Ok(s) => s,
+        // A port in use, an unreachable bucket…: said as what it is, no backtrace.
+        Err(e) => {
+            eprintln!("sluice: cannot start with the lake at {}: {e}", args.lake);
+            std::process::exit(1);
+        }
+    };
     // These lines are the startup contract that scripts and tests read.
-    println!("sluice: lake {}", server.sluice.lake().location());
+    // (The http line comes last: readers may stop reading there.)
+    println!("sluice: lake {}", server.lake);
+    if !server.started_as_writer {
+        println!(
+            "sluice: standby (another server writes this lake; this one takes over when its lease expires)"
+        );
+    }
     println!("sluice: pgwire listening on {}", server.pg_addr);
     println!("sluice: http listening on {}", server.http_addr);
-    shutdown_signal().await;
+    let lost = server.lease_lost.clone();
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = lost.cancelled() => {
+            // Another server writes the lake now: stop at once, committing nothing more
+            // (no final checkpoint, no flush).
+            eprintln!("sluice: lost the lake's writer lease to another server; stopping");
+            std::process::exit(3);
+        }
+    }
     tracing::info!("shutting down: flushing pipelines to the lake");
     server.shutdown().await;
     Ok(())

@@ -30,7 +30,8 @@ use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
 
 use crate::error::ServerError;
-use crate::instance::{Outcome, Sluice};
+use crate::instance::Outcome;
+use crate::node::Node;
 
 /// The only user and database name accepted.
 pub const USER: &str = "sluice";
@@ -42,21 +43,21 @@ pub struct Prepared {
     schema: Option<SchemaRef>,
 }
 
-/// Serves one Sluice instance over the Postgres protocol.
+/// Serves one Sluice server (writer or standby) over the Postgres protocol.
 #[derive(Debug, Clone)]
 pub struct PgHandler {
-    sluice: Sluice,
+    sluice: Node,
 }
 
 impl PgHandler {
-    /// A handler for `sluice`.
-    pub fn new(sluice: Sluice) -> Self {
-        Self { sluice }
+    /// A handler for `node`.
+    pub fn new(node: Node) -> Self {
+        Self { sluice: node }
     }
 }
 
 /// Accepts connections on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, sluice: Sluice) {
+pub async fn serve(listener: TcpListener, sluice: Node) {
     let handlers = Arc::new(Handlers(Arc::new(PgHandler::new(sluice))));
     loop {
         match listener.accept().await {

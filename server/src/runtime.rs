@@ -517,8 +517,11 @@ pub async fn start_stream(
         ),
         _ => None,
     };
+    let metrics: Arc<Metrics> = Arc::default();
     if let Some(restored) = checkpoints.as_mut().and_then(|c| c.restored.take()) {
         tracing::info!(stream = %name, epoch = restored.epoch, from_parallelism = restored.parallelism, parallelism, "resuming from checkpoint");
+        // Counters, and the watermark, go on from where the checkpoint was.
+        metrics.restore_counters(&restored.counters);
         for (source, reader) in pending.iter_mut() {
             if let Some(position) = restored.positions.get(source) {
                 reader.reader.restore(position)?;
@@ -543,7 +546,6 @@ pub async fn start_stream(
         .map(|r| r.start(gate.clone()))
         .collect();
     let fanout = FanOut::new(name.as_str());
-    let metrics: Arc<Metrics> = Arc::default();
     let files_written = Arc::new(AtomicU64::new(0));
     let status: SharedStatus = Arc::new(Mutex::new(Status::Running));
     let event_time_column = plan
@@ -928,17 +930,11 @@ pub async fn start_sink(
 
 /// Deletes what an exactly-once sink still owed (`DROP SINK`).
 pub async fn forget_sink(lake: &Lake, name: &str) {
-    use sluice_engine::checkpoint::CheckpointStore;
-    let dir = format!("_sluice/sinks/{name}");
-    match lake.list(&dir).await {
-        Ok(paths) => {
-            for p in paths {
-                if let Err(e) = lake.delete(&p).await {
-                    tracing::warn!(sink = %name, "cannot delete {p}: {e}");
-                }
-            }
-        }
-        Err(e) => tracing::warn!(sink = %name, "cannot list {dir}: {e}"),
+    if let Err(e) = lake
+        .remove_dir(sluice_connectors::lake::Zone::Internal, &format!("sinks/{name}"))
+        .await
+    {
+        tracing::warn!(sink = %name, "cannot delete what it still owed: {e}");
     }
 }
 

@@ -1,12 +1,17 @@
 //! Starting the listeners of a Sluice instance (what `sluice serve` does).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use sluice_connectors::lake::Lake;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Result, ServerError};
 use crate::instance::Sluice;
+use crate::lease::{self, Acquired, Candidate, WriterLease};
+use crate::node::Node;
 
 /// Where to put the lake and the listeners.
 #[derive(Debug, Clone)]
@@ -17,38 +22,99 @@ pub struct ServerConfig {
     pub pg_listen: SocketAddr,
     /// HTTP listener address (port 0: any free port).
     pub http_listen: SocketAddr,
+    /// How long the writer lease lasts without renewal (`--lease-ttl`).
+    pub lease_ttl: Duration,
 }
 
 /// A started server.
 #[derive(Debug)]
 pub struct RunningServer {
-    /// The instance.
-    pub sluice: Sluice,
+    /// Writer or standby.
+    pub node: Node,
+    /// The lake's location, for messages.
+    pub lake: String,
     /// Where the Postgres-protocol listener is bound.
     pub pg_addr: SocketAddr,
     /// Where the HTTP listener is bound.
     pub http_addr: SocketAddr,
+    /// `Some(writer)` if this server started as the lake's writer, `None` as a standby.
+    pub started_as_writer: bool,
+    /// Cancelled when this server loses the writer lease after holding it: it must stop
+    /// at once, committing nothing more.
+    pub lease_lost: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Binds both listeners, opens the lake (restoring its catalog) and starts serving.
+/// Binds both listeners, opens the lake and takes its writer lease (restoring the catalog
+/// and running every pipeline), or serves as a standby until the lease expires.
 pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
     let bind = |what: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|e| ServerError::Internal(format!("cannot listen on {addr} ({what}): {e}")))
+        TcpListener::bind(addr).await.map_err(|e| {
+            ServerError::External(format!("cannot listen on {addr} ({what}): {e}"))
+        })
     };
     let pg = bind("--pg-listen", config.pg_listen).await?;
     let http = bind("--http-listen", config.http_listen).await?;
     let local = |l: &TcpListener| {
         l.local_addr()
-            .map_err(|e| ServerError::Internal(e.to_string()))
+            .map_err(|e| ServerError::External(e.to_string()))
     };
     let (pg_addr, http_addr) = (local(&pg)?, local(&http)?);
-    let sluice = Sluice::open(&config.lake).await?;
-    let app = crate::http::router(sluice.clone());
+    let lake = Lake::open(&config.lake)?;
+    let me = Candidate {
+        pg: pg_addr.to_string(),
+        http: http_addr.to_string(),
+        ttl: config.lease_ttl,
+    };
+    let lease_lost = CancellationToken::new();
+    let forward = |lease: &WriterLease| {
+        let (lost, ours) = (lease.lost(), lease_lost.clone());
+        tokio::spawn(async move {
+            lost.cancelled().await;
+            ours.cancel();
+        });
+    };
+    let (node, started_as_writer) = match lease::acquire(&lake, me).await? {
+        Acquired::Writer(lease) => {
+            forward(&lease);
+            let sluice = Sluice::open_as_writer(lake.clone(), Some(lease)).await?;
+            (Node::writer(sluice), true)
+        }
+        Acquired::Standby(standby) => {
+            let holder = standby.holder.lock().unwrap_or_else(|e| e.into_inner()).describe();
+            tracing::info!("standby: the lake's writer is {holder}; serving queries, taking over when its lease expires");
+            let node = Node::standby(lake.clone(), std::sync::Arc::clone(&standby.holder));
+            let promoted = node.clone();
+            let lost = lease_lost.clone();
+            let lake = lake.clone();
+            tokio::spawn(async move {
+                let lease = match standby.take_over().await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!("standby: cannot take the writer lease: {e}");
+                        return;
+                    }
+                };
+                let (from, to) = (lease.lost(), lost.clone());
+                tokio::spawn(async move {
+                    from.cancelled().await;
+                    to.cancel();
+                });
+                tracing::info!("standby: taking over as the lake's writer");
+                match Sluice::open_as_writer(lake, Some(lease)).await {
+                    Ok(sluice) => promoted.promote(sluice),
+                    Err(e) => {
+                        tracing::error!("cannot take over the lake: {e}");
+                        lost.cancel();
+                    }
+                }
+            });
+            (node, false)
+        }
+    };
+    let app = crate::http::router(node.clone());
     let tasks = vec![
-        tokio::spawn(crate::pg::serve(pg, sluice.clone())),
+        tokio::spawn(crate::pg::serve(pg, node.clone())),
         tokio::spawn(async move {
             if let Err(e) = axum::serve(http, app).await {
                 tracing::error!(error = %e, "http listener failed");
@@ -56,9 +122,12 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
         }),
     ];
     Ok(RunningServer {
-        sluice,
+        node,
+        lake: lake.location().to_string(),
         pg_addr,
         http_addr,
+        started_as_writer,
+        lease_lost,
         tasks,
     })
 }
@@ -69,6 +138,6 @@ impl RunningServer {
         for t in &self.tasks {
             t.abort();
         }
-        self.sluice.shutdown().await;
+        self.node.shutdown().await;
     }
 }

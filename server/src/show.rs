@@ -344,3 +344,41 @@ mod tests {
         assert_eq!(checkpoints_text(fast, last(9, 2)), "every 300ms");
     }
 }
+
+/// The columns of `SHOW STATUS`.
+pub fn status_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("role", DataType::Utf8, false),
+        Field::new("lake", DataType::Utf8, false),
+        Field::new("writer_pg", DataType::Utf8, false),
+        Field::new("writer_http", DataType::Utf8, false),
+        Field::new("lease_generation", DataType::Int64, true),
+    ]))
+}
+
+/// `SHOW STATUS`: `role` is `writer` or `standby`; the writer's addresses and the lease
+/// generation as the lease says (empty and NULL for a lake without a lease).
+pub fn status(
+    role: &str,
+    lake: &str,
+    pg: &str,
+    http: &str,
+    generation: Option<i64>,
+) -> crate::Result<crate::Outcome> {
+    let schema = status_schema();
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(StringArray::from(vec![role])),
+            Arc::new(StringArray::from(vec![lake])),
+            Arc::new(StringArray::from(vec![pg])),
+            Arc::new(StringArray::from(vec![http])),
+            Arc::new(arrow::array::Int64Array::from(vec![generation])),
+        ],
+    )
+    .map_err(|e| crate::ServerError::Internal(e.to_string()))?;
+    Ok(crate::Outcome::Rows {
+        schema,
+        batches: vec![batch],
+    })
+}

@@ -9,7 +9,7 @@
 //! EXPLAIN CREATE STREAM name AS SELECT …;      -- the pipeline, without creating it
 //! CREATE SINK [IF NOT EXISTS] name FROM source_or_stream WITH (connector = '…', …);
 //! DROP SOURCE | STREAM | SINK [IF EXISTS] name [, …] [CASCADE | RESTRICT];
-//! SHOW SOURCES;  SHOW STREAMS;  SHOW SINKS;  DESCRIBE name;
+//! SHOW SOURCES;  SHOW STREAMS;  SHOW SINKS;  SHOW STATUS;  DESCRIBE name;
 //! SHOW CREATE TABLE stream FOR ATHENA;         -- the stream's Athena DDL
 //! ```
 //! Anything else is parsed by DataFusion and runs ad hoc.
@@ -116,6 +116,8 @@ pub enum SluiceStatement {
     Describe(String),
     /// `SHOW CREATE TABLE name FOR ATHENA`: the Athena DDL of a stream.
     ShowAthenaDdl(String),
+    /// `SHOW STATUS`: the server's role in its lake (writer or standby).
+    ShowStatus,
     /// Any other statement: DataFusion's to run.
     Other(Box<DFStatement>),
 }
@@ -228,6 +230,11 @@ fn parse_statement(p: &mut DFParser<'_>) -> PResult<SluiceStatement> {
         p.parser.next_token();
         p.parser.next_token();
         return Ok(SluiceStatement::Show(kind));
+    }
+    if peek_word(p, 0, "SHOW") && peek_word(p, 1, "STATUS") {
+        p.parser.next_token();
+        p.parser.next_token();
+        return Ok(SluiceStatement::ShowStatus);
     }
     if peek_word(p, 0, "SHOW") && peek_word(p, 1, "CREATE") && peek_word(p, 2, "TABLE") {
         let mut i = 3;

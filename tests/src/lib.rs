@@ -16,6 +16,7 @@ pub async fn start_server(lake: &Path) -> RunningServer {
         lake: lake.display().to_string(),
         pg_listen: "127.0.0.1:0".parse().expect("static address"),
         http_listen: "127.0.0.1:0".parse().expect("static address"),
+        lease_ttl: sluice_server::lease::DEFAULT_LEASE_TTL,
     };
     sluice_server::start(&config)
         .await

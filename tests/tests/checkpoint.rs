@@ -7,7 +7,7 @@ use std::time::Duration;
 use sluice_connectors::lake::Lake;
 use sluice_engine::FanOut;
 use sluice_engine::checkpoint::{
-    CheckpointStore, Coordinator, Payload, StagedFile, StreamRegistration,
+    CheckpointStore, Coordinator, NoFence, Payload, StagedFile, StreamRegistration,
 };
 
 /// Stages a file with `body` for `target`; returns what a writer reports for it.
@@ -31,7 +31,7 @@ async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_sur
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
     let store: Arc<dyn CheckpointStore> = Arc::new(lake.clone());
-    let coordinator = Coordinator::open(Arc::clone(&store), Duration::from_secs(3600))
+    let coordinator = Coordinator::open(Arc::clone(&store), Duration::from_secs(3600), Arc::new(NoFence))
         .await
         .unwrap();
     let mut ck = coordinator
@@ -65,6 +65,7 @@ async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_sur
         Payload::State {
             operators: vec![None],
             rejected: vec![],
+            counters: Default::default(),
         },
     );
     tokio::time::timeout(Duration::from_secs(10), coordinator.wait_for(epoch))
@@ -81,6 +82,7 @@ async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_sur
     ck.subtasks[0].finish(Payload::State {
         operators: vec![None],
         rejected: vec![],
+        counters: Default::default(),
     });
     tokio::time::timeout(Duration::from_secs(10), coordinator.checkpoint_now())
         .await
@@ -98,7 +100,7 @@ async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_sur
     // restarted stream gets the last committed position back.
     let orphan = stage(&lake, "c", "processed/s/c.parquet").await;
     drop(coordinator);
-    let coordinator = Coordinator::open(Arc::clone(&store), Duration::from_secs(3600))
+    let coordinator = Coordinator::open(Arc::clone(&store), Duration::from_secs(3600), Arc::new(NoFence))
         .await
         .unwrap();
     assert!(store.get(&orphan.staged).await.unwrap().is_none());

@@ -439,7 +439,11 @@ async fn run_checkpointed(
     };
     let lake = Lake::open(dir.to_str().unwrap()).unwrap();
     let store: Arc<dyn CheckpointStore> = Arc::new(lake.clone());
-    let coordinator = Coordinator::open(store, std::time::Duration::from_secs(3600))
+    let coordinator = Coordinator::open(
+        store,
+        std::time::Duration::from_secs(3600),
+        Arc::new(sluice_engine::checkpoint::NoFence),
+    )
         .await
         .unwrap();
     let mut ck = coordinator

@@ -701,7 +701,11 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
         .archiver("ids", Arc::clone(&schema), &lake)
         .expect("a kafka source has its own reader");
     let backfill = own.backfill.expect("start = 'earliest' backfills");
-    let coordinator = Coordinator::open(Arc::new(lake.clone()), Duration::from_secs(3600))
+    let coordinator = Coordinator::open(
+        Arc::new(lake.clone()),
+        Duration::from_secs(3600),
+        Arc::new(sluice_engine::checkpoint::NoFence),
+    )
         .await
         .unwrap();
     let registration = |name: &str, writer: bool| StreamRegistration {
@@ -786,7 +790,11 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
 
     // The restart: the source's reader resumes from the checkpoint, and the stream's
     // backfill from its own position there; it must deliver exactly what followed it.
-    let coordinator = Coordinator::open(Arc::new(lake.clone()), Duration::from_secs(3600))
+    let coordinator = Coordinator::open(
+        Arc::new(lake.clone()),
+        Duration::from_secs(3600),
+        Arc::new(sluice_engine::checkpoint::NoFence),
+    )
         .await
         .unwrap();
     let own = config

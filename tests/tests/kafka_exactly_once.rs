@@ -22,7 +22,9 @@ use sluice_connectors::kafka::{
 };
 use sluice_connectors::lake::Lake;
 use sluice_engine::Sink;
-use sluice_engine::checkpoint::{CheckpointStore, Coordinator, StreamRegistration, write_ipc};
+use sluice_engine::checkpoint::{
+    CheckpointStore, Coordinator, NoFence, StreamRegistration, write_ipc,
+};
 use sluice_tests::{create_topic, kafka_brokers, producer};
 
 const PARTITIONS: i32 = 3;
@@ -175,7 +177,7 @@ async fn epochs_owed_at_a_crash_are_delivered_once_and_rows_already_sent_are_not
     p.flush(Duration::from_secs(10)).unwrap();
 
     // The restart: the sink registers with the coordinator and finishes what is owed.
-    let coordinator = Coordinator::open(Arc::clone(&store), Duration::from_secs(3600))
+    let coordinator = Coordinator::open(Arc::clone(&store), Duration::from_secs(3600), Arc::new(NoFence))
         .await
         .unwrap();
     let registered = coordinator

@@ -131,8 +131,8 @@ impl HttpIngest {
     }
 
     /// Takes part in checkpoints: between two requests, sends each requested barrier with
-    /// the position `{"seq": last request published, "at": µs now}`. Runs until the
-    /// source is stopped.
+    /// the position `{"seq": last request published, "at": µs now, "max_event_time": µs,
+    /// "watermark": µs}`. Runs until the source is stopped.
     pub fn checkpoint(self: &std::sync::Arc<Self>, mut ck: ReaderCheckpoint) {
         let this = std::sync::Arc::clone(self);
         tokio::spawn(async move {
@@ -142,9 +142,12 @@ impl HttpIngest {
                     e = ck.requested() => e,
                 };
                 let st = this.state.lock().await;
+                let (max_seen, emitted) = st.tracker.as_ref().map(|t| t.state()).unwrap_or_default();
                 let position = serde_json::json!({
                     "seq": st.seq,
                     "at": sluice_engine::EventTime::now().micros(),
+                    "max_event_time": max_seen,
+                    "watermark": emitted,
                 });
                 ck.barrier(&this.ctx.output, epoch, position).await;
             }
@@ -172,6 +175,15 @@ impl HttpIngest {
             .map(|at| at - MICROS_PER_HOUR);
         let mut st = self.state.lock().await;
         st.seq = st.seq.max(after);
+        // Event time as it was at the checkpoint: its watermark goes out again at once, so
+        // the streams emit what it allowed even if no request ever comes again.
+        let micros = |key: &str| position.get(key).and_then(|v| v.as_i64());
+        if let Some(tracker) = &mut st.tracker
+            && let Some(wm) = tracker.restore(micros("max_event_time"), micros("watermark"))
+        {
+            self.ctx.metrics.observe_watermark(wm);
+            self.ctx.output.send(sluice_engine::Message::Watermark(wm)).await;
+        }
         let files = self.raw.sequenced_since(since).await?;
         let mut replayed = 0;
         for (seq, path) in files.into_iter().filter(|(seq, _)| *seq > after) {

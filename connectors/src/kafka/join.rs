@@ -29,6 +29,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use sluice_engine::checkpoint::ReaderCheckpoint;
+
+use crate::split_clock::ClockState;
 use sluice_engine::{
     DEFAULT_CHANNEL_CAPACITY, EngineError, FanOut, Message, SourceContext, Subscription,
 };
@@ -41,13 +43,16 @@ pub(super) type Offsets = BTreeMap<i32, i64>;
 /// enough (a checkpoint completes before the next is requested); more is slack.
 const BARRIER_POSITIONS: usize = 8;
 
-/// A checkpoint position of a Kafka reader: `{"offsets": {"<partition>": <next offset>}}`.
-pub(super) fn position_json(offsets: &Offsets) -> serde_json::Value {
+/// A checkpoint position of a Kafka reader: `{"offsets": {"<partition>": <next offset>},
+/// "event_time": …}` (the reader's [`ClockState`] at those offsets).
+pub(super) fn position_json(offsets: &Offsets, clock: &ClockState) -> serde_json::Value {
     let offsets: serde_json::Map<String, serde_json::Value> = offsets
         .iter()
         .map(|(p, o)| (p.to_string(), (*o).into()))
         .collect();
-    serde_json::json!({ "offsets": offsets })
+    let mut position = serde_json::json!({ "offsets": offsets });
+    clock.write_into(&mut position);
+    position
 }
 
 /// Whether position `a` is at or past `b` in every partition `b` names.
@@ -71,6 +76,8 @@ pub(super) struct Joined {
     pub subscription: Subscription,
     /// The shared reader's position when the stream subscribed.
     pub offsets: Offsets,
+    /// The shared reader's event time there.
+    pub clock: ClockState,
     /// The epoch of the last barrier the shared reader sent before (0: none).
     pub last_barrier: u64,
 }
@@ -85,8 +92,8 @@ pub(super) struct JoinRequest {
 struct Position {
     /// The shared reader's position after the last batch it published.
     next: Offsets,
-    /// Its position at its last barriers: (epoch, position).
-    at_barriers: VecDeque<(u64, Offsets)>,
+    /// Its checkpointed position at its last barriers: (epoch, position).
+    at_barriers: VecDeque<(u64, serde_json::Value)>,
 }
 
 /// The backfill readers' side of a shared reader: its position, and joining it.
@@ -149,8 +156,8 @@ impl Joinable {
         Ok(answer)
     }
 
-    /// The shared reader's position at its barrier of `epoch`.
-    fn position_at(&self, epoch: u64) -> Option<Offsets> {
+    /// The shared reader's checkpointed position at its barrier of `epoch`.
+    fn position_at(&self, epoch: u64) -> Option<serde_json::Value> {
         lock(&self.position)
             .at_barriers
             .iter()
@@ -174,12 +181,12 @@ impl JoinService {
 
     /// Notes the position the reader reports with its barrier of `epoch`; call before
     /// sending the barrier.
-    pub(super) fn barrier(&mut self, epoch: u64, next: &Offsets) {
+    pub(super) fn barrier(&mut self, epoch: u64, position: serde_json::Value) {
         let mut p = lock(&self.position);
         if p.at_barriers.len() == BARRIER_POSITIONS {
             p.at_barriers.pop_front();
         }
-        p.at_barriers.push_back((epoch, next.clone()));
+        p.at_barriers.push_back((epoch, position));
         self.last_barrier = epoch;
     }
 
@@ -195,9 +202,15 @@ impl JoinService {
         }
     }
 
-    /// Takes `request`, and answers every waiting request that position `next` covers by
-    /// subscribing it to `hub`. Call between batches.
-    pub(super) fn serve(&mut self, request: Option<JoinRequest>, next: &Offsets, hub: &FanOut) {
+    /// Takes `request`, and answers every waiting request that position `next` (with event
+    /// time `clock`) covers by subscribing it to `hub`. Call between batches.
+    pub(super) fn serve(
+        &mut self,
+        request: Option<JoinRequest>,
+        next: &Offsets,
+        clock: impl FnOnce() -> ClockState,
+        hub: &FanOut,
+    ) {
         self.waiting.extend(request);
         if self.waiting.is_empty() {
             return;
@@ -206,11 +219,16 @@ impl JoinService {
             .into_iter()
             .partition(|r| covers(next, &r.at));
         self.waiting = waiting;
+        if ready.is_empty() {
+            return;
+        }
+        let clock = clock();
         for r in ready {
             // A reader that stopped waiting drops its subscription; the hub forgets it.
             let _ = r.reply.send(Joined {
                 subscription: hub.subscribe(DEFAULT_CHANNEL_CAPACITY),
                 offsets: next.clone(),
+                clock: clock.clone(),
                 last_barrier: self.last_barrier,
             });
         }
@@ -247,7 +265,7 @@ pub(super) async fn relay(
                             b.epoch
                         ))
                     })?;
-                    ck.barrier(&ctx.output, b.epoch, position_json(&at)).await;
+                    ck.barrier(&ctx.output, b.epoch, at).await;
                 }
                 None => {
                     ctx.output.send(Message::Barrier(b)).await;
@@ -291,14 +309,20 @@ mod tests {
         let hub = FanOut::new("s");
         let answer = joinable.join("s", offsets(&[(0, 10)])).await.unwrap();
         let request = service.request().await;
-        service.serve(Some(request), &offsets(&[(0, 5)]), &hub);
+        service.serve(Some(request), &offsets(&[(0, 5)]), ClockState::default, &hub);
         assert_eq!(hub.subscriber_count(), 0, "not level yet");
-        service.barrier(3, &offsets(&[(0, 8)]));
-        service.serve(None, &offsets(&[(0, 12)]), &hub);
+        let at_barrier = position_json(&offsets(&[(0, 8)]), &ClockState::default());
+        service.barrier(3, at_barrier.clone());
+        let clock = ClockState {
+            splits: [("0".to_string(), 42)].into(),
+            emitted: Some(40),
+        };
+        service.serve(None, &offsets(&[(0, 12)]), || clock.clone(), &hub);
         let joined = answer.await.unwrap();
         assert_eq!(joined.offsets, offsets(&[(0, 12)]));
+        assert_eq!(joined.clock, clock, "the stream joins with the reader's event time");
         assert_eq!(joined.last_barrier, 3);
         assert_eq!(hub.subscriber_count(), 1);
-        assert_eq!(joinable.position_at(3), Some(offsets(&[(0, 8)])));
+        assert_eq!(joinable.position_at(3), Some(at_barrier));
     }
 }

@@ -27,7 +27,9 @@ use super::join::{
 use super::{FetchClient, KafkaConfig, StartPosition};
 use crate::formats::Decoder;
 use crate::lake::RecordZone;
-use crate::split_clock::{SplitClock, advance_watermark, event_times};
+use crate::split_clock::{
+    ClockState, SplitClock, advance_watermark, event_times, resend_watermark,
+};
 
 /// One record, its value copied out of the consumer into the batch's shared buffer.
 struct Record {
@@ -177,6 +179,8 @@ pub struct KafkaReader {
     wants: Wants,
     /// Where to resume, per partition (the next offset to read), from a checkpoint.
     resume: Offsets,
+    /// The event time per partition at `resume`, and the watermark sent, from a checkpoint.
+    resume_clock: ClockState,
 }
 
 impl KafkaReader {
@@ -227,6 +231,7 @@ impl KafkaReader {
             raw: None,
             errors: None,
             resume: Offsets::new(),
+            resume_clock: ClockState::default(),
         }
     }
 
@@ -580,13 +585,15 @@ impl KafkaReader {
         for p in partitions {
             clock.add(p);
         }
+        // From a checkpoint (what was read up to `resume`): each partition's event time.
+        let emitted = clock.restore(&self.resume_clock);
         Ok(Fetching {
             consumer,
             batches,
             recycle,
             decoder,
             clock,
-            emitted: None,
+            emitted,
         })
     }
 
@@ -631,6 +638,7 @@ impl KafkaReader {
         }
         let mut next_offsets = self.resume.clone();
         service.set_position(&next_offsets);
+        resend_watermark(&ctx, self.resume_clock.emitted).await;
         let mut f = self.start_fetching(&ctx, &next_offsets).await?;
         // Ticks so that quiet partitions are noticed.
         let mut idle_tick = tokio::time::interval(Duration::from_secs(1));
@@ -647,8 +655,9 @@ impl KafkaReader {
                             files.extend(zone.take_staged());
                         }
                         ck.staged(epoch, files);
-                        service.barrier(epoch, &next_offsets);
-                        ck.barrier(&ctx.output, epoch, position_json(&next_offsets)).await;
+                        let position = position_json(&next_offsets, &f.clock_state());
+                        service.barrier(epoch, position.clone());
+                        ck.barrier(&ctx.output, epoch, position).await;
                     }
                     to_commit.insert(epoch, next_offsets.clone());
                 }
@@ -661,12 +670,12 @@ impl KafkaReader {
                 }
                 // Between two batches: a stream that joins now gets every row from here on.
                 request = service.request() => {
-                    service.serve(Some(request), &next_offsets, &ctx.output);
+                    service.serve(Some(request), &next_offsets, || f.clock_state(), &ctx.output);
                 }
                 batch = f.next() => {
                     self.handle(&ctx, &mut f, batch?, &mut next_offsets).await?;
                     service.set_position(&next_offsets);
-                    service.serve(None, &next_offsets, &ctx.output);
+                    service.serve(None, &next_offsets, || f.clock_state(), &ctx.output);
                 }
                 _ = idle_tick.tick() => advance_watermark(&ctx, &f.clock, &mut f.emitted).await,
             }
@@ -681,6 +690,7 @@ impl KafkaReader {
     ) -> sluice_engine::Result<()> {
         let mut checkpoint = ctx.checkpoint.take();
         let mut mine = self.resume.clone();
+        resend_watermark(&ctx, self.resume_clock.emitted).await;
         // Within a batch of the shared reader: joining now keeps the hub waiting at most
         // that long while this reader reads what lies between.
         let level = self.config.batch_size as i64;
@@ -695,7 +705,7 @@ impl KafkaReader {
                     biased;
                     _ = ctx.cancel.cancelled() => return Ok(()),
                     epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
-                        barrier(&ctx, &mut checkpoint, epoch, &mine).await;
+                        barrier(&ctx, &mut checkpoint, epoch, position_json(&mine, &f.clock_state())).await;
                     }
                     batch = f.next() => {
                         self.handle(&ctx, &mut f, batch?, &mut mine).await?;
@@ -719,7 +729,8 @@ impl KafkaReader {
                 biased;
                 _ = ctx.cancel.cancelled() => return Ok(()),
                 epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
-                    barrier(&ctx, &mut checkpoint, epoch, &mine).await;
+                    let clock = fetching.as_ref().map_or_else(|| self.resume_clock.clone(), Fetching::clock_state);
+                    barrier(&ctx, &mut checkpoint, epoch, position_json(&mine, &clock)).await;
                 }
                 joined = &mut answer => break joined.map_err(|_| gone(&self.name))?,
             }
@@ -727,6 +738,7 @@ impl KafkaReader {
         let Joined {
             subscription,
             offsets: target,
+            clock: target_clock,
             last_barrier,
         } = joined;
         // What the shared reader read before the join and this reader has not.
@@ -740,7 +752,7 @@ impl KafkaReader {
                     biased;
                     _ = ctx.cancel.cancelled() => return Ok(()),
                     epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
-                        barrier(&ctx, &mut checkpoint, epoch, &mine).await;
+                        barrier(&ctx, &mut checkpoint, epoch, position_json(&mine, &f.clock_state())).await;
                     }
                     batch = f.next() => {
                         let mut batch = batch?;
@@ -758,7 +770,8 @@ impl KafkaReader {
             && let Some(epoch) = ck.due()
             && epoch <= last_barrier
         {
-            ck.barrier(&ctx.output, epoch, position_json(&target)).await;
+            ck.barrier(&ctx.output, epoch, position_json(&target, &target_clock))
+                .await;
         }
         relay(&self.name, &joinable, subscription, &ctx, checkpoint).await
     }
@@ -773,15 +786,15 @@ fn report_lag(ctx: &SourceContext, joinable: &Joinable, mine: &Offsets) -> i64 {
     total
 }
 
-/// Sends a backfill reader's barrier of `epoch`, at its position `mine`.
+/// Sends a backfill reader's barrier of `epoch`, at its checkpointed `position`.
 async fn barrier(
     ctx: &SourceContext,
     checkpoint: &mut Option<ReaderCheckpoint>,
     epoch: u64,
-    mine: &Offsets,
+    position: serde_json::Value,
 ) {
     if let Some(ck) = checkpoint {
-        ck.barrier(&ctx.output, epoch, position_json(mine)).await;
+        ck.barrier(&ctx.output, epoch, position).await;
     }
 }
 
@@ -798,6 +811,11 @@ struct Fetching {
 }
 
 impl Fetching {
+    /// Its event time, as a checkpoint keeps it.
+    fn clock_state(&self) -> ClockState {
+        self.clock.state(self.emitted)
+    }
+
     /// The next batch of records.
     ///
     /// # Cancel safety
@@ -818,7 +836,8 @@ impl SourceReader for KafkaReader {
         true
     }
 
-    /// Position: `{"offsets": {"<partition>": <next offset>}}`. Partitions it does not
+    /// Position: `{"offsets": {"<partition>": <next offset>}, "event_time": …}` (the event
+    /// time per partition and the watermark sent, [`ClockState`]). Partitions it does not
     /// name (added since) start at the `start` option.
     fn restore(&mut self, position: &serde_json::Value) -> sluice_engine::Result<()> {
         let bad = || {
@@ -835,6 +854,7 @@ impl SourceReader for KafkaReader {
             let p: i32 = p.parse().map_err(|_| bad())?;
             self.resume.insert(p, o.as_i64().ok_or_else(bad)?);
         }
+        self.resume_clock = ClockState::read_from(position).ok_or_else(bad)?;
         if let Some(service) = &self.service {
             // Streams starting before it runs compare themselves with where it resumes.
             service.set_position(&self.resume);

@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use super::{KinesisConfig, KinesisStart, compare_sequence_numbers};
 use crate::formats::Decoder;
 use crate::lake::RecordZone;
-use crate::split_clock::{SplitClock, advance_watermark, event_times};
+use crate::split_clock::{
+    ClockState, SplitClock, advance_watermark, event_times, resend_watermark,
+};
 
 /// What a [`KinesisReader`] does with what it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +76,8 @@ pub struct KinesisReader {
     errors: Option<RecordZone>,
     /// Where to resume, from a checkpoint.
     resume: Option<Resume>,
+    /// The event time per shard there, and the watermark sent, from a checkpoint.
+    resume_clock: ClockState,
 }
 
 /// A checkpointed position: per shard started, the sequence number of the last record
@@ -117,6 +121,7 @@ impl KinesisReader {
             raw: None,
             errors: None,
             resume: None,
+            resume_clock: ClockState::default(),
         }
     }
 
@@ -136,6 +141,7 @@ impl KinesisReader {
             raw,
             errors: Some(errors),
             resume: None,
+            resume_clock: ClockState::default(),
         }
     }
 
@@ -427,14 +433,17 @@ impl SourceReader for KinesisReader {
         true
     }
 
-    /// Position: `{"shards": {"<shard id>": "<last sequence number>" | null}, "ended": [...]}`.
+    /// Position: `{"shards": {"<shard id>": "<last sequence number>" | null}, "ended": [...],
+    /// "event_time": …}` (the event time per shard and the watermark sent, [`ClockState`]).
     fn restore(&mut self, position: &serde_json::Value) -> sluice_engine::Result<()> {
-        self.resume = Some(Resume::from_json(position).ok_or_else(|| {
+        let bad = || {
             EngineError::Checkpoint(format!(
                 "kinesis source `{}`: position {position} is not {{\"shards\": {{…}}, \"ended\": […]}}",
                 self.name
             ))
-        })?);
+        };
+        self.resume = Some(Resume::from_json(position).ok_or_else(bad)?);
+        self.resume_clock = ClockState::read_from(position).ok_or_else(bad)?;
         Ok(())
     }
 
@@ -457,7 +466,11 @@ impl SourceReader for KinesisReader {
         let mut known: BTreeMap<String, KnownShard> = BTreeMap::new();
         let mut clock: SplitClock<String> = SplitClock::default();
         let mut lag: BTreeMap<String, i64> = BTreeMap::new();
-        let mut emitted = None;
+        // From a checkpoint: each shard's event time, and the watermark sent (again now).
+        let mut emitted = clock.restore(&self.resume_clock);
+        if self.role == ReaderRole::Stream {
+            resend_watermark(&ctx, emitted).await;
+        }
         // After a restore, shards are read on from their positions, never from `latest`.
         let mut first_listing = resume.is_none();
         let mut discovery = tokio::time::interval(DISCOVERY_INTERVAL);
@@ -560,7 +573,9 @@ impl SourceReader for KinesisReader {
                             files.extend(zone.take_staged());
                         }
                         ck.staged(epoch, files);
-                        ck.barrier(&ctx.output, epoch, position.to_json()).await;
+                        let mut at = position.to_json();
+                        clock.state(emitted).write_into(&mut at);
+                        ck.barrier(&ctx.output, epoch, at).await;
                     }
                 }
                 _ = discovery.tick() => rediscover = true,

@@ -67,6 +67,9 @@ pub struct Lake {
     store_url: Url,
     /// The location as the user gave it, normalised, for messages.
     location: String,
+    /// The root directory of a local lake (folders there outlive the files moved out of
+    /// them: [`Lake::remove_dir`] removes them too).
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl Lake {
@@ -93,6 +96,7 @@ impl Lake {
                 root: Path::from(prefix.trim_end_matches('/')),
                 store_url,
                 location: location.trim_end_matches('/').to_string(),
+                local_root: None,
             });
         }
         let local = match location.strip_prefix("file://") {
@@ -113,6 +117,7 @@ impl Lake {
             root,
             store_url: Url::parse("file:///").expect("static URL"),
             location: abs.display().to_string(),
+            local_root: Some(abs),
         })
     }
 
@@ -155,6 +160,61 @@ impl Lake {
     pub async fn put(&self, path: &Path, bytes: impl Into<PutPayload>) -> Result<()> {
         self.store.put(path, bytes.into()).await?;
         Ok(())
+    }
+
+    /// Deletes every object under `<lake>/<zone>/<name>/` (and, on a local lake, the
+    /// folders that held them).
+    pub async fn remove_dir(&self, zone: Zone, name: &str) -> Result<()> {
+        for o in self.list(&self.dir(zone, name)).await? {
+            self.delete(&o).await?;
+        }
+        if let Some(root) = &self.local_root {
+            let local = root.join(zone.dir()).join(name);
+            match std::fs::remove_dir_all(&local) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(ConnectorError::InvalidLake {
+                        location: local.display().to_string(),
+                        reason: format!("cannot remove the folder: {e}"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every object under `dir`, recursively (none when it does not exist).
+    pub async fn list(&self, dir: &Path) -> Result<Vec<Path>> {
+        use futures::TryStreamExt;
+        match self.store.list(Some(dir)).try_collect::<Vec<_>>().await {
+            Ok(objects) => Ok(objects.into_iter().map(|o| o.location).collect()),
+            Err(object_store::Error::NotFound { .. }) => Ok(vec![]),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes an object; one that does not exist is not an error.
+    pub async fn delete(&self, path: &Path) -> Result<()> {
+        match self.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes a whole object only if none exists at `path` (`If-None-Match: *` on S3, a
+    /// hard link on a local directory); returns whether it was written.
+    pub async fn put_if_absent(&self, path: &Path, bytes: impl Into<PutPayload>) -> Result<bool> {
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        match self.store.put_opts(path, bytes.into(), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Reads a whole object, or `None` if it does not exist.
@@ -209,6 +269,14 @@ impl sluice_engine::checkpoint::CheckpointStore for Lake {
             .await
             .map_err(|e| lake_error(path, e))?;
         Ok(())
+    }
+
+    async fn put_new(&self, path: &str, bytes: bytes::Bytes) -> sluice_engine::Result<bool> {
+        let p = self.absolute(path)?;
+        match self.put_if_absent(&p, bytes).await {
+            Ok(written) => Ok(written),
+            Err(e) => Err(lake_error(path, e)),
+        }
     }
 
     async fn get(&self, path: &str) -> sluice_engine::Result<Option<bytes::Bytes>> {
