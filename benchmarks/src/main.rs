@@ -324,7 +324,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
                 args.checkpoint_interval,
                 Arc::new(sluice_engine::checkpoint::NoFence),
             )
-                .await?,
+            .await?,
         )
     } else {
         None

@@ -248,7 +248,11 @@ mod tests {
             "split 3 had delivered nothing: it still holds the watermark back"
         );
         restored.delivered(3, Some(500));
-        assert_eq!(restored.watermark(&spec(None)), Some(60), "min(100, 70, 500) - 10");
+        assert_eq!(
+            restored.watermark(&spec(None)),
+            Some(60),
+            "min(100, 70, 500) - 10"
+        );
         assert_eq!(
             ClockState::read_from(&serde_json::json!({ "offsets": {} })),
             Some(ClockState::default()),

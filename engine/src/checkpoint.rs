@@ -537,13 +537,19 @@ impl Coordinator {
             fence.check()?;
             let bytes = serde_json::to_vec_pretty(&claim).expect("the manifest serialises");
             if store
-                .put_new(&format!("{}/manifest.json", epoch_dir(claim.epoch)), Bytes::from(bytes))
+                .put_new(
+                    &format!("{}/manifest.json", epoch_dir(claim.epoch)),
+                    Bytes::from(bytes),
+                )
                 .await?
             {
                 break claim;
             }
             // A writer we are taking over from committed that epoch meanwhile: recover it.
-            tracing::warn!(epoch = claim.epoch, "another writer committed this epoch meanwhile; recovering it");
+            tracing::warn!(
+                epoch = claim.epoch,
+                "another writer committed this epoch meanwhile; recovering it"
+            );
         };
         for leftover in store.list(STAGING_DIR).await? {
             store.delete(&leftover).await?;

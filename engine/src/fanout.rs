@@ -180,8 +180,14 @@ mod tests {
         hub.send(Message::Watermark(EventTime(7))).await;
         let mut late = hub.subscribe(4);
         hub.send(Message::End).await;
-        assert!(matches!(early.recv().await, Some(Message::Watermark(EventTime(5)))));
-        assert!(matches!(late.recv().await, Some(Message::Watermark(EventTime(7)))));
+        assert!(matches!(
+            early.recv().await,
+            Some(Message::Watermark(EventTime(5)))
+        ));
+        assert!(matches!(
+            late.recv().await,
+            Some(Message::Watermark(EventTime(7)))
+        ));
         assert!(matches!(late.recv().await, Some(Message::End)));
     }
 

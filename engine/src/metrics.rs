@@ -117,7 +117,10 @@ impl Metrics {
         .into_iter()
         .map(|(k, v)| (k.to_string(), i64::try_from(v).unwrap_or(i64::MAX)))
         .collect();
-        for (k, v) in [("last_event_time", s.last_event_time), ("watermark", s.watermark)] {
+        for (k, v) in [
+            ("last_event_time", s.last_event_time),
+            ("watermark", s.watermark),
+        ] {
             if let Some(t) = v {
                 c.insert(k.to_string(), t.0);
             }

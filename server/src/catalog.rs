@@ -37,7 +37,9 @@ fn path(lake: &Lake) -> Path {
 /// Reads the catalog; an absent file is an empty catalog.
 pub async fn load(lake: &Lake) -> Result<Vec<Entry>> {
     match raw(lake).await? {
-        Some(bytes) => parse(&bytes).map_err(|e| ServerError::Internal(format!("{}: {e}", path(lake)))),
+        Some(bytes) => {
+            parse(&bytes).map_err(|e| ServerError::Internal(format!("{}: {e}", path(lake))))
+        }
         None => Ok(vec![]),
     }
 }

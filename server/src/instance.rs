@@ -742,7 +742,10 @@ impl Sluice {
                     // Its checkpointed state goes too: a new stream of that name starts afresh.
                     self.inner.checkpoints.deregister(&name, false);
                     // And what it staged after that checkpoint.
-                    for (zone, dir) in [(Zone::Internal, format!("staging/{name}")), (Zone::Internal, format!("staging/errors/{name}"))] {
+                    for (zone, dir) in [
+                        (Zone::Internal, format!("staging/{name}")),
+                        (Zone::Internal, format!("staging/errors/{name}")),
+                    ] {
                         if let Err(e) = self.inner.lake.remove_dir(zone, &dir).await {
                             tracing::warn!(stream = %name, "cannot remove its staging folder: {e}");
                         }

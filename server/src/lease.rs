@@ -211,7 +211,9 @@ impl WriterLease {
             loop {
                 tick.tick().await;
                 if !this.is_held() {
-                    this.lose("its lease expired before it could renew it (was the process paused?)");
+                    this.lose(
+                        "its lease expired before it could renew it (was the process paused?)",
+                    );
                     return;
                 }
                 let started = Instant::now();
@@ -246,7 +248,10 @@ impl WriterLease {
 
     fn lose(&self, why: &str) {
         if !self.lost.is_cancelled() {
-            tracing::error!(generation = self.generation(), "lost the lake's writer lease: {why}");
+            tracing::error!(
+                generation = self.generation(),
+                "lost the lake's writer lease: {why}"
+            );
             self.lost.cancel();
         }
     }
@@ -271,7 +276,7 @@ pub enum Acquired {
     /// This process holds it.
     Writer(WriterLease),
     /// Another process does.
-    Standby(Standby),
+    Standby(Box<Standby>),
 }
 
 /// A standby's view of the lease: who holds it, and the wait for it to expire.
@@ -302,12 +307,12 @@ pub async fn acquire(lake: &Lake, me: Candidate) -> Result<Acquired> {
             {
                 return Ok(Acquired::Writer(lease));
             }
-            Ok(Acquired::Standby(Standby {
+            Ok(Acquired::Standby(Box::new(Standby {
                 holder: Arc::new(Mutex::new(record)),
                 chain,
                 me,
                 seen: (n, Instant::now()),
-            }))
+            })))
         }
         Some((n, record)) => match take(&chain, &me, n, record.generation).await? {
             Some(lease) => Ok(Acquired::Writer(lease)),
@@ -323,7 +328,7 @@ pub async fn acquire(lake: &Lake, me: Candidate) -> Result<Acquired> {
 
 impl Standby {
     /// Waits until the lease expires and this process takes it over.
-    pub async fn take_over(mut self) -> Result<WriterLease> {
+    pub async fn take_over(mut self: Box<Self>) -> Result<WriterLease> {
         let poll = (self.me.ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
         let host = host_name();
         loop {
@@ -385,7 +390,10 @@ async fn take(
     if !chain.create(n, &record).await? {
         return Ok(None);
     }
-    tracing::info!(generation = record.generation, "this server is the lake's writer");
+    tracing::info!(
+        generation = record.generation,
+        "this server is the lake's writer"
+    );
     let lease = WriterLease {
         held: Arc::new(Mutex::new(Held {
             number: n,

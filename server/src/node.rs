@@ -138,7 +138,10 @@ pub enum IngestRefusal {
 
 impl StandbyView {
     fn holder(&self) -> LeaseRecord {
-        self.holder.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.holder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// "this server is a standby; the writer is …".

@@ -931,7 +931,10 @@ pub async fn start_sink(
 /// Deletes what an exactly-once sink still owed (`DROP SINK`).
 pub async fn forget_sink(lake: &Lake, name: &str) {
     if let Err(e) = lake
-        .remove_dir(sluice_connectors::lake::Zone::Internal, &format!("sinks/{name}"))
+        .remove_dir(
+            sluice_connectors::lake::Zone::Internal,
+            &format!("sinks/{name}"),
+        )
         .await
     {
         tracing::warn!(sink = %name, "cannot delete what it still owed: {e}");

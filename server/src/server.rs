@@ -49,9 +49,9 @@ pub struct RunningServer {
 /// and running every pipeline), or serves as a standby until the lease expires.
 pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
     let bind = |what: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr).await.map_err(|e| {
-            ServerError::External(format!("cannot listen on {addr} ({what}): {e}"))
-        })
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServerError::External(format!("cannot listen on {addr} ({what}): {e}")))
     };
     let pg = bind("--pg-listen", config.pg_listen).await?;
     let http = bind("--http-listen", config.http_listen).await?;
@@ -81,8 +81,14 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
             (Node::writer(sluice), true)
         }
         Acquired::Standby(standby) => {
-            let holder = standby.holder.lock().unwrap_or_else(|e| e.into_inner()).describe();
-            tracing::info!("standby: the lake's writer is {holder}; serving queries, taking over when its lease expires");
+            let holder = standby
+                .holder
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .describe();
+            tracing::info!(
+                "standby: the lake's writer is {holder}; serving queries, taking over when its lease expires"
+            );
             let node = Node::standby(lake.clone(), std::sync::Arc::clone(&standby.holder));
             let promoted = node.clone();
             let lost = lease_lost.clone();

@@ -318,33 +318,6 @@ pub fn sinks<'a>(sinks: impl Iterator<Item = &'a RunningSink>) -> Result<RecordB
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checkpoints_warn_only_when_the_last_is_three_intervals_old() {
-        let every = Some(Duration::from_secs(10));
-        let last = |epoch, secs| LastCheckpoint {
-            epoch,
-            age: Duration::from_secs(secs),
-        };
-        assert_eq!(checkpoints_text(None, last(3, 100)), "off");
-        assert_eq!(checkpoints_text(every, last(3, 29)), "every 10s");
-        assert_eq!(
-            checkpoints_text(every, last(3, 45)),
-            "every 10s; behind: last (#3) completed 45s ago"
-        );
-        assert_eq!(
-            checkpoints_text(every, last(0, 45)),
-            "every 10s; behind: none completed in 45s"
-        );
-        // Short intervals get a few seconds of slack.
-        let fast = Some(Duration::from_millis(300));
-        assert_eq!(checkpoints_text(fast, last(9, 2)), "every 300ms");
-    }
-}
-
 /// The columns of `SHOW STATUS`.
 pub fn status_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -381,4 +354,31 @@ pub fn status(
         schema,
         batches: vec![batch],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_warn_only_when_the_last_is_three_intervals_old() {
+        let every = Some(Duration::from_secs(10));
+        let last = |epoch, secs| LastCheckpoint {
+            epoch,
+            age: Duration::from_secs(secs),
+        };
+        assert_eq!(checkpoints_text(None, last(3, 100)), "off");
+        assert_eq!(checkpoints_text(every, last(3, 29)), "every 10s");
+        assert_eq!(
+            checkpoints_text(every, last(3, 45)),
+            "every 10s; behind: last (#3) completed 45s ago"
+        );
+        assert_eq!(
+            checkpoints_text(every, last(0, 45)),
+            "every 10s; behind: none completed in 45s"
+        );
+        // Short intervals get a few seconds of slack.
+        let fast = Some(Duration::from_millis(300));
+        assert_eq!(checkpoints_text(fast, last(9, 2)), "every 300ms");
+    }
 }

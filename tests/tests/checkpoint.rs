@@ -31,9 +31,13 @@ async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_sur
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
     let store: Arc<dyn CheckpointStore> = Arc::new(lake.clone());
-    let coordinator = Coordinator::open(Arc::clone(&store), Duration::from_secs(3600), Arc::new(NoFence))
-        .await
-        .unwrap();
+    let coordinator = Coordinator::open(
+        Arc::clone(&store),
+        Duration::from_secs(3600),
+        Arc::new(NoFence),
+    )
+    .await
+    .unwrap();
     let mut ck = coordinator
         .register(StreamRegistration {
             name: "s".into(),
@@ -100,9 +104,13 @@ async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_sur
     // restarted stream gets the last committed position back.
     let orphan = stage(&lake, "c", "processed/s/c.parquet").await;
     drop(coordinator);
-    let coordinator = Coordinator::open(Arc::clone(&store), Duration::from_secs(3600), Arc::new(NoFence))
-        .await
-        .unwrap();
+    let coordinator = Coordinator::open(
+        Arc::clone(&store),
+        Duration::from_secs(3600),
+        Arc::new(NoFence),
+    )
+    .await
+    .unwrap();
     assert!(store.get(&orphan.staged).await.unwrap().is_none());
     assert!(store.get("processed/s/c.parquet").await.unwrap().is_none());
     let ck = coordinator

@@ -444,8 +444,8 @@ async fn run_checkpointed(
         std::time::Duration::from_secs(3600),
         Arc::new(sluice_engine::checkpoint::NoFence),
     )
-        .await
-        .unwrap();
+    .await
+    .unwrap();
     let mut ck = coordinator
         .register(StreamRegistration {
             name: "s".into(),

@@ -706,8 +706,8 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
         Duration::from_secs(3600),
         Arc::new(sluice_engine::checkpoint::NoFence),
     )
-        .await
-        .unwrap();
+    .await
+    .unwrap();
     let registration = |name: &str, writer: bool| StreamRegistration {
         name: name.into(),
         sql: format!("-- {name}"),
@@ -795,8 +795,8 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
         Duration::from_secs(3600),
         Arc::new(sluice_engine::checkpoint::NoFence),
     )
-        .await
-        .unwrap();
+    .await
+    .unwrap();
     let own = config
         .archiver("ids", Arc::clone(&schema), &lake)
         .expect("a kafka source has its own reader");

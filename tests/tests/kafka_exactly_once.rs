@@ -177,9 +177,13 @@ async fn epochs_owed_at_a_crash_are_delivered_once_and_rows_already_sent_are_not
     p.flush(Duration::from_secs(10)).unwrap();
 
     // The restart: the sink registers with the coordinator and finishes what is owed.
-    let coordinator = Coordinator::open(Arc::clone(&store), Duration::from_secs(3600), Arc::new(NoFence))
-        .await
-        .unwrap();
+    let coordinator = Coordinator::open(
+        Arc::clone(&store),
+        Duration::from_secs(3600),
+        Arc::new(NoFence),
+    )
+    .await
+    .unwrap();
     let registered = coordinator
         .register(StreamRegistration {
             name: "out".into(),

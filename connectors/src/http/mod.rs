@@ -142,7 +142,8 @@ impl HttpIngest {
                     e = ck.requested() => e,
                 };
                 let st = this.state.lock().await;
-                let (max_seen, emitted) = st.tracker.as_ref().map(|t| t.state()).unwrap_or_default();
+                let (max_seen, emitted) =
+                    st.tracker.as_ref().map(|t| t.state()).unwrap_or_default();
                 let position = serde_json::json!({
                     "seq": st.seq,
                     "at": sluice_engine::EventTime::now().micros(),
@@ -182,7 +183,10 @@ impl HttpIngest {
             && let Some(wm) = tracker.restore(micros("max_event_time"), micros("watermark"))
         {
             self.ctx.metrics.observe_watermark(wm);
-            self.ctx.output.send(sluice_engine::Message::Watermark(wm)).await;
+            self.ctx
+                .output
+                .send(sluice_engine::Message::Watermark(wm))
+                .await;
         }
         let files = self.raw.sequenced_since(since).await?;
         let mut replayed = 0;

@@ -309,7 +309,12 @@ mod tests {
         let hub = FanOut::new("s");
         let answer = joinable.join("s", offsets(&[(0, 10)])).await.unwrap();
         let request = service.request().await;
-        service.serve(Some(request), &offsets(&[(0, 5)]), ClockState::default, &hub);
+        service.serve(
+            Some(request),
+            &offsets(&[(0, 5)]),
+            ClockState::default,
+            &hub,
+        );
         assert_eq!(hub.subscriber_count(), 0, "not level yet");
         let at_barrier = position_json(&offsets(&[(0, 8)]), &ClockState::default());
         service.barrier(3, at_barrier.clone());
@@ -320,7 +325,10 @@ mod tests {
         service.serve(None, &offsets(&[(0, 12)]), || clock.clone(), &hub);
         let joined = answer.await.unwrap();
         assert_eq!(joined.offsets, offsets(&[(0, 12)]));
-        assert_eq!(joined.clock, clock, "the stream joins with the reader's event time");
+        assert_eq!(
+            joined.clock, clock,
+            "the stream joins with the reader's event time"
+        );
         assert_eq!(joined.last_barrier, 3);
         assert_eq!(hub.subscriber_count(), 1);
         assert_eq!(joinable.position_at(3), Some(at_barrier));
