@@ -336,6 +336,9 @@ impl Sluice {
             s.drain(STOP_TIMEOUT).await;
         }
         self.inner.shutdown.cancel();
+        if let Some(lease) = &self.inner.lease {
+            lease.release(&self.inner.lake).await;
+        }
     }
 
     /// Executes every statement in `sql`, in order, stopping at the first error (which is

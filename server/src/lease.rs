@@ -64,6 +64,9 @@ pub struct LeaseRecord {
     pub written_at_micros: i64,
     /// The holder's TTL, ms.
     pub ttl_ms: u64,
+    /// The holder stopped and gave the lease up: the next server takes it at once.
+    #[serde(default)]
+    pub released: bool,
 }
 
 impl LeaseRecord {
@@ -197,6 +200,21 @@ impl WriterLease {
         !self.lost.is_cancelled() && Instant::now() < self.lock().deadline
     }
 
+    /// Gives the lease up at a clean shutdown (after the final checkpoint): renewals stop
+    /// and the next number says so, so the next server takes over at once.
+    pub async fn release(&self, lake: &Lake) {
+        let (n, mut record) = {
+            let h = self.lock();
+            (h.number + 1, h.record.clone())
+        };
+        self.lost.cancel();
+        record.released = true;
+        record.written_at_micros = sluice_engine::EventTime::now().micros();
+        if let Err(e) = (Chain { lake: lake.clone() }).create(n, &record).await {
+            tracing::warn!("cannot release the writer lease: {e}");
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -296,7 +314,7 @@ pub async fn acquire(lake: &Lake, me: Candidate) -> Result<Acquired> {
     let newest = chain.newest().await?;
     let host = host_name();
     match newest {
-        Some((n, record)) if !record.holder_is_gone(&host) => {
+        Some((n, record)) if !record.holder_is_gone(&host) && !record.released => {
             let expired_by_the_clock = sluice_engine::EventTime::now().micros()
                 > record.written_at_micros
                     + 2 * i64::try_from(record.ttl_ms.max(me.ttl.as_millis() as u64))
@@ -351,7 +369,7 @@ impl Standby {
             }
             let ttl = Duration::from_millis(record.ttl_ms).max(self.me.ttl);
             let generation = record.generation;
-            let gone = record.holder_is_gone(&host);
+            let gone = record.holder_is_gone(&host) || record.released;
             *self.holder.lock().unwrap_or_else(|e| e.into_inner()) = record;
             if (gone || self.seen.1.elapsed() >= ttl)
                 && let Some(lease) = take(&self.chain, &self.me, n, generation).await?
@@ -385,6 +403,7 @@ async fn take(
         http: me.http.clone(),
         written_at_micros: sluice_engine::EventTime::now().micros(),
         ttl_ms: me.ttl.as_millis() as u64,
+        released: false,
     };
     let n = after + 1;
     if !chain.create(n, &record).await? {
