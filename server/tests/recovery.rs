@@ -25,7 +25,6 @@ fn psql_err(port: u16, sql: &str) -> String {
     let out = Command::new("psql")
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
         .args(["-p", &port.to_string(), "-U", "sluice", "sluice", "-c", sql])
-        .env("PGOPTIONS", "")
         .output()
         .expect("psql runs");
     assert!(!out.status.success(), "`{sql}` should fail");
