@@ -13,6 +13,11 @@ pub fn sluice() -> Command {
 
 /// Runs `sql` with `psql` against the server on `port`; its unaligned, tuples-only output.
 pub fn psql(port: u16, sql: &str) -> String {
+    run_psql(port, sql).unwrap_or_else(|e| panic!("psql `{sql}`: {e}"))
+}
+
+/// Runs `sql` with `psql`: its unaligned, tuples-only output, or its error output.
+pub fn run_psql(port: u16, sql: &str) -> Result<String, String> {
     let out = Command::new("psql")
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
         .args(["-p", &port.to_string(), "-U", "sluice", "sluice", "-c", sql])
@@ -20,12 +25,10 @@ pub fn psql(port: u16, sql: &str) -> String {
         .unwrap_or_else(|e| {
             panic!("cannot run `psql` ({e}): install the PostgreSQL client (scripts/test.sh does)")
         });
-    assert!(
-        out.status.success(),
-        "psql `{sql}`: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8(out.stdout).unwrap())
 }
 
 /// A running `sluice serve`, killed when dropped: a test that fails leaves no server behind.
