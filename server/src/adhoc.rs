@@ -26,6 +26,7 @@ use datafusion::sql::parser::Statement as DFStatement;
 use sluice_connectors::lake::{Lake, Zone, lake_schema};
 
 use crate::error::Result;
+use crate::query_runtime;
 
 /// The partition columns every stream's table has.
 pub const PARTITION_COLUMNS: [&str; 2] = ["dt", "hour"];
@@ -104,18 +105,23 @@ impl AdHoc {
         Ok(())
     }
 
-    /// Plans a statement (without running it).
+    /// Plans a statement (without running it), on the query runtime.
     pub async fn plan(&self, stmt: DFStatement) -> Result<LogicalPlan> {
-        Ok(self.ctx.state().statement_to_plan(stmt).await?)
+        let state = self.ctx.state();
+        query_runtime::run(async move { Ok(state.statement_to_plan(stmt).await?) }).await
     }
 
-    /// Starts a planned statement; its rows come as a stream of batches, so a large result
-    /// never sits in memory whole.
+    /// Starts a planned statement on the query runtime; its rows come as a stream of
+    /// batches, so a large result never sits in memory whole. Dropping the stream stops it.
     pub async fn run(&self, plan: LogicalPlan) -> Result<(SchemaRef, SendableRecordBatchStream)> {
-        let df = self.ctx.execute_logical_plan(plan).await?;
-        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let stream = df.execute_stream().await?;
-        Ok((schema, stream))
+        let ctx = self.ctx.clone();
+        query_runtime::run(async move {
+            let df = ctx.execute_logical_plan(plan).await?;
+            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+            let stream = df.execute_stream().await?;
+            Ok((schema, query_runtime::forward(stream)))
+        })
+        .await
     }
 }
 

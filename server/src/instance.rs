@@ -14,15 +14,14 @@ use sluice_connectors::http::HttpIngest;
 use sluice_connectors::lake::{Lake, Zone, athena_ddl, lake_schema, write_athena_ddl};
 use sluice_engine::checkpoint::{Coordinator, Fence, NoFence};
 use sluice_sql::parser::{CreateSink, CreateSource, CreateStream};
-use sluice_sql::{
-    ObjectKind, Relation, SluiceStatement, SqlError, parse_sql, plan_stream, source_def,
-};
+use sluice_sql::{ObjectKind, Relation, SluiceStatement, SqlError, parse_sql, source_def};
 use tokio_util::sync::CancellationToken;
 
 use crate::adhoc::{AdHoc, PARTITION_COLUMNS};
 use crate::catalog::{self, Entry};
 use crate::error::{Result, ServerError};
 use crate::lease::WriterLease;
+use crate::query_runtime;
 use crate::runtime::{
     Input, RunningSink, RunningSource, RunningStream, start_sink, start_source, start_stream,
 };
@@ -404,7 +403,7 @@ impl Sluice {
             SluiceStatement::CreateSink(c) => self.create_sink(*c, true).await,
             SluiceStatement::ExplainStream(c) => {
                 let state = self.inner.state.lock().await;
-                let plan = plan_stream(&c, &state.relations()).await?;
+                let plan = query_runtime::plan_stream(&c, state.relations()).await?;
                 let text = plan.explain();
                 let schema = explain_schema();
                 let batch = RecordBatch::try_new(
@@ -544,7 +543,7 @@ impl Sluice {
         if state.exists_already(&c.name, ObjectKind::Stream, c.if_not_exists)? {
             return Ok(tag);
         }
-        let plan = plan_stream(&c, &state.relations()).await?;
+        let plan = query_runtime::plan_stream(&c, state.relations()).await?;
         for col in PARTITION_COLUMNS {
             if plan.output_schema.field_with_name(col).is_ok() {
                 return Err(SqlError::Invalid(format!(

@@ -12,6 +12,7 @@ pub mod instance;
 pub mod lease;
 pub mod node;
 pub mod pg;
+pub mod query_runtime;
 pub mod runtime;
 pub mod server;
 pub mod show;

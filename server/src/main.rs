@@ -84,6 +84,9 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sluice")
+        // Streams evaluate their expressions here: as deep as the planner allows (see
+        // `sluice_server::query_runtime`), which takes less stack than planning them.
+        .thread_stack_size(64 << 20)
         .build()
         .context("cannot start the async runtime")?;
     match cli.command {

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use arrow::datatypes::SchemaRef;
 use sluice_connectors::http::HttpIngest;
 use sluice_connectors::lake::Lake;
-use sluice_sql::{ObjectKind, Relation, SluiceStatement, parse_sql, plan_stream, source_def};
+use sluice_sql::{ObjectKind, Relation, SluiceStatement, parse_sql, source_def};
+
+use crate::query_runtime;
 
 use crate::adhoc::AdHoc;
 use crate::catalog;
@@ -232,7 +234,7 @@ impl StandbyView {
                     }
                 }
                 Some(SluiceStatement::CreateStream(c)) => {
-                    if let Ok(plan) = plan_stream(&c, &relations).await {
+                    if let Ok(plan) = query_runtime::plan_stream(&c, relations.clone()).await {
                         adhoc.register_stream(&c.name, &plan.output_schema)?;
                         relations.insert(
                             c.name.clone(),

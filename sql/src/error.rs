@@ -35,6 +35,9 @@ pub enum SqlError {
     /// The statement is invalid for another reason (wrong column, wrong type…).
     #[error("{0}")]
     Invalid(String),
+    /// The statement nests too deep to plan safely (see [`crate::limits`]).
+    #[error("{0}")]
+    TooComplex(String),
     /// DataFusion rejected the query. (Shown without DataFusion's error-kind prefix.)
     #[error("{}", .0.find_root().message())]
     DataFusion(#[from] DataFusionError),
@@ -55,6 +58,8 @@ impl SqlError {
             SqlError::NotSupported(_) => "0A000",
             SqlError::DependentObjects(_) => "2BP01",
             SqlError::Invalid(_) => "42000",
+            // Postgres's "stack depth limit exceeded" / "statement too complex".
+            SqlError::TooComplex(_) => "54001",
             SqlError::DataFusion(e) => datafusion_sqlstate(e),
             SqlError::Internal(_) => "XX000",
         }

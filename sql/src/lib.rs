@@ -10,6 +10,7 @@
 //! - [`window`] plans window table functions (`TUMBLE`, `HOP`, `SESSION`) in `FROM`.
 
 pub mod error;
+pub mod limits;
 pub mod parser;
 pub mod planner;
 pub mod source;

@@ -128,6 +128,7 @@ pub fn parse_sql(sql: &str) -> Result<Vec<SluiceStatement>> {
     let tokens = Tokenizer::new(&dialect, sql)
         .tokenize_with_location()
         .map_err(|e| syntax(sql, e))?;
+    crate::limits::check_complexity(&tokens)?;
     let tokens = crate::window::rewrite_flink_form(tokens);
     let mut p = DFParserBuilder::new(ParserInput::Tokens(tokens))
         .with_dialect(&dialect)

@@ -116,13 +116,32 @@ pub fn take_format(opts: &mut WithOptions, allowed: &[&str]) -> Result<RecordFor
     Ok(format)
 }
 
-/// A record value as the errors zone keeps it: text as is, binary as base64.
-pub fn payload_text(value: &[u8], binary: bool) -> String {
-    if binary {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(value)
-    } else {
-        String::from_utf8_lossy(value).into_owned()
+/// A record value as the errors zone keeps it: text as is; binary, or text that is not
+/// valid UTF-8, as base64, so that the bytes are kept exactly. The flag says which.
+pub fn payload_text(value: &[u8], binary: bool) -> (String, bool) {
+    use base64::Engine as _;
+    match std::str::from_utf8(value) {
+        Ok(text) if !binary => (text.to_string(), false),
+        _ => (
+            base64::engine::general_purpose::STANDARD.encode(value),
+            true,
+        ),
+    }
+}
+
+/// A rejected record for the errors zone, its payload kept as [`payload_text`] says.
+pub fn bad_record(
+    payload: &[u8],
+    binary: bool,
+    reason: String,
+    origin: String,
+) -> sluice_engine::BadRecord {
+    let (payload, payload_base64) = payload_text(payload, binary);
+    sluice_engine::BadRecord {
+        payload,
+        payload_base64,
+        reason,
+        origin,
     }
 }
 
@@ -147,4 +166,27 @@ pub fn with_metadata_columns(
         std::sync::Arc::clone(schema),
         columns,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_that_are_not_utf8_are_kept_byte_exact_as_base64() {
+        assert_eq!(
+            payload_text(br#"{"a":1}"#, false),
+            (r#"{"a":1}"#.to_string(), false)
+        );
+        let invalid = b"{\"a\":\"\xff\xfe\"}";
+        let (text, base64) = payload_text(invalid, false);
+        assert!(base64);
+        use base64::Engine as _;
+        let back = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .unwrap();
+        assert_eq!(back, invalid);
+        // Binary formats are always base64.
+        assert!(payload_text(b"abc", true).1);
+    }
 }

@@ -32,6 +32,7 @@ use sluice_engine::source::{WatermarkTracker, publish};
 use sluice_engine::{BadRecord, SourceContext, WithOptions};
 
 use crate::error::{ConnectorError, Result};
+use crate::formats::bad_record;
 use crate::formats::json::JsonDecoder;
 use crate::lake::{Lake, MICROS_PER_HOUR, RecordZone, Zone};
 
@@ -227,12 +228,7 @@ impl HttpIngest {
             Ok(r) if !r.is_empty() => r,
             Ok(_) => return Err(IngestError::Malformed("the body holds no records".into())),
             Err(reason) => {
-                let bad = BadRecord {
-                    payload: String::from_utf8_lossy(&body).into_owned(),
-                    payload_base64: false,
-                    reason: reason.clone(),
-                    origin: origin.to_string(),
-                };
+                let bad = bad_record(&body, false, reason.clone(), origin.to_string());
                 self.errors.put_bad_records(&[bad]).await?;
                 self.ctx.metrics.add_bad_records(1);
                 return Err(IngestError::Malformed(reason));
@@ -252,11 +248,13 @@ impl HttpIngest {
             let bad: Vec<BadRecord> = decoded
                 .errors
                 .iter()
-                .map(|e| BadRecord {
-                    payload: String::from_utf8_lossy(records[e.index].1).into_owned(),
-                    payload_base64: false,
-                    reason: e.reason.clone(),
-                    origin: format!("{origin} line {}", records[e.index].0),
+                .map(|e| {
+                    bad_record(
+                        records[e.index].1,
+                        false,
+                        e.reason.clone(),
+                        format!("{origin} line {}", records[e.index].0),
+                    )
                 })
                 .collect();
             self.errors.put_bad_records(&bad).await?;

@@ -383,15 +383,12 @@ impl KafkaReader {
         let mut failed = vec![false; values.len()];
         for e in &decoded.errors {
             failed[e.index] = true;
-            bad.push(BadRecord {
-                payload: crate::formats::payload_text(
-                    values[e.index],
-                    self.config.format.is_binary(),
-                ),
-                payload_base64: self.config.format.is_binary(),
-                reason: e.reason.clone(),
-                origin: origin(decoded_from[e.index]),
-            });
+            bad.push(crate::formats::bad_record(
+                values[e.index],
+                self.config.format.is_binary(),
+                e.reason.clone(),
+                origin(decoded_from[e.index]),
+            ));
         }
         // The shared reader reports bad records, once for the source; backfill readers skip
         // them (the shared reader read them too).

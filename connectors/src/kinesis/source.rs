@@ -216,17 +216,17 @@ impl KinesisReader {
                     .iter()
                     .map(|e| {
                         let r = &records[e.index];
-                        BadRecord {
-                            payload: crate::formats::payload_text(values[e.index], binary),
-                            payload_base64: binary,
-                            reason: e.reason.clone(),
-                            origin: format!(
+                        crate::formats::bad_record(
+                            values[e.index],
+                            binary,
+                            e.reason.clone(),
+                            format!(
                                 "kinesis stream {} shard {} sequence {}",
                                 self.config.stream,
                                 batch.shard,
                                 r.sequence_number()
                             ),
-                        }
+                        )
                     })
                     .collect();
                 ctx.metrics.add_bad_records(bad.len());

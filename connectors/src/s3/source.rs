@@ -23,6 +23,7 @@ use sluice_engine::{BadRecord, EngineError, SourceContext, SourceReader};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
 use super::{FileFormat, LandedObject, LandingConfig, created_objects};
+use crate::formats::bad_record;
 use crate::formats::csv::CsvDecoder;
 use crate::formats::json::{Decoded, JsonDecoder};
 use crate::lake::{Lake, RecordZone, Zone, unique_file_name};
@@ -431,11 +432,13 @@ impl LandingReader {
         let mut bad: Vec<BadRecord> = decoded
             .errors
             .iter()
-            .map(|e| BadRecord {
-                payload: String::from_utf8_lossy(slices[e.index]).into_owned(),
-                payload_base64: false,
-                reason: e.reason.clone(),
-                origin: format!("{origin} line {}", first_line + e.index),
+            .map(|e| {
+                bad_record(
+                    slices[e.index],
+                    false,
+                    e.reason.clone(),
+                    format!("{origin} line {}", first_line + e.index),
+                )
             })
             .collect();
         let mut rejected: Vec<usize> = decoded.errors.iter().map(|e| e.index).collect();
@@ -446,12 +449,12 @@ impl LandingReader {
             .collect();
         for (row, reason) in unfit {
             let i = decoded_lines[row];
-            bad.push(BadRecord {
-                payload: String::from_utf8_lossy(slices[i]).into_owned(),
-                payload_base64: false,
+            bad.push(bad_record(
+                slices[i],
+                false,
                 reason,
-                origin: format!("{origin} line {}", first_line + i),
-            });
+                format!("{origin} line {}", first_line + i),
+            ));
             rejected.push(i);
         }
         self.reject(ing, bad).await?;

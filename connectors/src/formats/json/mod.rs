@@ -9,6 +9,10 @@
 //! Decoding rules (arrow-json's): fields not in the schema are ignored; a missing or `null`
 //! field is NULL, which a `NOT NULL` column rejects; timestamps are RFC 3339 strings
 //! (`2024-05-01T12:00:00Z`, `2024-05-01 12:00:00`) or integers in epoch microseconds.
+//!
+//! A record that nests arrays and objects deeper than [`MAX_DEPTH`] is rejected before
+//! arrow-json sees it: its decoder and error messages recurse into nested values, and a
+//! few hundred thousand brackets (well within a request's size) would overflow the stack.
 
 use arrow::datatypes::SchemaRef;
 use arrow::json::ReaderBuilder;
@@ -17,6 +21,13 @@ use arrow::record_batch::RecordBatch;
 use crate::error::Result;
 
 mod flat;
+
+/// How deep a record may nest arrays and objects (the record's own object is level 1).
+pub const MAX_DEPTH: usize = 64;
+
+/// The longest reason a rejected record gets: arrow-json quotes the offending value, which
+/// may be most of the record.
+const MAX_REASON: usize = 300;
 
 /// After the fast path turned down an input, this many inputs go straight to arrow-json
 /// before it is tried again (so that a source whose records it never takes loses little).
@@ -92,28 +103,39 @@ impl JsonDecoder {
                 errors: vec![],
             });
         }
-        match self.decode_whole(records) {
-            Ok(batch) => Ok(Decoded {
+        // Checked only off the fast path, which takes no nested values at all.
+        let too_deep: Vec<bool> = records.iter().map(|r| nests_too_deep(r)).collect();
+        if !too_deep.contains(&true)
+            && let Ok(batch) = self.decode_whole(records)
+        {
+            return Ok(Decoded {
                 batch,
                 errors: vec![],
-            }),
-            Err(_) => {
-                let mut good = Vec::with_capacity(records.len());
-                let mut errors = Vec::new();
-                for (index, r) in records.iter().enumerate() {
-                    match self.decode_all(std::slice::from_ref(r)) {
-                        Ok(_) => good.push(*r),
-                        Err(reason) => errors.push(RecordError { index, reason }),
-                    }
-                }
-                let batch = self.decode_all(&good).map_err(|e| {
-                    sluice_engine::EngineError::Internal(format!(
-                        "records that decode one by one failed together: {e}"
-                    ))
-                })?;
-                Ok(Decoded { batch, errors })
+            });
+        }
+        let mut good = Vec::with_capacity(records.len());
+        let mut errors = Vec::new();
+        for (index, r) in records.iter().enumerate() {
+            if too_deep[index] {
+                errors.push(RecordError {
+                    index,
+                    reason: format!(
+                        "the record nests arrays and objects deeper than {MAX_DEPTH} levels"
+                    ),
+                });
+                continue;
+            }
+            match self.decode_all(std::slice::from_ref(r)) {
+                Ok(_) => good.push(*r),
+                Err(reason) => errors.push(RecordError { index, reason }),
             }
         }
+        let batch = self.decode_all(&good).map_err(|e| {
+            sluice_engine::EngineError::Internal(format!(
+                "records that decode one by one failed together: {e}"
+            ))
+        })?;
+        Ok(Decoded { batch, errors })
     }
 
     /// The fast path's batch, unless it is off or turned `records` down.
@@ -203,8 +225,50 @@ fn trim_json_whitespace(record: &[u8]) -> &[u8] {
     &record[start..end]
 }
 
-/// Rewords arrow-json's messages where they would puzzle a user.
+/// Whether `record` nests arrays and objects deeper than [`MAX_DEPTH`] (brackets inside
+/// strings do not count). One pass, no recursion.
+fn nests_too_deep(record: &[u8]) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in record {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Rewords arrow-json's messages where they would puzzle a user, and keeps them short.
 fn explain(message: &str) -> String {
+    let mut reason = reword(message);
+    if reason.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push('…');
+    }
+    reason
+}
+
+fn reword(message: &str) -> String {
     let m = message.strip_prefix("Json error: ").unwrap_or(message);
     // arrow-json names the column inside a `Field` debug print, e.g.
     // `… non-nullable StructArray child: Field { "id": Utf8 }`.
@@ -274,5 +338,55 @@ mod tests {
         );
         assert_eq!(d.errors[1].reason, "missing value for NOT NULL column `id`");
         assert_eq!(d.errors[3].reason, "not a JSON object");
+    }
+
+    #[test]
+    fn records_nested_too_deep_are_rejected_without_recursing() {
+        let deep = |levels: usize, open: &str, close: &str| {
+            format!(
+                r#"{{"id":"x","amount":{}1{},"ts":"2024-05-01T12:00:00Z"}}"#,
+                open.repeat(levels),
+                close.repeat(levels)
+            )
+        };
+        // 2 000 000 levels: far past what would overflow a recursive decoder.
+        let arrays = deep(2_000_000, "[", "]");
+        let objects = deep(200_000, r#"{"a":"#, "}");
+        // Exactly the limit (the record's object is level 1) is decoded as usual: here it
+        // is a type error, not a depth one.
+        let at_limit = deep(MAX_DEPTH - 1, "[", "]");
+        // Brackets inside strings are text.
+        let in_string = format!(
+            r#"{{"id":"{}","ts":"2024-05-01T12:00:00Z"}}"#,
+            "[".repeat(1000)
+        );
+        let recs: Vec<&[u8]> = vec![
+            arrays.as_bytes(),
+            objects.as_bytes(),
+            at_limit.as_bytes(),
+            in_string.as_bytes(),
+        ];
+        let d = decoder().decode(&recs).unwrap();
+        assert_eq!(
+            d.batch.num_rows(),
+            1,
+            "the record with brackets in a string"
+        );
+        let reasons: Vec<(usize, &str)> = d
+            .errors
+            .iter()
+            .map(|e| (e.index, e.reason.as_str()))
+            .collect();
+        let too_deep = "the record nests arrays and objects deeper than 64 levels";
+        assert_eq!(reasons[0], (0, too_deep));
+        assert_eq!(reasons[1], (1, too_deep));
+        assert_eq!(reasons[2].0, 2);
+        assert_ne!(reasons[2].1, too_deep);
+        // Reasons quote little of the record.
+        assert!(
+            reasons[2].1.len() <= MAX_REASON + '…'.len_utf8(),
+            "{}",
+            reasons[2].1
+        );
     }
 }
