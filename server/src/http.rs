@@ -8,8 +8,13 @@
 //! - `400 {"error": "…"}` — the body is not NDJSON or a JSON array (stored in the errors
 //!   zone whole);
 //! - `404` unknown source, `409` not an `http` source, `413` body over the source's
-//!   `max_request_size`, `503` the lake could not store the request (nothing was published;
-//!   retry), or this server is a standby (the message names the writer).
+//!   `max_request_size`, `415` a `Content-Type` other than [`ACCEPTED_TYPES`], `503` the lake
+//!   could not store the request (nothing was published; retry), or this server is a standby
+//!   (the message names the writer).
+//!
+//! Only JSON content types are taken: a web page can send `text/plain`, form data or a body
+//! without a type to `127.0.0.1` without the browser asking first (a "simple" CORS request),
+//! but not `application/json`.
 //!
 //! `GET /ready` is 200 on the lake's writer and 503 on a standby.
 
@@ -50,6 +55,40 @@ async fn ready(State(node): State<Node>) -> Response {
     }
 }
 
+/// The `Content-Type`s ingest takes (parameters such as `charset` aside).
+pub const ACCEPTED_TYPES: [&str; 3] = [
+    "application/json",
+    "application/x-ndjson",
+    "application/jsonl",
+];
+
+/// The refusal, unless `headers` declare one of [`ACCEPTED_TYPES`].
+fn content_type_refusal(headers: &HeaderMap) -> Option<Response> {
+    let declared = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        });
+    match declared {
+        Some(t) if ACCEPTED_TYPES.contains(&t.as_str()) => None,
+        other => Some(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "{}; send the events with Content-Type: application/x-ndjson (one object per line) or application/json",
+                match other {
+                    Some(t) => format!("Content-Type `{t}` is not taken"),
+                    None => "the request has no Content-Type".to_string(),
+                }
+            ),
+        )),
+    }
+}
+
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({"error": message.into()}))).into_response()
 }
@@ -75,6 +114,9 @@ async fn ingest(
         Err(IngestRefusal::Conflict(m)) => return error(StatusCode::CONFLICT, m),
         Err(IngestRefusal::Unavailable(m)) => return error(StatusCode::SERVICE_UNAVAILABLE, m),
     };
+    if let Some(refusal) = content_type_refusal(&headers) {
+        return refusal;
+    }
     let limit = source.max_request_size() as usize;
     let too_large = || {
         error(

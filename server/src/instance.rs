@@ -493,6 +493,10 @@ impl Sluice {
     }
 
     async fn create_source(&self, c: CreateSource, persist: bool) -> Result<Outcome> {
+        if persist {
+            // New objects only: the catalog may hold names from before the rule.
+            sluice_sql::limits::check_name(ObjectKind::Source, &c.name)?;
+        }
         let tag = Outcome::Command("CREATE SOURCE".into());
         let mut state = self.inner.state.lock().await;
         if state.exists_already(&c.name, ObjectKind::Source, c.if_not_exists)? {
@@ -538,6 +542,10 @@ impl Sluice {
     }
 
     async fn create_stream(&self, c: CreateStream, persist: bool) -> Result<Outcome> {
+        if persist {
+            // New objects only: the catalog may hold names from before the rule.
+            sluice_sql::limits::check_name(ObjectKind::Stream, &c.name)?;
+        }
         let tag = Outcome::Command("CREATE STREAM".into());
         let mut state = self.inner.state.lock().await;
         if state.exists_already(&c.name, ObjectKind::Stream, c.if_not_exists)? {
@@ -592,6 +600,10 @@ impl Sluice {
     }
 
     async fn create_sink(&self, c: CreateSink, persist: bool) -> Result<Outcome> {
+        if persist {
+            // New objects only: the catalog may hold names from before the rule.
+            sluice_sql::limits::check_name(ObjectKind::Sink, &c.name)?;
+        }
         let tag = Outcome::Command("CREATE SINK".into());
         let mut state = self.inner.state.lock().await;
         if state.exists_already(&c.name, ObjectKind::Sink, c.if_not_exists)? {

@@ -35,6 +35,9 @@ pub enum SqlError {
     /// The statement is invalid for another reason (wrong column, wrong type…).
     #[error("{0}")]
     Invalid(String),
+    /// A new object's name breaks the naming rule (see [`crate::limits::check_name`]).
+    #[error("{0}")]
+    InvalidName(String),
     /// The statement nests too deep to plan safely (see [`crate::limits`]).
     #[error("{0}")]
     TooComplex(String),
@@ -60,6 +63,7 @@ impl SqlError {
             SqlError::Invalid(_) => "42000",
             // Postgres's "stack depth limit exceeded" / "statement too complex".
             SqlError::TooComplex(_) => "54001",
+            SqlError::InvalidName(_) => "42602",
             SqlError::DataFusion(e) => datafusion_sqlstate(e),
             SqlError::Internal(_) => "XX000",
         }

@@ -1,5 +1,20 @@
-//! How complex a statement may be: a bound on the nesting of its expressions, checked on
-//! the tokens before anything builds a tree.
+//! Limits on what statements may hold: the names of new objects ([`check_name`]), and how
+//! complex a statement may be ([`check_complexity`]).
+//!
+//! ## Names
+//!
+//! A source's, stream's or sink's name becomes a folder of the lake (`processed/<name>/`,
+//! `raw/<name>/`…), an Athena table name and a key of the catalog, so one rule holds for all
+//! of them, checked before anything is started or written: 1 to 63 bytes (Postgres's
+//! identifier length) of ASCII letters, digits, `_`, `$` and `-`, starting with a letter or
+//! `_`. Such a name needs no encoding in an object-store path or a URL, so the lake's writers
+//! and readers cannot disagree on where its files are. (Names are case-folded as usual:
+//! unquoted `Orders` is `orders`.)
+//!
+//! ## Complexity
+//!
+//! A bound on the nesting of a statement's expressions, checked on the tokens before
+//! anything builds a tree.
 //!
 //! Parsing `1 + 1 + … + 1` is a loop, but the expression it builds is a chain as deep as it
 //! has terms, and everything after the parser walks such trees recursively: DataFusion's
@@ -22,6 +37,42 @@
 use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan};
 
 use crate::error::{Result, SqlError};
+
+/// The longest name, in bytes (Postgres's `NAMEDATALEN - 1`).
+pub const MAX_NAME_BYTES: usize = 63;
+
+/// Checks the name of a new `kind` object against the rule in the module docs.
+pub fn check_name(kind: crate::ObjectKind, name: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(SqlError::InvalidName(format!(
+            "invalid {kind} name \"{}\": {why}",
+            name.escape_debug()
+        )))
+    };
+    if name.is_empty() {
+        return bad("a name cannot be empty");
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return bad(&format!(
+            "{} bytes long, at most {MAX_NAME_BYTES} are allowed",
+            name.len()
+        ));
+    }
+    let first = name.chars().next().expect("not empty");
+    if !(first.is_ascii_alphabetic() || first == '_') {
+        return bad("a name starts with a letter or `_`");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '$' | '-')))
+    {
+        return bad(&format!(
+            "{:?} is not allowed: names hold ASCII letters, digits, `_`, `$` and `-` (they name folders of the lake)",
+            c
+        ));
+    }
+    Ok(())
+}
 
 /// The heaviest segment a statement may have: about 5 000 terms of `a + b + …`, 2 500 of
 /// `x = 1 OR x = 2 OR …`. (A long `IN (…)` list is not a chain: its items are siblings.)
@@ -99,6 +150,34 @@ mod tests {
             .tokenize_with_location()
             .unwrap();
         heaviest_segment(tokens.iter().map(|t| &t.token))
+    }
+
+    #[test]
+    fn names_follow_one_rule() {
+        use crate::ObjectKind::Stream;
+        for good in ["orders", "_x", "a$b", "clicks-v2", "A1", &"a".repeat(63)] {
+            check_name(Stream, good).unwrap();
+        }
+        for bad in [
+            "",
+            "../../etc",
+            "/etc",
+            "a/b",
+            "a\nb",
+            "a\tb",
+            "a%2Fb",
+            ".",
+            "..",
+            "订单",
+            "1abc",
+            "a b",
+            "a.b",
+            &"a".repeat(64),
+        ] {
+            let err = check_name(Stream, bad).unwrap_err();
+            assert_eq!(err.sqlstate(), "42602", "{bad:?}: {err}");
+            assert!(err.to_string().starts_with("invalid stream name"), "{err}");
+        }
     }
 
     #[test]

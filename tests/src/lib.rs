@@ -308,6 +308,7 @@ pub fn error_lines(lake: &Path, name: &str) -> Vec<serde_json::Value> {
 pub async fn push_events(http: std::net::SocketAddr, source: &str, lines: &[String]) -> u16 {
     reqwest::Client::new()
         .post(format!("http://{http}/v1/sources/{source}/events"))
+        .header("Content-Type", "application/x-ndjson")
         .body(lines.join("\n"))
         .send()
         .await

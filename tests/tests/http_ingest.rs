@@ -32,6 +32,7 @@ async fn setup() -> (
 async fn post(url: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
     let r = reqwest::Client::new()
         .post(url)
+        .header("Content-Type", "application/x-ndjson")
         .body(body)
         .send()
         .await

@@ -40,7 +40,10 @@ async fn windows_close_on_the_watermark_and_chain_into_coarser_windows() {
         })
         .collect();
     let push = |body: String| {
-        let request = http.post(&url).body(body);
+        let request = http
+            .post(&url)
+            .header("Content-Type", "application/x-ndjson")
+            .body(body);
         async move {
             let status = request.send().await.unwrap().status().as_u16();
             assert_eq!(status, 200, "every record is accepted by the source");
@@ -148,12 +151,24 @@ async fn dedup_counts_duplicates_and_late_events_and_honours_late_events_drop() 
             .iter()
             .flat_map(|&i| [event(i, i * 100), event(i, i * 100)])
             .collect();
-        let status = http.post(&url).body(body.join("\n")).send().await.unwrap();
+        let status = http
+            .post(&url)
+            .header("Content-Type", "application/x-ndjson")
+            .body(body.join("\n"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(status.status().as_u16(), 200);
     }
     // Then one event from long ago (late), and one far ahead that closes everything.
     for body in [event(1000, -60_000), event(2000, 3_600_000)] {
-        let status = http.post(&url).body(body).send().await.unwrap();
+        let status = http
+            .post(&url)
+            .header("Content-Type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(status.status().as_u16(), 200);
     }
     for stream in ["once", "once_quiet"] {
