@@ -5,6 +5,7 @@
 //! Athena reads. Sources have no stored rows; they are registered as tables that explain
 //! this when scanned, so `SELECT … FROM a_source` gets a useful error instead of "not found".
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -58,6 +59,7 @@ impl AdHoc {
         let cache = CacheManagerConfig::default().with_list_files_cache_limit(0);
         let runtime = RuntimeEnvBuilder::new()
             .with_cache_manager(cache)
+            .with_memory_pool(query_runtime::memory_pool())
             .build_arc()
             .expect("a runtime environment with default settings builds");
         let ctx = SessionContext::new_with_config_rt(config, runtime);
@@ -105,16 +107,43 @@ impl AdHoc {
         Ok(())
     }
 
-    /// Plans a statement (without running it), on the query runtime.
-    pub async fn plan(&self, stmt: DFStatement) -> Result<LogicalPlan> {
-        let state = self.ctx.state();
+    /// The shared DataFusion options (a copy).
+    pub fn options(&self) -> datafusion::config::ConfigOptions {
+        self.ctx.state().config_options().as_ref().clone()
+    }
+
+    /// A context for one query: the shared one, with a session's `datafusion.*` `options`
+    /// applied to a copy of its settings (the tables are shared).
+    fn session_ctx(&self, options: &BTreeMap<String, String>) -> Result<SessionContext> {
+        if options.is_empty() {
+            return Ok(self.ctx.clone());
+        }
+        let mut state = self.ctx.state();
+        for (k, v) in options {
+            state.config_mut().options_mut().set(k, v)?;
+        }
+        Ok(SessionContext::new_with_state(state))
+    }
+
+    /// Plans a statement (without running it) with a session's `options`, on the query
+    /// runtime.
+    pub async fn plan(
+        &self,
+        stmt: DFStatement,
+        options: &BTreeMap<String, String>,
+    ) -> Result<LogicalPlan> {
+        let state = self.session_ctx(options)?.state();
         query_runtime::run(async move { Ok(state.statement_to_plan(stmt).await?) }).await
     }
 
     /// Starts a planned statement on the query runtime; its rows come as a stream of
     /// batches, so a large result never sits in memory whole. Dropping the stream stops it.
-    pub async fn run(&self, plan: LogicalPlan) -> Result<(SchemaRef, SendableRecordBatchStream)> {
-        let ctx = self.ctx.clone();
+    pub async fn run(
+        &self,
+        plan: LogicalPlan,
+        options: &BTreeMap<String, String>,
+    ) -> Result<(SchemaRef, SendableRecordBatchStream)> {
+        let ctx = self.session_ctx(options)?;
         query_runtime::run(async move {
             let df = ctx.execute_logical_plan(plan).await?;
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());

@@ -23,6 +23,9 @@ pub enum ServerError {
     /// a denied bucket): the message says what; not a bug.
     #[error("{0}")]
     External(String),
+    /// The statement was stopped: its `statement_timeout` passed or the client cancelled it.
+    #[error("{0}")]
+    Canceled(String),
     /// A bug in Sluice.
     #[error("internal error (this is a bug in Sluice): {0}")]
     Internal(String),
@@ -38,6 +41,7 @@ impl ServerError {
             // Postgres's answer to a write on a hot standby.
             ServerError::Standby(_) => "25006",
             ServerError::External(_) => "58000",
+            ServerError::Canceled(_) => "57014",
             ServerError::Internal(_) => "XX000",
         }
     }

@@ -9,7 +9,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::sqlparser::ast::Statement;
+use datafusion::sql::sqlparser::ast::{Expr, Set, SetExpr, Statement, Value};
 use sluice_connectors::http::HttpIngest;
 use sluice_connectors::lake::{Lake, Zone, athena_ddl, lake_schema, write_athena_ddl};
 use sluice_engine::checkpoint::{Coordinator, Fence, NoFence};
@@ -25,6 +25,7 @@ use crate::query_runtime;
 use crate::runtime::{
     Input, RunningSink, RunningSource, RunningStream, start_sink, start_source, start_stream,
 };
+use crate::session::Session;
 use crate::show;
 
 /// How long `DROP` waits for a pipeline to flush and stop.
@@ -343,13 +344,18 @@ impl Sluice {
     /// Executes every statement in `sql`, in order, stopping at the first error (which is
     /// the last element then).
     pub async fn execute(&self, sql: &str) -> Vec<Result<Outcome>> {
+        self.execute_in(sql, &Session::default()).await
+    }
+
+    /// [`Self::execute`] in a client's `session` (its settings apply to ad-hoc queries).
+    pub async fn execute_in(&self, sql: &str, session: &Session) -> Vec<Result<Outcome>> {
         let stmts = match parse_sql(sql) {
             Ok(s) => s,
             Err(e) => return vec![Err(e.into())],
         };
         let mut out = Vec::with_capacity(stmts.len());
         for stmt in stmts {
-            let r = self.execute_statement(stmt).await;
+            let r = self.execute_statement(stmt, session).await;
             let failed = r.is_err();
             out.push(r);
             if failed {
@@ -382,7 +388,7 @@ impl Sluice {
             SluiceStatement::ShowAthenaDdl(_) => Some(athena_schema()),
             SluiceStatement::ExplainStream(_) => Some(explain_schema()),
             SluiceStatement::Other(s) if is_query(&s) => {
-                let plan = self.inner.adhoc.plan(*s).await?;
+                let plan = self.inner.adhoc.plan(*s, &Default::default()).await?;
                 if !plan.get_parameter_types()?.is_empty() {
                     return Err(SqlError::NotSupported(
                         "query parameters ($1, $2, …) are not supported yet; inline the values"
@@ -396,7 +402,7 @@ impl Sluice {
         })
     }
 
-    async fn execute_statement(&self, stmt: SluiceStatement) -> Result<Outcome> {
+    async fn execute_statement(&self, stmt: SluiceStatement, session: &Session) -> Result<Outcome> {
         match stmt {
             SluiceStatement::CreateSource(c) => self.create_source(*c, true).await,
             SluiceStatement::CreateStream(c) => self.create_stream(*c, true).await,
@@ -488,7 +494,7 @@ impl Sluice {
                     batches: vec![batch],
                 })
             }
-            SluiceStatement::Other(s) => self.other(*s).await,
+            SluiceStatement::Other(s) => run_adhoc(&self.inner.adhoc, *s, session).await,
         }
     }
 
@@ -840,49 +846,113 @@ impl Sluice {
         };
         show::status("writer", self.inner.lake.location(), &pg, &http, generation)
     }
-
-    async fn other(&self, stmt: DFStatement) -> Result<Outcome> {
-        run_adhoc(&self.inner.adhoc, stmt).await
-    }
 }
 
-/// Runs a statement that is not Sluice's own over the lake's tables in `adhoc`: a query, or
-/// a session statement clients send (`SET`, `BEGIN`, …).
-pub(crate) async fn run_adhoc(adhoc: &AdHoc, stmt: DFStatement) -> Result<Outcome> {
-    {
-        if let DFStatement::Statement(s) = &stmt {
-            match s.as_ref() {
-                Statement::StartTransaction { .. } => return Ok(Outcome::Command("BEGIN".into())),
-                Statement::Commit { .. } => return Ok(Outcome::Command("COMMIT".into())),
-                Statement::Rollback { .. } => return Ok(Outcome::Command("ROLLBACK".into())),
-                Statement::Set(set) => {
-                    let text = set.to_string().to_ascii_lowercase();
-                    if !text.contains("datafusion.") {
-                        // Session settings clients send on connect (`SET extra_float_digits`,
-                        // `SET application_name`…) are accepted and have no effect.
-                        return Ok(Outcome::Command("SET".into()));
-                    }
-                }
-                _ => {}
-            }
+/// Runs a statement that is not Sluice's own over the lake's tables in `adhoc`, in a
+/// client's `session`: a read-only query, or a session statement clients send (`SET`,
+/// `BEGIN`, …).
+pub(crate) async fn run_adhoc(
+    adhoc: &AdHoc,
+    stmt: DFStatement,
+    session: &Session,
+) -> Result<Outcome> {
+    if let DFStatement::Statement(s) = &stmt {
+        match s.as_ref() {
+            Statement::StartTransaction { .. } => return Ok(Outcome::Command("BEGIN".into())),
+            Statement::Commit { .. } => return Ok(Outcome::Command("COMMIT".into())),
+            Statement::Rollback { .. } => return Ok(Outcome::Command("ROLLBACK".into())),
+            Statement::Set(set) => return set_variable(adhoc, set, session),
+            _ => {}
         }
-        let is_set =
-            matches!(&stmt, DFStatement::Statement(s) if matches!(s.as_ref(), Statement::Set(_)));
-        if !is_query(&stmt) && !is_set {
-            return Err(SqlError::NotSupported(format!(
-                "`{}` is not supported: Sluice's relations are sources (CREATE SOURCE) and streams (CREATE STREAM); other statements must be queries",
-                statement_head(&stmt)
-            ))
-            .into());
+    }
+    if !is_query(&stmt) {
+        return Err(SqlError::NotSupported(format!(
+            "`{}` is not supported: Sluice's relations are sources (CREATE SOURCE) and streams (CREATE STREAM); other statements must be queries",
+            statement_head(&stmt)
+        ))
+        .into());
+    }
+    if selects_into(&stmt) {
+        return Err(SqlError::NotSupported(
+            "SELECT … INTO is not supported: ad-hoc queries are read-only; to keep a query's rows, CREATE STREAM … AS SELECT".into(),
+        )
+        .into());
+    }
+    let options = session.options();
+    let plan = adhoc.plan(stmt, &options).await?;
+    let (schema, stream) = adhoc.run(plan, &options).await?;
+    Ok(Outcome::Stream { schema, stream })
+}
+
+/// `SET`: `statement_timeout` and `datafusion.*` options apply to the session alone;
+/// the other settings clients send on connect (`extra_float_digits`, `application_name`…)
+/// are accepted and have no effect.
+fn set_variable(adhoc: &AdHoc, set: &Set, session: &Session) -> Result<Outcome> {
+    let done = Ok(Outcome::Command("SET".into()));
+    let Set::SingleAssignment {
+        variable, values, ..
+    } = set
+    else {
+        return done;
+    };
+    let name = variable.to_string().to_ascii_lowercase();
+    let value = match values.as_slice() {
+        [Expr::Value(v)] => match &v.value {
+            Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => s.clone(),
+            other => other.to_string(),
+        },
+        [other] => other.to_string(),
+        _ => values
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    };
+    if name == "statement_timeout" {
+        session.set_statement_timeout(parse_timeout(&value)?);
+    } else if name.starts_with("datafusion.") {
+        // Checked on a copy of the shared options: an unknown name or a bad value is an
+        // error now, not at the next query.
+        let mut options = adhoc.options();
+        options
+            .set(&name, &value)
+            .map_err(|e| SqlError::InvalidOption(e.to_string()))?;
+        session.set_option(name, value);
+    }
+    done
+}
+
+/// A `statement_timeout` value: Postgres's forms (`5000` ms, `'5s'`, `'1min'`, `0` none).
+fn parse_timeout(value: &str) -> Result<std::time::Duration> {
+    let v = value.trim();
+    if let Ok(ms) = v.parse::<u64>() {
+        return Ok(std::time::Duration::from_millis(ms));
+    }
+    sluice_engine::options::parse_duration(v).ok_or_else(|| {
+        SqlError::InvalidOption(format!(
+            "invalid value for parameter \"statement_timeout\": \"{value}\" (a duration such as '30s', '5min', or milliseconds; 0 for none)"
+        ))
+        .into()
+    })
+}
+
+/// Whether a query writes its rows into a new table (`SELECT … INTO t`).
+fn selects_into(stmt: &DFStatement) -> bool {
+    fn set_expr(e: &SetExpr) -> bool {
+        match e {
+            SetExpr::Select(s) => s.into.is_some(),
+            SetExpr::Query(q) => set_expr(&q.body),
+            SetExpr::SetOperation { left, right, .. } => set_expr(left) || set_expr(right),
+            _ => false,
         }
-        let plan = adhoc.plan(stmt).await?;
-        let is_set = matches!(plan, datafusion::logical_expr::LogicalPlan::Statement(_));
-        let (schema, stream) = adhoc.run(plan).await?;
-        if is_set {
-            futures::TryStreamExt::try_collect::<Vec<_>>(stream).await?;
-            return Ok(Outcome::Command("SET".into()));
-        }
-        Ok(Outcome::Stream { schema, stream })
+    }
+    match stmt {
+        DFStatement::Statement(s) => match s.as_ref() {
+            Statement::Query(q) => set_expr(&q.body),
+            _ => false,
+        },
+        DFStatement::Explain(e) => selects_into(&e.statement),
+        _ => false,
     }
 }
 

@@ -15,6 +15,7 @@ pub mod pg;
 pub mod query_runtime;
 pub mod runtime;
 pub mod server;
+pub mod session;
 pub mod show;
 
 pub use error::{Result, ServerError};

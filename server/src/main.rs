@@ -48,8 +48,34 @@ struct ServeArgs {
     /// How long the lake's writer lease lasts without renewal (renewed every third of
     /// it). One server writes a lake; another started on the same lake is a standby that
     /// serves queries and takes over once the writer's lease has expired.
-    #[arg(long, env = "SLUICE_LEASE_TTL", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "SLUICE_LEASE_TTL", default_value = "15s", value_parser = parse_lease)]
     lease_ttl: Duration,
+
+    /// How long an ad-hoc statement may run before it is stopped (SQLSTATE 57014), unless
+    /// its session sets its own (`SET statement_timeout = '30s'`). 0: no limit.
+    #[arg(long, env = "SLUICE_STATEMENT_TIMEOUT", default_value = "0", value_parser = parse_duration)]
+    statement_timeout: Duration,
+
+    /// The memory all ad-hoc queries may hold together (e.g. 4GB); a query that needs
+    /// more fails alone. Default: a quarter of the machine's memory.
+    #[arg(long, env = "SLUICE_QUERY_MEMORY", value_parser = parse_bytes)]
+    query_memory: Option<u64>,
+}
+
+/// A size such as `512MB`, `4GB`.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    sluice_engine::options::parse_bytes(s)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("`{s}` is not a size (e.g. 512MB, 4GB)"))
+}
+
+/// A lease's duration: at least 300 ms.
+fn parse_lease(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(300) {
+        return Err(format!("`{s}` is too short for a lease: at least 300ms"));
+    }
+    Ok(d)
 }
 
 /// A duration such as `15s`, `500ms`, `2m`.
@@ -66,9 +92,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => Duration::from_secs(n * 60),
         other => return Err(format!("unknown unit `{other}` in `{s}`: use ms, s or m")),
     };
-    if d < Duration::from_millis(300) {
-        return Err(format!("`{s}` is too short for a lease: at least 300ms"));
-    }
     Ok(d)
 }
 
@@ -100,7 +123,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         pg_listen: args.pg_listen,
         http_listen: args.http_listen,
         lease_ttl: args.lease_ttl,
+        statement_timeout: args.statement_timeout,
     };
+    if let Some(bytes) = args.query_memory {
+        sluice_server::query_runtime::set_memory_limit(bytes as usize);
+    }
     let server = match sluice_server::start(&config).await {
         Ok(s) => s,
         // A port in use, an unreachable bucket…: said as what it is, no backtrace.

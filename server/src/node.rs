@@ -15,6 +15,7 @@ use sluice_connectors::lake::Lake;
 use sluice_sql::{ObjectKind, Relation, SluiceStatement, parse_sql, source_def};
 
 use crate::query_runtime;
+use crate::session::Session;
 
 use crate::adhoc::AdHoc;
 use crate::catalog;
@@ -89,11 +90,11 @@ impl Node {
         }
     }
 
-    /// Executes every statement in `sql` (see [`Sluice::execute`]).
-    pub async fn execute(&self, sql: &str) -> Vec<Result<Outcome>> {
+    /// Executes every statement in `sql` in a client's `session` (see [`Sluice::execute`]).
+    pub async fn execute(&self, sql: &str, session: &Session) -> Vec<Result<Outcome>> {
         match self.role() {
-            Role::Writer(s) => s.execute(sql).await,
-            Role::Standby(v) => v.execute(sql).await,
+            Role::Writer(s) => s.execute_in(sql, session).await,
+            Role::Standby(v) => v.execute(sql, session).await,
         }
     }
 
@@ -154,14 +155,14 @@ impl StandbyView {
         )
     }
 
-    async fn execute(&self, sql: &str) -> Vec<Result<Outcome>> {
+    async fn execute(&self, sql: &str, session: &Session) -> Vec<Result<Outcome>> {
         let stmts = match parse_sql(sql) {
             Ok(s) => s,
             Err(e) => return vec![Err(e.into())],
         };
         let mut out = vec![];
         for stmt in stmts {
-            let r = self.statement(stmt).await;
+            let r = self.statement(stmt, session).await;
             let failed = r.is_err();
             out.push(r);
             if failed {
@@ -171,7 +172,7 @@ impl StandbyView {
         out
     }
 
-    async fn statement(&self, stmt: SluiceStatement) -> Result<Outcome> {
+    async fn statement(&self, stmt: SluiceStatement, session: &Session) -> Result<Outcome> {
         match stmt {
             SluiceStatement::ShowStatus => {
                 let h = self.holder();
@@ -183,7 +184,7 @@ impl StandbyView {
                     Some(h.generation as i64),
                 )
             }
-            SluiceStatement::Other(s) => run_adhoc(&self.adhoc().await?, *s).await,
+            SluiceStatement::Other(s) => run_adhoc(&self.adhoc().await?, *s, session).await,
             _ => Err(ServerError::Standby(format!(
                 "{}: run DDL and SHOW there",
                 self.refusal()
@@ -196,7 +197,7 @@ impl StandbyView {
         match stmts.pop() {
             Some(SluiceStatement::ShowStatus) => Ok(Some(crate::show::status_schema())),
             Some(SluiceStatement::Other(s)) if is_query(&s) => {
-                let plan = self.adhoc().await?.plan(*s).await?;
+                let plan = self.adhoc().await?.plan(*s, &Default::default()).await?;
                 Ok(Some(Arc::new(plan.schema().as_arrow().clone())))
             }
             _ => Ok(None),

@@ -7,6 +7,7 @@
 
 use std::fmt::Debug;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
@@ -16,6 +17,7 @@ use datafusion::physical_plan::SendableRecordBatchStream;
 use futures::{Sink, StreamExt, stream};
 use pgwire::api::auth::StartupHandler;
 use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::cancel::CancelHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
@@ -25,6 +27,7 @@ use pgwire::api::{
     ClientInfo, ClientPortalStore, METADATA_DATABASE, METADATA_USER, PgWireServerHandlers, Type,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::cancel::CancelRequest;
 use pgwire::messages::data::DataRow;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
@@ -32,6 +35,7 @@ use tokio::net::TcpListener;
 use crate::error::ServerError;
 use crate::instance::Outcome;
 use crate::node::Node;
+use crate::session::{Guard, Session, Sessions};
 
 /// The only user and database name accepted.
 pub const USER: &str = "sluice";
@@ -47,18 +51,61 @@ pub struct Prepared {
 #[derive(Debug, Clone)]
 pub struct PgHandler {
     sluice: Node,
+    /// The open sessions, for `CancelRequest`s.
+    sessions: Arc<Sessions>,
+    /// The `statement_timeout` of sessions that set none (zero: none).
+    statement_timeout: Duration,
 }
 
 impl PgHandler {
-    /// A handler for `node`.
-    pub fn new(node: Node) -> Self {
-        Self { sluice: node }
+    /// A handler for `node`; statements stop after `statement_timeout` unless a session
+    /// sets its own (zero: no limit).
+    pub fn new(node: Node, statement_timeout: Duration) -> Self {
+        Self {
+            sluice: node,
+            sessions: Arc::default(),
+            statement_timeout,
+        }
+    }
+
+    /// The session of `client` (made at startup).
+    fn session<C: ClientInfo>(client: &C) -> Arc<Session> {
+        let stored = client
+            .session_extensions()
+            .get_or_insert_with(|| Arc::new(Session::default()));
+        Arc::clone(&stored)
+    }
+
+    /// Runs `sql` in `client`'s session, under its `statement_timeout` and cancellation.
+    async fn run<C: ClientInfo>(&self, client: &C, sql: &str) -> Vec<crate::Result<Outcome>> {
+        let session = Self::session(client);
+        let timeout = session
+            .statement_timeout()
+            .unwrap_or(self.statement_timeout);
+        let guard = Guard::new(timeout, session.begin());
+        let results = tokio::select! {
+            r = self.sluice.execute(sql, &session) => r,
+            why = guard.stopped() => vec![Err(ServerError::Canceled(why.message().into()))],
+        };
+        results
+            .into_iter()
+            .map(|r| match r {
+                Ok(Outcome::Stream { schema, stream }) => Ok(Outcome::Stream {
+                    schema,
+                    stream: guard.rows(stream),
+                }),
+                other => other,
+            })
+            .collect()
     }
 }
 
 /// Accepts connections on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, sluice: Node) {
-    let handlers = Arc::new(Handlers(Arc::new(PgHandler::new(sluice))));
+pub async fn serve(listener: TcpListener, sluice: Node, statement_timeout: Duration) {
+    let handlers = Arc::new(Handlers(Arc::new(PgHandler::new(
+        sluice,
+        statement_timeout,
+    ))));
     loop {
         match listener.accept().await {
             Ok((socket, peer)) => {
@@ -91,12 +138,34 @@ impl PgWireServerHandlers for Handlers {
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
         Arc::clone(&self.0)
     }
+
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        Arc::clone(&self.0)
+    }
+}
+
+#[async_trait]
+impl CancelHandler for PgHandler {
+    async fn on_cancel_request(&self, request: CancelRequest) {
+        self.sessions.cancel(request.pid, &request.secret_key);
+    }
 }
 
 fn pg_error(e: &ServerError) -> ErrorInfo {
     let mut info = ErrorInfo::new("ERROR".into(), e.sqlstate().into(), e.to_string());
     info.position = e.position().map(|p| p.to_string());
     info
+}
+
+/// A query's error while its rows were streaming: Sluice's own (a stopped statement)
+/// keeps its SQLSTATE.
+fn query_error(e: datafusion::error::DataFusionError) -> ErrorInfo {
+    if let datafusion::error::DataFusionError::External(inner) = &e
+        && let Some(own) = inner.downcast_ref::<ServerError>()
+    {
+        return pg_error(own);
+    }
+    pg_error(&ServerError::Query(e))
 }
 
 fn user_error(code: &str, severity: &str, message: String) -> PgWireError {
@@ -135,9 +204,7 @@ fn stream_response(
     let rows = batches.flat_map(move |batch| {
         let rows: Vec<PgWireResult<DataRow>> = match batch {
             Ok(b) => encode_recordbatch(Arc::clone(&encode_fields), b).collect(),
-            Err(e) => vec![Err(PgWireError::UserError(Box::new(pg_error(
-                &ServerError::Query(e),
-            ))))],
+            Err(e) => vec![Err(PgWireError::UserError(Box::new(query_error(e))))],
         };
         stream::iter(rows)
     });
@@ -189,21 +256,25 @@ impl NoopStartupHandler for PgHandler {
                 format!("database \"{db}\" does not exist (connect to database \"{USER}\")"),
             ));
         }
+        // The session, and the key a CancelRequest names it by (pgwire sent both to the
+        // client as BackendKeyData).
+        let session = Self::session(client);
+        let (pid, key) = client.pid_and_secret_key();
+        self.sessions.register(pid, key, &session);
         Ok(())
     }
 }
 
 #[async_trait]
 impl SimpleQueryHandler for PgHandler {
-    async fn do_query<C>(&self, _client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore,
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        self.sluice
-            .execute(query)
+        self.run(client, query)
             .await
             .into_iter()
             .map(|r| to_response(r, &Format::UnifiedText))
@@ -262,7 +333,7 @@ impl ExtendedQueryHandler for PgHandler {
 
     async fn do_query<C>(
         &self,
-        _client: &mut C,
+        client: &mut C,
         portal: &Portal<Prepared>,
         _max_rows: usize,
     ) -> PgWireResult<Response>
@@ -279,7 +350,7 @@ impl ExtendedQueryHandler for PgHandler {
                 "query parameters ($1, $2, …) are not supported yet; inline the values".into(),
             ));
         }
-        let mut results = self.sluice.execute(&portal.statement.statement.sql).await;
+        let mut results = self.run(client, &portal.statement.statement.sql).await;
         match results.len() {
             0 => Ok(Response::EmptyQuery),
             1 => to_response(results.remove(0), &portal.result_column_format),

@@ -103,3 +103,41 @@ pub async fn plan_stream(
     let create = create.clone();
     run(async move { Ok(sluice_sql::plan_stream(&create, &relations).await?) }).await
 }
+
+/// The memory ad-hoc queries may hold together, set once by [`set_memory_limit`] before the
+/// first query (default: a quarter of the machine's memory).
+static MEMORY_LIMIT: OnceLock<usize> = OnceLock::new();
+
+/// Sets the memory ad-hoc queries may hold together (`--query-memory`); only the first call
+/// counts.
+pub fn set_memory_limit(bytes: usize) {
+    let _ = MEMORY_LIMIT.set(bytes);
+}
+
+/// The pool every ad-hoc query's operators reserve memory from: a query that needs more than
+/// is left fails alone ("Resources exhausted"), or spills where its operators can, instead of
+/// the process running out of memory. Shared by all queries, like the runtime.
+pub fn memory_pool() -> std::sync::Arc<dyn datafusion::execution::memory_pool::MemoryPool> {
+    use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+    static POOL: OnceLock<std::sync::Arc<dyn datafusion::execution::memory_pool::MemoryPool>> =
+        OnceLock::new();
+    std::sync::Arc::clone(POOL.get_or_init(|| {
+        let limit = *MEMORY_LIMIT.get_or_init(|| machine_memory() / 4);
+        std::sync::Arc::new(TrackConsumersPool::new(
+            FairSpillPool::new(limit),
+            std::num::NonZeroUsize::new(3).expect("3 is not zero"),
+        ))
+    }))
+}
+
+/// The machine's memory (Linux: `MemTotal` of /proc/meminfo); 8 GiB when unknown.
+fn machine_memory() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(8 << 30)
+}

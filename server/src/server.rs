@@ -24,6 +24,9 @@ pub struct ServerConfig {
     pub http_listen: SocketAddr,
     /// How long the writer lease lasts without renewal (`--lease-ttl`).
     pub lease_ttl: Duration,
+    /// How long a statement may run unless its session sets `statement_timeout` (zero: no
+    /// limit; `--statement-timeout`).
+    pub statement_timeout: Duration,
 }
 
 /// A started server.
@@ -120,7 +123,7 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
     };
     let app = crate::http::router(node.clone());
     let tasks = vec![
-        tokio::spawn(crate::pg::serve(pg, node.clone())),
+        tokio::spawn(crate::pg::serve(pg, node.clone(), config.statement_timeout)),
         tokio::spawn(async move {
             if let Err(e) = axum::serve(http, app).await {
                 tracing::error!(error = %e, "http listener failed");

@@ -263,3 +263,114 @@ fn errors_zone(root: &std::path::Path, source: &str) -> Vec<serde_json::Value> {
     }
     lines
 }
+
+/// psql with several `-c` statements in one session; (success, stdout, stderr).
+fn psql_session(port: u16, statements: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-X",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-v",
+        "VERBOSITY=verbose",
+    ])
+    .args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        "sluice",
+        "sluice",
+    ]);
+    for s in statements {
+        cmd.args(["-c", s]);
+    }
+    let out = cmd.output().expect("psql runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A query that runs for minutes unless stopped.
+const ENDLESS: &str = "SELECT count(*) FROM range(1, 1000000000000)";
+
+#[test]
+fn statements_are_governed_per_session() {
+    let lake = tempfile::tempdir().unwrap();
+    let (_server, port, _) = serve(lake.path());
+    // statement_timeout: the session's own, in Postgres's forms.
+    let started = std::time::Instant::now();
+    let (ok, _, err) = psql_session(port, &["SET statement_timeout = '300ms'", ENDLESS]);
+    assert!(!ok);
+    assert!(err.contains("57014"), "{err}");
+    assert!(
+        err.contains("canceling statement due to statement timeout"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let (ok, _, err) = psql_session(port, &["SET statement_timeout TO 200", ENDLESS]);
+    assert!(!ok && err.contains("57014"), "{err}");
+    let (ok, _, err) = psql_session(port, &["SET statement_timeout = 'soon'"]);
+    assert!(!ok && err.contains("22023"), "{err}");
+    // A CancelRequest (psql sends one on SIGINT) stops the running query.
+    let child = Command::new("psql")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "VERBOSITY=verbose",
+            "-h",
+            "127.0.0.1",
+        ])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-U",
+            "sluice",
+            "sluice",
+            "-c",
+            ENDLESS,
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("57014") && err.contains("canceling statement due to user request"),
+        "{err}"
+    );
+    // SET datafusion.* changes its own session only.
+    let (ok, out, err) = psql_session(
+        port,
+        &[
+            "SET datafusion.execution.batch_size = 1234",
+            "SHOW datafusion.execution.batch_size",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("1234"), "{out}");
+    let (ok, out, err) = psql_session(port, &["SHOW datafusion.execution.batch_size"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("8192"),
+        "another session keeps the default: {out}"
+    );
+    let (ok, _, err) = psql_session(port, &["SET datafusion.execution.no_such_option = 1"]);
+    assert!(!ok && err.contains("22023"), "{err}");
+    // Ad-hoc statements are read-only.
+    let (ok, _, err) = psql_session(port, &["SELECT 1 AS x INTO t"]);
+    assert!(!ok && err.contains("0A000"), "{err}");
+    alive(port);
+}

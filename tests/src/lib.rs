@@ -17,6 +17,7 @@ pub async fn start_server(lake: &Path) -> RunningServer {
         pg_listen: "127.0.0.1:0".parse().expect("static address"),
         http_listen: "127.0.0.1:0".parse().expect("static address"),
         lease_ttl: sluice_server::lease::DEFAULT_LEASE_TTL,
+        statement_timeout: std::time::Duration::ZERO,
     };
     sluice_server::start(&config)
         .await

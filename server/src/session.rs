@@ -1,0 +1,181 @@
+//! One client connection's session: its settings, and stopping its running statement.
+//!
+//! Settings a session `SET`s apply to it alone (Postgres's rule): `statement_timeout`, and
+//! DataFusion's `datafusion.*` options, which are applied to a copy of the shared query
+//! context for each of the session's queries. A statement stops — with SQLSTATE 57014, as in
+//! Postgres — when its `statement_timeout` passes or a `CancelRequest` for the connection
+//! arrives, while it is being planned or while its rows are being sent; the query's work on
+//! the query runtime stops with it (see [`crate::query_runtime`]).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use datafusion::error::DataFusionError;
+use datafusion::physical_plan::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ServerError;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A client's session.
+#[derive(Debug, Default)]
+pub struct Session {
+    /// `SET statement_timeout`; `None`: the server's default.
+    statement_timeout: Mutex<Option<Duration>>,
+    /// `SET datafusion.…` options, by name.
+    options: Mutex<BTreeMap<String, String>>,
+    /// Cancelled to stop the statement running now.
+    current: Mutex<CancellationToken>,
+}
+
+/// Why a statement stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Its `statement_timeout` passed.
+    Timeout,
+    /// A `CancelRequest` came for it.
+    Cancelled,
+}
+
+impl Stopped {
+    /// Postgres's message for it.
+    pub fn message(self) -> &'static str {
+        match self {
+            Stopped::Timeout => "canceling statement due to statement timeout",
+            Stopped::Cancelled => "canceling statement due to user request",
+        }
+    }
+}
+
+impl Session {
+    /// The session's `statement_timeout`, if it set one.
+    pub fn statement_timeout(&self) -> Option<Duration> {
+        *lock(&self.statement_timeout)
+    }
+
+    /// Sets `statement_timeout` (zero: none).
+    pub fn set_statement_timeout(&self, timeout: Duration) {
+        *lock(&self.statement_timeout) = Some(timeout);
+    }
+
+    /// The `datafusion.*` options the session set.
+    pub fn options(&self) -> BTreeMap<String, String> {
+        lock(&self.options).clone()
+    }
+
+    /// Records a `datafusion.*` option (already checked).
+    pub fn set_option(&self, name: String, value: String) {
+        lock(&self.options).insert(name, value);
+    }
+
+    /// Starts a statement: the token a `CancelRequest` cancels while it runs.
+    pub fn begin(&self) -> CancellationToken {
+        let token = CancellationToken::new();
+        *lock(&self.current) = token.clone();
+        token
+    }
+
+    /// Stops the running statement, if any.
+    pub fn cancel(&self) {
+        lock(&self.current).cancel();
+    }
+}
+
+/// The limits one statement runs under: a deadline and a cancel token.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    deadline: Option<tokio::time::Instant>,
+    cancel: CancellationToken,
+}
+
+impl Guard {
+    /// A guard for a statement starting now with `timeout` (zero: none).
+    pub fn new(timeout: Duration, cancel: CancellationToken) -> Self {
+        Self {
+            deadline: (!timeout.is_zero()).then(|| tokio::time::Instant::now() + timeout),
+            cancel,
+        }
+    }
+
+    /// Resolves when the statement must stop, with why.
+    pub async fn stopped(&self) -> Stopped {
+        let deadline = async {
+            match self.deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.cancel.cancelled() => Stopped::Cancelled,
+            _ = deadline => Stopped::Timeout,
+        }
+    }
+
+    /// Runs `work` unless the statement must stop first.
+    pub async fn run<T>(&self, work: impl Future<Output = crate::Result<T>>) -> crate::Result<T> {
+        tokio::select! {
+            r = work => r,
+            why = self.stopped() => Err(ServerError::Canceled(why.message().into())),
+        }
+    }
+
+    /// `rows`, ended with an error when the statement must stop (dropping `rows` stops
+    /// the query).
+    pub fn rows(&self, rows: SendableRecordBatchStream) -> SendableRecordBatchStream {
+        let schema = rows.schema();
+        let guard = self.clone();
+        // Made once and polled on: a timer dropped between polls would never fire.
+        let mut stop = Box::pin(async move { guard.stopped().await });
+        let mut rows = Some(rows);
+        let guarded = futures::stream::poll_fn(move |cx| {
+            let Some(inner) = rows.as_mut() else {
+                return std::task::Poll::Ready(None);
+            };
+            if let std::task::Poll::Ready(why) = stop.as_mut().poll(cx) {
+                rows = None;
+                return std::task::Poll::Ready(Some(Err(DataFusionError::External(Box::new(
+                    ServerError::Canceled(why.message().into()),
+                )))));
+            }
+            inner.poll_next_unpin(cx)
+        });
+        Box::pin(RecordBatchStreamAdapter::new(schema, guarded))
+    }
+}
+
+/// The sessions a `CancelRequest` may name, by process id and secret key.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    open: Mutex<Vec<(i32, pgwire::messages::startup::SecretKey, Weak<Session>)>>,
+}
+
+impl Sessions {
+    /// Registers `session` under `(pid, key)`; forgets closed sessions.
+    pub fn register(
+        &self,
+        pid: i32,
+        key: pgwire::messages::startup::SecretKey,
+        session: &Arc<Session>,
+    ) {
+        let mut open = lock(&self.open);
+        open.retain(|(_, _, s)| s.strong_count() > 0);
+        open.push((pid, key, Arc::downgrade(session)));
+    }
+
+    /// Cancels the running statement of the session `(pid, key)` names, if it is open.
+    pub fn cancel(&self, pid: i32, key: &pgwire::messages::startup::SecretKey) {
+        let found = lock(&self.open)
+            .iter()
+            .find(|(p, k, _)| *p == pid && k.eq_value(key))
+            .and_then(|(_, _, s)| s.upgrade());
+        if let Some(session) = found {
+            session.cancel();
+        }
+    }
+}
