@@ -34,6 +34,14 @@
 //! of it under that epoch: a paused old writer that wakes up and tries to commit the epoch it
 //! had in flight finds it taken, and stops (`EngineError::Fenced`) without publishing. State is stored as Arrow IPC files per operator table, with the
 //! format version in the manifest, so a newer Sluice knows what an older one wrote.
+//!
+//! # Retention
+//!
+//! The newest [`DEFAULT_RETENTION`] checkpoints are kept (their folders, and every state
+//! file their manifests name; [`Coordinator::set_retention`]). When the newest manifest is
+//! unreadable (a disk fault, a hand edit), [`Coordinator::open`] starts from the newest one
+//! that reads, says so in the log, and claims an epoch past every existing one: the sources
+//! replay from that older checkpoint's positions, rather than from their beginning.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,6 +62,9 @@ use crate::router::HashRouter;
 
 /// The manifest format this build writes; it reads this one and every older one.
 pub const MANIFEST_VERSION: u32 = 1;
+
+/// How many checkpoints are kept by default.
+pub const DEFAULT_RETENTION: usize = 3;
 
 /// Where checkpoints live, relative to the lake's root.
 pub const CHECKPOINTS_DIR: &str = "_sluice/checkpoints";
@@ -479,6 +490,10 @@ struct Shared {
     last_duration_micros: AtomicU64,
     /// When the last checkpoint completed (before the first: when the coordinator opened).
     last_completed_at: Mutex<std::time::Instant>,
+    /// How many checkpoints to keep.
+    retention: std::sync::atomic::AtomicUsize,
+    /// The state files each kept checkpoint names, by epoch (read once per checkpoint).
+    kept: Mutex<BTreeMap<u64, BTreeSet<String>>>,
 }
 
 /// The server's checkpoint coordinator. See the module docs.
@@ -507,7 +522,16 @@ impl Coordinator {
             crate::time::EventTime::now().micros()
         );
         let last = loop {
-            let last = latest_manifest(store.as_ref()).await?;
+            let found = manifests(store.as_ref()).await?;
+            let last = found.newest.clone();
+            for (path, reason) in &found.unreadable {
+                tracing::error!(
+                    manifest = %path,
+                    %reason,
+                    starting_from = last.as_ref().map(|m| m.epoch),
+                    "a checkpoint manifest newer than the one recovered is unreadable; starting from the newest readable one (sources replay from its positions)"
+                );
+            }
             if let Some(m) = &last {
                 for s in m.streams.values() {
                     for f in &s.staged {
@@ -528,7 +552,8 @@ impl Coordinator {
                 version: MANIFEST_VERSION,
                 ..Default::default()
             });
-            claim.epoch += 1;
+            // Past every epoch that exists, readable or not.
+            claim.epoch = claim.epoch.max(found.highest_epoch) + 1;
             claim.version = MANIFEST_VERSION;
             claim.writer.clone_from(&writer);
             for s in claim.streams.values_mut() {
@@ -573,9 +598,16 @@ impl Coordinator {
             default_interval,
             last_duration_micros: AtomicU64::new(0),
             last_completed_at: Mutex::new(std::time::Instant::now()),
+            retention: std::sync::atomic::AtomicUsize::new(DEFAULT_RETENTION),
+            kept: Mutex::default(),
         });
         tokio::spawn(run(Arc::clone(&shared), reports_rx));
         Ok(Self { shared })
+    }
+
+    /// Keeps the newest `n` checkpoints (at least 1) from the next commit on.
+    pub fn set_retention(&self, n: usize) {
+        self.shared.retention.store(n.max(1), Ordering::Relaxed);
     }
 
     /// The interval for streams that do not set one.
@@ -788,31 +820,120 @@ impl Coordinator {
     }
 }
 
-/// The newest manifest in `store`, if any.
-pub async fn latest_manifest(store: &dyn CheckpointStore) -> Result<Option<Manifest>> {
-    let mut manifests: Vec<String> = store
+/// What [`manifests`] found.
+#[derive(Debug, Default)]
+pub struct Manifests {
+    /// The newest readable manifest.
+    pub newest: Option<Manifest>,
+    /// Manifests newer than it that could not be read: (path, why).
+    pub unreadable: Vec<(String, String)>,
+    /// The highest epoch with a manifest, readable or not.
+    pub highest_epoch: u64,
+}
+
+/// The epoch of a `…/<epoch>/manifest.json` path.
+fn epoch_of(path: &str) -> Option<u64> {
+    path.strip_suffix("/manifest.json")?
+        .rsplit('/')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The manifests in `store`: the newest that reads, and the newer ones that do not. A
+/// manifest written by a newer Sluice is an error, not skipped (this build must not
+/// overwrite what it cannot read).
+pub async fn manifests(store: &dyn CheckpointStore) -> Result<Manifests> {
+    let mut paths: Vec<(u64, String)> = store
         .list(CHECKPOINTS_DIR)
         .await?
         .into_iter()
-        .filter(|p| p.ends_with("/manifest.json"))
+        .filter_map(|p| Some((epoch_of(&p)?, p)))
         .collect();
-    manifests.sort();
-    let Some(path) = manifests.pop() else {
-        return Ok(None);
+    paths.sort();
+    let mut found = Manifests {
+        highest_epoch: paths.last().map_or(0, |(e, _)| *e),
+        ..Default::default()
     };
-    let bytes = store
-        .get(&path)
-        .await?
-        .ok_or_else(|| EngineError::Checkpoint(format!("{path} disappeared while reading")))?;
-    let m: Manifest = serde_json::from_slice(&bytes)
-        .map_err(|e| EngineError::Checkpoint(format!("{path} is unreadable: {e}")))?;
-    if m.version > MANIFEST_VERSION {
-        return Err(EngineError::Checkpoint(format!(
-            "{path} has format version {}, written by a newer Sluice (this one reads up to {MANIFEST_VERSION})",
-            m.version
-        )));
+    while let Some((_, path)) = paths.pop() {
+        let Some(bytes) = store.get(&path).await? else {
+            continue; // deleted meanwhile (retention)
+        };
+        let m: Manifest = match serde_json::from_slice(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                found.unreadable.push((path, e.to_string()));
+                continue;
+            }
+        };
+        if m.version > MANIFEST_VERSION {
+            return Err(EngineError::Checkpoint(format!(
+                "{path} has format version {}, written by a newer Sluice (this one reads up to {MANIFEST_VERSION})",
+                m.version
+            )));
+        }
+        found.newest = Some(m);
+        break;
     }
-    Ok(Some(m))
+    Ok(found)
+}
+
+/// The newest readable manifest in `store`, if any.
+pub async fn latest_manifest(store: &dyn CheckpointStore) -> Result<Option<Manifest>> {
+    Ok(manifests(store).await?.newest)
+}
+
+/// The state files `m` names.
+fn state_files(m: &Manifest) -> BTreeSet<String> {
+    m.streams
+        .values()
+        .flat_map(|s| s.subtasks.iter().flatten().flatten())
+        .flat_map(|s| s.tables.values().cloned())
+        .collect()
+}
+
+/// Deletes what no kept checkpoint needs: everything under [`CHECKPOINTS_DIR`] but the
+/// folders of the newest `retention` epochs and the state files their manifests name.
+async fn apply_retention(shared: &Shared, newest: &Manifest) -> Result<()> {
+    let retention = shared.retention.load(Ordering::Relaxed).max(1);
+    let all = shared.store.list(CHECKPOINTS_DIR).await?;
+    let mut epochs: Vec<u64> = all.iter().filter_map(|p| epoch_of(p)).collect();
+    epochs.sort_unstable();
+    epochs.dedup();
+    let keep: Vec<u64> = epochs.iter().rev().take(retention).copied().collect();
+    let mut kept = BTreeMap::new();
+    for epoch in &keep {
+        let cached = shared
+            .kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(epoch)
+            .cloned();
+        let files = match cached {
+            Some(f) => f,
+            None if *epoch == newest.epoch => state_files(newest),
+            None => {
+                let path = format!("{}/manifest.json", epoch_dir(*epoch));
+                // An unreadable manifest names nothing; its folder is kept all the same.
+                match shared.store.get(&path).await? {
+                    Some(b) => serde_json::from_slice::<Manifest>(&b)
+                        .map(|m| state_files(&m))
+                        .unwrap_or_default(),
+                    None => BTreeSet::new(),
+                }
+            }
+        };
+        kept.insert(*epoch, files);
+    }
+    let referenced: BTreeSet<&str> = kept.values().flatten().map(String::as_str).collect();
+    let kept_dirs: Vec<String> = keep.iter().map(|e| format!("{}/", epoch_dir(*e))).collect();
+    for path in &all {
+        if !kept_dirs.iter().any(|d| path.starts_with(d)) && !referenced.contains(path.as_str()) {
+            shared.store.delete(path).await?;
+        }
+    }
+    *shared.kept.lock().unwrap_or_else(|e| e.into_inner()) = kept;
+    Ok(())
 }
 
 /// The coordinator task: triggers epochs, gathers reports, commits.
@@ -1127,18 +1248,7 @@ async fn commit(
     for (counter, n) in published {
         counter.fetch_add(n, Ordering::Relaxed);
     }
-    let referenced: BTreeSet<&str> = manifest
-        .streams
-        .values()
-        .flat_map(|s| s.subtasks.iter().flatten().flatten())
-        .flat_map(|s| s.tables.values().map(String::as_str))
-        .collect();
-    let keep_dir = format!("{dir}/");
-    for path in shared.store.list(CHECKPOINTS_DIR).await? {
-        if !path.starts_with(&keep_dir) && !referenced.contains(path.as_str()) {
-            shared.store.delete(&path).await?;
-        }
-    }
+    apply_retention(shared, &manifest).await?;
     shared.state.lock().unwrap_or_else(|e| e.into_inner()).last = manifest;
     Ok(used_finals)
 }

@@ -34,14 +34,33 @@ fn path(lake: &Lake) -> Path {
     lake.dir(Zone::Internal, "").join("catalog.json")
 }
 
-/// Reads the catalog; an absent file is an empty catalog.
+/// Reads the catalog. An absent file is an empty catalog — unless the lake holds data
+/// (`processed/` or `raw/`): then the catalog was lost, and starting an empty server over
+/// that data would hide it; that is an error.
 pub async fn load(lake: &Lake) -> Result<Vec<Entry>> {
     match raw(lake).await? {
-        Some(bytes) => {
-            parse(&bytes).map_err(|e| ServerError::Internal(format!("{}: {e}", path(lake))))
+        Some(bytes) => parse(&bytes).map_err(|e| {
+            ServerError::External(format!("{}/{}: {e}", lake.location(), path_in_lake()))
+        }),
+        None => {
+            for zone in [Zone::Processed, Zone::Raw] {
+                if lake.any_object(&lake.dir(zone, "")).await? {
+                    return Err(ServerError::External(format!(
+                        "the lake holds data ({}/) but no catalog ({}): it was deleted or lost. \
+                         Put the catalog file back (from a backup), or start on an empty lake",
+                        zone.dir(),
+                        path_in_lake()
+                    )));
+                }
+            }
+            Ok(vec![])
         }
-        None => Ok(vec![]),
     }
+}
+
+/// The catalog's path inside the lake, for messages.
+fn path_in_lake() -> String {
+    format!("{}/catalog.json", Zone::Internal.dir())
 }
 
 /// The catalog file's bytes, if there is one.
@@ -55,9 +74,9 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Entry>> {
         return Ok(vec![]);
     }
     let file: CatalogFile = serde_json::from_slice(bytes)
-        .map_err(|e| ServerError::Internal(format!("unreadable catalog: {e}")))?;
+        .map_err(|e| ServerError::External(format!("unreadable catalog: {e}")))?;
     if file.version > CATALOG_VERSION {
-        return Err(ServerError::Internal(format!(
+        return Err(ServerError::External(format!(
             "catalog version {} was written by a newer Sluice (this one reads up to {CATALOG_VERSION})",
             file.version
         )));

@@ -127,9 +127,44 @@ struct State {
     sinks: BTreeMap<String, RunningSink>,
     /// The catalog, in creation order.
     entries: Vec<Entry>,
+    /// Catalog entries that could not be restored at startup, and why (by name).
+    unrestored: BTreeMap<String, String>,
 }
 
 impl State {
+    /// (name, reason) of the catalog's `kind` entries that could not be restored.
+    fn unrestored_of(&self, kind: ObjectKind) -> Vec<(String, String)> {
+        self.entries
+            .iter()
+            .filter(|e| e.kind == kind.to_string())
+            .filter_map(|e| Some((e.name.clone(), self.unrestored.get(&e.name)?.clone())))
+            .collect()
+    }
+
+    /// (name, connector, reason) of the catalog's sources that could not be restored.
+    fn unrestored_sources(&self) -> Vec<(String, String, String)> {
+        self.unrestored_of(ObjectKind::Source)
+            .into_iter()
+            .map(|(name, reason)| {
+                let connector = self
+                    .entries
+                    .iter()
+                    .find(|e| e.name == name)
+                    .and_then(|e| parse_sql(&e.sql).ok())
+                    .and_then(|mut s| match s.pop() {
+                        Some(SluiceStatement::CreateSource(c)) => c
+                            .options
+                            .iter()
+                            .find(|(k, _)| k == "connector")
+                            .map(|(_, v)| v.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                (name, connector, reason)
+            })
+            .collect()
+    }
+
     fn kind_of(&self, name: &str) -> Option<ObjectKind> {
         if self.sources.contains_key(name) {
             Some(ObjectKind::Source)
@@ -214,19 +249,32 @@ impl Sluice {
     /// Opens the lake at `lake_location` as its only writer (tests and tools that run no
     /// second server) and restores every source and stream of its catalog.
     pub async fn open(lake_location: &str) -> Result<Sluice> {
-        Self::open_as_writer(Lake::open(lake_location)?, None).await
+        Self::open_as_writer(
+            Lake::open(lake_location)?,
+            None,
+            sluice_engine::checkpoint::DEFAULT_RETENTION,
+        )
+        .await
     }
 
     /// Opens `lake` as the holder of its writer `lease` (every commit is fenced by it; see
-    /// [`crate::lease`]) and restores every source and stream of its catalog.
-    pub async fn open_as_writer(lake: Lake, lease: Option<WriterLease>) -> Result<Sluice> {
+    /// [`crate::lease`]), keeping its newest `checkpoint_retention` checkpoints, and restores
+    /// every source and stream of its catalog.
+    pub async fn open_as_writer(
+        lake: Lake,
+        lease: Option<WriterLease>,
+        checkpoint_retention: usize,
+    ) -> Result<Sluice> {
         let fence: Arc<dyn Fence> = match &lease {
             Some(l) => Arc::new(l.clone()),
             None => Arc::new(NoFence),
         };
+        // The catalog before anything is written: a lake that lost it is not started on.
+        let entries = catalog::load(&lake).await?;
         // Recovery first: finish the last checkpoint's commit, drop what never committed.
         let checkpoints =
             Coordinator::open(Arc::new(lake.clone()), DEFAULT_CHECKPOINT_INTERVAL, fence).await?;
+        checkpoints.set_retention(checkpoint_retention);
         let sluice = Sluice {
             inner: Arc::new(Inner {
                 lease,
@@ -239,7 +287,6 @@ impl Sluice {
                 shutdown: CancellationToken::new(),
             }),
         };
-        let entries = catalog::load(&sluice.inner.lake).await?;
         for e in entries {
             let restored = match parse_sql(&e.sql) {
                 Ok(mut stmts) if stmts.len() == 1 => match stmts.remove(0) {
@@ -261,7 +308,9 @@ impl Sluice {
                     // Keep the definition in the catalog so that it is not lost at the next
                     // DDL statement; the user can fix the cause and restart, or DROP it.
                     tracing::error!(kind = %e.kind, name = %e.name, error = %err, "cannot restore; it stays in the catalog but does not run");
-                    sluice.inner.state.lock().await.entries.push(e);
+                    let mut state = sluice.inner.state.lock().await;
+                    state.unrestored.insert(e.name.clone(), err.to_string());
+                    state.entries.push(e);
                 }
             }
         }
@@ -434,9 +483,12 @@ impl Sluice {
             SluiceStatement::Show(kind) => {
                 let state = self.inner.state.lock().await;
                 let batch = match kind {
-                    ObjectKind::Source => show::sources(state.sources.values()),
+                    ObjectKind::Source => {
+                        show::sources(state.sources.values(), &state.unrestored_sources())
+                    }
                     ObjectKind::Stream => show::streams(
                         state.streams.values(),
+                        &state.unrestored_of(ObjectKind::Stream),
                         show::LastCheckpoint::of(&self.inner.checkpoints),
                     ),
                     ObjectKind::Sink => show::sinks(state.sinks.values()),
@@ -711,6 +763,7 @@ impl Sluice {
                     .any(|e| e.name == *name && e.kind == kind.to_string()) =>
                 {
                     state.entries.retain(|e| e.name != *name);
+                    state.unrestored.remove(name);
                     continue;
                 }
                 None if if_exists => continue,

@@ -56,6 +56,12 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_STATEMENT_TIMEOUT", default_value = "0", value_parser = parse_duration)]
     statement_timeout: Duration,
 
+    /// How many checkpoints to keep in the lake (`_sluice/checkpoints/`): when the newest is
+    /// damaged, the server starts from the newest one that reads.
+    #[arg(long, env = "SLUICE_CHECKPOINT_RETENTION", default_value_t = sluice_engine::checkpoint::DEFAULT_RETENTION as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    checkpoint_retention: u64,
+
     /// The memory all ad-hoc queries may hold together (e.g. 4GB); a query that needs
     /// more fails alone. Default: a quarter of the machine's memory.
     #[arg(long, env = "SLUICE_QUERY_MEMORY", value_parser = parse_bytes)]
@@ -124,6 +130,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         http_listen: args.http_listen,
         lease_ttl: args.lease_ttl,
         statement_timeout: args.statement_timeout,
+        checkpoint_retention: args.checkpoint_retention as usize,
     };
     if let Some(bytes) = args.query_memory {
         sluice_server::query_runtime::set_memory_limit(bytes as usize);

@@ -27,6 +27,8 @@ pub struct ServerConfig {
     /// How long a statement may run unless its session sets `statement_timeout` (zero: no
     /// limit; `--statement-timeout`).
     pub statement_timeout: Duration,
+    /// How many checkpoints to keep (`--checkpoint-retention`).
+    pub checkpoint_retention: usize,
 }
 
 /// A started server.
@@ -80,7 +82,9 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
     let (node, started_as_writer) = match lease::acquire(&lake, me).await? {
         Acquired::Writer(lease) => {
             forward(&lease);
-            let sluice = Sluice::open_as_writer(lake.clone(), Some(lease)).await?;
+            let sluice =
+                Sluice::open_as_writer(lake.clone(), Some(lease), config.checkpoint_retention)
+                    .await?;
             (Node::writer(sluice), true)
         }
         Acquired::Standby(standby) => {
@@ -96,6 +100,7 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
             let promoted = node.clone();
             let lost = lease_lost.clone();
             let lake = lake.clone();
+            let retention = config.checkpoint_retention;
             tokio::spawn(async move {
                 let lease = match standby.take_over().await {
                     Ok(l) => l,
@@ -110,7 +115,7 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
                     to.cancel();
                 });
                 tracing::info!("standby: taking over as the lake's writer");
-                match Sluice::open_as_writer(lake, Some(lease)).await {
+                match Sluice::open_as_writer(lake, Some(lease), retention).await {
                     Ok(sluice) => promoted.promote(sluice),
                     Err(e) => {
                         tracing::error!("cannot take over the lake: {e}");

@@ -76,13 +76,31 @@ fn strings(values: Vec<String>) -> ArrayRef {
     Arc::new(StringArray::from_iter_values(values))
 }
 
-/// `SHOW SOURCES`.
+/// The status of a catalog entry that could not be restored at startup.
+fn unrestored_status(reason: &str) -> String {
+    format!("not running: cannot restore: {reason}")
+}
+
+/// `SHOW SOURCES`; `unrestored`: (name, connector, reason) of sources of the catalog that
+/// could not be restored.
 pub fn sources<'a>(
     sources: impl Iterator<Item = &'a RunningSource>,
+    unrestored: &[(String, String, String)],
 ) -> Result<RecordBatch, ArrowError> {
     let (mut name, mut connector, mut status, mut rows, mut errors, mut last, mut wm) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut lag, mut by_partition) = (vec![], vec![]);
+    for (n, c, reason) in unrestored {
+        name.push(n.clone());
+        connector.push(c.clone());
+        status.push(unrestored_status(reason));
+        rows.push(0);
+        errors.push(0);
+        last.push(None);
+        wm.push(None);
+        lag.push(None);
+        by_partition.push(None);
+    }
     for s in sources {
         let m = s.metrics.snapshot();
         name.push(s.def.name.clone());
@@ -183,12 +201,31 @@ fn inputs_text(s: &RunningStream) -> String {
 /// `SHOW STREAMS`; `last_checkpoint` is the server's (one epoch for all streams).
 pub fn streams<'a>(
     streams: impl Iterator<Item = &'a RunningStream>,
+    unrestored: &[(String, String)],
     last_checkpoint: LastCheckpoint,
 ) -> Result<RecordBatch, ArrowError> {
     let mut cols: (Vec<String>, Vec<String>, Vec<String>) = (vec![], vec![], vec![]);
     let (mut rin, mut rout, mut errors, mut files, mut last, mut wm) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut late, mut duplicates, mut checkpoints) = (vec![], vec![], vec![]);
+    for (name, reason) in unrestored {
+        cols.0.push(name.clone());
+        cols.1.push(unrestored_status(reason));
+        cols.2.push(String::new());
+        for v in [
+            &mut rin,
+            &mut rout,
+            &mut errors,
+            &mut late,
+            &mut duplicates,
+            &mut files,
+        ] {
+            v.push(0);
+        }
+        last.push(None);
+        wm.push(None);
+        checkpoints.push("off".to_string());
+    }
     for s in streams {
         checkpoints.push(checkpoints_text(s.checkpoint_interval, last_checkpoint));
         let m = s.metrics.snapshot();

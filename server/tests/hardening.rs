@@ -374,3 +374,72 @@ fn statements_are_governed_per_session() {
     assert!(!ok && err.contains("0A000"), "{err}");
     alive(port);
 }
+
+#[test]
+fn a_lost_catalog_stops_the_start_and_an_unrestorable_stream_shows_why() {
+    let lake = tempfile::tempdir().unwrap();
+    let (mut server, port, _) = serve(lake.path());
+    psql(
+        port,
+        "CREATE SOURCE r (v BIGINT, ts TIMESTAMP NOT NULL, WATERMARK FOR ts AS ts)
+         WITH (connector = 'datagen', rows_per_second = '100000', max_rows = '1000')",
+    );
+    psql(port, "CREATE STREAM kept AS SELECT * FROM r");
+    psql(port, "CREATE STREAM broken AS SELECT * FROM r");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while psql(port, "SELECT count(*) FROM kept").trim() != "1000" {
+        assert!(std::time::Instant::now() < deadline, "kept lands its rows");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    // A stream whose definition no longer plans: the server starts, and says why.
+    let catalog = lake.path().join("_sluice").join("catalog.json");
+    let text = std::fs::read_to_string(&catalog).unwrap();
+    let damaged = text.replace(
+        "CREATE STREAM broken AS SELECT * FROM r",
+        "CREATE STREAM broken AS SELECT * FROM gone",
+    );
+    assert_ne!(
+        text, damaged,
+        "the catalog holds the statement as written: {text}"
+    );
+    std::fs::write(&catalog, damaged).unwrap();
+    let (mut server, port, _) = serve(lake.path());
+    let streams = psql(port, "SHOW STREAMS");
+    let broken = streams
+        .lines()
+        .find(|l| l.starts_with("broken|"))
+        .unwrap_or_else(|| panic!("broken is listed: {streams}"));
+    assert!(
+        broken.contains("not running: cannot restore:") && broken.contains("gone"),
+        "{broken}"
+    );
+    assert!(streams.lines().any(|l| l.starts_with("kept|")), "{streams}");
+    psql(port, "DROP STREAM broken");
+    assert!(!psql(port, "SHOW STREAMS").contains("broken"));
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    // Without its catalog, a lake that holds data is not started on.
+    std::fs::remove_file(&catalog).unwrap();
+    let out = common::sluice()
+        .args([
+            "serve",
+            "--pg-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .env("SLUICE_LAKE", lake.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("holds data") && err.contains("_sluice/catalog.json"),
+        "{err}"
+    );
+    assert!(!err.contains("bug"), "{err}");
+}

@@ -18,6 +18,7 @@ pub async fn start_server(lake: &Path) -> RunningServer {
         http_listen: "127.0.0.1:0".parse().expect("static address"),
         lease_ttl: sluice_server::lease::DEFAULT_LEASE_TTL,
         statement_timeout: std::time::Duration::ZERO,
+        checkpoint_retention: sluice_engine::checkpoint::DEFAULT_RETENTION,
     };
     sluice_server::start(&config)
         .await

@@ -127,3 +127,110 @@ async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_sur
     let restored = ck.restored.expect("the stream is in the checkpoint");
     assert_eq!(restored.positions["src"], serde_json::json!({ "at": 2 }));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_checkpoints_are_kept_and_a_corrupt_newest_manifest_falls_back_to_the_one_before()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+    let store: Arc<dyn CheckpointStore> = Arc::new(lake.clone());
+    let registration = || StreamRegistration {
+        name: "s".into(),
+        sql: "CREATE STREAM s AS SELECT 1".into(),
+        readers: vec!["src".into()],
+        parallelism: 1,
+        writer: true,
+        interval: Duration::from_secs(3600),
+    };
+    let open = || async {
+        Coordinator::open(
+            Arc::clone(&store),
+            Duration::from_secs(3600),
+            Arc::new(NoFence),
+        )
+        .await
+        .unwrap()
+    };
+    let manifests = || async {
+        let mut m: Vec<String> = store
+            .list("_sluice/checkpoints")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.ends_with("/manifest.json"))
+            .collect();
+        m.sort();
+        m
+    };
+    let coordinator = open().await;
+    let mut ck = coordinator.register(registration()).await.unwrap();
+    let mut reader = ck.readers.remove("src").unwrap();
+    let out = FanOut::new("src");
+    for at in 1..=5 {
+        coordinator.trigger();
+        let epoch = reader.requested().await;
+        reader
+            .barrier(&out, epoch, serde_json::json!({ "at": at }))
+            .await;
+        ck.writer.report(epoch, staged(vec![]));
+        ck.subtasks[0].report(
+            epoch,
+            Payload::State {
+                operators: vec![None],
+                rejected: vec![],
+                counters: Default::default(),
+            },
+        );
+        tokio::time::timeout(Duration::from_secs(10), coordinator.wait_for(epoch))
+            .await
+            .expect("the epoch commits");
+    }
+    let kept = manifests().await;
+    assert_eq!(kept.len(), 3, "the default retention: {kept:?}");
+    drop((ck, reader, coordinator));
+
+    // The newest manifest is damaged: the restart takes the one before, and claims an
+    // epoch past the damaged one.
+    let newest = kept.last().unwrap().clone();
+    CheckpointStore::put(
+        &lake,
+        &newest,
+        bytes::Bytes::from_static(b"{\"epoch\": 7, trunc"),
+    )
+    .await
+    .unwrap();
+    let coordinator = open().await;
+    let mut ck = coordinator.register(registration()).await.unwrap();
+    let restored = ck
+        .restored
+        .take()
+        .expect("restored from the checkpoint before");
+    assert_eq!(restored.positions["src"], serde_json::json!({ "at": 4 }));
+    let after = manifests().await;
+    assert!(
+        after.last().unwrap() > &newest,
+        "the claim comes after the damaged epoch: {after:?}"
+    );
+
+    // A smaller retention applies from the next commit.
+    coordinator.set_retention(1);
+    let mut reader = ck.readers.remove("src").unwrap();
+    coordinator.trigger();
+    let epoch = reader.requested().await;
+    reader
+        .barrier(&out, epoch, serde_json::json!({ "at": 6 }))
+        .await;
+    ck.writer.report(epoch, staged(vec![]));
+    ck.subtasks[0].report(
+        epoch,
+        Payload::State {
+            operators: vec![None],
+            rejected: vec![],
+            counters: Default::default(),
+        },
+    );
+    tokio::time::timeout(Duration::from_secs(10), coordinator.wait_for(epoch))
+        .await
+        .expect("the epoch commits");
+    assert_eq!(manifests().await.len(), 1);
+}

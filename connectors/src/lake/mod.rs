@@ -184,6 +184,16 @@ impl Lake {
         Ok(())
     }
 
+    /// Whether any object lies under `dir` (reads one listing page at most).
+    pub async fn any_object(&self, dir: &Path) -> Result<bool> {
+        use futures::StreamExt;
+        match self.store.list(Some(dir)).next().await {
+            None | Some(Err(object_store::Error::NotFound { .. })) => Ok(false),
+            Some(Ok(_)) => Ok(true),
+            Some(Err(e)) => Err(e.into()),
+        }
+    }
+
     /// Every object under `dir`, recursively (none when it does not exist).
     pub async fn list(&self, dir: &Path) -> Result<Vec<Path>> {
         use futures::TryStreamExt;
