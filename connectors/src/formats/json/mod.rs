@@ -98,35 +98,30 @@ impl JsonDecoder {
     /// Decodes `records` (each one JSON object).
     pub fn decode(&self, records: &[&[u8]]) -> Result<Decoded> {
         if let Some(batch) = self.decode_flat(records) {
-            return Ok(Decoded {
-                batch,
-                errors: vec![],
-            });
+            return in_range(batch, (0..records.len()).collect(), vec![]);
         }
-        // Checked only off the fast path, which takes no nested values at all.
-        let too_deep: Vec<bool> = records.iter().map(|r| nests_too_deep(r)).collect();
-        if !too_deep.contains(&true)
+        // Checked only off the fast path, which takes strict JSON without nested values:
+        // arrow-json's tokenizer recurses into nested values and lets through what is not
+        // JSON (trailing or missing commas, leading zeros, raw control characters).
+        let refused: Vec<Option<String>> = records.iter().map(|r| not_json(r)).collect();
+        if refused.iter().all(Option::is_none)
             && let Ok(batch) = self.decode_whole(records)
         {
-            return Ok(Decoded {
-                batch,
-                errors: vec![],
-            });
+            return in_range(batch, (0..records.len()).collect(), vec![]);
         }
         let mut good = Vec::with_capacity(records.len());
+        let mut rows = Vec::with_capacity(records.len());
         let mut errors = Vec::new();
-        for (index, r) in records.iter().enumerate() {
-            if too_deep[index] {
-                errors.push(RecordError {
-                    index,
-                    reason: format!(
-                        "the record nests arrays and objects deeper than {MAX_DEPTH} levels"
-                    ),
-                });
+        for (index, (r, refused)) in records.iter().zip(refused).enumerate() {
+            if let Some(reason) = refused {
+                errors.push(RecordError { index, reason });
                 continue;
             }
             match self.decode_all(std::slice::from_ref(r)) {
-                Ok(_) => good.push(*r),
+                Ok(_) => {
+                    good.push(*r);
+                    rows.push(index);
+                }
                 Err(reason) => errors.push(RecordError { index, reason }),
             }
         }
@@ -135,7 +130,7 @@ impl JsonDecoder {
                 "records that decode one by one failed together: {e}"
             ))
         })?;
-        Ok(Decoded { batch, errors })
+        in_range(batch, rows, errors)
     }
 
     /// The fast path's batch, unless it is off or turned `records` down.
@@ -223,6 +218,74 @@ fn trim_json_whitespace(record: &[u8]) -> &[u8] {
     let start = record.iter().position(|b| !ws(b)).unwrap_or(record.len());
     let end = record.iter().rposition(|b| !ws(b)).map_or(start, |i| i + 1);
     &record[start..end]
+}
+
+/// Why `record` is refused before decoding, if it is: it nests deeper than [`MAX_DEPTH`],
+/// or it is not JSON by the spec (RFC 8259).
+fn not_json(record: &[u8]) -> Option<String> {
+    if nests_too_deep(record) {
+        return Some(format!(
+            "the record nests arrays and objects deeper than {MAX_DEPTH} levels"
+        ));
+    }
+    // serde_json's parser is strict and, within the depth checked above, recursion-safe.
+    serde_json::from_slice::<serde::de::IgnoredAny>(record)
+        .err()
+        .map(|e| explain(&format!("not valid JSON: {e}")))
+}
+
+/// The earliest and latest instants a timestamp column takes: years 0001 to 9999 (what
+/// RFC 3339 text can say, and what Athena, DuckDB and pyarrow convert), in µs.
+const TIMESTAMP_RANGE_MICROS: std::ops::RangeInclusive<i64> =
+    -62_135_596_800_000_000..=253_402_300_799_999_999;
+
+/// Moves the rows of `batch` with a timestamp outside [`TIMESTAMP_RANGE_MICROS`] to
+/// `errors` (arrow-json clamps numbers too large for a timestamp instead of refusing them).
+/// `rows[i]` is the record index of the batch's row `i`.
+fn in_range(batch: RecordBatch, rows: Vec<usize>, mut errors: Vec<RecordError>) -> Result<Decoded> {
+    use arrow::array::{AsArray, BooleanArray};
+    use arrow::datatypes::{DataType, TimeUnit};
+    let mut bad: Option<Vec<bool>> = None;
+    for (column, field) in batch.columns().iter().zip(batch.schema().fields()) {
+        let DataType::Timestamp(unit, _) = field.data_type() else {
+            continue;
+        };
+        // Raw values in the column's unit, and that unit's µs (nanoseconds: 1/1000).
+        let (num, den): (i128, i128) = match unit {
+            TimeUnit::Second => (1_000_000, 1),
+            TimeUnit::Millisecond => (1_000, 1),
+            TimeUnit::Microsecond => (1, 1),
+            TimeUnit::Nanosecond => (1, 1_000),
+        };
+        let values = arrow::compute::cast(column, &DataType::Int64)?;
+        let values = values.as_primitive::<arrow::datatypes::Int64Type>();
+        for (row, v) in values.iter().enumerate() {
+            let Some(v) = v else { continue };
+            let micros = i128::from(v) * num / den;
+            let ok = micros >= i128::from(*TIMESTAMP_RANGE_MICROS.start())
+                && micros <= i128::from(*TIMESTAMP_RANGE_MICROS.end());
+            if !ok {
+                let bad = bad.get_or_insert_with(|| vec![false; batch.num_rows()]);
+                if !bad[row] {
+                    bad[row] = true;
+                    errors.push(RecordError {
+                        index: rows[row],
+                        reason: format!(
+                            "field '{}': timestamp out of range (years 0001 to 9999)",
+                            field.name()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    let Some(bad) = bad else {
+        return Ok(Decoded { batch, errors });
+    };
+    errors.sort_by_key(|e| e.index);
+    let keep = BooleanArray::from(bad.iter().map(|b| !b).collect::<Vec<_>>());
+    let batch = arrow::compute::filter_record_batch(&batch, &keep)?;
+    Ok(Decoded { batch, errors })
 }
 
 /// Whether `record` nests arrays and objects deeper than [`MAX_DEPTH`] (brackets inside
@@ -388,5 +451,72 @@ mod tests {
             "{}",
             reasons[2].1
         );
+    }
+}
+
+#[cfg(test)]
+mod strictness_tests {
+    use std::sync::Arc;
+
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+
+    use super::*;
+
+    fn decoder() -> JsonDecoder {
+        JsonDecoder::new(Arc::new(Schema::new(vec![
+            Field::new("a", DataType::Int64, true),
+            Field::new("s", DataType::Utf8, true),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+        ])))
+    }
+
+    /// What JSON (RFC 8259) refuses is refused, whichever path decodes the input; so are
+    /// timestamps arrow-json would clamp.
+    #[test]
+    fn what_is_not_json_or_out_of_range_is_rejected() {
+        let bad: Vec<&[u8]> = vec![
+            br#"{"a":1,}"#,
+            br#"{"a":1 "s":"x"}"#,
+            br#"{"a":01}"#,
+            b"{\"s\":\"a\x00b\"}",
+            b"{\"s\":\"a\tb\"}",
+            br#"{"a":1,,"s":"x"}"#,
+            br#"{,"a":1}"#,
+            br#"{"a":1}}"#,
+            br#"{"s":"\x"}"#,
+            br#"{"a":+1}"#,
+            br#"{"a":.5}"#,
+            br#"{"ts":9223372036854775808}"#,
+            br#"{"ts":1e30}"#,
+            br#"{"ts":-9223372036854775808}"#,
+            br#"{"ts":253402300800000000}"#,
+        ];
+        let good: Vec<&[u8]> = vec![
+            br#"{"a":-0,"s":"tab\tescaped","ts":"2024-05-01T00:00:00Z"}"#,
+            br#"{"ts":253402300799999999}"#,
+            br#"{"ts":-62135596800000000, "nested": {"x": [1, 2]}}"#,
+        ];
+        // Alone, and mixed with good records (the fast path declines the whole input then).
+        for r in &bad {
+            let d = decoder().decode(&[r]).unwrap();
+            assert_eq!(d.batch.num_rows(), 0, "{}", String::from_utf8_lossy(r));
+            assert_eq!(d.errors.len(), 1);
+        }
+        let mut all = good.clone();
+        all.extend(&bad);
+        let d = decoder().decode(&all).unwrap();
+        assert_eq!(d.batch.num_rows(), good.len());
+        let rejected: Vec<usize> = d.errors.iter().map(|e| e.index).collect();
+        assert_eq!(rejected, (good.len()..all.len()).collect::<Vec<_>>());
+        let range = d
+            .errors
+            .iter()
+            .filter(|e| e.reason.contains("timestamp out of range"))
+            .count();
+        assert_eq!(range, 4, "{:?}", d.errors);
     }
 }
