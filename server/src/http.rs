@@ -18,29 +18,33 @@
 //!
 //! `GET /ready` is 200 on the lake's writer and 503 on a standby.
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use serde_json::json;
 use sluice_connectors::http::IngestError;
 
+use crate::connections::Connections;
 use crate::node::{IngestRefusal, Node};
 
-/// The HTTP routes of a Sluice server.
-pub fn router(sluice: Node) -> Router {
+/// The HTTP routes of a Sluice server; `/health` shows the listeners' `connections`.
+pub fn router(sluice: Node, connections: Connections) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/v1/sources/{name}/events", post(ingest))
         .layer(DefaultBodyLimit::disable())
+        .layer(Extension(connections))
         .with_state(sluice)
 }
 
-async fn health() -> Response {
-    axum::Json(json!({"status": "ok"})).into_response()
+/// 200 while the process serves; with the listeners' connection counters (open, refused
+/// for the limit, closed for the timeout).
+async fn health(Extension(connections): Extension<Connections>) -> Response {
+    axum::Json(json!({"status": "ok", "connections": connections})).into_response()
 }
 
 /// 200 on the lake's writer; 503 on a standby, naming the writer.

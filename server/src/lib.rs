@@ -6,6 +6,7 @@
 
 pub mod adhoc;
 pub mod catalog;
+pub mod connections;
 pub mod error;
 pub mod http;
 pub mod instance;

@@ -56,6 +56,24 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_STATEMENT_TIMEOUT", default_value = "0", value_parser = parse_duration)]
     statement_timeout: Duration,
 
+    /// Postgres connections at once; the next are refused (53300 too many clients).
+    #[arg(long, env = "SLUICE_PG_MAX_CONNECTIONS", default_value_t = 100)]
+    pg_max_connections: usize,
+
+    /// A Postgres connection that has not finished its startup (sent its user and
+    /// database) after this long is closed.
+    #[arg(long, env = "SLUICE_PG_STARTUP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pg_startup_timeout: Duration,
+
+    /// HTTP connections at once; the next get 503.
+    #[arg(long, env = "SLUICE_HTTP_MAX_CONNECTIONS", default_value_t = 512)]
+    http_max_connections: usize,
+
+    /// An HTTP connection that sends or receives nothing for this long is closed (a
+    /// half-sent request, an idle keep-alive connection). 0: never.
+    #[arg(long, env = "SLUICE_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    http_idle_timeout: Duration,
+
     /// How many checkpoints to keep in the lake (`_sluice/checkpoints/`): when the newest is
     /// damaged, the server starts from the newest one that reads.
     #[arg(long, env = "SLUICE_CHECKPOINT_RETENTION", default_value_t = sluice_engine::checkpoint::DEFAULT_RETENTION as u64,
@@ -131,6 +149,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         lease_ttl: args.lease_ttl,
         statement_timeout: args.statement_timeout,
         checkpoint_retention: args.checkpoint_retention as usize,
+        connections: sluice_server::connections::ConnectionLimits {
+            pg_max: args.pg_max_connections,
+            pg_startup_timeout: args.pg_startup_timeout,
+            http_max: args.http_max_connections,
+            http_idle: args.http_idle_timeout,
+        },
     };
     if let Some(bytes) = args.query_memory {
         sluice_server::query_runtime::set_memory_limit(bytes as usize);

@@ -32,6 +32,7 @@ use pgwire::messages::data::DataRow;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
 
+use crate::connections::Limit;
 use crate::error::ServerError;
 use crate::instance::Outcome;
 use crate::node::Node;
@@ -55,6 +56,8 @@ pub struct PgHandler {
     sessions: Arc<Sessions>,
     /// The `statement_timeout` of sessions that set none (zero: none).
     statement_timeout: Duration,
+    /// Set once this connection's startup completed (one handler per connection).
+    started: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl PgHandler {
@@ -65,6 +68,7 @@ impl PgHandler {
             sluice: node,
             sessions: Arc::default(),
             statement_timeout,
+            started: None,
         }
     }
 
@@ -100,20 +104,53 @@ impl PgHandler {
     }
 }
 
-/// Accepts connections on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, sluice: Node, statement_timeout: Duration) {
-    let handlers = Arc::new(Handlers(Arc::new(PgHandler::new(
-        sluice,
-        statement_timeout,
-    ))));
+/// Accepts connections on `listener` until the process ends: at most `limit` at once
+/// (the next get `53300 too many clients`), each closed unless its startup completes within
+/// `startup_timeout`.
+pub async fn serve(
+    listener: TcpListener,
+    sluice: Node,
+    statement_timeout: Duration,
+    limit: Limit,
+    startup_timeout: Duration,
+) {
+    let base = PgHandler::new(sluice, statement_timeout);
     loop {
         match listener.accept().await {
-            Ok((socket, peer)) => {
-                let handlers = Arc::clone(&handlers);
+            Ok((mut socket, peer)) => {
+                let Some(admitted) = limit.admit() else {
+                    tracing::warn!(%peer, "pg: too many connections; refused");
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            crate::connections::refuse_pg(&mut socket),
+                        )
+                        .await;
+                    });
+                    continue;
+                };
+                let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let mut handler = base.clone();
+                handler.started = Some(Arc::clone(&started));
+                let handlers = Arc::new(Handlers(Arc::new(handler)));
                 tokio::spawn(async move {
-                    if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
-                        tracing::debug!(%peer, error = %e, "pg connection closed with an error");
+                    let connection = pgwire::tokio::process_socket(socket, None, handlers);
+                    let startup_deadline = async {
+                        tokio::time::sleep(startup_timeout).await;
+                        if started.load(std::sync::atomic::Ordering::Relaxed) {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    tokio::select! {
+                        r = connection => if let Err(e) = r {
+                            tracing::debug!(%peer, error = %e, "pg connection closed with an error");
+                        },
+                        () = startup_deadline => {
+                            admitted.timed_out();
+                            tracing::debug!(%peer, "pg: startup not finished in time; closed");
+                        }
                     }
+                    drop(admitted);
                 });
             }
             Err(e) => {
@@ -261,6 +298,9 @@ impl NoopStartupHandler for PgHandler {
         let session = Self::session(client);
         let (pid, key) = client.pid_and_secret_key();
         self.sessions.register(pid, key, &session);
+        if let Some(started) = &self.started {
+            started.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 }

@@ -8,6 +8,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
+use crate::connections::{ConnectionLimits, Connections, HttpListener, Limit};
 use crate::error::{Result, ServerError};
 use crate::instance::Sluice;
 use crate::lease::{self, Acquired, Candidate, WriterLease};
@@ -29,6 +32,8 @@ pub struct ServerConfig {
     pub statement_timeout: Duration,
     /// How many checkpoints to keep (`--checkpoint-retention`).
     pub checkpoint_retention: usize,
+    /// Connection limits and timeouts of both listeners.
+    pub connections: ConnectionLimits,
 }
 
 /// A started server.
@@ -126,9 +131,22 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
             (node, false)
         }
     };
-    let app = crate::http::router(node.clone());
+    let limits = config.connections;
+    let (pg_limit, http_limit) = (Limit::new(limits.pg_max), Limit::new(limits.http_max));
+    let counters = Connections {
+        pg: Arc::clone(&pg_limit.counters),
+        http: Arc::clone(&http_limit.counters),
+    };
+    let app = crate::http::router(node.clone(), counters);
+    let http = HttpListener::new(http, http_limit, limits.http_idle);
     let tasks = vec![
-        tokio::spawn(crate::pg::serve(pg, node.clone(), config.statement_timeout)),
+        tokio::spawn(crate::pg::serve(
+            pg,
+            node.clone(),
+            config.statement_timeout,
+            pg_limit,
+            limits.pg_startup_timeout,
+        )),
         tokio::spawn(async move {
             if let Err(e) = axum::serve(http, app).await {
                 tracing::error!(error = %e, "http listener failed");

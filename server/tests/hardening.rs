@@ -443,3 +443,71 @@ fn a_lost_catalog_stops_the_start_and_an_unrestorable_stream_shows_why() {
     );
     assert!(!err.contains("bug"), "{err}");
 }
+
+#[test]
+fn connections_are_limited_and_stalled_ones_are_closed() {
+    use std::net::TcpStream;
+    let lake = tempfile::tempdir().unwrap();
+    let (_server, port, http) = serve_ports(|cmd| {
+        cmd.env("SLUICE_LAKE", lake.path()).args([
+            "--pg-max-connections",
+            "3",
+            "--pg-startup-timeout",
+            "1s",
+            "--http-max-connections",
+            "3",
+            "--http-idle-timeout",
+            "1s",
+        ]);
+    });
+    // Three connections that never finish their startup fill the pg listener.
+    let idle: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let err = sql(port, "SELECT 1").unwrap_err();
+    assert!(err.contains("too many clients"), "{err}");
+    // After the startup timeout they are closed, and clients get in again.
+    std::thread::sleep(Duration::from_millis(1500));
+    for mut s in idle {
+        let mut buf = [0u8; 1];
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "closed by the server");
+    }
+    alive(port);
+
+    // The same for HTTP: half-sent requests fill it, the next connection gets 503, and
+    // the stalled ones are closed after the idle timeout.
+    let half: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
+            s.write_all(b"POST /v1/sources/x/events HTTP/1.1\r\nHost: a\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(half);
+    let health = {
+        let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let body: serde_json::Value =
+        serde_json::from_str(health.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let c = &body["connections"];
+    assert!(c["pg"]["refused"].as_u64().unwrap() >= 1, "{body}");
+    assert!(c["pg"]["timed_out"].as_u64().unwrap() >= 3, "{body}");
+    assert!(c["http"]["refused"].as_u64().unwrap() >= 1, "{body}");
+    assert!(c["http"]["timed_out"].as_u64().unwrap() >= 3, "{body}");
+}
