@@ -16,6 +16,9 @@
 //! without a type to `127.0.0.1` without the browser asking first (a "simple" CORS request),
 //! but not `application/json`.
 //!
+//! A POST with an `Idempotency-Key` header that repeats one seen within the source's
+//! `idempotency_window` gets the first answer again, and its body is not stored twice.
+//!
 //! `GET /ready` is 200 on the lake's writer and 503 on a standby.
 
 use axum::body::Body;
@@ -148,7 +151,17 @@ async fn ingest(
         }
     };
     let origin = format!("http POST /v1/sources/{name}/events");
-    match source.ingest(bytes, &origin).await {
+    let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) => Some(k.to_string()),
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the Idempotency-Key header must be visible ASCII",
+            );
+        }
+    };
+    match source.ingest(bytes, &origin, key.as_deref()).await {
         Ok(report) if report.rejected.is_empty() => {
             axum::Json(json!({"accepted": report.accepted, "rejected": []})).into_response()
         }
@@ -168,7 +181,9 @@ async fn ingest(
             )
                 .into_response()
         }
-        Err(IngestError::Malformed(m)) => error(StatusCode::BAD_REQUEST, m),
+        Err(IngestError::Malformed(m) | IngestError::BadKey(m)) => {
+            error(StatusCode::BAD_REQUEST, m)
+        }
         Err(IngestError::Storage(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

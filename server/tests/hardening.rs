@@ -511,3 +511,82 @@ fn connections_are_limited_and_stalled_ones_are_closed() {
     assert!(c["http"]["refused"].as_u64().unwrap() >= 1, "{body}");
     assert!(c["http"]["timed_out"].as_u64().unwrap() >= 3, "{body}");
 }
+
+/// The files under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// POSTs `body` with an `Idempotency-Key`; (status, response body).
+fn post_keyed(port: u16, key: &str, body: &[u8]) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let head = format!(
+        "POST /v1/sources/h/events HTTP/1.1\r\nHost: a\r\nContent-Type: application/x-ndjson\r\nIdempotency-Key: {key}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let code = response.split(' ').nth(1).unwrap().parse().unwrap();
+    (
+        code,
+        response.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
+}
+
+#[test]
+fn a_retried_post_with_the_same_idempotency_key_is_stored_once() {
+    let lake = tempfile::tempdir().unwrap();
+    let (mut server, port, http) = serve(lake.path());
+    psql(
+        port,
+        "CREATE SOURCE h (a BIGINT NOT NULL) WITH (connector = 'http')",
+    );
+    let raw = lake.path().join("raw").join("h");
+    let body = b"{\"a\":1}\n{\"a\":\"x\"}\n{\"a\":3}\n";
+    let first = post_keyed(http, "order-42", body);
+    assert_eq!(first.0, 422, "{}", first.1);
+    // The retry gets the first answer; the body is not stored again.
+    assert_eq!(post_keyed(http, "order-42", body), first);
+    assert_eq!(files_under(&raw).len(), 1);
+    // Another key is another request.
+    assert_eq!(post_keyed(http, "order-43", b"{\"a\":5}\n").0, 200);
+    assert_eq!(files_under(&raw).len(), 2);
+    // A malformed body's answer is kept too.
+    let bad = post_keyed(http, "order-44", b"[{\"a\":1}");
+    assert_eq!(bad.0, 400);
+    assert_eq!(post_keyed(http, "order-44", b"[{\"a\":1}"), bad);
+    assert_eq!(files_under(&raw).len(), 3);
+    assert_eq!(post_keyed(http, &"k".repeat(300), body).0, 400);
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    // A first attempt that stored the body and then died (its marker has no answer): after
+    // a restart the retry is answered from the stored body, which is not stored again.
+    let marker = lake.path().join("_sluice/idempotency/h").join(format!(
+        "{}.json",
+        "order-42"
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    ));
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&marker).unwrap()).unwrap();
+    m["outcome"] = serde_json::Value::Null;
+    std::fs::write(&marker, m.to_string()).unwrap();
+    let (_server, _, http) = serve(lake.path());
+    assert_eq!(post_keyed(http, "order-42", body), first);
+    assert_eq!(files_under(&raw).len(), 3);
+}

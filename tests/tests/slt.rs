@@ -81,7 +81,7 @@ impl SluiceDb {
             .map_err(|e| fail("55000", e))?
             .ok_or_else(|| fail("42P01", format!("no http source `{source}`")))?;
         let report = ingest
-            .ingest(bytes::Bytes::from(body.to_string()), "slt")
+            .ingest(bytes::Bytes::from(body.to_string()), "slt", None)
             .await
             .map_err(|e| fail("22000", e.to_string()))?;
         if !report.rejected.is_empty() {

@@ -20,8 +20,15 @@
 //! resend just those); the alternative — rejecting the whole body — would make one bad line
 //! hold back every good one.
 //!
-//! Options: `max_request_size` (default `'10MB'`; larger bodies get 413) and `format`
-//! (`'json'`, the default and for now the only one).
+//! A request may carry an `Idempotency-Key` header: retried with the same key within the
+//! source's `idempotency_window`, it is answered as the first time and its body is stored
+//! once (see [`idempotency`]).
+//!
+//! Options: `max_request_size` (default `'10MB'`; larger bodies get 413), `format`
+//! (`'json'`, the default and for now the only one) and `idempotency_window` (default
+//! `'24 hours'`).
+
+pub mod idempotency;
 
 use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
@@ -41,6 +48,8 @@ use crate::lake::{Lake, MICROS_PER_HOUR, RecordZone, Zone};
 pub struct HttpConfig {
     /// Largest accepted request body, in bytes.
     pub max_request_size: u64,
+    /// How long an `Idempotency-Key` counts.
+    pub idempotency_window: std::time::Duration,
 }
 
 impl HttpConfig {
@@ -52,12 +61,18 @@ impl HttpConfig {
             return Err(opts.bad("format", &f, "'json'").into());
         }
         let max_request_size = opts.take_bytes("max_request_size")?.unwrap_or(10 << 20);
-        Ok(Self { max_request_size })
+        let idempotency_window = opts
+            .take_duration("idempotency_window")?
+            .unwrap_or(std::time::Duration::from_secs(24 * 3600));
+        Ok(Self {
+            max_request_size,
+            idempotency_window,
+        })
     }
 }
 
 /// A record of a request that was rejected.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RejectedLine {
     /// 1-based line number (NDJSON) or element position (JSON array).
     pub line: usize,
@@ -66,7 +81,7 @@ pub struct RejectedLine {
 }
 
 /// What happened to one request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct IngestReport {
     /// Records accepted and published.
     pub accepted: usize,
@@ -84,6 +99,9 @@ pub enum IngestError {
     /// The lake could not store the body (retrying may help); nothing was published.
     #[error("cannot store the request: {0}")]
     Storage(#[from] ConnectorError),
+    /// The `Idempotency-Key` is empty or too long.
+    #[error("{0}")]
+    BadKey(String),
 }
 
 /// The receiving end of one `http` source.
@@ -96,6 +114,7 @@ pub struct HttpIngest {
     ctx: SourceContext,
     state: tokio::sync::Mutex<IngestState>,
     config: HttpConfig,
+    markers: idempotency::Markers,
 }
 
 /// What requests are serialised on.
@@ -104,6 +123,10 @@ struct IngestState {
     tracker: Option<WatermarkTracker>,
     /// The number of the last request stored.
     seq: u64,
+    /// The number of this server's first request (bodies before it were replayed at start).
+    first_of_run: Option<u64>,
+    /// When expired idempotency markers were last swept, µs.
+    swept_at: i64,
 }
 
 impl HttpIngest {
@@ -123,10 +146,16 @@ impl HttpIngest {
         Ok(Self {
             decoder: JsonDecoder::new(schema),
             raw: RecordZone::new(lake.clone(), Zone::Raw, name.clone()),
+            markers: idempotency::Markers::new(lake.clone(), &name, config.idempotency_window),
             errors: RecordZone::new(lake, Zone::Errors, name.clone()),
             name,
             ctx,
-            state: tokio::sync::Mutex::new(IngestState { tracker, seq: 0 }),
+            state: tokio::sync::Mutex::new(IngestState {
+                tracker,
+                seq: 0,
+                first_of_run: None,
+                swept_at: 0,
+            }),
             config,
         })
     }
@@ -215,22 +244,134 @@ impl HttpIngest {
     }
 
     /// Stores, validates and publishes one request body. `origin` describes the request in
-    /// errors-zone records. See the module docs for the order of steps.
-    pub async fn ingest(&self, body: Bytes, origin: &str) -> Result<IngestReport, IngestError> {
-        let is_array = body.trim_ascii_start().starts_with(b"[");
+    /// errors-zone records; `key` is its `Idempotency-Key`, if it has one. See the module
+    /// docs for the order of steps.
+    pub async fn ingest(
+        &self,
+        body: Bytes,
+        origin: &str,
+        key: Option<&str>,
+    ) -> Result<IngestReport, IngestError> {
+        use idempotency::{MAX_KEY_BYTES, Marker, Outcome};
+        if let Some(k) = key
+            && (k.is_empty() || k.len() > MAX_KEY_BYTES)
+        {
+            return Err(IngestError::BadKey(format!(
+                "an Idempotency-Key is 1 to {MAX_KEY_BYTES} bytes"
+            )));
+        }
         let mut st = self.state.lock().await;
+        let next = st.seq + 1;
+        let first_of_run = *st.first_of_run.get_or_insert(next);
+        let now = sluice_engine::EventTime::now().micros();
+        self.sweep_markers(&mut st, now);
+        if let Some(k) = key
+            && let Some(marker) = self.markers.get(k, now).await?
+        {
+            match marker.outcome {
+                Some(Outcome::Ingested(report)) => return Ok(report),
+                Some(Outcome::Malformed(reason)) => return Err(IngestError::Malformed(reason)),
+                None => {
+                    if let Some(stored) = self.stored_body(marker.seq, marker.at).await? {
+                        // Stored by an attempt that did not finish: replayed at start if
+                        // that was before this server; otherwise finished now.
+                        let finish = marker.seq >= first_of_run;
+                        let outcome = self.process(&mut st, &stored, origin, finish).await;
+                        return self.remember(k, marker, outcome).await;
+                    }
+                }
+            }
+        }
+        let is_array = body.trim_ascii_start().starts_with(b"[");
         let seq = st.seq + 1;
+        let marker = Marker {
+            seq,
+            at: now,
+            outcome: None,
+        };
+        if let Some(k) = key {
+            self.markers.put(k, &marker).await?;
+        }
         self.raw
             .put_sequenced(body.clone(), seq, if is_array { "json" } else { "ndjson" })
             .await?;
         st.seq = seq;
-        let records = match split_records(&body, is_array) {
+        let outcome = self.process(&mut st, &body, origin, true).await;
+        match key {
+            Some(k) => self.remember(k, marker, outcome).await,
+            None => outcome,
+        }
+    }
+
+    /// Completes `key`'s marker with `outcome` (unless the lake failed: a retry may do
+    /// better), and hands the outcome back.
+    async fn remember(
+        &self,
+        key: &str,
+        mut marker: idempotency::Marker,
+        outcome: Result<IngestReport, IngestError>,
+    ) -> Result<IngestReport, IngestError> {
+        use idempotency::Outcome;
+        marker.outcome = match &outcome {
+            Ok(report) => Some(Outcome::Ingested(report.clone())),
+            Err(IngestError::Malformed(reason)) => Some(Outcome::Malformed(reason.clone())),
+            Err(_) => None,
+        };
+        if marker.outcome.is_some() {
+            self.markers.put(key, &marker).await?;
+        }
+        outcome
+    }
+
+    /// The body stored as request `seq` around `at` (µs), if it is in the raw zone.
+    async fn stored_body(&self, seq: u64, at: i64) -> Result<Option<Bytes>> {
+        let files = self.raw.sequenced_since(Some(at - MICROS_PER_HOUR)).await?;
+        match files.into_iter().find(|(s, _)| *s == seq) {
+            Some((_, path)) => self.raw.lake().get_opt(&path).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes expired idempotency markers in the background, at most once an hour.
+    fn sweep_markers(&self, st: &mut IngestState, now: i64) {
+        if now - st.swept_at < MICROS_PER_HOUR {
+            return;
+        }
+        st.swept_at = now;
+        let markers = self.markers.clone();
+        let source = self.name.clone();
+        tokio::spawn(async move {
+            match markers.sweep(now).await {
+                Ok(n) if n > 0 => {
+                    tracing::debug!(%source, n, "http: expired idempotency keys deleted")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(%source, error = %e, "http: cannot sweep idempotency keys")
+                }
+            }
+        });
+    }
+
+    /// Splits, validates and (when `publish`) stores the bad records of and publishes one
+    /// stored body; its report. Without `publish` only the answer is worked out.
+    async fn process(
+        &self,
+        st: &mut IngestState,
+        body: &Bytes,
+        origin: &str,
+        publish_rows: bool,
+    ) -> Result<IngestReport, IngestError> {
+        let is_array = body.trim_ascii_start().starts_with(b"[");
+        let records = match split_records(body, is_array) {
             Ok(r) if !r.is_empty() => r,
             Ok(_) => return Err(IngestError::Malformed("the body holds no records".into())),
             Err(reason) => {
-                let bad = bad_record(&body, false, reason.clone(), origin.to_string());
-                self.errors.put_bad_records(&[bad]).await?;
-                self.ctx.metrics.add_bad_records(1);
+                if publish_rows {
+                    let bad = bad_record(body, false, reason.clone(), origin.to_string());
+                    self.errors.put_bad_records(&[bad]).await?;
+                    self.ctx.metrics.add_bad_records(1);
+                }
                 return Err(IngestError::Malformed(reason));
             }
         };
@@ -244,6 +385,10 @@ impl HttpIngest {
                 reason: e.reason.clone(),
             })
             .collect();
+        let accepted = decoded.batch.num_rows();
+        if !publish_rows {
+            return Ok(IngestReport { accepted, rejected });
+        }
         if !rejected.is_empty() {
             let bad: Vec<BadRecord> = decoded
                 .errors
@@ -260,7 +405,6 @@ impl HttpIngest {
             self.errors.put_bad_records(&bad).await?;
             self.ctx.metrics.add_bad_records(bad.len());
         }
-        let accepted = decoded.batch.num_rows();
         publish(&self.ctx, &mut st.tracker, decoded.batch).await;
         tracing::debug!(source = %self.name, accepted, rejected = rejected.len(), "ingested");
         Ok(IngestReport { accepted, rejected })
