@@ -590,3 +590,83 @@ fn a_retried_post_with_the_same_idempotency_key_is_stored_once() {
     assert_eq!(post_keyed(http, "order-42", body), first);
     assert_eq!(files_under(&raw).len(), 3);
 }
+
+/// A Postgres startup message for user and database `sluice`.
+fn startup_message() -> Vec<u8> {
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for s in ["user", "sluice", "database", "sluice"] {
+        body.extend_from_slice(s.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    msg.extend(body);
+    msg
+}
+
+/// One frontend message: `tag`, its length, `payload`.
+fn message(tag: u8, payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((payload.len() + 4) as u32).to_be_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+#[test]
+fn malformed_postgres_messages_end_only_their_connection() {
+    let lake = tempfile::tempdir().unwrap();
+    let (_server, port, _) = serve(lake.path());
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+    println!("pgwire fuzz seed: {seed}");
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let tags = b"QPBEDSCHXFdcfp\0\xff";
+    for round in 0..300 {
+        let mut bytes = vec![];
+        // A third without a valid startup: raw garbage, or a startup with a wild length.
+        match round % 3 {
+            0 => {
+                let n = (next() % 64) as usize;
+                bytes.extend((0..n).map(|_| next() as u8));
+                bytes.extend_from_slice(&(next() as u32).to_be_bytes());
+            }
+            _ => {
+                bytes.extend(startup_message());
+                for _ in 0..(1 + next() % 4) {
+                    let tag = tags[(next() % tags.len() as u64) as usize];
+                    let n = (next() % 48) as usize;
+                    let payload: Vec<u8> = (0..n).map(|_| next() as u8).collect();
+                    let mut m = message(tag, &payload);
+                    match next() % 4 {
+                        // A length that lies: too long, too short, huge.
+                        0 => m[1..5].copy_from_slice(&(next() as u32).to_be_bytes()),
+                        1 => m.truncate(1 + (next() as usize % m.len())),
+                        _ => {}
+                    }
+                    bytes.extend(m);
+                }
+            }
+        }
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            panic!("round {round}: the server no longer accepts connections");
+        };
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let _ = s.write_all(&bytes);
+        let mut sink = [0u8; 4096];
+        let _ = s.read(&mut sink);
+    }
+    alive(port);
+    // A statement far larger than any buffer, split across writes, is still answered.
+    let big = format!("SELECT length('{}')", "x".repeat(4 << 20));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&startup_message()).unwrap();
+    let mut q = big.into_bytes();
+    q.push(0);
+    s.write_all(&message(b'Q', &q)).unwrap();
+    alive(port);
+}

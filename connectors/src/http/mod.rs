@@ -455,3 +455,83 @@ mod tests {
         );
     }
 }
+
+/// Fuzz-style properties of what a request body goes through: any bytes — random, truncated
+/// documents, deep nesting, long runs — are split and decoded without a panic, and every
+/// record is either accepted or rejected with a reason.
+#[cfg(test)]
+mod fuzz {
+    use std::sync::Arc;
+
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn decoder() -> JsonDecoder {
+        JsonDecoder::new(Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("name", DataType::Utf8, true),
+            Field::new("amount", DataType::Float64, true),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+            Field::new("ok", DataType::Boolean, true),
+        ])))
+    }
+
+    /// Pieces bodies are made of: JSON fragments, separators, and hostile runs.
+    fn piece() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(
+                br#"{"id":1,"name":"a","amount":1.5,"ts":"2024-05-01T00:00:00Z","ok":true}"#
+                    .to_vec()
+            ),
+            Just(b"{".to_vec()),
+            Just(b"}".to_vec()),
+            Just(b"[".to_vec()),
+            Just(b"]".to_vec()),
+            Just(b",".to_vec()),
+            Just(b":".to_vec()),
+            Just(b"\n".to_vec()),
+            Just(b"\"".to_vec()),
+            Just(b"\\".to_vec()),
+            Just(br#""id""#.to_vec()),
+            Just(br#""ts":"#.to_vec()),
+            Just(b"9223372036854775808".to_vec()),
+            Just(b"-1e400".to_vec()),
+            Just(b"00".to_vec()),
+            Just(b"null".to_vec()),
+            Just(b"\xff\xfe".to_vec()),
+            Just(b"\x00".to_vec()),
+            (1usize..5000).prop_map(|n| b"[".repeat(n)),
+            (1usize..5000).prop_map(|n| br#"{"a":"#.repeat(n)),
+            prop::collection::vec(any::<u8>(), 0..64),
+        ]
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(piece(), 0..24).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_body_splits_and_decodes_without_a_panic(body in body(), truncate in any::<prop::sample::Index>()) {
+            let body = &body[..truncate.index(body.len() + 1)];
+            for is_array in [false, true] {
+                if let Ok(records) = split_records(body, is_array) {
+                    let slices: Vec<&[u8]> = records.iter().map(|(_, r)| *r).collect();
+                    let decoded = decoder().decode(&slices).expect("decoding never fails whole");
+                    prop_assert_eq!(decoded.batch.num_rows() + decoded.errors.len(), slices.len());
+                    for e in &decoded.errors {
+                        prop_assert!(!e.reason.is_empty());
+                    }
+                }
+            }
+        }
+    }
+}
