@@ -14,6 +14,7 @@
 //! machine is shared. Compare ratios between pipelines of one run, not absolute numbers
 //! across machines.
 
+mod ingest;
 mod kafka;
 
 use std::collections::BTreeMap;
@@ -56,12 +57,20 @@ struct Args {
     /// arrow-json's decoder: the reference the JSON target is set against). Append
     /// `+ckpt` to lake, tumble, hop, dedup or kafka to run it with checkpoints every
     /// `--checkpoint-interval` (compare with the same pipeline without, in one run).
+    /// `ingest` runs a whole server and times 500-event POSTs alone and under `--sessions`
+    /// query sessions (queries on their own runtime, then on the streams'; see its module).
     #[arg(long, default_value = "source,discard,lake,bids,tumble,hop")]
     pipelines: String,
     /// Dedup: bidders are drawn from this many (the live keys once they have all been seen;
     /// the default makes nearly every bid a new key, so the state only grows).
     #[arg(long, default_value_t = 1_000_000_000_000)]
     dedup_keys: u64,
+    /// `ingest`: Postgres sessions running queries while the POSTs are timed.
+    #[arg(long, default_value_t = 200)]
+    sessions: usize,
+    /// `ingest`: POSTs timed per phase.
+    #[arg(long, default_value_t = 200)]
+    posts: usize,
     /// How often `+ckpt` pipelines checkpoint (state and positions to a local lake).
     #[arg(long, default_value = "1s", value_parser = parse_interval)]
     checkpoint_interval: Duration,
@@ -601,9 +610,13 @@ fn main() -> anyhow::Result<()> {
             "kafka" => "kafka",
             "json" => "json",
             "arrow-json" => "arrow-json",
+            "ingest" => {
+                rt.block_on(ingest::run(args.sessions, args.posts))?;
+                continue;
+            }
             other => {
                 anyhow::bail!(
-                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, dedup, kafka, json, arrow-json)"
+                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, dedup, kafka, json, arrow-json, ingest)"
                 )
             }
         };

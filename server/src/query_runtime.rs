@@ -46,13 +46,32 @@ fn runtime() -> &'static Runtime {
     })
 }
 
+/// Whether queries use the dedicated runtime (the default). Off, they run on the runtime of
+/// the caller — the streams' — as they did before it existed; only the benchmark turns it
+/// off, to measure what the dedicated runtime is worth in one run.
+static DEDICATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the dedicated runtime off or on (see [`DEDICATED`]); for benchmarks.
+pub fn set_dedicated(on: bool) {
+    DEDICATED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Where query work is spawned.
+fn handle() -> tokio::runtime::Handle {
+    if DEDICATED.load(std::sync::atomic::Ordering::Relaxed) {
+        runtime().handle().clone()
+    } else {
+        tokio::runtime::Handle::current()
+    }
+}
+
 /// Runs `work` on the query runtime and waits for its result.
 pub async fn run<F, T>(work: F) -> Result<T>
 where
     F: Future<Output = Result<T>> + Send + 'static,
     T: Send + 'static,
 {
-    match runtime().spawn(work).await {
+    match handle().spawn(work).await {
         Ok(r) => r,
         Err(e) if e.is_panic() => Err(ServerError::Internal(format!(
             "a query task panicked: {}",
@@ -74,7 +93,7 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 pub fn forward(mut rows: SendableRecordBatchStream) -> SendableRecordBatchStream {
     let schema = rows.schema();
     let (tx, mut rx) = tokio::sync::mpsc::channel(AHEAD);
-    runtime().spawn(async move {
+    handle().spawn(async move {
         loop {
             let next = tokio::select! {
                 // The client went away: dropping `rows` cancels the query.
