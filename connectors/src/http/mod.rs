@@ -530,6 +530,16 @@ mod fuzz {
                     for e in &decoded.errors {
                         prop_assert!(!e.reason.is_empty());
                     }
+                    // What the JSON spec refuses is never accepted (serde_json is strict).
+                    for (i, r) in slices.iter().enumerate() {
+                        if serde_json::from_slice::<serde::de::IgnoredAny>(r).is_err() {
+                            prop_assert!(
+                                decoded.errors.iter().any(|e| e.index == i),
+                                "accepted, but not JSON: {:?}",
+                                String::from_utf8_lossy(r)
+                            );
+                        }
+                    }
                 }
             }
         }
