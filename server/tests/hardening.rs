@@ -670,3 +670,27 @@ fn malformed_postgres_messages_end_only_their_connection() {
     s.write_all(&message(b'Q', &q)).unwrap();
     alive(port);
 }
+
+#[test]
+fn a_query_over_the_memory_limit_fails_alone() {
+    let lake = tempfile::tempdir().unwrap();
+    let (_server, port, _) = serve_ports(|cmd| {
+        cmd.env("SLUICE_LAKE", lake.path())
+            .args(["--query-memory", "20MB"]);
+    });
+    // Operators that can spill do, and finish.
+    assert_eq!(
+        sql(port, "SELECT count(DISTINCT value) FROM range(0, 2000000)")
+            .unwrap()
+            .trim(),
+        "2000000"
+    );
+    // One that cannot fails, with out_of_memory; the server and other queries go on.
+    let err = sql(
+        port,
+        "SELECT array_agg(value) IS NULL FROM range(0, 5000000)",
+    )
+    .unwrap_err();
+    assert!(err.contains("53200"), "{err}");
+    alive(port);
+}

@@ -95,7 +95,7 @@ pub fn datafusion_sqlstate(e: &DataFusionError) -> &'static str {
         DataFusionError::Plan(_) => "42000",
         DataFusionError::ArrowError(..) => "22000",
         DataFusionError::Execution(_) => "22000",
-        DataFusionError::ResourcesExhausted(_) => "53000",
+        DataFusionError::ResourcesExhausted(_) => "53200", // out_of_memory
         DataFusionError::Internal(_) => "XX000",
         _ => "XX000",
     }
