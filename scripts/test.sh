@@ -31,7 +31,12 @@ need_psql
 
 say "services (Kafka-protocol broker, schema registry, S3 + SQS, Kinesis)"
 trap 'scripts/services.sh stop' EXIT
-eval "$(scripts/services.sh start)"
+# (Not `eval "$(…)"`: that would run on after a service failed to start.)
+if ! services_env="$(scripts/services.sh start)"; then
+  echo "test.sh: a service did not start (its name and log are above); stopping" >&2
+  exit 1
+fi
+eval "$services_env"
 
 say "rustfmt"
 cargo fmt --all -- --check
