@@ -1,7 +1,8 @@
 //! The part of the Kafka wire protocol a fetching consumer needs: Fetch requests and
 //! responses (version 4: every broker since Kafka 0.11 speaks it; it carries the last
 //! stable offset and the aborted transactions for `read_committed`), and record batches
-//! (magic 2) with their compression codecs.
+//! (magic 2) with their compression codecs. Each batch's CRC-32C is checked before anything
+//! in it is read (as librdkafka's `check.crcs` does): a batch that fails fails the source.
 //!
 //! Reference: the protocol guide (kafka.apache.org/protocol) and the record batch layout
 //! (kafka.apache.org/documentation/#recordbatch). Everything is big-endian; record fields
@@ -286,6 +287,17 @@ fn batch(b: &[u8]) -> Result<(BatchHeader, &[u8]), ProtocolError> {
         return Err(bad(format!(
             "message format v{magic} (Kafka before 0.11) is not supported; the topic needs \
              record batches (magic 2)"
+        )));
+    }
+    // The batch's CRC-32C covers everything after it (attributes to the last record):
+    // corrupt bytes must never become rows.
+    let stored = u32::from_be_bytes(b[17..21].try_into().expect("4 bytes"));
+    let computed = crc32c::crc32c(&b[21..]);
+    if stored != computed {
+        return Err(bad(format!(
+            "the record batch at offset {} fails its CRC-32C check (stored {stored:#010x}, \
+             computed {computed:#010x}): the data was corrupted on the way",
+            i64::from_be_bytes(b[0..8].try_into().expect("8 bytes"))
         )));
     }
     let be16 = |i: usize| i16::from_be_bytes(b[i..i + 2].try_into().expect("2 bytes"));
@@ -600,6 +612,30 @@ mod tests {
             zigzag(v, &mut b);
             assert_eq!(Reader::new(&b, "test").varint().unwrap(), v);
         }
+    }
+
+    /// A batch of `n` header bytes after the CRC (no records), its CRC set right.
+    fn batch_bytes(base_offset: i64) -> Vec<u8> {
+        let mut b = base_offset.to_be_bytes().to_vec();
+        b.extend_from_slice(&((BATCH_HEADER - 12) as i32).to_be_bytes());
+        b.extend_from_slice(&0i32.to_be_bytes()); // partition leader epoch
+        b.push(2); // magic
+        b.extend_from_slice(&[0u8; 4]); // crc, set below
+        b.resize(BATCH_HEADER, 0);
+        let crc = crc32c::crc32c(&b[21..]);
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn a_batch_whose_crc_does_not_match_is_refused() {
+        let good = batch_bytes(42);
+        let (header, _) = batches(&good).next().unwrap().unwrap();
+        assert_eq!(header.base_offset, 42);
+        let mut flipped = good.clone();
+        flipped[30] ^= 0x01; // a timestamp bit
+        let err = batches(&flipped).next().unwrap().unwrap_err();
+        assert!(err.to_string().contains("CRC-32C"), "{err}");
     }
 
     #[test]
