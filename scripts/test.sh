@@ -44,6 +44,9 @@ cargo fmt --all -- --check
 say "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+say "docs (warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+
 say "tests"
 cargo test --workspace --locked
 

@@ -51,7 +51,7 @@ fn runtime() -> &'static Runtime {
 /// off, to measure what the dedicated runtime is worth in one run.
 static DEDICATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Turns the dedicated runtime off or on (see [`DEDICATED`]); for benchmarks.
+/// Turns the dedicated runtime off or on (see `DEDICATED`); for benchmarks.
 pub fn set_dedicated(on: bool) {
     DEDICATED.store(on, std::sync::atomic::Ordering::Relaxed);
 }

@@ -420,7 +420,7 @@ fn checkpoint_interval(plan: &StreamPlan, default: Duration) -> Option<Duration>
     }
 }
 
-/// Opened once readers may start (see [`PendingReader::start`]).
+/// Opened once readers may start (see `PendingReader::start`).
 pub type Gate = tokio::sync::watch::Receiver<bool>;
 
 /// Starts a stream's tasks. `input` resolves a source or stream name to what the stream

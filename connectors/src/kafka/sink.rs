@@ -171,7 +171,7 @@ impl KafkaSink {
         })
     }
 
-    /// A sink that delivers each row exactly once (see [`super::exactly_once`]): its rows are
+    /// A sink that delivers each row exactly once (see `kafka::exactly_once`): its rows are
     /// checkpointed with its input's epochs and sent in one Kafka transaction per epoch.
     pub fn exactly_once(
         name: impl Into<String>,

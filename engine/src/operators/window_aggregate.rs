@@ -409,7 +409,7 @@ impl Operator for WindowAggregate {
         Ok(())
     }
 
-    /// State: the watermarks, and table `windows` (see [`WindowAggregate::state_schema`]).
+    /// State: the watermarks, and table `windows` (see `WindowAggregate::state_schema`).
     /// Taking it drains each window's groups and accumulators and merges them back.
     fn snapshot(&mut self) -> Result<Option<OperatorState>> {
         let schema = self.state_schema()?;

@@ -1,7 +1,7 @@
 //! JSON records decoded into Arrow batches.
 //!
 //! Three paths, fastest first. Flat objects of scalar columns, the common case, are decoded
-//! by [`flat`] in one pass over each record. An input it is not sure of (see its docs) is
+//! by `flat` in one pass over each record. An input it is not sure of (see its docs) is
 //! decoded whole by arrow-json's decoder, which sets the rules. Only when that fails is each
 //! record decoded on its own, to tell the good records from the bad ones and say why each
 //! bad one failed; the good ones are then decoded together again.
