@@ -491,7 +491,9 @@ impl Sluice {
                         &state.unrestored_of(ObjectKind::Stream),
                         show::LastCheckpoint::of(&self.inner.checkpoints),
                     ),
-                    ObjectKind::Sink => show::sinks(state.sinks.values()),
+                    ObjectKind::Sink => {
+                        show::sinks(state.sinks.values(), &state.unrestored_of(ObjectKind::Sink))
+                    }
                 }
                 .map_err(|e| ServerError::Internal(e.to_string()))?;
                 Ok(Outcome::Rows {

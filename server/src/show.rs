@@ -323,10 +323,22 @@ pub fn sinks_schema() -> SchemaRef {
     ]))
 }
 
-/// `SHOW SINKS`.
-pub fn sinks<'a>(sinks: impl Iterator<Item = &'a RunningSink>) -> Result<RecordBatch, ArrowError> {
+/// `SHOW SINKS`; `unrestored`: (name, reason) of sinks of the catalog that could not be
+/// restored.
+pub fn sinks<'a>(
+    sinks: impl Iterator<Item = &'a RunningSink>,
+    unrestored: &[(String, String)],
+) -> Result<RecordBatch, ArrowError> {
     let (mut name, mut connector, mut from, mut status) = (vec![], vec![], vec![], vec![]);
     let (mut delivery, mut delivered) = (vec![], vec![]);
+    for (n, reason) in unrestored {
+        name.push(n.clone());
+        connector.push(String::new());
+        from.push(String::new());
+        status.push(unrestored_status(reason));
+        delivery.push(String::new());
+        delivered.push(0);
+    }
     for s in sinks {
         name.push(s.create.name.clone());
         connector.push(s.config.connector().to_string());
