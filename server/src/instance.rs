@@ -934,8 +934,19 @@ pub(crate) async fn run_adhoc(
         .into());
     }
     let options = session.options();
-    let plan = adhoc.plan(stmt, &options).await?;
-    let (schema, stream) = adhoc.run(plan, &options).await?;
+    let start = async {
+        let plan = adhoc.plan(stmt, &options).await?;
+        adhoc.run(plan, &options).await
+    };
+    let (schema, stream) = match session.guard() {
+        // A client's statement: stopped by its timeout or a CancelRequest, while planning
+        // or while its rows stream.
+        Some(guard) => {
+            let (schema, stream) = guard.run(start).await?;
+            (schema, guard.rows(stream))
+        }
+        None => start.await?,
+    };
     Ok(Outcome::Stream { schema, stream })
 }
 

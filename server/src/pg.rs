@@ -36,7 +36,7 @@ use crate::connections::Limit;
 use crate::error::ServerError;
 use crate::instance::Outcome;
 use crate::node::Node;
-use crate::session::{Guard, Session, Sessions};
+use crate::session::{Session, Sessions};
 
 /// The only user and database name accepted.
 pub const USER: &str = "sluice";
@@ -80,27 +80,12 @@ impl PgHandler {
         Arc::clone(&stored)
     }
 
-    /// Runs `sql` in `client`'s session, under its `statement_timeout` and cancellation.
+    /// Runs `sql` in `client`'s session, its ad-hoc queries under its `statement_timeout`
+    /// and cancellation (see [`crate::session`]).
     async fn run<C: ClientInfo>(&self, client: &C, sql: &str) -> Vec<crate::Result<Outcome>> {
         let session = Self::session(client);
-        let timeout = session
-            .statement_timeout()
-            .unwrap_or(self.statement_timeout);
-        let guard = Guard::new(timeout, session.begin());
-        let results = tokio::select! {
-            r = self.sluice.execute(sql, &session) => r,
-            why = guard.stopped() => vec![Err(ServerError::Canceled(why.message().into()))],
-        };
-        results
-            .into_iter()
-            .map(|r| match r {
-                Ok(Outcome::Stream { schema, stream }) => Ok(Outcome::Stream {
-                    schema,
-                    stream: guard.rows(stream),
-                }),
-                other => other,
-            })
-            .collect()
+        session.begin(self.statement_timeout);
+        self.sluice.execute(sql, &session).await
     }
 }
 

@@ -2,10 +2,12 @@
 //!
 //! Settings a session `SET`s apply to it alone (Postgres's rule): `statement_timeout`, and
 //! DataFusion's `datafusion.*` options, which are applied to a copy of the shared query
-//! context for each of the session's queries. A statement stops — with SQLSTATE 57014, as in
-//! Postgres — when its `statement_timeout` passes or a `CancelRequest` for the connection
-//! arrives, while it is being planned or while its rows are being sent; the query's work on
-//! the query runtime stops with it (see [`crate::query_runtime`]).
+//! context for each of the session's queries. An ad-hoc query stops — with SQLSTATE 57014,
+//! as in Postgres — when its `statement_timeout` passes or a `CancelRequest` for the
+//! connection arrives, while it is being planned or while its rows are being sent; the
+//! query's work on the query runtime stops with it (see [`crate::query_runtime`]). Sluice's
+//! own statements (DDL) are not cut short: they are not transactional, and stopping one half
+//! way could leave a stream running that the catalog does not list.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -30,8 +32,8 @@ pub struct Session {
     statement_timeout: Mutex<Option<Duration>>,
     /// `SET datafusion.…` options, by name.
     options: Mutex<BTreeMap<String, String>>,
-    /// Cancelled to stop the statement running now.
-    current: Mutex<CancellationToken>,
+    /// The limits of the statement running now (none outside a client's statement).
+    current: Mutex<Option<Guard>>,
 }
 
 /// Why a statement stopped early.
@@ -74,16 +76,25 @@ impl Session {
         lock(&self.options).insert(name, value);
     }
 
-    /// Starts a statement: the token a `CancelRequest` cancels while it runs.
-    pub fn begin(&self) -> CancellationToken {
-        let token = CancellationToken::new();
-        *lock(&self.current) = token.clone();
-        token
+    /// Starts a client's statement: its limits are the session's `statement_timeout` (or
+    /// `default_timeout`) and a token a `CancelRequest` cancels.
+    pub fn begin(&self, default_timeout: Duration) -> Guard {
+        let timeout = self.statement_timeout().unwrap_or(default_timeout);
+        let guard = Guard::new(timeout, CancellationToken::new());
+        *lock(&self.current) = Some(guard.clone());
+        guard
+    }
+
+    /// The limits of the statement running now, if a client started one.
+    pub fn guard(&self) -> Option<Guard> {
+        lock(&self.current).clone()
     }
 
     /// Stops the running statement, if any.
     pub fn cancel(&self) {
-        lock(&self.current).cancel();
+        if let Some(g) = lock(&self.current).as_ref() {
+            g.cancel.cancel();
+        }
     }
 }
 
