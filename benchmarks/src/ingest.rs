@@ -52,24 +52,24 @@ pub async fn run(sessions: usize, posts: usize) -> anyhow::Result<()> {
     let mut next_id = 0u64;
     println!(
         "{:<46} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10}",
-        "ingest: 500-event POSTs", "posts", "p50 ms", "p95 ms", "p99 ms", "max ms", "queries"
+        "ingest: 500-event POSTs", "posts", "p50 ms", "p95 ms", "p99 ms", "max ms", "queries/s"
     );
-    let report = |name: &str, mut lat: Vec<Duration>, queries: u64| {
+    let report = |name: &str, mut lat: Vec<Duration>, queries_per_s: f64| {
         lat.sort();
         let at = |q: f64| lat[((lat.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e3;
         println!(
-            "{:<46} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10}",
+            "{:<46} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1}",
             name,
             lat.len(),
             at(0.5),
             at(0.95),
             at(0.99),
             at(1.0),
-            queries
+            queries_per_s
         );
     };
     let baseline = posts_timed(&client, &url, posts, &mut next_id).await?;
-    report("no query sessions", baseline, 0);
+    report("no query sessions", baseline, 0.0);
     for dedicated in [true, false] {
         sluice_server::query_runtime::set_dedicated(dedicated);
         let stop = Arc::new(AtomicBool::new(false));
@@ -92,8 +92,10 @@ pub async fn run(sessions: usize, posts: usize) -> anyhow::Result<()> {
         // Let every session get going.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let before = done.load(Ordering::Relaxed);
+        let phase = Instant::now();
         let lat = posts_timed(&client, &url, posts, &mut next_id).await?;
-        let queries = done.load(Ordering::Relaxed) - before;
+        let queries =
+            (done.load(Ordering::Relaxed) - before) as f64 / phase.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
         for r in running {
             r.await??;
