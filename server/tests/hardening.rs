@@ -16,28 +16,35 @@ fn serve(lake: &std::path::Path) -> (Server, u16, u16) {
     })
 }
 
+/// psql to the server on `port`: unaligned, tuples only, stopping at the first error, which
+/// it prints with its SQLSTATE.
+fn psql_command(port: u16) -> Command {
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-X",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-v",
+        "VERBOSITY=verbose",
+    ])
+    .args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        "sluice",
+        "sluice",
+    ]);
+    cmd
+}
+
 /// Runs `sql` with psql (given on its standard input: long statements exceed an
 /// argument's length); `Ok(output)`, or `Err(the SQLSTATE and message)`.
 fn sql(port: u16, sql: &str) -> Result<String, String> {
-    let mut child = Command::new("psql")
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-v",
-            "VERBOSITY=verbose",
-        ])
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "sluice",
-            "sluice",
-        ])
+    let mut child = psql_command(port)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -266,25 +273,7 @@ fn errors_zone(root: &std::path::Path, source: &str) -> Vec<serde_json::Value> {
 
 /// psql with several `-c` statements in one session; (success, stdout, stderr).
 fn psql_session(port: u16, statements: &[&str]) -> (bool, String, String) {
-    let mut cmd = Command::new("psql");
-    cmd.args([
-        "-X",
-        "-A",
-        "-t",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-v",
-        "VERBOSITY=verbose",
-    ])
-    .args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-U",
-        "sluice",
-        "sluice",
-    ]);
+    let mut cmd = psql_command(port);
     for s in statements {
         cmd.args(["-c", s]);
     }

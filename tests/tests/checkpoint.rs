@@ -7,7 +7,8 @@ use std::time::Duration;
 use sluice_connectors::lake::Lake;
 use sluice_engine::FanOut;
 use sluice_engine::checkpoint::{
-    CheckpointStore, Coordinator, NoFence, Payload, StagedFile, StreamRegistration,
+    CheckpointStore, Coordinator, NoFence, Payload, ReaderCheckpoint, StagedFile,
+    StreamCheckpoints, StreamRegistration,
 };
 
 /// Stages a file with `body` for `target`; returns what a writer reports for it.
@@ -128,6 +129,34 @@ async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_sur
     assert_eq!(restored.positions["src"], serde_json::json!({ "at": 2 }));
 }
 
+/// Takes one checkpoint of stream `ck` (reader at position `{"at": at}`, no state, no
+/// files) and waits for it to commit.
+async fn one_epoch(
+    coordinator: &Coordinator,
+    ck: &mut StreamCheckpoints,
+    reader: &mut ReaderCheckpoint,
+    out: &FanOut,
+    at: u64,
+) {
+    coordinator.trigger();
+    let epoch = reader.requested().await;
+    reader
+        .barrier(out, epoch, serde_json::json!({ "at": at }))
+        .await;
+    ck.writer.report(epoch, staged(vec![]));
+    ck.subtasks[0].report(
+        epoch,
+        Payload::State {
+            operators: vec![None],
+            rejected: vec![],
+            counters: Default::default(),
+        },
+    );
+    tokio::time::timeout(Duration::from_secs(10), coordinator.wait_for(epoch))
+        .await
+        .expect("the epoch commits");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_newest_checkpoints_are_kept_and_a_corrupt_newest_manifest_falls_back_to_the_one_before()
  {
@@ -167,23 +196,7 @@ async fn the_newest_checkpoints_are_kept_and_a_corrupt_newest_manifest_falls_bac
     let mut reader = ck.readers.remove("src").unwrap();
     let out = FanOut::new("src");
     for at in 1..=5 {
-        coordinator.trigger();
-        let epoch = reader.requested().await;
-        reader
-            .barrier(&out, epoch, serde_json::json!({ "at": at }))
-            .await;
-        ck.writer.report(epoch, staged(vec![]));
-        ck.subtasks[0].report(
-            epoch,
-            Payload::State {
-                operators: vec![None],
-                rejected: vec![],
-                counters: Default::default(),
-            },
-        );
-        tokio::time::timeout(Duration::from_secs(10), coordinator.wait_for(epoch))
-            .await
-            .expect("the epoch commits");
+        one_epoch(&coordinator, &mut ck, &mut reader, &out, at).await;
     }
     let kept = manifests().await;
     assert_eq!(kept.len(), 3, "the default retention: {kept:?}");
@@ -215,22 +228,6 @@ async fn the_newest_checkpoints_are_kept_and_a_corrupt_newest_manifest_falls_bac
     // A smaller retention applies from the next commit.
     coordinator.set_retention(1);
     let mut reader = ck.readers.remove("src").unwrap();
-    coordinator.trigger();
-    let epoch = reader.requested().await;
-    reader
-        .barrier(&out, epoch, serde_json::json!({ "at": 6 }))
-        .await;
-    ck.writer.report(epoch, staged(vec![]));
-    ck.subtasks[0].report(
-        epoch,
-        Payload::State {
-            operators: vec![None],
-            rejected: vec![],
-            counters: Default::default(),
-        },
-    );
-    tokio::time::timeout(Duration::from_secs(10), coordinator.wait_for(epoch))
-        .await
-        .expect("the epoch commits");
+    one_epoch(&coordinator, &mut ck, &mut reader, &out, 6).await;
     assert_eq!(manifests().await.len(), 1);
 }
