@@ -392,11 +392,8 @@ impl LandingReader {
 
     /// The decoder of a CSV object with this header line.
     fn csv_decoder(&self, header: &[u8]) -> Result<LineDecoder, String> {
+        let names = csv_header_names(header)?;
         let header = String::from_utf8_lossy(header);
-        let names: Vec<String> = header
-            .split(',')
-            .map(|h| h.trim().trim_matches('"').to_lowercase())
-            .collect();
         for f in self.schema.fields() {
             if !f.is_nullable() && !names.iter().any(|n| n == f.name()) {
                 return Err(format!(
@@ -741,5 +738,42 @@ impl SourceReader for LandingReader {
                 }
             }
         }
+    }
+}
+
+/// The column names of a CSV header line, lower-cased: read by the `csv` crate (arrow-csv's
+/// own parser), so quoted names with commas or quotes in them come out whole.
+fn csv_header_names(header: &[u8]) -> Result<Vec<String>, String> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(header);
+    let mut record = csv::StringRecord::new();
+    match reader.read_record(&mut record) {
+        // Spaces around a quoted name are not CSV, but writers produce them: taken as before.
+        Ok(true) => Ok(record
+            .iter()
+            .map(|h| {
+                let h = h.trim();
+                let unquoted = h.strip_prefix('"').and_then(|h| h.strip_suffix('"'));
+                unquoted.unwrap_or(h).to_lowercase()
+            })
+            .collect()),
+        Ok(false) => Err("the CSV object has no header line".into()),
+        Err(e) => Err(format!("the CSV header line does not parse: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod csv_header_tests {
+    use super::csv_header_names;
+
+    #[test]
+    fn quoted_header_names_keep_their_commas() {
+        assert_eq!(
+            csv_header_names(b"id, \"Amount\" ,\"city, state\",\"say \"\"hi\"\"\"").unwrap(),
+            vec!["id", "amount", "city, state", "say \"hi\""]
+        );
+        assert!(csv_header_names(b"").is_err());
     }
 }
