@@ -259,12 +259,19 @@ fn in_range(batch: RecordBatch, rows: Vec<usize>, mut errors: Vec<RecordError>) 
         };
         let values = arrow::compute::cast(column, &DataType::Int64)?;
         let values = values.as_primitive::<arrow::datatypes::Int64Type>();
+        let in_range = |v: i64| {
+            let micros = i128::from(v) * num / den;
+            micros >= i128::from(*TIMESTAMP_RANGE_MICROS.start())
+                && micros <= i128::from(*TIMESTAMP_RANGE_MICROS.end())
+        };
+        // The common case, checked with two vectorised passes: every value is in range.
+        let (min, max) = (arrow::compute::min(values), arrow::compute::max(values));
+        if min.is_none_or(in_range) && max.is_none_or(in_range) {
+            continue;
+        }
         for (row, v) in values.iter().enumerate() {
             let Some(v) = v else { continue };
-            let micros = i128::from(v) * num / den;
-            let ok = micros >= i128::from(*TIMESTAMP_RANGE_MICROS.start())
-                && micros <= i128::from(*TIMESTAMP_RANGE_MICROS.end());
-            if !ok {
+            if !in_range(v) {
                 let bad = bad.get_or_insert_with(|| vec![false; batch.num_rows()]);
                 if !bad[row] {
                     bad[row] = true;
