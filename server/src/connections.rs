@@ -8,6 +8,12 @@
 //! connection that makes no progress for its listener's timeout is closed: a Postgres client
 //! that does not finish its startup, an HTTP client that sends half a request or holds an
 //! idle keep-alive connection. Refusals and timeouts are counted (`GET /health`).
+//!
+//! Why a wrapper around the socket rather than a library setting: `axum::serve` does not
+//! expose hyper's connection builder (so neither its `header_read_timeout` nor a keep-alive
+//! idle limit), tower's timeout layers bound a request's handling, not a connection that never
+//! completes a request, and pgwire's `process_socket` takes a plain `TcpStream`, so the
+//! Postgres side watches the startup from its handler instead.
 
 use std::pin::Pin;
 use std::sync::Arc;

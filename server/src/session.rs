@@ -161,6 +161,11 @@ impl Guard {
 }
 
 /// The sessions a `CancelRequest` may name, by process id and secret key.
+///
+/// Not pgwire's `ConnectionManager`: its cancel signal races only the handler's `do_query`,
+/// and a query's rows stream after `do_query` has returned (see [`Guard::rows`]), so a cancel
+/// during the rows would reach no one. This registry cancels the session's current
+/// [`Guard`], which covers both.
 #[derive(Debug, Default)]
 pub struct Sessions {
     open: Mutex<Vec<(i32, pgwire::messages::startup::SecretKey, Weak<Session>)>>,
