@@ -312,6 +312,7 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
                 parallelism: 0,
                 writer: true,
                 interval: args.checkpoint_interval,
+                timeout: None,
             })
             .await?;
         let r = c
@@ -322,6 +323,7 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
                 parallelism: 1,
                 writer: true,
                 interval: args.checkpoint_interval,
+                timeout: None,
             })
             .await?;
         (Some(c), Some(source), Some(r))

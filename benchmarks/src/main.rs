@@ -411,6 +411,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
                     parallelism,
                     writer: kind == "lake",
                     interval: args.checkpoint_interval,
+                    timeout: None,
                 })
                 .await?,
             ),

@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::DEFAULT_CHANNEL_CAPACITY;
-use crate::checkpoint::{CheckpointHandle, Payload};
+use crate::checkpoint::{CheckpointHandle, EpochReport, Payload};
 use crate::error::{EngineError, Result};
 use crate::fanout::{FanOut, Subscription};
 use crate::message::{BadRecord, Message};
@@ -217,8 +217,6 @@ struct Merge {
     cancel: CancellationToken,
     /// The inline chain's checkpoint handle.
     checkpoint: Option<CheckpointHandle>,
-    /// Barriers of earlier epochs are not this stream's (see [`CheckpointHandle::first_epoch`]).
-    first_epoch: u64,
 }
 
 impl StreamTask {
@@ -238,7 +236,6 @@ impl StreamTask {
             cancel,
             checkpoints,
         } = self;
-        let first_epoch = checkpoints.first().map_or(0, |h| h.first_epoch());
         let delivery = Delivery {
             output: output.clone(),
             metrics,
@@ -279,7 +276,6 @@ impl StreamTask {
             stage,
             cancel,
             checkpoint: checkpoints.first().cloned(),
-            first_epoch,
         };
         let result = merge.run().await;
         // Closing the subtasks' inputs ends them (after `End`, or at once when cancelled).
@@ -311,6 +307,14 @@ impl StreamTask {
     }
 }
 
+/// What a subtask owes the coordinator after a message.
+enum Due<'a> {
+    /// Its part of the barrier's epoch.
+    Epoch(EpochReport<'a>),
+    /// Its final part: the input ended.
+    End(&'a CheckpointHandle),
+}
+
 /// Runs `msg` through `chain`; when it is a barrier (or the end of the input) and the
 /// stream checkpoints, reports the chain's state for it.
 async fn process_and_snapshot(
@@ -323,23 +327,26 @@ async fn process_and_snapshot(
     with_merged: bool,
 ) -> Result<()> {
     let report = match (&msg, checkpoint) {
-        (Message::Barrier(b), Some(h)) => Some((Some(b.epoch), h)),
+        (Message::Barrier(b), Some(h)) => h.on_barrier(*b).map(Due::Epoch),
         // Only a real end of input is final; a stop (cancel) leaves the last checkpoint be.
-        (Message::End, Some(h)) if !cancel.is_cancelled() => Some((None, h)),
+        (Message::End, Some(h)) if !cancel.is_cancelled() => Some(Due::End(h)),
         _ => None,
     };
     chain.process(msg, out)?;
     delivery.rejected(out).await;
-    if let Some((epoch, h)) = report {
-        let merged = with_merged.then_some(epoch.unwrap_or(END_EPOCH));
+    if let Some(due) = report {
+        let merged = with_merged.then_some(match &due {
+            Due::Epoch(r) => r.epoch(),
+            Due::End(_) => END_EPOCH,
+        });
         let state = Payload::State {
             operators: chain.snapshot()?,
             rejected: delivery.take_held(merged),
             counters: delivery.metrics.counters(),
         };
-        match epoch {
-            Some(e) => h.report(e, state),
-            None => h.finish(state),
+        match due {
+            Due::Epoch(r) => r.report(state),
+            Due::End(h) => h.clone().finish(state),
         }
     }
     Ok(())
@@ -588,7 +595,7 @@ impl Merge {
                     Message::Barrier(b) => {
                         // A stream that does not checkpoint, or a barrier of an epoch from
                         // before this stream existed (from an input stream): not ours.
-                        if self.checkpoint.is_none() || b.epoch < self.first_epoch {
+                        if !self.checkpoint.as_ref().is_some_and(|h| h.takes(b)) {
                             continue;
                         }
                         blocked[i] = true;

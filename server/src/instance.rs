@@ -490,6 +490,7 @@ impl Sluice {
                         state.streams.values(),
                         &state.unrestored_of(ObjectKind::Stream),
                         show::LastCheckpoint::of(&self.inner.checkpoints),
+                        |stream| self.inner.checkpoints.health(stream),
                     ),
                     ObjectKind::Sink => {
                         show::sinks(state.sinks.values(), &state.unrestored_of(ObjectKind::Sink))

@@ -265,6 +265,7 @@ async fn register_source(
             parallelism: 0,
             writer,
             interval: c.default_interval(),
+            timeout: None,
         })
         .await?;
     let position = ck
@@ -512,6 +513,7 @@ pub async fn start_stream(
                 parallelism,
                 writer: true,
                 interval,
+                timeout: plan.checkpoint_timeout,
             })
             .await?,
         ),
@@ -770,11 +772,10 @@ impl sluice_engine::Sink for Counted {
         self.inner.on_watermark(t).await
     }
     async fn on_barrier(&mut self, b: sluice_engine::Barrier) -> sluice_engine::Result<()> {
+        let report = self.checkpoint.as_ref().and_then(|h| h.on_barrier(b));
         self.inner.on_barrier(b).await?;
-        if let Some(h) = &self.checkpoint
-            && b.epoch >= h.first_epoch()
-        {
-            h.report(b.epoch, nothing_staged());
+        if let Some(report) = report {
+            report.report(nothing_staged());
         }
         Ok(())
     }
@@ -786,7 +787,7 @@ impl sluice_engine::Sink for Counted {
     }
     async fn close(&mut self) -> sluice_engine::Result<()> {
         self.inner.close().await?;
-        if let Some(h) = &self.checkpoint {
+        if let Some(h) = self.checkpoint.take() {
             h.finish(nothing_staged());
         }
         Ok(())
@@ -843,6 +844,7 @@ pub async fn start_sink(
                     parallelism: 0,
                     writer: true,
                     interval: SINK_CHECKPOINT_INTERVAL,
+                    timeout: None,
                 })
                 .await?;
             if let Some(r) = reader.as_mut().filter(|_| backfills) {

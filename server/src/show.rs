@@ -9,6 +9,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 
+use sluice_engine::checkpoint::CheckpointHealth;
+
 use crate::runtime::{RunningSink, RunningSource, RunningStream, get};
 
 fn ts_field(name: &str) -> Field {
@@ -158,21 +160,33 @@ impl LastCheckpoint {
     }
 }
 
-/// A stream's `checkpoints` column: its interval, and a warning when the server's last
-/// checkpoint is more than three intervals old (there is no checkpoint timeout: a participant
-/// that never reports holds every later checkpoint back).
-fn checkpoints_text(interval: Option<Duration>, last: LastCheckpoint) -> String {
+/// A stream's `checkpoints` column: its interval; a warning when the server's last
+/// checkpoint is more than three intervals old (a participant slow to report holds
+/// checkpoints back until `checkpoint_timeout` aborts the epoch); and how many epochs were
+/// aborted for want of this stream's reports, with the last reason.
+fn checkpoints_text(
+    interval: Option<Duration>,
+    last: LastCheckpoint,
+    health: Option<&CheckpointHealth>,
+) -> String {
     let Some(every) = interval else {
         return "off".to_string();
     };
-    if last.age <= (every * 3).max(Duration::from_secs(3)) {
-        return format!("every {every:?}");
+    let mut text = format!("every {every:?}");
+    if last.age > (every * 3).max(Duration::from_secs(3)) {
+        let age = last.age.as_secs_f64();
+        match last.epoch {
+            0 => text.push_str(&format!("; behind: none completed in {age:.0}s")),
+            e => text.push_str(&format!("; behind: last (#{e}) completed {age:.0}s ago")),
+        }
     }
-    let age = last.age.as_secs_f64();
-    match last.epoch {
-        0 => format!("every {every:?}; behind: none completed in {age:.0}s"),
-        e => format!("every {every:?}; behind: last (#{e}) completed {age:.0}s ago"),
+    if let Some(h) = health.filter(|h| h.aborted > 0) {
+        text.push_str(&format!("; {} aborted", h.aborted));
+        if let Some(reason) = &h.last_abort {
+            text.push_str(&format!(", last {reason}"));
+        }
     }
+    text
 }
 
 /// A stream's inputs; one it is still catching up with says how far behind it is
@@ -203,6 +217,7 @@ pub fn streams<'a>(
     streams: impl Iterator<Item = &'a RunningStream>,
     unrestored: &[(String, String)],
     last_checkpoint: LastCheckpoint,
+    health: impl Fn(&str) -> Option<CheckpointHealth>,
 ) -> Result<RecordBatch, ArrowError> {
     let mut cols: (Vec<String>, Vec<String>, Vec<String>) = (vec![], vec![], vec![]);
     let (mut rin, mut rout, mut errors, mut files, mut last, mut wm) =
@@ -227,7 +242,11 @@ pub fn streams<'a>(
         checkpoints.push("off".to_string());
     }
     for s in streams {
-        checkpoints.push(checkpoints_text(s.checkpoint_interval, last_checkpoint));
+        checkpoints.push(checkpoints_text(
+            s.checkpoint_interval,
+            last_checkpoint,
+            health(&s.plan.name).as_ref(),
+        ));
         let m = s.metrics.snapshot();
         cols.0.push(s.plan.name.clone());
         cols.1.push(get(&s.status).to_string());
@@ -416,18 +435,30 @@ mod tests {
             epoch,
             age: Duration::from_secs(secs),
         };
-        assert_eq!(checkpoints_text(None, last(3, 100)), "off");
-        assert_eq!(checkpoints_text(every, last(3, 29)), "every 10s");
+        assert_eq!(checkpoints_text(None, last(3, 100), None), "off");
+        assert_eq!(checkpoints_text(every, last(3, 29), None), "every 10s");
         assert_eq!(
-            checkpoints_text(every, last(3, 45)),
+            checkpoints_text(every, last(3, 45), None),
             "every 10s; behind: last (#3) completed 45s ago"
         );
         assert_eq!(
-            checkpoints_text(every, last(0, 45)),
+            checkpoints_text(every, last(0, 45), None),
             "every 10s; behind: none completed in 45s"
+        );
+        let aborted = CheckpointHealth {
+            aborted: 2,
+            last_abort: Some("epoch 7: subtask 0 did not report within 60s".into()),
+        };
+        assert_eq!(
+            checkpoints_text(every, last(6, 5), Some(&aborted)),
+            "every 10s; 2 aborted, last epoch 7: subtask 0 did not report within 60s"
+        );
+        assert_eq!(
+            checkpoints_text(every, last(6, 5), Some(&CheckpointHealth::default())),
+            "every 10s"
         );
         // Short intervals get a few seconds of slack.
         let fast = Some(Duration::from_millis(300));
-        assert_eq!(checkpoints_text(fast, last(9, 2)), "every 300ms");
+        assert_eq!(checkpoints_text(fast, last(9, 2), None), "every 300ms");
     }
 }

@@ -272,6 +272,9 @@ pub struct StreamPlan {
     /// The `checkpoint_interval` option: `Some(0)` turns checkpoints off for the stream;
     /// `None`: the server's default, but at least as often as files roll.
     pub checkpoint_interval: Option<std::time::Duration>,
+    /// The `checkpoint_timeout` option: how long an epoch may wait for this stream before it
+    /// is aborted (`None`: ten intervals, at least a minute).
+    pub checkpoint_timeout: Option<std::time::Duration>,
 }
 
 impl StreamPlan {
@@ -345,6 +348,12 @@ pub async fn plan_stream(
         writer.rollover_interval = d;
     }
     let checkpoint_interval = opts.take_duration("checkpoint_interval")?;
+    let checkpoint_timeout = opts.take_duration("checkpoint_timeout")?;
+    if checkpoint_timeout.is_some_and(|d| d.is_zero()) {
+        return Err(opts
+            .bad("checkpoint_timeout", "0", "a positive duration")
+            .into());
+    }
     if let Some(b) = opts.take_bytes("target_file_size")? {
         if b < 1024 {
             return Err(opts
@@ -496,6 +505,7 @@ pub async fn plan_stream(
         inputs,
         writer,
         checkpoint_interval,
+        checkpoint_timeout,
     })
 }
 

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_connectors::lake::Lake;
-use sluice_engine::FanOut;
 use sluice_engine::checkpoint::{
-    CheckpointStore, Coordinator, NoFence, Payload, ReaderCheckpoint, StagedFile,
+    CheckpointHandle, CheckpointStore, Coordinator, NoFence, Payload, ReaderCheckpoint, StagedFile,
     StreamCheckpoints, StreamRegistration,
 };
+use sluice_engine::{BadRecord, Barrier, FanOut};
 
 /// Stages a file with `body` for `target`; returns what a writer reports for it.
 async fn stage(lake: &Lake, name: &str, target: &str) -> StagedFile {
@@ -18,6 +18,23 @@ async fn stage(lake: &Lake, name: &str, target: &str) -> StagedFile {
         .await
         .unwrap();
     StagedFile::new(staged, target.to_string())
+}
+
+/// What a stateless subtask reports, with the rows its stream rejected.
+fn no_state(rejected: Vec<BadRecord>) -> Payload {
+    Payload::State {
+        operators: vec![None],
+        rejected,
+        counters: Default::default(),
+    }
+}
+
+/// `handle` takes the barrier of `epoch` and reports `payload` for it.
+fn report(handle: &CheckpointHandle, epoch: u64, payload: Payload) {
+    handle
+        .on_barrier(Barrier { epoch })
+        .expect("the participant's epoch")
+        .report(payload);
 }
 
 fn staged(files: Vec<StagedFile>) -> Payload {
@@ -47,6 +64,7 @@ async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_sur
             parallelism: 1,
             writer: true,
             interval: Duration::from_secs(3600),
+            timeout: None,
         })
         .await
         .unwrap();
@@ -60,19 +78,12 @@ async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_sur
     // The writer reports the epoch's file, then finishes with another before the epoch is
     // complete (the subtask has not reported yet): the epoch publishes `a`; `b` waits for
     // the next one.
-    ck.writer.report(epoch, staged(vec![a]));
-    ck.writer.finish(staged(vec![b]));
+    report(&ck.writer, epoch, staged(vec![a]));
+    ck.writer.clone().finish(staged(vec![b]));
     reader
         .barrier(&out, epoch, serde_json::json!({ "at": 1 }))
         .await;
-    ck.subtasks[0].report(
-        epoch,
-        Payload::State {
-            operators: vec![None],
-            rejected: vec![],
-            counters: Default::default(),
-        },
-    );
+    report(&ck.subtasks[0], epoch, no_state(vec![]));
     tokio::time::timeout(Duration::from_secs(10), coordinator.wait_for(epoch))
         .await
         .expect("the epoch commits");
@@ -84,11 +95,7 @@ async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_sur
 
     // The reader and the subtask finish too; the next checkpoint publishes `b`.
     reader.finish(serde_json::json!({ "at": 2 }));
-    ck.subtasks[0].finish(Payload::State {
-        operators: vec![None],
-        rejected: vec![],
-        counters: Default::default(),
-    });
+    ck.subtasks[0].clone().finish(no_state(vec![]));
     tokio::time::timeout(Duration::from_secs(10), coordinator.checkpoint_now())
         .await
         .expect("the next epoch commits");
@@ -122,6 +129,7 @@ async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_sur
             parallelism: 1,
             writer: true,
             interval: Duration::from_secs(3600),
+            timeout: None,
         })
         .await
         .unwrap();
@@ -143,15 +151,8 @@ async fn one_epoch(
     reader
         .barrier(out, epoch, serde_json::json!({ "at": at }))
         .await;
-    ck.writer.report(epoch, staged(vec![]));
-    ck.subtasks[0].report(
-        epoch,
-        Payload::State {
-            operators: vec![None],
-            rejected: vec![],
-            counters: Default::default(),
-        },
-    );
+    report(&ck.writer, epoch, staged(vec![]));
+    report(&ck.subtasks[0], epoch, no_state(vec![]));
     tokio::time::timeout(Duration::from_secs(10), coordinator.wait_for(epoch))
         .await
         .expect("the epoch commits");
@@ -170,6 +171,7 @@ async fn the_newest_checkpoints_are_kept_and_a_corrupt_newest_manifest_falls_bac
         parallelism: 1,
         writer: true,
         interval: Duration::from_secs(3600),
+        timeout: None,
     };
     let open = || async {
         Coordinator::open(
@@ -230,4 +232,125 @@ async fn the_newest_checkpoints_are_kept_and_a_corrupt_newest_manifest_falls_bac
     let mut reader = ck.readers.remove("src").unwrap();
     one_epoch(&coordinator, &mut ck, &mut reader, &out, 6).await;
     assert_eq!(manifests().await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_whose_participant_does_not_report_in_time_is_aborted_and_the_next_one_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+    let store: Arc<dyn CheckpointStore> = Arc::new(lake.clone());
+    let coordinator = Coordinator::open(
+        Arc::clone(&store),
+        Duration::from_secs(3600),
+        Arc::new(NoFence),
+    )
+    .await
+    .unwrap();
+    let mut ck = coordinator
+        .register(StreamRegistration {
+            name: "s".into(),
+            sql: "CREATE STREAM s AS SELECT 1".into(),
+            readers: vec!["src".into()],
+            parallelism: 1,
+            writer: true,
+            interval: Duration::from_secs(3600),
+            timeout: Some(Duration::from_millis(500)),
+        })
+        .await
+        .unwrap();
+    let mut reader = ck.readers.remove("src").unwrap();
+    let out = FanOut::new("src");
+    let manifest = |epoch: u64| format!("_sluice/checkpoints/{epoch:020}/manifest.json");
+
+    // Epoch e: the reader and the writer report (the writer with a file), subtask 0 never
+    // does in time.
+    coordinator.trigger();
+    let e = reader.requested().await;
+    reader
+        .barrier(&out, e, serde_json::json!({ "at": 1 }))
+        .await;
+    let a = stage(&lake, "a", "processed/s/a.parquet").await;
+    report(&ck.writer, e, staged(vec![a.clone()]));
+    let settled = tokio::time::timeout(Duration::from_secs(10), coordinator.wait_settled(e))
+        .await
+        .expect("the epoch is settled within the timeout");
+    assert!(settled);
+    assert!(
+        coordinator.last_completed() < e,
+        "epoch {e} must not commit"
+    );
+    assert_eq!(coordinator.aborted_total(), 1);
+    let health = coordinator.health("s").unwrap();
+    assert_eq!(health.aborted, 1);
+    let reason = health.last_abort.unwrap();
+    assert!(reason.contains("subtask 0"), "{reason}");
+    assert!(store.get(&manifest(e)).await.unwrap().is_none());
+    assert!(
+        store.get("processed/s/a.parquet").await.unwrap().is_none(),
+        "nothing the aborted epoch staged is visible"
+    );
+
+    // The subtask catches up with the aborted epoch (a row it rejected in it), then every
+    // participant reports epoch e + 1: it commits, with what the aborted epoch staged — the
+    // rows behind e + 1's positions, which must not be lost.
+    let bad = BadRecord {
+        payload: "{\"x\": oops}".into(),
+        payload_base64: false,
+        reason: "not JSON".into(),
+        origin: "stream s".into(),
+    };
+    report(&ck.subtasks[0], e, no_state(vec![bad]));
+    coordinator.trigger();
+    let next = reader.requested().await;
+    assert_eq!(next, e + 1);
+    reader
+        .barrier(&out, next, serde_json::json!({ "at": 2 }))
+        .await;
+    let b = stage(&lake, "b", "processed/s/b.parquet").await;
+    report(&ck.writer, next, staged(vec![b]));
+    report(&ck.subtasks[0], next, no_state(vec![]));
+    tokio::time::timeout(Duration::from_secs(10), coordinator.wait_for(next))
+        .await
+        .expect("the next epoch commits");
+    assert!(store.get(&manifest(e)).await.unwrap().is_none());
+    assert!(store.get(&manifest(next)).await.unwrap().is_some());
+    for file in ["processed/s/a.parquet", "processed/s/b.parquet"] {
+        assert!(store.get(file).await.unwrap().is_some(), "{file}");
+    }
+    let errors = store.list("errors/s").await.unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let text = store.get(&errors[0]).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&text).contains("not JSON"));
+    assert!(
+        store.list("_sluice/staging").await.unwrap().is_empty(),
+        "nothing left staged"
+    );
+    assert_eq!(coordinator.aborted_total(), 1);
+
+    // A restart resumes from e + 1.
+    drop(ck);
+    drop(coordinator);
+    let coordinator = Coordinator::open(
+        Arc::clone(&store),
+        Duration::from_secs(3600),
+        Arc::new(NoFence),
+    )
+    .await
+    .unwrap();
+    let ck = coordinator
+        .register(StreamRegistration {
+            name: "s".into(),
+            sql: "CREATE STREAM s AS SELECT 1".into(),
+            readers: vec!["src".into()],
+            parallelism: 1,
+            writer: true,
+            interval: Duration::from_secs(3600),
+            timeout: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ck.restored.unwrap().positions["src"],
+        serde_json::json!({ "at": 2 })
+    );
 }

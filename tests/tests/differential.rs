@@ -454,6 +454,7 @@ async fn run_checkpointed(
             parallelism,
             writer: true,
             interval: std::time::Duration::from_secs(3600),
+            timeout: None,
         })
         .await
         .unwrap();

@@ -192,6 +192,7 @@ async fn epochs_owed_at_a_crash_are_delivered_once_and_rows_already_sent_are_not
             parallelism: 0,
             writer: true,
             interval: Duration::from_secs(3600),
+            timeout: None,
         })
         .await
         .unwrap();

@@ -188,21 +188,19 @@ impl EpochSink {
     }
 
     pub(super) async fn on_barrier(&mut self, b: Barrier) -> sluice_engine::Result<()> {
-        if b.epoch < self.handle.first_epoch() {
+        let handle = self.handle.clone();
+        let Some(report) = handle.on_barrier(b) else {
             // An epoch that began before this sink existed: its rows belong to the next one.
             return Ok(());
-        }
+        };
         self.last_epoch = b.epoch;
         let published: Arc<AtomicU64> = Arc::default();
         let staged = self.stage(&format!("{:020}", b.epoch)).await?;
         let files = staged.iter().map(|(f, _)| f.clone()).collect();
-        self.handle.report(
-            b.epoch,
-            Payload::Staged {
-                files,
-                published: Arc::clone(&published),
-            },
-        );
+        report.report(Payload::Staged {
+            files,
+            published: Arc::clone(&published),
+        });
         if let Some((_, rows)) = staged {
             self.hand_over(Owed {
                 epoch: Some(b.epoch),
@@ -223,7 +221,7 @@ impl EpochSink {
         let published: Arc<AtomicU64> = Arc::default();
         let staged = self.stage(&stem).await?;
         let files = staged.iter().map(|(f, _)| f.clone()).collect();
-        self.handle.finish(Payload::Staged {
+        self.handle.clone().finish(Payload::Staged {
             files,
             published: Arc::clone(&published),
         });
@@ -309,7 +307,14 @@ impl Delivery {
         }
         while let Some(o) = owed.recv().await {
             if let Some(epoch) = o.epoch {
-                self.coordinator.wait_for(epoch).await;
+                // Its epoch, or — when that one was aborted — the later one that carries its
+                // file (see `Coordinator`'s checkpoint timeout).
+                let mut settled = epoch;
+                while o.published.load(Ordering::Acquire) == 0
+                    && self.coordinator.wait_settled(settled).await
+                {
+                    settled = self.coordinator.last_settled() + 1;
+                }
             }
             if o.published.load(Ordering::Acquire) == 0 {
                 // Not committed (the server is shutting down): replayed after the restart.

@@ -320,19 +320,18 @@ impl Sink for ParquetLakeWriter {
 
     /// Closes the epoch's files and reports them (they become visible when it commits).
     async fn on_barrier(&mut self, b: Barrier) -> sluice_engine::Result<()> {
-        match &self.staging {
-            Some(s) if b.epoch >= s.handle.first_epoch() => {}
-            _ => return Ok(()),
-        }
+        let Some(handle) = self.staging.as_ref().map(|s| s.handle.clone()) else {
+            return Ok(());
+        };
+        let Some(report) = handle.on_barrier(b) else {
+            return Ok(());
+        };
         self.close_all().await?;
         let s = self.staging.as_mut().expect("checked above");
-        s.handle.report(
-            b.epoch,
-            Payload::Staged {
-                files: std::mem::take(&mut s.closed),
-                published: Arc::clone(&self.files_written),
-            },
-        );
+        report.report(Payload::Staged {
+            files: std::mem::take(&mut s.closed),
+            published: Arc::clone(&self.files_written),
+        });
         Ok(())
     }
 
@@ -349,7 +348,7 @@ impl Sink for ParquetLakeWriter {
         }
         self.close_all().await?;
         if let Some(s) = &mut self.staging {
-            s.handle.finish(Payload::Staged {
+            s.handle.clone().finish(Payload::Staged {
                 files: std::mem::take(&mut s.closed),
                 published: Arc::clone(&self.files_written),
             });

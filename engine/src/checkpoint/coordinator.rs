@@ -1,408 +1,17 @@
-//! Aligned-barrier checkpoints (Chandy–Lamport, as Flink, Arroyo and RisingWave do them) and
-//! the two-phase commit of what streams write to the lake.
-//!
-//! ```text
-//!            request epoch e (watch)                   reports (positions, state, staged files)
-//!  Coordinator ──────────────► readers ─► Barrier(e) ─► stream task ─► Barrier(e) ─► lake writer
-//!       ▲                        │                        │                            │
-//!       └────────────────────────┴────────────────────────┴────────────────────────────┘
-//! ```
-//!
-//! One [`Coordinator`] serves a whole server (the RisingWave model: one epoch for every
-//! stream, so a stream reading another stream restores to the same cut as its input).
-//! Every `interval` it requests epoch `e`; each reader of a registered stream, between two
-//! batches, reports its position and sends `Barrier(e)`; a stream task aligns the barrier
-//! over its inputs (holding back the inputs that delivered it), reports a copy of its
-//! operators' state and forwards it; the lake writer closes the files it staged during the
-//! epoch and reports them. When every participant has reported, the coordinator writes the
-//! state files and then `manifest.json` under `_sluice/checkpoints/<epoch>/` — the commit
-//! point — and only then moves the staged files to their place in the lake (phase two).
-//! A participant whose input ended reports once more, with its final position and state;
-//! that report stands for it in every later epoch.
-//!
-//! On start, [`Coordinator::open`] reads the newest manifest, finishes its phase two (moving
-//! any staged file it lists that is still staged), claims the next epoch (see *Fencing*),
-//! deletes every other staged file (epochs that never committed) and hands each stream its
-//! positions and state when it registers again with the same SQL.
-//!
-//! # Fencing
-//!
-//! One process writes a lake (the server holds a lease; see [`Fence`]). Every commit first
-//! asks the fence whether this process still holds it, and writes its manifest only if no
-//! manifest of that epoch exists ([`CheckpointStore::put_new`]: `If-None-Match` on S3). A
-//! process taking over claims the epoch after the newest manifest at once, by writing a copy
-//! of it under that epoch: a paused old writer that wakes up and tries to commit the epoch it
-//! had in flight finds it taken, and stops (`EngineError::Fenced`) without publishing. State is stored as Arrow IPC files per operator table, with the
-//! format version in the manifest, so a newer Sluice knows what an older one wrote.
-//!
-//! # Retention
-//!
-//! The newest [`DEFAULT_RETENTION`] checkpoints are kept (their folders, and every state
-//! file their manifests name; [`Coordinator::set_retention`]). When the newest manifest is
-//! unreadable (a disk fault, a hand edit), [`Coordinator::open`] starts from the newest one
-//! that reads, says so in the log, and claims an epoch past every existing one: the sources
-//! replay from that older checkpoint's positions, rather than from their beginning.
+//! The coordinator: requests epochs, gathers reports, commits manifests, applies retention.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arrow::array::ArrayRef;
-use arrow::record_batch::RecordBatch;
-use async_trait::async_trait;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, watch};
 
+use super::manifest::{epoch_of, state_files};
+use super::participant::Report;
+use super::*;
 use crate::error::{EngineError, Result};
-use crate::fanout::FanOut;
-use crate::message::{BadRecord, Barrier, Message};
-use crate::router::HashRouter;
-
-/// The manifest format this build writes; it reads this one and every older one.
-pub const MANIFEST_VERSION: u32 = 1;
-
-/// How many checkpoints are kept by default.
-pub const DEFAULT_RETENTION: usize = 3;
-
-/// Where checkpoints live, relative to the lake's root.
-pub const CHECKPOINTS_DIR: &str = "_sluice/checkpoints";
-
-/// Where lake writers stage the files of epochs not yet committed.
-pub const STAGING_DIR: &str = "_sluice/staging";
-
-/// Object storage as checkpoints need it (the lake implements it). Paths are relative to
-/// the lake's root, `/`-separated.
-#[async_trait]
-pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
-    /// Writes an object whole (atomically: readers see all of it or nothing).
-    async fn put(&self, path: &str, bytes: Bytes) -> Result<()>;
-    /// Writes an object only if there is none at `path` (a conditional create); returns
-    /// whether it wrote it.
-    async fn put_new(&self, path: &str, bytes: Bytes) -> Result<bool>;
-    /// Reads an object; `None` if it does not exist.
-    async fn get(&self, path: &str) -> Result<Option<Bytes>>;
-    /// Every object under `prefix`, recursively.
-    async fn list(&self, prefix: &str) -> Result<Vec<String>>;
-    /// Deletes an object; deleting one that does not exist is not an error.
-    async fn delete(&self, path: &str) -> Result<()>;
-    /// Moves `staged` to `target`. Idempotent: when `staged` is gone and `target` exists,
-    /// the move already happened.
-    async fn publish(&self, staged: &str, target: &str) -> Result<()>;
-    /// Stages `records` as the errors-zone file `file` of `name`, in the partition of
-    /// `at_micros` (published with the epoch; the same arguments give the same file).
-    async fn stage_errors(
-        &self,
-        name: &str,
-        records: &[BadRecord],
-        at_micros: i64,
-        file: &str,
-    ) -> Result<StagedFile>;
-}
-
-/// Whether this process may still commit to the lake: it holds the lake's writer lease.
-pub trait Fence: Send + Sync + std::fmt::Debug {
-    /// `Err(EngineError::Fenced)` once the lease may have passed to another process.
-    fn check(&self) -> Result<()>;
-}
-
-/// The fence of a process that is the lake's only writer by construction (tests, tools).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoFence;
-
-impl Fence for NoFence {
-    fn check(&self) -> Result<()> {
-        Ok(())
-    }
-}
-
-/// A copy of one operator's state, taken when a barrier passes it.
-#[derive(Debug, Clone, Default)]
-pub struct OperatorState {
-    /// The operator's name ([`crate::Operator::name`]), checked on restore.
-    pub operator: String,
-    /// Scalars (watermarks and the like).
-    pub values: BTreeMap<String, i64>,
-    /// Named tables; each is stored as one Arrow IPC file.
-    pub tables: BTreeMap<String, RecordBatch>,
-}
-
-/// Which of the keys in a restored state a subtask keeps: those the stream's router sends
-/// to it (state written at another parallelism is divided anew by key).
-#[derive(Debug, Clone, Default)]
-pub struct KeyFilter {
-    route: Option<(HashRouter, usize)>,
-}
-
-impl KeyFilter {
-    /// Keeps every key (one subtask).
-    pub fn all() -> Self {
-        Self::default()
-    }
-
-    /// Keeps the keys `router` sends to subtask `index`.
-    pub fn subtask(router: HashRouter, index: usize) -> Self {
-        Self {
-            route: Some((router, index)),
-        }
-    }
-
-    /// For each row of the evaluated key columns `keys` (as the router's key expressions
-    /// produce them): whether this subtask keeps it.
-    pub fn keeps(&self, keys: &[ArrayRef], rows: usize) -> Result<Vec<bool>> {
-        match &self.route {
-            None => Ok(vec![true; rows]),
-            Some((router, index)) => Ok(router
-                .route_keys(keys, rows)?
-                .into_iter()
-                .map(|s| s == *index)
-                .collect()),
-        }
-    }
-
-    /// Splits whole input rows (batches the router's expressions apply to): the rows this
-    /// subtask keeps.
-    pub fn keep_rows(&self, batch: &RecordBatch) -> Result<Option<RecordBatch>> {
-        match &self.route {
-            None => Ok(Some(batch.clone())),
-            Some((router, index)) => Ok(router.split(batch)?.swap_remove(*index)),
-        }
-    }
-}
-
-/// A file a lake writer staged: where it is, and where it goes when its epoch commits.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StagedFile {
-    /// Its staging path.
-    pub staged: String,
-    /// Its final path.
-    pub target: String,
-    /// The target is consumed once published (an exactly-once sink deletes it when
-    /// delivered), so recovery finds neither file when it was.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub transient: bool,
-}
-
-impl StagedFile {
-    /// A file staged at `staged` that becomes `target`.
-    pub fn new(staged: impl Into<String>, target: impl Into<String>) -> Self {
-        Self {
-            staged: staged.into(),
-            target: target.into(),
-            transient: false,
-        }
-    }
-}
-
-/// What a participant reports for an epoch.
-#[derive(Debug, Clone)]
-pub enum Payload {
-    /// A reader's position (connector-defined JSON: offsets, sequence numbers, row counts).
-    Position(serde_json::Value),
-    /// A subtask's operator states, one per operator of its chain (`None`: stateless), and
-    /// the rows its stream rejected in the epoch (they reach the errors zone with it).
-    State {
-        /// The states.
-        operators: Vec<Option<OperatorState>>,
-        /// Rejected rows.
-        rejected: Vec<BadRecord>,
-        /// The stream's counters at the barrier ([`crate::Metrics::counters`]), so that a
-        /// restart carries them over (subtask 0's are kept).
-        counters: BTreeMap<String, i64>,
-    },
-    /// A lake writer's staged files; `published` counts them once they are visible.
-    Staged {
-        /// The files.
-        files: Vec<StagedFile>,
-        /// Incremented by the number of files when they are published.
-        published: Arc<AtomicU64>,
-    },
-}
-
-#[derive(Debug)]
-struct Report {
-    stream: String,
-    participant: String,
-    /// `None`: the participant's input ended; this is its last report.
-    epoch: Option<u64>,
-    payload: Payload,
-}
-
-/// A participant's way to report to the coordinator.
-#[derive(Debug, Clone)]
-pub struct CheckpointHandle {
-    stream: Arc<str>,
-    participant: Arc<str>,
-    first_epoch: u64,
-    reports: mpsc::UnboundedSender<Report>,
-}
-
-impl CheckpointHandle {
-    /// The first epoch this participant takes part in: barriers of earlier epochs (from an
-    /// input stream that was checkpointing before this one existed) are not its own.
-    pub fn first_epoch(&self) -> u64 {
-        self.first_epoch
-    }
-
-    /// Reports this participant's part of `epoch`.
-    pub fn report(&self, epoch: u64, payload: Payload) {
-        self.send(Some(epoch), payload);
-    }
-
-    /// Reports the participant's final part: its input ended and it has handed on
-    /// everything. It stands for the participant in every later epoch.
-    pub fn finish(&self, payload: Payload) {
-        self.send(None, payload);
-    }
-
-    fn send(&self, epoch: Option<u64>, payload: Payload) {
-        // The coordinator only goes away at shutdown; a report then is moot.
-        let _ = self.reports.send(Report {
-            stream: self.stream.to_string(),
-            participant: self.participant.to_string(),
-            epoch,
-            payload,
-        });
-    }
-}
-
-/// A source reader's side of checkpoints: it asks, between batches, whether a barrier is
-/// due, and if so reports its position and sends the barrier after the rows it covers.
-#[derive(Debug, Clone)]
-pub struct ReaderCheckpoint {
-    handle: CheckpointHandle,
-    /// A source that writes to the lake itself (its raw and errors zones) reports the files
-    /// it staged through this.
-    files: Option<CheckpointHandle>,
-    requests: watch::Receiver<u64>,
-    /// The last epoch committed.
-    completed: watch::Receiver<u64>,
-    next: u64,
-}
-
-impl ReaderCheckpoint {
-    /// The epoch whose barrier this reader owes, if any.
-    pub fn due(&self) -> Option<u64> {
-        let e = *self.requests.borrow();
-        (e >= self.next).then_some(e)
-    }
-
-    /// Whether this reader still owes the barrier of `epoch` (it has not sent it, and the
-    /// epoch is not from before it registered).
-    pub fn owes(&self, epoch: u64) -> bool {
-        epoch >= self.next
-    }
-
-    /// Waits until a barrier is due; returns its epoch.
-    ///
-    /// # Cancel safety
-    /// Cancel safe.
-    pub async fn requested(&mut self) -> u64 {
-        loop {
-            if let Some(e) = self.due() {
-                return e;
-            }
-            if self.requests.changed().await.is_err() {
-                // No coordinator any more (shutdown): never due.
-                std::future::pending::<()>().await;
-            }
-        }
-    }
-
-    /// Reports `position` (which covers exactly the rows sent so far) for `epoch` and sends
-    /// the barrier to `output`.
-    pub async fn barrier(&mut self, output: &FanOut, epoch: u64, position: serde_json::Value) {
-        self.handle.report(epoch, Payload::Position(position));
-        self.next = epoch + 1;
-        output.send(Message::Barrier(Barrier { epoch })).await;
-    }
-
-    /// The epochs of committed checkpoints as they happen, from now on. (A source can then
-    /// tell the outside what is durable, e.g. commit a Kafka consumer group's offsets.)
-    pub fn committed_epochs(&self) -> watch::Receiver<u64> {
-        let mut rx = self.completed.clone();
-        rx.mark_unchanged();
-        rx
-    }
-
-    /// The input ended: reports the final position.
-    pub fn finish(&self, position: serde_json::Value) {
-        self.handle.finish(Payload::Position(position));
-    }
-
-    /// Reports the files the reader staged in `epoch` (call before [`Self::barrier`]); they
-    /// become visible when the epoch commits. Only for a source registered with a writer.
-    pub fn staged(&self, epoch: u64, files: Vec<StagedFile>) {
-        if let Some(h) = &self.files {
-            h.report(
-                epoch,
-                Payload::Staged {
-                    files,
-                    published: Arc::default(),
-                },
-            );
-        }
-    }
-}
-
-/// The epoch of the barrier a reader owes: [`ReaderCheckpoint::requested`], or never
-/// without checkpoints (for `select!` loops over an optional checkpoint).
-///
-/// # Cancel safety
-/// Cancel safe.
-pub async fn barrier_due(checkpoint: &mut Option<ReaderCheckpoint>) -> u64 {
-    match checkpoint {
-        Some(ck) => ck.requested().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// What the manifest holds of one operator's state.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct StoredState {
-    /// The operator's name.
-    pub operator: String,
-    /// Its scalars.
-    pub values: BTreeMap<String, i64>,
-    /// Its tables: name → IPC file path.
-    pub tables: BTreeMap<String, String>,
-}
-
-/// What the manifest holds of one stream.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct StreamCheckpoint {
-    /// The `CREATE STREAM` statement: state is only restored into the same query.
-    pub sql: String,
-    /// Subtasks of the stateful chain when the state was taken.
-    pub parallelism: usize,
-    /// Readers' positions, by source name.
-    pub positions: BTreeMap<String, serde_json::Value>,
-    /// Per subtask, per operator of its chain: the state (`None`: stateless).
-    pub subtasks: Vec<Vec<Option<StoredState>>>,
-    /// Files this epoch made visible (phase two; redone on recovery if interrupted).
-    pub staged: Vec<StagedFile>,
-    /// The stream's counters at the barrier (absent in checkpoints of older versions).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub counters: BTreeMap<String, i64>,
-}
-
-/// `_sluice/checkpoints/<epoch>/manifest.json`: one complete checkpoint.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Manifest {
-    /// The format version.
-    pub version: u32,
-    /// The epoch.
-    pub epoch: u64,
-    /// When it completed (µs since the epoch).
-    pub completed_at_micros: i64,
-    /// Every checkpointed stream.
-    pub streams: BTreeMap<String, StreamCheckpoint>,
-    /// The coordinator that wrote it (an id per process start), so that a retried commit
-    /// knows its own manifest from another writer's.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub writer: String,
-}
 
 /// What a stream gets back from the last checkpoint when it registers.
 #[derive(Debug, Default)]
@@ -447,6 +56,28 @@ pub struct StreamRegistration {
     pub writer: bool,
     /// How often it wants checkpoints (the coordinator runs at the smallest interval).
     pub interval: Duration,
+    /// How long an epoch may wait for this stream's participants before it is aborted.
+    /// One epoch serves every stream: it waits as long as the most patient stream that sets
+    /// a timeout allows, and when none sets one, [`default_timeout`] of the coordinator's
+    /// interval.
+    pub timeout: Option<Duration>,
+}
+
+/// The checkpoint timeout of a stream that sets none: ten intervals, and at least a minute
+/// (Flink's default is ten minutes whatever the interval; a minute keeps a stuck epoch from
+/// holding a fast-checkpointing stream's output back for long, and ten intervals leave a slow
+/// one the room it asked for).
+pub fn default_timeout(interval: Duration) -> Duration {
+    (interval * 10).max(Duration::from_secs(60))
+}
+
+/// How a stream's checkpoints have gone, as `SHOW STREAMS` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckpointHealth {
+    /// Epochs aborted because one of this stream's participants did not report in time.
+    pub aborted: u64,
+    /// Why the last one was aborted.
+    pub last_abort: Option<String>,
 }
 
 #[derive(Debug)]
@@ -455,9 +86,11 @@ struct Registered {
     first_epoch: u64,
     sql: String,
     parallelism: usize,
-    participants: BTreeSet<String>,
+    participants: BTreeSet<Participant>,
     interval: Duration,
-    finals: BTreeMap<String, Payload>,
+    timeout: Option<Duration>,
+    finals: BTreeMap<Participant, Payload>,
+    health: CheckpointHealth,
 }
 
 #[derive(Debug, Default)]
@@ -481,6 +114,11 @@ struct Shared {
     state: Mutex<State>,
     requests: watch::Sender<u64>,
     completed: watch::Sender<u64>,
+    /// The last epoch that committed or was aborted, and whether checkpoints stopped for
+    /// good (shutdown, fenced).
+    settled: watch::Sender<(u64, bool)>,
+    /// Epochs aborted since the coordinator opened.
+    aborted: AtomicU64,
     reports: mpsc::UnboundedSender<Report>,
     trigger: Notify,
     /// Streams came or went: the coordinator recomputes when the next checkpoint is due.
@@ -592,6 +230,8 @@ impl Coordinator {
             }),
             requests: watch::channel(0).0,
             completed: watch::channel(0).0,
+            settled: watch::channel((0, false)).0,
+            aborted: AtomicU64::new(0),
             reports: reports_tx,
             trigger: Notify::new(),
             changed: Notify::new(),
@@ -657,11 +297,11 @@ impl Coordinator {
             if recovered.is_none() {
                 st.last.streams.remove(&r.name);
             }
-            let mut participants: BTreeSet<String> =
-                r.readers.iter().map(|s| format!("reader:{s}")).collect();
-            participants.extend((0..r.parallelism).map(|k| format!("subtask:{k}")));
+            let mut participants: BTreeSet<Participant> =
+                r.readers.iter().cloned().map(Participant::Reader).collect();
+            participants.extend((0..r.parallelism).map(Participant::Subtask));
             if r.writer {
-                participants.insert("writer".into());
+                participants.insert(Participant::Writer);
             }
             let first_epoch = st.next_epoch;
             st.streams.insert(
@@ -672,7 +312,9 @@ impl Coordinator {
                     parallelism: r.parallelism,
                     participants,
                     interval: r.interval,
+                    timeout: r.timeout,
                     finals: BTreeMap::new(),
+                    health: CheckpointHealth::default(),
                 },
             );
             (st.next_epoch, recovered)
@@ -681,9 +323,9 @@ impl Coordinator {
             Some(c) => Some(self.load(&r.name, c).await?),
             None => None,
         };
-        let handle = |participant: String| CheckpointHandle {
+        let handle = |participant: Participant| CheckpointHandle {
             stream: r.name.as_str().into(),
-            participant: participant.into(),
+            participant,
             first_epoch,
             reports: self.shared.reports.clone(),
         };
@@ -698,9 +340,9 @@ impl Coordinator {
                     (
                         s.clone(),
                         ReaderCheckpoint {
-                            handle: handle(format!("reader:{s}")),
+                            handle: handle(Participant::Reader(s.clone())),
                             files: (r.writer && r.parallelism == 0)
-                                .then(|| handle("writer".into())),
+                                .then(|| handle(Participant::Writer)),
                             requests: requests.clone(),
                             completed: self.shared.completed.subscribe(),
                             next: first_epoch,
@@ -709,9 +351,9 @@ impl Coordinator {
                 })
                 .collect(),
             subtasks: (0..r.parallelism)
-                .map(|k| handle(format!("subtask:{k}")))
+                .map(|k| handle(Participant::Subtask(k)))
                 .collect(),
-            writer: handle("writer".into()),
+            writer: handle(Participant::Writer),
             restored,
         })
     }
@@ -795,18 +437,49 @@ impl Coordinator {
         self.shared.trigger.notify_one();
     }
 
-    /// Takes a checkpoint as soon as possible and waits until it is complete — so that
-    /// everything reported so far (a finished stream's last files) is committed and visible.
-    pub async fn checkpoint_now(&self) {
+    /// Takes a checkpoint as soon as possible and waits until it committed or was aborted —
+    /// so that everything reported so far (a finished stream's last files) is committed and
+    /// visible. Returns whether it committed.
+    pub async fn checkpoint_now(&self) -> bool {
         let target = {
             let st = self.lock();
             if st.closing.is_some() {
-                return; // shut down: no more checkpoints
+                return false; // shut down: no more checkpoints
             }
             st.next_epoch
         };
         self.trigger();
-        self.wait_for(target).await;
+        self.wait_settled(target).await && self.last_completed() >= target
+    }
+
+    /// Waits until epoch `epoch` or a later one committed or was aborted; `false` when
+    /// checkpoints stopped for good first (shutdown, fenced).
+    pub async fn wait_settled(&self, epoch: u64) -> bool {
+        let mut settled = self.shared.settled.subscribe();
+        loop {
+            let (last, stopped) = *settled.borrow_and_update();
+            if last >= epoch {
+                return true;
+            }
+            if stopped || settled.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// The last epoch that committed or was aborted.
+    pub fn last_settled(&self) -> u64 {
+        self.shared.settled.borrow().0
+    }
+
+    /// Epochs aborted since the coordinator opened (a participant did not report in time).
+    pub fn aborted_total(&self) -> u64 {
+        self.shared.aborted.load(Ordering::Relaxed)
+    }
+
+    /// How `stream`'s checkpoints have gone (`None`: not registered).
+    pub fn health(&self, stream: &str) -> Option<CheckpointHealth> {
+        self.lock().streams.get(stream).map(|s| s.health.clone())
     }
 
     /// Waits until a checkpoint at or after `epoch` has completed.
@@ -818,78 +491,6 @@ impl Coordinator {
             }
         }
     }
-}
-
-/// What [`manifests`] found.
-#[derive(Debug, Default)]
-pub struct Manifests {
-    /// The newest readable manifest.
-    pub newest: Option<Manifest>,
-    /// Manifests newer than it that could not be read: (path, why).
-    pub unreadable: Vec<(String, String)>,
-    /// The highest epoch with a manifest, readable or not.
-    pub highest_epoch: u64,
-}
-
-/// The epoch of a `…/<epoch>/manifest.json` path.
-fn epoch_of(path: &str) -> Option<u64> {
-    path.strip_suffix("/manifest.json")?
-        .rsplit('/')
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// The manifests in `store`: the newest that reads, and the newer ones that do not. A
-/// manifest written by a newer Sluice is an error, not skipped (this build must not
-/// overwrite what it cannot read).
-pub async fn manifests(store: &dyn CheckpointStore) -> Result<Manifests> {
-    let mut paths: Vec<(u64, String)> = store
-        .list(CHECKPOINTS_DIR)
-        .await?
-        .into_iter()
-        .filter_map(|p| Some((epoch_of(&p)?, p)))
-        .collect();
-    paths.sort();
-    let mut found = Manifests {
-        highest_epoch: paths.last().map_or(0, |(e, _)| *e),
-        ..Default::default()
-    };
-    while let Some((_, path)) = paths.pop() {
-        let Some(bytes) = store.get(&path).await? else {
-            continue; // deleted meanwhile (retention)
-        };
-        let m: Manifest = match serde_json::from_slice(&bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                found.unreadable.push((path, e.to_string()));
-                continue;
-            }
-        };
-        if m.version > MANIFEST_VERSION {
-            return Err(EngineError::Checkpoint(format!(
-                "{path} has format version {}, written by a newer Sluice (this one reads up to {MANIFEST_VERSION})",
-                m.version
-            )));
-        }
-        found.newest = Some(m);
-        break;
-    }
-    Ok(found)
-}
-
-/// The newest readable manifest in `store`, if any.
-pub async fn latest_manifest(store: &dyn CheckpointStore) -> Result<Option<Manifest>> {
-    Ok(manifests(store).await?.newest)
-}
-
-/// The state files `m` names.
-fn state_files(m: &Manifest) -> BTreeSet<String> {
-    m.streams
-        .values()
-        .flat_map(|s| s.subtasks.iter().flatten().flatten())
-        .flat_map(|s| s.tables.values().cloned())
-        .collect()
 }
 
 /// Deletes what no kept checkpoint needs: everything under [`CHECKPOINTS_DIR`] but the
@@ -936,35 +537,86 @@ async fn apply_retention(shared: &Shared, newest: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// The coordinator task: triggers epochs, gathers reports, commits.
+/// The epoch in flight.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    epoch: u64,
+    started: std::time::Instant,
+    /// When it was requested, µs since the Unix epoch (its errors-zone files' partition).
+    requested_at: i64,
+    /// When it is aborted unless complete.
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
+/// What a participant of an aborted epoch staged — files, rejected rows — waiting for its
+/// stream's next commit (see [`abort`]).
+#[derive(Debug)]
+struct Carried {
+    stream: Arc<str>,
+    epoch: u64,
+    payload: Payload,
+}
+
+/// The part of an aborted epoch's report that must still reach the lake: its files and
+/// rejected rows (positions and state are superseded by the next epoch's).
+fn carried_part(payload: Payload) -> Option<Payload> {
+    match payload {
+        Payload::Staged { files, published } if !files.is_empty() => {
+            Some(Payload::Staged { files, published })
+        }
+        Payload::State { rejected, .. } if !rejected.is_empty() => Some(Payload::State {
+            operators: vec![],
+            rejected,
+            counters: BTreeMap::new(),
+        }),
+        _ => None,
+    }
+}
+
+/// How many aborted epochs are remembered, so that a participant catching up with one has
+/// its files carried rather than ignored.
+const ABORTED_REMEMBERED: usize = 1024;
+
+/// The coordinator task: triggers epochs, gathers reports, commits or aborts.
 async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) {
-    // Reports of an epoch not yet complete, by (stream, participant).
-    let mut pending: BTreeMap<(String, String), Payload> = BTreeMap::new();
-    // The epoch in flight, when it was requested (monotonic, and wall clock µs).
-    let mut in_flight: Option<(u64, std::time::Instant, i64)> = None;
+    // Reports of the epoch in flight, by (stream, participant).
+    let mut pending: BTreeMap<(Arc<str>, Participant), Payload> = BTreeMap::new();
+    let mut in_flight: Option<InFlight> = None;
+    // Epochs aborted, and what their participants staged.
+    let mut aborted: BTreeSet<u64> = BTreeSet::new();
+    let mut carried: Vec<Carried> = vec![];
     // A trigger that came while a checkpoint was in flight: the next one starts right after.
     let mut triggered = false;
     let mut next_due = tokio::time::Instant::now() + shared.default_interval;
     loop {
-        let interval = {
+        let (interval, timeout) = {
             let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.streams
+            let interval = st
+                .streams
                 .values()
                 .map(|s| s.interval)
                 .min()
-                .unwrap_or(shared.default_interval)
+                .unwrap_or(shared.default_interval);
+            // One epoch for every stream: it waits as long as the most patient one allows.
+            let timeout = st.streams.values().filter_map(|s| s.timeout).max();
+            (
+                interval,
+                timeout.unwrap_or_else(|| default_timeout(interval)),
+            )
         };
         next_due = next_due.min(tokio::time::Instant::now() + interval);
+        let deadline = in_flight.map(|f| f.deadline);
         tokio::select! {
             r = reports.recv() => {
                 let Some(r) = r else { return };
                 match r.epoch {
                     None => {
                         let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Some(s) = st.streams.get_mut(&r.stream) {
+                        if let Some(s) = st.streams.get_mut(&*r.stream) {
                             // A writer that finished has everything: checkpoint soon, so
                             // the stream's last files become visible.
-                            let writer = r.participant == "writer";
+                            let writer = r.participant == Participant::Writer;
                             s.finals.insert(r.participant, r.payload);
                             if writer && in_flight.is_none() {
                                 next_due = tokio::time::Instant::now();
@@ -973,8 +625,15 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
                             }
                         }
                     }
-                    Some(e) if in_flight.is_some_and(|(f, _, _)| f == e) => {
+                    Some(e) if in_flight.is_some_and(|f| f.epoch == e) => {
                         pending.insert((r.stream, r.participant), r.payload);
+                    }
+                    Some(e) if aborted.contains(&e) => {
+                        // A participant catching up with an aborted epoch: what it staged
+                        // goes with its stream's next commit.
+                        if let Some(payload) = carried_part(r.payload) {
+                            carried.push(Carried { stream: r.stream, epoch: e, payload });
+                        }
                     }
                     Some(e) => tracing::debug!(epoch = e, stream = %r.stream, "stale checkpoint report ignored"),
                 }
@@ -995,29 +654,47 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
                 }
                 let epoch = st.next_epoch;
                 st.next_epoch += 1;
-                in_flight = Some((
+                in_flight = Some(InFlight {
                     epoch,
-                    std::time::Instant::now(),
-                    crate::time::EventTime::now().micros(),
-                ));
+                    started: std::time::Instant::now(),
+                    requested_at: crate::time::EventTime::now().micros(),
+                    deadline: tokio::time::Instant::now() + timeout,
+                    timeout,
+                });
                 drop(st);
                 shared.requests.send_replace(epoch);
                 tracing::debug!(epoch, "checkpoint requested");
             }
+            _ = tokio::time::sleep_until(deadline.unwrap_or(next_due)), if deadline.is_some() => {
+                let f = in_flight.take().expect("an epoch is in flight");
+                abort(&shared, &f, &mut pending, &mut carried);
+                aborted.insert(f.epoch);
+                while aborted.len() > ABORTED_REMEMBERED {
+                    aborted.pop_first();
+                }
+                let closing = shared.state.lock().unwrap_or_else(|e| e.into_inner()).closing;
+                next_due = if std::mem::take(&mut triggered) || closing.is_some() {
+                    tokio::time::Instant::now()
+                } else {
+                    tokio::time::Instant::now() + interval
+                };
+                continue;
+            }
             // Re-check completion now and then: streams may deregister mid-epoch.
             _ = tokio::time::sleep(Duration::from_millis(100)), if in_flight.is_some() => {}
         }
-        let Some((epoch, started, requested_at)) = in_flight else {
+        let Some(f) = in_flight else {
             continue;
         };
         let complete = {
             let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             st.streams
                 .iter()
-                .filter(|(_, s)| s.first_epoch <= epoch)
+                .filter(|(_, s)| s.first_epoch <= f.epoch)
                 .all(|(name, s)| {
                     s.participants.iter().all(|p| {
-                        s.finals.contains_key(p) || pending.contains_key(&(name.clone(), p.clone()))
+                        s.finals.contains_key(p)
+                            || pending.contains_key(&(Arc::from(name.as_str()), p.clone()))
                     })
                 })
         };
@@ -1025,15 +702,17 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
             continue;
         }
         in_flight = None;
+        let epoch = f.epoch;
         // An epoch's reports cover rows no later report repeats: its commit is retried until
         // it succeeds (the lake may be away for a while); the pipelines go on meanwhile.
         let mut attempt = 0u32;
         let used = loop {
-            match commit(&shared, epoch, requested_at, &pending).await {
+            match commit(&shared, &f, &pending, &carried).await {
                 Ok(used) => break used,
                 Err(e @ EngineError::Fenced(_)) => {
                     // Another process writes the lake now: nothing more is committed here.
                     tracing::error!(epoch, error = %e, "checkpoints stop: this server is no longer the lake's writer");
+                    shared.settled.send_modify(|s| s.1 = true);
                     return;
                 }
                 Err(e) => {
@@ -1044,7 +723,8 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
             }
         };
         consume_finals(&shared, &used);
-        let took = started.elapsed();
+        carried.clear();
+        let took = f.started.elapsed();
         shared
             .last_duration_micros
             .store(took.as_micros() as u64, Ordering::Relaxed);
@@ -1066,18 +746,78 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
         match closing {
             Some(target) if epoch >= target => {
                 // Shutdown: the final checkpoint is taken; take no more.
+                shared.settled.send_replace((epoch, true));
                 while reports.recv().await.is_some() {}
                 return;
             }
             Some(_) => next_due = tokio::time::Instant::now(),
             None => {}
         }
+        shared.settled.send_replace((epoch, false));
     }
+}
+
+/// Aborts the epoch in flight: its participants did not all report within the timeout.
+///
+/// No manifest is written for it, and each stream with a participant that did not report
+/// has the failure counted. What the participants that did report staged — lake files,
+/// rejected rows — is not deleted: those rows are behind the positions and state the next
+/// epoch will commit, so deleting them would lose them for good. They are carried to the
+/// stream's next commit instead (Flink's file sink keeps a failed checkpoint's committables
+/// the same way) and become visible with it, atomically with the positions that cover them,
+/// never before. A stream that goes away meanwhile has its carried files deleted: its
+/// restart replays them from its last committed positions.
+fn abort(
+    shared: &Shared,
+    f: &InFlight,
+    pending: &mut BTreeMap<(Arc<str>, Participant), Payload>,
+    carried: &mut Vec<Carried>,
+) {
+    let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+    for (name, s) in st.streams.iter_mut() {
+        if s.first_epoch > f.epoch {
+            continue;
+        }
+        let key: Arc<str> = Arc::from(name.as_str());
+        let missing: Vec<String> = s
+            .participants
+            .iter()
+            .filter(|p| {
+                !s.finals.contains_key(p)
+                    && !pending.contains_key(&(Arc::clone(&key), (*p).clone()))
+            })
+            .map(ToString::to_string)
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        let reason = format!(
+            "epoch {}: {} did not report within {:?}",
+            f.epoch,
+            missing.join(", "),
+            f.timeout
+        );
+        tracing::warn!(stream = %name, "checkpoint aborted: {reason}");
+        s.health.aborted += 1;
+        s.health.last_abort = Some(reason);
+    }
+    drop(st);
+    for ((stream, _), payload) in std::mem::take(pending) {
+        if let Some(payload) = carried_part(payload) {
+            carried.push(Carried {
+                stream,
+                epoch: f.epoch,
+                payload,
+            });
+        }
+    }
+    shared.aborted.fetch_add(1, Ordering::Relaxed);
+    shared.settled.send_replace((f.epoch, false));
 }
 
 /// After a commit: the files and rejected rows of the final reports it `used` (stream,
 /// participant) are published; later epochs carry only their positions and state.
-fn consume_finals(shared: &Shared, used: &[(String, String)]) {
+fn consume_finals(shared: &Shared, used: &[(String, Participant)]) {
     let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
     for (stream, participant) in used {
         let payload = st
@@ -1092,34 +832,37 @@ fn consume_finals(shared: &Shared, used: &[(String, String)]) {
     }
 }
 
-/// Writes epoch `epoch`'s state files and manifest, then publishes its staged files.
-/// Idempotent: a failed attempt can be repeated with the same reports.
-/// Returns the final reports it used (see [`consume_finals`]).
+/// Writes epoch `f.epoch`'s state files and manifest, then publishes its staged files (and
+/// those `carried` from aborted epochs). Idempotent: a failed attempt can be repeated with
+/// the same reports. Returns the final reports it used (see [`consume_finals`]).
 async fn commit(
     shared: &Shared,
-    epoch: u64,
-    requested_at: i64,
-    pending: &BTreeMap<(String, String), Payload>,
-) -> Result<Vec<(String, String)>> {
+    f: &InFlight,
+    pending: &BTreeMap<(Arc<str>, Participant), Payload>,
+    carried: &[Carried],
+) -> Result<Vec<(String, Participant)>> {
+    let epoch = f.epoch;
     let mut used_finals = vec![];
     let dir = epoch_dir(epoch);
     // Gather each registered stream's parts: this epoch's report, else its final one.
     let mut streams: BTreeMap<String, StreamCheckpoint> = BTreeMap::new();
     let mut published: Vec<(Arc<AtomicU64>, u64)> = vec![];
-    let mut carried;
-    // (stream, sql, parallelism, each participant's part)
-    type Parts = Vec<(String, Payload)>;
-    let registered: Vec<(String, String, usize, Parts)> = {
-        let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        carried = st.last.streams.clone();
-        let mut out = vec![];
-        for (name, s) in st.streams.iter_mut() {
+    let mut last_streams;
+    // (stream, sql, parallelism, each participant's part, what aborted epochs carried)
+    type Parts = Vec<(Participant, Payload)>;
+    let mut registered: Vec<(String, String, usize, Parts)> = vec![];
+    let mut orphans: Vec<&Carried> = vec![];
+    {
+        let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        last_streams = st.last.streams.clone();
+        for (name, s) in st.streams.iter() {
             if s.first_epoch > epoch {
                 continue; // registered after the epoch began: its last state is carried
             }
+            let key: Arc<str> = Arc::from(name.as_str());
             let mut parts = vec![];
             for p in &s.participants {
-                if let Some(payload) = pending.get(&(name.clone(), p.clone())) {
+                if let Some(payload) = pending.get(&(Arc::clone(&key), p.clone())) {
                     parts.push((p.clone(), payload.clone()));
                 } else if let Some(payload) = s.finals.get(p) {
                     // A final report stands for every later epoch (its files and rejected
@@ -1128,12 +871,20 @@ async fn commit(
                     used_finals.push((name.clone(), p.clone()));
                 }
             }
-            out.push((name.clone(), s.sql.clone(), s.parallelism, parts));
+            registered.push((name.clone(), s.sql.clone(), s.parallelism, parts));
         }
-        out
-    };
+        for c in carried {
+            let ours = st
+                .streams
+                .get(&*c.stream)
+                .is_some_and(|s| s.first_epoch <= c.epoch);
+            if !ours {
+                orphans.push(c);
+            }
+        }
+    }
     for (name, sql, parallelism, parts) in registered {
-        carried.remove(&name);
+        last_streams.remove(&name);
         let mut c = StreamCheckpoint {
             sql,
             parallelism,
@@ -1141,19 +892,18 @@ async fn commit(
             ..Default::default()
         };
         for (participant, payload) in parts {
-            match (participant.split_once(':'), payload) {
-                (Some(("reader", source)), Payload::Position(v)) => {
-                    c.positions.insert(source.to_string(), v);
+            match (participant, payload) {
+                (Participant::Reader(source), Payload::Position(v)) => {
+                    c.positions.insert(source, v);
                 }
                 (
-                    Some(("subtask", k)),
+                    Participant::Subtask(k),
                     Payload::State {
                         operators: states,
                         rejected,
                         counters,
                     },
                 ) => {
-                    let k: usize = k.parse().unwrap_or(0);
                     if k == 0 {
                         c.counters = counters;
                     }
@@ -1163,7 +913,7 @@ async fn commit(
                         c.staged.push(
                             shared
                                 .store
-                                .stage_errors(&name, &rejected, requested_at, &file)
+                                .stage_errors(&name, &rejected, f.requested_at, &file)
                                 .await?,
                         );
                     }
@@ -1191,7 +941,7 @@ async fn commit(
                     }
                 }
                 (
-                    _,
+                    Participant::Writer,
                     Payload::Staged {
                         files,
                         published: p,
@@ -1200,18 +950,42 @@ async fn commit(
                     published.push((p, files.len() as u64));
                     c.staged.extend(files);
                 }
-                (_, other) => {
+                (participant, other) => {
                     return Err(EngineError::Internal(format!(
-                        "checkpoint: unexpected report {other:?} from {name}/{participant}"
+                        "checkpoint: unexpected report {other:?} from {participant} of {name}"
                     )));
                 }
+            }
+        }
+        for (n, carried) in carried.iter().enumerate() {
+            if *carried.stream != *name || orphans.iter().any(|o| std::ptr::eq(*o, carried)) {
+                continue;
+            }
+            match &carried.payload {
+                Payload::Staged {
+                    files,
+                    published: p,
+                } => {
+                    published.push((Arc::clone(p), files.len() as u64));
+                    c.staged.extend(files.iter().cloned());
+                }
+                Payload::State { rejected, .. } => {
+                    let file = format!("epoch-{epoch:020}-carried-{n}.jsonl");
+                    c.staged.push(
+                        shared
+                            .store
+                            .stage_errors(&name, rejected, f.requested_at, &file)
+                            .await?,
+                    );
+                }
+                Payload::Position(_) => {}
             }
         }
         streams.insert(name, c);
     }
     // Streams not running now (a failed one, one whose restore failed) keep their last
     // checkpointed state; their staged files were published with it.
-    for (name, mut c) in carried {
+    for (name, mut c) in last_streams {
         c.staged.clear();
         streams.insert(name, c);
     }
@@ -1248,28 +1022,15 @@ async fn commit(
     for (counter, n) in published {
         counter.fetch_add(n, Ordering::Relaxed);
     }
+    // What aborted epochs staged for streams that are gone: their restart replays it.
+    for o in orphans {
+        if let Payload::Staged { files, .. } = &o.payload {
+            for f in files {
+                shared.store.delete(&f.staged).await?;
+            }
+        }
+    }
     apply_retention(shared, &manifest).await?;
     shared.state.lock().unwrap_or_else(|e| e.into_inner()).last = manifest;
     Ok(used_finals)
-}
-
-/// One batch as an Arrow IPC file.
-pub fn write_ipc(batch: &RecordBatch) -> Result<Bytes> {
-    let mut buf = Vec::new();
-    let mut w = arrow::ipc::writer::FileWriter::try_new(&mut buf, &batch.schema())?;
-    w.write(batch)?;
-    w.finish()?;
-    drop(w);
-    Ok(Bytes::from(buf))
-}
-
-/// The batches of an Arrow IPC file, concatenated.
-pub fn read_ipc(bytes: &Bytes, path: &str) -> Result<RecordBatch> {
-    let reader = arrow::ipc::reader::FileReader::try_new(std::io::Cursor::new(bytes.clone()), None)
-        .map_err(|e| EngineError::Checkpoint(format!("{path}: {e}")))?;
-    let schema = reader.schema();
-    let batches = reader
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| EngineError::Checkpoint(format!("{path}: {e}")))?;
-    Ok(arrow::compute::concat_batches(&schema, &batches)?)
 }

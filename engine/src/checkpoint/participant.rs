@@ -1,0 +1,347 @@
+//! The participants' side: what readers, stream tasks and writers report, and how.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use arrow::array::ArrayRef;
+use arrow::record_batch::RecordBatch;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::error::Result;
+use crate::fanout::FanOut;
+use crate::message::{BadRecord, Barrier, Message};
+use crate::router::HashRouter;
+
+/// A copy of one operator's state, taken when a barrier passes it.
+#[derive(Debug, Clone, Default)]
+pub struct OperatorState {
+    /// The operator's name ([`crate::Operator::name`]), checked on restore.
+    pub operator: String,
+    /// Scalars (watermarks and the like).
+    pub values: BTreeMap<String, i64>,
+    /// Named tables; each is stored as one Arrow IPC file.
+    pub tables: BTreeMap<String, RecordBatch>,
+}
+
+/// Which of the keys in a restored state a subtask keeps: those the stream's router sends
+/// to it (state written at another parallelism is divided anew by key).
+#[derive(Debug, Clone, Default)]
+pub struct KeyFilter {
+    route: Option<(HashRouter, usize)>,
+}
+
+impl KeyFilter {
+    /// Keeps every key (one subtask).
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Keeps the keys `router` sends to subtask `index`.
+    pub fn subtask(router: HashRouter, index: usize) -> Self {
+        Self {
+            route: Some((router, index)),
+        }
+    }
+
+    /// For each row of the evaluated key columns `keys` (as the router's key expressions
+    /// produce them): whether this subtask keeps it.
+    pub fn keeps(&self, keys: &[ArrayRef], rows: usize) -> Result<Vec<bool>> {
+        match &self.route {
+            None => Ok(vec![true; rows]),
+            Some((router, index)) => Ok(router
+                .route_keys(keys, rows)?
+                .into_iter()
+                .map(|s| s == *index)
+                .collect()),
+        }
+    }
+
+    /// Splits whole input rows (batches the router's expressions apply to): the rows this
+    /// subtask keeps.
+    pub fn keep_rows(&self, batch: &RecordBatch) -> Result<Option<RecordBatch>> {
+        match &self.route {
+            None => Ok(Some(batch.clone())),
+            Some((router, index)) => Ok(router.split(batch)?.swap_remove(*index)),
+        }
+    }
+}
+
+/// A file a lake writer staged: where it is, and where it goes when its epoch commits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedFile {
+    /// Its staging path.
+    pub staged: String,
+    /// Its final path.
+    pub target: String,
+    /// The target is consumed once published (an exactly-once sink deletes it when
+    /// delivered), so recovery finds neither file when it was.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transient: bool,
+}
+
+impl StagedFile {
+    /// A file staged at `staged` that becomes `target`.
+    pub fn new(staged: impl Into<String>, target: impl Into<String>) -> Self {
+        Self {
+            staged: staged.into(),
+            target: target.into(),
+            transient: false,
+        }
+    }
+}
+
+/// What a participant reports for an epoch.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// A reader's position (connector-defined JSON: offsets, sequence numbers, row counts).
+    Position(serde_json::Value),
+    /// A subtask's operator states, one per operator of its chain (`None`: stateless), and
+    /// the rows its stream rejected in the epoch (they reach the errors zone with it).
+    State {
+        /// The states.
+        operators: Vec<Option<OperatorState>>,
+        /// Rejected rows.
+        rejected: Vec<BadRecord>,
+        /// The stream's counters at the barrier ([`crate::Metrics::counters`]), so that a
+        /// restart carries them over (subtask 0's are kept).
+        counters: BTreeMap<String, i64>,
+    },
+    /// A lake writer's staged files; `published` counts them once they are visible.
+    Staged {
+        /// The files.
+        files: Vec<StagedFile>,
+        /// Incremented by the number of files when they are published.
+        published: Arc<AtomicU64>,
+    },
+}
+
+/// Who takes part in a stream's checkpoints.
+///
+/// The order of the variants is the order of a stream's pipeline: readers report before the
+/// subtasks their rows reach, subtasks before the writer.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Participant {
+    /// The stream's own reader of a source (by name): reports positions.
+    Reader(String),
+    /// Subtask `k` of the stream's stateful chain: reports operator state and rejected rows.
+    Subtask(usize),
+    /// What the stream writes — its lake writer, a sink, a source's raw- and errors-zone
+    /// files: reports staged files.
+    Writer,
+}
+
+impl std::fmt::Display for Participant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reader(source) => write!(f, "reader of `{source}`"),
+            Self::Subtask(k) => write!(f, "subtask {k}"),
+            Self::Writer => f.write_str("writer"),
+        }
+    }
+}
+
+/// One report, as the coordinator receives it.
+#[derive(Debug)]
+pub(super) struct Report {
+    pub(super) stream: Arc<str>,
+    pub(super) participant: Participant,
+    /// `None`: the participant's input ended; this is its last report.
+    pub(super) epoch: Option<u64>,
+    pub(super) payload: Payload,
+}
+
+/// A participant's way to report to the coordinator.
+///
+/// The order a participant must keep — take the barrier, snapshot, report, then forward the
+/// barrier — is carried by the types: [`Self::on_barrier`] is the only way to an
+/// [`EpochReport`], which must be used before anything else happens to the barrier, and it
+/// ignores barriers of epochs that began before the participant registered (from an input
+/// stream that was checkpointing before this one existed). [`Self::finish`] consumes the
+/// handle: it is called once, when the input really ended (`Message::End`), never when it was
+/// cut short.
+#[derive(Debug, Clone)]
+pub struct CheckpointHandle {
+    pub(super) stream: Arc<str>,
+    pub(super) participant: Participant,
+    pub(super) first_epoch: u64,
+    pub(super) reports: mpsc::UnboundedSender<Report>,
+}
+
+impl CheckpointHandle {
+    /// The first epoch this participant takes part in.
+    pub fn first_epoch(&self) -> u64 {
+        self.first_epoch
+    }
+
+    /// Who this handle reports for.
+    pub fn participant(&self) -> &Participant {
+        &self.participant
+    }
+
+    /// A barrier reached this participant: the report it owes for its epoch, or `None` when
+    /// the epoch began before the participant registered (the barrier is forwarded, nothing
+    /// is reported, and what arrives until the next barrier belongs to the participant's
+    /// first epoch).
+    pub fn on_barrier(&self, barrier: Barrier) -> Option<EpochReport<'_>> {
+        self.takes(barrier).then_some(EpochReport {
+            handle: self,
+            epoch: barrier.epoch,
+            reported: false,
+        })
+    }
+
+    /// Whether `barrier` is this participant's: its epoch began after the participant
+    /// registered. (A participant that only forwards barriers, such as a merge aligning
+    /// them for its subtasks, asks this; one that reports uses [`Self::on_barrier`].)
+    pub fn takes(&self, barrier: Barrier) -> bool {
+        barrier.epoch >= self.first_epoch
+    }
+
+    /// Reports the participant's final part: its input ended and it has handed on
+    /// everything. It stands for the participant in every later epoch.
+    pub fn finish(self, payload: Payload) {
+        self.send(None, payload);
+    }
+
+    fn send(&self, epoch: Option<u64>, payload: Payload) {
+        // The coordinator only goes away at shutdown; a report then is moot.
+        let _ = self.reports.send(Report {
+            stream: Arc::clone(&self.stream),
+            participant: self.participant.clone(),
+            epoch,
+            payload,
+        });
+    }
+}
+
+/// The report a participant owes for the barrier it holds (see
+/// [`CheckpointHandle::on_barrier`]): snapshot what the barrier covers, [`Self::report`] it,
+/// and only then forward the barrier.
+#[must_use = "a participant that took a barrier reports its part before forwarding it"]
+#[derive(Debug)]
+pub struct EpochReport<'a> {
+    handle: &'a CheckpointHandle,
+    epoch: u64,
+    reported: bool,
+}
+
+impl EpochReport<'_> {
+    /// The barrier's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Reports the participant's part of the epoch.
+    pub fn report(mut self, payload: Payload) {
+        self.reported = true;
+        self.handle.send(Some(self.epoch), payload);
+    }
+}
+
+impl Drop for EpochReport<'_> {
+    fn drop(&mut self) {
+        if !self.reported && !std::thread::panicking() {
+            // Only an error path gets here (the snapshot failed and the participant stops);
+            // the epoch then times out instead of completing.
+            tracing::warn!(
+                stream = %self.handle.stream,
+                participant = %self.handle.participant,
+                epoch = self.epoch,
+                "a participant took a barrier and did not report it"
+            );
+        }
+    }
+}
+
+/// A source reader's side of checkpoints: it asks, between batches, whether a barrier is
+/// due, and if so reports its position and sends the barrier after the rows it covers.
+#[derive(Debug, Clone)]
+pub struct ReaderCheckpoint {
+    pub(super) handle: CheckpointHandle,
+    /// A source that writes to the lake itself (its raw and errors zones) reports the files
+    /// it staged through this.
+    pub(super) files: Option<CheckpointHandle>,
+    pub(super) requests: watch::Receiver<u64>,
+    /// The last epoch committed.
+    pub(super) completed: watch::Receiver<u64>,
+    pub(super) next: u64,
+}
+
+impl ReaderCheckpoint {
+    /// The epoch whose barrier this reader owes, if any.
+    pub fn due(&self) -> Option<u64> {
+        let e = *self.requests.borrow();
+        (e >= self.next).then_some(e)
+    }
+
+    /// Whether this reader still owes the barrier of `epoch` (it has not sent it, and the
+    /// epoch is not from before it registered).
+    pub fn owes(&self, epoch: u64) -> bool {
+        epoch >= self.next
+    }
+
+    /// Waits until a barrier is due; returns its epoch.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn requested(&mut self) -> u64 {
+        loop {
+            if let Some(e) = self.due() {
+                return e;
+            }
+            if self.requests.changed().await.is_err() {
+                // No coordinator any more (shutdown): never due.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Reports `position` (which covers exactly the rows sent so far) for `epoch` and sends
+    /// the barrier to `output`.
+    pub async fn barrier(&mut self, output: &FanOut, epoch: u64, position: serde_json::Value) {
+        self.handle.send(Some(epoch), Payload::Position(position));
+        self.next = epoch + 1;
+        output.send(Message::Barrier(Barrier { epoch })).await;
+    }
+
+    /// The epochs of committed checkpoints as they happen, from now on. (A source can then
+    /// tell the outside what is durable, e.g. commit a Kafka consumer group's offsets.)
+    pub fn committed_epochs(&self) -> watch::Receiver<u64> {
+        let mut rx = self.completed.clone();
+        rx.mark_unchanged();
+        rx
+    }
+
+    /// The input ended: reports the final position.
+    pub fn finish(&self, position: serde_json::Value) {
+        self.handle.send(None, Payload::Position(position));
+    }
+
+    /// Reports the files the reader staged in `epoch` (call before [`Self::barrier`]); they
+    /// become visible when the epoch commits. Only for a source registered with a writer.
+    pub fn staged(&self, epoch: u64, files: Vec<StagedFile>) {
+        if let Some(h) = &self.files {
+            h.send(
+                Some(epoch),
+                Payload::Staged {
+                    files,
+                    published: Arc::default(),
+                },
+            );
+        }
+    }
+}
+
+/// The epoch of the barrier a reader owes: [`ReaderCheckpoint::requested`], or never
+/// without checkpoints (for `select!` loops over an optional checkpoint).
+///
+/// # Cancel safety
+/// Cancel safe.
+pub async fn barrier_due(checkpoint: &mut Option<ReaderCheckpoint>) -> u64 {
+    match checkpoint {
+        Some(ck) => ck.requested().await,
+        None => std::future::pending().await,
+    }
+}
