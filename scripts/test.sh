@@ -49,5 +49,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
 say "tests"
 cargo test --workspace --locked
+say ".slt expected output (regenerating it must change nothing)"
+scripts/regenerate-slt.sh --check
 
 say "all checks passed"

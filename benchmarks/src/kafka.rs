@@ -427,6 +427,41 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
         checkpoint || files.load(std::sync::atomic::Ordering::Relaxed) > 0,
         "no Parquet file written"
     );
+    // The windows in the lake, against the same bids folded without Sluice's operators:
+    // each one written must be exact, and every window that closed before the input
+    // ended must be there (with checkpoints, the files of the last epoch are not published:
+    // the stopped reader never joins it).
+    let sql = BIDS.replace(
+        "rows_per_second = '0'",
+        &format!(
+            "rows_per_second = '0', max_rows = '{}', batch_size = '{}'",
+            args.events, args.batch_size
+        ),
+    );
+    let expected = crate::expect::windows(&sql, 10_000_000, 10_000_000).await?;
+    let mut written = vec![];
+    crate::parquet_files(&lake_dir.path().join("processed"), &mut |b| {
+        written.push(b);
+        Ok(())
+    })?;
+    let produced = crate::expect::produced_windows(&written, "bids", Some("volume"))?;
+    let wrong: Vec<_> = produced
+        .iter()
+        .filter(|(k, v)| expected.get(k) != Some(v))
+        .take(5)
+        .collect();
+    anyhow::ensure!(
+        wrong.is_empty(),
+        "windows in the lake differ from the expectation: {wrong:?}"
+    );
+    if !checkpoint {
+        let last_end = expected.keys().map(|(_, _, end)| *end).max().unwrap_or(0);
+        let missing = expected
+            .keys()
+            .filter(|k| k.2 < last_end && !produced.contains_key(k))
+            .count();
+        anyhow::ensure!(missing == 0, "{missing} closed windows are not in the lake");
+    }
     let name = match checkpoint {
         true => "  same, checkpoints (offsets, open windows)",
         false => "kafka JSON bids -> 10s tumble -> lake",

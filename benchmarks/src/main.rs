@@ -9,11 +9,16 @@
 //! a discarding sink / the lake), `tumble` and `hop` (Nexmark-shaped bids → 10-second tumbling
 //! count + sum per auction / 10 s windows sliding every 2 s, count per auction → discard).
 //!
+//! `hop60` is a 1-hour window sliding every minute (60 windows per bid). Every pipeline's
+//! result rows are checked against an expectation computed without Sluice's operators (see
+//! `expect.rs`); a run whose rows differ fails instead of printing a figure.
+//!
 //! For each pipeline it prints events/s (wall clock) and events per CPU-second (user + system
 //! time of the whole process, from `getrusage`), the figure that stays comparable when the
 //! machine is shared. Compare ratios between pipelines of one run, not absolute numbers
 //! across machines.
 
+mod expect;
 mod ingest;
 mod kafka;
 
@@ -51,7 +56,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     parallelism: usize,
     /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop,
-    /// dedup, kafka (needs a broker: `eval "$(scripts/services.sh start)"`; the source's one
+    /// hop60 (1-hour windows sliding every minute), dedup, kafka (needs a broker: `eval "$(scripts/services.sh start)"`; the source's one
     /// reader and a stream, as `sluice serve` runs them), json (the kafka pipeline's bids
     /// through its JSON decoder alone, no broker) and arrow-json (the same bids through
     /// arrow-json's decoder: the reference the JSON target is set against). Append
@@ -105,13 +110,32 @@ const HOP: &str = "CREATE STREAM hot AS SELECT auction, window_start, window_end
     FROM HOP(clicks, ts, INTERVAL '2 seconds', INTERVAL '10 seconds')
     GROUP BY auction, window_start, window_end";
 
+/// A 1-hour window sliding every minute: each bid is in 60 windows (one row-expanding step).
+const HOP60: &str =
+    "CREATE STREAM hourly AS SELECT auction, window_start, window_end, count(*) AS bids
+    FROM HOP(clicks, ts, INTERVAL '1 minute', INTERVAL '1 hour')
+    GROUP BY auction, window_start, window_end";
+
 /// Dedup by bidder (nearly every bidder is new: the state grows by one key per event), keys
 /// kept for a day of event time.
 const DEDUP: &str = "CREATE STREAM once WITH (dedup_ttl = '1 day', parallelism = '1') AS
     SELECT DISTINCT ON (bidder) * FROM clicks";
 
-/// A sink that counts rows and drops them.
-struct Discard(Arc<AtomicU64>);
+/// How a discarding sink fingerprints the rows it drops (see [`expect`]).
+#[derive(Debug, Clone, Copy)]
+enum RowCheck {
+    /// `discard`: user, time and url of each clean click.
+    CleanClicks,
+    /// `dedup`: bidder and time of each first bid.
+    FirstBids,
+}
+
+/// A sink that counts rows, fingerprints them, and drops them.
+struct Discard {
+    counted: Arc<AtomicU64>,
+    check: RowCheck,
+    fingerprint: Arc<std::sync::Mutex<expect::Fingerprint>>,
+}
 
 #[async_trait]
 impl Sink for Discard {
@@ -119,8 +143,20 @@ impl Sink for Discard {
         "discard"
     }
     async fn write_batch(&mut self, batch: RecordBatch) -> sluice_engine::Result<()> {
-        self.0.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-        Ok(())
+        self.counted
+            .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+        let mut f = self.fingerprint.lock().unwrap_or_else(|e| e.into_inner());
+        let checked = match self.check {
+            RowCheck::CleanClicks => expect::fingerprint_clean_clicks(&mut f, &batch),
+            RowCheck::FirstBids => (|| {
+                let (bidder, ts) = (expect::ints(&batch, "bidder")?, expect::ints(&batch, "ts")?);
+                for i in 0..batch.num_rows() {
+                    f.add(expect::first_bid_hash(bidder.value(i), ts.value(i)));
+                }
+                Ok(())
+            })(),
+        };
+        checked.map_err(|e| sluice_engine::EngineError::Internal(e.to_string()))
     }
     async fn close(&mut self) -> sluice_engine::Result<()> {
         Ok(())
@@ -200,11 +236,13 @@ fn sample_rss(stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHand
     })
 }
 
-/// A sink that counts rows, notes when each window's rows arrive, and drops them.
+/// A sink that counts rows, notes when each window's rows arrive, and keeps them (to check
+/// against [`expect::windows`]).
 struct WindowSink {
     counted: Arc<AtomicU64>,
     window_end: usize,
     arrivals: Arc<std::sync::Mutex<Vec<(i64, Instant)>>>,
+    rows: Arc<std::sync::Mutex<Vec<RecordBatch>>>,
 }
 
 #[async_trait]
@@ -226,6 +264,10 @@ impl Sink for WindowSink {
                 .unwrap_or_else(|e| e.into_inner())
                 .push((end, Instant::now()));
         }
+        self.rows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(batch);
         Ok(())
     }
     async fn close(&mut self) -> sluice_engine::Result<()> {
@@ -257,7 +299,7 @@ fn emission_latency(
 }
 
 async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
-    let source_sql = if matches!(kind, "tumble" | "hop" | "dedup") {
+    let source_sql = if matches!(kind, "tumble" | "hop" | "hop60" | "dedup") {
         BIDS
     } else {
         SOURCE
@@ -300,11 +342,13 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
         watermark: def.watermark.clone(),
     };
     let counted = Arc::new(AtomicU64::new(0));
+    let fingerprint = Arc::new(std::sync::Mutex::new(expect::Fingerprint::default()));
+    let window_rows = Arc::new(std::sync::Mutex::new(Vec::<RecordBatch>::new()));
     let lake_dir = tempfile::tempdir()?;
     // When the source's watermark advanced (for the emission latency of windows).
     let watermarks = Arc::new(std::sync::Mutex::new(Vec::<(i64, Instant)>::new()));
     let arrivals = Arc::new(std::sync::Mutex::new(Vec::<(i64, Instant)>::new()));
-    let watermark_log = if matches!(kind, "tumble" | "hop") {
+    let watermark_log = if matches!(kind, "tumble" | "hop" | "hop60") {
         let mut rx = source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY);
         let log = Arc::clone(&watermarks);
         Some(tokio::spawn(async move {
@@ -362,6 +406,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
         let query = match kind {
             "tumble" => TUMBLE,
             "hop" => HOP,
+            "hop60" => HOP60,
             "dedup" => DEDUP,
             _ => QUERY,
         };
@@ -385,7 +430,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(OperatorChain::new(ops))
         };
-        // Every branch (HOP has one per window offset) reads the one generator.
+        // Every branch (of a UNION ALL of the source with itself, say) reads the one generator.
         let mut branches = Vec::with_capacity(plan.branches.len());
         for b in &plan.branches {
             branches.push(Branch {
@@ -464,9 +509,18 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
                 counted: Arc::clone(&counted),
                 window_end,
                 arrivals: Arc::clone(&arrivals),
+                rows: Arc::clone(&window_rows),
             })
         } else if kind != "lake" {
-            Box::new(Discard(Arc::clone(&counted)))
+            Box::new(Discard {
+                counted: Arc::clone(&counted),
+                check: if kind == "dedup" {
+                    RowCheck::FirstBids
+                } else {
+                    RowCheck::CleanClicks
+                },
+                fingerprint: Arc::clone(&fingerprint),
+            })
         } else {
             let lake = Lake::open(lake_dir.path().to_str().context("UTF-8 temp dir")?)?;
             let writer = ParquetLakeWriter::new(
@@ -514,18 +568,57 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
         "generated {events} of {} events",
         args.events
     );
-    if kind == "discard" {
-        // About 10 % of urls are NULL and filtered out.
-        let kept = counted.load(Ordering::Relaxed);
-        anyhow::ensure!(
-            kept > events * 8 / 10 && kept < events,
-            "kept {kept} of {events}"
-        );
+    // The result rows, against what the same generated rows must give (computed without
+    // Sluice's operators, after the timed part).
+    match kind {
+        "source" | "bids" => {
+            let n = counted.load(Ordering::Relaxed);
+            anyhow::ensure!(n == events, "counted {n} of {events} events");
+        }
+        "discard" | "dedup" => {
+            let expected = if kind == "dedup" {
+                expect::first_bids(&sql).await?
+            } else {
+                expect::clean_clicks(&sql).await?
+            };
+            let produced = *fingerprint.lock().unwrap_or_else(|e| e.into_inner());
+            anyhow::ensure!(
+                produced == expected,
+                "{kind}: produced {produced:?}, expected {expected:?}"
+            );
+        }
+        "lake" => {
+            if let Some(c) = &coordinator {
+                // The writer's last files are published by the checkpoint its end triggers.
+                c.checkpoint_now().await;
+            }
+            let mut produced = expect::Fingerprint::default();
+            parquet_files(&lake_dir.path().join("processed"), &mut |b| {
+                expect::fingerprint_clean_clicks(&mut produced, &b)
+            })?;
+            let expected = expect::clean_clicks(&sql).await?;
+            anyhow::ensure!(
+                produced == expected,
+                "lake: the Parquet files hold {produced:?}, expected {expected:?}"
+            );
+        }
+        _ => {
+            let (slide, size, with_sum) = match kind {
+                "tumble" => (10_000_000, 10_000_000, true),
+                "hop" => (2_000_000, 10_000_000, false),
+                _ => (60_000_000, 3_600_000_000, false),
+            };
+            let expected = expect::windows(&sql, slide, size).await?;
+            let rows = std::mem::take(&mut *window_rows.lock().unwrap_or_else(|e| e.into_inner()));
+            let produced = expect::produced_windows(&rows, "bids", with_sum.then_some("volume"))?;
+            expect::same_windows(&produced, &expected, with_sum)?;
+        }
     }
     let name = match (kind, checkpoint) {
         ("lake", true) => "  same, checkpoints (positions only)",
         ("tumble", true) => "  same, checkpoints (open windows)",
         ("hop", true) => "  same, checkpoints (open windows)",
+        ("hop60", true) => "  same, checkpoints (open windows)",
         ("dedup", true) => "  same, checkpoints (every key)",
         (kind, _) => match kind {
             "source" => "datagen -> count (baseline)",
@@ -534,18 +627,10 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
             "lake" => "datagen -> filter+project -> lake (Parquet)",
             "tumble" => "bids -> 10s tumble count+sum/auction -> discard",
             "dedup" => "bids -> dedup by bidder -> discard",
+            "hop60" => "bids -> 1h/1min hop count/auction -> discard",
             _ => "bids -> 10s/2s hop count/auction -> discard",
         },
     };
-    if kind == "tumble" {
-        // 1000 auctions × one window per 10 s of event time (100 000 bids/s).
-        let windows = (args.events / 1_000_000).max(1);
-        let rows = counted.load(Ordering::Relaxed);
-        anyhow::ensure!(
-            rows >= 900 * windows,
-            "only {rows} window rows for {windows} windows"
-        );
-    }
     Ok(Measured {
         name,
         events,
@@ -562,6 +647,37 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
         checkpoints: checkpoint
             .then(|| std::mem::take(&mut *durations.lock().unwrap_or_else(|e| e.into_inner()))),
     })
+}
+
+/// Hands every batch of every Parquet file under `dir` to `f`.
+fn parquet_files(
+    dir: &std::path::Path,
+    f: &mut dyn FnMut(RecordBatch) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    // (No folder: nothing was published.)
+    let mut pending: Vec<_> = dir
+        .exists()
+        .then(|| dir.to_path_buf())
+        .into_iter()
+        .collect();
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                let reader =
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                        std::fs::File::open(&path)?,
+                    )?
+                    .build()?;
+                for batch in reader {
+                    f(batch?)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -594,9 +710,9 @@ fn main() -> anyhow::Result<()> {
     );
     for kind in args.pipelines.split(',').map(str::trim) {
         let (kind, checkpoint) = match kind.strip_suffix("+ckpt") {
-            Some(k @ ("lake" | "tumble" | "hop" | "dedup" | "kafka")) => (k, true),
+            Some(k @ ("lake" | "tumble" | "hop" | "hop60" | "dedup" | "kafka")) => (k, true),
             Some(other) => anyhow::bail!(
-                "`{other}+ckpt`: checkpoints apply to lake, tumble, hop, dedup and kafka"
+                "`{other}+ckpt`: checkpoints apply to lake, tumble, hop, hop60, dedup and kafka"
             ),
             None => (kind, false),
         };
@@ -607,6 +723,7 @@ fn main() -> anyhow::Result<()> {
             "bids" => "bids",
             "tumble" => "tumble",
             "hop" => "hop",
+            "hop60" => "hop60",
             "dedup" => "dedup",
             "kafka" => "kafka",
             "json" => "json",
@@ -617,7 +734,7 @@ fn main() -> anyhow::Result<()> {
             }
             other => {
                 anyhow::bail!(
-                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, dedup, kafka, json, arrow-json, ingest)"
+                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, hop60, dedup, kafka, json, arrow-json, ingest)"
                 )
             }
         };

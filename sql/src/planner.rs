@@ -39,7 +39,7 @@ use datafusion::sql::sqlparser::ast::Statement;
 use sluice_connectors::lake::LakeWriterConfig;
 use sluice_engine::operators::{
     Dedup, DedupKeep, DedupSpec, Filter, LatePolicy, Lateness, Projection, SessionAggregate,
-    WindowAggregate, WindowAggregateSpec,
+    Unnest, WindowAggregate, WindowAggregateSpec,
 };
 use sluice_engine::{Operator, WithOptions};
 
@@ -72,6 +72,15 @@ pub enum OpSpec {
         exprs: Vec<Arc<dyn PhysicalExpr>>,
         /// The output schema.
         schema: SchemaRef,
+    },
+    /// One row per element of a list column (a `HOP` or `CUMULATE` row's windows).
+    Unnest {
+        /// The list column.
+        column: usize,
+        /// The output schema: the input's, with the element type at `column`.
+        schema: SchemaRef,
+        /// A `NULL` list gives one row with `NULL` (else none).
+        preserve_nulls: bool,
     },
     /// Aggregate per event-time window (after the branches merge).
     WindowAggregate {
@@ -106,6 +115,11 @@ impl OpSpec {
             OpSpec::Project { exprs, schema } => {
                 Box::new(Projection::new(exprs.clone(), Arc::clone(schema), origin))
             }
+            OpSpec::Unnest {
+                column,
+                schema,
+                preserve_nulls,
+            } => Box::new(Unnest::new(*column, Arc::clone(schema), *preserve_nulls)),
             OpSpec::WindowAggregate { spec, input } => {
                 Box::new(WindowAggregate::try_new(spec.clone(), input, origin)?)
             }
@@ -137,6 +151,9 @@ impl OpSpec {
                     })
                     .collect();
                 format!("project({})", cols.join(", "))
+            }
+            OpSpec::Unnest { column, schema, .. } => {
+                format!("unnest({})", schema.field(*column).name())
             }
             OpSpec::WindowAggregate { spec, .. } => {
                 let groups: Vec<String> = spec.group_exprs.iter().map(|e| e.to_string()).collect();
@@ -973,6 +990,16 @@ fn translate(
             Ok(branches)
         }
         LogicalPlan::SubqueryAlias(s) => translate(&s.input, relations, props),
+        LogicalPlan::Unnest(u) => {
+            let mut branches = translate(&u.input, relations, props)?;
+            let (column, op) = unnest(u)?;
+            for b in &mut branches {
+                // The unnested column is the list's: the event time is another one.
+                b.event_time = b.event_time.filter(|e| *e != column);
+                b.ops.push(op.clone());
+            }
+            Ok(branches)
+        }
         LogicalPlan::Union(u) => {
             let mut out = vec![];
             for input in &u.inputs {
@@ -989,6 +1016,36 @@ fn translate(
             describe_node(other)
         ))),
     }
+}
+
+/// The operator of a logical `UNNEST` of one list column (what `HOP` and `CUMULATE` plan
+/// to), and the column's index.
+fn unnest(u: &datafusion::logical_expr::Unnest) -> Result<(usize, OpSpec)> {
+    let unsupported = || {
+        SqlError::NotSupported(
+            "streaming UNNEST is supported for one list column at a time (the windows of HOP and CUMULATE)"
+                .into(),
+        )
+    };
+    let [(column, list)] = u.list_type_columns.as_slice() else {
+        return Err(unsupported());
+    };
+    let in_place = u.dependency_indices.len() == u.input.schema().fields().len()
+        && u.dependency_indices
+            .iter()
+            .enumerate()
+            .all(|(i, d)| i == *d);
+    if list.depth != 1 || !u.struct_type_columns.is_empty() || !in_place {
+        return Err(unsupported());
+    }
+    Ok((
+        *column,
+        OpSpec::Unnest {
+            column: *column,
+            schema: Arc::new(u.schema.as_arrow().clone()),
+            preserve_nulls: u.options.preserve_nulls(),
+        },
+    ))
 }
 
 /// The operator computing a logical projection.

@@ -22,9 +22,12 @@
 //! too: sqlparser has no grammar for `TABLE t` as an argument, so [`rewrite_flink_form`]
 //! turns it into `TUMBLE(t, ts, INTERVAL '10' SECOND)` token by token before parsing.
 //!
-//! `HOP` puts each row in `size / slide` windows: it is planned as the `UNION ALL` of that
-//! many such projections (window `i` starts at `floor(t, slide) - i × slide`); the runtime
-//! feeds all of them from one reader of the input.
+//! `HOP` puts each row in `k = size / slide` windows: it is planned as one row-expanding
+//! step — a projection adding the list of the row's window starts
+//! (`generate_series(floor(t, slide) − (k − 1)·slide, floor(t, slide), slide)`), an `UNNEST`
+//! of it (the stream runs `engine::operators::Unnest`), and a projection computing the
+//! bounds —, so a 1-hour window sliding every minute costs one `take` per column, not 60
+//! branches.
 //!
 //! `SESSION(relation, time_column, INTERVAL '<gap>')` (streams only): sessions are per group
 //! key, so they cannot be a projection. Each row gets its own one-row session,
@@ -36,13 +39,16 @@
 //!
 //! `CUMULATE(relation, time_column, INTERVAL '<step>', INTERVAL '<size>')` (Flink's): the
 //! windows of each size-long period start with it and end every step; a row is in those that
-//! end after it — the `UNION ALL` of size/step filtered projections, like `HOP`.
+//! end after it — the same row-expanding step as `HOP`, over the list of window ends from
+//! the row's own step's end to the period's end.
 
 use std::sync::{Arc, Mutex};
 
 use arrow::datatypes::{DataType, TimeUnit};
+use datafusion::common::UnnestOptions;
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::error::{DataFusionError, Result};
+use datafusion::functions_nested::expr_fn::gen_series;
 use datafusion::logical_expr::planner::{
     PlannedRelation, RelationPlanner, RelationPlannerContext, RelationPlanning,
 };
@@ -378,60 +384,63 @@ impl RelationPlanner for WindowTablePlanner {
         // t floored to a multiple of `unit` (from the epoch; the double remainder floors
         // negative times too).
         let floor = |unit: i64| t.clone() - ((t.clone() % lit(unit) + lit(unit)) % lit(unit));
-        if function == "cumulate" {
-            // Windows of one size-long period all start at its start and end every step:
-            // a row is in those that end after it, one filtered projection each.
+        if function == "tumble" {
+            // One window per row: a projection.
             let start = floor(size);
-            let mut plan: Option<LogicalPlanBuilder> = None;
-            for i in 1..=windows_per_row {
-                let end = start.clone() + lit(i * slide);
-                let mut exprs = columns.clone();
-                exprs.push(timestamp(start.clone()).alias(WINDOW_START));
-                exprs.push(timestamp(end.clone()).alias(WINDOW_END));
-                let one = LogicalPlanBuilder::from(input.clone())
-                    .filter(t.clone().lt(end))?
-                    .project(exprs)?
-                    .build()?;
-                plan = Some(match plan {
-                    None => LogicalPlanBuilder::from(one),
-                    Some(p) => p.union(one)?,
-                });
-            }
-            let plan = plan.expect("at least one window per row").build()?;
+            let mut exprs = columns;
+            exprs.push(timestamp(start.clone()).alias(WINDOW_START));
+            exprs.push(timestamp(start + lit(size)).alias(WINDOW_END));
+            let plan = LogicalPlanBuilder::from(input).project(exprs)?.build()?;
             return Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(
                 plan,
                 alias.clone(),
             ))));
         }
-        // The latest window holding t starts at t floored to a multiple of the slide.
-        let latest_start = floor(slide);
-        // A row at time t is in the windows starting at bin(t) - i·slide, i = 0 … size/slide - 1:
-        // one projection each, unioned (a TUMBLE is the case size = slide).
-        let mut plan: Option<LogicalPlanBuilder> = None;
-        for i in 0..windows_per_row {
-            let start = if i == 0 {
-                latest_start.clone()
-            } else {
-                latest_start.clone() - lit(i * slide)
-            };
-            let mut exprs = columns.clone();
-            exprs.push(timestamp(start.clone()).alias(WINDOW_START));
-            exprs.push(timestamp(start + lit(size)).alias(WINDOW_END));
-            let one = LogicalPlanBuilder::from(input.clone())
-                .project(exprs)?
-                .build()?;
-            plan = Some(match plan {
-                None => LogicalPlanBuilder::from(one),
-                Some(p) => p.union(one)?,
-            });
-        }
-        let plan = plan.expect("at least one window per row").build()?;
+        // One row-expanding step (see the module docs): a list of the row's windows — their
+        // starts for HOP, their ends for CUMULATE —, unnested into one row each, and the
+        // bounds computed from it.
+        let (list, start, end) = if function == "cumulate" {
+            // Windows of one size-long period all start at its start and end every step: a
+            // row is in those that end after it, from its own step's end to the period's.
+            let period = floor(size);
+            let first_end = floor(slide) + lit(slide);
+            let bound = col(WINDOWS);
+            (
+                gen_series(first_end, period.clone() + lit(size), lit(slide)),
+                period,
+                bound,
+            )
+        } else {
+            // A row at time t is in the windows starting at bin(t) − i·slide, i = 0 … k − 1,
+            // bin(t) being t floored to a multiple of the slide.
+            let latest = floor(slide);
+            let earliest = latest.clone() - lit((windows_per_row - 1) * slide);
+            let bound = col(WINDOWS);
+            (
+                gen_series(earliest, latest, lit(slide)),
+                bound.clone(),
+                bound + lit(size),
+            )
+        };
+        let mut listed = columns.clone();
+        listed.push(list.alias(WINDOWS));
+        let mut exprs = columns;
+        exprs.push(timestamp(start).alias(WINDOW_START));
+        exprs.push(timestamp(end).alias(WINDOW_END));
+        let plan = LogicalPlanBuilder::from(input)
+            .project(listed)?
+            .unnest_column_with_options(WINDOWS, UnnestOptions::new().with_preserve_nulls(true))?
+            .project(exprs)?
+            .build()?;
         Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(
             plan,
             alias.clone(),
         ))))
     }
 }
+
+/// The list column a `HOP` or `CUMULATE` unnests (gone from the relation it plans).
+const WINDOWS: &str = "__sluice_windows";
 
 /// The length of a positive interval argument of `function`, in microseconds.
 fn interval_micros(

@@ -20,7 +20,7 @@ use std::time::Duration;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use async_trait::async_trait;
 use sluice_server::{Outcome, Sluice};
-use sqllogictest::{AsyncDB, DBOutput, DefaultColumnType};
+use sqllogictest::{AsyncDB, ColumnType, DBOutput};
 
 #[derive(Debug)]
 struct SltError {
@@ -153,12 +153,63 @@ fn format_rows(batches: &[arrow::record_batch::RecordBatch]) -> Vec<Vec<String>>
     rows
 }
 
+/// A result column's type letter in a `query` record: `T` text (and timestamps), `I` integer,
+/// `R` floating point or decimal, `B` boolean, `?` anything else. Only regeneration uses
+/// them (the comparison ignores types): they say what the query returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SltType {
+    Text,
+    Integer,
+    Real,
+    Boolean,
+    Any,
+}
+
+impl SltType {
+    fn of(t: &arrow::datatypes::DataType) -> Self {
+        use arrow::datatypes::DataType as D;
+        match t {
+            D::Boolean => Self::Boolean,
+            D::Int8 | D::Int16 | D::Int32 | D::Int64 => Self::Integer,
+            D::UInt8 | D::UInt16 | D::UInt32 | D::UInt64 => Self::Integer,
+            D::Float16 | D::Float32 | D::Float64 => Self::Real,
+            D::Decimal128(..) | D::Decimal256(..) => Self::Real,
+            D::Utf8 | D::LargeUtf8 | D::Utf8View | D::Timestamp(..) | D::Date32 | D::Date64 => {
+                Self::Text
+            }
+            _ => Self::Any,
+        }
+    }
+}
+
+impl ColumnType for SltType {
+    fn from_char(value: char) -> Option<Self> {
+        Some(match value {
+            'T' => Self::Text,
+            'I' => Self::Integer,
+            'R' => Self::Real,
+            'B' => Self::Boolean,
+            _ => Self::Any,
+        })
+    }
+
+    fn to_char(&self) -> char {
+        match self {
+            Self::Text => 'T',
+            Self::Integer => 'I',
+            Self::Real => 'R',
+            Self::Boolean => 'B',
+            Self::Any => '?',
+        }
+    }
+}
+
 #[async_trait]
 impl AsyncDB for SluiceDb {
     type Error = SltError;
-    type ColumnType = DefaultColumnType;
+    type ColumnType = SltType;
 
-    async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, SltError> {
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<SltType>, SltError> {
         let trimmed = sql.trim().trim_end_matches(';');
         if let Some(name) = trimmed.strip_prefix("WAIT FOR STREAM ") {
             self.wait_for_stream(name.trim()).await?;
@@ -189,7 +240,11 @@ impl AsyncDB for SluiceDb {
             Some(Ok(Outcome::Command(_))) => Ok(DBOutput::StatementComplete(0)),
             Some(Ok(Outcome::Stream { .. })) => unreachable!("collected above"),
             Some(Ok(Outcome::Rows { schema, batches })) => Ok(DBOutput::Rows {
-                types: vec![DefaultColumnType::Any; schema.fields().len()],
+                types: schema
+                    .fields()
+                    .iter()
+                    .map(|f| SltType::of(f.data_type()))
+                    .collect(),
                 rows: format_rows(&batches),
             }),
             Some(Err(e)) => Err(SltError {
@@ -228,6 +283,9 @@ async fn slt_files() {
     files.sort();
     assert!(!files.is_empty(), "no .slt files in {}", dir.display());
     let mut failures = vec![];
+    // `SLUICE_SLT_REGENERATE=1`: write the results this build gives into the files instead of
+    // comparing with them (review the diff; CI fails when regenerating changes a file).
+    let regenerate = std::env::var_os("SLUICE_SLT_REGENERATE").is_some_and(|v| v == "1");
     for file in &files {
         let lake = tempfile::tempdir().expect("a temporary lake");
         let sluice = Sluice::open(lake.path().to_str().expect("UTF-8 path"))
@@ -237,11 +295,27 @@ async fn slt_files() {
             let sluice = sluice.clone();
             async move { Ok(SluiceDb { sluice }) }
         });
-        match runner.run_file_async(file).await {
-            Ok(()) => println!("ok   {}", file.display()),
-            Err(e) => {
-                println!("FAIL {}\n{e}", file.display());
+        if regenerate {
+            // Rewrites the file with the results this build gives (`scripts/regenerate-slt.sh`).
+            if let Err(e) = runner
+                .update_test_file(
+                    file,
+                    " ",
+                    sqllogictest::default_validator,
+                    sqllogictest::default_normalizer,
+                    sqllogictest::default_column_validator,
+                )
+                .await
+            {
                 failures.push(format!("{}: {e}", file.display()));
+            }
+        } else {
+            match runner.run_file_async(file).await {
+                Ok(()) => println!("ok   {}", file.display()),
+                Err(e) => {
+                    println!("FAIL {}\n{e}", file.display());
+                    failures.push(format!("{}: {e}", file.display()));
+                }
             }
         }
         runner.shutdown_async().await;

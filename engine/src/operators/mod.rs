@@ -1,4 +1,5 @@
-//! Operators: stateless ones evaluate DataFusion physical expressions on whole batches;
+//! Operators: stateless ones evaluate DataFusion physical expressions on whole batches
+//! ([`Unnest`] expands a list column into rows: the windows of a `HOP` or `CUMULATE`);
 //! [`WindowAggregate`] keeps DataFusion accumulators per event-time window and
 //! [`SessionAggregate`] the rows of each open session; [`Dedup`] keeps
 //! the keys it has seen, expiring them by event time.
@@ -20,12 +21,14 @@ mod dedup;
 mod filter;
 mod projection;
 mod session_aggregate;
+mod unnest;
 mod window_aggregate;
 
 pub use dedup::{Dedup, DedupKeep, DedupSpec};
 pub use filter::Filter;
 pub use projection::Projection;
 pub use session_aggregate::SessionAggregate;
+pub use unnest::Unnest;
 pub use window_aggregate::{WindowAggregate, WindowAggregateSpec};
 
 use arrow::record_batch::RecordBatch;
