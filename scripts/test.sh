@@ -38,6 +38,8 @@ if ! services_env="$(scripts/services.sh start)"; then
 fi
 eval "$services_env"
 
+say "architecture (crate arrows point down; the server names no connector)"
+scripts/check-architecture.sh
 say "rustfmt"
 cargo fmt --all -- --check
 

@@ -50,3 +50,9 @@ impl From<ConnectorError> for EngineError {
 
 /// Result type of this crate.
 pub type Result<T, E = ConnectorError> = std::result::Result<T, E>;
+
+impl From<ConnectorError> for sluice_engine::push::IngestError {
+    fn from(e: ConnectorError) -> Self {
+        Self::Storage(e.into())
+    }
+}

@@ -64,6 +64,24 @@ impl SourceConfig {
         }
     }
 
+    /// The receiving end of a push source (`http`), fed by the server's front door; `None`
+    /// for sources that read. `ctx` is where it publishes.
+    pub fn push_source(
+        &self,
+        name: &str,
+        schema: SchemaRef,
+        lake: &Lake,
+        ctx: sluice_engine::SourceContext,
+    ) -> Option<Result<Arc<dyn sluice_engine::push::PushSource>>> {
+        match self {
+            SourceConfig::Http(c) => Some(
+                crate::http::HttpIngest::new(name, schema, c.clone(), lake.clone(), ctx)
+                    .map(|i| Arc::new(i) as Arc<dyn sluice_engine::push::PushSource>),
+            ),
+            _ => None,
+        }
+    }
+
     /// The source's own reader. For kinesis it archives raw records and reports bad ones
     /// once per source (not once per stream) and publishes nothing; for kafka and s3 it is
     /// the one reader, publishing to every stream. `lake` holds the raw zone and reader
@@ -190,7 +208,7 @@ impl SinkConfig {
         }
     }
 
-    /// Whether the sink can deliver exactly once (with a [`crate::kafka::SinkCheckpoint`]),
+    /// Whether the sink can deliver exactly once (with a [`sluice_engine::checkpoint::SinkCheckpoint`]),
     /// and whether it was asked to: `Some(true)` asked, `Some(false)` declined, `None` left
     /// to the default (exactly once when its input checkpoints).
     pub fn exactly_once(&self) -> (bool, Option<bool>) {
@@ -208,7 +226,7 @@ impl SinkConfig {
     pub fn sink(
         &self,
         name: &str,
-        checkpoint: Option<crate::kafka::SinkCheckpoint>,
+        checkpoint: Option<sluice_engine::checkpoint::SinkCheckpoint>,
     ) -> Result<Box<dyn sluice_engine::Sink>> {
         match self {
             SinkConfig::Kafka(c) => Ok(Box::new(match checkpoint {

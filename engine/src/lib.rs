@@ -5,7 +5,8 @@
 //! - the [`Operator`] trait for synchronous, batch-at-a-time transformations and the
 //!   [`OperatorChain`] that runs several of them in one task,
 //! - the [`FanOut`] hub through which a source or stream hands its output to every reader,
-//! - the [`SourceReader`] and [`Sink`] traits that connectors implement,
+//! - the [`SourceReader`], [`push::PushSource`] and [`Sink`] traits that connectors
+//!   implement,
 //! - [`BadRecord`]s (rows that must go to the errors zone) and per-pipeline [`Metrics`],
 //! - small shared helpers: [`WithOptions`] for `WITH (…)` maps, [`EventTime`] arithmetic.
 //!
@@ -24,6 +25,7 @@ pub mod operator;
 pub mod operators;
 pub mod options;
 pub mod pipeline;
+pub mod push;
 pub mod router;
 pub mod sink;
 pub mod source;

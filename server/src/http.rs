@@ -28,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use serde_json::json;
-use sluice_connectors::http::IngestError;
+use sluice_engine::push::IngestError;
 
 use crate::connections::Connections;
 use crate::node::{IngestRefusal, Node};
@@ -106,8 +106,8 @@ async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let lookup = match sluice.http_source(&name) {
-        Ok(None) => sluice.http_source(&name.to_lowercase()),
+    let lookup = match sluice.push_source(&name) {
+        Ok(None) => sluice.push_source(&name.to_lowercase()),
         other => other,
     };
     let source = match lookup {

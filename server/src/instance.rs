@@ -10,9 +10,9 @@ use arrow::record_batch::RecordBatch;
 use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{Expr, Set, SetExpr, Statement, Value};
-use sluice_connectors::http::HttpIngest;
 use sluice_connectors::lake::{Lake, Zone, athena_ddl, lake_schema, write_athena_ddl};
 use sluice_engine::checkpoint::{Coordinator, Fence, NoFence};
+use sluice_engine::push::PushSource;
 use sluice_sql::parser::{CreateSink, CreateSource, CreateStream};
 use sluice_sql::{ObjectKind, Relation, SluiceStatement, SqlError, parse_sql, source_def};
 use tokio_util::sync::CancellationToken;
@@ -110,8 +110,8 @@ struct Inner {
 /// An entry of the name directory.
 #[derive(Debug, Clone)]
 enum Named {
-    /// An `http` source and its ingest endpoint.
-    Http(Arc<HttpIngest>),
+    /// A push source and its receiving end.
+    Push(Arc<dyn PushSource>),
     /// Another kind of source.
     Source,
     /// A stream.
@@ -333,12 +333,17 @@ impl Sluice {
         &self.inner.lake
     }
 
-    /// The ingest endpoint of `http` source `name`: `Ok(None)` if the source does not exist,
-    /// `Err` naming its connector if it is not an `http` source.
-    pub fn http_source(&self, name: &str) -> std::result::Result<Option<Arc<HttpIngest>>, String> {
+    /// The receiving end of push source `name`: `Ok(None)` if the source does not exist,
+    /// `Err` if it is not a push source.
+    pub fn push_source(
+        &self,
+        name: &str,
+    ) -> std::result::Result<Option<Arc<dyn PushSource>>, String> {
         match self.directory().get(name) {
-            Some(Named::Http(h)) => Ok(Some(Arc::clone(h))),
-            Some(Named::Source) => Err(format!("source `{name}` is not an http source")),
+            Some(Named::Push(h)) => Ok(Some(Arc::clone(h))),
+            Some(Named::Source) => Err(format!(
+                "source `{name}` does not take events over HTTP: its connector reads them"
+            )),
             Some(Named::Stream) => Err(format!("`{name}` is a stream, not a source")),
             Some(Named::Sink) => Err(format!("`{name}` is a sink, not a source")),
             None => Ok(None),
@@ -573,7 +578,7 @@ impl Sluice {
             &self.inner.readers_gate.subscribe(),
         )
         .await?;
-        if running.http.is_some() && !persist && running.replay_from.is_none() {
+        if running.push.is_some() && !persist && running.replay_from.is_none() {
             // Restored, and no checkpoint has it: no stream's output from it was committed,
             // so everything it stored is published again.
             running.replay_from = Some(serde_json::json!({ "seq": 0 }));
@@ -585,8 +590,8 @@ impl Sluice {
         self.inner
             .adhoc
             .register_source(&c.name, Arc::clone(&running.def.schema))?;
-        let named = match &running.http {
-            Some(h) => Named::Http(Arc::clone(h)),
+        let named = match &running.push {
+            Some(h) => Named::Push(Arc::clone(h)),
             None => Named::Source,
         };
         self.directory_mut().insert(c.name.clone(), named);
@@ -1024,11 +1029,11 @@ fn selects_into(stmt: &DFStatement) -> bool {
 }
 
 /// Appends `name` and (first) every stream reading it, transitively, to `order`.
-/// Publishes again what an `http` source stored after `position`; a failure fails the
+/// Publishes again what a push source stored after `position`; a failure fails the
 /// source (its raw zone still holds every acknowledged record).
 async fn replay(source: &RunningSource, position: &serde_json::Value) {
-    let Some(http) = &source.http else { return };
-    if let Err(e) = http.replay(position).await {
+    let Some(push) = &source.push else { return };
+    if let Err(e) = push.replay(position).await {
         tracing::error!(source = %source.def.name, error = %e, "cannot replay what followed the last checkpoint");
         *source.status.lock().unwrap_or_else(|e| e.into_inner()) =
             crate::runtime::Status::Failed(format!("replaying after the last checkpoint: {e}"));

@@ -10,8 +10,8 @@
 use std::sync::{Arc, Mutex, RwLock};
 
 use arrow::datatypes::SchemaRef;
-use sluice_connectors::http::HttpIngest;
 use sluice_connectors::lake::Lake;
+use sluice_engine::push::PushSource;
 use sluice_sql::{ObjectKind, Relation, SluiceStatement, parse_sql, source_def};
 
 use crate::query_runtime;
@@ -106,17 +106,17 @@ impl Node {
         }
     }
 
-    /// The ingest endpoint of `http` source `name` (see [`Sluice::http_source`]); a
-    /// standby refuses, naming the writer.
-    pub fn http_source(
+    /// The receiving end of push source `name` (see [`Sluice::push_source`]); a standby
+    /// refuses, naming the writer.
+    pub fn push_source(
         &self,
         name: &str,
-    ) -> std::result::Result<Option<Arc<HttpIngest>>, IngestRefusal> {
+    ) -> std::result::Result<Option<Arc<dyn PushSource>>, IngestRefusal> {
         match self.role() {
             Role::Writer(s) => {
                 s.fenced()
                     .map_err(|e| IngestRefusal::Unavailable(e.to_string()))?;
-                s.http_source(name).map_err(IngestRefusal::Conflict)
+                s.push_source(name).map_err(IngestRefusal::Conflict)
             }
             Role::Standby(v) => Err(IngestRefusal::Unavailable(v.refusal())),
         }

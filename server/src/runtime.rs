@@ -21,13 +21,13 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sluice_connectors::http::HttpIngest;
 use sluice_connectors::lake::{Lake, ParquetLakeWriter, RecordZone, Zone, run_errors_writer};
-use sluice_connectors::{Backfill, OwnReader, SinkConfig, SourceConfig};
+use sluice_connectors::{Backfill, OwnReader, SinkConfig};
 use sluice_engine::checkpoint::{
     CheckpointHandle, Coordinator, KeyFilter, Payload, StreamRegistration,
 };
 use sluice_engine::pipeline::{Branch, StreamTask};
+use sluice_engine::push::PushSource;
 use sluice_engine::sink::run_sink;
 use sluice_engine::{
     BadRecord, DEFAULT_CHANNEL_CAPACITY, FanOut, HashRouter, Message, Metrics, OperatorChain,
@@ -90,9 +90,9 @@ pub struct RunningSource {
     pub status: SharedStatus,
     /// Stops it.
     pub cancel: CancellationToken,
-    /// The ingest endpoint, for `http` sources.
-    pub http: Option<Arc<HttpIngest>>,
-    /// Where an `http` source resumes: what it stored after this position (from the last
+    /// The receiving end of a push source (fed by the HTTP front door).
+    pub push: Option<Arc<dyn PushSource>>,
+    /// Where a push source resumes: what it stored after this position (from the last
     /// checkpoint) is published again before it takes requests.
     pub replay_from: Option<serde_json::Value>,
     /// Its hub carries barriers and it replays after a crash (`http`, `kafka`, `s3`): streams
@@ -153,36 +153,29 @@ pub async fn start_source(
     let metrics: Arc<Metrics> = Arc::default();
     let cancel = parent.child_token();
     let status: SharedStatus = Arc::new(Mutex::new(Status::Running));
-    let http = match &def.config {
-        SourceConfig::Http(cfg) => {
-            let ctx = SourceContext {
-                output: fanout.clone(),
-                metrics: Arc::clone(&metrics),
-                bad_records: errors_channel(lake, &def.name),
-                cancel: cancel.clone(),
-                watermark: def.watermark.clone(),
-                checkpoint: None,
-            };
-            let ingest = HttpIngest::new(
-                def.name.clone(),
-                Arc::clone(&def.schema),
-                cfg.clone(),
-                lake.clone(),
-                ctx,
-            )?;
-            Some(Arc::new(ingest))
-        }
-        _ => None,
-    };
+    let push = def.config.push_source(
+        &def.name,
+        Arc::clone(&def.schema),
+        lake,
+        SourceContext {
+            output: fanout.clone(),
+            metrics: Arc::clone(&metrics),
+            bad_records: errors_channel(lake, &def.name),
+            cancel: cancel.clone(),
+            watermark: def.watermark.clone(),
+            checkpoint: None,
+        },
+    );
+    let push = push.transpose()?;
     let mut replay_from = None;
     // Whether streams reading its hub get barriers from it and can replay it.
     let mut checkpointed = false;
-    if let (Some(ingest), Some(c)) = (&http, coordinator) {
+    if let (Some(ingest), Some(c)) = (&push, coordinator) {
         checkpointed = true;
         let (reader, position) = register_source(c, &def.name, sql, false).await?;
         replay_from = position;
         if let Some(reader) = reader {
-            ingest.checkpoint(reader);
+            Arc::clone(ingest).checkpoint(reader);
         }
     }
     let mut backfill = None;
@@ -239,7 +232,7 @@ pub async fn start_source(
         metrics,
         status,
         cancel,
-        http,
+        push,
         replay_from,
         checkpointed,
         backfill,
@@ -863,7 +856,7 @@ pub async fn start_sink(
     };
     let (checkpoint, acknowledged) = match registered {
         Some((c, handle)) if exactly_once => (
-            Some(sluice_connectors::kafka::SinkCheckpoint {
+            Some(sluice_engine::checkpoint::SinkCheckpoint {
                 store: Arc::new(lake.clone()),
                 coordinator: c.clone(),
                 handle,

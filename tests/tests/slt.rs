@@ -77,7 +77,7 @@ impl SluiceDb {
         };
         let ingest = self
             .sluice
-            .http_source(source)
+            .push_source(source)
             .map_err(|e| fail("55000", e))?
             .ok_or_else(|| fail("42P01", format!("no http source `{source}`")))?;
         let report = ingest

@@ -32,7 +32,6 @@ pub mod idempotency;
 
 use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
-use serde::Serialize;
 use serde_json::value::RawValue;
 use sluice_engine::checkpoint::ReaderCheckpoint;
 use sluice_engine::source::{WatermarkTracker, publish};
@@ -71,38 +70,7 @@ impl HttpConfig {
     }
 }
 
-/// A record of a request that was rejected.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct RejectedLine {
-    /// 1-based line number (NDJSON) or element position (JSON array).
-    pub line: usize,
-    /// Why it was rejected.
-    pub reason: String,
-}
-
-/// What happened to one request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct IngestReport {
-    /// Records accepted and published.
-    pub accepted: usize,
-    /// Records rejected, in input order.
-    pub rejected: Vec<RejectedLine>,
-}
-
-/// Why a whole request failed.
-#[derive(Debug, thiserror::Error)]
-pub enum IngestError {
-    /// The body cannot be split into records (the client's fault). It was stored in the
-    /// errors zone whole.
-    #[error("{0}")]
-    Malformed(String),
-    /// The lake could not store the body (retrying may help); nothing was published.
-    #[error("cannot store the request: {0}")]
-    Storage(#[from] ConnectorError),
-    /// The `Idempotency-Key` is empty or too long.
-    #[error("{0}")]
-    BadKey(String),
-}
+pub use sluice_engine::push::{IngestError, IngestReport, RejectedLine};
 
 /// The receiving end of one `http` source.
 #[derive(Debug)]
@@ -543,5 +511,29 @@ mod fuzz {
                 }
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl sluice_engine::push::PushSource for HttpIngest {
+    fn max_request_size(&self) -> u64 {
+        HttpIngest::max_request_size(self)
+    }
+
+    async fn ingest(
+        &self,
+        body: Bytes,
+        origin: &str,
+        key: Option<&str>,
+    ) -> Result<IngestReport, IngestError> {
+        HttpIngest::ingest(self, body, origin, key).await
+    }
+
+    fn checkpoint(self: std::sync::Arc<Self>, checkpoint: ReaderCheckpoint) {
+        HttpIngest::checkpoint(&self, checkpoint);
+    }
+
+    async fn replay(&self, position: &serde_json::Value) -> sluice_engine::Result<usize> {
+        Ok(HttpIngest::replay(self, position).await?)
     }
 }

@@ -43,6 +43,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Headers;
 use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
+pub use sluice_engine::checkpoint::SinkCheckpoint;
 use sluice_engine::checkpoint::{
     CheckpointHandle, CheckpointStore, Coordinator, Payload, STAGING_DIR, StagedFile, read_ipc,
     write_ipc,
@@ -61,19 +62,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Attempts at one epoch's transaction before the sink fails.
 const ATTEMPTS: u32 = 8;
-
-/// What an exactly-once sink needs of the server's checkpoints.
-#[derive(Debug, Clone)]
-pub struct SinkCheckpoint {
-    /// The lake, where epochs' rows wait until delivered.
-    pub store: Arc<dyn CheckpointStore>,
-    /// The server's coordinator (to learn which epochs are committed).
-    pub coordinator: Coordinator,
-    /// The sink's participant handle (registered as a writer).
-    pub handle: CheckpointHandle,
-    /// Counts the rows on the topic: an epoch's, once its transaction is committed.
-    pub delivered: Arc<AtomicU64>,
-}
 
 /// Where a sink's committed epochs wait for delivery.
 fn pending_dir(sink: &str) -> String {

@@ -345,3 +345,17 @@ pub async fn barrier_due(checkpoint: &mut Option<ReaderCheckpoint>) -> u64 {
         None => std::future::pending().await,
     }
 }
+
+/// What a sink that delivers exactly once needs of the server's checkpoints: it takes part as
+/// a writer (staging each epoch's rows in the lake) and delivers an epoch once it committed.
+#[derive(Debug, Clone)]
+pub struct SinkCheckpoint {
+    /// The lake, where epochs' rows wait until delivered.
+    pub store: Arc<dyn super::CheckpointStore>,
+    /// The server's coordinator (to learn which epochs are committed).
+    pub coordinator: super::Coordinator,
+    /// The sink's participant handle (registered as a writer).
+    pub handle: CheckpointHandle,
+    /// Counts the rows delivered: an epoch's, once the destination has them.
+    pub delivered: Arc<AtomicU64>,
+}
