@@ -123,10 +123,10 @@ pub trait Operator: Send {
     }
 
     /// A copy of the operator's state, taken when a checkpoint barrier passes it (the
-    /// operator keeps running on its own). `None`: it has no state.
-    fn snapshot(&mut self) -> Result<Option<OperatorState>> {
-        Ok(None)
-    }
+    /// operator keeps running on its own), with the operator's state version. `None`: it has
+    /// no state. Every operator says which (no default: a stateful operator that forgot
+    /// would lose its state at every restart).
+    fn snapshot(&mut self) -> Result<Option<OperatorState>>;
 
     /// Restores the state of a checkpoint: `parts` are the snapshots of every subtask that
     /// ran the operator then (several when the parallelism was another); the operator takes

@@ -376,6 +376,7 @@ impl Coordinator {
                 }
                 operators[i].push(OperatorState {
                     operator: stored.operator.clone(),
+                    version: stored.version,
                     values: stored.values.clone(),
                     tables,
                 });
@@ -930,6 +931,7 @@ async fn commit(
                                 }
                                 Some(StoredState {
                                     operator: s.operator,
+                                    version: s.version,
                                     values: s.values,
                                     tables,
                                 })

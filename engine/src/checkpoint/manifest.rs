@@ -13,11 +13,20 @@ use crate::error::{EngineError, Result};
 /// The manifest format this build writes; it reads this one and every older one.
 pub const MANIFEST_VERSION: u32 = 1;
 
+/// The state version of operator states stored before versions were recorded.
+fn first_state_version() -> u32 {
+    1
+}
+
 /// What the manifest holds of one operator's state.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StoredState {
     /// The operator's name.
     pub operator: String,
+    /// Its state layout's version ([`super::OperatorState::version`]; checkpoints written
+    /// before versions were recorded hold version 1).
+    #[serde(default = "first_state_version")]
+    pub version: u32,
     /// Its scalars.
     pub values: BTreeMap<String, i64>,
     /// Its tables: name → IPC file path.

@@ -19,6 +19,9 @@ use crate::router::HashRouter;
 pub struct OperatorState {
     /// The operator's name ([`crate::Operator::name`]), checked on restore.
     pub operator: String,
+    /// The layout of its values and tables: each stateful operator numbers its own, and
+    /// refuses to restore a layout it does not know (see `tests/golden/`).
+    pub version: u32,
     /// Scalars (watermarks and the like).
     pub values: BTreeMap<String, i64>,
     /// Named tables; each is stored as one Arrow IPC file.

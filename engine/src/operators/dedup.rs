@@ -50,6 +50,10 @@ type KeyMap<V> = HashMap<Box<[u8]>, V, foldhash::fast::RandomState>;
 /// The least event time between two sweeps of expired keys (1 s).
 const MIN_SWEEP_PERIOD: i64 = 1_000_000;
 
+/// The layout of this operator's checkpointed state (bump it when the layout changes,
+/// and regenerate `tests/golden/` with `SLUICE_GOLDEN_REGENERATE=1`).
+const STATE_VERSION: u32 = 1;
+
 /// One key in [`SeenKeys`]: 16 bytes.
 #[derive(Debug, Clone, Copy)]
 struct Seen {
@@ -479,7 +483,10 @@ impl Operator for Dedup {
                 entries.iter().map(|e| e.expiry),
             )),
         ));
-        let mut state = OperatorState::default();
+        let mut state = OperatorState {
+            version: STATE_VERSION,
+            ..OperatorState::default()
+        };
         state
             .tables
             .insert("seen".into(), RecordBatch::try_from_iter(columns)?);
@@ -503,6 +510,7 @@ impl Operator for Dedup {
     }
 
     fn restore(&mut self, parts: Vec<OperatorState>, keep: &KeyFilter) -> Result<()> {
+        super::check_state_version(self.name(), &parts, STATE_VERSION)?;
         let mut pending = vec![];
         (self.watermark, self.forwarded) = restored_watermarks(&parts);
         for part in parts {

@@ -11,6 +11,7 @@ use arrow::record_batch::RecordBatch;
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::evaluate_or_reject;
+use crate::checkpoint::OperatorState;
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
 
@@ -51,6 +52,10 @@ impl Filter {
 impl Operator for Filter {
     fn name(&self) -> &str {
         "filter"
+    }
+
+    fn snapshot(&mut self) -> Result<Option<OperatorState>> {
+        Ok(None) // stateless
     }
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {

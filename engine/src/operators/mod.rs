@@ -202,6 +202,22 @@ pub(crate) fn save_watermarks(
     state.values.insert("forwarded".into(), forwarded.0);
 }
 
+/// Fails unless every part of a restored state has layout `version` (the operator's
+/// current one): a checkpoint from another Sluice whose layout this build does not read.
+pub(crate) fn check_state_version(
+    operator: &str,
+    parts: &[crate::checkpoint::OperatorState],
+    version: u32,
+) -> crate::error::Result<()> {
+    match parts.iter().find(|p| p.version != version) {
+        None => Ok(()),
+        Some(p) => Err(crate::error::EngineError::Checkpoint(format!(
+            "operator `{operator}`: the checkpoint holds state layout version {}, this build reads version {version}; restore it with the Sluice that wrote it, or drop and re-create the stream",
+            p.version
+        ))),
+    }
+}
+
 /// The watermarks saved by [`save_watermarks`] in `parts` (one per old subtask, which all
 /// saw the same watermarks): the smallest of each, to be safe.
 pub(crate) fn restored_watermarks(

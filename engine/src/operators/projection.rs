@@ -10,6 +10,7 @@ use arrow::record_batch::{RecordBatch, RecordBatchOptions};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::evaluate_or_reject;
+use crate::checkpoint::OperatorState;
 use crate::error::Result;
 use crate::operator::{Collector, Operator};
 
@@ -54,6 +55,10 @@ impl Projection {
 impl Operator for Projection {
     fn name(&self) -> &str {
         "projection"
+    }
+
+    fn snapshot(&mut self) -> Result<Option<OperatorState>> {
+        Ok(None) // stateless
     }
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {

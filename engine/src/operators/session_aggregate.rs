@@ -43,6 +43,10 @@ use crate::time::EventTime;
 
 type KeyMap<V> = HashMap<Box<[u8]>, V, foldhash::fast::RandomState>;
 
+/// The layout of this operator's checkpointed state (bump it when the layout changes,
+/// and regenerate `tests/golden/` with `SLUICE_GOLDEN_REGENERATE=1`).
+const STATE_VERSION: u32 = 1;
+
 #[derive(Debug)]
 struct Session {
     start: i64,
@@ -239,7 +243,10 @@ impl Operator for SessionAggregate {
     /// session in arrival order (input rows). Restoring feeds them in again with no
     /// watermark in force, which rebuilds the same sessions.
     fn snapshot(&mut self) -> Result<Option<OperatorState>> {
-        let mut state = OperatorState::default();
+        let mut state = OperatorState {
+            version: STATE_VERSION,
+            ..OperatorState::default()
+        };
         save_watermarks(&mut state, self.watermark, &self.forwarded);
         let held: Vec<(u64, u32)> = self
             .sessions
@@ -260,6 +267,7 @@ impl Operator for SessionAggregate {
     }
 
     fn restore(&mut self, parts: Vec<OperatorState>, keep: &KeyFilter) -> Result<()> {
+        super::check_state_version(self.name(), &parts, STATE_VERSION)?;
         let (watermark, forwarded) = restored_watermarks(&parts);
         self.forwarded = forwarded;
         let mut rows = vec![];

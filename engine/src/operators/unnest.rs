@@ -19,6 +19,7 @@ use arrow::compute::take;
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::{RecordBatch, RecordBatchOptions};
 
+use crate::checkpoint::OperatorState;
 use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
 
@@ -107,6 +108,10 @@ impl Unnest {
 impl Operator for Unnest {
     fn name(&self) -> &str {
         "unnest"
+    }
+
+    fn snapshot(&mut self) -> Result<Option<OperatorState>> {
+        Ok(None) // stateless
     }
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {

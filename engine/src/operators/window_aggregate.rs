@@ -38,6 +38,10 @@ use crate::error::{EngineError, Result};
 use crate::operator::{Collector, Operator};
 use crate::time::EventTime;
 
+/// The layout of this operator's checkpointed state (bump it when the layout changes,
+/// and regenerate `tests/golden/` with `SLUICE_GOLDEN_REGENERATE=1`).
+const STATE_VERSION: u32 = 1;
+
 /// What a [`WindowAggregate`] computes.
 #[derive(Debug, Clone)]
 pub struct WindowAggregateSpec {
@@ -450,13 +454,17 @@ impl Operator for WindowAggregate {
             })
             .collect::<Result<Vec<_>>>()?;
         let table = RecordBatch::try_new(schema, columns)?;
-        let mut state = OperatorState::default();
+        let mut state = OperatorState {
+            version: STATE_VERSION,
+            ..OperatorState::default()
+        };
         save_watermarks(&mut state, self.watermark, &self.forwarded);
         state.tables.insert("windows".into(), table);
         Ok(Some(state))
     }
 
     fn restore(&mut self, parts: Vec<OperatorState>, keep: &KeyFilter) -> Result<()> {
+        super::check_state_version(self.name(), &parts, STATE_VERSION)?;
         let nkeys = self.key_schema.fields().len();
         let state_widths = self
             .spec
