@@ -84,24 +84,52 @@ impl Unnest {
             .downcast_ref::<GenericListArray<O>>()
             .ok_or_else(|| EngineError::Internal("unnest: not a list array".into()))?;
         let offsets = list.value_offsets();
-        let total = offsets[list.len()].as_usize() - offsets[0].as_usize();
-        let mut rows = UInt32Builder::with_capacity(total);
-        let mut elements = UInt32Builder::with_capacity(total);
+        let (first, last) = (offsets[0].as_usize(), offsets[list.len()].as_usize());
+        let null_rows = if self.preserve_nulls {
+            list.null_count()
+        } else {
+            0
+        };
+        let mut rows: Vec<u32> = Vec::with_capacity(last - first + null_rows);
+        if null_rows == 0 {
+            // The common case (a window list is never NULL for a row with a time): the
+            // elements are the list's values in order, one slice, and only the other
+            // columns are gathered. (A NULL list's own elements are empty by Arrow's rules
+            // or skipped with it.)
+            let mut taken = Vec::with_capacity(last - first);
+            for r in 0..list.len() {
+                if list.is_null(r) {
+                    continue;
+                }
+                let (a, b) = (offsets[r].as_usize(), offsets[r + 1].as_usize());
+                rows.extend(std::iter::repeat_n(r as u32, b - a));
+                taken.extend(a as u32..b as u32);
+            }
+            let values = if taken.len() == last - first {
+                list.values().slice(first, last - first)
+            } else {
+                take(
+                    list.values().as_ref(),
+                    &arrow::array::UInt32Array::from(taken),
+                    None,
+                )?
+            };
+            return Ok((rows.into(), values));
+        }
+        let mut elements = UInt32Builder::with_capacity(last - first + null_rows);
         for r in 0..list.len() {
             if list.is_null(r) {
-                if self.preserve_nulls {
-                    rows.append_value(r as u32);
-                    elements.append_null();
-                }
+                rows.push(r as u32);
+                elements.append_null();
                 continue;
             }
             for e in offsets[r].as_usize()..offsets[r + 1].as_usize() {
-                rows.append_value(r as u32);
+                rows.push(r as u32);
                 elements.append_value(e as u32);
             }
         }
         let values = take(list.values().as_ref(), &elements.finish(), None)?;
-        Ok((rows.finish(), values))
+        Ok((rows.into(), values))
     }
 }
 
