@@ -83,13 +83,13 @@ fn lines(json: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// The `json` pipeline: the same bids, already in memory, through the kafka source's JSON
 /// decoder (the flat fast path, arrow-json where it declines) in batches of `--batch-size`:
 /// the decoding rate alone, no transport.
-pub async fn decode_only(args: &Args) -> anyhow::Result<Measured> {
+pub async fn decode_only(args: &Args, messy: bool) -> anyhow::Result<Measured> {
     let def = source_of(BIDS)?;
     let mut decoder = sluice_connectors::formats::Decoder::new(
         &sluice_connectors::formats::RecordFormat::Json,
         Arc::clone(&def.schema),
     )?;
-    let all = bids_in_memory(args)?;
+    let all = bids_in_memory(args, messy)?;
     let records: Vec<&[u8]> = lines(&all).collect();
     let (start_wall, start_cpu) = (Instant::now(), cpu_time());
     let mut events = 0u64;
@@ -101,7 +101,11 @@ pub async fn decode_only(args: &Args) -> anyhow::Result<Measured> {
     let (wall, cpu) = (start_wall.elapsed(), cpu_time() - start_cpu);
     anyhow::ensure!(events == args.events, "decoded {events} of {}", args.events);
     Ok(Measured::throughput(
-        "bids as JSON -> sluice JSON decoder (no kafka)",
+        if messy {
+            "messy JSON bids -> sluice JSON decoder"
+        } else {
+            "bids as JSON -> sluice JSON decoder (no kafka)"
+        },
         events,
         wall,
         cpu,
@@ -111,12 +115,12 @@ pub async fn decode_only(args: &Args) -> anyhow::Result<Measured> {
 /// The `arrow-json` pipeline, the reference the others are judged by: the same bids through
 /// arrow-json's own decoder, fed as newline-delimited JSON in batches of `--batch-size`
 /// records (its best case: one contiguous buffer per batch, no per-record calls).
-pub async fn arrow_json_only(args: &Args) -> anyhow::Result<Measured> {
+pub async fn arrow_json_only(args: &Args, messy: bool) -> anyhow::Result<Measured> {
     let def = source_of(BIDS)?;
     let mut decoder = arrow::json::ReaderBuilder::new(Arc::clone(&def.schema))
         .with_batch_size(args.batch_size.max(1))
         .build_decoder()?;
-    let all = bids_in_memory(args)?;
+    let all = bids_in_memory(args, messy)?;
     // Byte ranges of `--batch-size` lines each, cut up front (not measured).
     let mut chunks = Vec::new();
     let (mut from, mut in_chunk) = (0, 0);
@@ -150,7 +154,11 @@ pub async fn arrow_json_only(args: &Args) -> anyhow::Result<Measured> {
     let (wall, cpu) = (start_wall.elapsed(), cpu_time() - start_cpu);
     anyhow::ensure!(events == args.events, "decoded {events} of {}", args.events);
     Ok(Measured::throughput(
-        "bids as JSON -> arrow-json decoder (reference)",
+        if messy {
+            "messy JSON bids -> arrow-json decoder"
+        } else {
+            "bids as JSON -> arrow-json decoder (reference)"
+        },
         events,
         wall,
         cpu,
@@ -158,14 +166,46 @@ pub async fn arrow_json_only(args: &Args) -> anyhow::Result<Measured> {
 }
 
 /// `args.events` bids as newline-delimited JSON, generated up front (not measured) in
-/// batches of the source's size.
-fn bids_in_memory(args: &Args) -> anyhow::Result<Vec<u8>> {
+/// batches of the source's size; `messy`: as real producers write them (see [`mess_up`]).
+fn bids_in_memory(args: &Args, messy: bool) -> anyhow::Result<Vec<u8>> {
     let mut generated = BidLines::new(args.events, args)?;
     let mut all = Vec::new();
     while let Some(json) = generated.next_chunk()? {
-        all.extend_from_slice(&json);
+        if messy {
+            for (i, line) in lines(&json).enumerate() {
+                all.extend_from_slice(&mess_up(line, i)?);
+                all.push(b'\n');
+            }
+        } else {
+            all.extend_from_slice(&json);
+        }
     }
     Ok(all)
+}
+
+/// One bid as a producer that is not arrow-json's writer might send it: keys in alphabetical
+/// order (not the columns'), an explicit `null` now and then, fields the schema does not
+/// have (one nested), and strings with escapes (`\"`, `\\`, `\/`, `\u00e9`, `\t`).
+fn mess_up(line: &[u8], i: usize) -> anyhow::Result<Vec<u8>> {
+    let mut bid: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(line)?;
+    if let Some(serde_json::Value::String(url)) = bid.get_mut("url") {
+        url.push_str("?q=\"caf\u{e9}\"\\/\t");
+    }
+    if i.is_multiple_of(7) {
+        bid.insert("channel".into(), serde_json::Value::Null);
+    }
+    bid.insert(
+        "referrer_context".into(),
+        serde_json::json!({"tags": ["a", "b"], "depth": {"n": i % 3}}),
+    );
+    bid.insert("session_id".into(), serde_json::json!(format!("s-{i}")));
+    // serde_json's map keeps keys sorted: auction, bidder, channel, extra, price, … — not the
+    // schema's order (auction, bidder, price, channel, url, ts, extra).
+    // serde_json writes é as UTF-8 and / bare; a producer may escape them.
+    let text = String::from_utf8(serde_json::to_vec(&bid)?)?
+        .replace('é', "\\u00e9")
+        .replace("\\\\/", "\\\\\\/");
+    Ok(text.into_bytes())
 }
 
 /// Produces `n` bids as JSON records, round robin over the partitions.

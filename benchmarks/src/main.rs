@@ -58,8 +58,10 @@ struct Args {
     /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop,
     /// hop60 (1-hour windows sliding every minute), dedup, kafka (needs a broker: `eval "$(scripts/services.sh start)"`; the source's one
     /// reader and a stream, as `sluice serve` runs them), json (the kafka pipeline's bids
-    /// through its JSON decoder alone, no broker) and arrow-json (the same bids through
-    /// arrow-json's decoder: the reference the JSON target is set against). Append
+    /// through its JSON decoder alone, no broker), arrow-json (the same bids through
+    /// arrow-json's decoder: the reference the JSON target is set against), json-messy and
+    /// arrow-json-messy (the same two on bids written as other producers write them: keys out
+    /// of column order, explicit nulls, unknown and nested fields, escaped strings). Append
     /// `+ckpt` to lake, tumble, hop, dedup or kafka to run it with checkpoints every
     /// `--checkpoint-interval` (compare with the same pipeline without, in one run).
     /// `ingest` runs a whole server and times 500-event POSTs alone and under `--sessions`
@@ -728,22 +730,29 @@ fn main() -> anyhow::Result<()> {
             "kafka" => "kafka",
             "json" => "json",
             "arrow-json" => "arrow-json",
+            "json-messy" => "json-messy",
+            "arrow-json-messy" => "arrow-json-messy",
             "ingest" => {
                 rt.block_on(ingest::run(args.sessions, args.posts))?;
                 continue;
             }
             other => {
                 anyhow::bail!(
-                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, hop60, dedup, kafka, json, arrow-json, ingest)"
+                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, hop60, dedup, kafka, json, arrow-json, json-messy, arrow-json-messy, ingest)"
                 )
             }
         };
         let m = if kind == "kafka" {
             rt.block_on(kafka::run(&args, checkpoint))?
-        } else if kind == "json" {
-            rt.block_on(kafka::decode_only(&args))?
-        } else if kind == "arrow-json" {
-            rt.block_on(kafka::arrow_json_only(&args))?
+        } else if let Some(json) = kind.strip_suffix("-messy").or(Some(kind))
+            && matches!(json, "json" | "arrow-json")
+        {
+            let messy = kind.ends_with("-messy");
+            if json == "json" {
+                rt.block_on(kafka::decode_only(&args, messy))?
+            } else {
+                rt.block_on(kafka::arrow_json_only(&args, messy))?
+            }
         } else {
             rt.block_on(run(kind, &args, checkpoint))?
         };
