@@ -26,6 +26,7 @@ pub mod operators;
 pub mod options;
 pub mod pipeline;
 pub mod push;
+pub mod retry;
 pub mod router;
 pub mod sink;
 pub mod source;

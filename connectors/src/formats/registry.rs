@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use sluice_engine::retry::RetryPolicy;
+
 use serde::Deserialize;
 
 use crate::error::{ConnectorError, Result};
@@ -105,8 +107,13 @@ impl SchemaRegistry {
         make: impl Fn() -> reqwest::RequestBuilder,
         url: &str,
     ) -> Result<Option<bytes::Bytes>> {
-        let started = tokio::time::Instant::now();
-        let mut backoff = Duration::from_millis(100);
+        let mut retry = RetryPolicy {
+            initial: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+            max_attempts: None,
+            give_up_after: Some(RETRY_FOR),
+        }
+        .start();
         loop {
             let outcome = match make().send().await {
                 Ok(response) => {
@@ -126,12 +133,11 @@ impl SchemaRegistry {
                 }
                 Err(e) => e.to_string(),
             };
-            if started.elapsed() + backoff > RETRY_FOR {
+            let Some(delay) = retry.next_delay() else {
                 return Err(self.failed(url, outcome));
-            }
+            };
             tracing::warn!(registry = %self.base, "schema registry: {outcome}; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            tokio::time::sleep(delay).await;
         }
     }
 

@@ -48,6 +48,7 @@ use sluice_engine::checkpoint::{
     CheckpointHandle, CheckpointStore, Coordinator, Payload, STAGING_DIR, StagedFile, read_ipc,
     write_ipc,
 };
+use sluice_engine::retry::RetryPolicy;
 use sluice_engine::{Barrier, EngineError};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -324,9 +325,14 @@ impl Delivery {
         let dir = pending_dir(&self.writer.sink);
         let offsets_path = format!("{dir}/{stem}.offsets.json");
         let tag = format!("{}/{stem}", self.writer.sink);
-        let mut attempt = 0;
+        let mut retry = RetryPolicy {
+            initial: Duration::from_millis(250),
+            max_delay: Duration::from_secs(5),
+            max_attempts: Some(ATTEMPTS - 1),
+            give_up_after: None,
+        }
+        .start();
         loop {
-            attempt += 1;
             let saved = if resend {
                 self.store.get(&offsets_path).await?
             } else {
@@ -357,12 +363,15 @@ impl Delivery {
                         .fetch_add(rows.num_rows() as u64, Ordering::Relaxed);
                     break;
                 }
-                Err(e) if attempt >= ATTEMPTS => return Err(e),
                 Err(e) => {
+                    let Some(delay) = retry.next_delay() else {
+                        return Err(e);
+                    };
+                    let attempt = retry.failures();
                     tracing::warn!(sink = %self.writer.sink, epoch = %stem, attempt, error = %e, "transaction failed; retrying");
                     let producer = self.writer.producer.clone();
                     let _ = blocking(move || producer.abort_transaction(REQUEST_TIMEOUT)).await;
-                    tokio::time::sleep(Duration::from_millis(250) * attempt).await;
+                    tokio::time::sleep(delay).await;
                     resend = true;
                 }
             }

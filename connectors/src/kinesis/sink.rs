@@ -19,6 +19,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use sluice_engine::retry::RetryPolicy;
+
 use arrow::array::{Array, AsArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Schema};
@@ -113,8 +115,15 @@ impl KinesisSink {
         client: &Client,
         mut entries: Vec<PutRecordsRequestEntry>,
     ) -> sluice_engine::Result<()> {
-        let mut backoff = Duration::from_millis(100);
-        let mut attempts = 0;
+        // Failed calls and rejected records alike wait under one policy; it starts over
+        // whenever a call gets records accepted, so only five minutes without progress fail
+        // the sink.
+        let mut retry = RetryPolicy {
+            max_attempts: None,
+            give_up_after: Some(Duration::from_secs(300)),
+            ..RetryPolicy::DEFAULT
+        }
+        .start();
         while !entries.is_empty() {
             // One call's worth, within the limits.
             let mut take = 0;
@@ -135,7 +144,8 @@ impl KinesisSink {
                 .set_records(Some(call.clone()))
                 .send()
                 .await;
-            let retry: Vec<PutRecordsRequestEntry> = match answer {
+            let sent = call.len();
+            let again: Vec<PutRecordsRequestEntry> = match answer {
                 Ok(out) if out.failed_record_count().unwrap_or(0) == 0 => vec![],
                 Ok(out) => {
                     let first = out
@@ -157,18 +167,25 @@ impl KinesisSink {
                 Err(e) => {
                     let text = aws_sdk_kinesis::error::DisplayErrorContext(&e).to_string();
                     tracing::warn!(sink = %self.name, "kinesis PutRecords: {text}; retrying");
-                    attempts += 1;
-                    if attempts > 20 {
+                    if retry.failures() >= RetryPolicy::DEFAULT.max_attempts.unwrap_or(20) {
                         return Err(self.failed(text));
                     }
                     call
                 }
             };
-            if !retry.is_empty() {
+            if again.len() < sent {
+                retry.reset(); // progress
+            }
+            if !again.is_empty() {
+                let Some(delay) = retry.next_delay() else {
+                    return Err(self.failed(format!(
+                        "{} records still rejected after five minutes of retries",
+                        again.len()
+                    )));
+                };
                 // Retried first, so the round stays in order.
-                entries.splice(0..0, retry);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                entries.splice(0..0, again);
+                tokio::time::sleep(delay).await;
             }
         }
         Ok(())

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_engine::retry::RetryPolicy;
+
 use arrow::array::{ArrayRef, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -338,7 +340,20 @@ impl ShardReader {
     async fn read(&self, tx: &mpsc::Sender<Result<ShardBatch, String>>) -> Result<(), String> {
         let mut iterator = self.iterator(self.after.as_deref()).await?;
         let mut last: Option<String> = self.after.clone();
-        let mut failures = 0u32;
+        // Errors give up after ten retries; throttling (the 5 reads/s per shard that every
+        // reader of the shard shares) is always waited out, with the same jittered backoff.
+        let policy = RetryPolicy {
+            initial: MIN_CALL_INTERVAL * 2,
+            max_delay: MIN_CALL_INTERVAL * 32,
+            max_attempts: Some(10),
+            give_up_after: None,
+        };
+        let mut failures = policy.start();
+        let mut throttled_for = RetryPolicy {
+            max_attempts: None,
+            ..policy
+        }
+        .start();
         loop {
             let called = tokio::time::Instant::now();
             let answer = self
@@ -350,7 +365,8 @@ impl ShardReader {
                 .await;
             let out = match answer {
                 Ok(out) => {
-                    failures = 0;
+                    failures.reset();
+                    throttled_for.reset();
                     out
                 }
                 Err(e) => {
@@ -369,14 +385,16 @@ impl ShardReader {
                     {
                         return Err(format!("the stream or shard no longer exists: {text}"));
                     }
-                    if !throttled {
-                        failures += 1;
-                    }
-                    if failures > 10 {
+                    let delay = if throttled {
+                        throttled_for.next_delay()
+                    } else {
+                        failures.next_delay()
+                    };
+                    let Some(delay) = delay else {
                         return Err(text);
-                    }
+                    };
                     tracing::warn!(shard = %self.shard, "kinesis GetRecords: {text}; retrying");
-                    tokio::time::sleep(MIN_CALL_INTERVAL * 2u32.pow(failures.min(5))).await;
+                    tokio::time::sleep(delay).await;
                     if expired {
                         iterator = self.iterator(last.as_deref()).await?;
                     }

@@ -706,7 +706,14 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
         let epoch = f.epoch;
         // An epoch's reports cover rows no later report repeats: its commit is retried until
         // it succeeds (the lake may be away for a while); the pipelines go on meanwhile.
-        let mut attempt = 0u32;
+        // (No give-up: dropping them would lose those rows; the waits are the shared policy's.)
+        let mut retry = crate::retry::RetryPolicy {
+            initial: Duration::from_millis(200),
+            max_delay: Duration::from_secs(5),
+            max_attempts: None,
+            give_up_after: None,
+        }
+        .start();
         let used = loop {
             match commit(&shared, &f, &pending, &carried).await {
                 Ok(used) => break used,
@@ -717,9 +724,10 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
                     return;
                 }
                 Err(e) => {
-                    attempt += 1;
+                    let delay = retry.next_delay().unwrap_or(Duration::from_secs(5));
+                    let attempt = retry.failures();
                     tracing::error!(epoch, attempt, error = %e, "checkpoint commit failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200) * attempt.min(25)).await;
+                    tokio::time::sleep(delay).await;
                 }
             }
         };

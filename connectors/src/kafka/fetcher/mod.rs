@@ -27,6 +27,8 @@ use std::net::{TcpStream, ToSocketAddrs as _};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sluice_engine::retry::RetryPolicy;
+
 use rdkafka::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -174,6 +176,16 @@ impl Fetcher {
         };
         let mut brokers = Brokers::default();
         let mut last_warning: Option<Instant> = None;
+        // A source outlives a broker outage, as librdkafka's consumer does: no give-up, the
+        // shared policy's capped, jittered waits (a restarted cluster is not hit by every
+        // fetcher at once).
+        let mut retry = RetryPolicy {
+            initial: RETRY_BACKOFF / 4,
+            max_delay: RETRY_BACKOFF * 4,
+            max_attempts: None,
+            give_up_after: None,
+        }
+        .start();
         let mut had_records = false;
         let mut scratch = Vec::new();
         let mut lag: BTreeMap<i32, i64> = BTreeMap::new();
@@ -188,7 +200,10 @@ impl Fetcher {
             let round = self.round(&mut brokers, &mut out, had_records, &mut scratch, &mut lag);
             had_records = match round {
                 Ok(_) if out.gone => return,
-                Ok(got) => got,
+                Ok(got) => {
+                    retry.reset();
+                    got
+                }
                 Err(Failure::Fatal(e)) => {
                     let _ = out.tx.blocking_send(Err(e));
                     return;
@@ -199,7 +214,7 @@ impl Fetcher {
                         last_warning = Some(Instant::now());
                     }
                     brokers = Brokers::default();
-                    std::thread::sleep(RETRY_BACKOFF);
+                    std::thread::sleep(retry.next_delay().unwrap_or(RETRY_BACKOFF));
                     false
                 }
             };
