@@ -37,6 +37,30 @@ fn report(handle: &CheckpointHandle, epoch: u64, payload: Payload) {
         .report(payload);
 }
 
+/// A coordinator over `store` that takes checkpoints only when triggered.
+async fn open(store: &Arc<dyn CheckpointStore>) -> Coordinator {
+    Coordinator::open(
+        Arc::clone(store),
+        Duration::from_secs(3600),
+        Arc::new(NoFence),
+    )
+    .await
+    .unwrap()
+}
+
+/// Stream `s`: one reader of `src`, one subtask, a writer.
+fn stream_s(timeout: Option<Duration>) -> StreamRegistration {
+    StreamRegistration {
+        name: "s".into(),
+        sql: "CREATE STREAM s AS SELECT 1".into(),
+        readers: vec!["src".into()],
+        parallelism: 1,
+        writer: true,
+        interval: Duration::from_secs(3600),
+        timeout,
+    }
+}
+
 fn staged(files: Vec<StagedFile>) -> Payload {
     Payload::Staged {
         files,
@@ -49,25 +73,8 @@ async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_sur
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
     let store: Arc<dyn CheckpointStore> = Arc::new(lake.clone());
-    let coordinator = Coordinator::open(
-        Arc::clone(&store),
-        Duration::from_secs(3600),
-        Arc::new(NoFence),
-    )
-    .await
-    .unwrap();
-    let mut ck = coordinator
-        .register(StreamRegistration {
-            name: "s".into(),
-            sql: "CREATE STREAM s AS SELECT 1".into(),
-            readers: vec!["src".into()],
-            parallelism: 1,
-            writer: true,
-            interval: Duration::from_secs(3600),
-            timeout: None,
-        })
-        .await
-        .unwrap();
+    let coordinator = open(&store).await;
+    let mut ck = coordinator.register(stream_s(None)).await.unwrap();
     let mut reader = ck.readers.remove("src").unwrap();
     let out = FanOut::new("src");
 
@@ -112,27 +119,10 @@ async fn files_of_an_epoch_and_of_a_final_report_are_each_published_once_and_sur
     // restarted stream gets the last committed position back.
     let orphan = stage(&lake, "c", "processed/s/c.parquet").await;
     drop(coordinator);
-    let coordinator = Coordinator::open(
-        Arc::clone(&store),
-        Duration::from_secs(3600),
-        Arc::new(NoFence),
-    )
-    .await
-    .unwrap();
+    let coordinator = open(&store).await;
     assert!(store.get(&orphan.staged).await.unwrap().is_none());
     assert!(store.get("processed/s/c.parquet").await.unwrap().is_none());
-    let ck = coordinator
-        .register(StreamRegistration {
-            name: "s".into(),
-            sql: "CREATE STREAM s AS SELECT 1".into(),
-            readers: vec!["src".into()],
-            parallelism: 1,
-            writer: true,
-            interval: Duration::from_secs(3600),
-            timeout: None,
-        })
-        .await
-        .unwrap();
+    let ck = coordinator.register(stream_s(None)).await.unwrap();
     let restored = ck.restored.expect("the stream is in the checkpoint");
     assert_eq!(restored.positions["src"], serde_json::json!({ "at": 2 }));
 }
@@ -164,24 +154,8 @@ async fn the_newest_checkpoints_are_kept_and_a_corrupt_newest_manifest_falls_bac
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
     let store: Arc<dyn CheckpointStore> = Arc::new(lake.clone());
-    let registration = || StreamRegistration {
-        name: "s".into(),
-        sql: "CREATE STREAM s AS SELECT 1".into(),
-        readers: vec!["src".into()],
-        parallelism: 1,
-        writer: true,
-        interval: Duration::from_secs(3600),
-        timeout: None,
-    };
-    let open = || async {
-        Coordinator::open(
-            Arc::clone(&store),
-            Duration::from_secs(3600),
-            Arc::new(NoFence),
-        )
-        .await
-        .unwrap()
-    };
+    let registration = || stream_s(None);
+    let open = || open(&store);
     let manifests = || async {
         let mut m: Vec<String> = store
             .list("_sluice/checkpoints")
@@ -239,23 +213,9 @@ async fn an_epoch_whose_participant_does_not_report_in_time_is_aborted_and_the_n
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
     let store: Arc<dyn CheckpointStore> = Arc::new(lake.clone());
-    let coordinator = Coordinator::open(
-        Arc::clone(&store),
-        Duration::from_secs(3600),
-        Arc::new(NoFence),
-    )
-    .await
-    .unwrap();
+    let coordinator = open(&store).await;
     let mut ck = coordinator
-        .register(StreamRegistration {
-            name: "s".into(),
-            sql: "CREATE STREAM s AS SELECT 1".into(),
-            readers: vec!["src".into()],
-            parallelism: 1,
-            writer: true,
-            interval: Duration::from_secs(3600),
-            timeout: Some(Duration::from_millis(500)),
-        })
+        .register(stream_s(Some(Duration::from_millis(500))))
         .await
         .unwrap();
     let mut reader = ck.readers.remove("src").unwrap();
@@ -330,25 +290,8 @@ async fn an_epoch_whose_participant_does_not_report_in_time_is_aborted_and_the_n
     // A restart resumes from e + 1.
     drop(ck);
     drop(coordinator);
-    let coordinator = Coordinator::open(
-        Arc::clone(&store),
-        Duration::from_secs(3600),
-        Arc::new(NoFence),
-    )
-    .await
-    .unwrap();
-    let ck = coordinator
-        .register(StreamRegistration {
-            name: "s".into(),
-            sql: "CREATE STREAM s AS SELECT 1".into(),
-            readers: vec!["src".into()],
-            parallelism: 1,
-            writer: true,
-            interval: Duration::from_secs(3600),
-            timeout: None,
-        })
-        .await
-        .unwrap();
+    let coordinator = open(&store).await;
+    let ck = coordinator.register(stream_s(None)).await.unwrap();
     assert_eq!(
         ck.restored.unwrap().positions["src"],
         serde_json::json!({ "at": 2 })
