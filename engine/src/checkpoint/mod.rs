@@ -45,11 +45,11 @@
 //!
 //! # Layout
 //!
-//! - [`participant`]: what readers, stream tasks and writers use — their handles, the
+//! - `participant.rs`: what readers, stream tasks and writers use — their handles, the
 //!   reports they make, the state they hand over.
-//! - [`coordinator`]: the [`Coordinator`]: epochs, registration, commit, timeout, retention.
-//! - [`manifest`]: what a committed checkpoint is on storage, and how it is read back.
-//! - [`store`]: what the coordinator needs of the lake ([`CheckpointStore`], [`Fence`]).
+//! - `coordinator.rs`: the [`Coordinator`]: epochs, registration, commit, timeout, retention.
+//! - `manifest.rs`: what a committed checkpoint is on storage, and how it is read back.
+//! - `store.rs`: what the coordinator needs of the lake ([`CheckpointStore`], [`Fence`]).
 
 mod coordinator;
 mod manifest;
