@@ -511,6 +511,10 @@ impl LandingReader {
 }
 
 /// A Parquet object read by ranges (footer, then the column chunks), never whole.
+///
+/// Our own `AsyncFileReader` rather than parquet's `ParquetObjectReader`: parquet 59
+/// deprecates that type and asks callers to implement `AsyncFileReader` over their store
+/// directly (apache/arrow-rs#10308; its `parquet/examples/object_store.rs` is this shape).
 struct ObjectFile {
     store: Arc<dyn ObjectStore>,
     path: Path,
