@@ -6,6 +6,12 @@
 //! reads whole record batches out of the response: a record costs a few varints and one
 //! copy of its value into the batch being filled ([`super::source::Records`]).
 //!
+//! Measured in one run (2026-12-06, release, 2 threads, `sluice-bench --pipelines kafka`,
+//! 3 M JSON bids → 10 s tumble → lake, alternating `SLUICE_BENCH_KAFKA_FETCHER`): this client
+//! 3.70 / 3.19 / 3.67 M events per CPU-second, librdkafka's fetch 2.52 / 2.23 / 2.34 M —
+//! 1.47× on average, every round. That difference is the reason this client exists; it
+//! goes if librdkafka closes it.
+//!
 //! librdkafka (the reader's `BaseConsumer`) still does everything else: metadata (which
 //! broker leads which partition), start offsets (earliest / latest / committed), and the
 //! consumer group's offset commits. This client is used only where it speaks what the
