@@ -33,9 +33,9 @@ use async_trait::async_trait;
 use clap::Parser;
 use sluice_connectors::lake::{Lake, LakeWriterConfig, ParquetLakeWriter};
 use sluice_connectors::registry::SourceConfig;
-use sluice_engine::pipeline::{Branch, StreamTask};
+use sluice_engine::pipeline::{Branch, StreamTask, stateful_stage};
 use sluice_engine::sink::run_sink;
-use sluice_engine::{FanOut, HashRouter, Message, OperatorChain, Sink, SourceContext};
+use sluice_engine::{FanOut, Message, OperatorChain, Sink, SourceContext};
 use sluice_sql::parser::SluiceStatement;
 use sluice_sql::{ObjectKind, Relation, parse_sql, plan_stream, source_def};
 use tokio_util::sync::CancellationToken;
@@ -482,16 +482,19 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
                 }
             });
         }
+        let (post, router) = stateful_stage(
+            parallelism,
+            &plan.partition_keys,
+            || chain(&plan.post),
+            None,
+        )?;
         let task = StreamTask {
             name: "bench".into(),
             branches,
             output: out,
             output_schema: Arc::clone(&plan.merge_schema),
-            post: (0..parallelism)
-                .map(|_| chain(&plan.post))
-                .collect::<anyhow::Result<_>>()?,
-            router: (parallelism > 1)
-                .then(|| HashRouter::new(plan.partition_keys.clone(), parallelism)),
+            post,
+            router,
             event_time_column: plan
                 .event_time_column
                 .as_ref()

@@ -60,6 +60,35 @@ pub struct Branch {
     pub same_input_as: Option<usize>,
 }
 
+/// The stateful stage of a stream (what runs after its branches merge): `parallelism`
+/// copies of its chain, made by `chain`, and the router dividing rows among them by
+/// `partition_keys` (none with one copy). With `restored` — per operator of the chain, the
+/// parts every subtask of a checkpoint held — each copy takes the keys the router sends to
+/// it, so state written at any parallelism resumes at this one. The one place the server,
+/// the differential test and the benchmarks build that stage.
+pub fn stateful_stage<E: From<EngineError>>(
+    parallelism: usize,
+    partition_keys: &[Arc<dyn datafusion::physical_expr::PhysicalExpr>],
+    mut chain: impl FnMut() -> std::result::Result<OperatorChain, E>,
+    restored: Option<&[Vec<crate::checkpoint::OperatorState>]>,
+) -> std::result::Result<(Vec<OperatorChain>, Option<HashRouter>), E> {
+    let parallelism = parallelism.max(1);
+    let mut post = (0..parallelism)
+        .map(|_| chain())
+        .collect::<std::result::Result<Vec<_>, E>>()?;
+    let router = (parallelism > 1).then(|| HashRouter::new(partition_keys.to_vec(), parallelism));
+    if let Some(parts) = restored {
+        for (k, chain) in post.iter_mut().enumerate() {
+            let keep = match &router {
+                Some(r) => crate::checkpoint::KeyFilter::subtask(r.clone(), k),
+                None => crate::checkpoint::KeyFilter::all(),
+            };
+            chain.restore(parts.to_vec(), &keep)?;
+        }
+    }
+    Ok((post, router))
+}
+
 /// A running stream: merges its branches into `output`.
 #[derive(Debug)]
 pub struct StreamTask {

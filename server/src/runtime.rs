@@ -23,15 +23,12 @@ use std::time::Duration;
 
 use sluice_connectors::lake::{Lake, ParquetLakeWriter, RecordZone, Zone, run_errors_writer};
 use sluice_connectors::{Backfill, OwnReader, SinkConfig};
-use sluice_engine::checkpoint::{
-    CheckpointHandle, Coordinator, KeyFilter, Payload, StreamRegistration,
-};
-use sluice_engine::pipeline::{Branch, StreamTask};
+use sluice_engine::checkpoint::{CheckpointHandle, Coordinator, Payload, StreamRegistration};
+use sluice_engine::pipeline::{Branch, StreamTask, stateful_stage};
 use sluice_engine::push::PushSource;
 use sluice_engine::sink::run_sink;
 use sluice_engine::{
-    BadRecord, DEFAULT_CHANNEL_CAPACITY, FanOut, HashRouter, Message, Metrics, OperatorChain,
-    SourceContext,
+    BadRecord, DEFAULT_CHANNEL_CAPACITY, FanOut, Message, Metrics, OperatorChain, SourceContext,
 };
 use sluice_sql::parser::{CreateSink, CreateStream};
 use sluice_sql::{SourceDef, StreamPlan};
@@ -486,13 +483,10 @@ pub async fn start_stream(
         });
     }
     let parallelism = plan.parallelism.max(1);
-    let mut post = (0..parallelism)
-        .map(|_| instantiate(&plan.post, &origin))
-        .collect::<Result<Vec<_>>>()?;
-    let router =
-        (plan.parallelism > 1).then(|| HashRouter::new(plan.partition_keys.clone(), parallelism));
+    // Built once here to ask whether it can checkpoint; again below, restored, if it does.
+    let checkpointable = instantiate(&plan.post, &origin)?.checkpointable();
     replayable &= pending.values().all(|r| r.reader.checkpointable())
-        && post.iter().all(OperatorChain::checkpointable)
+        && checkpointable
         && branches.iter().all(|b| b.chain.checkpointable());
     let interval = coordinator
         .and_then(|c| checkpoint_interval(&plan, c.default_interval()))
@@ -513,7 +507,8 @@ pub async fn start_stream(
         _ => None,
     };
     let metrics: Arc<Metrics> = Arc::default();
-    if let Some(restored) = checkpoints.as_mut().and_then(|c| c.restored.take()) {
+    let restored = checkpoints.as_mut().and_then(|c| c.restored.take());
+    if let Some(restored) = &restored {
         tracing::info!(stream = %name, epoch = restored.epoch, from_parallelism = restored.parallelism, parallelism, "resuming from checkpoint");
         // Counters, and the watermark, go on from where the checkpoint was.
         metrics.restore_counters(&restored.counters);
@@ -522,14 +517,13 @@ pub async fn start_stream(
                 reader.reader.restore(position)?;
             }
         }
-        for (k, chain) in post.iter_mut().enumerate() {
-            let keep = match &router {
-                Some(r) => KeyFilter::subtask(r.clone(), k),
-                None => KeyFilter::all(),
-            };
-            chain.restore(restored.operators.clone(), &keep)?;
-        }
     }
+    let (post, router) = stateful_stage(
+        parallelism,
+        &plan.partition_keys,
+        || instantiate(&plan.post, &origin),
+        restored.as_ref().map(|r| r.operators.as_slice()),
+    )?;
     if let Some(c) = checkpoints.as_mut() {
         for (source, reader) in pending.iter_mut() {
             reader.ctx.checkpoint = c.readers.remove(source);

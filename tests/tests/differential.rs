@@ -22,11 +22,11 @@ use datafusion::prelude::SessionContext;
 use proptest::prelude::*;
 use sluice_connectors::lake::{Lake, LakeWriterConfig, ParquetLakeWriter};
 use sluice_engine::checkpoint::{
-    CheckpointHandle, CheckpointStore, Coordinator, KeyFilter, StreamRegistration,
+    CheckpointHandle, CheckpointStore, Coordinator, OperatorState, StreamRegistration,
 };
-use sluice_engine::pipeline::{Branch, StreamTask};
+use sluice_engine::pipeline::{Branch, StreamTask, stateful_stage};
 use sluice_engine::sink::run_sink;
-use sluice_engine::{EventTime, FanOut, HashRouter, Message, OperatorChain};
+use sluice_engine::{EventTime, FanOut, Message, OperatorChain};
 use sluice_sql::parser::SluiceStatement;
 use sluice_sql::window::WindowTablePlanner;
 use sluice_sql::{ObjectKind, Relation, parse_sql, plan_stream};
@@ -157,8 +157,8 @@ async fn run_stream_counting_rejects(
         &plan,
         &source,
         &output,
-        (0..parallelism).map(|_| chain(&plan.post)).collect(),
-        (parallelism > 1).then(|| HashRouter::new(plan.partition_keys.clone(), parallelism)),
+        parallelism,
+        None,
         bad_tx,
         CancellationToken::new(),
         vec![],
@@ -194,18 +194,26 @@ fn chain(ops: &[sluice_sql::OpSpec]) -> OperatorChain {
     OperatorChain::new(ops.iter().map(|o| o.instantiate("test").unwrap()).collect())
 }
 
-/// The stream task of `plan`, every branch reading `source`, writing to `output`.
+/// The stream task of `plan` in `parallelism` subtasks (resuming from `restored`, the
+/// operator states of a checkpoint), every branch reading `source`, writing to `output`.
 #[allow(clippy::too_many_arguments)]
 fn stream_task(
     plan: &sluice_sql::StreamPlan,
     source: &FanOut,
     output: &FanOut,
-    post: Vec<OperatorChain>,
-    router: Option<HashRouter>,
+    parallelism: usize,
+    restored: Option<&[Vec<OperatorState>]>,
     bad_records: tokio::sync::mpsc::Sender<Vec<sluice_engine::BadRecord>>,
     cancel: CancellationToken,
     checkpoints: Vec<CheckpointHandle>,
 ) -> StreamTask {
+    let (post, router) = stateful_stage(
+        parallelism,
+        &plan.partition_keys,
+        || Ok::<_, sluice_engine::EngineError>(chain(&plan.post)),
+        restored,
+    )
+    .expect("the checkpoint restores");
     StreamTask {
         name: "s".into(),
         branches: plan
@@ -458,20 +466,10 @@ async fn run_checkpointed(
         })
         .await
         .unwrap();
-    let router =
-        (parallelism > 1).then(|| HashRouter::new(plan.partition_keys.clone(), parallelism));
-    let mut post: Vec<OperatorChain> = (0..parallelism).map(|_| chain(&plan.post)).collect();
-    let mut from = 0;
-    if let Some(restored) = ck.restored.take() {
-        from = restored.positions["events"]["next"].as_u64().unwrap() as usize;
-        for (k, c) in post.iter_mut().enumerate() {
-            let keep = match &router {
-                Some(r) => KeyFilter::subtask(r.clone(), k),
-                None => KeyFilter::all(),
-            };
-            c.restore(restored.operators.clone(), &keep).unwrap();
-        }
-    }
+    let restored = ck.restored.take();
+    let from = restored.as_ref().map_or(0, |r| {
+        r.positions["events"]["next"].as_u64().unwrap() as usize
+    });
     let mut reader = ck.readers.remove("events").unwrap();
     let subtasks: Vec<CheckpointHandle> = ck.subtasks;
     let source = FanOut::new("events");
@@ -482,8 +480,8 @@ async fn run_checkpointed(
         &plan,
         &source,
         &output,
-        post,
-        router,
+        parallelism,
+        restored.as_ref().map(|r| r.operators.as_slice()),
         bad_tx,
         cancel.clone(),
         subtasks,
