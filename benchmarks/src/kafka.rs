@@ -241,7 +241,7 @@ async fn produce(brokers: &str, topic: &str, n: u64, args: &Args) -> anyhow::Res
 /// Runs the pipeline over `args.events` bids on the broker at `SLUICE_TEST_KAFKA`, as
 /// `sluice serve` runs a Kafka source (its one reader: errors zone, raw zone off) with one
 /// stream reading it.
-pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
+pub async fn run(args: &Args, checkpoint: bool, librdkafka: bool) -> anyhow::Result<Measured> {
     let brokers = std::env::var("SLUICE_TEST_KAFKA").context(
         "the kafka pipeline needs a broker: `eval \"$(scripts/services.sh start)\"` sets SLUICE_TEST_KAFKA",
     )?;
@@ -293,8 +293,10 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-        // `SLUICE_BENCH_KAFKA_FETCHER=librdkafka` measures the source fetching with librdkafka.
+        // `kafka-librdkafka` (or `SLUICE_BENCH_KAFKA_FETCHER=librdkafka`) measures the source
+        // fetching with librdkafka: list both pipelines to compare the fetchers in one run.
         fetcher: match std::env::var("SLUICE_BENCH_KAFKA_FETCHER").as_deref() {
+            _ if librdkafka => FetchClient::Librdkafka,
             Ok("librdkafka") => FetchClient::Librdkafka,
             Ok("builtin") => FetchClient::Builtin,
             Ok("auto") | Err(_) => FetchClient::Auto,
@@ -502,9 +504,10 @@ pub async fn run(args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
             .count();
         anyhow::ensure!(missing == 0, "{missing} closed windows are not in the lake");
     }
-    let name = match checkpoint {
-        true => "  same, checkpoints (offsets, open windows)",
-        false => "kafka JSON bids -> 10s tumble -> lake",
+    let name = match (checkpoint, librdkafka) {
+        (true, _) => "  same, checkpoints (offsets, open windows)",
+        (false, true) => "  same, librdkafka fetching",
+        (false, false) => "kafka JSON bids -> 10s tumble -> lake",
     };
     Ok(Measured {
         checkpoints: checkpoint

@@ -57,7 +57,8 @@ struct Args {
     parallelism: usize,
     /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop,
     /// hop60 (1-hour windows sliding every minute), dedup, kafka (needs a broker: `eval "$(scripts/services.sh start)"`; the source's one
-    /// reader and a stream, as `sluice serve` runs them), json (the kafka pipeline's bids
+    /// reader and a stream, as `sluice serve` runs them), kafka-librdkafka (the same, the
+    /// source fetching with librdkafka: compare the two in one run), json (the kafka pipeline's bids
     /// through its JSON decoder alone, no broker), arrow-json (the same bids through
     /// arrow-json's decoder: the reference the JSON target is set against), json-messy and
     /// arrow-json-messy (the same two on bids written as other producers write them: keys out
@@ -731,6 +732,7 @@ fn main() -> anyhow::Result<()> {
             "hop60" => "hop60",
             "dedup" => "dedup",
             "kafka" => "kafka",
+            "kafka-librdkafka" => "kafka-librdkafka",
             "json" => "json",
             "arrow-json" => "arrow-json",
             "json-messy" => "json-messy",
@@ -741,12 +743,12 @@ fn main() -> anyhow::Result<()> {
             }
             other => {
                 anyhow::bail!(
-                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, hop60, dedup, kafka, json, arrow-json, json-messy, arrow-json-messy, ingest)"
+                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, hop60, dedup, kafka, kafka-librdkafka, json, arrow-json, json-messy, arrow-json-messy, ingest)"
                 )
             }
         };
-        let m = if kind == "kafka" {
-            rt.block_on(kafka::run(&args, checkpoint))?
+        let m = if kind == "kafka" || kind == "kafka-librdkafka" {
+            rt.block_on(kafka::run(&args, checkpoint, kind != "kafka"))?
         } else if let Some(json) = kind.strip_suffix("-messy").or(Some(kind))
             && matches!(json, "json" | "arrow-json")
         {
