@@ -52,8 +52,8 @@ pub struct Branch {
     /// After how long without any message the merge stops holding the watermark back for
     /// this input (until it delivers again); `None`: it always waits for it.
     pub idle_timeout: Option<std::time::Duration>,
-    /// The first branch (by index) that reads the same messages as this one (the copies of a
-    /// `HOP` or `CUMULATE` window, a self-union), if this is not it. Such branches are read in
+    /// The first branch (by index) that reads the same messages as this one (a self-union),
+    /// if this is not it. Such branches are read in
     /// lockstep, a message of each in turn, so what is late does not depend on which copy the
     /// scheduler happened to run ahead: a row meets the watermark that preceded it in its
     /// input, as with one input.

@@ -431,8 +431,8 @@ pub async fn start_stream(
     let origin = format!("stream {name}");
     let cancel = parent.child_token();
     let mut branches = Vec::with_capacity(plan.branches.len());
-    // One reader per pull source, shared by the branches that read it (a self-union, or the
-    // k copies of a HOP window), started once every branch has subscribed.
+    // One reader per pull source, shared by the branches that read it (a self-union),
+    // started once every branch has subscribed.
     let mut pending: std::collections::BTreeMap<String, PendingReader> = Default::default();
     let mut replayable = true;
     let mut backfills = vec![];
