@@ -852,7 +852,7 @@ pub async fn start_sink(
         Some((c, handle)) if exactly_once => (
             Some(sluice_engine::checkpoint::SinkCheckpoint {
                 store: Arc::new(lake.clone()),
-                coordinator: c.clone(),
+                commits: c.commit_watch(),
                 handle,
                 delivered: Arc::clone(&delivered),
             }),

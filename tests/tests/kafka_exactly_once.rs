@@ -214,7 +214,7 @@ async fn epochs_owed_at_a_crash_are_delivered_once_and_rows_already_sent_are_not
         config,
         SinkCheckpoint {
             store: Arc::clone(&store),
-            coordinator: coordinator.clone(),
+            commits: coordinator.commit_watch(),
             handle: registered.writer,
             delivered: Arc::clone(&delivered),
         },

@@ -45,7 +45,7 @@ use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 pub use sluice_engine::checkpoint::SinkCheckpoint;
 use sluice_engine::checkpoint::{
-    CheckpointHandle, CheckpointStore, Coordinator, Payload, STAGING_DIR, StagedFile, read_ipc,
+    CheckpointHandle, CheckpointStore, CommitWatch, Payload, STAGING_DIR, StagedFile, read_ipc,
     write_ipc,
 };
 use sluice_engine::retry::RetryPolicy;
@@ -85,7 +85,6 @@ struct Owed {
 pub(super) struct EpochSink {
     name: String,
     store: Arc<dyn CheckpointStore>,
-    coordinator: Coordinator,
     handle: CheckpointHandle,
     held: Vec<RecordBatch>,
     schema: Option<SchemaRef>,
@@ -102,7 +101,7 @@ impl EpochSink {
         let delivery = Delivery {
             writer,
             store: Arc::clone(&checkpoint.store),
-            coordinator: checkpoint.coordinator.clone(),
+            commits: checkpoint.commits,
             delivered: checkpoint.delivered,
         };
         let first_epoch = checkpoint.handle.first_epoch();
@@ -110,7 +109,6 @@ impl EpochSink {
         Self {
             name: name.to_string(),
             store: checkpoint.store,
-            coordinator: checkpoint.coordinator,
             handle: checkpoint.handle,
             held: vec![],
             schema: None,
@@ -202,9 +200,9 @@ impl EpochSink {
         Ok(())
     }
 
-    /// The input ended: the last rows go with the next checkpoint (if the server is not
-    /// shutting down: then they are replayed after the restart), and everything committed
-    /// is delivered before this returns.
+    /// The input ended: the last rows go with the next checkpoint (which this final report
+    /// brings about, as any writer's does; if the server is shutting down, they are replayed
+    /// after the restart), and everything committed is delivered before this returns.
     pub(super) async fn close(&mut self) -> sluice_engine::Result<()> {
         let stem = format!("{:020}-final", self.last_epoch);
         let published: Arc<AtomicU64> = Arc::default();
@@ -215,7 +213,6 @@ impl EpochSink {
             published: Arc::clone(&published),
         });
         if let Some((_, rows)) = staged {
-            self.coordinator.checkpoint_now().await;
             self.hand_over(Owed {
                 epoch: None,
                 stem,
@@ -247,7 +244,7 @@ impl Drop for EpochSink {
 struct Delivery {
     writer: RecordWriter,
     store: Arc<dyn CheckpointStore>,
-    coordinator: Coordinator,
+    commits: CommitWatch,
     delivered: Arc<AtomicU64>,
 }
 
@@ -295,15 +292,12 @@ impl Delivery {
             self.deliver(&stem, &rows, true).await?;
         }
         while let Some(o) = owed.recv().await {
-            if let Some(epoch) = o.epoch {
-                // Its epoch, or — when that one was aborted — the later one that carries its
-                // file (see `Coordinator`'s checkpoint timeout).
-                let mut settled = epoch;
-                while o.published.load(Ordering::Acquire) == 0
-                    && self.coordinator.wait_settled(settled).await
-                {
-                    settled = self.coordinator.last_settled() + 1;
-                }
+            // Its epoch's commit, or — when that one was aborted — the later one that carries
+            // its file; the final rows, the commit their report brings about.
+            let mut next = o.epoch.unwrap_or_else(|| self.commits.last_settled() + 1);
+            while o.published.load(Ordering::Acquire) == 0 && self.commits.wait_settled(next).await
+            {
+                next = self.commits.last_settled() + 1;
             }
             if o.published.load(Ordering::Acquire) == 0 {
                 // Not committed (the server is shutting down): replayed after the restart.

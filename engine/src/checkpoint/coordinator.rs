@@ -456,15 +456,13 @@ impl Coordinator {
     /// Waits until epoch `epoch` or a later one committed or was aborted; `false` when
     /// checkpoints stopped for good first (shutdown, fenced).
     pub async fn wait_settled(&self, epoch: u64) -> bool {
-        let mut settled = self.shared.settled.subscribe();
-        loop {
-            let (last, stopped) = *settled.borrow_and_update();
-            if last >= epoch {
-                return true;
-            }
-            if stopped || settled.changed().await.is_err() {
-                return false;
-            }
+        self.commit_watch().wait_settled(epoch).await
+    }
+
+    /// A read-only view of which epochs settle, for participants that act on commits.
+    pub fn commit_watch(&self) -> CommitWatch {
+        CommitWatch {
+            settled: self.shared.settled.subscribe(),
         }
     }
 

@@ -355,10 +355,40 @@ pub async fn barrier_due(checkpoint: &mut Option<ReaderCheckpoint>) -> u64 {
 pub struct SinkCheckpoint {
     /// The lake, where epochs' rows wait until delivered.
     pub store: Arc<dyn super::CheckpointStore>,
-    /// The server's coordinator (to learn which epochs are committed).
-    pub coordinator: super::Coordinator,
+    /// Which epochs settled (to learn when its files are published); read-only: the sink
+    /// never triggers a checkpoint (its final report does, as any writer's).
+    pub commits: CommitWatch,
     /// The sink's participant handle (registered as a writer).
     pub handle: CheckpointHandle,
     /// Counts the rows delivered: an epoch's, once the destination has them.
     pub delivered: Arc<AtomicU64>,
+}
+
+/// Which epochs committed or were aborted, and whether checkpoints stopped for good — the
+/// read-only view of the coordinator a participant that acts on commits needs
+/// ([`super::Coordinator::commit_watch`]).
+#[derive(Debug, Clone)]
+pub struct CommitWatch {
+    pub(super) settled: watch::Receiver<(u64, bool)>,
+}
+
+impl CommitWatch {
+    /// Waits until epoch `epoch` or a later one committed or was aborted; `false` when
+    /// checkpoints stopped for good first (shutdown, fenced).
+    pub async fn wait_settled(&mut self, epoch: u64) -> bool {
+        loop {
+            let (last, stopped) = *self.settled.borrow_and_update();
+            if last >= epoch {
+                return true;
+            }
+            if stopped || self.settled.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// The last epoch that committed or was aborted.
+    pub fn last_settled(&self) -> u64 {
+        self.settled.borrow().0
+    }
 }
