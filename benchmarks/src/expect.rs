@@ -70,10 +70,7 @@ pub fn ints(batch: &RecordBatch, name: &str) -> anyhow::Result<arrow::array::Int
         .column_by_name(name)
         .with_context(|| format!("no column `{name}`"))?;
     let as_int = match col.data_type() {
-        DataType::Timestamp(TimeUnit::Microsecond, _) => arrow::compute::cast(
-            &arrow::compute::cast(col, &DataType::Timestamp(TimeUnit::Microsecond, None))?,
-            &DataType::Int64,
-        )?,
+        // Any unit or zone, as µs since the epoch.
         DataType::Timestamp(..) => arrow::compute::cast(
             &arrow::compute::cast(col, &DataType::Timestamp(TimeUnit::Microsecond, None))?,
             &DataType::Int64,
