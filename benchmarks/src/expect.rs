@@ -98,7 +98,7 @@ pub async fn generated(
     let def = crate::source_of(source_sql)?;
     let reader = def
         .config
-        .reader(&def.name, Arc::clone(&def.schema))
+        .reader(Arc::clone(&def.schema))
         .context("datagen has a reader")?;
     let out = FanOut::new("expected");
     let mut rx = out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY);

@@ -330,7 +330,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
     };
     let reader = def
         .config
-        .reader(&def.name, Arc::clone(&def.schema))
+        .reader(Arc::clone(&def.schema))
         .context("datagen has a reader")?;
     let cancel = CancellationToken::new();
     let source_out = FanOut::new("clicks");

@@ -19,6 +19,7 @@ pub mod datagen;
 pub mod error;
 pub mod formats;
 pub mod http;
+pub mod join;
 pub mod kafka;
 pub mod kinesis;
 pub mod lake;

@@ -9,7 +9,7 @@ use crate::datagen::{DatagenConfig, DatagenReader};
 use crate::error::{ConnectorError, Result};
 use crate::http::HttpConfig;
 use crate::kafka::{KafkaConfig, KafkaReader, StartPosition};
-use crate::kinesis::{KinesisConfig, KinesisReader};
+use crate::kinesis::{KinesisConfig, KinesisReader, KinesisStart};
 use crate::lake::{Lake, RecordZone, Zone};
 use crate::s3::{LandingConfig, LandingReader};
 
@@ -46,21 +46,15 @@ impl SourceConfig {
     /// Whether the source's rows come from one place for every stream (pushed over HTTP, or
     /// read once by the source's own reader), rather than from a reader per stream.
     pub fn publishes_to_hub(&self) -> bool {
-        matches!(
-            self,
-            SourceConfig::Http(_) | SourceConfig::Kafka(_) | SourceConfig::S3(_)
-        )
+        !matches!(self, SourceConfig::Datagen(_))
     }
 
-    /// A stream's reader of source `name`; `None` for sources that publish to their hub
+    /// A stream's reader of the source; `None` for sources that publish to their hub
     /// ([`Self::publishes_to_hub`]).
-    pub fn reader(&self, name: &str, schema: SchemaRef) -> Option<Box<dyn SourceReader>> {
+    pub fn reader(&self, schema: SchemaRef) -> Option<Box<dyn SourceReader>> {
         match self {
             SourceConfig::Datagen(c) => Some(Box::new(DatagenReader::new(c.clone(), schema))),
-            SourceConfig::Http(_) | SourceConfig::Kafka(_) | SourceConfig::S3(_) => None,
-            SourceConfig::Kinesis(c) => {
-                Some(Box::new(KinesisReader::for_stream(name, c.clone(), schema)))
-            }
+            _ => None,
         }
     }
 
@@ -82,10 +76,9 @@ impl SourceConfig {
         }
     }
 
-    /// The source's own reader. For kinesis it archives raw records and reports bad ones
-    /// once per source (not once per stream) and publishes nothing; for kafka and s3 it is
-    /// the one reader, publishing to every stream. `lake` holds the raw zone and reader
-    /// state.
+    /// The source's own reader (kafka, kinesis, s3): the one reader of the source, which
+    /// archives raw records, reports bad ones once for the source and publishes the rows to
+    /// every stream. `lake` holds the raw and errors zones.
     pub fn archiver(&self, name: &str, schema: SchemaRef, lake: &Lake) -> Option<OwnReader> {
         let raw = |on: bool| on.then(|| RecordZone::new(lake.clone(), Zone::Raw, name));
         let errors = || RecordZone::new(lake.clone(), Zone::Errors, name);
@@ -99,27 +92,47 @@ impl SourceConfig {
                     errors(),
                 );
                 // With `latest` or `committed`, a stream starts where the source is.
-                let backfill = (c.start == StartPosition::Earliest).then(|| Backfill {
-                    name: name.to_string(),
-                    config: c.clone(),
-                    schema,
-                    joinable,
+                let (name, config) = (name.to_string(), c.clone());
+                let backfill = (c.start == StartPosition::Earliest).then(|| {
+                    Backfill::new(move || {
+                        Box::new(KafkaReader::backfill(
+                            name.clone(),
+                            config.clone(),
+                            Arc::clone(&schema),
+                            joinable.clone(),
+                        ))
+                    })
                 });
                 Some(OwnReader {
                     reader: Box::new(reader),
                     backfill,
                 })
             }
-            SourceConfig::Kinesis(c) => Some(OwnReader {
-                reader: Box::new(KinesisReader::archiver(
+            SourceConfig::Kinesis(c) => {
+                let (reader, joinable) = KinesisReader::shared(
                     name,
                     c.clone(),
-                    schema,
+                    Arc::clone(&schema),
                     raw(c.raw_zone),
                     errors(),
-                )),
-                backfill: None,
-            }),
+                );
+                // With `latest`, a stream starts where the source is.
+                let (name, config) = (name.to_string(), c.clone());
+                let backfill = (c.start == KinesisStart::TrimHorizon).then(|| {
+                    Backfill::new(move || {
+                        Box::new(KinesisReader::backfill(
+                            name.clone(),
+                            config.clone(),
+                            Arc::clone(&schema),
+                            joinable.clone(),
+                        ))
+                    })
+                });
+                Some(OwnReader {
+                    reader: Box::new(reader),
+                    backfill,
+                })
+            }
             SourceConfig::S3(c) => Some(OwnReader {
                 reader: Box::new(LandingReader::new(name, c.clone(), schema, lake.clone())),
                 backfill: None,
@@ -138,25 +151,25 @@ pub struct OwnReader {
     pub backfill: Option<Backfill>,
 }
 
-/// Makes the readers with which a stream that starts while its kafka source runs reads what
-/// the source's reader has read already, then joins it (see [`crate::kafka::Joinable`]).
-#[derive(Debug, Clone)]
-pub struct Backfill {
-    name: String,
-    config: KafkaConfig,
-    schema: SchemaRef,
-    joinable: crate::kafka::Joinable,
-}
+/// Makes the readers with which a stream that starts while its source runs reads what the
+/// source's reader has read already, then joins it (see [`crate::join`]).
+#[derive(Clone)]
+pub struct Backfill(Arc<dyn Fn() -> Box<dyn SourceReader> + Send + Sync>);
 
 impl Backfill {
+    fn new(make: impl Fn() -> Box<dyn SourceReader> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(make))
+    }
+
     /// A backfill reader for one stream (or sink).
     pub fn reader(&self) -> Box<dyn SourceReader> {
-        Box::new(KafkaReader::backfill(
-            self.name.clone(),
-            self.config.clone(),
-            Arc::clone(&self.schema),
-            self.joinable.clone(),
-        ))
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Backfill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Backfill")
     }
 }
 

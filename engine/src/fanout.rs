@@ -33,6 +33,8 @@ struct Inner {
     ended: bool,
     /// Ended by [`FanOut::abort`], without `End`.
     aborted: bool,
+    /// Why the producer failed, as given to [`FanOut::abort`].
+    failure: Option<Arc<str>>,
     /// The last watermark sent: a new subscriber gets it first.
     watermark: Option<EventTime>,
 }
@@ -149,16 +151,22 @@ impl FanOut {
         delivered
     }
 
-    /// Ends the hub without [`Message::End`]: the producer failed. Subscribers receive what
-    /// was sent before, then their channel closes; later subscribers' channels are closed at
-    /// once. Does nothing once the hub has ended.
-    pub fn abort(&self) {
+    /// Ends the hub without [`Message::End`]: the producer failed, for `reason`.
+    /// Subscribers receive what was sent before, then their channel closes; later
+    /// subscribers' channels are closed at once. Does nothing once the hub has ended.
+    pub fn abort(&self, reason: impl Into<Arc<str>>) {
         let mut inner = self.lock();
         if !inner.ended {
             inner.ended = true;
             inner.aborted = true;
+            inner.failure = Some(reason.into());
             inner.subscribers.clear();
         }
+    }
+
+    /// Why the hub was aborted ([`FanOut::abort`]); `None` while it runs or after `End`.
+    pub fn failure(&self) -> Option<Arc<str>> {
+        self.lock().failure.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -225,7 +233,7 @@ mod tests {
         let hub = FanOut::new("t");
         let mut a = hub.subscribe(4);
         hub.send(Message::Watermark(EventTime(1))).await;
-        hub.abort();
+        hub.abort("the producer failed");
         assert!(matches!(
             a.recv().await,
             Some(Message::Watermark(EventTime(1)))

@@ -330,7 +330,7 @@ impl StreamTask {
                 output.send(Message::End).await;
             }
             // Readers downstream must not take a failure for the end of the stream.
-            Err(_) => output.abort(),
+            Err(e) => output.abort(e.to_string()),
         }
         result
     }

@@ -1,16 +1,16 @@
 //! Starting and stopping the tasks of sources and streams.
 //!
 //! ```text
-//!  pull source (datagen, kinesis): one reader per stream that reads it, started with the stream
-//!  push source (http), kafka, s3:  one shared FanOut, fed by requests or the source's reader
+//!  pull source (datagen):                 one reader per stream that reads it, started with it
+//!  push source (http), kafka, kinesis, s3: one shared FanOut, fed by requests or the source's reader
 //!
 //!  reader ──► FanOut ──┐
 //!  source FanOut ──────┼─► StreamTask (operator chains, merge) ──► FanOut(stream) ──► lake writer
 //!  FanOut(stream) ─────┘                                             └──► streams reading it
 //! ```
 //! As in Flink, every stream reads a pull source from the source's own start position with
-//! its own reader, so a stream created later still sees every row. A kafka source has one
-//! reader for all its streams; a stream created while it runs catches up with a backfill
+//! its own reader, so a stream created later still sees every row. A kafka or kinesis source
+//! has one reader for all its streams; a stream created while it runs catches up with a backfill
 //! reader first ([`Input::CatchUp`]), as RisingWave's shared sources do. A stream reading
 //! another stream sees that stream's rows from the moment it subscribes.
 //!
@@ -184,7 +184,7 @@ pub async fn start_source(
         .archiver(&def.name, Arc::clone(&def.schema), lake)
     {
         backfill = catch_up;
-        // A source's own reader that can (kafka's, kinesis's) checkpoints too: its raw and
+        // A source's own reader that can (kafka's, kinesis's, s3's) checkpoints too: its raw and
         // errors files are committed with the epoch, and it resumes from its last position.
         let mut checkpoint = None;
         if let Some(c) = coordinator.filter(|_| archiver.checkpointable()) {
@@ -214,7 +214,7 @@ pub async fn start_source(
             if let Err(e) = archiver.run(ctx).await {
                 tracing::error!(source = %name, error = %e, "the source's reader failed");
                 // Streams reading its hub fail too, rather than wait for rows that never come.
-                hub.abort();
+                hub.abort(e.to_string());
                 *status.lock().unwrap_or_else(|e| e.into_inner()) = Status::Failed(e.to_string());
                 if let Some(c) = coordinator {
                     // Checkpoints go on without it; its last position stays for a restart.
@@ -330,15 +330,12 @@ impl PendingReader {
         Ok(match input {
             Input::Hub { .. } => None,
             Input::Reader { def, metrics } => {
-                let reader = def
-                    .config
-                    .reader(&def.name, Arc::clone(&def.schema))
-                    .ok_or_else(|| {
-                        ServerError::Internal(format!(
-                            "connector `{}` has no reader",
-                            def.config.connector()
-                        ))
-                    })?;
+                let reader = def.config.reader(Arc::clone(&def.schema)).ok_or_else(|| {
+                    ServerError::Internal(format!(
+                        "connector `{}` has no reader",
+                        def.config.connector()
+                    ))
+                })?;
                 Some(Self::new(lake, def, reader, Arc::clone(metrics), cancel))
             }
             // Its own counters: the source's count what the shared reader reads.
@@ -394,7 +391,7 @@ impl PendingReader {
                     output.send(Message::End).await;
                 }
                 // The stream must not take a failure for the end of its input.
-                Err(_) => output.abort(),
+                Err(e) => output.abort(e.to_string()),
             }
             result
         })

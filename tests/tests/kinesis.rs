@@ -361,3 +361,194 @@ async fn a_deleted_stream_fails_its_readers_and_open_windows_are_not_published_h
     );
     server.shutdown().await;
 }
+
+/// A proxy in front of the Kinesis API server that tells which reader calls `GetRecords` on
+/// which shard: every `GetShardIterator` starts a chain of iterators (one reader of one
+/// shard), each `GetRecords` answer's next iterator continues it.
+mod calls {
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
+    use std::sync::{Arc, Mutex};
+
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, StatusCode};
+
+    #[derive(Default)]
+    struct State {
+        /// Iterator → (shard, chain).
+        iterators: HashMap<String, (String, u64)>,
+        chains: u64,
+        /// Per shard, the chains that called `GetRecords` since the last [`Counter::take`].
+        callers: BTreeMap<String, BTreeSet<u64>>,
+    }
+
+    /// The proxy's record of calls.
+    #[derive(Clone)]
+    pub struct Counter {
+        state: Arc<Mutex<State>>,
+        /// The proxy's address (`http://127.0.0.1:port`).
+        pub endpoint: String,
+    }
+
+    impl Counter {
+        /// Per shard, how many readers called `GetRecords` on it since the last call.
+        pub fn take(&self) -> BTreeMap<String, usize> {
+            let mut state = self.state.lock().unwrap();
+            std::mem::take(&mut state.callers)
+                .into_iter()
+                .map(|(shard, chains)| (shard, chains.len()))
+                .collect()
+        }
+    }
+
+    /// Starts a proxy forwarding to `upstream`.
+    pub async fn proxy(upstream: String) -> Counter {
+        let state: Arc<Mutex<State>> = Arc::default();
+        let client = reqwest::Client::new();
+        let app = {
+            let state = Arc::clone(&state);
+            axum::Router::new().fallback(move |headers: HeaderMap, body: Bytes| {
+                let (state, client, upstream) =
+                    (Arc::clone(&state), client.clone(), upstream.clone());
+                async move { forward(&state, &client, &upstream, headers, body).await }
+            })
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Counter { state, endpoint }
+    }
+
+    async fn forward(
+        state: &Mutex<State>,
+        client: &reqwest::Client,
+        upstream: &str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> (StatusCode, HeaderMap, Bytes) {
+        let target = headers
+            .get("x-amz-target")
+            .and_then(|t| t.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let mut request = client.post(upstream).body(body.clone());
+        for (name, value) in &headers {
+            if name != "host" && name != "content-length" {
+                request = request.header(name, value);
+            }
+        }
+        let response = request
+            .send()
+            .await
+            .expect("the Kinesis API server answers");
+        let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+        let mut out_headers = HeaderMap::new();
+        for (name, value) in response.headers() {
+            if name != "content-length" && name != "transfer-encoding" {
+                out_headers.insert(name, value.clone());
+            }
+        }
+        let answer = response.bytes().await.unwrap();
+        let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap_or_default();
+        let text =
+            |v: &serde_json::Value, k: &str| v.get(k).and_then(|s| s.as_str()).map(str::to_string);
+        let (request, reply) = (json(&body), json(&answer));
+        let mut s = state.lock().unwrap();
+        if target.ends_with(".GetShardIterator") && status.is_success() {
+            s.chains += 1;
+            let chain = s.chains;
+            let shard = text(&request, "ShardId").expect("GetShardIterator names a shard");
+            let iterator = text(&reply, "ShardIterator").expect("an iterator");
+            s.iterators.insert(iterator, (shard, chain));
+        } else if target.ends_with(".GetRecords") {
+            let iterator = text(&request, "ShardIterator").expect("GetRecords has an iterator");
+            let (shard, chain) = s
+                .iterators
+                .get(&iterator)
+                .cloned()
+                .expect("a known iterator");
+            s.callers.entry(shard.clone()).or_default().insert(chain);
+            if let Some(next) = text(&reply, "NextShardIterator") {
+                s.iterators.insert(next, (shard, chain));
+            }
+        }
+        (status, out_headers, answer)
+    }
+}
+
+/// One reader per source: three streams (two created while the source runs, so they first
+/// catch up with a backfill reader of their own) read every record once, and once they have
+/// caught up each shard has exactly one caller of `GetRecords`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_streams_of_one_source_read_each_shard_once() {
+    let client = kinesis_client();
+    let counter = calls::proxy(kinesis_endpoint()).await;
+    let input = format!("shared-{}", std::process::id());
+    create_stream(&client, &input, 2).await;
+    put_shipments(&client, &input, 0..200).await;
+    let lake = tempfile::tempdir().unwrap();
+    let server = start_server(lake.path()).await;
+    let pg = pg_connect(server.pg_addr).await;
+    let endpoint = &counter.endpoint;
+    pg.batch_execute(&format!(
+        "CREATE SOURCE shipments (order_id TEXT NOT NULL, seq BIGINT NOT NULL, status TEXT,
+                                  ts TIMESTAMP NOT NULL, _kinesis_shard_id TEXT)
+         WITH (connector = 'kinesis', stream = '{input}', endpoint = '{endpoint}',
+               start = 'trim_horizon', poll_interval = '100 ms');
+         CREATE STREAM first WITH (checkpoint_interval = '200 ms') AS SELECT * FROM shipments"
+    ))
+    .await
+    .unwrap();
+    let count = |stream: &str| format!("SELECT count(*) FROM {stream}");
+    wait_for("the first stream", Duration::from_secs(60), || async {
+        (scalar(&pg, &count("first")).await == 200).then_some(())
+    })
+    .await;
+    for stream in ["second", "third"] {
+        pg.batch_execute(&format!(
+            "CREATE STREAM {stream} WITH (checkpoint_interval = '200 ms') AS
+             SELECT * FROM shipments WHERE seq >= 0"
+        ))
+        .await
+        .unwrap();
+        // More while it catches up (the second time, the same records again).
+        put_shipments(&client, &input, 200..260).await;
+        put_shipments(&client, &input, 260..300).await;
+    }
+    put_shipments(&client, &input, 300..400).await;
+    let total = 200 + 2 * 100 + 100;
+    for stream in ["first", "second", "third"] {
+        wait_for(stream, Duration::from_secs(60), || async {
+            (scalar(&pg, &count(stream)).await >= total).then_some(())
+        })
+        .await;
+    }
+    // Every stream has every record exactly once (seq 0..400, 200..300 put twice), across
+    // both shards.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for stream in ["first", "second", "third"] {
+        let rows = scalar(&pg, &count(stream)).await;
+        let distinct = scalar(
+            &pg,
+            &format!("SELECT count(DISTINCT (seq, status)) FROM {stream}"),
+        )
+        .await;
+        assert_eq!((rows, distinct), (total, 400), "{stream}");
+        let shards = scalar(
+            &pg,
+            &format!("SELECT count(DISTINCT _kinesis_shard_id) FROM {stream}"),
+        )
+        .await;
+        assert_eq!(shards, 2, "{stream} reads both shards");
+    }
+
+    // Caught up: from now on, one caller per shard, however many streams read the source.
+    counter.take();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let callers = counter.take();
+    assert_eq!(callers.len(), 2, "both shards are read: {callers:?}");
+    assert!(
+        callers.values().all(|n| *n == 1),
+        "GetRecords callers per shard: {callers:?}"
+    );
+    server.shutdown().await;
+}

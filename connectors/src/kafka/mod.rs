@@ -57,12 +57,12 @@
 mod exactly_once;
 mod fetch_queue;
 mod fetcher;
-mod join;
+pub(crate) mod offsets;
 mod sink;
 mod source;
 
 pub use exactly_once::{DELIVERY_HEADER, SinkCheckpoint};
-pub use join::Joinable;
+
 pub use sink::{Delivery, KafkaSink, KafkaSinkConfig};
 pub use source::KafkaReader;
 

@@ -21,11 +21,10 @@ use sluice_engine::source::publish;
 use sluice_engine::{BadRecord, EngineError, SourceContext, SourceReader};
 
 use super::fetch_queue::{FetchQueue, Fetched};
-use super::join::{
-    JoinService, Joinable, Joined, Offsets, covers, gone, join_channel, position_json, relay,
-};
+use super::offsets::{Offsets, lag, position_json};
 use super::{FetchClient, KafkaConfig, StartPosition};
 use crate::formats::Decoder;
+use crate::join::{JoinService, Joinable, Joined, Positions, gone, join_channel, relay};
 use crate::lake::RecordZone;
 use crate::split_clock::{
     ClockState, SplitClock, advance_watermark, event_times, resend_watermark,
@@ -157,7 +156,7 @@ enum Role {
     /// that start later join it ([`JoinService`]).
     Shared,
     /// A stream's reader that catches up with the shared reader, then joins it (see
-    /// [`super::join`]); skips bad records (the shared reader reports them).
+    /// [`crate::join`]); skips bad records (the shared reader reports them).
     Backfill,
 }
 
@@ -168,9 +167,9 @@ pub struct KafkaReader {
     schema: SchemaRef,
     role: Role,
     /// The shared reader's: answers the join requests of backfill readers.
-    service: Option<JoinService>,
+    service: Option<JoinService<Offsets>>,
     /// A backfill reader's: the shared reader it joins.
-    joinable: Option<Joinable>,
+    joinable: Option<Joinable<Offsets>>,
     raw: Option<RecordZone>,
     /// The shared reader's errors zone, written by itself (staged) when it checkpoints;
     /// otherwise bad records go to the context's errors writer.
@@ -193,7 +192,7 @@ impl KafkaReader {
         schema: SchemaRef,
         raw: Option<RecordZone>,
         errors: RecordZone,
-    ) -> (Self, Joinable) {
+    ) -> (Self, Joinable<Offsets>) {
         let (joinable, service) = join_channel();
         let mut reader = Self::new(name.into(), config, schema, Role::Shared);
         reader.service = Some(service);
@@ -208,7 +207,7 @@ impl KafkaReader {
         name: impl Into<String>,
         config: KafkaConfig,
         schema: SchemaRef,
-        joinable: Joinable,
+        joinable: Joinable<Offsets>,
     ) -> Self {
         let mut reader = Self::new(name.into(), config, schema, Role::Backfill);
         reader.joinable = Some(joinable);
@@ -620,7 +619,7 @@ impl KafkaReader {
     async fn run_shared(
         mut self: Box<Self>,
         mut ctx: SourceContext,
-        mut service: JoinService,
+        mut service: JoinService<Offsets>,
     ) -> sluice_engine::Result<()> {
         let mut checkpoint = ctx.checkpoint.take();
         let checkpointing = checkpoint.is_some();
@@ -679,11 +678,11 @@ impl KafkaReader {
         }
     }
 
-    /// A backfill reader: see [`super::join`].
+    /// A backfill reader: see [`crate::join`].
     async fn run_backfill(
         self: Box<Self>,
         mut ctx: SourceContext,
-        joinable: Joinable,
+        joinable: Joinable<Offsets>,
     ) -> sluice_engine::Result<()> {
         let mut checkpoint = ctx.checkpoint.take();
         let mut mine = self.resume.clone();
@@ -729,22 +728,23 @@ impl KafkaReader {
                     let clock = fetching.as_ref().map_or_else(|| self.resume_clock.clone(), Fetching::clock_state);
                     barrier(&ctx, &mut checkpoint, epoch, position_json(&mine, &clock)).await;
                 }
-                joined = &mut answer => break joined.map_err(|_| gone(&self.name))?,
+                joined = &mut answer => break joined.map_err(|_| gone(&self.name, None))?,
             }
         };
         let Joined {
             subscription,
-            offsets: target,
+            position: target,
             clock: target_clock,
             last_barrier,
+            hub,
         } = joined;
         // What the shared reader read before the join and this reader has not.
-        if !covers(&mine, &target) {
+        if !mine.covers(&target) {
             let f = match &mut fetching {
                 Some(f) => f,
                 None => fetching.insert(self.start_fetching(&ctx, &mine).await?),
             };
-            while !covers(&mine, &target) {
+            while !mine.covers(&target) {
                 tokio::select! {
                     biased;
                     _ = ctx.cancel.cancelled() => return Ok(()),
@@ -770,14 +770,14 @@ impl KafkaReader {
             ck.barrier(&ctx.output, epoch, position_json(&target, &target_clock))
                 .await;
         }
-        relay(&self.name, &joinable, subscription, &ctx, checkpoint).await
+        relay(&self.name, &joinable, &hub, subscription, &ctx, checkpoint).await
     }
 }
 
 /// Shows how far a backfill reader at `mine` is behind the shared reader (per partition, in
 /// its counters: `SHOW STREAMS` reads them; cleared once joined); returns the total.
-fn report_lag(ctx: &SourceContext, joinable: &Joinable, mine: &Offsets) -> i64 {
-    let lag = joinable.lag(mine);
+fn report_lag(ctx: &SourceContext, joinable: &Joinable<Offsets>, mine: &Offsets) -> i64 {
+    let lag = lag(mine, &joinable.position());
     let total = lag.iter().map(|(_, n)| n).sum();
     ctx.metrics.set_partition_lag(lag);
     total

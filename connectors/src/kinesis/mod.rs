@@ -35,7 +35,7 @@ mod sink;
 mod source;
 
 pub use sink::{KinesisSink, KinesisSinkConfig};
-pub use source::{KinesisReader, ReaderRole};
+pub use source::{KinesisReader, Resume};
 
 use std::cmp::Ordering;
 use std::time::Duration;

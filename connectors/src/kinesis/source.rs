@@ -1,5 +1,11 @@
 //! [`KinesisReader`]: every shard of one data stream → batches, per-shard watermarks, parents
 //! before children.
+//!
+//! A kinesis source has one shared reader: it calls `GetRecords` on each shard once for all
+//! the streams reading the source, archives the raw records, reports bad ones, and publishes
+//! the rows to the source's hub. A stream created while it runs (with `start =
+//! 'trim_horizon'`) catches up with a backfill reader of its own and then joins it
+//! ([`crate::join`]); while it catches up the shard has one more caller, after that none.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,6 +19,7 @@ use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::types::{Record, Shard, ShardIteratorType};
+use sluice_engine::checkpoint::ReaderCheckpoint;
 use sluice_engine::source::publish;
 use sluice_engine::{BadRecord, EngineError, SourceContext, SourceReader};
 use tokio::sync::mpsc;
@@ -20,20 +27,23 @@ use tokio_util::sync::CancellationToken;
 
 use super::{KinesisConfig, KinesisStart, compare_sequence_numbers};
 use crate::formats::Decoder;
+use crate::join::{JoinService, Joinable, Joined, Positions, gone, join_channel, relay};
 use crate::lake::RecordZone;
 use crate::split_clock::{
     ClockState, SplitClock, advance_watermark, event_times, resend_watermark,
 };
 
-/// What a [`KinesisReader`] does with what it reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReaderRole {
-    /// The source's own reader: archives values in the raw zone (with `raw_zone`) and sends
-    /// records that fail to decode to the errors zone, once for the source. Publishes nothing.
-    Archive,
-    /// A stream's reader: publishes the decoded rows and the watermark; skips bad records
-    /// (the archiving reader reports them).
-    Stream,
+/// Which of a source's readers a [`KinesisReader`] is.
+enum Role {
+    /// The source's one reader: archives values in the raw zone (with `raw_zone`), sends
+    /// records that fail to decode to the errors zone, publishes the rows, and answers the
+    /// join requests of backfill readers.
+    Shared(JoinService<Resume>),
+    /// A stream's reader that catches up with the shared reader, then joins it; skips bad
+    /// records (the shared reader reports them).
+    Backfill(Joinable<Resume>),
+    /// Ran already.
+    Done,
 }
 
 /// What one shard's reader hands over: a `GetRecords` answer.
@@ -72,7 +82,7 @@ pub struct KinesisReader {
     name: String,
     config: KinesisConfig,
     schema: SchemaRef,
-    role: ReaderRole,
+    role: Role,
     raw: Option<RecordZone>,
     /// The archiver's errors zone, written by itself (staged) when it checkpoints.
     errors: Option<RecordZone>,
@@ -82,10 +92,10 @@ pub struct KinesisReader {
     resume_clock: ClockState,
 }
 
-/// A checkpointed position: per shard started, the sequence number of the last record
-/// handed over (`None`: none yet); and the shards read to their end.
+/// A reader's position: per shard started, the sequence number of the last record handed
+/// over (`None`: none yet); and the shards read to their end.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Resume {
+pub struct Resume {
     shards: BTreeMap<String, Option<String>>,
     ended: std::collections::BTreeSet<String>,
 }
@@ -110,38 +120,71 @@ impl Resume {
             .collect::<Option<_>>()?;
         Some(Self { shards, ended })
     }
+
+    /// Notes that `records` of `shard` were handed over, and that the shard `ended` with them.
+    fn advance(&mut self, shard: &str, records: &[Record], ended: bool) {
+        if ended {
+            self.shards.remove(shard);
+            self.ended.insert(shard.to_string());
+        } else if let Some(r) = records.last() {
+            self.shards
+                .insert(shard.to_string(), Some(r.sequence_number().to_string()));
+        }
+    }
+}
+
+impl Positions for Resume {
+    /// Read to the end of every shard `other` ended, and at or past `other`'s sequence number
+    /// in every shard it reads.
+    fn covers(&self, other: &Self) -> bool {
+        other.ended.iter().all(|s| self.ended.contains(s))
+            && other.shards.iter().all(|(shard, seq)| {
+                let Some(seq) = seq else { return true };
+                self.ended.contains(shard)
+                    || self.shards.get(shard).is_some_and(|mine| {
+                        mine.as_deref()
+                            .is_some_and(|m| compare_sequence_numbers(m, seq).is_ge())
+                    })
+            })
+    }
 }
 
 impl KinesisReader {
-    /// A stream's reader for source `name` producing `schema`.
-    pub fn for_stream(name: impl Into<String>, config: KinesisConfig, schema: SchemaRef) -> Self {
-        Self {
-            name: name.into(),
-            config,
-            schema,
-            role: ReaderRole::Stream,
-            raw: None,
-            errors: None,
-            resume: None,
-            resume_clock: ClockState::default(),
-        }
-    }
-
-    /// The source's archiving reader (raw zone when `raw_zone`, errors zone, lag).
-    pub fn archiver(
+    /// The source's shared reader (raw zone when `raw_zone`, errors zone, lag); the
+    /// [`Joinable`] makes backfill readers for streams that start while it runs.
+    pub fn shared(
         name: impl Into<String>,
         config: KinesisConfig,
         schema: SchemaRef,
         raw: Option<RecordZone>,
         errors: RecordZone,
+    ) -> (Self, Joinable<Resume>) {
+        let (joinable, service) = join_channel();
+        let mut reader = Self::new(name.into(), config, schema, Role::Shared(service));
+        reader.raw = raw;
+        reader.errors = Some(errors);
+        (reader, joinable)
+    }
+
+    /// A backfill reader of source `name` for one stream: reads from the source's `start`
+    /// until it is level with the shared reader behind `joinable`, then relays that one.
+    pub fn backfill(
+        name: impl Into<String>,
+        config: KinesisConfig,
+        schema: SchemaRef,
+        joinable: Joinable<Resume>,
     ) -> Self {
+        Self::new(name.into(), config, schema, Role::Backfill(joinable))
+    }
+
+    fn new(name: String, config: KinesisConfig, schema: SchemaRef, role: Role) -> Self {
         Self {
-            name: name.into(),
+            name,
             config,
             schema,
-            role: ReaderRole::Archive,
-            raw,
-            errors: Some(errors),
+            role,
+            raw: None,
+            errors: None,
             resume: None,
             resume_clock: ClockState::default(),
         }
@@ -190,60 +233,59 @@ impl KinesisReader {
         Arc::new(Schema::new(fields))
     }
 
-    /// Decodes, archives and publishes one shard's records.
+    /// Decodes and publishes one shard's records; the shared reader (`shared`) also
+    /// archives them and reports those that fail to decode.
     async fn handle(
         &self,
         ctx: &SourceContext,
-        decoder: &mut Decoder,
-        batch: &ShardBatch,
-        clock: &mut SplitClock<String>,
+        r: &mut Reading,
+        shard: &str,
+        records: &[Record],
+        shared: bool,
     ) -> sluice_engine::Result<()> {
-        if batch.records.is_empty() {
+        if records.is_empty() {
             return Ok(());
         }
-        let records = &batch.records;
-        if let Some(raw) = &self.raw {
-            let values = records.iter().map(|r| r.data().as_ref());
-            raw.put_values(values, self.config.format.is_binary())
+        let binary = self.config.format.is_binary();
+        let values: Vec<&[u8]> = records.iter().map(|r| r.data().as_ref()).collect();
+        if shared && let Some(raw) = &self.raw {
+            raw.put_values(values.iter().copied(), binary)
                 .await
                 .map_err(|e| self.failed(format!("raw zone: {e}")))?;
         }
-        let values: Vec<&[u8]> = records.iter().map(|r| r.data().as_ref()).collect();
-        let decoded = decoder.decode(&values).await.map_err(|e| self.failed(e))?;
-        let binary = self.config.format.is_binary();
-        if self.role == ReaderRole::Archive {
-            if !decoded.errors.is_empty() {
-                let bad: Vec<BadRecord> = decoded
-                    .errors
-                    .iter()
-                    .map(|e| {
-                        let r = &records[e.index];
-                        crate::formats::bad_record(
-                            values[e.index],
-                            binary,
-                            e.reason.clone(),
-                            format!(
-                                "kinesis stream {} shard {} sequence {}",
-                                self.config.stream,
-                                batch.shard,
-                                r.sequence_number()
-                            ),
-                        )
-                    })
-                    .collect();
-                ctx.metrics.add_bad_records(bad.len());
-                match &self.errors {
-                    Some(errors) => errors
-                        .put_bad_records(&bad)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| self.failed(format!("errors zone: {e}")))?,
-                    None => {
-                        let _ = ctx.bad_records.send(bad).await;
-                    }
+        let decoded = r
+            .decoder
+            .decode(&values)
+            .await
+            .map_err(|e| self.failed(e))?;
+        if shared && !decoded.errors.is_empty() {
+            let bad: Vec<BadRecord> = decoded
+                .errors
+                .iter()
+                .map(|e| {
+                    crate::formats::bad_record(
+                        values[e.index],
+                        binary,
+                        e.reason.clone(),
+                        format!(
+                            "kinesis stream {} shard {shard} sequence {}",
+                            self.config.stream,
+                            records[e.index].sequence_number()
+                        ),
+                    )
+                })
+                .collect();
+            ctx.metrics.add_bad_records(bad.len());
+            match &self.errors {
+                Some(errors) => errors
+                    .put_bad_records(&bad)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.failed(format!("errors zone: {e}")))?,
+                None => {
+                    let _ = ctx.bad_records.send(bad).await;
                 }
             }
-            return Ok(());
         }
         let mut failed = vec![false; records.len()];
         for e in &decoded.errors {
@@ -255,9 +297,9 @@ impl KinesisReader {
             .filter(|(_, f)| !**f)
             .map(|(r, _)| r)
             .collect();
-        let rows = self.with_metadata(decoded.batch, &batch.shard, &good)?;
+        let rows = self.with_metadata(decoded.batch, shard, &good)?;
         let max = event_times(ctx, &rows).and_then(arrow::compute::max);
-        clock.delivered(batch.shard.clone(), max);
+        r.clock.delivered(shard.to_string(), max);
         publish(ctx, &mut None, rows).await;
         Ok(())
     }
@@ -445,8 +487,404 @@ fn shard_number(id: &str) -> i32 {
         .unwrap_or(-1)
 }
 
+/// A reader's shards: which it knows and reads, their readers' answers, its decoder, its
+/// position and its event time. Dropping it stops the shard readers.
+struct Reading {
+    client: Client,
+    decoder: Decoder,
+    known: BTreeMap<String, KnownShard>,
+    clock: SplitClock<String>,
+    emitted: Option<i64>,
+    /// Milliseconds behind the newest record, per shard read.
+    lag: BTreeMap<String, i64>,
+    /// What has been handed over.
+    position: Resume,
+    tx: mpsc::Sender<Result<ShardBatch, String>>,
+    rx: mpsc::Receiver<Result<ShardBatch, String>>,
+    readers: CancellationToken,
+    _stop_readers: tokio_util::sync::DropGuard,
+    /// No listing yet (a reader at `latest` skips what its first listing shows closed).
+    first_listing: bool,
+    /// List the shards before the next batch (children may have become readable).
+    rediscover: bool,
+    discovery: tokio::time::Interval,
+    idle_tick: tokio::time::Interval,
+}
+
+/// What a [`Reading`] wakes up for.
+enum Event {
+    Batch(ShardBatch),
+    Discover,
+    Idle,
+}
+
+impl Reading {
+    /// Its position and event time, as a checkpoint keeps them.
+    fn position_json(&self) -> serde_json::Value {
+        let mut at = self.position.to_json();
+        self.clock.state(self.emitted).write_into(&mut at);
+        at
+    }
+
+    /// Lists the shards and starts a reader for each whose parents have ended; with `limit`,
+    /// only the shards it names (a backfill reads up to the shared reader's position).
+    async fn discover(
+        &mut self,
+        source: &KinesisReader,
+        limit: Option<&Resume>,
+    ) -> sluice_engine::Result<()> {
+        self.rediscover = false;
+        let shards = source.list_shards(&self.client).await?;
+        let latest = source.config.start == KinesisStart::Latest;
+        for s in &shards {
+            if self.known.contains_key(s.shard_id()) {
+                continue;
+            }
+            let closed = s
+                .sequence_number_range()
+                .and_then(|r| r.ending_sequence_number())
+                .is_some();
+            let state = if self.position.ended.contains(s.shard_id())
+                || (self.first_listing && closed && latest)
+            {
+                ShardState::Ended // read before, or nothing new can come from it
+            } else {
+                ShardState::Waiting
+            };
+            let parents = [s.parent_shard_id(), s.adjacent_parent_shard_id()]
+                .into_iter()
+                .flatten()
+                .map(str::to_string)
+                .collect();
+            self.known
+                .insert(s.shard_id().to_string(), KnownShard { parents, state });
+        }
+        // Start every shard whose parents have ended (or are gone from the listing).
+        let known = &self.known;
+        let ready: Vec<String> = known
+            .iter()
+            .filter(|(id, k)| {
+                k.state == ShardState::Waiting
+                    && k.parents
+                        .iter()
+                        .all(|p| known.get(p).is_none_or(|pk| pk.state == ShardState::Ended))
+                    && limit.is_none_or(|l| {
+                        l.ended.contains(*id) || l.shards.get(*id).is_some_and(Option::is_some)
+                    })
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ready {
+            let start = if self.first_listing && latest {
+                ShardIteratorType::Latest
+            } else {
+                ShardIteratorType::TrimHorizon
+            };
+            self.known.get_mut(&id).expect("listed").state = ShardState::Reading;
+            self.clock.add(id.clone());
+            let after = self.position.shards.entry(id.clone()).or_default().clone();
+            tracing::info!(source = %source.name, shard = %id, "kinesis: reading shard");
+            let reader = ShardReader {
+                client: self.client.clone(),
+                stream: source.config.stream.clone(),
+                shard: id,
+                start,
+                after,
+                limit: source.config.batch_size,
+                poll_interval: source.config.poll_interval,
+            };
+            tokio::spawn(reader.run(self.tx.clone(), self.readers.clone()));
+        }
+        self.first_listing = false;
+        Ok(())
+    }
+
+    /// The next thing to do; lists the shards first when due.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    async fn next(&mut self, source: &KinesisReader) -> sluice_engine::Result<Event> {
+        tokio::select! {
+            batch = self.rx.recv() => match batch {
+                Some(batch) => batch.map(Event::Batch).map_err(|e| source.failed(e)),
+                None => Err(EngineError::Internal("kinesis shard readers ended".into())),
+            },
+            _ = self.discovery.tick() => Ok(Event::Discover),
+            _ = self.idle_tick.tick() => Ok(Event::Idle),
+        }
+    }
+
+    /// Notes a handed-over batch: position, lag, and a shard read to its end.
+    fn advance(&mut self, source: &KinesisReader, shard: &str, records: &[Record], ended: bool) {
+        self.position.advance(shard, records, ended);
+        if ended {
+            tracing::info!(source = %source.name, shard = %shard, "kinesis: shard ended");
+            self.known.get_mut(shard).expect("a known shard").state = ShardState::Ended;
+            self.clock.remove(&shard.to_string());
+            self.lag.remove(shard);
+            self.rediscover = true; // its children may start now
+        }
+    }
+
+    /// Shows the lag per shard (milliseconds behind the newest record) in `ctx`'s counters.
+    fn report_lag(&self, ctx: &SourceContext) {
+        ctx.metrics.set_partition_lag(
+            self.lag
+                .iter()
+                .map(|(s, ms)| (shard_number(s), *ms))
+                .collect(),
+        );
+    }
+}
+
+impl KinesisReader {
+    /// Starts reading from `position` with event time `clock`.
+    async fn start(
+        &self,
+        ctx: &SourceContext,
+        position: Resume,
+        clock: &ClockState,
+    ) -> sluice_engine::Result<Reading> {
+        let (tx, rx) = mpsc::channel(16);
+        let readers = ctx.cancel.child_token();
+        let mut split_clock = SplitClock::default();
+        let emitted = split_clock.restore(clock);
+        let mut reading = Reading {
+            client: self.config.aws.client().await,
+            decoder: Decoder::new(&self.config.format, self.value_schema())?,
+            known: BTreeMap::new(),
+            clock: split_clock,
+            emitted,
+            lag: BTreeMap::new(),
+            // After a restore, shards are read on from their positions, never from `latest`.
+            first_listing: self.resume.is_none() && position == Resume::default(),
+            position,
+            tx,
+            rx,
+            _stop_readers: readers.clone().drop_guard(),
+            readers,
+            rediscover: true,
+            discovery: tokio::time::interval(DISCOVERY_INTERVAL),
+            idle_tick: tokio::time::interval(Duration::from_secs(1)),
+        };
+        reading.discovery.reset();
+        Ok(reading)
+    }
+
+    /// The shared reader: see [`Role::Shared`].
+    async fn run_shared(
+        mut self: Box<Self>,
+        mut ctx: SourceContext,
+        mut service: JoinService<Resume>,
+    ) -> sluice_engine::Result<()> {
+        let mut checkpoint = ctx.checkpoint.take();
+        if checkpoint.is_some() {
+            self.raw = self.raw.take().map(RecordZone::staging);
+            self.errors = self.errors.take().map(RecordZone::staging);
+        } else {
+            self.errors = None; // bad records go to the context's errors writer
+        }
+        let mut r = self
+            .start(
+                &ctx,
+                self.resume.clone().unwrap_or_default(),
+                &self.resume_clock,
+            )
+            .await?;
+        service.set_position(&r.position);
+        resend_watermark(&ctx, r.emitted).await;
+        loop {
+            if r.rediscover {
+                r.discover(&self, None).await?;
+            }
+            tokio::select! {
+                biased;
+                _ = ctx.cancel.cancelled() => return Ok(()),
+                epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
+                    if let Some(ck) = &mut checkpoint {
+                        let mut files = vec![];
+                        for zone in [&self.raw, &self.errors].into_iter().flatten() {
+                            files.extend(zone.take_staged());
+                        }
+                        ck.staged(epoch, files);
+                        let at = r.position_json();
+                        service.barrier(epoch, at.clone());
+                        ck.barrier(&ctx.output, epoch, at).await;
+                    }
+                }
+                // Between two batches: a stream that joins now gets every row from here on.
+                request = service.request() => {
+                    service.serve(Some(request), &r.position, || r.clock.state(r.emitted), &ctx.output);
+                }
+                event = r.next(&self) => match event? {
+                    Event::Batch(batch) => {
+                        self.handle(&ctx, &mut r, &batch.shard, &batch.records, true).await?;
+                        if let Some(ms) = batch.millis_behind {
+                            r.lag.insert(batch.shard.clone(), ms);
+                        }
+                        r.advance(&self, &batch.shard, &batch.records, batch.ended);
+                        r.report_lag(&ctx);
+                        service.set_position(&r.position);
+                        service.serve(None, &r.position, || r.clock.state(r.emitted), &ctx.output);
+                        advance_watermark(&ctx, &r.clock, &mut r.emitted).await;
+                    }
+                    Event::Discover => r.rediscover = true,
+                    Event::Idle => advance_watermark(&ctx, &r.clock, &mut r.emitted).await,
+                },
+            }
+        }
+    }
+
+    /// A backfill reader: see [`crate::join`]. It reads until its position covers where the
+    /// shared reader was when it started, asks to join there, then reads up to where the
+    /// shared reader was when it was let in, and relays the shared reader's hub.
+    async fn run_backfill(
+        mut self: Box<Self>,
+        mut ctx: SourceContext,
+        joinable: Joinable<Resume>,
+    ) -> sluice_engine::Result<()> {
+        let mut checkpoint = ctx.checkpoint.take();
+        let resume = self.resume.take().unwrap_or_default();
+        let level = joinable.position();
+        let mut reading: Option<Reading> = None;
+        resend_watermark(&ctx, self.resume_clock.emitted).await;
+        if !resume.covers(&level) {
+            tracing::info!(source = %self.name, "kinesis: a stream catches up with the source");
+            let mut r = self.start(&ctx, resume.clone(), &self.resume_clock).await?;
+            while !r.position.covers(&level) {
+                if r.rediscover {
+                    r.discover(&self, None).await?;
+                }
+                tokio::select! {
+                    biased;
+                    _ = ctx.cancel.cancelled() => return Ok(()),
+                    epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
+                        barrier(&ctx, &mut checkpoint, epoch, r.position_json()).await;
+                    }
+                    event = r.next(&self) => match event? {
+                        Event::Batch(batch) => {
+                            self.handle(&ctx, &mut r, &batch.shard, &batch.records, false).await?;
+                            if let Some(ms) = batch.millis_behind {
+                                r.lag.insert(batch.shard.clone(), ms);
+                            }
+                            r.advance(&self, &batch.shard, &batch.records, batch.ended);
+                            r.report_lag(&ctx);
+                            advance_watermark(&ctx, &r.clock, &mut r.emitted).await;
+                        }
+                        Event::Discover => r.rediscover = true,
+                        Event::Idle => advance_watermark(&ctx, &r.clock, &mut r.emitted).await,
+                    },
+                }
+            }
+            reading = Some(r);
+        }
+        let mine = reading
+            .as_ref()
+            .map_or_else(|| resume.clone(), |r| r.position.clone());
+        let mut answer = joinable.join(&self.name, mine.clone()).await?;
+        let joined = loop {
+            tokio::select! {
+                biased;
+                _ = ctx.cancel.cancelled() => return Ok(()),
+                epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
+                    let at = reading.as_ref().map_or_else(
+                        || {
+                            let mut at = resume.to_json();
+                            self.resume_clock.write_into(&mut at);
+                            at
+                        },
+                        Reading::position_json,
+                    );
+                    barrier(&ctx, &mut checkpoint, epoch, at).await;
+                }
+                joined = &mut answer => break joined.map_err(|_| gone(&self.name, None))?,
+            }
+        };
+        let Joined {
+            subscription,
+            position: target,
+            clock: target_clock,
+            last_barrier,
+            hub,
+        } = joined;
+        // What the shared reader read before the join and this reader has not.
+        if !mine.covers(&target) {
+            let r = match &mut reading {
+                Some(r) => r,
+                None => reading.insert(self.start(&ctx, resume, &self.resume_clock).await?),
+            };
+            while !r.position.covers(&target) {
+                if r.rediscover {
+                    r.discover(&self, Some(&target)).await?;
+                }
+                tokio::select! {
+                    biased;
+                    _ = ctx.cancel.cancelled() => return Ok(()),
+                    epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
+                        barrier(&ctx, &mut checkpoint, epoch, r.position_json()).await;
+                    }
+                    event = r.next(&self) => match event? {
+                        Event::Batch(batch) => {
+                            let (records, ended) = keep_before(&target, &batch);
+                            self.handle(&ctx, r, &batch.shard, records, false).await?;
+                            r.advance(&self, &batch.shard, records, ended);
+                            advance_watermark(&ctx, &r.clock, &mut r.emitted).await;
+                        }
+                        Event::Discover => r.rediscover = true,
+                        Event::Idle => {}
+                    },
+                }
+            }
+        }
+        drop(reading); // its shard readers stop
+        ctx.metrics.set_partition_lag(vec![]);
+        tracing::info!(source = %self.name, "kinesis: a stream joined the source's reader");
+        // A barrier the shared reader sent before the join is this reader's to send.
+        if let Some(ck) = &mut checkpoint
+            && let Some(epoch) = ck.due()
+            && epoch <= last_barrier
+        {
+            let mut at = target.to_json();
+            target_clock.write_into(&mut at);
+            ck.barrier(&ctx.output, epoch, at).await;
+        }
+        relay(&self.name, &joinable, &hub, subscription, &ctx, checkpoint).await
+    }
+}
+
+/// The records of `batch` at or before `limit` (the shared reader's position when a backfill
+/// joined it), and whether the shard ends with them.
+fn keep_before<'a>(limit: &Resume, batch: &'a ShardBatch) -> (&'a [Record], bool) {
+    if limit.ended.contains(&batch.shard) {
+        return (&batch.records, batch.ended);
+    }
+    let Some(Some(last)) = limit.shards.get(&batch.shard) else {
+        return (&[], false); // the shared reader reads all of it
+    };
+    let keep = batch
+        .records
+        .iter()
+        .take_while(|r| compare_sequence_numbers(r.sequence_number(), last).is_le())
+        .count();
+    (&batch.records[..keep], false)
+}
+
+/// Sends a backfill reader's barrier of `epoch`, at its checkpointed `position`.
+async fn barrier(
+    ctx: &SourceContext,
+    checkpoint: &mut Option<ReaderCheckpoint>,
+    epoch: u64,
+    position: serde_json::Value,
+) {
+    if let Some(ck) = checkpoint {
+        ck.barrier(&ctx.output, epoch, position).await;
+    }
+}
+
 #[async_trait]
 impl SourceReader for KinesisReader {
+    /// Both roles keep their position; the shared reader also its raw and errors files
+    /// (staged, committed with the checkpoint).
     fn checkpointable(&self) -> bool {
         true
     }
@@ -460,149 +898,109 @@ impl SourceReader for KinesisReader {
                 self.name
             ))
         };
-        self.resume = Some(Resume::from_json(position).ok_or_else(bad)?);
+        let resume = Resume::from_json(position).ok_or_else(bad)?;
         self.resume_clock = ClockState::read_from(position).ok_or_else(bad)?;
+        if let Role::Shared(service) = &self.role {
+            // Streams starting before it runs compare themselves with where it resumes.
+            service.set_position(&resume);
+        }
+        self.resume = Some(resume);
         Ok(())
     }
 
-    async fn run(mut self: Box<Self>, mut ctx: SourceContext) -> sluice_engine::Result<()> {
-        let mut checkpoint = ctx.checkpoint.take();
-        if checkpoint.is_some() {
-            self.raw = self.raw.take().map(RecordZone::staging);
-            self.errors = self.errors.take().map(RecordZone::staging);
-        } else {
-            self.errors = None; // bad records go to the context's errors writer
+    async fn run(mut self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
+        match std::mem::replace(&mut self.role, Role::Done) {
+            Role::Shared(service) => self.run_shared(ctx, service).await,
+            Role::Backfill(joinable) => self.run_backfill(ctx, joinable).await,
+            Role::Done => Err(EngineError::Internal(format!(
+                "kinesis source `{}`: a reader runs once",
+                self.name
+            ))),
         }
-        let resume = self.resume.take();
-        // What has been handed over so far, for checkpoints.
-        let mut position = resume.clone().unwrap_or_default();
-        let client = self.config.aws.client().await;
-        let mut decoder = Decoder::new(&self.config.format, self.value_schema())?;
-        let (tx, mut rx) = mpsc::channel::<Result<ShardBatch, String>>(16);
-        let readers = ctx.cancel.child_token();
-        let _stop_readers = readers.clone().drop_guard();
-        let mut known: BTreeMap<String, KnownShard> = BTreeMap::new();
-        let mut clock: SplitClock<String> = SplitClock::default();
-        let mut lag: BTreeMap<String, i64> = BTreeMap::new();
-        // From a checkpoint: each shard's event time, and the watermark sent (again now).
-        let mut emitted = clock.restore(&self.resume_clock);
-        if self.role == ReaderRole::Stream {
-            resend_watermark(&ctx, emitted).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resume(shards: &[(&str, Option<&str>)], ended: &[&str]) -> Resume {
+        Resume {
+            shards: shards
+                .iter()
+                .map(|(s, q)| (s.to_string(), q.map(str::to_string)))
+                .collect(),
+            ended: ended.iter().map(|s| s.to_string()).collect(),
         }
-        // After a restore, shards are read on from their positions, never from `latest`.
-        let mut first_listing = resume.is_none();
-        let mut discovery = tokio::time::interval(DISCOVERY_INTERVAL);
-        let mut idle_tick = tokio::time::interval(Duration::from_secs(1));
-        let mut rediscover = true;
-        loop {
-            if rediscover {
-                rediscover = false;
-                let shards = self.list_shards(&client).await?;
-                for s in &shards {
-                    if known.contains_key(s.shard_id()) {
-                        continue;
-                    }
-                    let closed = s
-                        .sequence_number_range()
-                        .and_then(|r| r.ending_sequence_number())
-                        .is_some();
-                    let state = if position.ended.contains(s.shard_id())
-                        || (first_listing && closed && self.config.start == KinesisStart::Latest)
-                    {
-                        ShardState::Ended // read before, or nothing new can come from it
-                    } else {
-                        ShardState::Waiting
-                    };
-                    let parents = [s.parent_shard_id(), s.adjacent_parent_shard_id()]
-                        .into_iter()
-                        .flatten()
-                        .map(str::to_string)
-                        .collect();
-                    known.insert(s.shard_id().to_string(), KnownShard { parents, state });
-                }
-                // Start every shard whose parents have ended (or are gone from the listing).
-                let ready: Vec<String> = known
-                    .iter()
-                    .filter(|(_, k)| {
-                        k.state == ShardState::Waiting
-                            && k.parents.iter().all(|p| {
-                                known.get(p).is_none_or(|pk| pk.state == ShardState::Ended)
-                            })
-                    })
-                    .map(|(id, _)| id.clone())
-                    .collect();
-                for id in ready {
-                    let start = if first_listing && self.config.start == KinesisStart::Latest {
-                        ShardIteratorType::Latest
-                    } else {
-                        ShardIteratorType::TrimHorizon
-                    };
-                    known.get_mut(&id).expect("listed").state = ShardState::Reading;
-                    clock.add(id.clone());
-                    let after = position.shards.entry(id.clone()).or_default().clone();
-                    tracing::info!(source = %self.name, shard = %id, "kinesis: reading shard");
-                    let reader = ShardReader {
-                        client: client.clone(),
-                        stream: self.config.stream.clone(),
-                        shard: id,
-                        start,
-                        after,
-                        limit: self.config.batch_size,
-                        poll_interval: self.config.poll_interval,
-                    };
-                    tokio::spawn(reader.run(tx.clone(), readers.clone()));
-                }
-                first_listing = false;
-            }
-            tokio::select! {
-                _ = ctx.cancel.cancelled() => return Ok(()),
-                Some(batch) = rx.recv() => {
-                    let batch = batch.map_err(|e| self.failed(e))?;
-                    self.handle(&ctx, &mut decoder, &batch, &mut clock).await?;
-                    if let Some(r) = batch.records.last() {
-                        position
-                            .shards
-                            .insert(batch.shard.clone(), Some(r.sequence_number().to_string()));
-                    }
-                    if let Some(ms) = batch.millis_behind {
-                        lag.insert(batch.shard.clone(), ms);
-                    }
-                    if batch.ended {
-                        tracing::info!(source = %self.name, shard = %batch.shard, "kinesis: shard ended");
-                        known.get_mut(&batch.shard).expect("a known shard").state = ShardState::Ended;
-                        clock.remove(&batch.shard);
-                        lag.remove(&batch.shard);
-                        position.shards.remove(&batch.shard);
-                        position.ended.insert(batch.shard.clone());
-                        rediscover = true; // its children may start now
-                    }
-                    if self.role == ReaderRole::Archive {
-                        ctx.metrics.set_partition_lag(
-                            lag.iter().map(|(s, ms)| (shard_number(s), *ms)).collect(),
-                        );
-                    } else {
-                        advance_watermark(&ctx, &clock, &mut emitted).await;
-                    }
-                }
-                epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
-                    if let Some(ck) = &mut checkpoint {
-                        let mut files = vec![];
-                        for zone in [&self.raw, &self.errors].into_iter().flatten() {
-                            files.extend(zone.take_staged());
-                        }
-                        ck.staged(epoch, files);
-                        let mut at = position.to_json();
-                        clock.state(emitted).write_into(&mut at);
-                        ck.barrier(&ctx.output, epoch, at).await;
-                    }
-                }
-                _ = discovery.tick() => rediscover = true,
-                _ = idle_tick.tick() => {
-                    if self.role == ReaderRole::Stream {
-                        advance_watermark(&ctx, &clock, &mut emitted).await;
-                    }
-                }
-            }
-        }
+    }
+
+    fn record(seq: &str) -> Record {
+        Record::builder()
+            .sequence_number(seq)
+            .data(aws_sdk_kinesis::primitives::Blob::new("{}"))
+            .partition_key("k")
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn covers_compares_sequence_numbers_and_ended_shards() {
+        let a = resume(&[("s0", Some("100")), ("s1", None)], &["p"]);
+        assert!(a.covers(&resume(&[("s0", Some("99"))], &[])));
+        assert!(a.covers(&resume(&[("s0", Some("100"))], &["p"])));
+        assert!(!a.covers(&resume(&[("s0", Some("101"))], &[])));
+        assert!(
+            !a.covers(&resume(&[("s1", Some("5"))], &[])),
+            "nothing read there"
+        );
+        assert!(
+            a.covers(&resume(&[("s2", None)], &[])),
+            "nothing to read there"
+        );
+        assert!(!a.covers(&resume(&[], &["s0"])), "not read to its end");
+        assert!(
+            a.covers(&resume(&[("p", Some("7"))], &[])),
+            "read to its end"
+        );
+        // Numerically, not as text.
+        assert!(resume(&[("s0", Some("1000"))], &[]).covers(&resume(&[("s0", Some("999"))], &[])));
+    }
+
+    #[test]
+    fn a_backfill_keeps_what_the_shared_reader_had_not_read_when_it_joined() {
+        let limit = resume(&[("s0", Some("20")), ("s1", None)], &["p"]);
+        let batch = |shard: &str, ended| ShardBatch {
+            shard: shard.into(),
+            records: ["10", "20", "30"].map(record).to_vec(),
+            millis_behind: None,
+            ended,
+        };
+        let seqs = |b: &ShardBatch| {
+            let (kept, ended) = keep_before(&limit, b);
+            let seqs: Vec<_> = kept
+                .iter()
+                .map(|r| r.sequence_number().to_string())
+                .collect();
+            (seqs, ended)
+        };
+        assert_eq!(
+            seqs(&batch("s0", true)),
+            (vec!["10".into(), "20".into()], false)
+        );
+        assert_eq!(
+            seqs(&batch("s1", false)),
+            (vec![], false),
+            "the shared reader reads it"
+        );
+        assert_eq!(
+            seqs(&batch("s9", false)),
+            (vec![], false),
+            "not started by the shared reader"
+        );
+        assert_eq!(
+            seqs(&batch("p", true)),
+            (vec!["10".into(), "20".into(), "30".into()], true),
+            "read to its end by the shared reader"
+        );
     }
 }
