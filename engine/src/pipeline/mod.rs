@@ -23,8 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arrow::array::{Array, TimestampMicrosecondArray};
 use arrow::datatypes::SchemaRef;
@@ -41,6 +40,10 @@ use crate::metrics::Metrics;
 use crate::operator::{Collector, OperatorChain};
 use crate::router::HashRouter;
 use crate::time::EventTime;
+
+mod merge;
+
+use merge::{Event, Merger};
 
 /// One input of a stream and the operators its rows go through.
 #[derive(Debug)]
@@ -417,189 +420,86 @@ async fn run_subtask(
 }
 
 /// Merges the subtasks' outputs: rows as they come, the minimum watermark, barriers once
-/// every subtask passed them.
+/// every subtask passed them ([`Merger`]). A subtask's closed channel counts as its end (its
+/// error, if it failed, is reported when it is joined).
 async fn merge_subtasks(
     mut inputs: Vec<mpsc::Receiver<Message>>,
     delivery: Delivery,
 ) -> Result<()> {
-    let n = inputs.len();
-    let mut watermarks = vec![EventTime::MIN; n];
-    let mut ended = vec![false; n];
-    let mut emitted = EventTime::MIN;
-    // Subtasks that delivered the barrier being aligned wait for the others: what they send
-    // next belongs to the next epoch.
-    let mut blocked = vec![false; n];
-    let mut pending_barrier = None;
-    let mut next = 0usize;
+    let mut merger = Merger::independent(inputs.len());
     loop {
-        let received = std::future::poll_fn(|cx| {
-            for k in 0..n {
-                let i = (next + k) % n;
-                if ended[i] || blocked[i] {
-                    continue;
-                }
-                if let Poll::Ready(m) = inputs[i].poll_recv(cx) {
-                    next = (i + 1) % n;
-                    return Poll::Ready(Some((i, m.unwrap_or(Message::End))));
-                }
+        let event = merger
+            .next(&delivery.metrics, |i, cx| inputs[i].poll_recv(cx))
+            .await;
+        let (i, msg) = match event {
+            Event::Ended => return Ok(()),
+            Event::Closed(i) => (i, Message::End),
+            Event::Message(i, m) => (i, m),
+            Event::Watermark(wm) => {
+                delivery.deliver(Message::Watermark(wm)).await;
+                continue;
             }
-            if ended.iter().all(|e| *e) {
-                return Poll::Ready(None);
-            }
-            Poll::Pending
-        })
-        .await;
-        let Some((i, msg)) = received else {
-            return Ok(());
         };
         match msg {
             Message::Data(_) => delivery.deliver(msg).await,
             Message::Watermark(t) => {
-                watermarks[i] = watermarks[i].max(t);
-                if let Some(wm) =
-                    advance_watermark(&delivery.metrics, &watermarks, &ended, &mut emitted)
-                {
+                if let Some(wm) = merger.watermark(i, t, &delivery.metrics) {
                     delivery.deliver(Message::Watermark(wm)).await;
                 }
             }
             Message::Barrier(b) => {
-                blocked[i] = true;
-                pending_barrier = Some(b);
-                if aligned(&blocked, &ended) {
-                    blocked.iter_mut().for_each(|b| *b = false);
-                    pending_barrier = None;
+                if let Some(b) = merger.barrier(i, b) {
                     delivery.deliver(Message::Barrier(b)).await;
                 }
             }
             Message::End => {
-                ended[i] = true;
-                if let Some(wm) =
-                    advance_watermark(&delivery.metrics, &watermarks, &ended, &mut emitted)
-                {
+                // Every subtask delivers the same barriers: one pending when the last ends
+                // was delivered by all the others.
+                let (wm, barrier) = merger.end(i, &delivery.metrics, true);
+                if let Some(wm) = wm {
                     delivery.deliver(Message::Watermark(wm)).await;
                 }
-                // A barrier the ended subtask will never deliver is aligned without it.
-                if blocked.iter().any(|b| *b) && aligned(&blocked, &ended) {
-                    blocked.iter_mut().for_each(|b| *b = false);
-                    // Every subtask delivers the same barriers: its epoch is the pending one.
-                    if let Some(e) = pending_barrier.take() {
-                        delivery.deliver(Message::Barrier(e)).await;
-                    }
+                if let Some(b) = barrier {
+                    delivery.deliver(Message::Barrier(b)).await;
                 }
             }
         }
     }
-}
-
-/// Marks in `skip` the branches that must wait for their turn: of the branches reading one
-/// input (same leader) that may be read now (not in `skip`: not ended, not held at a
-/// barrier), only the first with the fewest messages taken may take the next. (Copies that
-/// subscribed while the input was sending may be a message apart: the turn then passes over
-/// one held at a barrier rather than wait for it.)
-fn not_their_turn(leaders: &[usize], taken: &[u64], skip: &mut [bool]) {
-    let readable = skip.iter().map(|s| !*s).collect::<Vec<_>>();
-    for (i, leader) in leaders.iter().enumerate() {
-        if !readable[i] {
-            continue;
-        }
-        let turn = (0..leaders.len())
-            .filter(|j| leaders[*j] == *leader && readable[*j])
-            .min_by_key(|j| (taken[*j], *j));
-        if turn != Some(i) {
-            skip[i] = true;
-        }
-    }
-}
-
-/// Whether every input that has not ended delivered the barrier being aligned.
-fn aligned(blocked: &[bool], ended: &[bool]) -> bool {
-    blocked.iter().zip(ended).all(|(b, e)| *b || *e)
 }
 
 impl Merge {
     async fn run(&mut self) -> Result<()> {
-        let n = self.branches.len();
-        let mut watermarks = vec![EventTime::MIN; n];
-        let mut ended = vec![false; n];
-        let mut emitted_wm = EventTime::MIN;
-        // Aligned checkpoints: a branch that delivered the barrier being aligned is not read
-        // until every live branch has (what it sends next belongs to the next epoch).
-        let mut blocked = vec![false; n];
-        let mut pending_barrier = None;
-        let mut next_poll = 0usize;
-        // Messages taken from each branch, for reading copies of one input in lockstep.
-        let leaders: Vec<usize> = (0..n)
-            .map(|i| {
-                self.branches[i]
-                    .same_input_as
-                    .filter(|l| *l < i)
-                    .unwrap_or(i)
-            })
-            .collect();
-        let mut taken = vec![0u64; n];
+        let mut merger = Merger::new(
+            Merger::leaders(self.branches.iter().map(|b| b.same_input_as)),
+            self.branches.iter().map(|b| b.idle_timeout).collect(),
+        );
         let cancel = self.cancel.clone();
-        // Idle inputs: excluded from the watermark while they deliver nothing.
-        let timeouts: Vec<Option<Duration>> =
-            self.branches.iter().map(|b| b.idle_timeout).collect();
-        let mut last_seen = vec![Instant::now(); n];
-        let mut idle = vec![false; n];
-        let check_every = timeouts
-            .iter()
-            .flatten()
-            .min()
-            .map(|t| (*t / 4).max(Duration::from_millis(10)));
-        let mut idle_check =
-            tokio::time::interval(check_every.unwrap_or(Duration::from_secs(3600)));
-        idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let metrics = Arc::clone(&self.delivery.metrics);
         loop {
-            let mut skip = excluded(&ended, &blocked);
-            not_their_turn(&leaders, &taken, &mut skip);
-            let received = tokio::select! {
+            let branches = &mut self.branches;
+            let event = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Ok(()),
-                _ = idle_check.tick(), if check_every.is_some() => {
-                    let now = Instant::now();
-                    let mut changed = false;
-                    for i in 0..n {
-                        if let Some(t) = timeouts[i]
-                            && !idle[i] && !ended[i] && now.duration_since(last_seen[i]) >= t
-                        {
-                            idle[i] = true;
-                            changed = true;
-                        }
-                    }
-                    if changed
-                        && let Some(wm) = advance_watermark(
-                            &self.delivery.metrics,
-                            &watermarks,
-                            &excluded(&ended, &idle),
-                            &mut emitted_wm,
-                        )
-                    {
-                        self.post_and_deliver(Message::Watermark(wm)).await?;
-                    }
+                e = merger.next(&metrics, |i, cx| branches[i].input.poll_recv(cx)) => e,
+            };
+            let (i, msg) = match event {
+                // Every branch ended.
+                Event::Ended => return self.post_and_deliver(Message::End).await,
+                Event::Closed(i) => {
+                    // Cut short by a failure upstream: what the stream holds is not complete.
+                    return Err(EngineError::Closed(format!(
+                        "input {} of the stream failed before its end",
+                        i + 1
+                    )));
+                }
+                Event::Watermark(wm) => {
+                    self.post_and_deliver(Message::Watermark(wm)).await?;
                     continue;
                 }
-                r = next_message(&mut self.branches, &ended, &skip, &mut next_poll) => r,
+                Event::Message(i, m) => (i, m),
             };
-            let Some((i, msg)) = received else {
-                return self.post_and_deliver(Message::End).await; // every branch ended
-            };
-            let Some(msg) = msg else {
-                // Cut short by a failure upstream: what the stream holds is not complete.
-                return Err(EngineError::Closed(format!(
-                    "input {} of the stream failed before its end",
-                    i + 1
-                )));
-            };
-            taken[i] += 1;
-            // Checkpoint barriers are not activity: a quiet input stays idle.
-            if !matches!(msg, Message::Barrier(_)) {
-                last_seen[i] = Instant::now();
-                idle[i] = false;
-            }
             if let Message::Data(b) = &msg {
-                self.delivery.metrics.add_rows_in(b.num_rows());
+                metrics.add_rows_in(b.num_rows());
             }
             let mut out = Collector::default();
             self.branches[i].chain.process(msg, &mut out)?;
@@ -611,13 +511,7 @@ impl Merge {
                         self.post_and_deliver(Message::Data(batch)).await?;
                     }
                     Message::Watermark(t) => {
-                        watermarks[i] = watermarks[i].max(t);
-                        if let Some(wm) = advance_watermark(
-                            &self.delivery.metrics,
-                            &watermarks,
-                            &excluded(&ended, &idle),
-                            &mut emitted_wm,
-                        ) {
+                        if let Some(wm) = merger.watermark(i, t, &metrics) {
                             self.post_and_deliver(Message::Watermark(wm)).await?;
                         }
                     }
@@ -627,37 +521,24 @@ impl Merge {
                         if !self.checkpoint.as_ref().is_some_and(|h| h.takes(b)) {
                             continue;
                         }
-                        blocked[i] = true;
-                        pending_barrier = Some(b);
-                        if aligned(&blocked, &ended) {
-                            blocked.iter_mut().for_each(|b| *b = false);
-                            pending_barrier = None;
+                        if let Some(b) = merger.barrier(i, b) {
                             self.post_and_deliver(Message::Barrier(b)).await?;
                         }
                     }
                     Message::End => {
-                        ended[i] = true;
-                        if let Some(wm) = advance_watermark(
-                            &self.delivery.metrics,
-                            &watermarks,
-                            &excluded(&ended, &idle),
-                            &mut emitted_wm,
-                        ) {
+                        // When every branch ended, `End` follows: the final state covers
+                        // a barrier still being aligned.
+                        let (wm, barrier) = merger.end(i, &metrics, false);
+                        if let Some(wm) = wm {
                             self.post_and_deliver(Message::Watermark(wm)).await?;
                         }
-                        // The ended branch will not deliver the barrier being aligned.
-                        if let Some(b) = pending_barrier
-                            && aligned(&blocked, &ended)
-                            && !ended.iter().all(|e| *e)
-                        {
-                            blocked.iter_mut().for_each(|b| *b = false);
-                            pending_barrier = None;
+                        if let Some(b) = barrier {
                             self.post_and_deliver(Message::Barrier(b)).await?;
                         }
                     }
                 }
             }
-            if ended.iter().all(|e| *e) {
+            if merger.all_ended() {
                 // Every input ended: stateful operators flush.
                 return self.post_and_deliver(Message::End).await;
             }
@@ -727,62 +608,6 @@ impl Merge {
         }
         Ok(())
     }
-}
-
-/// Which inputs do not count for the merged watermark: those that ended or are idle.
-fn excluded(ended: &[bool], idle: &[bool]) -> Vec<bool> {
-    ended.iter().zip(idle).map(|(e, i)| *e || *i).collect()
-}
-
-/// The minimum watermark over the inputs not `excluded` (ended or idle), if it advanced.
-fn advance_watermark(
-    metrics: &Metrics,
-    watermarks: &[EventTime],
-    excluded: &[bool],
-    emitted: &mut EventTime,
-) -> Option<EventTime> {
-    let live_min = watermarks
-        .iter()
-        .zip(excluded)
-        .filter(|(_, e)| !**e)
-        .map(|(w, _)| *w)
-        .min();
-    match live_min {
-        Some(wm) if wm > *emitted => {
-            *emitted = wm;
-            metrics.observe_watermark(wm);
-            Some(wm)
-        }
-        _ => None,
-    }
-}
-
-/// Receives the next message from any live branch, polling branches round-robin so that no
-/// input starves the others. `None` when every branch has ended.
-async fn next_message(
-    branches: &mut [Branch],
-    ended: &[bool],
-    skip: &[bool],
-    next_poll: &mut usize,
-) -> Option<(usize, Option<Message>)> {
-    let n = branches.len();
-    if ended.iter().all(|e| *e) {
-        return None;
-    }
-    std::future::poll_fn(|cx| {
-        for k in 0..n {
-            let i = (*next_poll + k) % n;
-            if skip[i] {
-                continue;
-            }
-            if let Poll::Ready(m) = branches[i].input.poll_recv(cx) {
-                *next_poll = (i + 1) % n;
-                return Poll::Ready(Some((i, m)));
-            }
-        }
-        Poll::Pending
-    })
-    .await
 }
 
 #[cfg(test)]
