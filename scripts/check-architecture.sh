@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Checks the two rules of docs/architecture.md that the compiler does not:
-#  1. crate arrows point down: server → sql → connectors → engine (a crate depends only on
-#     crates below it);
+# Checks the rules of docs/architecture.md that the compiler does not:
+#  1. crate arrows point down: server → sql, connectors → engine (a crate depends only on
+#     crates below it; sql and connectors know nothing of each other);
 #  2. the server names no connector: no connector module, config variant or connector type in
-#     server/src (it reaches connectors through the registry and the engine's traits).
+#     server/src (it reaches connectors through the registry and the engine's traits);
+#  3. the engine's and the SQL layer's tests build without librdkafka or the AWS SDK (the
+#     heavy connectors are cargo features of sluice-connectors).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 failed=0
@@ -12,7 +14,7 @@ failed=0
 declare -A allowed=(
   [engine]=""
   [connectors]="sluice-engine"
-  [sql]="sluice-engine sluice-connectors"
+  [sql]="sluice-engine"
   [server]="sluice-engine sluice-connectors sluice-sql"
 )
 for crate in engine connectors sql server; do
@@ -34,7 +36,23 @@ if hits=$(grep -rnE --include='*.rs' "$pattern" server/src | grep -vE '^[^:]+:[0
   failed=1
 fi
 
+# 3. No heavy connector dependency under the engine or the SQL layer, tests included.
+for crate in sluice-engine sluice-sql; do
+  if ! tree=$(cargo tree --locked -p "$crate" -e normal,dev --prefix none); then
+    echo "check-architecture: cannot list the dependencies of $crate" >&2
+    failed=1
+    continue
+  fi
+  heavy=$(grep -E '^(rdkafka|aws-sdk-[a-z]+|aws-config) ' <<<"$tree" | sort -u || true)
+  if [ -n "$heavy" ]; then
+    echo "check-architecture: $crate (tests included) depends on heavy connector crates:" >&2
+    echo "$heavy" >&2
+    failed=1
+  fi
+done
+
 if [ "$failed" = 0 ]; then
-  echo "check-architecture: crate arrows point down; server/src names no connector"
+  echo "check-architecture: crate arrows point down; server/src names no connector;" \
+    "engine and sql build without librdkafka or the AWS SDK"
 fi
 exit "$failed"

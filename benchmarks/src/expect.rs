@@ -96,10 +96,7 @@ pub async fn generated(
     mut fold: impl FnMut(&RecordBatch) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let def = crate::source_of(source_sql)?;
-    let reader = def
-        .config
-        .reader(Arc::clone(&def.schema))
-        .context("datagen has a reader")?;
+    let reader = crate::datagen_reader(&def)?;
     let out = FanOut::new("expected");
     let mut rx = out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY);
     let (bad, mut bad_rx) = tokio::sync::mpsc::channel(16);

@@ -15,11 +15,12 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use sluice_connectors::SourceConfig;
+use sluice_connectors::datagen::DatagenConfig;
 use sluice_connectors::kafka::{FetchClient, KafkaConfig, KafkaReader, StartPosition};
-use sluice_connectors::lake::{Lake, LakeWriterConfig, ParquetLakeWriter, RecordZone, Zone};
+use sluice_connectors::lake::{Lake, ParquetLakeWriter, RecordZone, Zone};
 use sluice_engine::SourceReader as _;
 use sluice_engine::pipeline::{Branch, StreamTask};
+use sluice_engine::sink::FileRolling;
 use sluice_engine::sink::run_sink;
 use sluice_engine::{FanOut, Message, OperatorChain, SourceContext};
 use sluice_sql::parser::SluiceStatement;
@@ -46,12 +47,18 @@ impl BidLines {
             ),
         );
         let def = source_of(&sql)?;
-        let SourceConfig::Datagen(config) = &def.config else {
-            anyhow::bail!("not datagen")
-        };
+        let mut options = sluice_engine::WithOptions::new(
+            "source `bids`",
+            def.create
+                .options
+                .iter()
+                .filter(|(k, _)| k != "connector")
+                .cloned(),
+        );
+        let config = DatagenConfig::try_new(&mut options, &def.schema)?;
         Ok(Self {
             generator: sluice_connectors::datagen::DatagenReader::new(
-                config.clone(),
+                config,
                 Arc::clone(&def.schema),
             ),
             left: n,
@@ -425,7 +432,7 @@ pub async fn run(args: &Args, checkpoint: bool, librdkafka: bool) -> anyhow::Res
         "per_auction",
         &plan.output_schema,
         plan.event_time_column.as_deref(),
-        LakeWriterConfig::default(),
+        FileRolling::default(),
         Arc::clone(&files),
     );
     if let Some(r) = registered {

@@ -31,11 +31,12 @@ use anyhow::Context;
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use clap::Parser;
-use sluice_connectors::lake::{Lake, LakeWriterConfig, ParquetLakeWriter};
-use sluice_connectors::registry::SourceConfig;
+use sluice_connectors::lake::{Lake, ParquetLakeWriter};
+use sluice_engine::connector::SourceFeed;
 use sluice_engine::pipeline::{Branch, StreamTask, stateful_stage};
+use sluice_engine::sink::FileRolling;
 use sluice_engine::sink::run_sink;
-use sluice_engine::{FanOut, Message, OperatorChain, Sink, SourceContext};
+use sluice_engine::{FanOut, Message, OperatorChain, Sink, SourceContext, SourceReader};
 use sluice_sql::parser::SluiceStatement;
 use sluice_sql::{ObjectKind, Relation, parse_sql, plan_stream, source_def};
 use tokio_util::sync::CancellationToken;
@@ -215,7 +216,26 @@ fn source_of(sql: &str) -> anyhow::Result<sluice_sql::SourceDef> {
     let SluiceStatement::CreateSource(create) = parse_sql(sql)?.remove(0) else {
         anyhow::bail!("not a CREATE SOURCE")
     };
-    Ok(source_def(&create)?)
+    let scratch = std::env::temp_dir().join("sluice-bench-connectors");
+    let lake = Lake::open(scratch.to_str().context("a UTF-8 temp dir")?)?;
+    Ok(source_def(&create, &sluice_connectors::registry(&lake))?)
+}
+
+/// A stream's own reader of a `datagen` source.
+fn datagen_reader(def: &sluice_sql::SourceDef) -> anyhow::Result<Box<dyn SourceReader>> {
+    let (bad_records, _) = tokio::sync::mpsc::channel(1);
+    let ctx = SourceContext {
+        output: FanOut::new(def.name.as_str()),
+        metrics: Arc::default(),
+        bad_records,
+        cancel: CancellationToken::new(),
+        watermark: None,
+        checkpoint: None,
+    };
+    match def.config.open(&def.name, Arc::clone(&def.schema), ctx)? {
+        SourceFeed::PerStream(make) => Ok(make.reader()),
+        other => anyhow::bail!("not datagen: {other:?}"),
+    }
 }
 
 /// The process's resident set size, in bytes.
@@ -325,13 +345,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
         );
     }
     let def = source_of(&sql)?;
-    let SourceConfig::Datagen(_) = &def.config else {
-        anyhow::bail!("not datagen")
-    };
-    let reader = def
-        .config
-        .reader(Arc::clone(&def.schema))
-        .context("datagen has a reader")?;
+    let reader = datagen_reader(&def)?;
     let cancel = CancellationToken::new();
     let source_out = FanOut::new("clicks");
     let (bad_tx, mut bad_rx) = tokio::sync::mpsc::channel(16);
@@ -534,7 +548,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
                 "clean_clicks",
                 &plan.output_schema,
                 Some("ts"),
-                LakeWriterConfig::default(),
+                FileRolling::default(),
                 Arc::new(AtomicU64::new(0)),
             );
             match checkpoints.take() {

@@ -29,6 +29,7 @@ impl AwsOptions {
     }
 
     /// The AWS SDK configuration: the environment's, with these overrides.
+    #[cfg(feature = "aws")]
     pub async fn sdk_config(&self) -> aws_config::SdkConfig {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
         if let Some(region) = &self.region {
@@ -41,6 +42,7 @@ impl AwsOptions {
     }
 
     /// A Kinesis client.
+    #[cfg(feature = "aws")]
     pub async fn client(&self) -> aws_sdk_kinesis::Client {
         aws_sdk_kinesis::Client::new(&self.sdk_config().await)
     }

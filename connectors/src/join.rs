@@ -262,7 +262,7 @@ pub(crate) async fn relay<P: Positions>(
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "kafka"))]
 mod tests {
     use super::*;
     use crate::kafka::offsets::{Offsets, position_json};

@@ -8,24 +8,30 @@
 //!   Parquet writer of the processed zone, the raw and errors zones.
 //! - [`datagen`]: a deterministic generator driven by the declared schema.
 //! - [`http`]: push ingestion (`POST /v1/sources/{name}/events`).
-//! - [`kafka`], [`kinesis`]: topics and streams, read per partition / shard, and written.
-//! - [`s3`]: the landing zone: files landing under an S3 prefix (SQS notifications or
-//!   listing), each ingested once.
+//! - `kafka`, `kinesis`: topics and streams, read per partition / shard, and written
+//!   (cargo features `kafka` and `aws`, on by default).
+//! - `s3`: the landing zone: files landing under an S3 prefix (SQS notifications or
+//!   listing), each ingested once (feature `aws`).
 //! - [`split_clock`]: event time per partition or shard, and the source's watermark.
-//! - [`registry`]: the one list of connectors, and option validation for `CREATE SOURCE`.
+//! - [`registry`]: the one list of connectors (each implements the engine's
+//!   [`sluice_engine::connector`] traits).
 
 pub mod aws;
 pub mod datagen;
 pub mod error;
 pub mod formats;
 pub mod http;
+#[cfg(any(feature = "kafka", feature = "aws"))]
 pub mod join;
+#[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "aws")]
 pub mod kinesis;
 pub mod lake;
 pub mod registry;
+#[cfg(feature = "aws")]
 pub mod s3;
 pub mod split_clock;
 
 pub use error::{ConnectorError, Result};
-pub use registry::{Backfill, OwnReader, SinkConfig, SourceConfig, sink_config, source_config};
+pub use registry::registry;

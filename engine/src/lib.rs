@@ -6,7 +6,8 @@
 //!   [`OperatorChain`] that runs several of them in one task,
 //! - the [`FanOut`] hub through which a source or stream hands its output to every reader,
 //! - the [`SourceReader`], [`push::PushSource`] and [`Sink`] traits that connectors
-//!   implement,
+//!   implement, and the [`connector`] factories and registry through which the server
+//!   configures and opens them without naming any,
 //! - [`BadRecord`]s (rows that must go to the errors zone) and per-pipeline [`Metrics`],
 //! - small shared helpers: [`WithOptions`] for `WITH (…)` maps, [`EventTime`] arithmetic.
 //!
@@ -17,6 +18,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod connector;
 pub mod error;
 pub mod fanout;
 pub mod message;

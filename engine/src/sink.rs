@@ -86,3 +86,21 @@ pub async fn run_sink(mut input: Subscription, mut sink: Box<dyn Sink>) -> Resul
     }
     sink.close().await
 }
+
+/// How a stream's output files roll (the lake writer's options on `CREATE STREAM`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRolling {
+    /// Close a file after it has been open this long (freshness).
+    pub rollover_interval: Duration,
+    /// Close a file once it reaches about this many bytes (file size for Athena).
+    pub target_file_size: u64,
+}
+
+impl Default for FileRolling {
+    fn default() -> Self {
+        Self {
+            rollover_interval: Duration::from_secs(10),
+            target_file_size: 128 * 1024 * 1024,
+        }
+    }
+}

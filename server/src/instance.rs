@@ -12,6 +12,7 @@ use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{Expr, Set, SetExpr, Statement, Value};
 use sluice_connectors::lake::{Lake, Zone, athena_ddl, lake_schema, write_athena_ddl};
 use sluice_engine::checkpoint::{Coordinator, Fence, NoFence};
+use sluice_engine::connector::ConnectorRegistry;
 use sluice_engine::push::PushSource;
 use sluice_sql::parser::{CreateSink, CreateSource, CreateStream};
 use sluice_sql::{ObjectKind, Relation, SluiceStatement, SqlError, parse_sql, source_def};
@@ -93,6 +94,8 @@ pub struct Sluice {
 #[derive(Debug)]
 struct Inner {
     lake: Lake,
+    /// The connectors this build provides.
+    connectors: ConnectorRegistry,
     adhoc: AdHoc,
     state: tokio::sync::Mutex<State>,
     /// Every object by name, readable without waiting for a DDL statement to finish (the
@@ -281,6 +284,7 @@ impl Sluice {
                 checkpoints,
                 readers_gate: tokio::sync::watch::channel(false).0,
                 adhoc: AdHoc::new(lake.clone()),
+                connectors: sluice_connectors::registry(&lake),
                 lake,
                 state: tokio::sync::Mutex::new(State::default()),
                 directory: RwLock::default(),
@@ -568,7 +572,7 @@ impl Sluice {
         if state.exists_already(&c.name, ObjectKind::Source, c.if_not_exists)? {
             return Ok(tag);
         }
-        let def = source_def(&c)?;
+        let def = source_def(&c, &self.inner.connectors)?;
         let mut running = start_source(
             &self.inner.lake,
             def,
@@ -687,7 +691,10 @@ impl Sluice {
             format!("sink `{}`", c.name),
             c.options.iter().cloned(),
         );
-        let config = sluice_connectors::sink_config(opts, &from.schema)
+        let config = self
+            .inner
+            .connectors
+            .sink(opts, &from.schema)
             .map_err(|e| SqlError::InvalidOption(e.to_string()))?;
         let input = state
             .input(&c.from)

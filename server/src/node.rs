@@ -214,6 +214,7 @@ impl StandbyView {
             return Ok(adhoc.clone());
         }
         let adhoc = AdHoc::new(self.lake.clone());
+        let connectors = sluice_connectors::registry(&self.lake);
         let mut relations: std::collections::BTreeMap<String, Relation> = Default::default();
         for e in catalog::parse(&bytes)? {
             let Ok(mut stmts) = parse_sql(&e.sql) else {
@@ -222,7 +223,7 @@ impl StandbyView {
             // What cannot be planned here (the writer could not restore it either) is left out.
             match stmts.pop() {
                 Some(SluiceStatement::CreateSource(c)) => {
-                    if let Ok(def) = source_def(&c) {
+                    if let Ok(def) = source_def(&c, &connectors) {
                         adhoc.register_source(&c.name, Arc::clone(&def.schema))?;
                         relations.insert(
                             c.name.clone(),

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice_connectors::lake::{Lake, ParquetLakeWriter, RecordZone, Zone, run_errors_writer};
-use sluice_connectors::{Backfill, OwnReader, SinkConfig};
 use sluice_engine::checkpoint::{CheckpointHandle, Coordinator, Payload, StreamRegistration};
+use sluice_engine::connector::{ReaderFactory, SinkSpec, SourceFeed};
 use sluice_engine::pipeline::{Branch, StreamTask, stateful_stage};
 use sluice_engine::push::PushSource;
 use sluice_engine::sink::run_sink;
@@ -92,12 +92,13 @@ pub struct RunningSource {
     /// Where a push source resumes: what it stored after this position (from the last
     /// checkpoint) is published again before it takes requests.
     pub replay_from: Option<serde_json::Value>,
-    /// Its hub carries barriers and it replays after a crash (`http`, `kafka`, `s3`): streams
-    /// reading it can checkpoint.
+    /// Its hub carries barriers and it replays after a crash (a push source or shared reader
+    /// that checkpoints): streams reading it can checkpoint.
     pub checkpointed: bool,
-    /// How a stream that starts while the source runs catches up with it (`kafka` with
-    /// `start = 'earliest'`).
-    pub backfill: Option<Backfill>,
+    /// How a stream that starts while the source's shared reader runs catches up with it.
+    pub backfill: Option<ReaderFactory>,
+    /// Makes a stream's own reader, for a source read per stream.
+    pub per_stream: Option<ReaderFactory>,
 }
 
 /// A running stream.
@@ -134,10 +135,12 @@ fn errors_channel(lake: &Lake, name: &str) -> mpsc::Sender<Vec<BadRecord>> {
     tx
 }
 
-/// Registers a source: push sources (`http`) get their shared hub and ingest endpoint now;
-/// pull sources start a reader per stream that reads them (see [`Input`]). An `http` source
-/// takes part in checkpoints (its barriers go to the streams reading it); its position to
-/// replay from, if the last checkpoint has one, is in [`RunningSource::replay_from`].
+/// Starts a source as its connector says it feeds streams ([`SourceFeed`]): a push source
+/// gets its hub and ingest endpoint now; a shared reader starts (once `gate` opens) and
+/// publishes to the hub; a source read per stream starts nothing yet (see [`Input`]). Push
+/// sources and shared readers take part in checkpoints on their own; a push source's
+/// position to replay from, if the last checkpoint has one, is in
+/// [`RunningSource::replay_from`].
 pub async fn start_source(
     lake: &Lake,
     def: SourceDef,
@@ -150,90 +153,80 @@ pub async fn start_source(
     let metrics: Arc<Metrics> = Arc::default();
     let cancel = parent.child_token();
     let status: SharedStatus = Arc::new(Mutex::new(Status::Running));
-    let push = def.config.push_source(
-        &def.name,
-        Arc::clone(&def.schema),
-        lake,
-        SourceContext {
-            output: fanout.clone(),
-            metrics: Arc::clone(&metrics),
-            bad_records: errors_channel(lake, &def.name),
-            cancel: cancel.clone(),
-            watermark: def.watermark.clone(),
-            checkpoint: None,
-        },
-    );
-    let push = push.transpose()?;
-    let mut replay_from = None;
-    // Whether streams reading its hub get barriers from it and can replay it.
-    let mut checkpointed = false;
-    if let (Some(ingest), Some(c)) = (&push, coordinator) {
-        checkpointed = true;
-        let (reader, position) = register_source(c, &def.name, sql, false).await?;
-        replay_from = position;
-        if let Some(reader) = reader {
-            Arc::clone(ingest).checkpoint(reader);
-        }
-    }
-    let mut backfill = None;
-    if let Some(OwnReader {
-        reader: mut archiver,
-        backfill: catch_up,
-    }) = def
+    let mut ctx = SourceContext {
+        output: fanout.clone(),
+        metrics: Arc::clone(&metrics),
+        bad_records: errors_channel(lake, &def.name),
+        cancel: cancel.clone(),
+        watermark: def.watermark.clone(),
+        checkpoint: None,
+    };
+    let feed = def
         .config
-        .archiver(&def.name, Arc::clone(&def.schema), lake)
-    {
-        backfill = catch_up;
-        // A source's own reader that can (kafka's, kinesis's, s3's) checkpoints too: its raw and
-        // errors files are committed with the epoch, and it resumes from its last position.
-        let mut checkpoint = None;
-        if let Some(c) = coordinator.filter(|_| archiver.checkpointable()) {
-            let (reader, position) = register_source(c, &def.name, sql, true).await?;
-            if let Some(position) = position {
-                archiver.restore(&position)?;
-            }
-            checkpoint = reader;
-            checkpointed = def.config.publishes_to_hub();
-        }
-        let ctx = SourceContext {
-            output: fanout.clone(),
-            metrics: Arc::clone(&metrics),
-            bad_records: errors_channel(lake, &def.name),
-            cancel: cancel.clone(),
-            watermark: def.watermark.clone(),
-            checkpoint,
-        };
-        let status = Arc::clone(&status);
-        let name = def.name.clone();
-        let coordinator = coordinator.filter(|_| ctx.checkpoint.is_some()).cloned();
-        let mut gate = gate.clone();
-        let hub = fanout.clone();
-        tokio::spawn(async move {
-            // One that publishes to streams starts once they are all back (at startup).
-            let _ = gate.wait_for(|open| *open).await;
-            if let Err(e) = archiver.run(ctx).await {
-                tracing::error!(source = %name, error = %e, "the source's reader failed");
-                // Streams reading its hub fail too, rather than wait for rows that never come.
-                hub.abort(e.to_string());
-                *status.lock().unwrap_or_else(|e| e.into_inner()) = Status::Failed(e.to_string());
-                if let Some(c) = coordinator {
-                    // Checkpoints go on without it; its last position stays for a restart.
-                    c.deregister(&source_participant(&name), true);
-                }
-            }
-        });
-    }
-    Ok(RunningSource {
+        .open(&def.name, Arc::clone(&def.schema), ctx.clone())?;
+    let mut running = RunningSource {
         def,
         fanout,
         metrics,
         status,
         cancel,
-        push,
-        replay_from,
-        checkpointed,
-        backfill,
-    })
+        push: None,
+        replay_from: None,
+        checkpointed: false,
+        backfill: None,
+        per_stream: None,
+    };
+    let name = running.def.name.clone();
+    match feed {
+        SourceFeed::PerStream(make) => running.per_stream = Some(make),
+        SourceFeed::Push(ingest) => {
+            if let Some(c) = coordinator {
+                // Its barriers go to the streams reading its hub; it replays after a crash.
+                running.checkpointed = true;
+                let (reader, position) = register_source(c, &name, sql, false).await?;
+                running.replay_from = position;
+                if let Some(reader) = reader {
+                    Arc::clone(&ingest).checkpoint(reader);
+                }
+            }
+            running.push = Some(ingest);
+        }
+        SourceFeed::Shared {
+            mut reader,
+            backfill,
+        } => {
+            running.backfill = backfill;
+            // A shared reader that can checkpoints: its raw and errors files are committed
+            // with the epoch, and it resumes from its last position.
+            if let Some(c) = coordinator.filter(|_| reader.checkpointable()) {
+                let (handle, position) = register_source(c, &name, sql, true).await?;
+                if let Some(position) = position {
+                    reader.restore(&position)?;
+                }
+                ctx.checkpoint = handle;
+                running.checkpointed = true;
+            }
+            let status = Arc::clone(&running.status);
+            let coordinator = coordinator.filter(|_| ctx.checkpoint.is_some()).cloned();
+            let mut gate = gate.clone();
+            let hub = running.fanout.clone();
+            tokio::spawn(async move {
+                // It publishes to streams: it starts once they are all back (at startup).
+                let _ = gate.wait_for(|open| *open).await;
+                if let Err(e) = reader.run(ctx).await {
+                    tracing::error!(source = %name, error = %e, "the source's reader failed");
+                    // Streams reading its hub fail too, rather than wait for rows that never come.
+                    hub.abort(e.to_string());
+                    set(&status, Status::Failed(e.to_string()));
+                    if let Some(c) = coordinator {
+                        // Checkpoints go on without it; its last position stays for a restart.
+                        c.deregister(&source_participant(&name), true);
+                    }
+                }
+            });
+        }
+    }
+    Ok(running)
 }
 
 /// Registers a source's own reader with the checkpoints (as [`source_participant`]);
@@ -283,20 +276,22 @@ pub enum Input {
         /// restart it replays what followed the last checkpoint.
         checkpointed: bool,
     },
-    /// A pull source: the stream starts its own reader.
+    /// A source read per stream: the stream starts its own reader.
     Reader {
         /// The source.
         def: Box<SourceDef>,
+        /// Makes the reader.
+        make: ReaderFactory,
         /// The source's counters (shared by all its readers).
         metrics: Arc<Metrics>,
     },
     /// A source with one shared reader that a stream joins after reading, with a backfill
-    /// reader of its own, what the shared one read before the stream started (`kafka`).
+    /// reader of its own, what the shared one read before the stream started.
     CatchUp {
         /// The source.
         def: Box<SourceDef>,
         /// Makes the stream's backfill reader.
-        backfill: Backfill,
+        backfill: ReaderFactory,
         /// The source's reader takes part in checkpoints (so can the stream).
         checkpointed: bool,
     },
@@ -329,15 +324,13 @@ impl PendingReader {
     fn of(lake: &Lake, input: &Input, cancel: &CancellationToken) -> Result<Option<Self>> {
         Ok(match input {
             Input::Hub { .. } => None,
-            Input::Reader { def, metrics } => {
-                let reader = def.config.reader(Arc::clone(&def.schema)).ok_or_else(|| {
-                    ServerError::Internal(format!(
-                        "connector `{}` has no reader",
-                        def.config.connector()
-                    ))
-                })?;
-                Some(Self::new(lake, def, reader, Arc::clone(metrics), cancel))
-            }
+            Input::Reader { def, make, metrics } => Some(Self::new(
+                lake,
+                def,
+                make.reader(),
+                Arc::clone(metrics),
+                cancel,
+            )),
             // Its own counters: the source's count what the shared reader reads.
             Input::CatchUp { def, backfill, .. } => Some(Self::new(
                 lake,
@@ -680,15 +673,16 @@ impl RunningSource {
                 checkpointed: self.checkpointed,
             };
         }
-        match self.def.config.publishes_to_hub() {
-            true => Input::Hub {
+        match &self.per_stream {
+            Some(make) => Input::Reader {
+                def: Box::new(self.def.clone()),
+                make: make.clone(),
+                metrics: Arc::clone(&self.metrics),
+            },
+            None => Input::Hub {
                 hub: self.fanout.clone(),
                 idle_timeout: self.def.watermark.as_ref().and_then(|w| w.idle_timeout),
                 checkpointed: self.checkpointed,
-            },
-            false => Input::Reader {
-                def: Box::new(self.def.clone()),
-                metrics: Arc::clone(&self.metrics),
             },
         }
     }
@@ -707,7 +701,7 @@ pub struct RunningSink {
     /// The statement that made it.
     pub create: CreateSink,
     /// Its connector configuration.
-    pub config: SinkConfig,
+    pub config: Arc<dyn SinkSpec>,
     /// Its state.
     pub status: SharedStatus,
     /// Rows delivered (acknowledged by the destination; with exactly-once delivery, rows
@@ -796,7 +790,7 @@ const SINK_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
 pub async fn start_sink(
     lake: &Lake,
     create: CreateSink,
-    config: SinkConfig,
+    config: Arc<dyn SinkSpec>,
     input: Input,
     parent: &CancellationToken,
     gate: &Gate,
@@ -859,7 +853,7 @@ pub async fn start_sink(
         None => (None, None),
     };
     let exactly_once = checkpoint.is_some();
-    let inner = match config.sink(&create.name, checkpoint) {
+    let inner = match config.open(&create.name, checkpoint) {
         Ok(s) => s,
         Err(e) => {
             if let Some(c) = coordinator {

@@ -101,18 +101,6 @@ pub fn datafusion_sqlstate(e: &DataFusionError) -> &'static str {
     }
 }
 
-impl From<sluice_connectors::ConnectorError> for SqlError {
-    fn from(e: sluice_connectors::ConnectorError) -> Self {
-        match e {
-            sluice_connectors::ConnectorError::InvalidConfig(m) => SqlError::InvalidOption(m),
-            sluice_connectors::ConnectorError::Engine(
-                sluice_engine::EngineError::InvalidOption(m),
-            ) => SqlError::InvalidOption(m),
-            other => SqlError::Internal(other.to_string()),
-        }
-    }
-}
-
 impl From<sluice_engine::EngineError> for SqlError {
     fn from(e: sluice_engine::EngineError) -> Self {
         match e {

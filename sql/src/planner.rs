@@ -36,11 +36,11 @@ use datafusion::physical_expr::aggregate::LoweredAggregateBuilder;
 use datafusion::physical_expr::{PhysicalExpr, create_physical_expr, expressions::Column};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement;
-use sluice_connectors::lake::LakeWriterConfig;
 use sluice_engine::operators::{
     Dedup, DedupKeep, DedupSpec, Filter, LatePolicy, Lateness, Projection, SessionAggregate,
     Unnest, WindowAggregate, WindowAggregateSpec,
 };
+use sluice_engine::sink::FileRolling;
 use sluice_engine::{Operator, WithOptions};
 
 use crate::error::{Result, SqlError};
@@ -285,7 +285,7 @@ pub struct StreamPlan {
     /// The sources and streams it reads.
     pub inputs: BTreeSet<String>,
     /// How its lake files roll.
-    pub writer: LakeWriterConfig,
+    pub writer: FileRolling,
     /// The `checkpoint_interval` option: `Some(0)` turns checkpoints off for the stream;
     /// `None`: the server's default, but at least as often as files roll.
     pub checkpoint_interval: Option<std::time::Duration>,
@@ -355,7 +355,7 @@ pub async fn plan_stream(
 ) -> Result<StreamPlan> {
     let owner = format!("stream `{}`", stmt.name);
     let mut opts = WithOptions::new(owner.clone(), stmt.options.iter().cloned());
-    let mut writer = LakeWriterConfig::default();
+    let mut writer = FileRolling::default();
     if let Some(d) = opts.take_duration("rollover_interval")? {
         if d.is_zero() {
             return Err(opts

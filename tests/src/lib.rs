@@ -341,3 +341,12 @@ pub fn consume_from_beginning(
     consumer.assign(&tpl).expect("assigned");
     consumer
 }
+
+/// The connectors of this build, on a scratch lake (for validating `CREATE SOURCE` options
+/// without a server).
+pub fn connectors() -> sluice_engine::connector::ConnectorRegistry {
+    let dir = std::env::temp_dir().join("sluice-test-connectors");
+    let lake = sluice_connectors::lake::Lake::open(dir.to_str().expect("a UTF-8 temp dir"))
+        .expect("a scratch lake");
+    sluice_connectors::registry(&lake)
+}

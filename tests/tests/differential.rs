@@ -20,11 +20,12 @@ use arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use proptest::prelude::*;
-use sluice_connectors::lake::{Lake, LakeWriterConfig, ParquetLakeWriter};
+use sluice_connectors::lake::{Lake, ParquetLakeWriter};
 use sluice_engine::checkpoint::{
     CheckpointHandle, CheckpointStore, Coordinator, OperatorState, StreamRegistration,
 };
 use sluice_engine::pipeline::{Branch, StreamTask, stateful_stage};
+use sluice_engine::sink::FileRolling;
 use sluice_engine::sink::run_sink;
 use sluice_engine::{EventTime, FanOut, Message, OperatorChain};
 use sluice_sql::parser::SluiceStatement;
@@ -247,7 +248,7 @@ fn lake_writer(lake: Lake, plan: &sluice_sql::StreamPlan) -> ParquetLakeWriter {
         "s",
         &plan.output_schema,
         plan.event_time_column.as_deref(),
-        LakeWriterConfig::default(),
+        FileRolling::default(),
         Arc::default(),
     )
 }

@@ -282,7 +282,9 @@ async fn golden_checkpoints_of_every_stateful_operator_match_and_restore() {
     let SluiceStatement::CreateSource(source) = parse_sql(SOURCE).unwrap().remove(0) else {
         panic!("not a CREATE SOURCE")
     };
-    let schema = source_def(&source).unwrap().schema;
+    let schema = source_def(&source, &sluice_tests::connectors())
+        .unwrap()
+        .schema;
     let regenerate = std::env::var_os("SLUICE_GOLDEN_REGENERATE").is_some_and(|v| v == "1");
     let first = vec![
         Message::Data(input(&schema, 0, 60)),
@@ -338,7 +340,9 @@ async fn a_state_of_an_unknown_layout_version_is_refused() {
     let SluiceStatement::CreateSource(source) = parse_sql(SOURCE).unwrap().remove(0) else {
         panic!("not a CREATE SOURCE")
     };
-    let schema = source_def(&source).unwrap().schema;
+    let schema = source_def(&source, &sluice_tests::connectors())
+        .unwrap()
+        .schema;
     let (case, sql) = CASES[0];
     let mut golden = read_golden(case);
     for s in golden.iter_mut().flatten() {

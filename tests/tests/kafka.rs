@@ -669,6 +669,7 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
     use std::sync::Arc;
 
     use sluice_engine::checkpoint::{Coordinator, StreamRegistration};
+    use sluice_engine::connector::SourceFeed;
     use sluice_engine::{FanOut, Message, SourceContext};
 
     let brokers = kafka_brokers();
@@ -692,15 +693,40 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
         ("batch_size", "10"),
     ]
     .map(|(k, v)| (k.to_string(), v.to_string()));
-    let config = sluice_connectors::source_config(
-        sluice_engine::WithOptions::new("source `ids`", options),
-        &schema,
-    )
-    .unwrap();
-    let own = config
-        .archiver("ids", Arc::clone(&schema), &lake)
-        .expect("a kafka source has its own reader");
-    let backfill = own.backfill.expect("start = 'earliest' backfills");
+    let config = sluice_connectors::registry(&lake)
+        .source(
+            sluice_engine::WithOptions::new("source `ids`", options),
+            &schema,
+        )
+        .unwrap();
+    let (bad, mut bad_rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move { while bad_rx.recv().await.is_some() {} });
+    let context = |output: FanOut, checkpoint| SourceContext {
+        output,
+        metrics: Arc::default(),
+        bad_records: bad.clone(),
+        cancel: tokio_util::sync::CancellationToken::new(),
+        watermark: None,
+        checkpoint,
+    };
+    // The source's shared reader, and how a stream that starts later catches up with it.
+    let open = || match config
+        .open(
+            "ids",
+            Arc::clone(&schema),
+            context(FanOut::new("ids"), None),
+        )
+        .unwrap()
+    {
+        SourceFeed::Shared {
+            reader,
+            backfill: Some(backfill),
+        } => (reader, backfill),
+        other => {
+            panic!("a kafka source at `earliest` has a shared reader and backfills: {other:?}")
+        }
+    };
+    let (reader, backfill) = open();
     let coordinator = Coordinator::open(
         Arc::new(lake.clone()),
         Duration::from_secs(3600),
@@ -717,16 +743,6 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
         interval: Duration::from_secs(3600),
         timeout: None,
     };
-    let (bad, mut bad_rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(async move { while bad_rx.recv().await.is_some() {} });
-    let context = |output: FanOut, checkpoint| SourceContext {
-        output,
-        metrics: Arc::default(),
-        bad_records: bad.clone(),
-        cancel: tokio_util::sync::CancellationToken::new(),
-        watermark: None,
-        checkpoint,
-    };
 
     // The source's reader reads everything so far (publishing to no one yet).
     let mut source_ck = coordinator
@@ -736,7 +752,7 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
     let hub = FanOut::new("ids");
     let shared_ctx = context(hub.clone(), source_ck.readers.remove("ids"));
     let read = Arc::clone(&shared_ctx.metrics);
-    let shared = tokio::spawn(own.reader.run(shared_ctx));
+    let shared = tokio::spawn(reader.run(shared_ctx));
     wait_for("the source's reader", Duration::from_secs(30), || async {
         (read.snapshot().rows_in == 2_005).then_some(())
     })
@@ -800,10 +816,7 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
     )
     .await
     .unwrap();
-    let own = config
-        .archiver("ids", Arc::clone(&schema), &lake)
-        .expect("a kafka source has its own reader");
-    let backfill = own.backfill.expect("start = 'earliest' backfills");
+    let (mut shared_reader, backfill) = open();
     let position = |ck: &sluice_engine::checkpoint::StreamCheckpoints| {
         ck.restored
             .as_ref()
@@ -814,7 +827,6 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
         .register(registration("source:ids", true))
         .await
         .unwrap();
-    let mut shared_reader = own.reader;
     shared_reader.restore(&position(&source_ck)).unwrap();
     // Another stream reads the source slowly: the source's reader is still going through
     // the new records when the backfill joins it, so the backfill stops part way through a

@@ -25,8 +25,10 @@
 //! Every `TIMESTAMP` column carries the event time; `DATE` columns its day. Rows are produced
 //! only while some stream reads the source, so a bounded run (`max_rows`) is never lost.
 
+mod connector;
 mod source;
 
+pub use connector::DatagenConnector;
 pub use source::DatagenReader;
 
 use std::collections::BTreeMap;

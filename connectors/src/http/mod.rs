@@ -28,6 +28,7 @@
 //! (`'json'`, the default and for now the only one) and `idempotency_window` (default
 //! `'24 hours'`).
 
+mod connector;
 pub mod idempotency;
 
 use arrow::datatypes::SchemaRef;
@@ -70,6 +71,7 @@ impl HttpConfig {
     }
 }
 
+pub use connector::HttpConnector;
 pub use sluice_engine::push::{IngestError, IngestReport, RejectedLine};
 
 /// The receiving end of one `http` source.

@@ -54,6 +54,7 @@
 //! it is level with the source's reader, then joins it (see `join.rs`); with `latest` or
 //! `committed` it starts where the source's reader is.
 
+mod connector;
 mod exactly_once;
 mod fetch_queue;
 mod fetcher;
@@ -61,6 +62,7 @@ pub(crate) mod offsets;
 mod sink;
 mod source;
 
+pub use connector::KafkaConnector;
 pub use exactly_once::{DELIVERY_HEADER, SinkCheckpoint};
 
 pub use sink::{Delivery, KafkaSink, KafkaSinkConfig};

@@ -31,9 +31,11 @@
 //! approximate arrival timestamp; it can be the `WATERMARK` column). Bad records go to
 //! `errors/<source>/` with `kinesis stream S shard H sequence N`.
 
+mod connector;
 mod sink;
 mod source;
 
+pub use connector::KinesisConnector;
 pub use sink::{KinesisSink, KinesisSinkConfig};
 pub use source::{KinesisReader, Resume};
 

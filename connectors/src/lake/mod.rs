@@ -16,7 +16,7 @@ mod parquet_writer;
 mod records;
 
 pub use athena::{ATHENA_DDL_FILE, athena_ddl, write_athena_ddl};
-pub use parquet_writer::{LakeWriterConfig, ParquetLakeWriter, lake_schema};
+pub use parquet_writer::{ParquetLakeWriter, lake_schema};
 pub use records::{RecordZone, run_errors_writer};
 
 use std::sync::Arc;

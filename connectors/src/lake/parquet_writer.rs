@@ -27,28 +27,11 @@ use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use sluice_engine::checkpoint::{CheckpointHandle, Payload, StagedFile};
+use sluice_engine::sink::FileRolling;
 use sluice_engine::{Barrier, EngineError, Sink};
 use tokio_util::sync::CancellationToken;
 
 use super::{Lake, MICROS_PER_HOUR, Zone, unique_file_name};
-
-/// How a stream's files roll.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LakeWriterConfig {
-    /// Close a file after it has been open this long (freshness).
-    pub rollover_interval: Duration,
-    /// Close a file once it reaches about this many bytes (file size for Athena).
-    pub target_file_size: u64,
-}
-
-impl Default for LakeWriterConfig {
-    fn default() -> Self {
-        Self {
-            rollover_interval: Duration::from_secs(10),
-            target_file_size: 128 * 1024 * 1024,
-        }
-    }
-}
 
 /// The schema a stream's rows have in the lake: every timestamp becomes
 /// `Timestamp(Microsecond, "UTC")` (Parquet `INT64 TIMESTAMP(MICROS, UTC)`), unsigned
@@ -94,7 +77,7 @@ pub struct ParquetLakeWriter {
     stream: String,
     schema: SchemaRef,
     event_time_column: Option<usize>,
-    config: LakeWriterConfig,
+    config: FileRolling,
     open: BTreeMap<Option<i64>, OpenFile>,
     files_written: Arc<std::sync::atomic::AtomicU64>,
     staging: Option<Staging>,
@@ -108,7 +91,7 @@ impl ParquetLakeWriter {
         stream: impl Into<String>,
         input_schema: &Schema,
         event_time_column: Option<&str>,
-        config: LakeWriterConfig,
+        config: FileRolling,
         files_written: Arc<std::sync::atomic::AtomicU64>,
     ) -> Self {
         let schema = lake_schema(input_schema);
@@ -418,7 +401,7 @@ mod tests {
             "s",
             &schema,
             Some("ts"),
-            LakeWriterConfig::default(),
+            FileRolling::default(),
             Arc::clone(&written),
         );
         w.write_batch(batch).await.unwrap();
@@ -476,7 +459,7 @@ mod tests {
             .unwrap()
         };
         let written = Arc::new(AtomicU64::new(0));
-        let config = LakeWriterConfig {
+        let config = FileRolling {
             rollover_interval: Duration::from_millis(1),
             target_file_size: 1,
         };

@@ -28,8 +28,10 @@
 //!
 //! Rows are published to every stream reading the source (like `http`), only while one does.
 
+mod connector;
 mod source;
 
+pub use connector::S3Connector;
 pub use source::LandingReader;
 
 use std::time::Duration;
