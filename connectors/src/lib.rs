@@ -13,7 +13,7 @@
 //! - `s3`: the landing zone: files landing under an S3 prefix (SQS notifications or
 //!   listing), each ingested once (feature `aws`).
 //! - [`split_clock`]: event time per partition or shard, and the source's watermark.
-//! - [`registry`]: the one list of connectors (each implements the engine's
+//! - [`registry()`]: the one list of connectors (each implements the engine's
 //!   [`sluice_engine::connector`] traits).
 
 pub mod aws;

@@ -23,7 +23,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arrow::array::{Array, TimestampMicrosecondArray};
 use arrow::datatypes::SchemaRef;
@@ -786,7 +785,7 @@ mod tests {
             hub.send(Message::Data(batch("x", vec![first + 10]))).await;
             hub.send(Message::End).await;
             // The first copy is all there before the second starts.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         handle.await.unwrap().unwrap();
         let mut seen = vec![];
