@@ -7,9 +7,12 @@ use std::time::Duration;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use datafusion::common::ParamValues;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::sqlparser::ast::{Expr, Set, SetExpr, Statement, Value};
+use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Set, SetExpr, Statement, Value};
 use sluice_connectors::lake::{Lake, Zone, athena_ddl, lake_schema, write_athena_ddl};
 use sluice_engine::checkpoint::{Coordinator, Fence, NoFence};
 use sluice_engine::connector::ConnectorRegistry;
@@ -53,6 +56,68 @@ pub enum Outcome {
         /// The rows, batch by batch.
         stream: SendableRecordBatchStream,
     },
+}
+
+/// What a statement takes and returns, without running it (a prepared statement's
+/// `Describe`).
+#[derive(Debug, Clone, Default)]
+pub struct Described {
+    /// Its parameters `$1`, `$2`, …, in order: the type each must have, where the plan
+    /// tells (`None`: any; the value's own type is taken).
+    pub parameters: Vec<Option<DataType>>,
+    /// The rows it returns (`None`: it returns none).
+    pub schema: Option<SchemaRef>,
+}
+
+impl Described {
+    /// A statement without parameters that returns rows of `schema`, if any.
+    pub fn rows(schema: Option<SchemaRef>) -> Self {
+        Self {
+            parameters: vec![],
+            schema,
+        }
+    }
+
+    /// A planned query's parameters and rows.
+    pub fn of(plan: &LogicalPlan) -> Result<Self> {
+        let types = plan.get_parameter_types()?;
+        let mut parameters = vec![];
+        for (name, ty) in types {
+            let index = name
+                .strip_prefix('$')
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| {
+                    SqlError::NotSupported(format!(
+                        "parameter `{name}`: write parameters as $1, $2, …"
+                    ))
+                })?;
+            if parameters.len() < index {
+                parameters.resize(index, None);
+            }
+            parameters[index - 1] = ty;
+        }
+        // `LIMIT $n` / `OFFSET $n` take a count, as in Postgres (DataFusion leaves them
+        // untyped).
+        plan.apply(|node| {
+            if let LogicalPlan::Limit(limit) = node {
+                for e in [&limit.skip, &limit.fetch].into_iter().flatten() {
+                    if let datafusion::logical_expr::Expr::Placeholder(p) = e.as_ref()
+                        && let Some(i) =
+                            p.id.strip_prefix('$').and_then(|n| n.parse::<usize>().ok())
+                        && let Some(slot @ None) = parameters.get_mut(i.wrapping_sub(1))
+                    {
+                        *slot = Some(DataType::Int64);
+                    }
+                }
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        Ok(Self {
+            parameters,
+            schema: Some(Arc::new(plan.schema().as_arrow().clone())),
+        })
+    }
 }
 
 impl std::fmt::Debug for Outcome {
@@ -407,13 +472,24 @@ impl Sluice {
 
     /// [`Self::execute`] in a client's `session` (its settings apply to ad-hoc queries).
     pub async fn execute_in(&self, sql: &str, session: &Session) -> Vec<Result<Outcome>> {
+        self.execute_bound(sql, session, None).await
+    }
+
+    /// [`Self::execute_in`] with the values of a query's parameters (`$1`, `$2`, …), bound
+    /// over the extended query protocol.
+    pub async fn execute_bound(
+        &self,
+        sql: &str,
+        session: &Session,
+        params: Option<ParamValues>,
+    ) -> Vec<Result<Outcome>> {
         let stmts = match parse_sql(sql) {
             Ok(s) => s,
             Err(e) => return vec![Err(e.into())],
         };
         let mut out = Vec::with_capacity(stmts.len());
         for stmt in stmts {
-            let r = self.execute_statement(stmt, session).await;
+            let r = self.execute_statement(stmt, session, params.clone()).await;
             let failed = r.is_err();
             out.push(r);
             if failed {
@@ -423,9 +499,9 @@ impl Sluice {
         out
     }
 
-    /// The schema of the rows `sql` (one statement) returns, without running it; `None`
-    /// for statements that return no rows.
-    pub async fn describe(&self, sql: &str) -> Result<Option<SchemaRef>> {
+    /// The parameters `sql` (one statement) takes and the schema of the rows it returns,
+    /// without running it.
+    pub async fn describe(&self, sql: &str) -> Result<Described> {
         let mut stmts = parse_sql(sql)?;
         if stmts.len() > 1 {
             return Err(SqlError::Syntax {
@@ -435,9 +511,13 @@ impl Sluice {
             .into());
         }
         let Some(stmt) = stmts.pop() else {
-            return Ok(None);
+            return Ok(Described::default());
         };
-        Ok(match stmt {
+        Ok(Described::rows(match stmt {
+            SluiceStatement::Other(s) if is_query(&s) => {
+                let plan = self.inner.adhoc.plan(*s, &Default::default()).await?;
+                return Described::of(&plan);
+            }
             SluiceStatement::Show(ObjectKind::Source) => Some(show::sources_schema()),
             SluiceStatement::Show(ObjectKind::Stream) => Some(show::streams_schema()),
             SluiceStatement::Show(ObjectKind::Sink) => Some(show::sinks_schema()),
@@ -445,22 +525,22 @@ impl Sluice {
             SluiceStatement::Describe(_) => Some(show::describe_schema()),
             SluiceStatement::ShowAthenaDdl(_) => Some(athena_schema()),
             SluiceStatement::ExplainStream(_) => Some(explain_schema()),
-            SluiceStatement::Other(s) if is_query(&s) => {
-                let plan = self.inner.adhoc.plan(*s, &Default::default()).await?;
-                if !plan.get_parameter_types()?.is_empty() {
-                    return Err(SqlError::NotSupported(
-                        "query parameters ($1, $2, …) are not supported yet; inline the values"
-                            .into(),
-                    )
-                    .into());
-                }
-                Some(Arc::new(plan.schema().as_arrow().clone()))
-            }
             _ => None,
-        })
+        }))
     }
 
-    async fn execute_statement(&self, stmt: SluiceStatement, session: &Session) -> Result<Outcome> {
+    async fn execute_statement(
+        &self,
+        stmt: SluiceStatement,
+        session: &Session,
+        params: Option<ParamValues>,
+    ) -> Result<Outcome> {
+        if params.is_some() && !matches!(stmt, SluiceStatement::Other(_)) {
+            return Err(SqlError::NotSupported(
+                "parameters ($1, $2, …) are taken by queries only; write the values into the statement".into(),
+            )
+            .into());
+        }
         match stmt {
             SluiceStatement::CreateSource(c) => self.create_source(*c, true).await,
             SluiceStatement::CreateStream(c) => self.create_stream(*c, true).await,
@@ -558,7 +638,7 @@ impl Sluice {
                     batches: vec![batch],
                 })
             }
-            SluiceStatement::Other(s) => run_adhoc(&self.inner.adhoc, *s, session).await,
+            SluiceStatement::Other(s) => run_adhoc(&self.inner.adhoc, *s, session, params).await,
         }
     }
 
@@ -923,6 +1003,7 @@ pub(crate) async fn run_adhoc(
     adhoc: &AdHoc,
     stmt: DFStatement,
     session: &Session,
+    params: Option<ParamValues>,
 ) -> Result<Outcome> {
     if let DFStatement::Statement(s) = &stmt {
         match s.as_ref() {
@@ -948,7 +1029,10 @@ pub(crate) async fn run_adhoc(
     }
     let options = session.options();
     let start = async {
-        let plan = adhoc.plan(stmt, &options).await?;
+        let mut plan = adhoc.plan(stmt, &options).await?;
+        if let Some(params) = params {
+            plan = plan.with_param_values(params)?;
+        }
         adhoc.run(plan, &options).await
     };
     let (schema, stream) = match session.guard() {
@@ -976,7 +1060,7 @@ fn set_variable(adhoc: &AdHoc, set: &Set, session: &Session) -> Result<Outcome> 
     };
     let name = variable.to_string().to_ascii_lowercase();
     let value = match values.as_slice() {
-        [Expr::Value(v)] => match &v.value {
+        [SqlExpr::Value(v)] => match &v.value {
             Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => s.clone(),
             other => other.to_string(),
         },

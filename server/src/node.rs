@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, Mutex, RwLock};
 
-use arrow::datatypes::SchemaRef;
+use datafusion::common::ParamValues;
 use sluice_connectors::lake::Lake;
 use sluice_engine::push::PushSource;
 use sluice_sql::{ObjectKind, Relation, SluiceStatement, parse_sql, source_def};
@@ -20,7 +20,7 @@ use crate::session::Session;
 use crate::adhoc::AdHoc;
 use crate::catalog;
 use crate::error::{Result, ServerError};
-use crate::instance::{Outcome, Sluice, is_query, run_adhoc};
+use crate::instance::{Described, Outcome, Sluice, is_query, run_adhoc};
 use crate::lease::LeaseRecord;
 
 /// A server's role in its lake, shared by every connection.
@@ -90,16 +90,22 @@ impl Node {
         }
     }
 
-    /// Executes every statement in `sql` in a client's `session` (see [`Sluice::execute`]).
-    pub async fn execute(&self, sql: &str, session: &Session) -> Vec<Result<Outcome>> {
+    /// Executes every statement in `sql` in a client's `session` (see [`Sluice::execute`]),
+    /// with the values of a query's parameters if it has some.
+    pub async fn execute(
+        &self,
+        sql: &str,
+        session: &Session,
+        params: Option<ParamValues>,
+    ) -> Vec<Result<Outcome>> {
         match self.role() {
-            Role::Writer(s) => s.execute_in(sql, session).await,
-            Role::Standby(v) => v.execute(sql, session).await,
+            Role::Writer(s) => s.execute_bound(sql, session, params).await,
+            Role::Standby(v) => v.execute(sql, session, params).await,
         }
     }
 
-    /// The schema of the rows `sql` returns (see [`Sluice::describe`]).
-    pub async fn describe(&self, sql: &str) -> Result<Option<SchemaRef>> {
+    /// The parameters `sql` takes and the rows it returns (see [`Sluice::describe`]).
+    pub async fn describe(&self, sql: &str) -> Result<Described> {
         match self.role() {
             Role::Writer(s) => s.describe(sql).await,
             Role::Standby(v) => v.describe(sql).await,
@@ -155,14 +161,19 @@ impl StandbyView {
         )
     }
 
-    async fn execute(&self, sql: &str, session: &Session) -> Vec<Result<Outcome>> {
+    async fn execute(
+        &self,
+        sql: &str,
+        session: &Session,
+        params: Option<ParamValues>,
+    ) -> Vec<Result<Outcome>> {
         let stmts = match parse_sql(sql) {
             Ok(s) => s,
             Err(e) => return vec![Err(e.into())],
         };
         let mut out = vec![];
         for stmt in stmts {
-            let r = self.statement(stmt, session).await;
+            let r = self.statement(stmt, session, params.clone()).await;
             let failed = r.is_err();
             out.push(r);
             if failed {
@@ -172,7 +183,12 @@ impl StandbyView {
         out
     }
 
-    async fn statement(&self, stmt: SluiceStatement, session: &Session) -> Result<Outcome> {
+    async fn statement(
+        &self,
+        stmt: SluiceStatement,
+        session: &Session,
+        params: Option<ParamValues>,
+    ) -> Result<Outcome> {
         match stmt {
             SluiceStatement::ShowStatus => {
                 let h = self.holder();
@@ -184,7 +200,7 @@ impl StandbyView {
                     Some(h.generation as i64),
                 )
             }
-            SluiceStatement::Other(s) => run_adhoc(&self.adhoc().await?, *s, session).await,
+            SluiceStatement::Other(s) => run_adhoc(&self.adhoc().await?, *s, session, params).await,
             _ => Err(ServerError::Standby(format!(
                 "{}: run DDL and SHOW there",
                 self.refusal()
@@ -192,15 +208,17 @@ impl StandbyView {
         }
     }
 
-    async fn describe(&self, sql: &str) -> Result<Option<SchemaRef>> {
+    async fn describe(&self, sql: &str) -> Result<Described> {
         let mut stmts = parse_sql(sql)?;
         match stmts.pop() {
-            Some(SluiceStatement::ShowStatus) => Ok(Some(crate::show::status_schema())),
+            Some(SluiceStatement::ShowStatus) => {
+                Ok(Described::rows(Some(crate::show::status_schema())))
+            }
             Some(SluiceStatement::Other(s)) if is_query(&s) => {
                 let plan = self.adhoc().await?.plan(*s, &Default::default()).await?;
-                Ok(Some(Arc::new(plan.schema().as_arrow().clone())))
+                Described::of(&plan)
             }
-            _ => Ok(None),
+            _ => Ok(Described::default()),
         }
     }
 

@@ -9,10 +9,12 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch};
+use arrow_pg::datatypes::df::deserialize_parameters_with_server_types;
+use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch, into_pg_type};
 use async_trait::async_trait;
+use datafusion::common::ParamValues;
 use datafusion::physical_plan::SendableRecordBatchStream;
 use futures::{Sink, StreamExt, stream};
 use pgwire::api::auth::StartupHandler;
@@ -34,18 +36,37 @@ use tokio::net::TcpListener;
 
 use crate::connections::Limit;
 use crate::error::ServerError;
-use crate::instance::Outcome;
+use crate::instance::{Described, Outcome};
 use crate::node::Node;
 use crate::session::{Session, Sessions};
 
 /// The only user and database name accepted.
 pub const USER: &str = "sluice";
 
-/// A prepared statement: its text and the schema of the rows it returns, if any.
+/// A prepared statement: its text, the parameter types the client declared in `Parse`
+/// (`None`: left to the server), and what the plan says it takes and returns.
 #[derive(Debug, Clone)]
 pub struct Prepared {
     sql: String,
-    schema: Option<SchemaRef>,
+    declared: Vec<Option<Type>>,
+    described: Described,
+}
+
+impl Prepared {
+    /// The wire type of each parameter: the declared one, else the one the plan infers,
+    /// else `text` (the value is then taken as a string, as Postgres does with `unknown`).
+    fn parameter_types(&self) -> PgWireResult<Vec<Type>> {
+        let n = self.declared.len().max(self.described.parameters.len());
+        (0..n)
+            .map(|i| match self.declared.get(i).cloned().flatten() {
+                Some(t) if t != Type::UNKNOWN => Ok(t),
+                _ => match self.described.parameters.get(i).cloned().flatten() {
+                    Some(dt) => into_pg_type(&dt),
+                    None => Ok(Type::TEXT),
+                },
+            })
+            .collect()
+    }
 }
 
 /// Serves one Sluice server (writer or standby) over the Postgres protocol.
@@ -82,10 +103,15 @@ impl PgHandler {
 
     /// Runs `sql` in `client`'s session, its ad-hoc queries under its `statement_timeout`
     /// and cancellation (see [`crate::session`]).
-    async fn run<C: ClientInfo>(&self, client: &C, sql: &str) -> Vec<crate::Result<Outcome>> {
+    async fn run<C: ClientInfo>(
+        &self,
+        client: &C,
+        sql: &str,
+        params: Option<ParamValues>,
+    ) -> Vec<crate::Result<Outcome>> {
         let session = Self::session(client);
         session.begin(self.statement_timeout);
-        self.sluice.execute(sql, &session).await
+        self.sluice.execute(sql, &session, params).await
     }
 }
 
@@ -299,7 +325,7 @@ impl SimpleQueryHandler for PgHandler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        self.run(client, query)
+        self.run(client, query, None)
             .await
             .into_iter()
             .map(|r| to_response(r, &Format::UnifiedText))
@@ -315,24 +341,25 @@ impl QueryParser for PgHandler {
         &self,
         _client: &C,
         sql: &str,
-        _types: &[Option<Type>],
+        types: &[Option<Type>],
     ) -> PgWireResult<Option<Prepared>>
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        let schema = self
+        let described = self
             .sluice
             .describe(sql)
             .await
             .map_err(|e| PgWireError::UserError(Box::new(pg_error(&e))))?;
         Ok(Some(Prepared {
             sql: sql.to_string(),
-            schema,
+            declared: types.to_vec(),
+            described,
         }))
     }
 
-    fn get_parameter_types(&self, _stmt: &Prepared) -> PgWireResult<Vec<Type>> {
-        Ok(vec![])
+    fn get_parameter_types(&self, stmt: &Prepared) -> PgWireResult<Vec<Type>> {
+        stmt.parameter_types()
     }
 
     fn get_result_schema(
@@ -340,7 +367,7 @@ impl QueryParser for PgHandler {
         stmt: &Prepared,
         format: Option<&Format>,
     ) -> PgWireResult<Vec<FieldInfo>> {
-        match &stmt.schema {
+        match &stmt.described.schema {
             Some(s) => arrow_schema_to_pg_fields(s, format.unwrap_or(&Format::UnifiedText), None),
             None => Ok(vec![]),
         }
@@ -368,14 +395,24 @@ impl ExtendedQueryHandler for PgHandler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        if portal.parameter_len() > 0 {
-            return Err(user_error(
-                "0A000",
-                "ERROR",
-                "query parameters ($1, $2, …) are not supported yet; inline the values".into(),
-            ));
-        }
-        let mut results = self.run(client, &portal.statement.statement.sql).await;
+        let prepared = &portal.statement.statement;
+        let params = if portal.parameter_len() > 0 {
+            // Decoded (text or binary) as the types the statement was described with.
+            let wire = prepared.parameter_types()?;
+            let wire: Vec<Option<&Type>> = wire.iter().map(Some).collect();
+            let inferred: Vec<Option<&DataType>> = prepared
+                .described
+                .parameters
+                .iter()
+                .map(Option::as_ref)
+                .collect();
+            Some(deserialize_parameters_with_server_types(
+                portal, &inferred, &wire,
+            )?)
+        } else {
+            None
+        };
+        let mut results = self.run(client, &prepared.sql, params).await;
         match results.len() {
             0 => Ok(Response::EmptyQuery),
             1 => to_response(results.remove(0), &portal.result_column_format),

@@ -76,6 +76,26 @@ async fn records_cross_a_shard_split_and_a_kinesis_sink_once_and_in_key_order() 
     create_stream(&client, &input, 2).await;
     create_stream(&client, &output, 1).await;
 
+    // The pipeline runs before the first record: the sink reads stream `enriched` from when
+    // it is created, so it must exist before `enriched` has rows.
+    let lake = tempfile::tempdir().unwrap();
+    let server = start_server(lake.path()).await;
+    let pg = pg_connect(server.pg_addr).await;
+    pg.batch_execute(&format!(
+        "CREATE SOURCE shipments (order_id TEXT NOT NULL, seq BIGINT NOT NULL, status TEXT,
+                                  ts TIMESTAMP NOT NULL, _kinesis_shard_id TEXT,
+                                  WATERMARK FOR ts AS ts - INTERVAL '5 seconds')
+         WITH (connector = 'kinesis', stream = '{input}', endpoint = '{endpoint}',
+               start = 'trim_horizon', poll_interval = '100 ms');
+         CREATE STREAM all_shipments WITH (rollover_interval = '100 ms') AS SELECT * FROM shipments;
+         CREATE STREAM enriched AS SELECT order_id, seq, upper(status) AS status, ts FROM shipments;
+         CREATE SINK shipments_out FROM enriched
+         WITH (connector = 'kinesis', stream = '{output}', partition_key = 'order_id',
+               endpoint = '{endpoint}')"
+    ))
+    .await
+    .unwrap();
+
     // 60 shipments, then shard 0 splits in two, then 60 more (those of shard 0's keys land
     // in its children).
     put_shipments(&client, &input, 0..60).await;
@@ -136,24 +156,6 @@ async fn records_cross_a_shard_split_and_a_kinesis_sink_once_and_in_key_order() 
         5,
         "two shards, one split in two, merged back"
     );
-
-    let lake = tempfile::tempdir().unwrap();
-    let server = start_server(lake.path()).await;
-    let pg = pg_connect(server.pg_addr).await;
-    pg.batch_execute(&format!(
-        "CREATE SOURCE shipments (order_id TEXT NOT NULL, seq BIGINT NOT NULL, status TEXT,
-                                  ts TIMESTAMP NOT NULL, _kinesis_shard_id TEXT,
-                                  WATERMARK FOR ts AS ts - INTERVAL '5 seconds')
-         WITH (connector = 'kinesis', stream = '{input}', endpoint = '{endpoint}',
-               start = 'trim_horizon', poll_interval = '100 ms');
-         CREATE STREAM all_shipments WITH (rollover_interval = '100 ms') AS SELECT * FROM shipments;
-         CREATE STREAM enriched AS SELECT order_id, seq, upper(status) AS status, ts FROM shipments;
-         CREATE SINK shipments_out FROM enriched
-         WITH (connector = 'kinesis', stream = '{output}', partition_key = 'order_id',
-               endpoint = '{endpoint}')"
-    ))
-    .await
-    .unwrap();
 
     wait_for("every shipment", Duration::from_secs(60), || async {
         (scalar(&pg, "SELECT count(*) FROM all_shipments").await == 180).then_some(())

@@ -1,0 +1,116 @@
+//! Postgres drivers against a real Sluice over a socket: the extended query protocol with
+//! parameters (`$1`, …), declared and inferred parameter types, text and binary results,
+//! prepared statements and row-limited fetches. tokio-postgres here; psycopg 3 and asyncpg
+//! in `tests/python/pg_drivers.py` (installed by `scripts/services.sh`).
+
+use std::process::Command;
+use std::time::Duration;
+
+use sluice_tests::{pg_connect, scalar, start_server, wait_for};
+
+/// A server with stream `clicks_all`: 500 generated clicks (user_id 1..20).
+async fn server_with_clicks(
+    lake: &std::path::Path,
+) -> (sluice_server::RunningServer, tokio_postgres::Client) {
+    let server = start_server(lake).await;
+    let pg = pg_connect(server.pg_addr).await;
+    pg.batch_execute(
+        "CREATE SOURCE clicks (user_id BIGINT NOT NULL, url TEXT, ts TIMESTAMP NOT NULL)
+             WITH (connector = 'datagen', rows_per_second = '0', max_rows = '500', seed = '1',
+                   fields.user_id.min = '1', fields.user_id.max = '20');
+         CREATE STREAM clicks_all WITH (checkpoint_interval = '200 ms') AS SELECT * FROM clicks",
+    )
+    .await
+    .unwrap();
+    wait_for("the clicks", Duration::from_secs(60), || async {
+        (scalar(&pg, "SELECT count(*) FROM clicks_all").await == 500).then_some(())
+    })
+    .await;
+    (server, pg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_binds_parameters_of_inferred_and_declared_types() {
+    let lake = tempfile::tempdir().unwrap();
+    let (server, pg) = server_with_clicks(lake.path()).await;
+    let inline = scalar(
+        &pg,
+        "SELECT count(*) FROM clicks_all WHERE user_id > 10 AND url <> 'x'",
+    )
+    .await;
+    // Inferred: user_id is BIGINT, url TEXT.
+    let st = pg
+        .prepare("SELECT count(*) FROM clicks_all WHERE user_id > $1 AND url <> $2")
+        .await
+        .unwrap();
+    assert_eq!(
+        st.params(),
+        [
+            tokio_postgres::types::Type::INT8,
+            tokio_postgres::types::Type::TEXT
+        ]
+    );
+    let n: i64 = pg.query_one(&st, &[&10i64, &"x"]).await.unwrap().get(0);
+    assert_eq!(n, inline);
+    // The same statement again, other values.
+    let none: i64 = pg.query_one(&st, &[&100i64, &"x"]).await.unwrap().get(0);
+    assert_eq!(none, 0);
+    // Declared in Parse: an INT4 where the plan would have no type (DataFusion's integer
+    // literals are BIGINT, so the sum is one).
+    let st = pg
+        .prepare_typed("SELECT $1 + 1", &[tokio_postgres::types::Type::INT4])
+        .await
+        .unwrap();
+    assert_eq!(st.params(), [tokio_postgres::types::Type::INT4]);
+    let v: i64 = pg.query_one(&st, &[&41i32]).await.unwrap().get(0);
+    assert_eq!(v, 42);
+    // LIMIT takes a count.
+    let rows = pg
+        .query(
+            "SELECT user_id FROM clicks_all ORDER BY ts, url LIMIT $1",
+            &[&3i64],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    // Parameters in DDL are refused with a SQLSTATE, and the session goes on.
+    let ddl = pg
+        .prepare_typed(
+            "CREATE STREAM s AS SELECT * FROM clicks WHERE user_id > $1",
+            &[tokio_postgres::types::Type::INT8],
+        )
+        .await
+        .unwrap();
+    let err = pg.execute(&ddl, &[&1i64]).await.unwrap_err();
+    let db = err.as_db_error().expect("a Postgres error");
+    assert_eq!(db.code().code(), "0A000", "{db:?}");
+    assert!(db.message().contains("queries only"), "{db:?}");
+    assert_eq!(scalar(&pg, "SELECT 1").await, 1);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_and_asyncpg_sessions() {
+    let lake = tempfile::tempdir().unwrap();
+    let (server, _pg) = server_with_clicks(lake.path()).await;
+    let python = std::env::var("SLUICE_TEST_PYTHON")
+        .expect("SLUICE_TEST_PYTHON is not set: run the tests with scripts/test.sh");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pg_drivers.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(server.pg_addr.ip().to_string())
+        .arg(server.pg_addr.port().to_string())
+        .output()
+        .expect("the test Python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pg_drivers.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ok asyncpg cursor in batches of 7"),
+        "{stdout}"
+    );
+    server.shutdown().await;
+}
