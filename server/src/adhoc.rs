@@ -24,6 +24,7 @@ use datafusion::logical_expr::{Expr, LogicalPlan, TableType};
 use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
+use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use sluice_connectors::lake::{Lake, Zone, lake_schema};
 
 use crate::error::Result;
@@ -66,6 +67,11 @@ impl AdHoc {
         ctx.register_relation_planner(Arc::new(sluice_sql::window::WindowTablePlanner::default()))
             .expect("registering a relation planner on a new context cannot fail");
         ctx.register_object_store(lake.store_url(), lake.store());
+        // `pg_catalog` (pg_class, pg_attribute, pg_namespace, …, read from this context's
+        // catalog, so streams and sources appear as they are registered) and the functions
+        // Postgres clients call when they connect.
+        datafusion_pg_catalog::setup_pg_catalog(&ctx, "sluice", EmptyContextProvider)
+            .expect("pg_catalog installs on a new context");
         Self { ctx, lake }
     }
 

@@ -56,6 +56,15 @@ pub enum Outcome {
         /// The rows, batch by batch.
         stream: SendableRecordBatchStream,
     },
+    /// `COPY (query) TO STDOUT`: a query's rows, to be sent in a COPY format.
+    CopyOut {
+        /// Their schema.
+        schema: SchemaRef,
+        /// The rows, batch by batch.
+        stream: SendableRecordBatchStream,
+        /// How they are written.
+        format: crate::copy::CopyFormat,
+    },
 }
 
 /// What a statement takes and returns, without running it (a prepared statement's
@@ -78,8 +87,9 @@ impl Described {
         }
     }
 
-    /// A planned query's parameters and rows.
-    pub fn of(plan: &LogicalPlan) -> Result<Self> {
+    /// A planned query's parameters and rows, its columns named `names` if given (see
+    /// [`crate::pg_compat::column_names`]).
+    pub fn of(plan: &LogicalPlan, names: Option<&[String]>) -> Result<Self> {
         let types = plan.get_parameter_types()?;
         let mut parameters = vec![];
         for (name, ty) in types {
@@ -97,25 +107,41 @@ impl Described {
             }
             parameters[index - 1] = ty;
         }
-        // `LIMIT $n` / `OFFSET $n` take a count, as in Postgres (DataFusion leaves them
-        // untyped).
+        // Where DataFusion leaves a parameter untyped, Postgres' rules: `LIMIT $n` /
+        // `OFFSET $n` take a count, `$n::type` (and `CAST($n AS type)`) is of that type.
+        use datafusion::logical_expr::Expr as LExpr;
+        let mut infer = |e: &LExpr, ty: &DataType| {
+            if let LExpr::Placeholder(p) = e
+                && let Some(i) = p.id.strip_prefix('$').and_then(|n| n.parse::<usize>().ok())
+                && let Some(slot @ None) = parameters.get_mut(i.wrapping_sub(1))
+            {
+                *slot = Some(ty.clone());
+            }
+        };
         plan.apply(|node| {
             if let LogicalPlan::Limit(limit) = node {
                 for e in [&limit.skip, &limit.fetch].into_iter().flatten() {
-                    if let datafusion::logical_expr::Expr::Placeholder(p) = e.as_ref()
-                        && let Some(i) =
-                            p.id.strip_prefix('$').and_then(|n| n.parse::<usize>().ok())
-                        && let Some(slot @ None) = parameters.get_mut(i.wrapping_sub(1))
-                    {
-                        *slot = Some(DataType::Int64);
-                    }
+                    infer(e, &DataType::Int64);
                 }
             }
+            node.apply_expressions(|expr| {
+                expr.apply(|e| {
+                    match e {
+                        LExpr::Cast(c) => infer(&c.expr, c.field.data_type()),
+                        LExpr::TryCast(c) => infer(&c.expr, c.field.data_type()),
+                        _ => {}
+                    }
+                    Ok(TreeNodeRecursion::Continue)
+                })
+            })?;
             Ok(TreeNodeRecursion::Continue)
         })?;
         Ok(Self {
             parameters,
-            schema: Some(Arc::new(plan.schema().as_arrow().clone())),
+            schema: Some(crate::pg_compat::rename(
+                &Arc::new(plan.schema().as_arrow().clone()),
+                names,
+            )),
         })
     }
 }
@@ -133,6 +159,11 @@ impl std::fmt::Debug for Outcome {
                 .debug_struct("Stream")
                 .field("columns", &schema.fields().len())
                 .finish(),
+            Outcome::CopyOut { schema, format, .. } => f
+                .debug_struct("CopyOut")
+                .field("columns", &schema.fields().len())
+                .field("format", format)
+                .finish(),
         }
     }
 }
@@ -141,7 +172,7 @@ impl Outcome {
     /// Collects a streamed result into [`Outcome::Rows`] (for callers that want all rows).
     pub async fn collect(self) -> Result<Outcome> {
         match self {
-            Outcome::Stream { schema, stream } => {
+            Outcome::Stream { schema, stream } | Outcome::CopyOut { schema, stream, .. } => {
                 let batches = futures::TryStreamExt::try_collect(stream).await?;
                 Ok(Outcome::Rows { schema, batches })
             }
@@ -483,7 +514,7 @@ impl Sluice {
         session: &Session,
         params: Option<ParamValues>,
     ) -> Vec<Result<Outcome>> {
-        let stmts = match parse_sql(sql) {
+        let stmts = match crate::pg_compat::parse(sql) {
             Ok(s) => s,
             Err(e) => return vec![Err(e.into())],
         };
@@ -502,7 +533,7 @@ impl Sluice {
     /// The parameters `sql` (one statement) takes and the schema of the rows it returns,
     /// without running it.
     pub async fn describe(&self, sql: &str) -> Result<Described> {
-        let mut stmts = parse_sql(sql)?;
+        let mut stmts = crate::pg_compat::parse(sql)?;
         if stmts.len() > 1 {
             return Err(SqlError::Syntax {
                 message: "cannot insert multiple commands into a prepared statement".into(),
@@ -515,8 +546,12 @@ impl Sluice {
         };
         Ok(Described::rows(match stmt {
             SluiceStatement::Other(s) if is_query(&s) => {
+                let names = crate::pg_compat::column_names(&s);
+                let mut s = s;
+                // (The server's values: only the plan's shape matters here.)
+                crate::pg_compat::inline_settings(&mut s, |n| Session::default().setting(n))?;
                 let plan = self.inner.adhoc.plan(*s, &Default::default()).await?;
-                return Described::of(&plan);
+                return Described::of(&plan, names.as_deref());
             }
             SluiceStatement::Show(ObjectKind::Source) => Some(show::sources_schema()),
             SluiceStatement::Show(ObjectKind::Stream) => Some(show::streams_schema()),
@@ -1005,12 +1040,23 @@ pub(crate) async fn run_adhoc(
     session: &Session,
     params: Option<ParamValues>,
 ) -> Result<Outcome> {
+    let (stmt, copy) = copy_out(stmt)?;
     if let DFStatement::Statement(s) = &stmt {
         match s.as_ref() {
             Statement::StartTransaction { .. } => return Ok(Outcome::Command("BEGIN".into())),
             Statement::Commit { .. } => return Ok(Outcome::Command("COMMIT".into())),
             Statement::Rollback { .. } => return Ok(Outcome::Command("ROLLBACK".into())),
             Statement::Set(set) => return set_variable(adhoc, set, session),
+            Statement::ShowVariable { variable } => {
+                let name = variable
+                    .iter()
+                    .map(|i| i.value.as_str())
+                    .collect::<Vec<_>>()
+                    .join(".");
+                if let Some(value) = session.setting(&name) {
+                    return show_setting(&name, value);
+                }
+            }
             _ => {}
         }
     }
@@ -1028,6 +1074,9 @@ pub(crate) async fn run_adhoc(
         .into());
     }
     let options = session.options();
+    let names = crate::pg_compat::column_names(&stmt);
+    let mut stmt = stmt;
+    crate::pg_compat::inline_settings(&mut stmt, |name| session.setting(name))?;
     let start = async {
         let mut plan = adhoc.plan(stmt, &options).await?;
         if let Some(params) = params {
@@ -1044,7 +1093,58 @@ pub(crate) async fn run_adhoc(
         }
         None => start.await?,
     };
-    Ok(Outcome::Stream { schema, stream })
+    // Postgres' names for the result columns (the batches keep the plan's).
+    let schema = crate::pg_compat::rename(&schema, names.as_deref());
+    Ok(match copy {
+        Some(format) => Outcome::CopyOut {
+            schema,
+            stream,
+            format,
+        },
+        None => Outcome::Stream { schema, stream },
+    })
+}
+
+/// `COPY (query) TO STDOUT …`: the query and how its rows are written; other statements as
+/// they are. Other forms of `COPY` are refused.
+fn copy_out(stmt: DFStatement) -> Result<(DFStatement, Option<crate::copy::CopyFormat>)> {
+    use datafusion::sql::sqlparser::ast::{CopySource, CopyTarget};
+    let DFStatement::Statement(s) = stmt else {
+        if let DFStatement::CopyTo(_) = stmt {
+            return Err(SqlError::NotSupported(
+                "COPY … TO a file is not supported: use COPY (query) TO STDOUT (psql: \\copy (query) TO 'file')".into(),
+            )
+            .into());
+        }
+        return Ok((stmt, None));
+    };
+    match *s {
+        Statement::Copy {
+            source,
+            to,
+            target,
+            options,
+            legacy_options,
+            ..
+        } => match (source, to, target) {
+            (CopySource::Query(q), true, CopyTarget::Stdout) => {
+                let format = crate::copy::CopyFormat::from_options(&options, &legacy_options)?;
+                Ok((
+                    DFStatement::Statement(Box::new(Statement::Query(q))),
+                    Some(format),
+                ))
+            }
+            (CopySource::Table { table_name, .. }, true, CopyTarget::Stdout) => Err(SqlError::NotSupported(format!(
+                "COPY {table_name} TO STDOUT: write COPY (SELECT * FROM {table_name}) TO STDOUT"
+            ))
+            .into()),
+            _ => Err(SqlError::NotSupported(
+                "only COPY (query) TO STDOUT is supported: sources and streams are not written by COPY".into(),
+            )
+            .into()),
+        },
+        other => Ok((DFStatement::Statement(Box::new(other)), None)),
+    }
 }
 
 /// `SET`: `statement_timeout` and `datafusion.*` options apply to the session alone;
@@ -1073,7 +1173,10 @@ fn set_variable(adhoc: &AdHoc, set: &Set, session: &Session) -> Result<Outcome> 
     };
     if name == "statement_timeout" {
         session.set_statement_timeout(parse_timeout(&value)?);
-    } else if name.starts_with("datafusion.") {
+    } else if !name.starts_with("datafusion.") {
+        // Drivers' connect-time settings: kept for SHOW, not acted on.
+        session.set_setting(name, value);
+    } else {
         // Checked on a copy of the shared options: an unknown name or a bad value is an
         // error now, not at the next query.
         let mut options = adhoc.options();
@@ -1083,6 +1186,24 @@ fn set_variable(adhoc: &AdHoc, set: &Set, session: &Session) -> Result<Outcome> 
         session.set_option(name, value);
     }
     done
+}
+
+/// `SHOW name`: one row, one text column named after the setting.
+fn show_setting(name: &str, value: String) -> Result<Outcome> {
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        name.to_ascii_lowercase(),
+        DataType::Utf8,
+        false,
+    )]));
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![Arc::new(arrow::array::StringArray::from(vec![value]))],
+    )
+    .map_err(|e| ServerError::Internal(e.to_string()))?;
+    Ok(Outcome::Rows {
+        schema,
+        batches: vec![batch],
+    })
 }
 
 /// A `statement_timeout` value: Postgres's forms (`5000` ms, `'5s'`, `'1min'`, `0` none).

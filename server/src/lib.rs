@@ -7,12 +7,14 @@
 pub mod adhoc;
 pub mod catalog;
 pub mod connections;
+pub mod copy;
 pub mod error;
 pub mod http;
 pub mod instance;
 pub mod lease;
 pub mod node;
 pub mod pg;
+pub mod pg_compat;
 pub mod query_runtime;
 pub mod runtime;
 pub mod server;

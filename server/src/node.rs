@@ -167,7 +167,7 @@ impl StandbyView {
         session: &Session,
         params: Option<ParamValues>,
     ) -> Vec<Result<Outcome>> {
-        let stmts = match parse_sql(sql) {
+        let stmts = match crate::pg_compat::parse(sql) {
             Ok(s) => s,
             Err(e) => return vec![Err(e.into())],
         };
@@ -209,14 +209,18 @@ impl StandbyView {
     }
 
     async fn describe(&self, sql: &str) -> Result<Described> {
-        let mut stmts = parse_sql(sql)?;
+        let mut stmts = crate::pg_compat::parse(sql)?;
         match stmts.pop() {
             Some(SluiceStatement::ShowStatus) => {
                 Ok(Described::rows(Some(crate::show::status_schema())))
             }
             Some(SluiceStatement::Other(s)) if is_query(&s) => {
+                let names = crate::pg_compat::column_names(&s);
+                let mut s = s;
+                // (The server's values: only the plan's shape matters here.)
+                crate::pg_compat::inline_settings(&mut s, |n| Session::default().setting(n))?;
                 let plan = self.adhoc().await?.plan(*s, &Default::default()).await?;
-                Described::of(&plan)
+                Described::of(&plan, names.as_deref())
             }
             _ => Ok(Described::default()),
         }

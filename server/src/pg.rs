@@ -22,7 +22,7 @@ use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::cancel::CancelHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::results::{CopyResponse, FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
@@ -30,11 +30,13 @@ use pgwire::api::{
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::cancel::CancelRequest;
+use pgwire::messages::copy::CopyData;
 use pgwire::messages::data::DataRow;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
 
 use crate::connections::Limit;
+use crate::copy::CopyFormat;
 use crate::error::ServerError;
 use crate::instance::{Described, Outcome};
 use crate::node::Node;
@@ -259,11 +261,52 @@ fn stream_response(
     Ok(Response::Query(QueryResponse::new(fields, rows)))
 }
 
+/// `COPY … TO STDOUT`: one `CopyData` per line (the header, then each row), the values as
+/// query results encode them in text, escaped for the COPY format.
+fn copy_response(
+    schema: &SchemaRef,
+    batches: SendableRecordBatchStream,
+    copy: CopyFormat,
+) -> PgWireResult<Response> {
+    let fields: Arc<Vec<FieldInfo>> = Arc::new(arrow_schema_to_pg_fields(
+        schema,
+        &Format::UnifiedText,
+        None,
+    )?);
+    let columns = fields.len();
+    let header = copy.header.then(|| {
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        Ok(CopyData::new(
+            copy.line(names.iter().map(|n| Some(n.as_bytes()))).into(),
+        ))
+    });
+    let rows = batches.flat_map(move |batch| {
+        let lines: Vec<PgWireResult<CopyData>> = match batch {
+            Ok(b) => encode_recordbatch(Arc::clone(&fields), b)
+                .map(|row| {
+                    let row = row?;
+                    let values = crate::copy::data_row_fields(&row.data);
+                    Ok(CopyData::new(copy.line(values).into()))
+                })
+                .collect(),
+            Err(e) => vec![Err(PgWireError::UserError(Box::new(query_error(e))))],
+        };
+        stream::iter(lines)
+    });
+    let data = stream::iter(header).chain(rows);
+    Ok(Response::CopyOut(CopyResponse::new(0, columns, data)))
+}
+
 fn to_response(r: crate::Result<Outcome>, format: &Format) -> PgWireResult<Response> {
     match r {
         Ok(Outcome::Command(tag)) => Ok(Response::Execution(Tag::new(&tag))),
         Ok(Outcome::Rows { schema, batches }) => rows_response(&schema, batches, format),
         Ok(Outcome::Stream { schema, stream }) => stream_response(&schema, stream, format),
+        Ok(Outcome::CopyOut {
+            schema,
+            stream,
+            format,
+        }) => copy_response(&schema, stream, format),
         Err(e) => Ok(Response::Error(Box::new(pg_error(&e)))),
     }
 }

@@ -25,6 +25,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The settings a Postgres server reports and clients ask for (`SHOW`, `current_setting`),
+/// with Sluice's values: a Postgres 16 server's behaviour where Sluice has one.
+pub const SERVER_SETTINGS: &[(&str, &str)] = &[
+    ("server_version", "16.6"),
+    ("server_version_num", "160006"),
+    ("server_encoding", "UTF8"),
+    ("client_encoding", "UTF8"),
+    ("datestyle", "ISO, MDY"),
+    ("intervalstyle", "postgres"),
+    ("timezone", "UTC"),
+    ("integer_datetimes", "on"),
+    ("standard_conforming_strings", "on"),
+    ("search_path", "public"),
+    ("application_name", ""),
+    ("transaction_isolation", "read committed"),
+    ("default_transaction_isolation", "read committed"),
+    ("default_transaction_read_only", "off"),
+    ("transaction_read_only", "off"),
+    ("max_identifier_length", "63"),
+    ("is_superuser", "on"),
+    ("lc_collate", "C"),
+    ("lc_ctype", "C"),
+    ("extra_float_digits", "1"),
+];
+
 /// A client's session.
 #[derive(Debug, Default)]
 pub struct Session {
@@ -32,6 +57,9 @@ pub struct Session {
     statement_timeout: Mutex<Option<Duration>>,
     /// `SET datafusion.…` options, by name.
     options: Mutex<BTreeMap<String, String>>,
+    /// Other `SET`s (what drivers send: `application_name`, `search_path`, …), by
+    /// lower-case name: `SHOW` and `current_setting()` give them back.
+    settings: Mutex<BTreeMap<String, String>>,
     /// The limits of the statement running now (none outside a client's statement).
     current: Mutex<Option<Guard>>,
 }
@@ -74,6 +102,34 @@ impl Session {
     /// Records a `datafusion.*` option (already checked).
     pub fn set_option(&self, name: String, value: String) {
         lock(&self.options).insert(name, value);
+    }
+
+    /// Records a `SET` of a Postgres setting Sluice takes without acting on it.
+    pub fn set_setting(&self, name: String, value: String) {
+        lock(&self.settings).insert(name, value);
+    }
+
+    /// The value of setting `name` (any case) in this session, as `SHOW` gives it:
+    /// what the session set, else the server's value; `None` for names Sluice does not
+    /// know.
+    pub fn setting(&self, name: &str) -> Option<String> {
+        let name = name.to_ascii_lowercase();
+        if name == "statement_timeout" {
+            return Some(match self.statement_timeout() {
+                Some(t) if !t.is_zero() => format!("{}ms", t.as_millis()),
+                _ => "0".into(),
+            });
+        }
+        if let Some(v) = lock(&self.settings)
+            .get(&name)
+            .or(lock(&self.options).get(&name))
+        {
+            return Some(v.clone());
+        }
+        SERVER_SETTINGS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.to_string())
     }
 
     /// Starts a client's statement: its limits are the session's `statement_timeout` (or

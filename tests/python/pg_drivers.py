@@ -67,6 +67,11 @@ def psycopg_session():
         conn.rollback()
         cur.execute("SELECT 1")
         check("psycopg session after an error", cur.fetchone(), (1,))
+        # COPY TO STDOUT through psycopg's copy API.
+        with cur.copy("COPY (SELECT user_id, url FROM clicks_all WHERE user_id = 5 ORDER BY ts, url) TO STDOUT") as copy:
+            copied = [tuple(r) for r in copy.rows()]
+        check("psycopg COPY TO STDOUT", copied,
+              [(str(u), url) for u, url in inline("SELECT user_id, url FROM clicks_all WHERE user_id = 5 ORDER BY ts, url")])
 
 
 async def asyncpg_session():

@@ -114,3 +114,88 @@ async fn psycopg_and_asyncpg_sessions() {
     );
     server.shutdown().await;
 }
+
+/// psql's own catalog commands (their queries go through `pg_catalog`), the settings
+/// clients read at connect, and Postgres' names for result columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_lists_and_describes_streams_and_reads_settings() {
+    use sluice_tests::psql;
+    let lake = tempfile::tempdir().unwrap();
+    let (server, _pg) = server_with_clicks(lake.path()).await;
+    let addr = server.pg_addr;
+    // (`psql -A -t`: unaligned rows, `|` between fields, no headers.)
+    let tables = psql(addr, "\\dt");
+    assert!(tables.contains("public|clicks_all|table|"), "{tables}");
+    assert!(tables.contains("public|clicks|table|"), "{tables}");
+    let described = psql(addr, "\\d clicks_all");
+    for column in [
+        "user_id|bigint||not null|",
+        "url|text|||",
+        "ts|timestamp with time zone||not null|",
+        "dt|text||not null|",
+        "hour|text||not null|",
+    ] {
+        assert!(described.contains(column), "{column} in:\n{described}");
+    }
+    assert!(psql(addr, "\\l").contains("sluice|"));
+    assert!(psql(addr, "\\dn").contains("public|"));
+    assert!(psql(addr, "\\conninfo").contains("database \"sluice\" as user \"sluice\""));
+    assert_eq!(psql(addr, "SHOW server_version").trim(), "16.6");
+    assert_eq!(
+        psql(
+            addr,
+            "SET application_name = 'grafana'; SHOW application_name"
+        )
+        .trim(),
+        "SET\ngrafana"
+    );
+    assert_eq!(
+        psql(addr, "SELECT current_setting('server_version_num')").trim(),
+        "160006"
+    );
+    assert_eq!(
+        psql(
+            addr,
+            "SELECT table_name FROM information_schema.tables \
+             WHERE table_schema = 'public' AND table_name LIKE 'clicks%' ORDER BY 1"
+        )
+        .trim(),
+        "clicks\nclicks_all"
+    );
+    // COPY (query) TO STDOUT, as `\copy` and drivers' copy APIs use it: CSV with a header,
+    // and text (tab-separated, `\N` for NULL).
+    let csv = psql(
+        addr,
+        "COPY (SELECT user_id, url, NULL::text AS missing, '' AS empty, 'a,\"b\"' AS quoted \
+         FROM clicks_all WHERE user_id = 3 ORDER BY ts, url LIMIT 2) TO STDOUT WITH (FORMAT csv, HEADER)",
+    );
+    let urls = psql(
+        addr,
+        "SELECT url FROM clicks_all WHERE user_id = 3 ORDER BY ts, url LIMIT 2",
+    );
+    let urls: Vec<&str> = urls.lines().collect();
+    assert_eq!(
+        csv,
+        format!(
+            "user_id,url,missing,empty,quoted\n3,{},,\"\",\"a,\"\"b\"\"\"\n3,{},,\"\",\"a,\"\"b\"\"\"\n",
+            urls[0], urls[1]
+        )
+    );
+    let text = psql(
+        addr,
+        "\\copy (SELECT user_id, NULL::text, 'tab\there' FROM clicks_all WHERE user_id = 3 ORDER BY ts LIMIT 1) TO STDOUT",
+    );
+    assert_eq!(text, "3\t\\N\ttab\\there\n");
+    // Column names as Postgres gives them.
+    let pg = pg_connect(addr).await;
+    let row = pg
+        .query_one(
+            "SELECT count(*), 1 + 1, max(user_id) AS top, current_database() FROM clicks_all",
+            &[],
+        )
+        .await
+        .unwrap();
+    let names: Vec<&str> = row.columns().iter().map(|c| c.name()).collect();
+    assert_eq!(names, ["count", "?column?", "top", "current_database"]);
+    server.shutdown().await;
+}

@@ -270,12 +270,22 @@ async fn errors_reach_clients_with_sqlstate_and_position() {
     // Extended protocol: the error comes back at Parse time.
     let err = client.prepare("SELEC 1").await.unwrap_err();
     assert_eq!(err.code().unwrap().code(), "42601");
-    // Parameters are refused clearly, not mis-executed.
-    let err = client
-        .query("SELECT $1::BIGINT", &[&1i64])
+    // Parameters are bound (tests/tests/pg_clients.rs has the drivers' sessions).
+    let row = client
+        .query_one("SELECT $1::BIGINT", &[&7i64])
         .await
-        .unwrap_err();
-    assert_eq!(err.code().unwrap().code(), "0A000");
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 7);
+    // A value that is not of the parameter's type is an error with a SQLSTATE.
+    let text_param = client
+        .prepare_typed(
+            "SELECT $1::BIGINT + 1",
+            &[tokio_postgres::types::Type::TEXT],
+        )
+        .await
+        .unwrap();
+    let err = client.query(&text_param, &[&"seven"]).await.unwrap_err();
+    assert!(err.code().is_some(), "{err}");
     // The connection is still usable after every error.
     let row = client.query_one("SELECT 40 + 2", &[]).await.unwrap();
     assert_eq!(row.get::<_, i64>(0), 42);

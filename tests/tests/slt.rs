@@ -238,7 +238,9 @@ impl AsyncDB for SluiceDb {
         match last {
             None => Ok(DBOutput::StatementComplete(0)),
             Some(Ok(Outcome::Command(_))) => Ok(DBOutput::StatementComplete(0)),
-            Some(Ok(Outcome::Stream { .. })) => unreachable!("collected above"),
+            Some(Ok(Outcome::Stream { .. } | Outcome::CopyOut { .. })) => {
+                unreachable!("collected above")
+            }
             Some(Ok(Outcome::Rows { schema, batches })) => Ok(DBOutput::Rows {
                 types: schema
                     .fields()

@@ -1,0 +1,260 @@
+//! Statements as Postgres clients write them. psql's `\d`, DBeaver, Grafana and JDBC's
+//! `DatabaseMetaData` send catalog queries in Postgres' own dialect (`OPERATOR(pg_catalog.~)`,
+//! `'t'::regclass`, `ANY(array)`, …); `datafusion-pg-catalog`'s compatibility parser
+//! rewrites them into what DataFusion plans against the `pg_catalog` it installs
+//! ([`crate::adhoc::AdHoc::new`]).
+
+use std::sync::LazyLock;
+
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+use sluice_sql::{SluiceStatement, SqlError, parse_sql};
+
+static PARSER: LazyLock<PostgresCompatibilityParser> =
+    LazyLock::new(PostgresCompatibilityParser::new);
+
+/// Parses `sql` as Sluice does. Text of plain SQL statements only (no Sluice DDL, none of
+/// DataFusion's own) that reads the Postgres catalog (`pg_…`, `information_schema`, `reg…`
+/// casts) is read again by the compatibility parser: its token rewrites of the catalog
+/// queries clients send verbatim, then its statement rewrites. Other queries are left as
+/// written (the rewrites are for catalog queries; Sluice's own table functions such as
+/// `TUMBLE(stream, …)` must reach the planner untouched). Text that Sluice's parser refuses
+/// as a syntax error is tried with the compatibility parser and taken if it yields queries
+/// (or `COPY … TO STDOUT`) only (DDL is never read that way). Other errors (a statement
+/// too deeply nested, an invalid name) stand: the compatibility parser never sees such
+/// text.
+pub fn parse(sql: &str) -> Result<Vec<SluiceStatement>, SqlError> {
+    match parse_sql(sql) {
+        Ok(stmts) => {
+            let plain = stmts.iter().all(|s| {
+                matches!(s, SluiceStatement::Other(o) if matches!(**o, DFStatement::Statement(_)))
+            });
+            if plain
+                && reads_catalog(sql)
+                && let Ok(compat) = PARSER.parse(sql)
+                && compat.len() == stmts.len()
+            {
+                return Ok(compat.into_iter().map(statement).collect());
+            }
+            Ok(stmts)
+        }
+        Err(e @ SqlError::Syntax { .. }) => match PARSER.parse(sql) {
+            Ok(stmts) if !stmts.is_empty() && stmts.iter().all(readable) => {
+                Ok(stmts.into_iter().map(statement).collect())
+            }
+            _ => Err(e),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// A statement the compatibility parser may read when Sluice's parser cannot: a query, or
+/// `COPY … TO STDOUT` (DataFusion's parser takes `COPY` as its own `COPY … TO 'file'`).
+fn readable(s: &datafusion::sql::sqlparser::ast::Statement) -> bool {
+    use datafusion::sql::sqlparser::ast::{CopyTarget, Statement};
+    match s {
+        Statement::Query(_) => true,
+        Statement::Copy { to, target, .. } => *to && matches!(target, CopyTarget::Stdout),
+        _ => false,
+    }
+}
+
+fn statement(s: datafusion::sql::sqlparser::ast::Statement) -> SluiceStatement {
+    SluiceStatement::Other(Box::new(DFStatement::Statement(Box::new(s))))
+}
+
+/// Whether `sql` names the Postgres catalog (what the compatibility rewrites are for).
+fn reads_catalog(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    [
+        "pg_",
+        "information_schema",
+        "::reg",
+        "regclass",
+        "regtype",
+        "regproc",
+    ]
+    .iter()
+    .any(|w| lower.contains(w))
+}
+
+/// Replaces each `current_setting('name')` in `stmt` by the setting's value (`setting`
+/// looks it up in the session); an unknown name is an error, as in Postgres.
+pub fn inline_settings(
+    stmt: &mut DFStatement,
+    setting: impl Fn(&str) -> Option<String>,
+) -> Result<(), SqlError> {
+    use std::ops::ControlFlow;
+
+    use datafusion::sql::sqlparser::ast::{
+        Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Value, ValueWithSpan,
+        visit_expressions_mut,
+    };
+    let DFStatement::Statement(s) = stmt else {
+        return Ok(());
+    };
+    let flow = visit_expressions_mut(s.as_mut(), |e| {
+        let Expr::Function(f) = e else {
+            return ControlFlow::Continue(());
+        };
+        let is_it = f
+            .name
+            .0
+            .last()
+            .and_then(|p| p.as_ident())
+            .is_some_and(|i| i.value.eq_ignore_ascii_case("current_setting"));
+        let FunctionArguments::List(list) = &f.args else {
+            return ControlFlow::Continue(());
+        };
+        let name = match list.args.first() {
+            Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(ValueWithSpan {
+                value: Value::SingleQuotedString(n),
+                ..
+            }))))
+                if is_it =>
+            {
+                n.clone()
+            }
+            _ => return ControlFlow::Continue(()),
+        };
+        match setting(&name) {
+            Some(v) => {
+                *e = Expr::value(Value::SingleQuotedString(v));
+                ControlFlow::Continue(())
+            }
+            None => ControlFlow::Break(name),
+        }
+    });
+    match flow {
+        ControlFlow::Break(name) => Err(SqlError::InvalidOption(format!(
+            "unrecognized configuration parameter \"{name}\""
+        ))),
+        ControlFlow::Continue(()) => Ok(()),
+    }
+}
+
+/// The names Postgres gives a query's result columns, where they differ from DataFusion's
+/// (`count` for `count(*)`, `?column?` for `1 + 1`, a column's own name for `t.x`); `None`
+/// where the query's shape does not say (a `*`, a statement other than a query): the plan's
+/// names stand. Postgres' rule: an alias; else a column reference's last name; a function
+/// call's name; a cast's operand's name (or its type's); `?column?` for anything else. A
+/// `UNION` takes its first branch's names.
+pub fn column_names(stmt: &DFStatement) -> Option<Vec<String>> {
+    use datafusion::sql::sqlparser::ast::{SelectItem, SetExpr, Statement};
+    fn body(e: &SetExpr) -> Option<Vec<String>> {
+        match e {
+            SetExpr::Select(s) => s
+                .projection
+                .iter()
+                .map(|item| match item {
+                    SelectItem::UnnamedExpr(e) => Some(expr_name(e)),
+                    SelectItem::ExprWithAlias { alias, .. } => Some(alias.value.clone()),
+                    _ => None,
+                })
+                .collect(),
+            SetExpr::Query(q) => body(&q.body),
+            SetExpr::SetOperation { left, .. } => body(left),
+            _ => None,
+        }
+    }
+    match stmt {
+        DFStatement::Statement(s) => match s.as_ref() {
+            Statement::Query(q) => body(&q.body),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn expr_name(e: &datafusion::sql::sqlparser::ast::Expr) -> String {
+    use datafusion::sql::sqlparser::ast::{DataType, Expr};
+    const UNNAMED: &str = "?column?";
+    match e {
+        Expr::Identifier(i) => i.value.clone(),
+        Expr::CompoundIdentifier(parts) => parts.last().map_or(UNNAMED.into(), |i| i.value.clone()),
+        Expr::Function(f) => f
+            .name
+            .0
+            .last()
+            .and_then(|p| p.as_ident())
+            .map_or(UNNAMED.into(), |i| i.value.to_ascii_lowercase()),
+        Expr::Nested(inner) => expr_name(inner),
+        Expr::Cast {
+            expr, data_type, ..
+        } => match expr_name(expr) {
+            n if n != UNNAMED => n,
+            _ => match data_type {
+                DataType::Int(_) | DataType::Integer(_) | DataType::Int4(_) => "int4".into(),
+                DataType::BigInt(_) | DataType::Int8(_) => "int8".into(),
+                DataType::SmallInt(_) | DataType::Int2(_) => "int2".into(),
+                DataType::Text => "text".into(),
+                DataType::Varchar(_) => "varchar".into(),
+                DataType::Boolean | DataType::Bool => "bool".into(),
+                DataType::Double(_) | DataType::DoublePrecision | DataType::Float8 => {
+                    "float8".into()
+                }
+                DataType::Real | DataType::Float4 => "float4".into(),
+                DataType::Date => "date".into(),
+                DataType::Timestamp(..) => "timestamp".into(),
+                DataType::Numeric(_) | DataType::Decimal(_) => "numeric".into(),
+                _ => UNNAMED.into(),
+            },
+        },
+        Expr::Case { .. } => "case".into(),
+        Expr::Extract { .. } => "extract".into(),
+        Expr::Exists { .. } => "exists".into(),
+        _ => UNNAMED.into(),
+    }
+}
+
+/// `schema` with the fields named `names` (when there is one name per field); Arrow allows
+/// the duplicates Postgres results may have (`SELECT count(a), count(b)`).
+pub fn rename(
+    schema: &arrow::datatypes::SchemaRef,
+    names: Option<&[String]>,
+) -> arrow::datatypes::SchemaRef {
+    let Some(names) = names.filter(|n| n.len() == schema.fields().len()) else {
+        return std::sync::Arc::clone(schema);
+    };
+    let fields: Vec<arrow::datatypes::Field> = schema
+        .fields()
+        .iter()
+        .zip(names)
+        .map(|(f, n)| f.as_ref().clone().with_name(n.clone()))
+        .collect();
+    std::sync::Arc::new(arrow::datatypes::Schema::new_with_metadata(
+        fields,
+        schema.metadata().clone(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(sql: &str) -> Option<Vec<String>> {
+        match parse(sql).unwrap().remove(0) {
+            SluiceStatement::Other(s) => column_names(&s),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn result_columns_are_named_as_postgres_names_them() {
+        let n = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            names(
+                "SELECT count(*), 1 + 1, t.user_id, url AS u, sum(x), (y), z::text, 1::int, CASE WHEN a THEN 1 END FROM t"
+            ),
+            n(&[
+                "count", "?column?", "user_id", "u", "sum", "y", "z", "int4", "case"
+            ])
+        );
+        assert_eq!(
+            names("SELECT a FROM t UNION ALL SELECT b FROM u"),
+            n(&["a"])
+        );
+        assert_eq!(names("SELECT * FROM t"), None);
+        assert_eq!(names("SET x = 1"), None);
+    }
+}
