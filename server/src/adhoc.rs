@@ -30,6 +30,9 @@ use sluice_connectors::lake::{Lake, Zone, lake_schema};
 use crate::error::Result;
 use crate::query_runtime;
 
+/// The schema of Sluice's own relations (`sluice.streams`, …).
+pub const SYSTEM_SCHEMA: &str = "sluice";
+
 /// The partition columns every stream's table has.
 pub const PARTITION_COLUMNS: [&str; 2] = ["dt", "hour"];
 
@@ -92,6 +95,25 @@ impl AdHoc {
         let table = ListingTable::try_new(config)?;
         self.ctx
             .register_table(TableReference::bare(name), Arc::new(table))?;
+        Ok(())
+    }
+
+    /// Registers system relation `sluice.<name>` (see [`crate::system`]).
+    pub fn register_system(&self, name: &str, table: crate::system::SystemTable) -> Result<()> {
+        let catalog = self
+            .ctx
+            .catalog("sluice")
+            .ok_or_else(|| DataFusionError::Plan("catalog `sluice` is missing".into()))?;
+        if catalog.schema(SYSTEM_SCHEMA).is_none() {
+            catalog.register_schema(
+                SYSTEM_SCHEMA,
+                Arc::new(datafusion::catalog::MemorySchemaProvider::new()),
+            )?;
+        }
+        self.ctx.register_table(
+            TableReference::partial(SYSTEM_SCHEMA, name),
+            Arc::new(table),
+        )?;
         Ok(())
     }
 

@@ -387,6 +387,7 @@ impl Sluice {
                 shutdown: CancellationToken::new(),
             }),
         };
+        sluice.register_system_relations()?;
         for e in entries {
             let restored = match parse_sql(&e.sql) {
                 Ok(mut stmts) if stmts.len() == 1 => match stmts.remove(0) {
@@ -605,22 +606,7 @@ impl Sluice {
             } => self.drop_objects(kind, names, if_exists, cascade).await,
             SluiceStatement::ShowStatus => self.status(),
             SluiceStatement::Show(kind) => {
-                let state = self.inner.state.lock().await;
-                let batch = match kind {
-                    ObjectKind::Source => {
-                        show::sources(state.sources.values(), &state.unrestored_sources())
-                    }
-                    ObjectKind::Stream => show::streams(
-                        state.streams.values(),
-                        &state.unrestored_of(ObjectKind::Stream),
-                        show::LastCheckpoint::of(&self.inner.checkpoints),
-                        |stream| self.inner.checkpoints.health(stream),
-                    ),
-                    ObjectKind::Sink => {
-                        show::sinks(state.sinks.values(), &state.unrestored_of(ObjectKind::Sink))
-                    }
-                }
-                .map_err(|e| ServerError::Internal(e.to_string()))?;
+                let batch = self.show(kind).await?;
                 Ok(Outcome::Rows {
                     schema: batch.schema(),
                     batches: vec![batch],
@@ -1019,6 +1005,54 @@ impl Sluice {
     }
 
     /// `SHOW STATUS`: this server's role in the lake.
+    /// What `SHOW SOURCES/STREAMS/SINKS` shows (and `sluice.sources/streams/sinks` hold).
+    async fn show(&self, kind: ObjectKind) -> Result<RecordBatch> {
+        let state = self.inner.state.lock().await;
+        let batch = match kind {
+            ObjectKind::Source => {
+                show::sources(state.sources.values(), &state.unrestored_sources())
+            }
+            ObjectKind::Stream => show::streams(
+                state.streams.values(),
+                &state.unrestored_of(ObjectKind::Stream),
+                show::LastCheckpoint::of(&self.inner.checkpoints),
+                |stream| self.inner.checkpoints.health(stream),
+            ),
+            ObjectKind::Sink => {
+                show::sinks(state.sinks.values(), &state.unrestored_of(ObjectKind::Sink))
+            }
+        }
+        .map_err(|e| ServerError::Internal(e.to_string()))?;
+        Ok(batch)
+    }
+
+    /// Registers `sluice.sources`, `sluice.streams` and `sluice.sinks` (see
+    /// [`crate::system`]); they hold a weak reference, so they never keep a stopped server
+    /// alive.
+    fn register_system_relations(&self) -> Result<()> {
+        let relations = [
+            ("sources", ObjectKind::Source, show::sources_schema()),
+            ("streams", ObjectKind::Stream, show::streams_schema()),
+            ("sinks", ObjectKind::Sink, show::sinks_schema()),
+        ];
+        for (name, kind, schema) in relations {
+            let weak = Arc::downgrade(&self.inner);
+            let rows: crate::system::Rows = Arc::new(move || {
+                let weak = weak.clone();
+                Box::pin(async move {
+                    let inner = weak.upgrade().ok_or_else(|| {
+                        ServerError::Internal("the server is shutting down".into())
+                    })?;
+                    Sluice { inner }.show(kind).await
+                })
+            });
+            self.inner
+                .adhoc
+                .register_system(name, crate::system::SystemTable::new(schema, rows))?;
+        }
+        Ok(())
+    }
+
     fn status(&self) -> Result<Outcome> {
         let (generation, pg, http) = match &self.inner.lease {
             Some(l) => {

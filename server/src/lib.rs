@@ -20,6 +20,7 @@ pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod show;
+pub mod system;
 
 pub use error::{Result, ServerError};
 pub use instance::{Outcome, Sluice};

@@ -162,6 +162,17 @@ async fn psql_lists_and_describes_streams_and_reads_settings() {
         .trim(),
         "clicks\nclicks_all"
     );
+    // Sluice's state as relations (what SHOW shows), for SQL and dashboards.
+    assert_eq!(
+        psql(
+            addr,
+            "SELECT s.name, t.name, t.rows_out FROM sluice.sources s \
+             JOIN sluice.streams t ON t.inputs = s.name ORDER BY 2"
+        )
+        .trim(),
+        "clicks|clicks_all|500"
+    );
+    assert_eq!(psql(addr, "SELECT count(*) FROM sluice.sinks").trim(), "0");
     // COPY (query) TO STDOUT, as `\copy` and drivers' copy APIs use it: CSV with a header,
     // and text (tab-separated, `\N` for NULL).
     let csv = psql(
