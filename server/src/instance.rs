@@ -1038,7 +1038,7 @@ impl Sluice {
         for (name, kind, schema) in relations {
             let weak = Arc::downgrade(&self.inner);
             let rows: crate::system::Rows = Arc::new(move || {
-                let weak = weak.clone();
+                let weak = std::sync::Weak::clone(&weak);
                 Box::pin(async move {
                     let inner = weak.upgrade().ok_or_else(|| {
                         ServerError::Internal("the server is shutting down".into())
