@@ -75,6 +75,9 @@ impl AdHoc {
         // Postgres clients call when they connect.
         datafusion_pg_catalog::setup_pg_catalog(&ctx, "sluice", EmptyContextProvider)
             .expect("pg_catalog installs on a new context");
+        for f in crate::pg_compat::comment_functions() {
+            ctx.register_udf(f);
+        }
         Self { ctx, lake }
     }
 

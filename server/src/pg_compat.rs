@@ -13,6 +13,32 @@ use sluice_sql::{SluiceStatement, SqlError, parse_sql};
 static PARSER: LazyLock<PostgresCompatibilityParser> =
     LazyLock::new(PostgresCompatibilityParser::new);
 
+/// Fragments of client catalog queries that the compatibility parser does not cover, and
+/// what Sluice answers in their place (compared with runs of whitespace as one space).
+/// Each names the client that sends it.
+const FRAGMENTS: &[(&str, &str)] = &[
+    // psql 15+ `\d+`: a relation's storage options, its TOAST table's included. Sluice's
+    // relations have none (`pg_class` has no `reloptions`); psql's plain `\d` sends `''`.
+    (
+        "pg_catalog.array_to_string(c.reloptions || array(select 'toast.' || x from pg_catalog.unnest(tc.reloptions) x), ', ')",
+        "''",
+    ),
+];
+
+/// `sql` with the [`FRAGMENTS`] it holds replaced (and its whitespace runs made single
+/// spaces), if it holds any.
+fn replace_fragments(sql: &str) -> Option<String> {
+    let squeezed = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut out = None::<String>;
+    for (from, to) in FRAGMENTS {
+        let text = out.as_deref().unwrap_or(&squeezed);
+        if text.contains(from) {
+            out = Some(text.replace(from, to));
+        }
+    }
+    out
+}
+
 /// Parses `sql` as Sluice does. Text of plain SQL statements only (no Sluice DDL, none of
 /// DataFusion's own) that reads the Postgres catalog (`pg_…`, `information_schema`, `reg…`
 /// casts) is read again by the compatibility parser: its token rewrites of the catalog
@@ -24,6 +50,8 @@ static PARSER: LazyLock<PostgresCompatibilityParser> =
 /// too deeply nested, an invalid name) stand: the compatibility parser never sees such
 /// text.
 pub fn parse(sql: &str) -> Result<Vec<SluiceStatement>, SqlError> {
+    let replaced = reads_catalog(sql).then(|| replace_fragments(sql)).flatten();
+    let sql = replaced.as_deref().unwrap_or(sql);
     match parse_sql(sql) {
         Ok(stmts) => {
             let plain = stmts.iter().all(|s| {
@@ -232,6 +260,16 @@ pub fn rename(
 mod tests {
     use super::*;
 
+    #[test]
+    fn fragments_are_replaced_whatever_the_whitespace() {
+        let sql = "SELECT c.relispartition, pg_catalog.array_to_string(c.reloptions || array(select 'toast.' || x\n  from pg_catalog.unnest(tc.reloptions) x), ', ')\n, c.reltablespace FROM pg_catalog.pg_class c";
+        assert_eq!(
+            replace_fragments(sql).as_deref(),
+            Some("SELECT c.relispartition, '' , c.reltablespace FROM pg_catalog.pg_class c")
+        );
+        assert_eq!(replace_fragments("SELECT 1"), None);
+    }
+
     fn names(sql: &str) -> Option<Vec<String>> {
         match parse(sql).unwrap().remove(0) {
             SluiceStatement::Other(s) => column_names(&s),
@@ -255,6 +293,60 @@ mod tests {
             n(&["a"])
         );
         assert_eq!(names("SELECT * FROM t"), None);
+        assert_eq!(
+            names("SELECT count(*) FROM pg_catalog.pg_class WHERE current_setting('x') = ''"),
+            n(&["count"])
+        );
         assert_eq!(names("SET x = 1"), None);
     }
+}
+
+/// Postgres functions clients call that have nothing to say in Sluice: comments on
+/// objects and columns (`obj_description`, `col_description`, `shobj_description`) are
+/// NULL, as for an object without a comment.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct NoComment {
+    name: &'static str,
+    signature: datafusion::logical_expr::Signature,
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for NoComment {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(
+        &self,
+        _args: &[arrow::datatypes::DataType],
+    ) -> datafusion::error::Result<arrow::datatypes::DataType> {
+        Ok(arrow::datatypes::DataType::Utf8)
+    }
+
+    fn invoke_with_args(
+        &self,
+        _args: datafusion::logical_expr::ScalarFunctionArgs,
+    ) -> datafusion::error::Result<datafusion::logical_expr::ColumnarValue> {
+        Ok(datafusion::logical_expr::ColumnarValue::Scalar(
+            datafusion::common::ScalarValue::Utf8(None),
+        ))
+    }
+}
+
+/// The functions of [`NoComment`], to register on a context.
+pub fn comment_functions() -> Vec<datafusion::logical_expr::ScalarUDF> {
+    ["obj_description", "col_description", "shobj_description"]
+        .into_iter()
+        .map(|name| {
+            datafusion::logical_expr::ScalarUDF::new_from_impl(NoComment {
+                name,
+                signature: datafusion::logical_expr::Signature::variadic_any(
+                    datafusion::logical_expr::Volatility::Stable,
+                ),
+            })
+        })
+        .collect()
 }

@@ -137,6 +137,11 @@ async fn psql_lists_and_describes_streams_and_reads_settings() {
     ] {
         assert!(described.contains(column), "{column} in:\n{described}");
     }
+    let verbose = psql(addr, "\\d+ clicks_all");
+    assert!(
+        verbose.contains("user_id|bigint||not null||plain|"),
+        "{verbose}"
+    );
     assert!(psql(addr, "\\l").contains("sluice|"));
     assert!(psql(addr, "\\dn").contains("public|"));
     assert!(psql(addr, "\\conninfo").contains("database \"sluice\" as user \"sluice\""));
