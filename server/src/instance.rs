@@ -1082,11 +1082,14 @@ pub(crate) async fn run_adhoc(
             Statement::Rollback { .. } => return Ok(Outcome::Command("ROLLBACK".into())),
             Statement::Set(set) => return set_variable(adhoc, set, session),
             Statement::ShowVariable { variable } => {
-                let name = variable
+                let mut name = variable
                     .iter()
                     .map(|i| i.value.as_str())
                     .collect::<Vec<_>>()
                     .join(".");
+                if name.eq_ignore_ascii_case("transaction.isolation.level") {
+                    name = "transaction_isolation".into(); // Postgres' own spelling of it
+                }
                 if let Some(value) = session.setting(&name) {
                     return show_setting(&name, value);
                 }

@@ -350,3 +350,106 @@ pub fn comment_functions() -> Vec<datafusion::logical_expr::ScalarUDF> {
         })
         .collect()
 }
+
+/// What `version()` answers: a Postgres version string clients parse (SQLAlchemy, JDBC and
+/// Metabase read the major version from it), naming Sluice and DataFusion too.
+pub fn version_string() -> String {
+    format!(
+        "PostgreSQL {} on {}-{} (Sluice {}, Apache DataFusion {})",
+        crate::session::SERVER_SETTINGS
+            .iter()
+            .find(|(n, _)| *n == "server_version")
+            .map_or("16", |(_, v)| v),
+        std::env::consts::ARCH,
+        std::env::consts::OS,
+        env!("CARGO_PKG_VERSION"),
+        datafusion::DATAFUSION_VERSION,
+    )
+}
+
+/// `version()`, as [`version_string`] (DataFusion's own says only "Apache DataFusion …").
+pub fn version_function() -> datafusion::logical_expr::ScalarUDF {
+    let version = version_string();
+    datafusion::logical_expr::create_udf(
+        "version",
+        vec![],
+        arrow::datatypes::DataType::Utf8,
+        datafusion::logical_expr::Volatility::Immutable,
+        std::sync::Arc::new(move |_| {
+            Ok(datafusion::logical_expr::ColumnarValue::Scalar(
+                datafusion::common::ScalarValue::Utf8(Some(version.clone())),
+            ))
+        }),
+    )
+}
+
+/// The oids of Postgres' built-in types clients look up by name (`to_regtype`).
+const TYPE_OIDS: &[(&str, i32)] = &[
+    ("bool", 16),
+    ("bytea", 17),
+    ("int8", 20),
+    ("int2", 21),
+    ("int4", 23),
+    ("text", 25),
+    ("oid", 26),
+    ("json", 114),
+    ("float4", 700),
+    ("float8", 701),
+    ("varchar", 1043),
+    ("date", 1082),
+    ("time", 1083),
+    ("timestamp", 1114),
+    ("timestamptz", 1184),
+    ("interval", 1186),
+    ("numeric", 1700),
+    ("uuid", 2950),
+    ("jsonb", 3802),
+];
+
+/// `to_regtype(name)`: the oid of a built-in type, NULL for a type Sluice does not have
+/// (what psycopg's `TypeInfo.fetch` — SQLAlchemy asks for `hstore` at connect — expects).
+pub fn to_regtype_function() -> datafusion::logical_expr::ScalarUDF {
+    use arrow::array::{Array, AsArray, Int32Array};
+    use datafusion::logical_expr::ColumnarValue;
+    datafusion::logical_expr::create_udf(
+        "to_regtype",
+        vec![arrow::datatypes::DataType::Utf8],
+        arrow::datatypes::DataType::Int32,
+        datafusion::logical_expr::Volatility::Stable,
+        std::sync::Arc::new(|args: &[ColumnarValue]| {
+            let names = args[0].to_array(1)?;
+            let names = names.as_string::<i32>();
+            let oid = |name: &str| {
+                let name = name.rsplit('.').next().unwrap_or(name).trim_matches('"');
+                TYPE_OIDS
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, o)| *o)
+            };
+            let oids: Int32Array = (0..names.len())
+                .map(|i| (!names.is_null(i)).then(|| oid(names.value(i))).flatten())
+                .collect();
+            Ok(ColumnarValue::Array(std::sync::Arc::new(oids)))
+        }),
+    )
+}
+
+/// `pg_type_is_visible(oid)`: true — every type Sluice has is in `pg_catalog`, which is
+/// always on the search path (SQLAlchemy's inspector asks when it reads columns).
+pub fn pg_type_is_visible_function() -> datafusion::logical_expr::ScalarUDF {
+    use arrow::array::{Array, BooleanArray};
+    use datafusion::logical_expr::ColumnarValue;
+    datafusion::logical_expr::create_udf(
+        "pg_type_is_visible",
+        vec![arrow::datatypes::DataType::Int32],
+        arrow::datatypes::DataType::Boolean,
+        datafusion::logical_expr::Volatility::Stable,
+        std::sync::Arc::new(|args: &[ColumnarValue]| {
+            let oids = args[0].to_array(1)?;
+            let visible: BooleanArray = (0..oids.len())
+                .map(|i| (!oids.is_null(i)).then_some(true))
+                .collect();
+            Ok(ColumnarValue::Array(std::sync::Arc::new(visible)))
+        }),
+    )
+}

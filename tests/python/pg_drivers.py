@@ -13,6 +13,7 @@ import sys
 
 import asyncpg
 import psycopg
+import sqlalchemy
 
 HOST, PORT = sys.argv[1], int(sys.argv[2])
 DSN = f"host={HOST} port={PORT} user=sluice dbname=sluice"
@@ -99,5 +100,26 @@ async def asyncpg_session():
         await c.close()
 
 
+def sqlalchemy_session():
+    """What Superset does: the inspector lists tables and columns, then a query runs with a
+    bound parameter."""
+    engine = sqlalchemy.create_engine(f"postgresql+psycopg://sluice@{HOST}:{PORT}/sluice")
+    inspector = sqlalchemy.inspect(engine)
+    check("sqlalchemy tables", sorted(inspector.get_table_names()), ["clicks", "clicks_all"])
+    check("sqlalchemy views of schema sluice", sorted(inspector.get_view_names(schema="sluice")),
+          ["sinks", "sources", "streams"])
+    check("sqlalchemy columns",
+          [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns("clicks_all")],
+          [("user_id", "BIGINT", False), ("url", "TEXT", True), ("ts", "TIMESTAMP", False),
+           ("dt", "TEXT", False), ("hour", "TEXT", False)])
+    with engine.connect() as conn:
+        got = conn.execute(sqlalchemy.text("SELECT count(*) FROM clicks_all WHERE user_id > :u"),
+                           {"u": 3}).scalar()
+    check("sqlalchemy bound parameter", got,
+          inline("SELECT count(*) FROM clicks_all WHERE user_id > 3")[0][0])
+    engine.dispose()
+
+
 psycopg_session()
 asyncio.run(asyncpg_session())
+sqlalchemy_session()

@@ -1,7 +1,8 @@
 //! Postgres drivers against a real Sluice over a socket: the extended query protocol with
 //! parameters (`$1`, …), declared and inferred parameter types, text and binary results,
-//! prepared statements and row-limited fetches. tokio-postgres here; psycopg 3 and asyncpg
-//! in `tests/python/pg_drivers.py` (installed by `scripts/services.sh`).
+//! prepared statements and row-limited fetches; psql's catalog commands, settings, COPY.
+//! tokio-postgres and psql here; psycopg 3, asyncpg and SQLAlchemy's inspector in
+//! `tests/python/pg_drivers.py` (installed by `scripts/services.sh`).
 
 use std::process::Command;
 use std::time::Duration;
@@ -90,7 +91,7 @@ async fn tokio_postgres_binds_parameters_of_inferred_and_declared_types() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn psycopg_and_asyncpg_sessions() {
+async fn psycopg_asyncpg_and_sqlalchemy_sessions() {
     let lake = tempfile::tempdir().unwrap();
     let (server, _pg) = server_with_clicks(lake.path()).await;
     let python = std::env::var("SLUICE_TEST_PYTHON")
@@ -146,6 +147,15 @@ async fn psql_lists_and_describes_streams_and_reads_settings() {
     assert!(psql(addr, "\\dn").contains("public|"));
     assert!(psql(addr, "\\conninfo").contains("database \"sluice\" as user \"sluice\""));
     assert_eq!(psql(addr, "SHOW server_version").trim(), "16.6");
+    assert_eq!(
+        psql(addr, "SHOW TRANSACTION ISOLATION LEVEL").trim(),
+        "read committed"
+    );
+    let version = psql(addr, "SELECT version()");
+    assert!(
+        version.starts_with("PostgreSQL 16.6 ") && version.contains("Sluice"),
+        "{version}"
+    );
     assert_eq!(
         psql(
             addr,
