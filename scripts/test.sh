@@ -2,7 +2,8 @@
 # Sluice's whole test suite, on a fresh machine: installs the clients the tests use, starts
 # the services they talk to (scripts/services.sh: a Kafka-protocol broker, a schema registry, an
 # S3 + SQS server and a Kinesis server on 127.0.0.1; stopped on exit), then checks formatting and lints and runs every test (unit, .slt, end-to-end over
-# real sockets with tokio-postgres, psql, HTTP, Kafka clients and Parquet readers).
+# real sockets with tokio-postgres, psql, pgJDBC, Python drivers, HTTP, Kafka clients and
+# Parquet readers).
 #
 #   scripts/test.sh
 #
@@ -27,7 +28,24 @@ need_psql() {
   command -v psql >/dev/null 2>&1 || { echo "psql is required by the tests: install the PostgreSQL client" >&2; exit 1; }
 }
 
+# pgJDBC (Debian's libpostgresql-jdbc-java) and a JDK to compile the JDBC client session.
+PGJDBC_JAR="${SLUICE_PGJDBC_JAR:-/usr/share/java/postgresql.jar}"
+need_pgjdbc() {
+  command -v javac >/dev/null 2>&1 && [ -f "$PGJDBC_JAR" ] && return 0
+  say "installing pgJDBC and a JDK (libpostgresql-jdbc-java, default-jdk-headless)"
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libpostgresql-jdbc-java default-jdk-headless >/dev/null
+  fi
+  command -v javac >/dev/null 2>&1 && [ -f "$PGJDBC_JAR" ] || {
+    echo "pgJDBC and javac are required by the tests: install libpostgresql-jdbc-java and a JDK" >&2
+    exit 1
+  }
+}
+
 need_psql
+need_pgjdbc
+export SLUICE_TEST_PGJDBC_JAR="$PGJDBC_JAR"
 
 say "services (Kafka-protocol broker, schema registry, S3 + SQS, Kinesis)"
 trap 'scripts/services.sh stop' EXIT

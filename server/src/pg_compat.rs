@@ -336,7 +336,8 @@ impl datafusion::logical_expr::ScalarUDFImpl for NoComment {
     }
 }
 
-/// The functions of [`NoComment`], to register on a context.
+/// `obj_description`, `col_description` and `shobj_description`, which answer NULL (no
+/// object in Sluice has a comment), to register on a context.
 pub fn comment_functions() -> Vec<datafusion::logical_expr::ScalarUDF> {
     ["obj_description", "col_description", "shobj_description"]
         .into_iter()

@@ -2,7 +2,9 @@
 //! parameters (`$1`, …), declared and inferred parameter types, text and binary results,
 //! prepared statements and row-limited fetches; psql's catalog commands, settings, COPY.
 //! tokio-postgres and psql here; psycopg 3, asyncpg and SQLAlchemy's inspector in
-//! `tests/python/pg_drivers.py` (installed by `scripts/services.sh`).
+//! `tests/python/pg_drivers.py` (installed by `scripts/services.sh`); pgJDBC in
+//! `tests/java/JdbcSession.java` (Debian's libpostgresql-jdbc-java, installed by
+//! `scripts/test.sh`).
 
 use std::process::Command;
 use std::time::Duration;
@@ -223,5 +225,45 @@ async fn psql_lists_and_describes_streams_and_reads_settings() {
         .unwrap();
     let names: Vec<&str> = row.columns().iter().map(|c| c.name()).collect();
     assert_eq!(names, ["count", "?column?", "top", "current_database"]);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_session() {
+    let jar = std::env::var("SLUICE_TEST_PGJDBC_JAR").expect(
+        "SLUICE_TEST_PGJDBC_JAR is not set: run the tests with scripts/test.sh, which installs pgJDBC",
+    );
+    let lake = tempfile::tempdir().unwrap();
+    let (server, _pg) = server_with_clicks(lake.path()).await;
+    let classes = tempfile::tempdir().unwrap();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("java/JdbcSession.java");
+    let javac = Command::new("javac")
+        .arg("-d")
+        .arg(classes.path())
+        .arg(&source)
+        .output()
+        .expect("javac runs (scripts/test.sh installs a JDK)");
+    assert!(
+        javac.status.success(),
+        "javac: {}",
+        String::from_utf8_lossy(&javac.stderr)
+    );
+    let classpath = format!("{jar}:{}", classes.path().display());
+    let out = Command::new("java")
+        .args(["-cp", &classpath, "JdbcSession"])
+        .arg(server.pg_addr.ip().to_string())
+        .arg(server.pg_addr.port().to_string())
+        .output()
+        .expect("java runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "JdbcSession failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ok setFetchSize 50 over 500 rows"),
+        "{stdout}"
+    );
     server.shutdown().await;
 }
