@@ -115,7 +115,7 @@ pub async fn run(sessions: usize, posts: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(pg: std::net::SocketAddr) -> anyhow::Result<tokio_postgres::Client> {
+pub(crate) async fn connect(pg: std::net::SocketAddr) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(
         &format!(
             "host={} port={} user=sluice dbname=sluice",

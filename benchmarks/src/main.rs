@@ -21,6 +21,7 @@
 mod expect;
 mod ingest;
 mod kafka;
+mod pg_params;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -68,6 +69,9 @@ struct Args {
     /// `--checkpoint-interval` (compare with the same pipeline without, in one run).
     /// `ingest` runs a whole server and times 500-event POSTs alone and under `--sessions`
     /// query sessions (queries on their own runtime, then on the streams'; see its module).
+    /// `pg-params` runs a whole server and times `--queries` ad-hoc counts over a stream's
+    /// files through the extended protocol (prepared, `$1` bound) and the simple protocol,
+    /// interleaved (p50/p99 of each).
     #[arg(long, default_value = "source,discard,lake,bids,tumble,hop")]
     pipelines: String,
     /// Dedup: bidders are drawn from this many (the live keys once they have all been seen;
@@ -80,6 +84,9 @@ struct Args {
     /// `ingest`: POSTs timed per phase.
     #[arg(long, default_value_t = 200)]
     posts: usize,
+    /// `pg-params`: queries timed per protocol.
+    #[arg(long, default_value_t = 1000)]
+    queries: usize,
     /// How often `+ckpt` pipelines checkpoint (state and positions to a local lake).
     #[arg(long, default_value = "1s", value_parser = parse_interval)]
     checkpoint_interval: Duration,
@@ -755,9 +762,13 @@ fn main() -> anyhow::Result<()> {
                 rt.block_on(ingest::run(args.sessions, args.posts))?;
                 continue;
             }
+            "pg-params" => {
+                rt.block_on(pg_params::run(args.queries))?;
+                continue;
+            }
             other => {
                 anyhow::bail!(
-                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, hop60, dedup, kafka, kafka-librdkafka, json, arrow-json, json-messy, arrow-json-messy, ingest)"
+                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, hop60, dedup, kafka, kafka-librdkafka, json, arrow-json, json-messy, arrow-json-messy, ingest, pg-params)"
                 )
             }
         };
