@@ -93,6 +93,16 @@ pub fn datafusion_sqlstate(e: &DataFusionError) -> &'static str {
         DataFusionError::Plan(m) if m.contains("not found") && m.contains("table") => "42P01",
         DataFusionError::Plan(m) if m.contains("Invalid function") => "42883",
         DataFusionError::Plan(_) => "42000",
+        // A value that does not read as the type asked for: `CAST('x' AS BIGINT)`, a
+        // parameter bound as text (Postgres: invalid_text_representation).
+        DataFusionError::ArrowError(e, _)
+            if matches!(
+                e.as_ref(),
+                arrow::error::ArrowError::CastError(_) | arrow::error::ArrowError::ParseError(_)
+            ) =>
+        {
+            "22P02"
+        }
         DataFusionError::ArrowError(..) => "22000",
         DataFusionError::Execution(_) => "22000",
         DataFusionError::ResourcesExhausted(_) => "53200", // out_of_memory

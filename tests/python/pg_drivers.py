@@ -64,7 +64,8 @@ def psycopg_session():
             cur.execute("SELECT count(*) FROM clicks_all WHERE user_id > %s::bigint", ("ten",))
             sys.exit("psycopg: a non-number for a bigint parameter was accepted")
         except psycopg.Error as e:
-            print(f"ok psycopg bad parameter: {e.sqlstate} {str(e).splitlines()[0]}")
+            check("psycopg bad parameter's SQLSTATE (invalid_text_representation)",
+                  e.sqlstate, "22P02")
         conn.rollback()
         cur.execute("SELECT 1")
         check("psycopg session after an error", cur.fetchone(), (1,))

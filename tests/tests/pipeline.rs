@@ -117,7 +117,7 @@ async fn datagen_stream_lands_in_the_lake_and_every_client_sees_the_same_rows() 
     let db = err
         .as_db_error()
         .expect("a Postgres error, not a broken connection");
-    assert_eq!(db.code().code(), "22000", "{db:?}");
+    assert_eq!(db.code().code(), "22P02", "{db:?}");
     assert!(
         db.message().contains("Cannot cast string"),
         "{}",
