@@ -218,6 +218,19 @@ impl<P: Positions> JoinService<P> {
     }
 }
 
+/// Sends a backfill reader's barrier of `epoch`, at its checkpointed `position` (nothing
+/// when it does not checkpoint).
+pub(crate) async fn barrier(
+    ctx: &SourceContext,
+    checkpoint: &mut Option<ReaderCheckpoint>,
+    epoch: u64,
+    position: serde_json::Value,
+) {
+    if let Some(ck) = checkpoint {
+        ck.barrier(&ctx.output, epoch, position).await;
+    }
+}
+
 /// After the join: hands what the shared reader publishes on to the stream's branch. With
 /// `checkpoint`, each hub barrier the stream owes is reported with the shared reader's
 /// position at it. Returns when the hub ends or `ctx` is cancelled; fails when the shared

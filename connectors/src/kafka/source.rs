@@ -16,7 +16,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
-use sluice_engine::checkpoint::ReaderCheckpoint;
 use sluice_engine::source::publish;
 use sluice_engine::{BadRecord, EngineError, SourceContext, SourceReader};
 
@@ -24,7 +23,7 @@ use super::fetch_queue::{FetchQueue, Fetched};
 use super::offsets::{Offsets, lag, position_json};
 use super::{FetchClient, KafkaConfig, StartPosition};
 use crate::formats::Decoder;
-use crate::join::{JoinService, Joinable, Joined, Positions, gone, join_channel, relay};
+use crate::join::{JoinService, Joinable, Joined, Positions, barrier, gone, join_channel, relay};
 use crate::lake::RecordZone;
 use crate::split_clock::{
     ClockState, SplitClock, advance_watermark, event_times, resend_watermark,
@@ -781,18 +780,6 @@ fn report_lag(ctx: &SourceContext, joinable: &Joinable<Offsets>, mine: &Offsets)
     let total = lag.iter().map(|(_, n)| n).sum();
     ctx.metrics.set_partition_lag(lag);
     total
-}
-
-/// Sends a backfill reader's barrier of `epoch`, at its checkpointed `position`.
-async fn barrier(
-    ctx: &SourceContext,
-    checkpoint: &mut Option<ReaderCheckpoint>,
-    epoch: u64,
-    position: serde_json::Value,
-) {
-    if let Some(ck) = checkpoint {
-        ck.barrier(&ctx.output, epoch, position).await;
-    }
 }
 
 /// A reader's fetching: its consumer, the batches of its polling thread, its decoder and

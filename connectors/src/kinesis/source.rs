@@ -19,7 +19,6 @@ use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::types::{Record, Shard, ShardIteratorType};
-use sluice_engine::checkpoint::ReaderCheckpoint;
 use sluice_engine::source::publish;
 use sluice_engine::{BadRecord, EngineError, SourceContext, SourceReader};
 use tokio::sync::mpsc;
@@ -27,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{KinesisConfig, KinesisStart, compare_sequence_numbers};
 use crate::formats::Decoder;
-use crate::join::{JoinService, Joinable, Joined, Positions, gone, join_channel, relay};
+use crate::join::{JoinService, Joinable, Joined, Positions, barrier, gone, join_channel, relay};
 use crate::lake::RecordZone;
 use crate::split_clock::{
     ClockState, SplitClock, advance_watermark, event_times, resend_watermark,
@@ -671,6 +670,25 @@ impl KinesisReader {
         Ok(reading)
     }
 
+    /// Hands over a whole `GetRecords` answer (see [`Self::handle`]) and notes it: position,
+    /// lag, a shard read to its end.
+    async fn take(
+        &self,
+        ctx: &SourceContext,
+        r: &mut Reading,
+        batch: &ShardBatch,
+        shared: bool,
+    ) -> sluice_engine::Result<()> {
+        self.handle(ctx, r, &batch.shard, &batch.records, shared)
+            .await?;
+        if let Some(ms) = batch.millis_behind {
+            r.lag.insert(batch.shard.clone(), ms);
+        }
+        r.advance(self, &batch.shard, &batch.records, batch.ended);
+        r.report_lag(ctx);
+        Ok(())
+    }
+
     /// The shared reader: see [`Role::Shared`].
     async fn run_shared(
         mut self: Box<Self>,
@@ -718,12 +736,7 @@ impl KinesisReader {
                 }
                 event = r.next(&self) => match event? {
                     Event::Batch(batch) => {
-                        self.handle(&ctx, &mut r, &batch.shard, &batch.records, true).await?;
-                        if let Some(ms) = batch.millis_behind {
-                            r.lag.insert(batch.shard.clone(), ms);
-                        }
-                        r.advance(&self, &batch.shard, &batch.records, batch.ended);
-                        r.report_lag(&ctx);
+                        self.take(&ctx, &mut r, &batch, true).await?;
                         service.set_position(&r.position);
                         service.serve(None, &r.position, || r.clock.state(r.emitted), &ctx.output);
                         advance_watermark(&ctx, &r.clock, &mut r.emitted).await;
@@ -763,12 +776,7 @@ impl KinesisReader {
                     }
                     event = r.next(&self) => match event? {
                         Event::Batch(batch) => {
-                            self.handle(&ctx, &mut r, &batch.shard, &batch.records, false).await?;
-                            if let Some(ms) = batch.millis_behind {
-                                r.lag.insert(batch.shard.clone(), ms);
-                            }
-                            r.advance(&self, &batch.shard, &batch.records, batch.ended);
-                            r.report_lag(&ctx);
+                            self.take(&ctx, &mut r, &batch, false).await?;
                             advance_watermark(&ctx, &r.clock, &mut r.emitted).await;
                         }
                         Event::Discover => r.rediscover = true,
@@ -867,18 +875,6 @@ fn keep_before<'a>(limit: &Resume, batch: &'a ShardBatch) -> (&'a [Record], bool
         .take_while(|r| compare_sequence_numbers(r.sequence_number(), last).is_le())
         .count();
     (&batch.records[..keep], false)
-}
-
-/// Sends a backfill reader's barrier of `epoch`, at its checkpointed `position`.
-async fn barrier(
-    ctx: &SourceContext,
-    checkpoint: &mut Option<ReaderCheckpoint>,
-    epoch: u64,
-    position: serde_json::Value,
-) {
-    if let Some(ck) = checkpoint {
-        ck.barrier(&ctx.output, epoch, position).await;
-    }
 }
 
 #[async_trait]
