@@ -18,7 +18,9 @@
 //!   `poll_interval` — the pause after a call that returned nothing (default `1 second`;
 //!   a shard is never read more than five times a second, the service's limit).
 //!
-//! Every shard has its own reader. A child shard (after a split or a merge) is read only
+//! The source has one reader for all its streams ([`KinesisReader::shared`]): one task per
+//! shard calls `GetRecords`, however many streams read the source; a stream created while it
+//! runs catches up with a backfill reader and joins it ([`crate::join`]). A child shard (after a split or a merge) is read only
 //! once its parents have been read to their end, so per-key order holds across resharding;
 //! new shards are found with `ListShards` every few seconds and as soon as a shard ends.
 //! Watermarks are kept per shard like Kafka's per partition (see

@@ -83,7 +83,7 @@ pub struct KinesisReader {
     schema: SchemaRef,
     role: Role,
     raw: Option<RecordZone>,
-    /// The archiver's errors zone, written by itself (staged) when it checkpoints.
+    /// The shared reader's errors zone, written by itself (staged) when it checkpoints.
     errors: Option<RecordZone>,
     /// Where to resume, from a checkpoint.
     resume: Option<Resume>,
