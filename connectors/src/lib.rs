@@ -12,6 +12,8 @@
 //!   (cargo features `kafka` and `aws`, on by default).
 //! - `s3`: the landing zone: files landing under an S3 prefix (SQS notifications or
 //!   listing), each ingested once (feature `aws`).
+//! - `join` (with `kafka` or `aws`): how a stream created while a source's shared reader
+//!   runs catches up with it (a backfill reader), then joins it.
 //! - [`split_clock`]: event time per partition or shard, and the source's watermark.
 //! - [`registry()`]: the one list of connectors (each implements the engine's
 //!   [`sluice_engine::connector`] traits).

@@ -87,6 +87,16 @@ impl Described {
         }
     }
 
+    /// An ad-hoc query's parameters and rows, planned in `adhoc` (its columns named as
+    /// Postgres names them; `current_setting` with the server's values: only the plan's
+    /// shape matters here).
+    pub async fn query(adhoc: &AdHoc, mut stmt: DFStatement) -> Result<Self> {
+        let names = crate::pg_compat::column_names(&stmt);
+        crate::pg_compat::inline_settings(&mut stmt, |n| Session::default().setting(n))?;
+        let plan = adhoc.plan(stmt, &Default::default()).await?;
+        Self::of(&plan, names.as_deref())
+    }
+
     /// A planned query's parameters and rows, its columns named `names` if given (see
     /// [`crate::pg_compat::column_names`]).
     pub fn of(plan: &LogicalPlan, names: Option<&[String]>) -> Result<Self> {
@@ -547,12 +557,7 @@ impl Sluice {
         };
         Ok(Described::rows(match stmt {
             SluiceStatement::Other(s) if is_query(&s) => {
-                let names = crate::pg_compat::column_names(&s);
-                let mut s = s;
-                // (The server's values: only the plan's shape matters here.)
-                crate::pg_compat::inline_settings(&mut s, |n| Session::default().setting(n))?;
-                let plan = self.inner.adhoc.plan(*s, &Default::default()).await?;
-                return Described::of(&plan, names.as_deref());
+                return Described::query(&self.inner.adhoc, *s).await;
             }
             SluiceStatement::Show(ObjectKind::Source) => Some(show::sources_schema()),
             SluiceStatement::Show(ObjectKind::Stream) => Some(show::streams_schema()),

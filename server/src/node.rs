@@ -215,12 +215,7 @@ impl StandbyView {
                 Ok(Described::rows(Some(crate::show::status_schema())))
             }
             Some(SluiceStatement::Other(s)) if is_query(&s) => {
-                let names = crate::pg_compat::column_names(&s);
-                let mut s = s;
-                // (The server's values: only the plan's shape matters here.)
-                crate::pg_compat::inline_settings(&mut s, |n| Session::default().setting(n))?;
-                let plan = self.adhoc().await?.plan(*s, &Default::default()).await?;
-                Described::of(&plan, names.as_deref())
+                Described::query(&self.adhoc().await?, *s).await
             }
             _ => Ok(Described::default()),
         }
