@@ -14,6 +14,8 @@
 //!   listing), each ingested once (feature `aws`).
 //! - `join` (with `kafka` or `aws`): how a stream created while a source's shared reader
 //!   runs catches up with it (a backfill reader), then joins it.
+//! - [`ingest`]: the stage every reader takes its records through (raw zone, decode, errors
+//!   zone, metadata columns, event time, publish).
 //! - [`split_clock`]: event time per partition or shard, and the source's watermark.
 //! - [`registry()`]: the one list of connectors (each implements the engine's
 //!   [`sluice_engine::connector`] traits).
@@ -23,6 +25,7 @@ pub mod datagen;
 pub mod error;
 pub mod formats;
 pub mod http;
+pub mod ingest;
 #[cfg(any(feature = "kafka", feature = "aws"))]
 pub mod join;
 #[cfg(feature = "kafka")]

@@ -1,5 +1,6 @@
-//! [`SplitClock`]: event time per split (a Kafka partition, a Kinesis shard) and the
-//! source's watermark over them.
+//! [`SplitClock`]: event time per split (a Kafka partition, a Kinesis shard, or the one
+//! split of a source that has no others) and the source's watermark over them;
+//! [`SourceClock`], the watermark generator every source reader uses.
 //!
 //! Each split's own watermark is the largest event time it delivered minus the declared
 //! delay. The source's is the smallest over the splits still delivering: a split that lags —
@@ -194,6 +195,102 @@ pub async fn advance_watermark<K: Ord>(
         *emitted = Some(wm);
         ctx.metrics.observe_watermark(EventTime(wm));
         ctx.output.send(Message::Watermark(EventTime(wm))).await;
+    }
+}
+
+/// A reader's event time and the watermarks it sends: the one watermark generator every
+/// source uses — per split, with idleness, checkpointed ([`SplitClock`] plus the watermark
+/// last sent). A source with one split keys it by [`OneSplit`].
+#[derive(Debug)]
+pub struct SourceClock<K: Ord> {
+    splits: SplitClock<K>,
+    emitted: Option<i64>,
+}
+
+impl<K: Ord> Default for SourceClock<K> {
+    fn default() -> Self {
+        Self {
+            splits: SplitClock::default(),
+            emitted: None,
+        }
+    }
+}
+
+impl<K: Ord> SourceClock<K> {
+    /// Starts tracking `split`: it holds the watermark back until it delivers.
+    pub fn add(&mut self, split: K) {
+        self.splits.add(split);
+    }
+
+    /// `split` has ended: it no longer holds the watermark back.
+    pub fn remove(&mut self, split: &K) {
+        self.splits.remove(split);
+    }
+
+    /// Sends `rows` downstream (counting them), then the watermark if it advanced. `latest`
+    /// names each split that delivered in this batch — also those whose records all failed
+    /// to decode — with the largest event time among its rows.
+    pub async fn publish(
+        &mut self,
+        ctx: &SourceContext,
+        rows: RecordBatch,
+        latest: impl IntoIterator<Item = (K, Option<i64>)>,
+    ) {
+        let mut max: Option<i64> = None;
+        for (split, m) in latest {
+            max = max.max(m);
+            self.splits.delivered(split, m);
+        }
+        if let Some(m) = max {
+            ctx.metrics.observe_event_time(EventTime(m));
+        }
+        sluice_engine::source::publish(ctx, rows).await;
+        self.tick(ctx).await;
+    }
+
+    /// Sends the watermark if it advanced (call it now and then: quiet splits turn idle).
+    pub async fn tick(&mut self, ctx: &SourceContext) {
+        advance_watermark(ctx, &self.splits, &mut self.emitted).await;
+    }
+}
+
+impl SourceClock<OneSplit> {
+    /// [`Self::publish`] for a source with one split: the event time is the rows' largest.
+    pub async fn publish_one(&mut self, ctx: &SourceContext, rows: RecordBatch) {
+        let max = event_times(ctx, &rows).and_then(arrow::compute::max);
+        self.publish(ctx, rows, [(OneSplit, max)]).await;
+    }
+}
+
+impl<K: Ord + ToString + FromStr> SourceClock<K> {
+    /// What a checkpoint keeps of it.
+    pub fn state(&self) -> ClockState {
+        self.splits.state(self.emitted)
+    }
+
+    /// Takes its state back from a checkpoint (send the watermark it had sent with
+    /// [`resend_watermark`] first, when the reader starts).
+    pub fn restore(&mut self, state: &ClockState) {
+        let emitted = self.splits.restore(state);
+        self.emitted = self.emitted.max(emitted);
+    }
+}
+
+/// The split of a source that has one: an HTTP endpoint, a landing zone, a generator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct OneSplit;
+
+impl std::fmt::Display for OneSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("all")
+    }
+}
+
+impl FromStr for OneSplit {
+    type Err = std::convert::Infallible;
+
+    fn from_str(_: &str) -> Result<Self, Self::Err> {
+        Ok(OneSplit)
     }
 }
 

@@ -42,6 +42,12 @@ pub enum IngestError {
     BadKey(String),
 }
 
+impl From<EngineError> for IngestError {
+    fn from(e: EngineError) -> Self {
+        Self::Storage(e)
+    }
+}
+
 /// The receiving end of a push source.
 #[async_trait]
 pub trait PushSource: Send + Sync + std::fmt::Debug {

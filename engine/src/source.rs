@@ -1,9 +1,8 @@
-//! The [`SourceReader`] trait that connectors implement, and the event-time helper
-//! [`WatermarkTracker`] they share.
+//! The [`SourceReader`] trait that connectors implement, what a running one is given
+//! ([`SourceContext`]), and [`publish`], how it sends rows.
 
 use std::sync::Arc;
 
-use arrow::array::{Array, TimestampMicrosecondArray};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -13,7 +12,6 @@ use crate::error::{EngineError, Result};
 use crate::fanout::FanOut;
 use crate::message::{BadRecord, Message};
 use crate::metrics::Metrics;
-use crate::time::EventTime;
 
 /// What a running source reader is given.
 #[derive(Debug, Clone)]
@@ -75,88 +73,14 @@ pub trait SourceReader: Send {
     }
 }
 
-/// Tracks the largest event time a source split has seen and derives its watermark
-/// (bounded out-of-orderness, as Flink's `WATERMARK FOR ts AS ts - INTERVAL …`).
-#[derive(Debug, Clone)]
-pub struct WatermarkTracker {
-    column: usize,
-    delay_micros: i64,
-    max_seen: Option<i64>,
-    emitted: Option<i64>,
-}
-
-impl WatermarkTracker {
-    /// A tracker for `spec` over batches of `schema`.
-    pub fn try_new(spec: &WatermarkSpec, schema: &arrow::datatypes::Schema) -> Result<Self> {
-        let column = schema.index_of(&spec.column).map_err(|_| {
-            EngineError::Internal(format!(
-                "watermark column `{}` is not in the schema",
-                spec.column
-            ))
-        })?;
-        Ok(Self {
-            column,
-            delay_micros: spec.delay_micros,
-            max_seen: None,
-            emitted: None,
-        })
-    }
-
-    /// Observes a batch; returns the largest event time in it, if any.
-    pub fn observe(&mut self, batch: &RecordBatch) -> Option<EventTime> {
-        let col = batch.column(self.column);
-        let ts = col.as_any().downcast_ref::<TimestampMicrosecondArray>()?;
-        let max = arrow::compute::max(ts)?;
-        self.max_seen = Some(self.max_seen.map_or(max, |m| m.max(max)));
-        Some(EventTime(max))
-    }
-
-    /// What a checkpoint keeps: the largest event time seen and the watermark emitted.
-    pub fn state(&self) -> (Option<i64>, Option<i64>) {
-        (self.max_seen, self.emitted)
-    }
-
-    /// Takes back [`Self::state`] from a checkpoint; returns the watermark to send again.
-    pub fn restore(&mut self, max_seen: Option<i64>, emitted: Option<i64>) -> Option<EventTime> {
-        self.max_seen = self.max_seen.max(max_seen);
-        self.emitted = self.emitted.max(emitted);
-        self.emitted.map(EventTime)
-    }
-
-    /// The watermark to emit, if it advanced since the last call.
-    pub fn advance(&mut self) -> Option<EventTime> {
-        let wm = self.max_seen?.saturating_sub(self.delay_micros);
-        if self.emitted.is_some_and(|e| e >= wm) {
-            return None;
-        }
-        self.emitted = Some(wm);
-        Some(EventTime(wm))
-    }
-}
-
-/// Sends a batch and, when it advanced, the watermark after it; updates the counters.
-///
-/// This is the one way sources publish rows, so metrics and watermarks are consistent
-/// across connectors.
-pub async fn publish(
-    ctx: &SourceContext,
-    tracker: &mut Option<WatermarkTracker>,
-    batch: RecordBatch,
-) {
+/// Sends a batch downstream and counts its rows: the one way sources publish rows, so their
+/// counters agree across connectors. Watermarks are the reader's (connectors share one
+/// generator for them).
+pub async fn publish(ctx: &SourceContext, batch: RecordBatch) {
     if batch.num_rows() == 0 {
         return;
     }
     ctx.metrics.add_rows_in(batch.num_rows());
     ctx.metrics.add_rows_out(batch.num_rows());
-    let wm = tracker.as_mut().and_then(|t| {
-        if let Some(max) = t.observe(&batch) {
-            ctx.metrics.observe_event_time(max);
-        }
-        t.advance()
-    });
     ctx.output.send(Message::Data(batch)).await;
-    if let Some(wm) = wm {
-        ctx.metrics.observe_watermark(wm);
-        ctx.output.send(Message::Watermark(wm)).await;
-    }
 }

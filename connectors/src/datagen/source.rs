@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::split_clock::{OneSplit, SourceClock};
 use arrow::array::{
     ArrayRef, BooleanArray, Date32Array, Float64Array, Int64Array, StringArray,
     TimestampMicrosecondArray, UInt32Array,
@@ -12,7 +13,6 @@ use arrow::compute::{cast, take};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
-use sluice_engine::source::{WatermarkTracker, publish};
 use sluice_engine::{SourceContext, SourceReader};
 
 use super::DatagenConfig;
@@ -226,10 +226,10 @@ impl SourceReader for DatagenReader {
     }
 
     async fn run(mut self: Box<Self>, mut ctx: SourceContext) -> sluice_engine::Result<()> {
-        let mut tracker = match &ctx.watermark {
-            Some(spec) => Some(WatermarkTracker::try_new(spec, &self.schema)?),
-            None => None,
-        };
+        // Generated rows carry no raw records to archive or decode: they only need the
+        // watermark generator every source shares.
+        let mut clock = SourceClock::default();
+        clock.add(OneSplit);
         let rate = self.config.rows_per_second;
         let mut paced_since = Instant::now();
         let mut paced_rows: u64 = 0;
@@ -282,7 +282,7 @@ impl SourceReader for DatagenReader {
             paced_rows += n as u64;
             tokio::select! {
                 _ = ctx.cancel.cancelled() => return Ok(()),
-                _ = publish(&ctx, &mut tracker, batch) => {}
+                _ = clock.publish_one(&ctx, batch) => {}
             }
         }
     }

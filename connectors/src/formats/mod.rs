@@ -6,12 +6,17 @@ pub mod encoder;
 pub mod json;
 pub mod registry;
 
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, new_null_array};
+use arrow::compute::cast;
 use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
 
 use sluice_engine::WithOptions;
 
 use crate::error::{ConnectorError, Result};
-use json::Decoded;
+pub use json::{Decoded, RecordError};
 use registry::SchemaRegistry;
 
 /// The format of a source's records (`WITH (format = …)`).
@@ -114,6 +119,63 @@ pub fn take_format(opts: &mut WithOptions, allowed: &[&str]) -> Result<RecordFor
         )));
     }
     Ok(format)
+}
+
+/// `batch` (columns by name) in `schema`: declared columns cast to their types, missing
+/// nullable ones NULL; the rows that do not fit (a missing or NULL `NOT NULL` value, a value
+/// that does not convert), with why, are left out.
+pub fn fit(
+    schema: &SchemaRef,
+    batch: RecordBatch,
+) -> sluice_engine::Result<(RecordBatch, Vec<(usize, String)>)> {
+    let rows = batch.num_rows();
+    let mut reasons: Vec<Option<String>> = vec![None; rows];
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for f in schema.fields() {
+        let column = match batch.column_by_name(f.name()) {
+            None => new_null_array(f.data_type(), rows),
+            Some(from) => {
+                let to = cast(from, f.data_type())?;
+                for (row, reason) in reasons.iter_mut().enumerate() {
+                    if reason.is_none() && from.is_valid(row) && to.is_null(row) {
+                        *reason = Some(format!(
+                            "column `{}`: the value does not fit {}",
+                            f.name(),
+                            f.data_type()
+                        ));
+                    }
+                }
+                to
+            }
+        };
+        if !f.is_nullable() {
+            for (row, reason) in reasons.iter_mut().enumerate() {
+                if reason.is_none() && column.is_null(row) {
+                    *reason = Some(format!("column `{}` is NOT NULL", f.name()));
+                }
+            }
+        }
+        columns.push(column);
+    }
+    let keep: arrow::array::BooleanArray = reasons.iter().map(|r| Some(r.is_none())).collect();
+    let unfit: Vec<(usize, String)> = reasons
+        .into_iter()
+        .enumerate()
+        .filter_map(|(row, r)| r.map(|r| (row, r)))
+        .collect();
+    // Filtered before the batch is made: a `NOT NULL` column may hold NULLs in rows left out.
+    let columns = if unfit.is_empty() {
+        columns
+    } else {
+        columns
+            .iter()
+            .map(|c| arrow::compute::filter(c, &keep))
+            .collect::<Result<_, _>>()?
+    };
+    let options =
+        arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows - unfit.len()));
+    let fitted = RecordBatch::try_new_with_options(Arc::clone(schema), columns, &options)?;
+    Ok((fitted, unfit))
 }
 
 /// A record value as the errors zone keeps it: text as is; binary, or text that is not

@@ -24,9 +24,12 @@
 //! source's `idempotency_window`, it is answered as the first time and its body is stored
 //! once (see [`idempotency`]).
 //!
+//! Records go through the ingest stage every source shares ([`crate::ingest`]): the same
+//! decoding, errors-zone records and watermark as a Kafka topic's.
+//!
 //! Options: `max_request_size` (default `'10MB'`; larger bodies get 413), `format`
-//! (`'json'`, the default and for now the only one) and `idempotency_window` (default
-//! `'24 hours'`).
+//! (`'json'`, the default and for now the only one: request bodies are JSON) and
+//! `idempotency_window` (default `'24 hours'`).
 
 mod connector;
 pub mod idempotency;
@@ -35,17 +38,19 @@ use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use sluice_engine::checkpoint::ReaderCheckpoint;
-use sluice_engine::source::{WatermarkTracker, publish};
-use sluice_engine::{BadRecord, SourceContext, WithOptions};
+use sluice_engine::{SourceContext, WithOptions};
 
 use crate::error::{ConnectorError, Result};
-use crate::formats::bad_record;
-use crate::formats::json::JsonDecoder;
+use crate::formats::{RecordFormat, bad_record, take_format};
+use crate::ingest::{Ingest, Rejects};
 use crate::lake::{Lake, MICROS_PER_HOUR, RecordZone, Zone};
+use crate::split_clock::{ClockState, OneSplit, resend_watermark};
 
 /// Validated options of an `http` source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpConfig {
+    /// How records are encoded.
+    pub format: RecordFormat,
     /// Largest accepted request body, in bytes.
     pub max_request_size: u64,
     /// How long an `Idempotency-Key` counts.
@@ -55,16 +60,13 @@ pub struct HttpConfig {
 impl HttpConfig {
     /// Takes the `http` options from `opts`.
     pub fn try_new(opts: &mut WithOptions) -> Result<Self> {
-        if let Some(f) = opts.take_str("format")
-            && !f.eq_ignore_ascii_case("json")
-        {
-            return Err(opts.bad("format", &f, "'json'").into());
-        }
+        let format = take_format(opts, &["json"])?;
         let max_request_size = opts.take_bytes("max_request_size")?.unwrap_or(10 << 20);
         let idempotency_window = opts
             .take_duration("idempotency_window")?
             .unwrap_or(std::time::Duration::from_secs(24 * 3600));
         Ok(Self {
+            format,
             max_request_size,
             idempotency_window,
         })
@@ -78,9 +80,7 @@ pub use sluice_engine::push::{IngestError, IngestReport, RejectedLine};
 #[derive(Debug)]
 pub struct HttpIngest {
     name: String,
-    decoder: JsonDecoder,
     raw: RecordZone,
-    errors: RecordZone,
     ctx: SourceContext,
     state: tokio::sync::Mutex<IngestState>,
     config: HttpConfig,
@@ -90,7 +90,8 @@ pub struct HttpIngest {
 /// What requests are serialised on.
 #[derive(Debug)]
 struct IngestState {
-    tracker: Option<WatermarkTracker>,
+    /// Decoding, the errors zone, event time.
+    ingest: Ingest<OneSplit>,
     /// The number of the last request stored.
     seq: u64,
     /// The number of this server's first request (bodies before it were replayed at start).
@@ -109,19 +110,23 @@ impl HttpIngest {
         ctx: SourceContext,
     ) -> Result<Self> {
         let name = name.into();
-        let tracker = match &ctx.watermark {
-            Some(spec) => Some(WatermarkTracker::try_new(spec, &schema)?),
-            None => None,
-        };
+        // Bad records are in the errors zone before the request is answered.
+        let errors = RecordZone::new(lake.clone(), Zone::Errors, name.clone());
+        let mut ingest = Ingest::new(
+            format!("http source `{name}`"),
+            &config.format,
+            schema,
+            None,
+        )?
+        .with_rejects(Rejects::Zone(Box::new(errors)));
+        ingest.clock().add(OneSplit);
         Ok(Self {
-            decoder: JsonDecoder::new(schema),
             raw: RecordZone::new(lake.clone(), Zone::Raw, name.clone()),
-            markers: idempotency::Markers::new(lake.clone(), &name, config.idempotency_window),
-            errors: RecordZone::new(lake, Zone::Errors, name.clone()),
+            markers: idempotency::Markers::new(lake, &name, config.idempotency_window),
             name,
             ctx,
             state: tokio::sync::Mutex::new(IngestState {
-                tracker,
+                ingest,
                 seq: 0,
                 first_of_run: None,
                 swept_at: 0,
@@ -131,8 +136,8 @@ impl HttpIngest {
     }
 
     /// Takes part in checkpoints: between two requests, sends each requested barrier with
-    /// the position `{"seq": last request published, "at": µs now, "max_event_time": µs,
-    /// "watermark": µs}`. Runs until the source is stopped.
+    /// the position `{"seq": last request published, "at": µs now, "event_time": …}` (the
+    /// event time as [`ClockState`] keeps it). Runs until the source is stopped.
     pub fn checkpoint(self: &std::sync::Arc<Self>, mut ck: ReaderCheckpoint) {
         let this = std::sync::Arc::clone(self);
         tokio::spawn(async move {
@@ -142,14 +147,11 @@ impl HttpIngest {
                     e = ck.requested() => e,
                 };
                 let st = this.state.lock().await;
-                let (max_seen, emitted) =
-                    st.tracker.as_ref().map(|t| t.state()).unwrap_or_default();
-                let position = serde_json::json!({
+                let mut position = serde_json::json!({
                     "seq": st.seq,
                     "at": sluice_engine::EventTime::now().micros(),
-                    "max_event_time": max_seen,
-                    "watermark": emitted,
                 });
+                st.ingest.clock_state().write_into(&mut position);
                 ck.barrier(&this.ctx.output, epoch, position).await;
             }
         });
@@ -178,16 +180,9 @@ impl HttpIngest {
         st.seq = st.seq.max(after);
         // Event time as it was at the checkpoint: its watermark goes out again at once, so
         // the streams emit what it allowed even if no request ever comes again.
-        let micros = |key: &str| position.get(key).and_then(|v| v.as_i64());
-        if let Some(tracker) = &mut st.tracker
-            && let Some(wm) = tracker.restore(micros("max_event_time"), micros("watermark"))
-        {
-            self.ctx.metrics.observe_watermark(wm);
-            self.ctx
-                .output
-                .send(sluice_engine::Message::Watermark(wm))
-                .await;
-        }
+        let clock = clock_at(position).ok_or_else(bad)?;
+        st.ingest.clock().restore(&clock);
+        resend_watermark(&self.ctx, clock.emitted).await;
         let files = self.raw.sequenced_since(since).await?;
         let mut replayed = 0;
         for (seq, path) in files.into_iter().filter(|(seq, _)| *seq > after) {
@@ -197,10 +192,11 @@ impl HttpIngest {
             let is_array = body.trim_ascii_start().starts_with(b"[");
             // Records that failed went to the errors zone when the request came.
             if let Ok(records) = split_records(&body, is_array) {
-                let slices: Vec<&[u8]> = records.iter().map(|(_, r)| *r).collect();
-                let decoded = self.decoder.decode(&slices)?;
-                replayed += decoded.batch.num_rows();
-                publish(&self.ctx, &mut st.tracker, decoded.batch).await;
+                let received = Body {
+                    records: &records,
+                    origin: "",
+                };
+                replayed += st.ingest.reingest(&self.ctx, &received).await?.rows;
             }
             st.seq = st.seq.max(seq);
         }
@@ -339,45 +335,80 @@ impl HttpIngest {
             Err(reason) => {
                 if publish_rows {
                     let bad = bad_record(body, false, reason.clone(), origin.to_string());
-                    self.errors.put_bad_records(&[bad]).await?;
-                    self.ctx.metrics.add_bad_records(1);
+                    st.ingest.reject_records(&self.ctx, vec![bad]).await?;
                 }
                 return Err(IngestError::Malformed(reason));
             }
         };
-        let slices: Vec<&[u8]> = records.iter().map(|(_, r)| *r).collect();
-        let decoded = self.decoder.decode(&slices)?;
-        let rejected: Vec<RejectedLine> = decoded
-            .errors
-            .iter()
+        let received = Body {
+            records: &records,
+            origin,
+        };
+        let ingested = if publish_rows {
+            st.ingest.ingest(&self.ctx, &received).await?
+        } else {
+            st.ingest.check(&received).await?
+        };
+        let rejected = ingested
+            .rejected
+            .into_iter()
             .map(|e| RejectedLine {
                 line: records[e.index].0,
-                reason: e.reason.clone(),
+                reason: e.reason,
             })
-            .collect();
-        let accepted = decoded.batch.num_rows();
-        if !publish_rows {
-            return Ok(IngestReport { accepted, rejected });
-        }
-        if !rejected.is_empty() {
-            let bad: Vec<BadRecord> = decoded
-                .errors
-                .iter()
-                .map(|e| {
-                    bad_record(
-                        records[e.index].1,
-                        false,
-                        e.reason.clone(),
-                        format!("{origin} line {}", records[e.index].0),
-                    )
-                })
-                .collect();
-            self.errors.put_bad_records(&bad).await?;
-            self.ctx.metrics.add_bad_records(bad.len());
-        }
-        publish(&self.ctx, &mut st.tracker, decoded.batch).await;
-        tracing::debug!(source = %self.name, accepted, rejected = rejected.len(), "ingested");
-        Ok(IngestReport { accepted, rejected })
+            .collect::<Vec<_>>();
+        tracing::debug!(source = %self.name, accepted = ingested.rows, rejected = rejected.len(), "ingested");
+        Ok(IngestReport {
+            accepted: ingested.rows,
+            rejected,
+        })
+    }
+}
+
+/// The event time in a checkpointed position: `event_time` ([`ClockState`]), or the
+/// `max_event_time` and `watermark` of positions written before it.
+fn clock_at(position: &serde_json::Value) -> Option<ClockState> {
+    if position.get("event_time").is_some() {
+        return ClockState::read_from(position);
+    }
+    let micros = |key: &str| position.get(key).and_then(|v| v.as_i64());
+    Some(ClockState {
+        splits: micros("max_event_time")
+            .map(|m| (OneSplit.to_string(), m))
+            .into_iter()
+            .collect(),
+        emitted: micros("watermark"),
+    })
+}
+
+/// One body's records (`(line number, record)`) as the ingest stage sees them.
+struct Body<'a> {
+    records: &'a [(usize, &'a [u8])],
+    /// The request, for the errors zone.
+    origin: &'a str,
+}
+
+impl crate::ingest::Received for Body<'_> {
+    type Split = OneSplit;
+
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    fn value(&self, i: usize) -> Option<&[u8]> {
+        Some(self.records[i].1)
+    }
+
+    fn split(&self, _: usize) -> &OneSplit {
+        &OneSplit
+    }
+
+    fn splits(&self) -> Vec<OneSplit> {
+        vec![OneSplit]
+    }
+
+    fn origin(&self, i: usize) -> String {
+        format!("{} line {}", self.origin, self.records[i].0)
     }
 }
 
@@ -437,6 +468,7 @@ mod fuzz {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::formats::json::JsonDecoder;
 
     fn decoder() -> JsonDecoder {
         JsonDecoder::new(Arc::new(Schema::new(vec![

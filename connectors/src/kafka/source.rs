@@ -4,11 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{
-    Array, ArrayRef, Int32Array, Int64Array, StringArray, TimestampMillisecondArray,
-};
-use arrow::datatypes::{Schema, SchemaRef};
-use arrow::record_batch::RecordBatch;
+use arrow::array::{ArrayRef, Int32Array, Int64Array, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -16,18 +13,15 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
-use sluice_engine::source::publish;
-use sluice_engine::{BadRecord, EngineError, SourceContext, SourceReader};
+use sluice_engine::{EngineError, SourceContext, SourceReader};
 
 use super::fetch_queue::{FetchQueue, Fetched};
 use super::offsets::{Offsets, lag, position_json};
 use super::{FetchClient, KafkaConfig, StartPosition};
-use crate::formats::Decoder;
+use crate::ingest::{Ingest, Rejects};
 use crate::join::{JoinService, Joinable, Joined, Positions, barrier, gone, join_channel, relay};
 use crate::lake::RecordZone;
-use crate::split_clock::{
-    ClockState, SplitClock, advance_watermark, event_times, resend_watermark,
-};
+use crate::split_clock::{ClockState, resend_watermark};
 
 /// One record, its value copied out of the consumer into the batch's shared buffer.
 struct Record {
@@ -325,172 +319,6 @@ impl KafkaReader {
         .map_err(|e| EngineError::Internal(format!("kafka assignment task: {e}")))?
     }
 
-    /// Decodes, archives and publishes one batch of records; advances the watermark.
-    async fn flush(
-        &self,
-        ctx: &SourceContext,
-        decoder: &mut Decoder,
-        batch: &Records,
-        clock: &mut SplitClock<i32>,
-        emitted: &mut Option<i64>,
-        next_offsets: &mut BTreeMap<i32, i64>,
-    ) -> sluice_engine::Result<()> {
-        if batch.len() == 0 {
-            return Ok(());
-        }
-        let records = &batch.records;
-        for (partition, last) in &batch.last_offsets {
-            next_offsets.insert(*partition, last + 1);
-        }
-        let topic = &self.config.topic;
-        let origin = |r: &Record| {
-            format!(
-                "kafka topic {topic} partition {} offset {}",
-                r.partition, r.offset
-            )
-        };
-        if let Some(raw) = &self.raw {
-            let values = records.iter().map(|r| batch.value(r).unwrap_or_default());
-            raw.put_values(values, self.config.format.is_binary())
-                .await
-                .map_err(|e| {
-                    EngineError::external(format!("kafka source `{}`: raw zone", self.name), e)
-                })?;
-        }
-        let mut bad = Vec::new();
-        let mut values: Vec<&[u8]> = Vec::with_capacity(records.len());
-        let mut decoded_from: Vec<&Record> = Vec::with_capacity(records.len());
-        for r in records {
-            match batch.value(r) {
-                Some(v) => {
-                    values.push(v);
-                    decoded_from.push(r);
-                }
-                None => bad.push(BadRecord {
-                    payload: String::new(),
-                    payload_base64: false,
-                    reason: "the record has no value (a tombstone)".into(),
-                    origin: origin(r),
-                }),
-            }
-        }
-        let decoded = decoder
-            .decode(&values)
-            .await
-            .map_err(|e| EngineError::external(format!("kafka source `{}`", self.name), e))?;
-        let mut failed = vec![false; values.len()];
-        for e in &decoded.errors {
-            failed[e.index] = true;
-            bad.push(crate::formats::bad_record(
-                values[e.index],
-                self.config.format.is_binary(),
-                e.reason.clone(),
-                origin(decoded_from[e.index]),
-            ));
-        }
-        // The shared reader reports bad records, once for the source; backfill readers skip
-        // them (the shared reader read them too).
-        if self.is_shared() && !bad.is_empty() {
-            ctx.metrics.add_bad_records(bad.len());
-            match &self.errors {
-                Some(errors) => {
-                    errors.put_bad_records(&bad).await.map_err(|e| {
-                        EngineError::external(
-                            format!("kafka source `{}`: errors zone", self.name),
-                            e,
-                        )
-                    })?;
-                }
-                // The errors writer only goes away at shutdown.
-                None => {
-                    let _ = ctx.bad_records.send(bad).await;
-                }
-            }
-        }
-        let good: Vec<&Record> = decoded_from
-            .iter()
-            .zip(&failed)
-            .filter(|(_, f)| !**f)
-            .map(|(r, _)| *r)
-            .collect();
-        let rows = self.with_metadata(decoded.batch, batch, &good)?;
-        // Event time per partition, from the good rows; every partition in the batch delivered.
-        let mut latest: Vec<(i32, Option<i64>)> =
-            batch.last_offsets.iter().map(|(p, _)| (*p, None)).collect();
-        if let Some(ts) = event_times(ctx, &rows) {
-            // Rows come in runs of one partition: find its slot once per run.
-            let mut slot = 0;
-            for (row, r) in good.iter().enumerate() {
-                if !ts.is_valid(row) {
-                    continue;
-                }
-                if latest[slot].0 != r.partition {
-                    slot = latest
-                        .iter()
-                        .position(|(p, _)| *p == r.partition)
-                        .expect("every record's partition is in the batch");
-                }
-                let m = &mut latest[slot].1;
-                *m = Some(m.map_or(ts.value(row), |m| m.max(ts.value(row))));
-            }
-        }
-        for (partition, max) in latest {
-            clock.delivered(partition, max);
-        }
-        publish(ctx, &mut None, rows).await;
-        advance_watermark(ctx, clock, emitted).await;
-        Ok(())
-    }
-
-    /// The columns decoded from record values: all but the metadata columns.
-    fn value_schema(&self) -> SchemaRef {
-        let fields: Vec<_> = self
-            .schema
-            .fields()
-            .iter()
-            .filter(|f| !f.name().starts_with("_kafka_"))
-            .cloned()
-            .collect();
-        Arc::new(Schema::new(fields))
-    }
-
-    /// The source's rows: the decoded value columns and the metadata columns of the `good`
-    /// records, in the declared order.
-    fn with_metadata(
-        &self,
-        values: RecordBatch,
-        batch: &Records,
-        good: &[&Record],
-    ) -> sluice_engine::Result<RecordBatch> {
-        if values.num_columns() == self.schema.fields().len() {
-            return Ok(RecordBatch::try_new(
-                Arc::clone(&self.schema),
-                values.columns().to_vec(),
-            )?);
-        }
-        crate::formats::with_metadata_columns(&self.schema, values, |name| {
-            Some(match name {
-                "_kafka_key" => Arc::new(StringArray::from_iter(good.iter().map(|r| {
-                    batch
-                        .key(r)
-                        .map(|k| String::from_utf8_lossy(k).into_owned())
-                }))) as ArrayRef,
-                "_kafka_partition" => Arc::new(Int32Array::from_iter_values(
-                    good.iter().map(|r| r.partition),
-                )),
-                "_kafka_offset" => {
-                    Arc::new(Int64Array::from_iter_values(good.iter().map(|r| r.offset)))
-                }
-                "_kafka_timestamp" => Arc::new(
-                    TimestampMillisecondArray::from_iter(good.iter().map(|r| r.timestamp))
-                        .with_timezone("UTC"),
-                ),
-                "_kafka_headers" => headers_array(batch, good),
-                _ => return None,
-            })
-        })
-    }
-
     /// Commits `offsets` (the next offset per partition) to the source's consumer group,
     /// asynchronously: a failed commit only means a `start = 'committed'` reader starts a
     /// little earlier.
@@ -573,26 +401,38 @@ impl KafkaReader {
             tokio::task::spawn_blocking(move || poller.run(tx, spares));
             partitions
         };
-        let decoder = Decoder::new(&self.config.format, self.value_schema())?;
+        // The shared reader archives and reports bad records (itself, staged, when it
+        // checkpoints); a backfill reader re-reads what the shared reader reported.
+        let rejects = match (self.is_shared(), &self.errors) {
+            (false, _) => Rejects::Ignored,
+            (true, Some(errors)) => Rejects::Zone(Box::new(errors.clone())),
+            (true, None) => Rejects::Context,
+        };
+        let mut ingest = Ingest::new(
+            format!("kafka source `{}`", self.name),
+            &self.config.format,
+            Arc::clone(&self.schema),
+            Some("_kafka_"),
+        )?
+        .with_raw(self.raw.clone())
+        .with_rejects(rejects);
         // Every partition holds the watermark back until it delivers (or, with the source's
         // `idle_timeout`, until it has been quiet that long).
-        let mut clock = SplitClock::default();
         for p in partitions {
-            clock.add(p);
+            ingest.clock().add(p);
         }
         // From a checkpoint (what was read up to `resume`): each partition's event time.
-        let emitted = clock.restore(&self.resume_clock);
+        ingest.clock().restore(&self.resume_clock);
         Ok(Fetching {
             consumer,
             batches,
             recycle,
-            decoder,
-            clock,
-            emitted,
+            ingest,
         })
     }
 
-    /// Decodes, archives and publishes `batch` (see [`Self::flush`]), then hands it back.
+    /// Takes `batch` through the ingest stage, notes how far each partition was read, then
+    /// hands the batch back to the polling thread.
     async fn handle(
         &self,
         ctx: &SourceContext,
@@ -600,15 +440,14 @@ impl KafkaReader {
         mut batch: Records,
         next_offsets: &mut Offsets,
     ) -> sluice_engine::Result<()> {
-        self.flush(
-            ctx,
-            &mut f.decoder,
-            &batch,
-            &mut f.clock,
-            &mut f.emitted,
-            next_offsets,
-        )
-        .await?;
+        for (partition, last) in &batch.last_offsets {
+            next_offsets.insert(*partition, last + 1);
+        }
+        let received = Received {
+            topic: &self.config.topic,
+            batch: &batch,
+        };
+        f.ingest.ingest(ctx, &received).await?;
         batch.clear();
         let _ = f.recycle.try_send(batch);
         Ok(())
@@ -645,11 +484,7 @@ impl KafkaReader {
                 // barrier must not wait for a lull.
                 epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
                     if let Some(ck) = &mut checkpoint {
-                        let mut files = vec![];
-                        for zone in [&self.raw, &self.errors].into_iter().flatten() {
-                            files.extend(zone.take_staged());
-                        }
-                        ck.staged(epoch, files);
+                        ck.staged(epoch, f.ingest.take_staged());
                         let position = position_json(&next_offsets, &f.clock_state());
                         service.barrier(epoch, position.clone());
                         ck.barrier(&ctx.output, epoch, position).await;
@@ -672,7 +507,7 @@ impl KafkaReader {
                     service.set_position(&next_offsets);
                     service.serve(None, &next_offsets, || f.clock_state(), &ctx.output);
                 }
-                _ = idle_tick.tick() => advance_watermark(&ctx, &f.clock, &mut f.emitted).await,
+                _ = idle_tick.tick() => f.ingest.clock().tick(&ctx).await,
             }
         }
     }
@@ -709,7 +544,7 @@ impl KafkaReader {
                         }
                     }
                     _ = idle_tick.tick() => {
-                        advance_watermark(&ctx, &f.clock, &mut f.emitted).await;
+                        f.ingest.clock().tick(&ctx).await;
                         if report_lag(&ctx, &joinable, &mine) <= level {
                             break;
                         }
@@ -782,22 +617,20 @@ fn report_lag(ctx: &SourceContext, joinable: &Joinable<Offsets>, mine: &Offsets)
     total
 }
 
-/// A reader's fetching: its consumer, the batches of its polling thread, its decoder and
-/// its watermark clock. Dropping it stops the polling thread.
+/// A reader's fetching: its consumer, the batches of its polling thread and its ingest
+/// stage (decoder, event time). Dropping it stops the polling thread.
 struct Fetching {
     consumer: Arc<BaseConsumer<LagReporter>>,
     batches: tokio::sync::mpsc::Receiver<Polled>,
     /// Handled batches go back to the polling thread.
     recycle: std::sync::mpsc::SyncSender<Records>,
-    decoder: Decoder,
-    clock: SplitClock<i32>,
-    emitted: Option<i64>,
+    ingest: Ingest<i32>,
 }
 
 impl Fetching {
     /// Its event time, as a checkpoint keeps it.
     fn clock_state(&self) -> ClockState {
-        self.clock.state(self.emitted)
+        self.ingest.clock_state()
     }
 
     /// The next batch of records.
@@ -1075,9 +908,66 @@ pub(super) fn append<R: FetchedRecord>(
     Ok(())
 }
 
-/// The headers of the `good` records as a `_kafka_headers` column: one JSON object each.
-fn headers_array(batch: &Records, good: &[&Record]) -> ArrayRef {
-    let objects = good.iter().map(|r| {
+/// One polled batch as the ingest stage sees it.
+struct Received<'a> {
+    topic: &'a str,
+    batch: &'a Records,
+}
+
+impl crate::ingest::Received for Received<'_> {
+    type Split = i32;
+
+    fn len(&self) -> usize {
+        self.batch.records.len()
+    }
+
+    fn value(&self, i: usize) -> Option<&[u8]> {
+        self.batch.value(&self.batch.records[i])
+    }
+
+    fn split(&self, i: usize) -> &i32 {
+        &self.batch.records[i].partition
+    }
+
+    fn splits(&self) -> Vec<i32> {
+        self.batch.last_offsets.iter().map(|(p, _)| *p).collect()
+    }
+
+    fn origin(&self, i: usize) -> String {
+        let r = &self.batch.records[i];
+        format!(
+            "kafka topic {} partition {} offset {}",
+            self.topic, r.partition, r.offset
+        )
+    }
+
+    fn metadata(&self, name: &str, good: &[usize]) -> Option<ArrayRef> {
+        let batch = self.batch;
+        let records = || good.iter().map(|&i| &batch.records[i]);
+        Some(match name {
+            "_kafka_key" => Arc::new(StringArray::from_iter(records().map(|r| {
+                batch
+                    .key(r)
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+            }))) as ArrayRef,
+            "_kafka_partition" => {
+                Arc::new(Int32Array::from_iter_values(records().map(|r| r.partition)))
+            }
+            "_kafka_offset" => Arc::new(Int64Array::from_iter_values(records().map(|r| r.offset))),
+            "_kafka_timestamp" => Arc::new(
+                TimestampMillisecondArray::from_iter(records().map(|r| r.timestamp))
+                    .with_timezone("UTC"),
+            ),
+            "_kafka_headers" => headers_array(batch, good),
+            _ => return None,
+        })
+    }
+}
+
+/// The headers of records `good` as a `_kafka_headers` column: one JSON object each.
+fn headers_array(batch: &Records, good: &[usize]) -> ArrayRef {
+    let objects = good.iter().map(|&i| {
+        let r = &batch.records[i];
         let object: serde_json::Map<String, serde_json::Value> = batch.headers[r.headers.clone()]
             .iter()
             .map(|h| {

@@ -14,23 +14,19 @@ use std::time::Duration;
 use sluice_engine::retry::RetryPolicy;
 
 use arrow::array::{ArrayRef, StringArray, TimestampMillisecondArray};
-use arrow::datatypes::{Schema, SchemaRef};
-use arrow::record_batch::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::types::{Record, Shard, ShardIteratorType};
-use sluice_engine::source::publish;
-use sluice_engine::{BadRecord, EngineError, SourceContext, SourceReader};
+use sluice_engine::{EngineError, SourceContext, SourceReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{KinesisConfig, KinesisStart, compare_sequence_numbers};
-use crate::formats::Decoder;
+use crate::ingest::{Ingest, Rejects};
 use crate::join::{JoinService, Joinable, Joined, Positions, barrier, gone, join_channel, relay};
 use crate::lake::RecordZone;
-use crate::split_clock::{
-    ClockState, SplitClock, advance_watermark, event_times, resend_watermark,
-};
+use crate::split_clock::{ClockState, resend_watermark};
 
 /// Which of a source's readers a [`KinesisReader`] is.
 enum Role {
@@ -220,116 +216,79 @@ impl KinesisReader {
         }
     }
 
-    /// The columns decoded from record data: all but the metadata columns.
-    fn value_schema(&self) -> SchemaRef {
-        let fields: Vec<_> = self
-            .schema
-            .fields()
-            .iter()
-            .filter(|f| !f.name().starts_with("_kinesis_"))
-            .cloned()
-            .collect();
-        Arc::new(Schema::new(fields))
-    }
-
-    /// Decodes and publishes one shard's records; the shared reader (`shared`) also
-    /// archives them and reports those that fail to decode.
+    /// Takes one shard's records through the ingest stage.
     async fn handle(
         &self,
         ctx: &SourceContext,
         r: &mut Reading,
         shard: &str,
         records: &[Record],
-        shared: bool,
     ) -> sluice_engine::Result<()> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let binary = self.config.format.is_binary();
-        let values: Vec<&[u8]> = records.iter().map(|r| r.data().as_ref()).collect();
-        if shared && let Some(raw) = &self.raw {
-            raw.put_values(values.iter().copied(), binary)
-                .await
-                .map_err(|e| self.failed(format!("raw zone: {e}")))?;
-        }
-        let decoded = r
-            .decoder
-            .decode(&values)
-            .await
-            .map_err(|e| self.failed(e))?;
-        if shared && !decoded.errors.is_empty() {
-            let bad: Vec<BadRecord> = decoded
-                .errors
-                .iter()
-                .map(|e| {
-                    crate::formats::bad_record(
-                        values[e.index],
-                        binary,
-                        e.reason.clone(),
-                        format!(
-                            "kinesis stream {} shard {shard} sequence {}",
-                            self.config.stream,
-                            records[e.index].sequence_number()
-                        ),
-                    )
-                })
-                .collect();
-            ctx.metrics.add_bad_records(bad.len());
-            match &self.errors {
-                Some(errors) => errors
-                    .put_bad_records(&bad)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| self.failed(format!("errors zone: {e}")))?,
-                None => {
-                    let _ = ctx.bad_records.send(bad).await;
-                }
-            }
-        }
-        let mut failed = vec![false; records.len()];
-        for e in &decoded.errors {
-            failed[e.index] = true;
-        }
-        let good: Vec<&Record> = records
-            .iter()
-            .zip(&failed)
-            .filter(|(_, f)| !**f)
-            .map(|(r, _)| r)
-            .collect();
-        let rows = self.with_metadata(decoded.batch, shard, &good)?;
-        let max = event_times(ctx, &rows).and_then(arrow::compute::max);
-        r.clock.delivered(shard.to_string(), max);
-        publish(ctx, &mut None, rows).await;
+        let received = Received {
+            stream: &self.config.stream,
+            shard: shard.to_string(),
+            records,
+        };
+        r.ingest.ingest(ctx, &received).await?;
         Ok(())
     }
+}
 
-    /// The source's rows: decoded columns and metadata columns, in the declared order.
-    fn with_metadata(
-        &self,
-        values: RecordBatch,
-        shard: &str,
-        good: &[&Record],
-    ) -> sluice_engine::Result<RecordBatch> {
-        crate::formats::with_metadata_columns(&self.schema, values, |name| {
-            Some(match name {
-                "_kinesis_partition_key" => Arc::new(StringArray::from_iter_values(
-                    good.iter().map(|r| r.partition_key().unwrap_or_default()),
-                )) as ArrayRef,
-                "_kinesis_sequence_number" => Arc::new(StringArray::from_iter_values(
-                    good.iter().map(|r| r.sequence_number()),
-                )),
-                "_kinesis_shard_id" => {
-                    Arc::new(StringArray::from_iter_values(good.iter().map(|_| shard)))
-                }
-                "_kinesis_arrival_time" => Arc::new(
-                    TimestampMillisecondArray::from_iter(good.iter().map(|r| {
-                        r.approximate_arrival_timestamp()
-                            .and_then(|t| t.to_millis().ok())
-                    }))
-                    .with_timezone("UTC"),
-                ),
-                _ => return None,
-            })
+/// One shard's records as the ingest stage sees them.
+struct Received<'a> {
+    stream: &'a str,
+    shard: String,
+    records: &'a [Record],
+}
+
+impl crate::ingest::Received for Received<'_> {
+    type Split = String;
+
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    fn value(&self, i: usize) -> Option<&[u8]> {
+        Some(self.records[i].data().as_ref())
+    }
+
+    fn split(&self, _: usize) -> &String {
+        &self.shard
+    }
+
+    fn splits(&self) -> Vec<String> {
+        vec![self.shard.clone()]
+    }
+
+    fn origin(&self, i: usize) -> String {
+        format!(
+            "kinesis stream {} shard {} sequence {}",
+            self.stream,
+            self.shard,
+            self.records[i].sequence_number()
+        )
+    }
+
+    fn metadata(&self, name: &str, good: &[usize]) -> Option<ArrayRef> {
+        let records = || good.iter().map(|&i| &self.records[i]);
+        Some(match name {
+            "_kinesis_partition_key" => Arc::new(StringArray::from_iter_values(
+                records().map(|r| r.partition_key().unwrap_or_default()),
+            )) as ArrayRef,
+            "_kinesis_sequence_number" => Arc::new(StringArray::from_iter_values(
+                records().map(|r| r.sequence_number()),
+            )),
+            "_kinesis_shard_id" => Arc::new(StringArray::from_iter_values(
+                records().map(|_| self.shard.as_str()),
+            )),
+            "_kinesis_arrival_time" => Arc::new(
+                TimestampMillisecondArray::from_iter(records().map(|r| {
+                    r.approximate_arrival_timestamp()
+                        .and_then(|t| t.to_millis().ok())
+                }))
+                .with_timezone("UTC"),
+            ),
+            _ => return None,
         })
     }
 }
@@ -490,10 +449,8 @@ fn shard_number(id: &str) -> i32 {
 /// position and its event time. Dropping it stops the shard readers.
 struct Reading {
     client: Client,
-    decoder: Decoder,
+    ingest: Ingest<String>,
     known: BTreeMap<String, KnownShard>,
-    clock: SplitClock<String>,
-    emitted: Option<i64>,
     /// Milliseconds behind the newest record, per shard read.
     lag: BTreeMap<String, i64>,
     /// What has been handed over.
@@ -521,7 +478,7 @@ impl Reading {
     /// Its position and event time, as a checkpoint keeps them.
     fn position_json(&self) -> serde_json::Value {
         let mut at = self.position.to_json();
-        self.clock.state(self.emitted).write_into(&mut at);
+        self.ingest.clock_state().write_into(&mut at);
         at
     }
 
@@ -580,7 +537,7 @@ impl Reading {
                 ShardIteratorType::TrimHorizon
             };
             self.known.get_mut(&id).expect("listed").state = ShardState::Reading;
-            self.clock.add(id.clone());
+            self.ingest.clock().add(id.clone());
             let after = self.position.shards.entry(id.clone()).or_default().clone();
             tracing::info!(source = %source.name, shard = %id, "kinesis: reading shard");
             let reader = ShardReader {
@@ -619,7 +576,7 @@ impl Reading {
         if ended {
             tracing::info!(source = %source.name, shard = %shard, "kinesis: shard ended");
             self.known.get_mut(shard).expect("a known shard").state = ShardState::Ended;
-            self.clock.remove(&shard.to_string());
+            self.ingest.clock().remove(&shard.to_string());
             self.lag.remove(shard);
             self.rediscover = true; // its children may start now
         }
@@ -637,23 +594,39 @@ impl Reading {
 }
 
 impl KinesisReader {
-    /// Starts reading from `position` with event time `clock`.
+    /// Starts reading from `position` with event time `clock`; the shared reader (`shared`)
+    /// archives records and reports those that fail to decode (a backfill reader re-reads
+    /// what it reported).
     async fn start(
         &self,
         ctx: &SourceContext,
         position: Resume,
         clock: &ClockState,
+        shared: bool,
     ) -> sluice_engine::Result<Reading> {
         let (tx, rx) = mpsc::channel(16);
         let readers = ctx.cancel.child_token();
-        let mut split_clock = SplitClock::default();
-        let emitted = split_clock.restore(clock);
+        let (raw, rejects) = match (shared, &self.errors) {
+            (false, _) => (None, Rejects::Ignored),
+            (true, Some(errors)) => (self.raw.clone(), Rejects::Zone(Box::new(errors.clone()))),
+            (true, None) => (self.raw.clone(), Rejects::Context),
+        };
+        let mut ingest = Ingest::new(
+            format!(
+                "kinesis source `{}` (stream `{}`)",
+                self.name, self.config.stream
+            ),
+            &self.config.format,
+            Arc::clone(&self.schema),
+            Some("_kinesis_"),
+        )?
+        .with_raw(raw)
+        .with_rejects(rejects);
+        ingest.clock().restore(clock);
         let mut reading = Reading {
             client: self.config.aws.client().await,
-            decoder: Decoder::new(&self.config.format, self.value_schema())?,
+            ingest,
             known: BTreeMap::new(),
-            clock: split_clock,
-            emitted,
             lag: BTreeMap::new(),
             // After a restore, shards are read on from their positions, never from `latest`.
             first_listing: self.resume.is_none() && position == Resume::default(),
@@ -677,10 +650,8 @@ impl KinesisReader {
         ctx: &SourceContext,
         r: &mut Reading,
         batch: &ShardBatch,
-        shared: bool,
     ) -> sluice_engine::Result<()> {
-        self.handle(ctx, r, &batch.shard, &batch.records, shared)
-            .await?;
+        self.handle(ctx, r, &batch.shard, &batch.records).await?;
         if let Some(ms) = batch.millis_behind {
             r.lag.insert(batch.shard.clone(), ms);
         }
@@ -707,10 +678,11 @@ impl KinesisReader {
                 &ctx,
                 self.resume.clone().unwrap_or_default(),
                 &self.resume_clock,
+                true,
             )
             .await?;
         service.set_position(&r.position);
-        resend_watermark(&ctx, r.emitted).await;
+        resend_watermark(&ctx, self.resume_clock.emitted).await;
         loop {
             if r.rediscover {
                 r.discover(&self, None).await?;
@@ -720,11 +692,7 @@ impl KinesisReader {
                 _ = ctx.cancel.cancelled() => return Ok(()),
                 epoch = sluice_engine::checkpoint::barrier_due(&mut checkpoint) => {
                     if let Some(ck) = &mut checkpoint {
-                        let mut files = vec![];
-                        for zone in [&self.raw, &self.errors].into_iter().flatten() {
-                            files.extend(zone.take_staged());
-                        }
-                        ck.staged(epoch, files);
+                        ck.staged(epoch, r.ingest.take_staged());
                         let at = r.position_json();
                         service.barrier(epoch, at.clone());
                         ck.barrier(&ctx.output, epoch, at).await;
@@ -732,17 +700,16 @@ impl KinesisReader {
                 }
                 // Between two batches: a stream that joins now gets every row from here on.
                 request = service.request() => {
-                    service.serve(Some(request), &r.position, || r.clock.state(r.emitted), &ctx.output);
+                    service.serve(Some(request), &r.position, || r.ingest.clock_state(), &ctx.output);
                 }
                 event = r.next(&self) => match event? {
                     Event::Batch(batch) => {
-                        self.take(&ctx, &mut r, &batch, true).await?;
+                        self.take(&ctx, &mut r, &batch).await?;
                         service.set_position(&r.position);
-                        service.serve(None, &r.position, || r.clock.state(r.emitted), &ctx.output);
-                        advance_watermark(&ctx, &r.clock, &mut r.emitted).await;
+                        service.serve(None, &r.position, || r.ingest.clock_state(), &ctx.output);
                     }
                     Event::Discover => r.rediscover = true,
-                    Event::Idle => advance_watermark(&ctx, &r.clock, &mut r.emitted).await,
+                    Event::Idle => r.ingest.clock().tick(&ctx).await,
                 },
             }
         }
@@ -763,7 +730,9 @@ impl KinesisReader {
         resend_watermark(&ctx, self.resume_clock.emitted).await;
         if !resume.covers(&level) {
             tracing::info!(source = %self.name, "kinesis: a stream catches up with the source");
-            let mut r = self.start(&ctx, resume.clone(), &self.resume_clock).await?;
+            let mut r = self
+                .start(&ctx, resume.clone(), &self.resume_clock, false)
+                .await?;
             while !r.position.covers(&level) {
                 if r.rediscover {
                     r.discover(&self, None).await?;
@@ -775,12 +744,9 @@ impl KinesisReader {
                         barrier(&ctx, &mut checkpoint, epoch, r.position_json()).await;
                     }
                     event = r.next(&self) => match event? {
-                        Event::Batch(batch) => {
-                            self.take(&ctx, &mut r, &batch, false).await?;
-                            advance_watermark(&ctx, &r.clock, &mut r.emitted).await;
-                        }
+                        Event::Batch(batch) => self.take(&ctx, &mut r, &batch).await?,
                         Event::Discover => r.rediscover = true,
-                        Event::Idle => advance_watermark(&ctx, &r.clock, &mut r.emitted).await,
+                        Event::Idle => r.ingest.clock().tick(&ctx).await,
                     },
                 }
             }
@@ -819,7 +785,7 @@ impl KinesisReader {
         if !mine.covers(&target) {
             let r = match &mut reading {
                 Some(r) => r,
-                None => reading.insert(self.start(&ctx, resume, &self.resume_clock).await?),
+                None => reading.insert(self.start(&ctx, resume, &self.resume_clock, false).await?),
             };
             while !r.position.covers(&target) {
                 if r.rediscover {
@@ -834,9 +800,8 @@ impl KinesisReader {
                     event = r.next(&self) => match event? {
                         Event::Batch(batch) => {
                             let (records, ended) = keep_before(&target, &batch);
-                            self.handle(&ctx, r, &batch.shard, records, false).await?;
+                            self.handle(&ctx, r, &batch.shard, records).await?;
                             r.advance(&self, &batch.shard, records, ended);
-                            advance_watermark(&ctx, &r.clock, &mut r.emitted).await;
                         }
                         Event::Discover => r.rediscover = true,
                         Event::Idle => {}

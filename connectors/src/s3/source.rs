@@ -4,10 +4,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{ArrayRef, new_null_array};
-use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use arrow::record_batch::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use async_compression::tokio::bufread::GzipDecoder;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
@@ -18,15 +15,15 @@ use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use parquet::arrow::arrow_reader::ArrowReaderOptions;
 use parquet::arrow::async_reader::AsyncFileReader;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
-use sluice_engine::source::{WatermarkTracker, publish};
 use sluice_engine::{BadRecord, EngineError, SourceContext, SourceReader};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
 use super::{FileFormat, LandedObject, LandingConfig, created_objects};
-use crate::formats::bad_record;
 use crate::formats::csv::CsvDecoder;
-use crate::formats::json::{Decoded, JsonDecoder};
+use crate::formats::{Decoder, RecordFormat};
+use crate::ingest::{Ingest, Rejects};
 use crate::lake::{Lake, RecordZone, Zone, unique_file_name};
+use crate::split_clock::{ClockState, OneSplit, resend_watermark};
 use sluice_engine::checkpoint::{ReaderCheckpoint, StagedFile};
 
 /// Reads the landing zone of one source. See the module docs.
@@ -35,6 +32,8 @@ pub struct LandingReader {
     config: LandingConfig,
     schema: SchemaRef,
     lake: Lake,
+    /// The event time it had at the checkpoint it resumes from.
+    resume_clock: ClockState,
 }
 
 /// Why an object could not be ingested: it is unreadable (it goes to the errors zone whole)
@@ -55,7 +54,8 @@ struct Ingestion<'a> {
     ctx: &'a SourceContext,
     store: Arc<dyn ObjectStore>,
     done: HashSet<LandedObject>,
-    tracker: Option<WatermarkTracker>,
+    /// Decoding, rejects, event time.
+    ingest: Ingest<OneSplit>,
     /// With checkpoints: barriers go out between objects, and what records progress (the
     /// objects' markers, errors-zone files) is staged and committed with the epoch.
     checkpoint: Option<ReaderCheckpoint>,
@@ -84,6 +84,7 @@ impl LandingReader {
             config,
             schema,
             lake,
+            resume_clock: ClockState::default(),
         }
     }
 
@@ -156,24 +157,6 @@ impl LandingReader {
         Ok(())
     }
 
-    /// Sends bad records to the errors zone (staged with checkpoints).
-    async fn reject(&self, ing: &Ingestion<'_>, bad: Vec<BadRecord>) -> sluice_engine::Result<()> {
-        if bad.is_empty() {
-            return Ok(());
-        }
-        ing.ctx.metrics.add_bad_records(bad.len());
-        if ing.checkpoint.is_some() {
-            ing.errors
-                .put_bad_records(&bad)
-                .await
-                .map_err(|e| self.failed(e))?;
-        } else {
-            // The errors writer only goes away at shutdown.
-            let _ = ing.ctx.bad_records.send(bad).await;
-        }
-        Ok(())
-    }
-
     /// Sends the barrier of `epoch` with what the epoch staged; the SQS messages handled so
     /// far are deleted once it is committed.
     async fn barrier(&self, ing: &mut Ingestion<'_>, epoch: u64) {
@@ -183,8 +166,9 @@ impl LandingReader {
         let mut files = std::mem::take(&mut ing.markers);
         files.extend(ing.errors.take_staged());
         ck.staged(epoch, files);
-        ck.barrier(&ing.ctx.output, epoch, serde_json::json!({}))
-            .await;
+        let mut position = serde_json::json!({});
+        ing.ingest.clock_state().write_into(&mut position);
+        ck.barrier(&ing.ctx.output, epoch, position).await;
         let handles = std::mem::take(&mut ing.handles);
         if !handles.is_empty() {
             ing.to_delete.insert(epoch, handles);
@@ -281,7 +265,7 @@ impl LandingReader {
                     reason: format!("unreadable object: {reason} (kept as {copy})"),
                     origin,
                 }];
-                self.reject(ing, bad).await?;
+                ing.ingest.reject_records(ing.ctx, bad).await?;
             }
         }
         self.record_done(ing, &object).await?;
@@ -336,12 +320,8 @@ impl LandingReader {
         } else {
             Box::new(raw)
         };
-        let mut decoder: Option<LineDecoder> = match self.config.format {
-            FileFormat::Json => Some(LineDecoder::Json(JsonDecoder::new(Arc::clone(
-                &self.schema,
-            )))),
-            _ => None, // CSV: from the header line
-        };
+        // CSV: columns by the names in the header line.
+        let mut header_read = self.config.format != FileFormat::Csv;
         let mut batch: Vec<Vec<u8>> = Vec::with_capacity(self.config.batch_size);
         let mut first_line = 1; // line number of batch[0]
         let mut line_no = 0;
@@ -361,8 +341,11 @@ impl LandingReader {
             while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                 line.pop();
             }
-            if decoder.is_none() {
-                decoder = Some(self.csv_decoder(&line).map_err(ObjectError::Unreadable)?);
+            if !header_read {
+                let csv = CsvDecoder::with_header(&self.schema, &line)
+                    .map_err(ObjectError::Unreadable)?;
+                ing.ingest.set_decoder(Decoder::Csv(csv));
+                header_read = true;
                 first_line = line_no + 1;
                 continue;
             }
@@ -374,88 +357,31 @@ impl LandingReader {
             }
             batch.push(line);
             if batch.len() >= self.config.batch_size {
-                let d = decoder.as_ref().expect("set above");
-                self.publish_lines(ing, d, &batch, first_line, origin)
-                    .await?;
+                self.publish_lines(ing, &batch, first_line, origin).await?;
                 batch.clear();
                 first_line = line_no + 1;
             }
         }
-        if let Some(d) = &decoder
-            && !batch.is_empty()
-        {
-            self.publish_lines(ing, d, &batch, first_line, origin)
-                .await?;
+        if !batch.is_empty() {
+            self.publish_lines(ing, &batch, first_line, origin).await?;
         }
         Ok(())
     }
 
-    /// The decoder of a CSV object with this header line.
-    fn csv_decoder(&self, header: &[u8]) -> Result<LineDecoder, String> {
-        let names = csv_header_names(header)?;
-        let header = String::from_utf8_lossy(header);
-        for f in self.schema.fields() {
-            if !f.is_nullable() && !names.iter().any(|n| n == f.name()) {
-                return Err(format!(
-                    "the CSV header ({header}) has no column `{}`, which is NOT NULL",
-                    f.name()
-                ));
-            }
-        }
-        // The file's columns: the declared type where declared, text otherwise.
-        let fields: Vec<Field> = names
-            .iter()
-            .map(|n| match self.schema.field_with_name(n) {
-                Ok(f) => f.clone().with_nullable(true),
-                Err(_) => Field::new(n, DataType::Utf8, true),
-            })
-            .collect();
-        Ok(LineDecoder::Csv(CsvDecoder::new(Arc::new(Schema::new(
-            fields,
-        )))))
-    }
-
-    /// Decodes lines (`first_line` is the number of the first) and publishes the good rows.
+    /// Takes lines (`first_line` is the number of the first) through the ingest stage.
     async fn publish_lines(
         &self,
         ing: &mut Ingestion<'_>,
-        decoder: &LineDecoder,
         lines: &[Vec<u8>],
         first_line: usize,
         origin: &str,
     ) -> Result<(), ObjectError> {
-        let slices: Vec<&[u8]> = lines.iter().map(Vec::as_slice).collect();
-        let decoded = decoder.decode(&slices)?;
-        let mut bad: Vec<BadRecord> = decoded
-            .errors
-            .iter()
-            .map(|e| {
-                bad_record(
-                    slices[e.index],
-                    false,
-                    e.reason.clone(),
-                    format!("{origin} line {}", first_line + e.index),
-                )
-            })
-            .collect();
-        let mut rejected: Vec<usize> = decoded.errors.iter().map(|e| e.index).collect();
-        let (rows, unfit) = fit(&self.schema, decoded.batch)?;
-        // Rows of the batch are the lines that decoded, in order.
-        let decoded_lines: Vec<usize> = (0..lines.len())
-            .filter(|i| rejected.binary_search(i).is_err())
-            .collect();
-        for (row, reason) in unfit {
-            let i = decoded_lines[row];
-            bad.push(bad_record(
-                slices[i],
-                false,
-                reason,
-                format!("{origin} line {}", first_line + i),
-            ));
-            rejected.push(i);
-        }
-        self.reject(ing, bad).await?;
-        publish(ing.ctx, &mut ing.tracker, rows).await;
+        let received = Lines {
+            lines,
+            first_line,
+            origin,
+        };
+        ing.ingest.ingest(ing.ctx, &received).await?;
         Ok(())
     }
 
@@ -490,7 +416,7 @@ impl LandingReader {
             let batch =
                 batch.map_err(|e| ObjectError::Unreadable(format!("after row {row_base}: {e}")))?;
             let n = batch.num_rows();
-            let (rows, unfit) = fit(&self.schema, batch.clone())?;
+            let (rows, unfit) = crate::formats::fit(&self.schema, batch.clone())?;
             if !unfit.is_empty() {
                 let bad: Vec<BadRecord> = unfit
                     .into_iter()
@@ -501,9 +427,9 @@ impl LandingReader {
                         origin: format!("{origin} row {}", row_base + row + 1),
                     })
                     .collect();
-                self.reject(ing, bad).await?;
+                ing.ingest.reject_records(ing.ctx, bad).await?;
             }
-            publish(ing.ctx, &mut ing.tracker, rows).await;
+            ing.ingest.publish_rows(ing.ctx, OneSplit, rows).await;
             row_base += n;
         }
         Ok(())
@@ -548,71 +474,35 @@ impl AsyncFileReader for ObjectFile {
     }
 }
 
-/// Decodes the lines of one object.
-enum LineDecoder {
-    Json(JsonDecoder),
-    Csv(CsvDecoder),
+/// Lines of one object as the ingest stage sees them.
+struct Lines<'a> {
+    lines: &'a [Vec<u8>],
+    first_line: usize,
+    origin: &'a str,
 }
 
-impl LineDecoder {
-    fn decode(&self, lines: &[&[u8]]) -> Result<Decoded, ObjectError> {
-        let decoded = match self {
-            LineDecoder::Json(d) => d.decode(lines),
-            LineDecoder::Csv(d) => d.decode(lines),
-        };
-        decoded.map_err(|e| ObjectError::Engine(e.into()))
-    }
-}
+impl crate::ingest::Received for Lines<'_> {
+    type Split = OneSplit;
 
-/// `batch` (columns by name) in `schema`: declared columns cast to their types, missing
-/// nullable ones NULL; the rows that do not fit (a missing or NULL `NOT NULL` value, a value
-/// that does not convert), with why, are left out.
-fn fit(
-    schema: &SchemaRef,
-    batch: RecordBatch,
-) -> sluice_engine::Result<(RecordBatch, Vec<(usize, String)>)> {
-    let rows = batch.num_rows();
-    let mut reasons: Vec<Option<String>> = vec![None; rows];
-    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
-    for f in schema.fields() {
-        let column = match batch.column_by_name(f.name()) {
-            None => new_null_array(f.data_type(), rows),
-            Some(from) => {
-                let to = cast(from, f.data_type())?;
-                for (row, reason) in reasons.iter_mut().enumerate() {
-                    if reason.is_none() && from.is_valid(row) && to.is_null(row) {
-                        *reason = Some(format!(
-                            "column `{}`: the value does not fit {}",
-                            f.name(),
-                            f.data_type()
-                        ));
-                    }
-                }
-                to
-            }
-        };
-        if !f.is_nullable() {
-            for (row, reason) in reasons.iter_mut().enumerate() {
-                if reason.is_none() && column.is_null(row) {
-                    *reason = Some(format!("column `{}` is NOT NULL", f.name()));
-                }
-            }
-        }
-        columns.push(column);
+    fn len(&self) -> usize {
+        self.lines.len()
     }
-    let keep: arrow::array::BooleanArray = reasons.iter().map(|r| Some(r.is_none())).collect();
-    let unfit: Vec<(usize, String)> = reasons
-        .into_iter()
-        .enumerate()
-        .filter_map(|(row, r)| r.map(|r| (row, r)))
-        .collect();
-    let fitted = RecordBatch::try_new(Arc::clone(schema), columns)?;
-    let fitted = if unfit.is_empty() {
-        fitted
-    } else {
-        arrow::compute::filter_record_batch(&fitted, &keep)?
-    };
-    Ok((fitted, unfit))
+
+    fn value(&self, i: usize) -> Option<&[u8]> {
+        Some(&self.lines[i])
+    }
+
+    fn split(&self, _: usize) -> &OneSplit {
+        &OneSplit
+    }
+
+    fn splits(&self) -> Vec<OneSplit> {
+        vec![OneSplit]
+    }
+
+    fn origin(&self, i: usize) -> String {
+        format!("{} line {}", self.origin, self.first_line + i)
+    }
 }
 
 #[async_trait]
@@ -622,8 +512,14 @@ impl SourceReader for LandingReader {
         true
     }
 
-    /// Nothing to restore: the committed markers are what was ingested.
-    fn restore(&mut self, _position: &serde_json::Value) -> sluice_engine::Result<()> {
+    /// The committed markers are what was ingested; the position keeps the event time.
+    fn restore(&mut self, position: &serde_json::Value) -> sluice_engine::Result<()> {
+        self.resume_clock = ClockState::read_from(position).ok_or_else(|| {
+            EngineError::Checkpoint(format!(
+                "s3 source `{}`: position {position} has a malformed `event_time`",
+                self.name
+            ))
+        })?;
         Ok(())
     }
 
@@ -639,15 +535,26 @@ impl SourceReader for LandingReader {
                 .s3_store(&self.config.bucket)
                 .map_err(|e| self.failed(e))?,
         );
-        let tracker = match &ctx.watermark {
-            Some(spec) => Some(WatermarkTracker::try_new(spec, &self.schema)?),
-            None => None,
-        };
+        // JSON lines decode with the declared columns; a CSV object's decoder comes from its
+        // header line.
+        let mut ingest = Ingest::new(
+            format!("s3 source `{}`", self.name),
+            &RecordFormat::Json,
+            Arc::clone(&self.schema),
+            None,
+        )?
+        .with_rejects(match checkpoint {
+            Some(_) => Rejects::Zone(Box::new(errors.clone())),
+            None => Rejects::Context,
+        });
+        ingest.clock().add(OneSplit);
+        ingest.clock().restore(&self.resume_clock);
+        resend_watermark(&ctx, self.resume_clock.emitted).await;
         let mut ing = Ingestion {
             ctx: &ctx,
             store: Arc::clone(&store),
             done: self.load_done().await?,
-            tracker,
+            ingest,
             committed: checkpoint.as_ref().map(ReaderCheckpoint::committed_epochs),
             checkpoint,
             errors,
@@ -742,42 +649,5 @@ impl SourceReader for LandingReader {
                 }
             }
         }
-    }
-}
-
-/// The column names of a CSV header line, lower-cased: read by the `csv` crate (arrow-csv's
-/// own parser), so quoted names with commas or quotes in them come out whole.
-fn csv_header_names(header: &[u8]) -> Result<Vec<String>, String> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(header);
-    let mut record = csv::StringRecord::new();
-    match reader.read_record(&mut record) {
-        // Spaces around a quoted name are not CSV, but writers produce them: taken as before.
-        Ok(true) => Ok(record
-            .iter()
-            .map(|h| {
-                let h = h.trim();
-                let unquoted = h.strip_prefix('"').and_then(|h| h.strip_suffix('"'));
-                unquoted.unwrap_or(h).to_lowercase()
-            })
-            .collect()),
-        Ok(false) => Err("the CSV object has no header line".into()),
-        Err(e) => Err(format!("the CSV header line does not parse: {e}")),
-    }
-}
-
-#[cfg(test)]
-mod csv_header_tests {
-    use super::csv_header_names;
-
-    #[test]
-    fn quoted_header_names_keep_their_commas() {
-        assert_eq!(
-            csv_header_names(b"id, \"Amount\" ,\"city, state\",\"say \"\"hi\"\"\"").unwrap(),
-            vec!["id", "amount", "city, state", "say \"hi\""]
-        );
-        assert!(csv_header_names(b"").is_err());
     }
 }
