@@ -15,11 +15,18 @@
 //! the source's hub (a log: kafka, kinesis, an object-store landing zone; streams created
 //! while it runs may first catch up with a backfill reader, [`ReaderFactory`]), or rows pushed to the
 //! server's front door ([`PushSource`]).
+//!
+//! A source's input is made of splits — a Kafka topic's partitions, a Kinesis stream's shards —
+//! each read in order by one reader ([`SourceSpec::splits`]). A source opens for all of them or
+//! for a subset ([`Splits`]), so that readers of one source can be spread over processes, each
+//! reading its own splits. Sources without several (an HTTP endpoint, a landing prefix whose
+//! objects are taken one by one, a generator) have one, [`ONE_SPLIT`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arrow::datatypes::{Schema, SchemaRef};
+use futures::future::BoxFuture;
 
 use crate::checkpoint::SinkCheckpoint;
 use crate::error::{EngineError, Result};
@@ -38,15 +45,73 @@ pub trait SourceConnector: Send + Sync {
     fn configure(&self, opts: &mut WithOptions, schema: &SchemaRef) -> Result<Arc<dyn SourceSpec>>;
 }
 
+/// The name of the split of a source that has only one.
+pub const ONE_SPLIT: &str = "all";
+
+/// Which of a source's splits (see [`SourceSpec::splits`]) its readers read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Splits {
+    /// Every split, also those that appear while the source runs (a partition added to a
+    /// topic, the shards a Kinesis reshard creates).
+    #[default]
+    All,
+    /// The splits named, and the splits that descend from them (the children of a Kinesis
+    /// shard that is split or merged), so that the keys of a split stay with one reader.
+    Only(BTreeSet<String>),
+}
+
+impl Splits {
+    /// The splits named.
+    pub fn only<S: Into<String>>(splits: impl IntoIterator<Item = S>) -> Self {
+        Splits::Only(splits.into_iter().map(Into::into).collect())
+    }
+
+    /// Whether `split` is one of them.
+    pub fn contains(&self, split: &str) -> bool {
+        match self {
+            Splits::All => true,
+            Splits::Only(set) => set.contains(split),
+        }
+    }
+
+    /// For a source with only [`ONE_SPLIT`]: fails unless that split is among these.
+    pub fn check_one(&self, owner: &str) -> Result<()> {
+        if self.contains(ONE_SPLIT) {
+            return Ok(());
+        }
+        Err(EngineError::InvalidOption(format!(
+            "{owner} has one split, `{ONE_SPLIT}`, which {self:?} does not name"
+        )))
+    }
+}
+
 /// A configured source: validated options, ready to open.
 pub trait SourceSpec: Send + Sync + std::fmt::Debug {
     /// The connector's name.
     fn connector(&self) -> &'static str;
 
-    /// How source `name`, producing `schema`, feeds streams. `ctx` is the source's context
-    /// (its hub, counters, errors channel, cancellation); a push source keeps it, readers
-    /// get theirs when they run.
-    fn open(&self, name: &str, schema: SchemaRef, ctx: SourceContext) -> Result<SourceFeed>;
+    /// The source's splits as they are now, sorted: what [`Splits::Only`] names. A source
+    /// whose input is not split has one, [`ONE_SPLIT`].
+    fn splits(&self) -> BoxFuture<'_, Result<Vec<String>>> {
+        Box::pin(async { Ok(vec![ONE_SPLIT.to_string()]) })
+    }
+
+    /// How source `name`, producing `schema`, feeds streams from `splits`. `ctx` is the
+    /// source's context (its hub, counters, errors channel, cancellation); a push source
+    /// keeps it, readers get theirs when they run. Fails when `splits` names none of the
+    /// source's.
+    fn open_splits(
+        &self,
+        name: &str,
+        schema: SchemaRef,
+        ctx: SourceContext,
+        splits: &Splits,
+    ) -> Result<SourceFeed>;
+
+    /// [`Self::open_splits`] for all splits.
+    fn open(&self, name: &str, schema: SchemaRef, ctx: SourceContext) -> Result<SourceFeed> {
+        self.open_splits(name, schema, ctx, &Splits::All)
+    }
 }
 
 /// How a source feeds the streams that read it.

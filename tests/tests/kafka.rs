@@ -1074,3 +1074,113 @@ async fn records_of_every_compression_codec_read_back_with_their_metadata() {
     }
     server.shutdown().await;
 }
+
+/// Splits are explicit in the connector traits: a topic's partitions are its splits, and two
+/// readers of one source opened for disjoint sets of them read disjoint records that together
+/// are the topic — what handing some of a source's splits to another process needs. A set
+/// naming no partition of the topic fails the reader with the partitions it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_opened_for_disjoint_partitions_read_the_topic_once_between_them() {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    use arrow::datatypes::{DataType, Field, Schema};
+    use sluice_engine::connector::{SourceFeed, Splits};
+    use sluice_engine::{FanOut, Message, SourceContext};
+
+    let brokers = kafka_brokers();
+    let topic = format!("splits-{}", std::process::id());
+    create_topic(&brokers, &topic, 4).await;
+    produce_ids(producer(&brokers), topic.clone(), 0..400, 4).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let lake = sluice_connectors::lake::Lake::open(dir.path().to_str().unwrap()).unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("_kafka_partition", DataType::Int32, false),
+    ]));
+    let options = [
+        ("connector", "kafka"),
+        ("brokers", brokers.as_str()),
+        ("topic", topic.as_str()),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let spec = sluice_connectors::registry(&lake)
+        .source(
+            sluice_engine::WithOptions::new("source `ids`", options),
+            &schema,
+        )
+        .unwrap();
+    assert_eq!(spec.splits().await.unwrap(), ["0", "1", "2", "3"]);
+
+    let (bad, _bad_rx) = tokio::sync::mpsc::channel(16);
+    let context = |output: FanOut| SourceContext {
+        output,
+        metrics: Arc::default(),
+        bad_records: bad.clone(),
+        cancel: tokio_util::sync::CancellationToken::new(),
+        watermark: None,
+        checkpoint: None,
+    };
+    let open = |splits: &Splits| match spec
+        .open_splits(
+            "ids",
+            Arc::clone(&schema),
+            context(FanOut::new("ids")),
+            splits,
+        )
+        .unwrap()
+    {
+        SourceFeed::Shared { reader, .. } => reader,
+        other => panic!("a kafka source has a shared reader: {other:?}"),
+    };
+    // Runs a shared reader for `splits` until it read `expect` rows: (id, partition) pairs.
+    let read = |splits: Splits, expect: usize| {
+        let output = FanOut::new("ids");
+        let mut rx = output.subscribe(64);
+        let ctx = context(output);
+        let cancel = ctx.cancel.clone();
+        let run = tokio::spawn(open(&splits).run(ctx));
+        async move {
+            let mut got = vec![];
+            while got.len() < expect {
+                tokio::select! {
+                    m = rx.recv() => {
+                        if let Some(Message::Data(b)) = m {
+                            let partitions = b.column(1).as_any().downcast_ref::<arrow::array::Int32Array>().unwrap();
+                            got.extend(ids_of(&Message::Data(b.clone())).into_iter().zip(partitions.values().iter().copied()));
+                        }
+                    }
+                    r = tokio::time::sleep(Duration::from_secs(30)) => panic!("{splits:?}: {} of {expect} rows after 30 s ({r:?})", got.len()),
+                }
+            }
+            cancel.cancel();
+            let _ = run.await;
+            got
+        }
+    };
+    let even = read(Splits::only(["0", "2"]), 200).await;
+    let odd = read(Splits::only(["1", "3"]), 200).await;
+    assert!(
+        even.iter()
+            .all(|(id, p)| [0, 2].contains(p) && id % 4 == *p as i64)
+    );
+    assert!(
+        odd.iter()
+            .all(|(id, p)| [1, 3].contains(p) && id % 4 == *p as i64)
+    );
+    let all: BTreeSet<i64> = even.iter().chain(&odd).map(|(id, _)| *id).collect();
+    assert_eq!(all, (0..400).collect(), "every record once between them");
+    assert_eq!(even.len() + odd.len(), 400);
+
+    // A set naming none of the partitions: the reader fails, saying which there are.
+    let err = open(&Splits::only(["7"]))
+        .run(context(FanOut::new("ids")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("names none of the topic's partitions (0, 1, 2, 3)"),
+        "{err}"
+    );
+}

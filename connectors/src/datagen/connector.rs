@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
-use sluice_engine::connector::{ReaderFactory, SourceConnector, SourceFeed, SourceSpec};
+use sluice_engine::connector::{ReaderFactory, SourceConnector, SourceFeed, SourceSpec, Splits};
 use sluice_engine::{SourceContext, WithOptions};
 
 use super::{DatagenConfig, DatagenReader};
@@ -31,12 +31,14 @@ impl SourceSpec for DatagenConfig {
         "datagen"
     }
 
-    fn open(
+    fn open_splits(
         &self,
-        _name: &str,
+        name: &str,
         schema: SchemaRef,
         _ctx: SourceContext,
+        splits: &Splits,
     ) -> sluice_engine::Result<SourceFeed> {
+        splits.check_one(&format!("datagen source `{name}`"))?;
         let config = self.clone();
         Ok(SourceFeed::PerStream(ReaderFactory::new(move || {
             Box::new(DatagenReader::new(config.clone(), Arc::clone(&schema)))

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
-use sluice_engine::connector::{SourceConnector, SourceFeed, SourceSpec};
+use sluice_engine::connector::{SourceConnector, SourceFeed, SourceSpec, Splits};
 use sluice_engine::{SourceContext, WithOptions};
 
 use super::{HttpConfig, HttpIngest};
@@ -45,12 +45,14 @@ impl SourceSpec for HttpSource {
         "http"
     }
 
-    fn open(
+    fn open_splits(
         &self,
         name: &str,
         schema: SchemaRef,
         ctx: SourceContext,
+        splits: &Splits,
     ) -> sluice_engine::Result<SourceFeed> {
+        splits.check_one(&format!("http source `{name}`"))?;
         let ingest = HttpIngest::new(name, schema, self.config.clone(), self.lake.clone(), ctx)?;
         Ok(SourceFeed::Push(Arc::new(ingest)))
     }

@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use arrow::datatypes::{Schema, SchemaRef};
+use futures::future::BoxFuture;
 use sluice_engine::checkpoint::SinkCheckpoint;
 use sluice_engine::connector::{
-    ReaderFactory, SinkConnector, SinkSpec, SourceConnector, SourceFeed, SourceSpec,
+    ReaderFactory, SinkConnector, SinkSpec, SourceConnector, SourceFeed, SourceSpec, Splits,
 };
 use sluice_engine::{Sink, SourceContext, WithOptions};
 
@@ -49,11 +50,42 @@ impl SourceSpec for KafkaSource {
         "kafka"
     }
 
-    fn open(
+    /// The topic's partitions, by number.
+    fn splits(&self) -> BoxFuture<'_, sluice_engine::Result<Vec<String>>> {
+        let config = self.config.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let context = format!("kafka topic `{}`", config.topic);
+                let mut cfg = rdkafka::config::ClientConfig::new();
+                cfg.set("bootstrap.servers", &config.brokers);
+                for (k, v) in &config.properties {
+                    cfg.set(k, v);
+                }
+                let consumer: rdkafka::consumer::BaseConsumer = cfg
+                    .create()
+                    .map_err(|e| sluice_engine::EngineError::external(context.clone(), e))?;
+                let mut partitions = super::source::topic_partitions(
+                    &consumer,
+                    &config.topic,
+                    &Splits::All,
+                    &context,
+                )?;
+                partitions.sort_unstable();
+                Ok(partitions.iter().map(i32::to_string).collect())
+            })
+            .await
+            .map_err(|e| {
+                sluice_engine::EngineError::Internal(format!("kafka metadata task: {e}"))
+            })?
+        })
+    }
+
+    fn open_splits(
         &self,
         name: &str,
         schema: SchemaRef,
         _ctx: SourceContext,
+        splits: &Splits,
     ) -> sluice_engine::Result<SourceFeed> {
         let c = &self.config;
         let raw = c
@@ -62,16 +94,20 @@ impl SourceSpec for KafkaSource {
         let errors = RecordZone::new(self.lake.clone(), Zone::Errors, name);
         let (reader, joinable) =
             KafkaReader::shared(name, c.clone(), Arc::clone(&schema), raw, errors);
+        let reader = reader.with_splits(splits.clone());
         // With `latest` or `committed`, a stream starts where the source is.
-        let (name, config) = (name.to_string(), c.clone());
+        let (name, config, splits) = (name.to_string(), c.clone(), splits.clone());
         let backfill = (c.start == StartPosition::Earliest).then(|| {
             ReaderFactory::new(move || {
-                Box::new(KafkaReader::backfill(
-                    name.clone(),
-                    config.clone(),
-                    Arc::clone(&schema),
-                    joinable.clone(),
-                ))
+                Box::new(
+                    KafkaReader::backfill(
+                        name.clone(),
+                        config.clone(),
+                        Arc::clone(&schema),
+                        joinable.clone(),
+                    )
+                    .with_splits(splits.clone()),
+                )
             })
         });
         Ok(SourceFeed::Shared {

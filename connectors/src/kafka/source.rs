@@ -13,6 +13,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
+use sluice_engine::connector::Splits;
 use sluice_engine::{EngineError, SourceContext, SourceReader};
 
 use super::fetch_queue::{FetchQueue, Fetched};
@@ -169,6 +170,8 @@ pub struct KafkaReader {
     errors: Option<RecordZone>,
     /// Which of a record's key, headers and timestamp are copied out with its value.
     wants: Wants,
+    /// The partitions it reads.
+    splits: Splits,
     /// Where to resume, per partition (the next offset to read), from a checkpoint.
     resume: Offsets,
     /// The event time per partition at `resume`, and the watermark sent, from a checkpoint.
@@ -222,9 +225,16 @@ impl KafkaReader {
             joinable: None,
             raw: None,
             errors: None,
+            splits: Splits::All,
             resume: Offsets::new(),
             resume_clock: ClockState::default(),
         }
+    }
+
+    /// Reads only the partitions `splits` names (partition numbers), not every one.
+    pub fn with_splits(mut self, splits: Splits) -> Self {
+        self.splits = splits;
+        self
     }
 
     fn is_shared(&self) -> bool {
@@ -297,9 +307,10 @@ impl KafkaReader {
             StartPosition::Committed => Offset::Stored,
         };
         let name = self.name.clone();
+        let splits = self.splits.clone();
         tokio::task::spawn_blocking(move || {
             let context = || format!("kafka source `{name}`: topic `{topic}`");
-            let partitions = topic_partitions(&consumer, &topic, &context())?;
+            let partitions = topic_partitions(&consumer, &topic, &splits, &context())?;
             let mut tpl = TopicPartitionList::new();
             for p in &partitions {
                 let at = resume.get(p).map_or(start, |o| Offset::Offset(*o));
@@ -359,10 +370,11 @@ impl KafkaReader {
         };
         let from = from.clone();
         let name = self.name.clone();
+        let splits = self.splits.clone();
         tokio::task::spawn_blocking(move || {
             let topic = fetcher.topic.clone();
             let context = || format!("kafka source `{name}`: topic `{topic}`");
-            let partitions = topic_partitions(&fetcher.consumer, &topic, &context())?;
+            let partitions = topic_partitions(&fetcher.consumer, &topic, &splits, &context())?;
             fetcher
                 .resolve_positions(&partitions, &from)
                 .map_err(|e| EngineError::external(context(), e))?;
@@ -691,11 +703,12 @@ impl SourceReader for KafkaReader {
     }
 }
 
-/// The partitions of `topic`; an error when it has none (or does not exist). `context`
-/// names the source and topic in the error.
-fn topic_partitions(
-    consumer: &BaseConsumer<LagReporter>,
+/// The partitions of `topic` among `splits`; an error when it has none (or does not exist),
+/// or when `splits` names none of them. `context` names the source and topic in the error.
+pub(super) fn topic_partitions<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     topic: &str,
+    splits: &Splits,
     context: &str,
 ) -> sluice_engine::Result<Vec<i32>> {
     let metadata = consumer
@@ -712,7 +725,22 @@ fn topic_partitions(
             "{context}: the topic does not exist or has no partitions"
         )));
     }
-    Ok(partitions)
+    let mine: Vec<i32> = partitions
+        .iter()
+        .copied()
+        .filter(|p| splits.contains(&p.to_string()))
+        .collect();
+    if mine.is_empty() {
+        return Err(EngineError::InvalidOption(format!(
+            "{context}: {splits:?} names none of the topic's partitions ({})",
+            partitions
+                .iter()
+                .map(i32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(mine)
 }
 
 /// The epoch of the next committed checkpoint; never, without checkpoints.

@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use arrow::datatypes::{Schema, SchemaRef};
+use futures::future::BoxFuture;
 use sluice_engine::checkpoint::SinkCheckpoint;
 use sluice_engine::connector::{
-    ReaderFactory, SinkConnector, SinkSpec, SourceConnector, SourceFeed, SourceSpec,
+    ReaderFactory, SinkConnector, SinkSpec, SourceConnector, SourceFeed, SourceSpec, Splits,
 };
 use sluice_engine::{Sink, SourceContext, WithOptions};
 
@@ -49,11 +50,30 @@ impl SourceSpec for KinesisSource {
         "kinesis"
     }
 
-    fn open(
+    /// The stream's shards (open and closed), by id.
+    fn splits(&self) -> BoxFuture<'_, sluice_engine::Result<Vec<String>>> {
+        Box::pin(async move {
+            let client = self.config.aws.client().await;
+            let shards = super::source::list_shards(&client, &self.config.stream)
+                .await
+                .map_err(|e| {
+                    sluice_engine::EngineError::external(
+                        format!("kinesis stream `{}`", self.config.stream),
+                        std::io::Error::other(e),
+                    )
+                })?;
+            let mut ids: Vec<String> = shards.iter().map(|s| s.shard_id().to_string()).collect();
+            ids.sort();
+            Ok(ids)
+        })
+    }
+
+    fn open_splits(
         &self,
         name: &str,
         schema: SchemaRef,
         _ctx: SourceContext,
+        splits: &Splits,
     ) -> sluice_engine::Result<SourceFeed> {
         let c = &self.config;
         let raw = c
@@ -62,16 +82,20 @@ impl SourceSpec for KinesisSource {
         let errors = RecordZone::new(self.lake.clone(), Zone::Errors, name);
         let (reader, joinable) =
             KinesisReader::shared(name, c.clone(), Arc::clone(&schema), raw, errors);
+        let reader = reader.with_splits(splits.clone());
         // With `latest`, a stream starts where the source is.
-        let (name, config) = (name.to_string(), c.clone());
+        let (name, config, splits) = (name.to_string(), c.clone(), splits.clone());
         let backfill = (c.start == KinesisStart::TrimHorizon).then(|| {
             ReaderFactory::new(move || {
-                Box::new(KinesisReader::backfill(
-                    name.clone(),
-                    config.clone(),
-                    Arc::clone(&schema),
-                    joinable.clone(),
-                ))
+                Box::new(
+                    KinesisReader::backfill(
+                        name.clone(),
+                        config.clone(),
+                        Arc::clone(&schema),
+                        joinable.clone(),
+                    )
+                    .with_splits(splits.clone()),
+                )
             })
         });
         Ok(SourceFeed::Shared {

@@ -7,7 +7,7 @@
 //! 'trim_horizon'`) catches up with a backfill reader of its own and then joins it
 //! ([`crate::join`]); while it catches up the shard has one more caller, after that none.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::types::{Record, Shard, ShardIteratorType};
+use sluice_engine::connector::Splits;
 use sluice_engine::{EngineError, SourceContext, SourceReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -81,6 +82,8 @@ pub struct KinesisReader {
     raw: Option<RecordZone>,
     /// The shared reader's errors zone, written by itself (staged) when it checkpoints.
     errors: Option<RecordZone>,
+    /// The shards it reads.
+    splits: Splits,
     /// Where to resume, from a checkpoint.
     resume: Option<Resume>,
     /// The event time per shard there, and the watermark sent, from a checkpoint.
@@ -180,9 +183,16 @@ impl KinesisReader {
             role,
             raw: None,
             errors: None,
+            splits: Splits::All,
             resume: None,
             resume_clock: ClockState::default(),
         }
+    }
+
+    /// Reads only the shards `splits` names (shard ids) and their descendants.
+    pub fn with_splits(mut self, splits: Splits) -> Self {
+        self.splits = splits;
+        self
     }
 
     fn failed(&self, what: impl std::fmt::Display) -> EngineError {
@@ -195,27 +205,51 @@ impl KinesisReader {
         )
     }
 
-    /// Every shard of the stream, with `ListShards`.
+    /// The shards of the stream it reads (see [`Splits::Only`]: the ones named and their
+    /// descendants), with `ListShards`.
     async fn list_shards(&self, client: &Client) -> sluice_engine::Result<Vec<Shard>> {
-        let mut shards = Vec::new();
-        let mut token: Option<String> = None;
+        let all = list_shards(client, &self.config.stream)
+            .await
+            .map_err(|e| self.failed(e))?;
+        let Splits::Only(named) = &self.splits else {
+            return Ok(all);
+        };
+        // A child is listed after its parents, but go until nothing changes to be sure.
+        let mut mine: BTreeSet<&str> = named.iter().map(String::as_str).collect();
         loop {
-            let request = match &token {
-                Some(t) => client.list_shards().next_token(t),
-                None => client.list_shards().stream_name(&self.config.stream),
-            };
-            let page = request
-                .send()
-                .await
-                .map_err(|e| self.failed(aws_sdk_kinesis::error::DisplayErrorContext(e)))?;
-            shards.extend(page.shards().iter().cloned());
-            match page.next_token() {
-                Some(t) => token = Some(t.to_string()),
-                None => return Ok(shards),
+            let before = mine.len();
+            for s in &all {
+                if [s.parent_shard_id(), s.adjacent_parent_shard_id()]
+                    .into_iter()
+                    .flatten()
+                    .any(|p| mine.contains(p))
+                {
+                    mine.insert(s.shard_id());
+                }
+            }
+            if mine.len() == before {
+                break;
             }
         }
+        let shards: Vec<Shard> = all
+            .iter()
+            .filter(|s| mine.contains(s.shard_id()))
+            .cloned()
+            .collect();
+        if shards.is_empty() {
+            let ids: Vec<&str> = all.iter().map(Shard::shard_id).collect();
+            return Err(EngineError::InvalidOption(format!(
+                "kinesis source `{}`: {:?} names none of stream `{}`'s shards ({})",
+                self.name,
+                self.splits,
+                self.config.stream,
+                ids.join(", ")
+            )));
+        }
+        Ok(shards)
     }
 
+    /// Takes one shard's records through the ingest stage.
     /// Takes one shard's records through the ingest stage.
     async fn handle(
         &self,
@@ -231,6 +265,27 @@ impl KinesisReader {
         };
         r.ingest.ingest(ctx, &received).await?;
         Ok(())
+    }
+}
+
+/// Every shard of `stream`, with `ListShards`; the error is the SDK's, in words.
+pub(super) async fn list_shards(client: &Client, stream: &str) -> Result<Vec<Shard>, String> {
+    let mut shards = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let request = match &token {
+            Some(t) => client.list_shards().next_token(t),
+            None => client.list_shards().stream_name(stream),
+        };
+        let page = request
+            .send()
+            .await
+            .map_err(|e| aws_sdk_kinesis::error::DisplayErrorContext(e).to_string())?;
+        shards.extend(page.shards().iter().cloned());
+        match page.next_token() {
+            Some(t) => token = Some(t.to_string()),
+            None => return Ok(shards),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
-use sluice_engine::connector::{SourceConnector, SourceFeed, SourceSpec};
+use sluice_engine::connector::{SourceConnector, SourceFeed, SourceSpec, Splits};
 use sluice_engine::{SourceContext, WithOptions};
 
 use super::{LandingConfig, LandingReader};
@@ -45,12 +45,14 @@ impl SourceSpec for S3Source {
         "s3"
     }
 
-    fn open(
+    fn open_splits(
         &self,
         name: &str,
         schema: SchemaRef,
         _ctx: SourceContext,
+        splits: &Splits,
     ) -> sluice_engine::Result<SourceFeed> {
+        splits.check_one(&format!("s3 source `{name}`"))?;
         Ok(SourceFeed::Shared {
             reader: Box::new(LandingReader::new(
                 name,
