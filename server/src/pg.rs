@@ -355,6 +355,23 @@ impl NoopStartupHandler for PgHandler {
         if let Some(started) = &self.started {
             started.store(true, std::sync::atomic::Ordering::Relaxed);
         }
+        // pgwire's startup reported `server_version` as "16.6-pgwire-…"; a later
+        // ParameterStatus replaces it: the version `SHOW server_version` and `version()` give.
+        if let Some((_, version)) = crate::session::SERVER_SETTINGS
+            .iter()
+            .find(|(n, _)| *n == "server_version")
+        {
+            futures::SinkExt::send(
+                client,
+                PgWireBackendMessage::ParameterStatus(
+                    pgwire::messages::startup::ParameterStatus::new(
+                        "server_version".into(),
+                        (*version).into(),
+                    ),
+                ),
+            )
+            .await?;
+        }
         Ok(())
     }
 }

@@ -23,6 +23,13 @@ const FRAGMENTS: &[(&str, &str)] = &[
         "pg_catalog.array_to_string(c.reloptions || array(select 'toast.' || x from pg_catalog.unnest(tc.reloptions) x), ', ')",
         "''",
     ),
+    // DBeaver (pgJDBC's type lookup): whether a type is an array, by its input function.
+    // The catalog's `typinput` holds the function's name (as Postgres displays a regproc);
+    // the crate's `::regproc` rewrite yields an oid, which that name cannot be compared with.
+    (
+        "typinput='pg_catalog.array_in'::regproc",
+        "typinput='array_in'",
+    ),
 ];
 
 /// `sql` with the [`FRAGMENTS`] it holds replaced (and its whitespace runs made single

@@ -33,6 +33,9 @@ def inline(sql):
 
 def psycopg_session():
     with psycopg.connect(DSN) as conn:
+        # What the server reports at startup, as SHOW and version() say.
+        check("psycopg server_version", conn.info.parameter_status("server_version"), "16.6")
+        check("psycopg server_version number", conn.info.server_version, 160006)
         cur = conn.cursor()
         cur.execute("SELECT count(*) FROM clicks_all WHERE user_id > %s", (10,))
         check("psycopg int parameter", cur.fetchone(),
@@ -79,6 +82,8 @@ def psycopg_session():
 async def asyncpg_session():
     c = await asyncpg.connect(host=HOST, port=PORT, user="sluice", database="sluice")
     try:
+        v = c.get_server_version()  # 16.6 reads as major 16, micro 6
+        check("asyncpg server version", (v.major, v.micro), (16, 6))
         check("asyncpg fetchval", await c.fetchval(
             "SELECT count(*) FROM clicks_all WHERE user_id > $1", 10),
             inline("SELECT count(*) FROM clicks_all WHERE user_id > 10")[0][0])
