@@ -19,10 +19,10 @@ use sluice_connectors::datagen::DatagenConfig;
 use sluice_connectors::kafka::{FetchClient, KafkaConfig, KafkaReader, StartPosition};
 use sluice_connectors::lake::{Lake, ParquetLakeWriter, RecordZone, Zone};
 use sluice_engine::SourceReader as _;
-use sluice_engine::pipeline::{Branch, StreamTask};
+use sluice_engine::pipeline::TaskWiring;
 use sluice_engine::sink::FileRolling;
 use sluice_engine::sink::run_sink;
-use sluice_engine::{FanOut, Message, OperatorChain, SourceContext};
+use sluice_engine::{FanOut, Message, SourceContext};
 use sluice_sql::parser::SluiceStatement;
 use sluice_sql::{ObjectKind, Relation, parse_sql, plan_stream};
 use tokio_util::sync::CancellationToken;
@@ -324,13 +324,6 @@ pub async fn run(args: &Args, checkpoint: bool, librdkafka: bool) -> anyhow::Res
         },
     )]);
     let plan = plan_stream(&stream, &relations).await?;
-    let chain = |ops: &[sluice_sql::OpSpec]| -> anyhow::Result<OperatorChain> {
-        Ok(OperatorChain::new(
-            ops.iter()
-                .map(|o| o.instantiate("bench"))
-                .collect::<Result<Vec<_>, _>>()?,
-        ))
-    };
     let cancel = CancellationToken::new();
     let source_out = FanOut::new("clicks");
     let (bad_tx, mut bad_rx) = tokio::sync::mpsc::channel(16);
@@ -405,27 +398,28 @@ pub async fn run(args: &Args, checkpoint: bool, librdkafka: bool) -> anyhow::Res
         watermark: def.watermark.clone(),
     };
     let out = FanOut::new("per_auction");
-    let task = StreamTask {
-        name: "bench".into(),
-        branches: vec![Branch {
-            input: source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY),
-            chain: chain(&plan.branches[0].ops)?,
-            idle_timeout: None,
-            same_input_as: None,
-        }],
-        output: out.clone(),
-        output_schema: Arc::clone(&plan.merge_schema),
-        post: vec![chain(&plan.post)?],
-        router: None,
-        event_time_column: None,
-        metrics: Arc::default(),
-        bad_records: bad_tx,
-        cancel: CancellationToken::new(),
-        checkpoints: registered
-            .as_mut()
-            .map(|r| std::mem::take(&mut r.subtasks))
-            .unwrap_or_default(),
-    };
+    // As the server builds it, in one subtask.
+    let mut spec = plan.pipeline("bench");
+    spec.parallelism = 1;
+    let task = spec.build(
+        |_| {
+            Ok((
+                source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY),
+                None,
+            ))
+        },
+        TaskWiring {
+            output: out.clone(),
+            metrics: Arc::default(),
+            bad_records: bad_tx,
+            cancel: CancellationToken::new(),
+            checkpoints: registered
+                .as_mut()
+                .map(|r| std::mem::take(&mut r.subtasks))
+                .unwrap_or_default(),
+            restored: None,
+        },
+    )?;
     let files = Arc::new(AtomicU64::new(0));
     let mut writer = ParquetLakeWriter::new(
         lake,

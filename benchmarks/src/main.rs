@@ -34,10 +34,10 @@ use async_trait::async_trait;
 use clap::Parser;
 use sluice_connectors::lake::{Lake, ParquetLakeWriter};
 use sluice_engine::connector::SourceFeed;
-use sluice_engine::pipeline::{Branch, StreamTask, stateful_stage};
+use sluice_engine::pipeline::TaskWiring;
 use sluice_engine::sink::FileRolling;
 use sluice_engine::sink::run_sink;
-use sluice_engine::{FanOut, Message, OperatorChain, Sink, SourceContext, SourceReader};
+use sluice_engine::{FanOut, Message, Sink, SourceContext, SourceReader};
 use sluice_sql::parser::SluiceStatement;
 use sluice_sql::{ObjectKind, Relation, parse_sql, plan_stream, source_def};
 use tokio_util::sync::CancellationToken;
@@ -447,23 +447,6 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
             },
         );
         let plan = plan_stream(&stream, &relations).await?;
-        let chain = |ops: &[sluice_sql::OpSpec]| -> anyhow::Result<OperatorChain> {
-            let ops = ops
-                .iter()
-                .map(|o| o.instantiate("bench"))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(OperatorChain::new(ops))
-        };
-        // Every branch (of a UNION ALL of the source with itself, say) reads the one generator.
-        let mut branches = Vec::with_capacity(plan.branches.len());
-        for b in &plan.branches {
-            branches.push(Branch {
-                input: source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY),
-                chain: chain(&b.ops)?,
-                idle_timeout: None,
-                same_input_as: (!branches.is_empty()).then_some(0),
-            });
-        }
         let out = FanOut::new("out");
         let sink_input = out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY);
         let parallelism = if plan.partition_keys.is_empty() {
@@ -504,31 +487,29 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
                 }
             });
         }
-        let (post, router) = stateful_stage(
-            parallelism,
-            &plan.partition_keys,
-            || chain(&plan.post),
-            None,
+        // As the server builds it; every branch (of a UNION ALL of the source with itself,
+        // say) reads the one generator.
+        let mut spec = plan.pipeline("bench");
+        spec.parallelism = parallelism;
+        let task = spec.build(
+            |_| {
+                Ok((
+                    source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY),
+                    None,
+                ))
+            },
+            TaskWiring {
+                output: out,
+                metrics: Arc::default(),
+                bad_records: bad_tx.clone(),
+                cancel: cancel.clone(),
+                checkpoints: checkpoints
+                    .as_mut()
+                    .map(|c| std::mem::take(&mut c.subtasks))
+                    .unwrap_or_default(),
+                restored: None,
+            },
         )?;
-        let task = StreamTask {
-            name: "bench".into(),
-            branches,
-            output: out,
-            output_schema: Arc::clone(&plan.merge_schema),
-            post,
-            router,
-            event_time_column: plan
-                .event_time_column
-                .as_ref()
-                .and_then(|c| plan.output_schema.index_of(c).ok()),
-            metrics: Arc::default(),
-            bad_records: bad_tx.clone(),
-            cancel: cancel.clone(),
-            checkpoints: checkpoints
-                .as_mut()
-                .map(|c| std::mem::take(&mut c.subtasks))
-                .unwrap_or_default(),
-        };
         tokio::spawn(task.run());
         let sink: Box<dyn Sink> = if let Ok(window_end) = plan.output_schema.index_of("window_end")
         {

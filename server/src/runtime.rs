@@ -24,12 +24,10 @@ use std::time::Duration;
 use sluice_connectors::lake::{Lake, ParquetLakeWriter, RecordZone, Zone, run_errors_writer};
 use sluice_engine::checkpoint::{CheckpointHandle, Coordinator, Payload, StreamRegistration};
 use sluice_engine::connector::{ReaderFactory, SinkSpec, SourceFeed};
-use sluice_engine::pipeline::{Branch, StreamTask, stateful_stage};
+use sluice_engine::pipeline::TaskWiring;
 use sluice_engine::push::PushSource;
 use sluice_engine::sink::run_sink;
-use sluice_engine::{
-    BadRecord, DEFAULT_CHANNEL_CAPACITY, FanOut, Message, Metrics, OperatorChain, SourceContext,
-};
+use sluice_engine::{BadRecord, DEFAULT_CHANNEL_CAPACITY, FanOut, Message, Metrics, SourceContext};
 use sluice_sql::parser::{CreateSink, CreateStream};
 use sluice_sql::{SourceDef, StreamPlan};
 use tokio::sync::mpsc;
@@ -419,14 +417,16 @@ pub async fn start_stream(
 ) -> Result<RunningStream> {
     let name = plan.name.clone();
     let origin = format!("stream {name}");
+    let spec = plan.pipeline(&origin);
     let cancel = parent.child_token();
-    let mut branches = Vec::with_capacity(plan.branches.len());
+    // Each branch's subscription, in branch order, taken by the builder below.
+    let mut inputs = Vec::with_capacity(plan.branches.len());
     // One reader per pull source, shared by the branches that read it (a self-union),
     // started once every branch has subscribed.
     let mut pending: std::collections::BTreeMap<String, PendingReader> = Default::default();
     let mut replayable = true;
     let mut backfills = vec![];
-    for b in &plan.branches {
+    for b in &spec.branches {
         let Some(input) = input(&b.input) else {
             cancel.cancel();
             return Err(ServerError::Internal(format!(
@@ -436,7 +436,7 @@ pub async fn start_stream(
         };
         // (A reader of its own replays if it can keep positions: checked below.)
         replayable &= matches!(input, Input::Reader { .. }) || input.checkpointed();
-        let (subscription, idle_timeout) = match input {
+        inputs.push(match input {
             Input::Hub {
                 hub, idle_timeout, ..
             } => (hub.subscribe(DEFAULT_CHANNEL_CAPACITY), idle_timeout),
@@ -459,25 +459,10 @@ pub async fn start_stream(
                     reader.idle_timeout,
                 )
             }
-        };
-        let chain = instantiate(&b.ops, &origin)?;
-        branches.push(Branch {
-            input: subscription,
-            chain,
-            idle_timeout,
-            same_input_as: plan
-                .branches
-                .iter()
-                .position(|other| other.input == b.input)
-                .filter(|first| *first < branches.len()),
         });
     }
-    let parallelism = plan.parallelism.max(1);
-    // Built once here to ask whether it can checkpoint; again below, restored, if it does.
-    let checkpointable = instantiate(&plan.post, &origin)?.checkpointable();
-    replayable &= pending.values().all(|r| r.reader.checkpointable())
-        && checkpointable
-        && branches.iter().all(|b| b.chain.checkpointable());
+    let parallelism = spec.parallelism;
+    replayable &= pending.values().all(|r| r.reader.checkpointable()) && spec.checkpointable()?;
     let interval = coordinator
         .and_then(|c| checkpoint_interval(&plan, c.default_interval()))
         .filter(|_| replayable);
@@ -508,12 +493,6 @@ pub async fn start_stream(
             }
         }
     }
-    let (post, router) = stateful_stage(
-        parallelism,
-        &plan.partition_keys,
-        || instantiate(&plan.post, &origin),
-        restored.as_ref().map(|r| r.operators.as_slice()),
-    )?;
     if let Some(c) = checkpoints.as_mut() {
         for (source, reader) in pending.iter_mut() {
             reader.ctx.checkpoint = c.readers.remove(source);
@@ -527,10 +506,6 @@ pub async fn start_stream(
     let fanout = FanOut::new(name.as_str());
     let files_written = Arc::new(AtomicU64::new(0));
     let status: SharedStatus = Arc::new(Mutex::new(Status::Running));
-    let event_time_column = plan
-        .event_time_column
-        .as_ref()
-        .and_then(|c| plan.output_schema.index_of(c).ok());
     let sink_input = fanout.subscribe(DEFAULT_CHANNEL_CAPACITY);
     let mut writer = ParquetLakeWriter::new(
         lake.clone(),
@@ -545,19 +520,22 @@ pub async fn start_stream(
         writer = writer.with_checkpoints(c.writer, cancel.clone());
         subtask_checkpoints = c.subtasks;
     }
-    let task = StreamTask {
-        name: name.clone(),
-        branches,
-        output: fanout.clone(),
-        output_schema: Arc::clone(&plan.merge_schema),
-        post,
-        router,
-        event_time_column,
-        metrics: Arc::clone(&metrics),
-        bad_records: errors_channel(lake, &name),
-        cancel: cancel.clone(),
-        checkpoints: subtask_checkpoints,
-    };
+    let mut inputs = inputs.into_iter();
+    let task = spec.build(
+        |_| {
+            inputs.next().ok_or_else(|| {
+                sluice_engine::EngineError::Internal("a branch without input".into())
+            })
+        },
+        TaskWiring {
+            output: fanout.clone(),
+            metrics: Arc::clone(&metrics),
+            bad_records: errors_channel(lake, &name),
+            cancel: cancel.clone(),
+            checkpoints: subtask_checkpoints,
+            restored: restored.as_ref().map(|r| r.operators.as_slice()),
+        },
+    )?;
     let done = {
         let status = Arc::clone(&status);
         let cancel = cancel.clone();
@@ -619,15 +597,6 @@ pub async fn start_stream(
         backfills,
         done: Some(done),
     })
-}
-
-/// The runtime operators of `ops`, chained.
-fn instantiate(ops: &[sluice_sql::OpSpec], origin: &str) -> Result<OperatorChain> {
-    let ops = ops
-        .iter()
-        .map(|o| o.instantiate(origin))
-        .collect::<sluice_sql::Result<Vec<_>>>()?;
-    Ok(OperatorChain::new(ops))
 }
 
 fn outcome(

@@ -111,6 +111,17 @@ pub fn datafusion_sqlstate(e: &DataFusionError) -> &'static str {
     }
 }
 
+impl SqlError {
+    /// The engine's error for this one (building a planned operator fails with these).
+    pub fn into_engine(self) -> sluice_engine::EngineError {
+        match self {
+            SqlError::InvalidOption(m) => sluice_engine::EngineError::InvalidOption(m),
+            SqlError::DataFusion(e) => sluice_engine::EngineError::Evaluation(e),
+            other => sluice_engine::EngineError::Internal(other.to_string()),
+        }
+    }
+}
+
 impl From<sluice_engine::EngineError> for SqlError {
     fn from(e: sluice_engine::EngineError) -> Self {
         match e {

@@ -295,6 +295,41 @@ pub struct StreamPlan {
 }
 
 impl StreamPlan {
+    /// The pipeline the engine builds the stream's task from; `origin` names the stream in
+    /// errors-zone records.
+    pub fn pipeline(&self, origin: &str) -> sluice_engine::pipeline::PipelineSpec {
+        use sluice_engine::pipeline::{BranchSpec, ChainFactory, PipelineSpec};
+        let factory = |ops: &[OpSpec]| -> ChainFactory {
+            let (ops, origin) = (ops.to_vec(), origin.to_string());
+            Arc::new(move || {
+                let ops = ops
+                    .iter()
+                    .map(|o| o.instantiate(&origin).map_err(SqlError::into_engine))
+                    .collect::<sluice_engine::Result<Vec<_>>>()?;
+                Ok(sluice_engine::OperatorChain::new(ops))
+            })
+        };
+        PipelineSpec {
+            name: self.name.clone(),
+            branches: self
+                .branches
+                .iter()
+                .map(|b| BranchSpec {
+                    input: b.input.clone(),
+                    chain: factory(&b.ops),
+                })
+                .collect(),
+            post: factory(&self.post),
+            partition_keys: self.partition_keys.clone(),
+            parallelism: self.parallelism.max(1),
+            merge_schema: Arc::clone(&self.merge_schema),
+            event_time_column: self
+                .event_time_column
+                .as_ref()
+                .and_then(|c| self.output_schema.index_of(c).ok()),
+        }
+    }
+
     /// A readable description of the pipeline (the output of `EXPLAIN CREATE STREAM`).
     pub fn explain(&self) -> String {
         let mut s = String::new();

@@ -24,10 +24,10 @@ use sluice_connectors::lake::{Lake, ParquetLakeWriter};
 use sluice_engine::checkpoint::{
     CheckpointHandle, CheckpointStore, Coordinator, OperatorState, StreamRegistration,
 };
-use sluice_engine::pipeline::{Branch, StreamTask, stateful_stage};
+use sluice_engine::pipeline::{StreamTask, TaskWiring};
 use sluice_engine::sink::FileRolling;
 use sluice_engine::sink::run_sink;
-use sluice_engine::{EventTime, FanOut, Message, OperatorChain};
+use sluice_engine::{EventTime, FanOut, Message};
 use sluice_sql::parser::SluiceStatement;
 use sluice_sql::window::WindowTablePlanner;
 use sluice_sql::{ObjectKind, Relation, parse_sql, plan_stream};
@@ -190,13 +190,9 @@ async fn run_stream_counting_rejects(
     (rows(&batches), rejected.await.unwrap())
 }
 
-/// The operators of `ops`, chained.
-fn chain(ops: &[sluice_sql::OpSpec]) -> OperatorChain {
-    OperatorChain::new(ops.iter().map(|o| o.instantiate("test").unwrap()).collect())
-}
-
 /// The stream task of `plan` in `parallelism` subtasks (resuming from `restored`, the
-/// operator states of a checkpoint), every branch reading `source`, writing to `output`.
+/// operator states of a checkpoint), every branch reading `source`, writing to `output`: as
+/// the server builds it ([`sluice_engine::pipeline::PipelineSpec::build`]).
 #[allow(clippy::too_many_arguments)]
 fn stream_task(
     plan: &sluice_sql::StreamPlan,
@@ -208,37 +204,20 @@ fn stream_task(
     cancel: CancellationToken,
     checkpoints: Vec<CheckpointHandle>,
 ) -> StreamTask {
-    let (post, router) = stateful_stage(
-        parallelism,
-        &plan.partition_keys,
-        || Ok::<_, sluice_engine::EngineError>(chain(&plan.post)),
-        restored,
+    let mut spec = plan.pipeline("test");
+    spec.parallelism = parallelism;
+    spec.build(
+        |_| Ok((source.subscribe(16), None)),
+        TaskWiring {
+            output: output.clone(),
+            metrics: Arc::default(),
+            bad_records,
+            cancel,
+            checkpoints,
+            restored,
+        },
     )
-    .expect("the checkpoint restores");
-    StreamTask {
-        name: "s".into(),
-        branches: plan
-            .branches
-            .iter()
-            .enumerate()
-            .map(|(i, b)| Branch {
-                input: source.subscribe(16),
-                chain: chain(&b.ops),
-                idle_timeout: None,
-                // Every branch reads the one source.
-                same_input_as: (i > 0).then_some(0),
-            })
-            .collect(),
-        output: output.clone(),
-        output_schema: Arc::clone(&plan.merge_schema),
-        post,
-        router,
-        event_time_column: None,
-        metrics: Arc::default(),
-        bad_records,
-        cancel,
-        checkpoints,
-    }
+    .expect("the checkpoint restores")
 }
 
 /// The lake writer of `plan`'s stream `s`.

@@ -40,8 +40,10 @@ use crate::operator::{Collector, OperatorChain};
 use crate::router::HashRouter;
 use crate::time::EventTime;
 
+mod builder;
 mod merge;
 
+pub use builder::{BranchSpec, ChainFactory, PipelineSpec, TaskWiring};
 use merge::{Event, Merger};
 
 /// One input of a stream and the operators its rows go through.
@@ -66,18 +68,18 @@ pub struct Branch {
 /// copies of its chain, made by `chain`, and the router dividing rows among them by
 /// `partition_keys` (none with one copy). With `restored` — per operator of the chain, the
 /// parts every subtask of a checkpoint held — each copy takes the keys the router sends to
-/// it, so state written at any parallelism resumes at this one. The one place the server,
-/// the differential test and the benchmarks build that stage.
-pub fn stateful_stage<E: From<EngineError>>(
+/// it, so state written at any parallelism resumes at this one ([`PipelineSpec::build`]
+/// builds it).
+fn stateful_stage(
     parallelism: usize,
     partition_keys: &[Arc<dyn datafusion::physical_expr::PhysicalExpr>],
-    mut chain: impl FnMut() -> std::result::Result<OperatorChain, E>,
+    mut chain: impl FnMut() -> Result<OperatorChain>,
     restored: Option<&[Vec<crate::checkpoint::OperatorState>]>,
-) -> std::result::Result<(Vec<OperatorChain>, Option<HashRouter>), E> {
+) -> Result<(Vec<OperatorChain>, Option<HashRouter>)> {
     let parallelism = parallelism.max(1);
     let mut post = (0..parallelism)
         .map(|_| chain())
-        .collect::<std::result::Result<Vec<_>, E>>()?;
+        .collect::<Result<Vec<_>>>()?;
     let router = (parallelism > 1).then(|| HashRouter::new(partition_keys.to_vec(), parallelism));
     if let Some(parts) = restored {
         for (k, chain) in post.iter_mut().enumerate() {
