@@ -7,7 +7,7 @@
 //! Clients `POST /v1/sources/orders/events` with NDJSON (one object per line) or a JSON
 //! array. For each request, in this order:
 //! 1. the body is stored as received under `raw/<source>/…` (durable before anything else);
-//! 2. each record is decoded against the declared schema ([`JsonDecoder`]);
+//! 2. each record is decoded against the declared schema ([`crate::ingest::Ingest`]);
 //! 3. records that fail are stored under `errors/<source>/…` with their line and reason;
 //! 4. the good records are published to the streams reading the source.
 //!
