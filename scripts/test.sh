@@ -43,8 +43,20 @@ need_pgjdbc() {
   }
 }
 
+# promtool (Debian's prometheus package) for the alert rules' unit tests.
+need_promtool() {
+  command -v promtool >/dev/null 2>&1 && return 0
+  say "installing promtool (prometheus)"
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  fi
+  command -v promtool >/dev/null 2>&1 || { echo "promtool is required by the tests: install Debian's prometheus package" >&2; exit 1; }
+}
+
 need_psql
 need_pgjdbc
+need_promtool
 export SLUICE_TEST_PGJDBC_JAR="$PGJDBC_JAR"
 
 say "services (Kafka-protocol broker, schema registry, S3 + SQS, Kinesis)"
@@ -66,6 +78,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 say "docs (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+
+say "alert rules (promtool)"
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts_test.yml
 
 say "tests"
 cargo test --workspace --locked

@@ -194,6 +194,10 @@ impl<K: Ord + Clone> Ingest<K> {
         if batch.is_empty() {
             return Ok(Ingested::default());
         }
+        if first_time {
+            let bytes = (0..batch.len()).map(|i| batch.value(i).map_or(0, <[u8]>::len));
+            ctx.metrics.add_bytes_in(bytes.sum());
+        }
         if let Some(raw) = self.raw.as_ref().filter(|_| first_time) {
             let values = (0..batch.len()).map(|i| batch.value(i).unwrap_or_default());
             raw.put_values(values, self.binary)

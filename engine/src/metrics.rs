@@ -10,15 +10,20 @@ use crate::time::EventTime;
 pub struct Metrics {
     rows_in: AtomicU64,
     rows_out: AtomicU64,
+    bytes_in: AtomicU64,
     bad_records: AtomicU64,
     batches: AtomicU64,
     late_events: AtomicU64,
     duplicates: AtomicU64,
     last_event_time: AtomicI64,
     watermark: AtomicI64,
+    /// How far behind the newest record a source's reader is, in ms; `i64::MIN`: unknown.
+    lag_millis: AtomicI64,
     /// Consumer lag per partition (messages behind the high watermark), for sources that
     /// read partitioned logs; empty when unknown.
     partition_lag: std::sync::Mutex<Vec<(i32, i64)>>,
+    /// Whether `partition_lag` is in milliseconds (Kinesis shards) rather than records.
+    lag_in_millis: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Metrics {
@@ -26,13 +31,16 @@ impl Default for Metrics {
         Self {
             rows_in: AtomicU64::new(0),
             rows_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
             bad_records: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             late_events: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             last_event_time: AtomicI64::new(i64::MIN),
             watermark: AtomicI64::new(i64::MIN),
+            lag_millis: AtomicI64::new(i64::MIN),
             partition_lag: std::sync::Mutex::default(),
+            lag_in_millis: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -44,6 +52,9 @@ pub struct MetricsSnapshot {
     pub rows_in: u64,
     /// Rows emitted.
     pub rows_out: u64,
+    /// Bytes of the records a source received (their values, as the transport delivered
+    /// them).
+    pub bytes_in: u64,
     /// Records sent to the errors zone.
     pub bad_records: u64,
     /// Batches processed.
@@ -57,8 +68,13 @@ pub struct MetricsSnapshot {
     pub last_event_time: Option<EventTime>,
     /// The current watermark, if any was emitted.
     pub watermark: Option<EventTime>,
+    /// How far behind the newest record the source's reader is, in ms, where it knows.
+    pub lag_millis: Option<i64>,
     /// Consumer lag per partition, where the source reports it.
     pub partition_lag: Vec<(i32, i64)>,
+    /// Whether `partition_lag` is in milliseconds behind the newest record (Kinesis
+    /// shards), not in records.
+    pub lag_in_millis: bool,
 }
 
 impl Metrics {
@@ -73,6 +89,17 @@ impl Metrics {
         self.rows_out.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// Counts bytes a source received.
+    pub fn add_bytes_in(&self, n: usize) {
+        self.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Records how far behind the newest record the reader is, in ms (Kinesis'
+    /// `MillisBehindLatest`, or now minus the last record's timestamp).
+    pub fn set_lag_millis(&self, ms: i64) {
+        self.lag_millis.store(ms.max(0), Ordering::Relaxed);
+    }
+
     /// Counts records sent to the errors zone.
     pub fn add_bad_records(&self, n: usize) {
         self.bad_records.fetch_add(n as u64, Ordering::Relaxed);
@@ -81,6 +108,14 @@ impl Metrics {
     /// Records the consumer lag of every partition (replacing the previous report).
     pub fn set_partition_lag(&self, lag: Vec<(i32, i64)>) {
         *self.partition_lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
+    }
+
+    /// Records how far behind the newest record each shard's reader is, in ms (replacing
+    /// the previous report); the source's lag is the largest.
+    pub fn set_shard_lag_millis(&self, lag: Vec<(i32, i64)>) {
+        self.set_lag_millis(lag.iter().map(|(_, ms)| *ms).max().unwrap_or(0));
+        self.lag_in_millis.store(true, Ordering::Relaxed);
+        self.set_partition_lag(lag);
     }
 
     /// Adds what the operators counted.
@@ -109,6 +144,7 @@ impl Metrics {
         let mut c: std::collections::BTreeMap<String, i64> = [
             ("rows_in", s.rows_in),
             ("rows_out", s.rows_out),
+            ("bytes_in", s.bytes_in),
             ("bad_records", s.bad_records),
             ("batches", s.batches),
             ("late_events", s.late_events),
@@ -136,6 +172,7 @@ impl Metrics {
             match name.as_str() {
                 "rows_in" => self.rows_in.fetch_add(n, Ordering::Relaxed),
                 "rows_out" => self.rows_out.fetch_add(n, Ordering::Relaxed),
+                "bytes_in" => self.bytes_in.fetch_add(n, Ordering::Relaxed),
                 "bad_records" => self.bad_records.fetch_add(n, Ordering::Relaxed),
                 "batches" => self.batches.fetch_add(n, Ordering::Relaxed),
                 "late_events" => self.late_events.fetch_add(n, Ordering::Relaxed),
@@ -159,17 +196,20 @@ impl Metrics {
         MetricsSnapshot {
             rows_in: self.rows_in.load(Ordering::Relaxed),
             rows_out: self.rows_out.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bad_records: self.bad_records.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
             late_events: self.late_events.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
             last_event_time: opt(self.last_event_time.load(Ordering::Relaxed)),
             watermark: opt(self.watermark.load(Ordering::Relaxed)),
+            lag_millis: Some(self.lag_millis.load(Ordering::Relaxed)).filter(|v| *v != i64::MIN),
             partition_lag: self
                 .partition_lag
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+            lag_in_millis: self.lag_in_millis.load(Ordering::Relaxed),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The HTTP front door: `POST /v1/sources/{name}/events`, `GET /health` and `GET /ready`.
+//! The HTTP front door: `POST /v1/sources/{name}/events`, `GET /health`, `GET /ready` and
+//! `GET /metrics`.
 //!
 //! Responses are JSON:
 //! - `200 {"accepted": n, "rejected": []}` — every record stored and published;
@@ -19,7 +20,9 @@
 //! A POST with an `Idempotency-Key` header that repeats one seen within the source's
 //! `idempotency_window` gets the first answer again, and its body is not stored twice.
 //!
-//! `GET /ready` is 200 on the lake's writer and 503 on a standby.
+//! `GET /ready` is 200 on the lake's writer whose sources, streams and sinks all run (or
+//! finished); 503 on a standby (naming the writer) and when any of them failed (naming each,
+//! with why). `GET /metrics` is the Prometheus exposition ([`crate::metrics`]).
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -30,7 +33,10 @@ use axum::{Extension, Router};
 use serde_json::json;
 use sluice_engine::push::IngestError;
 
+use std::sync::Arc;
+
 use crate::connections::Connections;
+use crate::metrics::{Exporter, Vitals};
 use crate::node::{IngestRefusal, Node};
 
 /// The HTTP routes of a Sluice server; `/health` shows the listeners' `connections`.
@@ -38,10 +44,38 @@ pub fn router(sluice: Node, connections: Connections) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route("/v1/sources/{name}/events", post(ingest))
         .layer(DefaultBodyLimit::disable())
         .layer(Extension(connections))
+        .layer(Extension(Arc::new(Exporter::new())))
         .with_state(sluice)
+}
+
+/// The Prometheus exposition of this server's figures (a standby has no pipelines: only
+/// its process and connections).
+async fn metrics(
+    State(node): State<Node>,
+    Extension(exporter): Extension<Arc<Exporter>>,
+    Extension(connections): Extension<Connections>,
+) -> Response {
+    let vitals = match node.sluice() {
+        Some(s) => s.vitals().await,
+        None => Vitals::default(),
+    };
+    let sessions = connections
+        .pg
+        .open
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let body = exporter.render(&vitals, sessions);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// 200 while the process serves; with the listeners' connection counters (open, refused
@@ -50,10 +84,28 @@ async fn health(Extension(connections): Extension<Connections>) -> Response {
     axum::Json(json!({"status": "ok", "connections": connections})).into_response()
 }
 
-/// 200 on the lake's writer; 503 on a standby, naming the writer.
+/// 200 on the lake's writer while nothing failed; 503 on a standby, naming the writer, or
+/// when a source, stream or sink failed, naming each with why.
 async fn ready(State(node): State<Node>) -> Response {
     match node.ready() {
-        Ok(()) => axum::Json(json!({"status": "ready", "role": "writer"})).into_response(),
+        Ok(()) => {
+            let failed = match node.sluice() {
+                Some(s) => s.failures().await,
+                None => vec![],
+            };
+            if failed.is_empty() {
+                return axum::Json(json!({"status": "ready", "role": "writer"})).into_response();
+            }
+            let failed: Vec<_> = failed
+                .into_iter()
+                .map(|(kind, name, reason)| json!({"kind": kind, "name": name, "reason": reason}))
+                .collect();
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({"status": "failed", "role": "writer", "failed": failed})),
+            )
+                .into_response()
+        }
         Err(m) => (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"status": "standby", "role": "standby", "error": m})),
@@ -100,12 +152,28 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({"error": message.into()}))).into_response()
 }
 
+/// Takes a POST of events (see the module docs) and counts the answer by source and code
+/// (under no source when there is none by that name: a client cannot make series up).
 async fn ingest(
     State(sluice): State<Node>,
+    Extension(exporter): Extension<Arc<Exporter>>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let response = ingest_events(sluice, &name, headers, body).await;
+    let code = response.status();
+    let source = if code == StatusCode::NOT_FOUND {
+        String::new()
+    } else {
+        name.to_lowercase()
+    };
+    exporter.http.count(&source, code.as_u16());
+    response
+}
+
+async fn ingest_events(sluice: Node, name: &str, headers: HeaderMap, body: Body) -> Response {
+    let name = name.to_string();
     let lookup = match sluice.push_source(&name) {
         Ok(None) => sluice.push_source(&name.to_lowercase()),
         other => other,

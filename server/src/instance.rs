@@ -1009,7 +1009,91 @@ impl Sluice {
         }
     }
 
-    /// `SHOW STATUS`: this server's role in the lake.
+    /// The figures `GET /metrics` exports (see [`crate::metrics`]); the durations observed
+    /// since the last call are taken.
+    pub async fn vitals(&self) -> crate::metrics::Vitals {
+        use crate::metrics::{StreamVitals, Vitals};
+        let failed = |s: &crate::runtime::SharedStatus| {
+            matches!(crate::runtime::get(s), crate::runtime::Status::Failed(_))
+        };
+        let state = self.inner.state.lock().await;
+        let lake = self.inner.lake.stats();
+        for name in state.streams.keys() {
+            lake.register(Zone::Processed, name);
+            lake.register(Zone::Errors, name);
+        }
+        for name in state.sources.keys() {
+            lake.register(Zone::Errors, name);
+        }
+        let checkpoints = &self.inner.checkpoints;
+        Vitals {
+            sources: state
+                .sources
+                .values()
+                .map(|s| (s.def.name.clone(), s.metrics.snapshot(), failed(&s.status)))
+                .collect(),
+            streams: state
+                .streams
+                .values()
+                .map(|s| StreamVitals {
+                    name: s.plan.name.clone(),
+                    metrics: s.metrics.snapshot(),
+                    failed: failed(&s.status),
+                    state_bytes: checkpoints.state_bytes(&s.plan.name),
+                })
+                .collect(),
+            sinks: state
+                .sinks
+                .values()
+                .map(|s| {
+                    (
+                        s.create.name.clone(),
+                        s.delivered.load(std::sync::atomic::Ordering::Relaxed),
+                        failed(&s.status),
+                    )
+                })
+                .collect(),
+            checkpoint_durations: checkpoints.take_durations(),
+            checkpoint_last_completed: checkpoints
+                .last_completed_unix_micros()
+                .map(|t| t as f64 / 1e6),
+            checkpoint_failures: checkpoints.aborted_total(),
+            checkpoint_interval: checkpoints.interval(),
+            lake: lake
+                .committed()
+                .into_iter()
+                .map(|(zone, name, files, bytes)| (zone.dir(), name, files, bytes))
+                .collect(),
+            lake_latencies: lake.take_latencies(),
+        }
+    }
+
+    /// The sources, streams and sinks that failed: (kind, name, why).
+    pub async fn failures(&self) -> Vec<(&'static str, String, String)> {
+        let state = self.inner.state.lock().await;
+        let why = |s: &crate::runtime::SharedStatus| match crate::runtime::get(s) {
+            crate::runtime::Status::Failed(reason) => Some(reason),
+            _ => None,
+        };
+        let mut out = vec![];
+        for s in state.sources.values() {
+            if let Some(r) = why(&s.status) {
+                out.push(("source", s.def.name.clone(), r));
+            }
+        }
+        for s in state.streams.values() {
+            if let Some(r) = why(&s.status) {
+                out.push(("stream", s.plan.name.clone(), r));
+            }
+        }
+        for s in state.sinks.values() {
+            if let Some(r) = why(&s.status) {
+                out.push(("sink", s.create.name.clone(), r));
+            }
+        }
+        out
+    }
+
     /// What `SHOW SOURCES/STREAMS/SINKS` shows (and `sluice.sources/streams/sinks` hold).
     async fn show(&self, kind: ObjectKind) -> Result<RecordBatch> {
         let state = self.inner.state.lock().await;

@@ -12,6 +12,7 @@ pub mod error;
 pub mod http;
 pub mod instance;
 pub mod lease;
+pub mod metrics;
 pub mod node;
 pub mod pg;
 pub mod pg_compat;

@@ -121,13 +121,31 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    // `SLUICE_LOG_FORMAT=json`: one JSON object per line, for log shippers; the default is
+    // for people.
+    match std::env::var("SLUICE_LOG_FORMAT").as_deref() {
+        Ok("json") => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+        Ok("text") | Ok("") | Err(std::env::VarError::NotPresent) => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+        Ok(other) => {
+            eprintln!("sluice: SLUICE_LOG_FORMAT={other} is not known: use `json` or `text`");
+            std::process::exit(2);
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            eprintln!("sluice: SLUICE_LOG_FORMAT is not text: use `json` or `text`");
+            std::process::exit(2);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sluice")

@@ -168,7 +168,8 @@ pub struct KafkaReader {
     /// The shared reader's errors zone, written by itself (staged) when it checkpoints;
     /// otherwise bad records go to the context's errors writer.
     errors: Option<RecordZone>,
-    /// Which of a record's key, headers and timestamp are copied out with its value.
+    /// Which of a record's key and headers are copied out with its value (its timestamp
+    /// always is: it tells how far behind the reader is).
     wants: Wants,
     /// The partitions it reads.
     splits: Splits,
@@ -217,7 +218,6 @@ impl KafkaReader {
             wants: Wants {
                 key: schema.field_with_name("_kafka_key").is_ok(),
                 headers: schema.field_with_name("_kafka_headers").is_ok(),
-                timestamp: schema.field_with_name("_kafka_timestamp").is_ok(),
             },
             schema,
             role,
@@ -455,6 +455,14 @@ impl KafkaReader {
         for (partition, last) in &batch.last_offsets {
             next_offsets.insert(*partition, last + 1);
         }
+        // How far behind the newest record the source is, in time: now minus the newest
+        // timestamp just read (the shared reader's; zero again once caught up, below).
+        if self.is_shared()
+            && let Some(newest) = batch.records.iter().filter_map(|r| r.timestamp).max()
+        {
+            ctx.metrics
+                .set_lag_millis(sluice_engine::EventTime::now().micros() / 1000 - newest);
+        }
         let received = Received {
             topic: &self.config.topic,
             batch: &batch,
@@ -519,7 +527,13 @@ impl KafkaReader {
                     service.set_position(&next_offsets);
                     service.serve(None, &next_offsets, || f.clock_state(), &ctx.output);
                 }
-                _ = idle_tick.tick() => f.ingest.clock().tick(&ctx).await,
+                _ = idle_tick.tick() => {
+                    f.ingest.clock().tick(&ctx).await;
+                    // Nothing left to read: not behind at all.
+                    if ctx.metrics.snapshot().partition_lag.iter().all(|(_, n)| *n == 0) {
+                        ctx.metrics.set_lag_millis(0);
+                    }
+                }
             }
         }
     }
@@ -854,7 +868,6 @@ impl Poller {
 pub(super) struct Wants {
     key: bool,
     headers: bool,
-    timestamp: bool,
 }
 
 /// A record as a fetch path hands it over: librdkafka's ([`Fetched`]) or the source's own
@@ -896,7 +909,7 @@ impl FetchedRecord for Fetched<'_> {
     }
 }
 
-/// Copies fetched record `m` into `batch`; its key, headers and timestamp only when asked.
+/// Copies fetched record `m` into `batch`; its key and headers only when asked.
 pub(super) fn append<R: FetchedRecord>(
     batch: &mut Records,
     m: &R,
@@ -930,7 +943,7 @@ pub(super) fn append<R: FetchedRecord>(
         offset,
         value,
         key,
-        timestamp: if wants.timestamp { m.timestamp() } else { None },
+        timestamp: m.timestamp(),
         headers: first_header..batch.headers.len(),
     });
     Ok(())

@@ -639,7 +639,7 @@ impl Reading {
 
     /// Shows the lag per shard (milliseconds behind the newest record) in `ctx`'s counters.
     fn report_lag(&self, ctx: &SourceContext) {
-        ctx.metrics.set_partition_lag(
+        ctx.metrics.set_shard_lag_millis(
             self.lag
                 .iter()
                 .map(|(s, ms)| (shard_number(s), *ms))

@@ -33,7 +33,7 @@ use crate::error::{ConnectorError, Result};
 pub const MICROS_PER_HOUR: i64 = 3_600_000_000;
 
 /// The zones of the lake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Zone {
     /// Payloads as received, per source.
     Raw,
@@ -70,6 +70,62 @@ pub struct Lake {
     /// The root directory of a local lake (folders there outlive the files moved out of
     /// them: [`Lake::remove_dir`] removes them too).
     local_root: Option<std::path::PathBuf>,
+    /// What was committed to it, shared by every clone.
+    stats: Arc<LakeStats>,
+}
+
+/// What a lake's clones committed: files and bytes per zone and name, and how long rows
+/// took from reaching a writer to being in a committed processed file.
+#[derive(Debug, Default)]
+pub struct LakeStats {
+    committed: std::sync::Mutex<std::collections::BTreeMap<(Zone, String), (u64, u64)>>,
+    latencies: std::sync::Mutex<std::collections::VecDeque<std::time::Duration>>,
+}
+
+/// How many latencies [`LakeStats::take_latencies`] keeps between calls.
+const MAX_PENDING_LATENCIES: usize = 4096;
+
+impl LakeStats {
+    /// Files and bytes committed so far, per (zone, name): raw, errors and processed files.
+    pub fn committed(&self) -> Vec<(Zone, String, u64, u64)> {
+        lock(&self.committed)
+            .iter()
+            .map(|((z, n), (files, bytes))| (*z, n.clone(), *files, *bytes))
+            .collect()
+    }
+
+    /// Starts counting `name` in `zone` at zero (so its series exist before its first file).
+    pub fn register(&self, zone: Zone, name: &str) {
+        lock(&self.committed)
+            .entry((zone, name.to_string()))
+            .or_default();
+    }
+
+    /// For each processed file committed since the last call, how long after its first row
+    /// reached the writer it was committed (at most the last 4096).
+    pub fn take_latencies(&self) -> Vec<std::time::Duration> {
+        lock(&self.latencies).drain(..).collect()
+    }
+
+    fn record(&self, zone: Zone, name: &str, bytes: u64, first_row_at: Option<i64>) {
+        let mut c = lock(&self.committed);
+        let e = c.entry((zone, name.to_string())).or_default();
+        e.0 += 1;
+        e.1 += bytes;
+        drop(c);
+        if let Some(t) = first_row_at {
+            let micros = (sluice_engine::EventTime::now().micros() - t).max(0);
+            let mut l = lock(&self.latencies);
+            if l.len() >= MAX_PENDING_LATENCIES {
+                l.pop_front();
+            }
+            l.push_back(std::time::Duration::from_micros(micros as u64));
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Lake {
@@ -97,6 +153,7 @@ impl Lake {
                 store_url,
                 location: location.trim_end_matches('/').to_string(),
                 local_root: None,
+                stats: Arc::default(),
             });
         }
         let local = match location.strip_prefix("file://") {
@@ -118,6 +175,7 @@ impl Lake {
             store_url: Url::parse("file:///").expect("static URL"),
             location: abs.display().to_string(),
             local_root: Some(abs),
+            stats: Arc::default(),
         })
     }
 
@@ -157,9 +215,34 @@ impl Lake {
     }
 
     /// Writes a whole object in one request; it becomes visible complete or not at all.
+    /// A file of the raw, errors or processed zone counts as committed.
     pub async fn put(&self, path: &Path, bytes: impl Into<PutPayload>) -> Result<()> {
-        self.store.put(path, bytes.into()).await?;
+        let payload: PutPayload = bytes.into();
+        let size = payload.content_length() as u64;
+        self.store.put(path, payload).await?;
+        self.committed(path, size, None);
         Ok(())
+    }
+
+    /// What was committed to the lake ([`LakeStats`]).
+    pub fn stats(&self) -> &LakeStats {
+        &self.stats
+    }
+
+    /// Counts `path` (`bytes` long) as committed if it is a file of the raw, errors or
+    /// processed zone; `first_row_at`: when its first row reached its writer (µs).
+    pub fn committed(&self, path: &Path, bytes: u64, first_row_at: Option<i64>) {
+        let relative = self.relative(path);
+        let mut parts = relative.split('/');
+        let zone = match parts.next() {
+            Some("raw") => Zone::Raw,
+            Some("errors") => Zone::Errors,
+            Some("processed") => Zone::Processed,
+            _ => return,
+        };
+        if let (Some(name), Some(_)) = (parts.next(), parts.next()) {
+            self.stats.record(zone, name, bytes, first_row_at);
+        }
     }
 
     /// Deletes every object under `<lake>/<zone>/<name>/` (and, on a local lake, the
@@ -312,10 +395,17 @@ impl sluice_engine::checkpoint::CheckpointStore for Lake {
         }
     }
 
-    async fn publish(&self, staged: &str, target: &str) -> sluice_engine::Result<()> {
+    async fn publish(
+        &self,
+        file: &sluice_engine::checkpoint::StagedFile,
+    ) -> sluice_engine::Result<()> {
+        let (staged, target) = (&file.staged, &file.target);
         let (from, to) = (self.absolute(staged)?, self.absolute(target)?);
         match self.store.rename(&from, &to).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.committed(&to, file.bytes, file.first_row_at);
+                Ok(())
+            }
             Err(object_store::Error::NotFound { .. }) => match self.store.head(&to).await {
                 Ok(_) => Ok(()), // published before a crash
                 Err(e) => Err(lake_error(

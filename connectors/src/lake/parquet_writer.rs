@@ -58,6 +58,10 @@ fn lake_type(t: &DataType) -> DataType {
 struct OpenFile {
     writer: AsyncArrowWriter<BufWriter>,
     opened: Instant,
+    /// Where it becomes visible (without checkpoints: where it is written).
+    target: object_store::path::Path,
+    /// When its first row came, µs since the Unix epoch (the lake's latency counts from it).
+    first_row_at: i64,
     /// With checkpoints: the staged file (`writer` writes it) and its final place.
     staged: Option<StagedFile>,
 }
@@ -129,9 +133,11 @@ impl ParquetLakeWriter {
         } else {
             Some(self.files_written.as_ref())
         };
-        close_file(file, &self.stream, counter).await?;
-        if let (Some(s), Some(f)) = (&mut self.staging, staged) {
-            s.closed.push(f);
+        let (target, first_row_at) = (file.target.clone(), file.first_row_at);
+        let bytes = close_file(file, &self.stream, counter).await?;
+        match (&mut self.staging, staged) {
+            (Some(s), Some(f)) => s.closed.push(f.with_stats(bytes, Some(first_row_at))),
+            _ => self.lake.committed(&target, bytes, Some(first_row_at)),
         }
         Ok(())
     }
@@ -208,7 +214,7 @@ impl ParquetLakeWriter {
         let name = unique_file_name("parquet");
         let target = dir.join(name.as_str());
         let (path, staged) = match &self.staging {
-            None => (target, None),
+            None => (target.clone(), None),
             Some(_) => {
                 let path = self
                     .lake
@@ -232,25 +238,28 @@ impl ParquetLakeWriter {
         Ok(OpenFile {
             writer,
             opened: Instant::now(),
+            target,
+            first_row_at: sluice_engine::EventTime::now().micros(),
             staged,
         })
     }
 }
 
 /// Finishes a file: writes the Parquet footer and completes the upload, which makes the
-/// file visible. (A free function: the writer is `Send` but not `Sync`.)
+/// file visible; its size. (A free function: the writer is `Send` but not `Sync`.)
 async fn close_file(
     file: OpenFile,
     stream: &str,
     files_written: Option<&std::sync::atomic::AtomicU64>,
-) -> sluice_engine::Result<()> {
-    file.writer.close().await.map_err(|e| {
+) -> sluice_engine::Result<u64> {
+    let mut writer = file.writer;
+    writer.finish().await.map_err(|e| {
         EngineError::external(format!("stream `{stream}`: closing a Parquet file"), e)
     })?;
     if let Some(counter) = files_written {
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    Ok(())
+    Ok(writer.bytes_written() as u64)
 }
 
 #[async_trait]

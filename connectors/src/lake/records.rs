@@ -75,14 +75,12 @@ impl RecordZone {
             .join(self.zone.dir())
             .join(self.name.as_str())
             .join(file.as_str());
+        let size = bytes.len() as u64;
         self.lake.put(&staging, bytes).await?;
-        staged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(StagedFile::new(
-                self.lake.relative(&staging),
-                self.lake.relative(path),
-            ));
+        staged.lock().unwrap_or_else(|e| e.into_inner()).push(
+            StagedFile::new(self.lake.relative(&staging), self.lake.relative(path))
+                .with_stats(size, None),
+        );
         Ok(())
     }
 

@@ -128,6 +128,13 @@ struct Shared {
     last_duration_micros: AtomicU64,
     /// When the last checkpoint completed (before the first: when the coordinator opened).
     last_completed_at: Mutex<std::time::Instant>,
+    /// When the last checkpoint completed, µs since the epoch (0: none yet).
+    last_completed_unix_micros: std::sync::atomic::AtomicI64,
+    /// Durations of the checkpoints completed since [`Coordinator::take_durations`] was last
+    /// called (at most [`MAX_PENDING_DURATIONS`]: the oldest are dropped).
+    durations: Mutex<std::collections::VecDeque<Duration>>,
+    /// Per stream, the bytes of operator state its last checkpoint wrote.
+    state_bytes: Mutex<BTreeMap<String, u64>>,
     /// How many checkpoints to keep.
     retention: std::sync::atomic::AtomicUsize,
     /// The state files each kept checkpoint names, by epoch (read once per checkpoint).
@@ -176,7 +183,7 @@ impl Coordinator {
                         if f.transient && store.get(&f.staged).await?.is_none() {
                             continue; // published, and consumed since
                         }
-                        store.publish(&f.staged, &f.target).await?;
+                        store.publish(f).await?;
                     }
                 }
                 tracing::info!(
@@ -238,6 +245,9 @@ impl Coordinator {
             default_interval,
             last_duration_micros: AtomicU64::new(0),
             last_completed_at: Mutex::new(std::time::Instant::now()),
+            last_completed_unix_micros: std::sync::atomic::AtomicI64::new(0),
+            durations: Mutex::default(),
+            state_bytes: Mutex::default(),
             retention: std::sync::atomic::AtomicUsize::new(DEFAULT_RETENTION),
             kept: Mutex::default(),
         });
@@ -469,6 +479,46 @@ impl Coordinator {
     /// The last epoch that committed or was aborted.
     pub fn last_settled(&self) -> u64 {
         self.shared.settled.borrow().0
+    }
+
+    /// How often checkpoints are taken now: the smallest interval of the registered
+    /// streams; `None` while no stream takes part.
+    pub fn interval(&self) -> Option<Duration> {
+        let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.streams.values().map(|s| s.interval).min()
+    }
+
+    /// The durations of the checkpoints completed since the last call (for a histogram;
+    /// at most the last [`MAX_PENDING_DURATIONS`] of them).
+    pub fn take_durations(&self) -> Vec<Duration> {
+        let mut d = self
+            .shared
+            .durations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        d.drain(..).collect()
+    }
+
+    /// When the last checkpoint completed, µs since the Unix epoch; `None` before the first.
+    pub fn last_completed_unix_micros(&self) -> Option<i64> {
+        Some(
+            self.shared
+                .last_completed_unix_micros
+                .load(Ordering::Relaxed),
+        )
+        .filter(|t| *t > 0)
+    }
+
+    /// The bytes of operator state `stream`'s last checkpoint wrote (0 for a stream without
+    /// state, or before its first checkpoint).
+    pub fn state_bytes(&self, stream: &str) -> u64 {
+        self.shared
+            .state_bytes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(stream)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Epochs aborted since the coordinator opened (a participant did not report in time).
@@ -739,6 +789,16 @@ async fn run(shared: Arc<Shared>, mut reports: mpsc::UnboundedReceiver<Report>) 
             .last_completed_at
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+        shared
+            .last_completed_unix_micros
+            .store(crate::EventTime::now().micros(), Ordering::Relaxed);
+        {
+            let mut d = shared.durations.lock().unwrap_or_else(|e| e.into_inner());
+            if d.len() >= MAX_PENDING_DURATIONS {
+                d.pop_front();
+            }
+            d.push_back(took);
+        }
         tracing::debug!(epoch, ?took, "checkpoint complete");
         shared.completed.send_replace(epoch);
         pending.clear();
@@ -842,6 +902,9 @@ fn consume_finals(shared: &Shared, used: &[(String, Participant)]) {
 /// Writes epoch `f.epoch`'s state files and manifest, then publishes its staged files (and
 /// those `carried` from aborted epochs). Idempotent: a failed attempt can be repeated with
 /// the same reports. Returns the final reports it used (see [`consume_finals`]).
+/// How many checkpoint durations are kept for [`Coordinator::take_durations`] between calls.
+pub const MAX_PENDING_DURATIONS: usize = 4096;
+
 async fn commit(
     shared: &Shared,
     f: &InFlight,
@@ -898,6 +961,7 @@ async fn commit(
             subtasks: vec![vec![]; parallelism],
             ..Default::default()
         };
+        let mut subtask_state_bytes: BTreeMap<usize, u64> = BTreeMap::new();
         for (participant, payload) in parts {
             match (participant, payload) {
                 (Participant::Reader(source), Payload::Position(v)) => {
@@ -925,6 +989,7 @@ async fn commit(
                         );
                     }
                     let mut stored = vec![];
+                    let mut state_bytes = 0;
                     for (i, s) in states.into_iter().enumerate() {
                         stored.push(match s {
                             None => None,
@@ -932,7 +997,9 @@ async fn commit(
                                 let mut tables = BTreeMap::new();
                                 for (t, batch) in &s.tables {
                                     let path = format!("{dir}/{name}/s{k}-op{i}-{t}.arrow");
-                                    shared.store.put(&path, write_ipc(batch)?).await?;
+                                    let ipc = write_ipc(batch)?;
+                                    state_bytes += ipc.len() as u64;
+                                    shared.store.put(&path, ipc).await?;
                                     tables.insert(t.clone(), path);
                                 }
                                 Some(StoredState {
@@ -947,6 +1014,8 @@ async fn commit(
                     if k < c.subtasks.len() {
                         c.subtasks[k] = stored;
                     }
+                    // Per subtask; summed over the subtasks of the stream below.
+                    subtask_state_bytes.insert(k, state_bytes);
                 }
                 (
                     Participant::Writer,
@@ -989,6 +1058,11 @@ async fn commit(
                 Payload::Position(_) => {}
             }
         }
+        shared
+            .state_bytes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone(), subtask_state_bytes.values().sum());
         streams.insert(name, c);
     }
     // Streams not running now (a failed one, one whose restore failed) keep their last
@@ -1024,7 +1098,7 @@ async fn commit(
     for s in manifest.streams.values() {
         for f in &s.staged {
             shared.fence.check()?;
-            shared.store.publish(&f.staged, &f.target).await?;
+            shared.store.publish(f).await?;
         }
     }
     for (counter, n) in published {

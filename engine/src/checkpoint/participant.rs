@@ -82,6 +82,17 @@ pub struct StagedFile {
     /// delivered), so recovery finds neither file when it was.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub transient: bool,
+    /// Its size in bytes, where the writer knew it (for the lake's counters; 0: unknown).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes: u64,
+    /// When its first row reached the writer, µs since the Unix epoch (processed files):
+    /// the time from then to the file's commit is the lake's event-to-commit latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_row_at: Option<i64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl StagedFile {
@@ -91,7 +102,16 @@ impl StagedFile {
             staged: staged.into(),
             target: target.into(),
             transient: false,
+            bytes: 0,
+            first_row_at: None,
         }
+    }
+
+    /// The same file, `bytes` long, whose first row reached its writer at `first_row_at`.
+    pub fn with_stats(mut self, bytes: u64, first_row_at: Option<i64>) -> Self {
+        self.bytes = bytes;
+        self.first_row_at = first_row_at;
+        self
     }
 }
 

@@ -22,9 +22,9 @@ pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
     async fn list(&self, prefix: &str) -> Result<Vec<String>>;
     /// Deletes an object; deleting one that does not exist is not an error.
     async fn delete(&self, path: &str) -> Result<()>;
-    /// Moves `staged` to `target`. Idempotent: when `staged` is gone and `target` exists,
-    /// the move already happened.
-    async fn publish(&self, staged: &str, target: &str) -> Result<()>;
+    /// Moves `file.staged` to `file.target`. Idempotent: when the staged file is gone and
+    /// the target exists, the move already happened.
+    async fn publish(&self, file: &super::StagedFile) -> Result<()>;
     /// Stages `records` as the errors-zone file `file` of `name`, in the partition of
     /// `at_micros` (published with the epoch; the same arguments give the same file).
     async fn stage_errors(
