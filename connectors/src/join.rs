@@ -72,6 +72,8 @@ struct Shared<P> {
     next: P,
     /// Its checkpointed position at its last barriers: (epoch, position).
     at_barriers: VecDeque<(u64, serde_json::Value)>,
+    /// Why it stopped, if it failed.
+    failure: Option<String>,
 }
 
 /// The backfill readers' side of a shared reader: its position, and joining it.
@@ -129,8 +131,22 @@ impl<P: Positions> Joinable<P> {
         self.requests
             .send(JoinRequest { at, reply })
             .await
-            .map_err(|_| gone(source, None))?;
+            .map_err(|_| self.gone(source, None))?;
         Ok(answer)
+    }
+
+    /// The error of a backfill reader whose source's shared reader stopped: why it failed,
+    /// as `hub` (once joined) or the reader itself ([`JoinService::failed`]) says.
+    pub(crate) fn gone(&self, source: &str, hub: Option<&FanOut>) -> EngineError {
+        let why = hub
+            .and_then(FanOut::failure)
+            .map(|f| f.to_string())
+            .or_else(|| lock(&self.position).failure.clone())
+            .unwrap_or_else(|| "it stopped".to_string());
+        EngineError::external(
+            format!("source `{source}`: the source's reader is not running"),
+            std::io::Error::other(why),
+        )
     }
 
     /// The shared reader's checkpointed position at its barrier of `epoch`.
@@ -143,19 +159,15 @@ impl<P: Positions> Joinable<P> {
     }
 }
 
-/// The error of a backfill reader whose source's shared reader stopped; `hub`, once joined,
-/// says why.
-pub(crate) fn gone(source: &str, hub: Option<&FanOut>) -> EngineError {
-    let why = hub
-        .and_then(FanOut::failure)
-        .map_or_else(|| "it stopped".to_string(), |f| f.to_string());
-    EngineError::external(
-        format!("source `{source}`: the source's reader is not running"),
-        std::io::Error::other(why),
-    )
-}
-
 impl<P: Positions> JoinService<P> {
+    /// Notes how the shared reader ended: if it failed, why, for the backfill readers that
+    /// try to join it (call before the service is dropped, so none misses it).
+    pub(crate) fn ended(&self, result: &sluice_engine::Result<()>) {
+        if let Err(e) = result {
+            lock(&self.position).failure = Some(e.to_string());
+        }
+    }
+
     /// Notes the reader's position after a batch (or where it resumes).
     pub(crate) fn set_position(&self, next: &P) {
         lock(&self.position).next.clone_from(next);
@@ -250,7 +262,7 @@ pub(crate) async fn relay<P: Positions>(
             msg = subscription.recv() => msg,
         };
         match msg {
-            None => return Err(gone(source, Some(hub))),
+            None => return Err(joinable.gone(source, Some(hub))),
             Some(Message::End) => return Ok(()),
             Some(Message::Barrier(b)) => match &mut checkpoint {
                 // Sent by the backfill reader already, or from before the stream existed.

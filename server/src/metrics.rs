@@ -303,6 +303,11 @@ fn describe() {
         Unit::Seconds,
         "When the last checkpoint completed (0: none yet)."
     );
+    describe_gauge!(
+        "sluice_checkpoint_interval_seconds",
+        Unit::Seconds,
+        "How often checkpoints are taken (0: no stream takes part)."
+    );
     describe_counter!(
         "sluice_checkpoint_failures_total",
         Unit::Count,

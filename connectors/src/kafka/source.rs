@@ -20,7 +20,7 @@ use super::fetch_queue::{FetchQueue, Fetched};
 use super::offsets::{Offsets, lag, position_json};
 use super::{FetchClient, KafkaConfig, StartPosition};
 use crate::ingest::{Ingest, Rejects};
-use crate::join::{JoinService, Joinable, Joined, Positions, barrier, gone, join_channel, relay};
+use crate::join::{JoinService, Joinable, Joined, Positions, barrier, join_channel, relay};
 use crate::lake::RecordZone;
 use crate::split_clock::{ClockState, resend_watermark};
 
@@ -477,7 +477,7 @@ impl KafkaReader {
     async fn run_shared(
         mut self: Box<Self>,
         mut ctx: SourceContext,
-        mut service: JoinService<Offsets>,
+        service: &mut JoinService<Offsets>,
     ) -> sluice_engine::Result<()> {
         let mut checkpoint = ctx.checkpoint.take();
         let checkpointing = checkpoint.is_some();
@@ -588,7 +588,7 @@ impl KafkaReader {
                     let clock = fetching.as_ref().map_or_else(|| self.resume_clock.clone(), Fetching::clock_state);
                     barrier(&ctx, &mut checkpoint, epoch, position_json(&mine, &clock)).await;
                 }
-                joined = &mut answer => break joined.map_err(|_| gone(&self.name, None))?,
+                joined = &mut answer => break joined.map_err(|_| joinable.gone(&self.name, None))?,
             }
         };
         let Joined {
@@ -707,7 +707,11 @@ impl SourceReader for KafkaReader {
 
     async fn run(mut self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
         match (self.service.take(), self.joinable.take()) {
-            (Some(service), _) => self.run_shared(ctx, service).await,
+            (Some(mut service), _) => {
+                let result = self.run_shared(ctx, &mut service).await;
+                service.ended(&result);
+                result
+            }
             (None, Some(joinable)) => self.run_backfill(ctx, joinable).await,
             (None, None) => Err(EngineError::Internal(format!(
                 "kafka source `{}`: a reader runs once",

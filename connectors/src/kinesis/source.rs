@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{KinesisConfig, KinesisStart, compare_sequence_numbers};
 use crate::ingest::{Ingest, Rejects};
-use crate::join::{JoinService, Joinable, Joined, Positions, barrier, gone, join_channel, relay};
+use crate::join::{JoinService, Joinable, Joined, Positions, barrier, join_channel, relay};
 use crate::lake::RecordZone;
 use crate::split_clock::{ClockState, resend_watermark};
 
@@ -719,7 +719,7 @@ impl KinesisReader {
     async fn run_shared(
         mut self: Box<Self>,
         mut ctx: SourceContext,
-        mut service: JoinService<Resume>,
+        service: &mut JoinService<Resume>,
     ) -> sluice_engine::Result<()> {
         let mut checkpoint = ctx.checkpoint.take();
         if checkpoint.is_some() {
@@ -826,7 +826,7 @@ impl KinesisReader {
                     );
                     barrier(&ctx, &mut checkpoint, epoch, at).await;
                 }
-                joined = &mut answer => break joined.map_err(|_| gone(&self.name, None))?,
+                joined = &mut answer => break joined.map_err(|_| joinable.gone(&self.name, None))?,
             }
         };
         let Joined {
@@ -926,7 +926,11 @@ impl SourceReader for KinesisReader {
 
     async fn run(mut self: Box<Self>, ctx: SourceContext) -> sluice_engine::Result<()> {
         match std::mem::replace(&mut self.role, Role::Done) {
-            Role::Shared(service) => self.run_shared(ctx, service).await,
+            Role::Shared(mut service) => {
+                let result = self.run_shared(ctx, &mut service).await;
+                service.ended(&result);
+                result
+            }
             Role::Backfill(joinable) => self.run_backfill(ctx, joinable).await,
             Role::Done => Err(EngineError::Internal(format!(
                 "kinesis source `{}`: a reader runs once",
