@@ -175,3 +175,46 @@ fn kill_9_while_reading_kafka_loses_nothing_and_duplicates_nothing() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// `SLUICE_LOG_FORMAT=json`: every log line is one JSON object (level, target, fields with
+/// the message); an unknown format is refused at start, saying which there are.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let lake = tempfile::tempdir().unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let stderr = log.reopen().unwrap();
+    let (mut server, pg) = serve_with(|cmd| {
+        cmd.env("SLUICE_LAKE", lake.path())
+            .env("SLUICE_LOG_FORMAT", "json")
+            .env("SLUICE_LOG", "debug")
+            .stderr(stderr);
+    });
+    psql(
+        pg,
+        "CREATE SOURCE ticks (n BIGINT NOT NULL) WITH (connector = 'datagen', max_rows = '10', rows_per_second = '0');
+         CREATE STREAM all_ticks AS SELECT * FROM ticks",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    let _ = server.wait();
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() > 3, "{text}");
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line}"));
+        assert!(v["level"].is_string() && v["target"].is_string(), "{line}");
+        assert!(v["fields"]["message"].is_string(), "{line}");
+    }
+
+    let out = sluice()
+        .args(["serve", "--lake", lake.path().to_str().unwrap()])
+        .env("SLUICE_LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SLUICE_LOG_FORMAT=xml is not known: use `json` or `text`"), "{err}");
+}
