@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use arrow::array::AsArray;
+
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::Session;
@@ -41,6 +43,8 @@ pub const PARTITION_COLUMNS: [&str; 2] = ["dt", "hour"];
 pub struct AdHoc {
     ctx: SessionContext,
     lake: Lake,
+    /// Relations' comments (their `CREATE` statements) for `obj_description`.
+    comments: Arc<crate::pg_compat::Comments>,
 }
 
 impl std::fmt::Debug for AdHoc {
@@ -78,10 +82,50 @@ impl AdHoc {
         for f in crate::pg_compat::comment_functions() {
             ctx.register_udf(f);
         }
+        let comments: Arc<crate::pg_compat::Comments> = Arc::default();
+        ctx.register_udf(crate::pg_compat::obj_description_function(Arc::clone(
+            &comments,
+        )));
         ctx.register_udf(crate::pg_compat::version_function());
         ctx.register_udf(crate::pg_compat::to_regtype_function());
         ctx.register_udf(crate::pg_compat::pg_type_is_visible_function());
-        Self { ctx, lake }
+        ctx.register_udf(crate::pg_compat::pg_size_pretty_function());
+        for f in crate::pg_compat::relation_size_functions() {
+            ctx.register_udf(f);
+        }
+        Self {
+            ctx,
+            lake,
+            comments,
+        }
+    }
+
+    /// Sets the comment of relation `name` (a source's or stream's `CREATE` statement, which
+    /// `obj_description(oid, 'pg_class')` then answers), once it is registered.
+    pub async fn comment(&self, name: &str, comment: &str) {
+        self.comments.set(name, comment);
+        // The oid `pg_catalog` gives it (it keeps an oid once given).
+        let sql = "SELECT c.oid, c.relname FROM pg_catalog.pg_class c \
+                   JOIN pg_catalog.pg_namespace n ON c.relnamespace = n.oid \
+                   WHERE n.nspname = 'public'";
+        let found = async {
+            let batches = self.ctx.sql(sql).await?.collect().await?;
+            let mut pairs = vec![];
+            for b in batches {
+                let oids = arrow::compute::cast(b.column(0), &DataType::Int64)?;
+                let oids = oids.as_primitive::<arrow::datatypes::Int64Type>();
+                let names = arrow::compute::cast(b.column(1), &DataType::Utf8)?;
+                let names = names.as_string::<i32>();
+                for i in 0..b.num_rows() {
+                    pairs.push((oids.value(i), names.value(i).to_string()));
+                }
+            }
+            Ok::<_, DataFusionError>(pairs)
+        };
+        match found.await {
+            Ok(pairs) => self.comments.learn(pairs),
+            Err(e) => tracing::warn!(relation = name, "cannot read pg_class for comments: {e}"),
+        }
     }
 
     /// Makes stream `name` (rows of `schema`) queryable.
@@ -137,6 +181,7 @@ impl AdHoc {
 
     /// Forgets a source or stream.
     pub fn deregister(&self, name: &str) -> Result<()> {
+        self.comments.remove(name);
         self.ctx.deregister_table(TableReference::bare(name))?;
         Ok(())
     }

@@ -981,6 +981,10 @@ impl Sluice {
         sql: String,
         persist: bool,
     ) -> Result<()> {
+        if matches!(kind, ObjectKind::Source | ObjectKind::Stream) {
+            // psql's `\d+` and `\dt+` show it as the relation's description.
+            self.inner.adhoc.comment(name, &sql).await;
+        }
         state.entries.retain(|e| e.name != name);
         state.entries.push(Entry {
             kind: kind.to_string(),
@@ -1125,14 +1129,43 @@ impl Sluice {
             ("sinks", ObjectKind::Sink, show::sinks_schema()),
         ];
         for (name, kind, schema) in relations {
+            // What `SHOW` shows, and the statement that made each object.
+            let mut fields = schema.fields().to_vec();
+            fields.push(Arc::new(Field::new("sql", DataType::Utf8, true)));
+            let schema = Arc::new(Schema::new(fields));
             let weak = Arc::downgrade(&self.inner);
+            let with_sql = Arc::clone(&schema);
             let rows: crate::system::Rows = Arc::new(move || {
-                let weak = std::sync::Weak::clone(&weak);
+                let (weak, schema) = (std::sync::Weak::clone(&weak), Arc::clone(&with_sql));
                 Box::pin(async move {
                     let inner = weak.upgrade().ok_or_else(|| {
                         ServerError::Internal("the server is shutting down".into())
                     })?;
-                    Sluice { inner }.show(kind).await
+                    let sluice = Sluice { inner };
+                    let shown = sluice.show(kind).await?;
+                    let state = sluice.inner.state.lock().await;
+                    let names = shown
+                        .column(0)
+                        .as_any()
+                        .downcast_ref::<arrow::array::StringArray>()
+                        .ok_or_else(|| {
+                            ServerError::Internal("SHOW's first column is a name".into())
+                        })?;
+                    let sql: arrow::array::StringArray = names
+                        .iter()
+                        .map(|n| {
+                            let n = n?;
+                            state
+                                .entries
+                                .iter()
+                                .find(|e| e.name == n)
+                                .map(|e| e.sql.clone())
+                        })
+                        .collect();
+                    let mut columns = shown.columns().to_vec();
+                    columns.push(Arc::new(sql));
+                    RecordBatch::try_new(schema, columns)
+                        .map_err(|e| ServerError::Internal(e.to_string()))
                 })
             });
             self.inner

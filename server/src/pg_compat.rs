@@ -308,9 +308,137 @@ mod tests {
     }
 }
 
+/// Comments on relations, as `obj_description(oid, 'pg_class')` answers them (psql's
+/// `\d+`, `\dt+`): a source's or stream's comment is the statement that created it.
+#[derive(Debug, Default)]
+pub struct Comments {
+    /// Relation name → comment.
+    by_name: std::sync::RwLock<std::collections::HashMap<String, String>>,
+    /// `pg_class` oid → relation name, as learnt from the catalog ([`Comments::learn`]).
+    names: std::sync::RwLock<std::collections::HashMap<i64, String>>,
+}
+
+impl Comments {
+    /// Sets `name`'s comment.
+    pub fn set(&self, name: &str, comment: &str) {
+        write(&self.by_name).insert(name.to_string(), comment.to_string());
+    }
+
+    /// Forgets `name`'s comment.
+    pub fn remove(&self, name: &str) {
+        write(&self.by_name).remove(name);
+        write(&self.names).retain(|_, n| n != name);
+    }
+
+    /// Learns the oids `pg_class` gives relations: (oid, name) pairs.
+    pub fn learn(&self, pairs: impl IntoIterator<Item = (i64, String)>) {
+        let mut names = write(&self.names);
+        for (oid, name) in pairs {
+            names.insert(oid, name);
+        }
+    }
+
+    fn of(&self, oid: i64) -> Option<String> {
+        let name = read(&self.names).get(&oid)?.clone();
+        read(&self.by_name).get(&name).cloned()
+    }
+}
+
+fn read<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `obj_description(oid[, catalog])`: the comment of a relation (`pg_class`, the default
+/// catalog) from [`Comments`]; NULL for other objects and relations without one.
+#[derive(Debug)]
+struct ObjDescription {
+    comments: std::sync::Arc<Comments>,
+    signature: datafusion::logical_expr::Signature,
+}
+
+impl PartialEq for ObjDescription {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.comments, &other.comments)
+    }
+}
+
+impl Eq for ObjDescription {}
+
+impl std::hash::Hash for ObjDescription {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::sync::Arc::as_ptr(&self.comments).hash(state);
+    }
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for ObjDescription {
+    fn name(&self) -> &str {
+        "obj_description"
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(
+        &self,
+        _args: &[arrow::datatypes::DataType],
+    ) -> datafusion::error::Result<arrow::datatypes::DataType> {
+        Ok(arrow::datatypes::DataType::Utf8)
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: datafusion::logical_expr::ScalarFunctionArgs,
+    ) -> datafusion::error::Result<datafusion::logical_expr::ColumnarValue> {
+        use arrow::array::{Array, AsArray};
+        use datafusion::logical_expr::ColumnarValue;
+        let n = args.number_rows;
+        let mut arrays = ColumnarValue::values_to_arrays(&args.args)?.into_iter();
+        let oids = arrow::compute::cast(
+            &arrays.next().unwrap_or_else(|| {
+                arrow::array::new_null_array(&arrow::datatypes::DataType::Int64, n)
+            }),
+            &arrow::datatypes::DataType::Int64,
+        )?;
+        let oids = oids.as_primitive::<arrow::datatypes::Int64Type>();
+        let catalogs = arrays
+            .next()
+            .map(|c| arrow::compute::cast(&c, &arrow::datatypes::DataType::Utf8))
+            .transpose()?;
+        let out: arrow::array::StringArray = (0..oids.len())
+            .map(|i| {
+                let relation = catalogs.as_ref().is_none_or(|c| {
+                    let c = c.as_string::<i32>();
+                    c.is_valid(i) && c.value(i).eq_ignore_ascii_case("pg_class")
+                });
+                (relation && oids.is_valid(i))
+                    .then(|| self.comments.of(oids.value(i)))
+                    .flatten()
+            })
+            .collect();
+        Ok(ColumnarValue::Array(std::sync::Arc::new(out)))
+    }
+}
+
+/// `obj_description`, reading `comments`.
+pub fn obj_description_function(
+    comments: std::sync::Arc<Comments>,
+) -> datafusion::logical_expr::ScalarUDF {
+    datafusion::logical_expr::ScalarUDF::new_from_impl(ObjDescription {
+        comments,
+        signature: datafusion::logical_expr::Signature::variadic_any(
+            datafusion::logical_expr::Volatility::Stable,
+        ),
+    })
+}
+
 /// Postgres functions clients call that have nothing to say in Sluice: comments on
-/// objects and columns (`obj_description`, `col_description`, `shobj_description`) are
-/// NULL, as for an object without a comment.
+/// columns and shared objects (`col_description`, `shobj_description`) are NULL, as for an
+/// object without a comment.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct NoComment {
     name: &'static str,
@@ -343,10 +471,10 @@ impl datafusion::logical_expr::ScalarUDFImpl for NoComment {
     }
 }
 
-/// `obj_description`, `col_description` and `shobj_description`, which answer NULL (no
+/// `col_description` and `shobj_description`, which answer NULL (no column or shared
 /// object in Sluice has a comment), to register on a context.
 pub fn comment_functions() -> Vec<datafusion::logical_expr::ScalarUDF> {
-    ["obj_description", "col_description", "shobj_description"]
+    ["col_description", "shobj_description"]
         .into_iter()
         .map(|name| {
             datafusion::logical_expr::ScalarUDF::new_from_impl(NoComment {
@@ -460,4 +588,89 @@ pub fn pg_type_is_visible_function() -> datafusion::logical_expr::ScalarUDF {
             Ok(ColumnarValue::Array(std::sync::Arc::new(visible)))
         }),
     )
+}
+
+/// `pg_size_pretty(bigint)`: a size in bytes as Postgres writes it (`8192 bytes`, `16 kB`,
+/// `3 MB`: below ten units stay in the smaller unit, halves round away from zero).
+pub fn pg_size_pretty_function() -> datafusion::logical_expr::ScalarUDF {
+    use arrow::array::{Array, AsArray, StringArray};
+    use datafusion::logical_expr::ColumnarValue;
+    datafusion::logical_expr::create_udf(
+        "pg_size_pretty",
+        vec![arrow::datatypes::DataType::Int64],
+        arrow::datatypes::DataType::Utf8,
+        datafusion::logical_expr::Volatility::Immutable,
+        std::sync::Arc::new(|args: &[ColumnarValue]| {
+            let sizes = args[0].to_array(1)?;
+            let sizes = sizes.as_primitive::<arrow::datatypes::Int64Type>();
+            let out: StringArray = (0..sizes.len())
+                .map(|i| sizes.is_valid(i).then(|| size_pretty(sizes.value(i))))
+                .collect();
+            Ok(ColumnarValue::Array(std::sync::Arc::new(out)))
+        }),
+    )
+}
+
+/// Postgres' `pg_size_pretty` of `size` bytes.
+fn size_pretty(size: i64) -> String {
+    const LIMIT: i64 = 10 * 1024;
+    const LIMIT2: i64 = LIMIT * 2 - 1;
+    let half_rounded = |x: i64| (x + if x < 0 { -1 } else { 1 }) / 2;
+    if size.abs() < LIMIT {
+        return format!("{size} bytes");
+    }
+    // One extra bit is kept for the rounding.
+    let mut s = size >> 9;
+    for unit in ["kB", "MB", "GB", "TB"] {
+        if s.abs() < LIMIT2 {
+            return format!("{} {unit}", half_rounded(s));
+        }
+        s >>= 10;
+    }
+    format!("{} PB", half_rounded(s))
+}
+
+/// `pg_table_size(oid)` and `pg_total_relation_size(oid)`: NULL — a stream's size is the
+/// size of its files in the lake, which this does not list (psql's `\dt+` shows no size).
+pub fn relation_size_functions() -> Vec<datafusion::logical_expr::ScalarUDF> {
+    use datafusion::logical_expr::ColumnarValue;
+    [
+        "pg_table_size",
+        "pg_total_relation_size",
+        "pg_relation_size",
+    ]
+    .into_iter()
+    .map(|name| {
+        datafusion::logical_expr::create_udf(
+            name,
+            vec![arrow::datatypes::DataType::Int64],
+            arrow::datatypes::DataType::Int64,
+            datafusion::logical_expr::Volatility::Stable,
+            std::sync::Arc::new(|_args: &[ColumnarValue]| {
+                Ok(ColumnarValue::Scalar(
+                    datafusion::common::ScalarValue::Int64(None),
+                ))
+            }),
+        )
+    })
+    .collect()
+}
+
+#[cfg(test)]
+mod size_tests {
+    #[test]
+    fn sizes_read_as_postgres_writes_them() {
+        for (size, text) in [
+            (0, "0 bytes"),
+            (10239, "10239 bytes"),
+            (10240, "10 kB"),
+            (10_484_735, "10239 kB"),
+            (10_485_759, "10 MB"),
+            (10_485_760, "10 MB"),
+            (1_610_612_736, "1536 MB"),
+            (-20_480, "-20 kB"),
+        ] {
+            assert_eq!(super::size_pretty(size), text, "{size}");
+        }
+    }
 }

@@ -216,5 +216,8 @@ fn json_logs_are_one_object_per_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("SLUICE_LOG_FORMAT=xml is not known: use `json` or `text`"), "{err}");
+    assert!(
+        err.contains("SLUICE_LOG_FORMAT=xml is not known: use `json` or `text`"),
+        "{err}"
+    );
 }

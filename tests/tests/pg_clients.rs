@@ -507,3 +507,45 @@ async fn random_and_truncated_protocol_messages_close_only_their_connection() {
     assert_eq!(scalar(&after, "SELECT 3").await, 3);
     server.shutdown().await;
 }
+
+/// A source's and a stream's description (psql's `\d+`, `\dt+`, `obj_description`) is the
+/// statement that created it; `sluice.sources/streams/sinks` carry it in `sql` (sinks are no
+/// relations, so that is where theirs is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relations_are_described_by_the_statements_that_made_them() {
+    let lake = tempfile::tempdir().unwrap();
+    let (server, pg) = server_with_clicks(lake.path()).await;
+    let described = |relation: &'static str| {
+        let pg = &pg;
+        async move {
+            let row = pg
+                .query_one(
+                    "SELECT obj_description(c.oid, 'pg_class') FROM pg_catalog.pg_class c WHERE c.relname = $1",
+                    &[&relation],
+                )
+                .await
+                .unwrap();
+            row.get::<_, Option<String>>(0).unwrap_or_default()
+        }
+    };
+    let source = described("clicks").await;
+    assert!(source.starts_with("CREATE SOURCE clicks"), "{source}");
+    assert!(source.contains("'datagen'"), "{source}");
+    let stream = described("clicks_all").await;
+    assert!(stream.starts_with("CREATE STREAM clicks_all"), "{stream}");
+    // psql shows it.
+    let out = sluice_tests::psql(server.pg_addr, "\\dt+ clicks_all");
+    assert!(out.contains("CREATE STREAM clicks_all"), "{out}");
+    for (relation, name) in [("sources", "clicks"), ("streams", "clicks_all")] {
+        let sql: String = pg
+            .query_one(
+                &format!("SELECT sql FROM sluice.{relation} WHERE name = $1"),
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(sql.starts_with("CREATE"), "{relation}: {sql}");
+    }
+    drop(server);
+}
