@@ -1333,7 +1333,16 @@ fn set_variable(adhoc: &AdHoc, set: &Set, session: &Session) -> Result<Outcome> 
     if name == "statement_timeout" {
         session.set_statement_timeout(parse_timeout(&value)?);
     } else if !name.starts_with("datafusion.") {
-        // Drivers' connect-time settings: kept for SHOW, not acted on.
+        // Drivers' connect-time settings: kept for SHOW, not acted on. One Sluice does not
+        // know is taken too (drivers send their own), with a notice saying so.
+        if !crate::session::SERVER_SETTINGS
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case(&name))
+        {
+            session.notice(format!(
+                "setting \"{name}\" is not known to Sluice: accepted, with no effect"
+            ));
+        }
         session.set_setting(name, value);
     } else {
         // Checked on a copy of the shared options: an unknown name or a bad value is an

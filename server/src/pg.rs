@@ -376,6 +376,25 @@ impl NoopStartupHandler for PgHandler {
     }
 }
 
+/// Sends the notices the statement left in `client`'s session, before its result.
+async fn send_notices<C>(client: &mut C) -> PgWireResult<()>
+where
+    C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    for message in PgHandler::session(client).take_notices() {
+        let info = ErrorInfo::new("NOTICE".into(), "00000".into(), message);
+        futures::SinkExt::feed(
+            client,
+            PgWireBackendMessage::NoticeResponse(pgwire::messages::response::NoticeResponse::from(
+                info,
+            )),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl SimpleQueryHandler for PgHandler {
     async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
@@ -385,8 +404,9 @@ impl SimpleQueryHandler for PgHandler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        self.run(client, query, None)
-            .await
+        let results = self.run(client, query, None).await;
+        send_notices(client).await?;
+        results
             .into_iter()
             .map(|r| to_response(r, &Format::UnifiedText))
             .collect()
@@ -473,6 +493,7 @@ impl ExtendedQueryHandler for PgHandler {
             None
         };
         let mut results = self.run(client, &prepared.sql, params).await;
+        send_notices(client).await?;
         match results.len() {
             0 => Ok(Response::EmptyQuery),
             1 => to_response(results.remove(0), &portal.result_column_format),

@@ -62,6 +62,8 @@ pub struct Session {
     settings: Mutex<BTreeMap<String, String>>,
     /// The limits of the statement running now (none outside a client's statement).
     current: Mutex<Option<Guard>>,
+    /// Notices for the client, sent before the statement's result.
+    notices: Mutex<Vec<String>>,
 }
 
 /// Why a statement stopped early.
@@ -102,6 +104,16 @@ impl Session {
     /// Records a `datafusion.*` option (already checked).
     pub fn set_option(&self, name: String, value: String) {
         lock(&self.options).insert(name, value);
+    }
+
+    /// Notes a notice for the client (`NOTICE`, SQLSTATE 00000).
+    pub fn notice(&self, message: String) {
+        lock(&self.notices).push(message);
+    }
+
+    /// The notices noted since the last call.
+    pub fn take_notices(&self) -> Vec<String> {
+        std::mem::take(&mut *lock(&self.notices))
     }
 
     /// Records a `SET` of a Postgres setting Sluice takes without acting on it.

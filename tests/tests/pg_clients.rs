@@ -549,3 +549,48 @@ async fn relations_are_described_by_the_statements_that_made_them() {
     }
     drop(server);
 }
+
+/// A `SET` of a setting Sluice does not know (drivers send their own) is accepted with a
+/// notice, not an error; the settings drivers send on connect pass silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_settings_are_accepted_with_a_notice() {
+    let lake = tempfile::tempdir().unwrap();
+    let server = start_server(lake.path()).await;
+    let addr = server.pg_addr;
+    let out = Command::new("psql")
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(addr.ip().to_string())
+        .args(["-p", &addr.port().to_string(), "-U", "sluice", "sluice"])
+        .args([
+            "-c",
+            "SET lock_timeout = '5s'",
+            "-c",
+            "SET application_name = 'x'",
+            "-c",
+            "SHOW lock_timeout",
+        ])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("NOTICE:").count(),
+        1,
+        "one notice, for lock_timeout only: {stderr}"
+    );
+    assert!(
+        stderr
+            .contains("setting \"lock_timeout\" is not known to Sluice: accepted, with no effect"),
+        "{stderr}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().last(),
+        Some("5s"),
+        "SHOW gives it back"
+    );
+    server.shutdown().await;
+}
