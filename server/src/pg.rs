@@ -33,7 +33,7 @@ use pgwire::messages::cancel::CancelRequest;
 use pgwire::messages::copy::CopyData;
 use pgwire::messages::data::DataRow;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::connections::Limit;
 use crate::copy::CopyFormat;
@@ -81,6 +81,9 @@ pub struct PgHandler {
     statement_timeout: Duration,
     /// Set once this connection's startup completed (one handler per connection).
     started: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Where this connection's session is left at startup, for the task that notices the
+    /// client hanging up (one handler per connection).
+    session_slot: Option<Arc<std::sync::OnceLock<std::sync::Weak<Session>>>>,
 }
 
 impl PgHandler {
@@ -92,6 +95,7 @@ impl PgHandler {
             sessions: Arc::default(),
             statement_timeout,
             started: None,
+            session_slot: None,
         }
     }
 
@@ -143,11 +147,22 @@ pub async fn serve(
                     continue;
                 };
                 let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let slot: Arc<std::sync::OnceLock<std::sync::Weak<Session>>> = Arc::default();
                 let mut handler = base.clone();
                 handler.started = Some(Arc::clone(&started));
+                handler.session_slot = Some(Arc::clone(&slot));
                 let handlers = Arc::new(Handlers(Arc::new(handler)));
+                let (socket, peer_end) = match watchable(socket) {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "pg: cannot set the connection up");
+                        continue;
+                    }
+                };
                 tokio::spawn(async move {
                     let connection = pgwire::tokio::process_socket(socket, None, handlers);
+                    // Ends with the connection (and with it the second handle on the socket).
+                    let hangup = watch_for_hangup(peer_end, slot);
                     let startup_deadline = async {
                         tokio::time::sleep(startup_timeout).await;
                         if started.load(std::sync::atomic::Ordering::Relaxed) {
@@ -155,6 +170,7 @@ pub async fn serve(
                         }
                     };
                     tokio::select! {
+                        () = hangup => unreachable!("waits for the connection to end"),
                         r = connection => if let Err(e) = r {
                             tracing::debug!(%peer, error = %e, "pg connection closed with an error");
                         },
@@ -172,6 +188,36 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// `socket`, and a second handle on it with which [`watch_for_hangup`] sees the client go.
+fn watchable(socket: TcpStream) -> std::io::Result<(TcpStream, TcpStream)> {
+    let std = socket.into_std()?;
+    let second = std.try_clone()?;
+    Ok((TcpStream::from_std(std)?, TcpStream::from_std(second)?))
+}
+
+/// Notices the client hanging up (its end closed, no CancelRequest sent) and stops the
+/// statement its session runs: pgwire reads the socket only between statements, so a query
+/// whose client is gone would otherwise run on to its end. Peeks, never reads; pending
+/// forever once the client is gone (the connection ends it).
+async fn watch_for_hangup(
+    peer: TcpStream,
+    session: Arc<std::sync::OnceLock<std::sync::Weak<Session>>>,
+) {
+    let mut byte = [0u8; 1];
+    loop {
+        match peer.peek(&mut byte).await {
+            Ok(0) | Err(_) => break,
+            // The client sent more (pgwire reads it in turn): look again in a moment.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    if let Some(s) = session.get().and_then(std::sync::Weak::upgrade) {
+        tracing::debug!("pg: the client hung up; its statement is stopped");
+        s.cancel();
+    }
+    std::future::pending::<()>().await;
 }
 
 struct Handlers(Arc<PgHandler>);
@@ -352,6 +398,9 @@ impl NoopStartupHandler for PgHandler {
         let session = Self::session(client);
         let (pid, key) = client.pid_and_secret_key();
         self.sessions.register(pid, key, &session);
+        if let Some(slot) = &self.session_slot {
+            let _ = slot.set(Arc::downgrade(&session));
+        }
         if let Some(started) = &self.started {
             started.store(true, std::sync::atomic::Ordering::Relaxed);
         }

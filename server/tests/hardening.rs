@@ -683,3 +683,61 @@ fn a_query_over_the_memory_limit_fails_alone() {
     assert!(err.contains("53200"), "{err}");
     alive(port);
 }
+
+/// GETs `path`; the response body.
+fn get(port: u16, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    s.read_to_end(&mut response).unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// The server's CPU time so far, from its own `/metrics`.
+fn cpu_seconds(http: u16) -> f64 {
+    get(http, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
+        .expect("process_cpu_seconds_total is exported")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A client that disappears in the middle of a query (killed: it sends no CancelRequest)
+/// leaves no work running: the server's CPU time stops growing.
+#[test]
+fn a_client_that_disappears_mid_query_leaves_no_work_running() {
+    let lake = tempfile::tempdir().unwrap();
+    let (_server, port, http) = serve(lake.path());
+    let mut child = psql_command(port)
+        .args(["-c", ENDLESS])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let busy = cpu_seconds(http);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        cpu_seconds(http) - busy > 0.5,
+        "the query runs (the test's premise)"
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = cpu_seconds(http);
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = cpu_seconds(http) - after;
+    assert!(
+        idle < 0.5,
+        "{idle} s of CPU in 2 s after the client went away"
+    );
+    alive(port);
+}

@@ -899,12 +899,12 @@ fn consume_finals(shared: &Shared, used: &[(String, Participant)]) {
     }
 }
 
-/// Writes epoch `f.epoch`'s state files and manifest, then publishes its staged files (and
-/// those `carried` from aborted epochs). Idempotent: a failed attempt can be repeated with
-/// the same reports. Returns the final reports it used (see [`consume_finals`]).
 /// How many checkpoint durations are kept for [`Coordinator::take_durations`] between calls.
 pub const MAX_PENDING_DURATIONS: usize = 4096;
 
+/// Writes epoch `f.epoch`'s state files and manifest, then publishes its staged files (and
+/// those `carried` from aborted epochs). Idempotent: a failed attempt can be repeated with
+/// the same reports. Returns the final reports it used (see [`consume_finals`]).
 async fn commit(
     shared: &Shared,
     f: &InFlight,
