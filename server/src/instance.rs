@@ -92,6 +92,7 @@ impl Described {
     /// shape matters here).
     pub async fn query(adhoc: &AdHoc, mut stmt: DFStatement) -> Result<Self> {
         let names = crate::pg_compat::column_names(&stmt);
+        crate::pg_compat::alias_duplicate_names(&mut stmt);
         crate::pg_compat::inline_settings(&mut stmt, |n| Session::default().setting(n))?;
         let plan = adhoc.plan(stmt, &Default::default()).await?;
         Self::of(&plan, names.as_deref())
@@ -1235,6 +1236,7 @@ pub(crate) async fn run_adhoc(
     let options = session.options();
     let names = crate::pg_compat::column_names(&stmt);
     let mut stmt = stmt;
+    crate::pg_compat::alias_duplicate_names(&mut stmt);
     crate::pg_compat::inline_settings(&mut stmt, |name| session.setting(name))?;
     let start = async {
         let mut plan = adhoc.plan(stmt, &options).await?;

@@ -201,6 +201,56 @@ pub fn column_names(stmt: &DFStatement) -> Option<Vec<String>> {
     }
 }
 
+/// Renames each select-list item whose Postgres name an earlier item of its select list
+/// has too (`SELECT version(), pg_catalog.version()`, `SELECT 1, 1`): DataFusion refuses two
+/// columns of one name, Postgres does not. Call after [`column_names`], which keeps the
+/// Postgres names for the wire.
+pub fn alias_duplicate_names(stmt: &mut DFStatement) {
+    use datafusion::sql::sqlparser::ast::{Ident, SelectItem, SetExpr, Statement};
+    fn body(e: &mut SetExpr) {
+        match e {
+            SetExpr::Select(s) => {
+                let names: Vec<Option<String>> = s
+                    .projection
+                    .iter()
+                    .map(|item| match item {
+                        SelectItem::UnnamedExpr(e) => Some(expr_name(e)),
+                        SelectItem::ExprWithAlias { alias, .. } => Some(alias.value.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                for (i, item) in s.projection.iter_mut().enumerate() {
+                    let Some(name) = &names[i] else { continue };
+                    if !names[..i].iter().any(|n| n.as_ref() == Some(name)) {
+                        continue; // the first of its name keeps it
+                    }
+                    let expr = match &*item {
+                        SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                            e.clone()
+                        }
+                        _ => continue,
+                    };
+                    *item = SelectItem::ExprWithAlias {
+                        expr,
+                        alias: Ident::with_quote('"', format!("{name} #{}", i + 1)),
+                    };
+                }
+            }
+            SetExpr::Query(q) => body(&mut q.body),
+            SetExpr::SetOperation { left, right, .. } => {
+                body(left);
+                body(right);
+            }
+            _ => {}
+        }
+    }
+    if let DFStatement::Statement(s) = stmt
+        && let Statement::Query(q) = s.as_mut()
+    {
+        body(&mut q.body);
+    }
+}
+
 fn expr_name(e: &datafusion::sql::sqlparser::ast::Expr) -> String {
     use datafusion::sql::sqlparser::ast::{DataType, Expr};
     const UNNAMED: &str = "?column?";

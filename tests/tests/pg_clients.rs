@@ -594,3 +594,40 @@ async fn unknown_settings_are_accepted_with_a_notice() {
     );
     server.shutdown().await;
 }
+
+/// Columns of one name are allowed, as in Postgres (`SELECT version(), pg_catalog.version()`,
+/// `SELECT 1, 1`), and keep Postgres' names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_select_list_may_repeat_a_column_name() {
+    let lake = tempfile::tempdir().unwrap();
+    let (server, pg) = server_with_clicks(lake.path()).await;
+    for (sql, names) in [
+        (
+            "SELECT version(), pg_catalog.version()",
+            vec!["version", "version"],
+        ),
+        ("SELECT 1, 1", vec!["?column?", "?column?"]),
+        (
+            "SELECT count(*), count(*), max(user_id) AS count FROM clicks_all",
+            vec!["count", "count", "count"],
+        ),
+    ] {
+        // Both protocols: the extended one describes the statement first.
+        let rows = pg
+            .query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let got: Vec<&str> = rows[0].columns().iter().map(|c| c.name()).collect();
+        assert_eq!(got, names, "{sql}");
+        pg.simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let rows = pg
+        .query("SELECT count(*), count(*) FROM clicks_all", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, i64>(0), 500);
+    assert_eq!(rows[0].get::<_, i64>(1), 500);
+    drop(server);
+}
