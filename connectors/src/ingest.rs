@@ -57,6 +57,41 @@ pub trait Received {
     }
 }
 
+/// Numbered lines of one request or file, from a source with one split (an HTTP body's
+/// records, a landed file's lines): `(line number, record)` pairs; `origin` names the
+/// request or file in the errors zone ("… line n").
+#[derive(Debug)]
+pub struct Lines<'a> {
+    /// The records and their line numbers.
+    pub records: &'a [(usize, &'a [u8])],
+    /// The request or file they came from.
+    pub origin: &'a str,
+}
+
+impl Received for Lines<'_> {
+    type Split = crate::split_clock::OneSplit;
+
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    fn value(&self, i: usize) -> Option<&[u8]> {
+        Some(self.records[i].1)
+    }
+
+    fn split(&self, _: usize) -> &crate::split_clock::OneSplit {
+        &crate::split_clock::OneSplit
+    }
+
+    fn splits(&self) -> Vec<crate::split_clock::OneSplit> {
+        vec![crate::split_clock::OneSplit]
+    }
+
+    fn origin(&self, i: usize) -> String {
+        format!("{} line {}", self.origin, self.records[i].0)
+    }
+}
+
 /// Where a reader's rejected records go.
 #[derive(Debug)]
 pub enum Rejects {

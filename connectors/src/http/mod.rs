@@ -42,7 +42,7 @@ use sluice_engine::{SourceContext, WithOptions};
 
 use crate::error::{ConnectorError, Result};
 use crate::formats::{RecordFormat, bad_record, take_format};
-use crate::ingest::{Ingest, Rejects};
+use crate::ingest::{Ingest, Lines, Rejects};
 use crate::lake::{Lake, MICROS_PER_HOUR, RecordZone, Zone};
 use crate::split_clock::{ClockState, OneSplit, resend_watermark};
 
@@ -192,7 +192,7 @@ impl HttpIngest {
             let is_array = body.trim_ascii_start().starts_with(b"[");
             // Records that failed went to the errors zone when the request came.
             if let Ok(records) = split_records(&body, is_array) {
-                let received = Body {
+                let received = Lines {
                     records: &records,
                     origin: "",
                 };
@@ -340,7 +340,7 @@ impl HttpIngest {
                 return Err(IngestError::Malformed(reason));
             }
         };
-        let received = Body {
+        let received = Lines {
             records: &records,
             origin,
         };
@@ -379,37 +379,6 @@ fn clock_at(position: &serde_json::Value) -> Option<ClockState> {
             .collect(),
         emitted: micros("watermark"),
     })
-}
-
-/// One body's records (`(line number, record)`) as the ingest stage sees them.
-struct Body<'a> {
-    records: &'a [(usize, &'a [u8])],
-    /// The request, for the errors zone.
-    origin: &'a str,
-}
-
-impl crate::ingest::Received for Body<'_> {
-    type Split = OneSplit;
-
-    fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    fn value(&self, i: usize) -> Option<&[u8]> {
-        Some(self.records[i].1)
-    }
-
-    fn split(&self, _: usize) -> &OneSplit {
-        &OneSplit
-    }
-
-    fn splits(&self) -> Vec<OneSplit> {
-        vec![OneSplit]
-    }
-
-    fn origin(&self, i: usize) -> String {
-        format!("{} line {}", self.origin, self.records[i].0)
-    }
 }
 
 /// Splits a body into `(line number, record)` pairs: non-blank lines of NDJSON, or the

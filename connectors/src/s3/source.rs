@@ -21,7 +21,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use super::{FileFormat, LandedObject, LandingConfig, created_objects};
 use crate::formats::csv::CsvDecoder;
 use crate::formats::{Decoder, RecordFormat};
-use crate::ingest::{Ingest, Rejects};
+use crate::ingest::{Ingest, Lines, Rejects};
 use crate::lake::{Lake, RecordZone, Zone, unique_file_name};
 use crate::split_clock::{ClockState, OneSplit, resend_watermark};
 use sluice_engine::checkpoint::{ReaderCheckpoint, StagedFile};
@@ -322,8 +322,8 @@ impl LandingReader {
         };
         // CSV: columns by the names in the header line.
         let mut header_read = self.config.format != FileFormat::Csv;
-        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(self.config.batch_size);
-        let mut first_line = 1; // line number of batch[0]
+        // (line number, line): blank lines are skipped, so the numbers are kept.
+        let mut batch: Vec<(usize, Vec<u8>)> = Vec::with_capacity(self.config.batch_size);
         let mut line_no = 0;
         loop {
             let mut line = Vec::new();
@@ -346,39 +346,33 @@ impl LandingReader {
                     .map_err(ObjectError::Unreadable)?;
                 ing.ingest.set_decoder(Decoder::Csv(csv));
                 header_read = true;
-                first_line = line_no + 1;
                 continue;
             }
             if line.iter().all(u8::is_ascii_whitespace) {
-                if batch.is_empty() {
-                    first_line = line_no + 1;
-                }
                 continue; // blank lines carry nothing
             }
-            batch.push(line);
+            batch.push((line_no, line));
             if batch.len() >= self.config.batch_size {
-                self.publish_lines(ing, &batch, first_line, origin).await?;
+                self.publish_lines(ing, &batch, origin).await?;
                 batch.clear();
-                first_line = line_no + 1;
             }
         }
         if !batch.is_empty() {
-            self.publish_lines(ing, &batch, first_line, origin).await?;
+            self.publish_lines(ing, &batch, origin).await?;
         }
         Ok(())
     }
 
-    /// Takes lines (`first_line` is the number of the first) through the ingest stage.
+    /// Takes numbered lines through the ingest stage.
     async fn publish_lines(
         &self,
         ing: &mut Ingestion<'_>,
-        lines: &[Vec<u8>],
-        first_line: usize,
+        lines: &[(usize, Vec<u8>)],
         origin: &str,
     ) -> Result<(), ObjectError> {
+        let records: Vec<(usize, &[u8])> = lines.iter().map(|(n, l)| (*n, l.as_slice())).collect();
         let received = Lines {
-            lines,
-            first_line,
+            records: &records,
             origin,
         };
         ing.ingest.ingest(ing.ctx, &received).await?;
@@ -471,37 +465,6 @@ impl AsyncFileReader for ObjectFile {
                 .await?;
             Ok(Arc::new(metadata))
         })
-    }
-}
-
-/// Lines of one object as the ingest stage sees them.
-struct Lines<'a> {
-    lines: &'a [Vec<u8>],
-    first_line: usize,
-    origin: &'a str,
-}
-
-impl crate::ingest::Received for Lines<'_> {
-    type Split = OneSplit;
-
-    fn len(&self) -> usize {
-        self.lines.len()
-    }
-
-    fn value(&self, i: usize) -> Option<&[u8]> {
-        Some(&self.lines[i])
-    }
-
-    fn split(&self, _: usize) -> &OneSplit {
-        &OneSplit
-    }
-
-    fn splits(&self) -> Vec<OneSplit> {
-        vec![OneSplit]
-    }
-
-    fn origin(&self, i: usize) -> String {
-        format!("{} line {}", self.origin, self.first_line + i)
     }
 }
 
