@@ -161,14 +161,22 @@ async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let response = ingest_events(sluice, &name, headers, body).await;
-    let code = response.status();
-    let source = if code == StatusCode::NOT_FOUND {
-        String::new()
-    } else {
-        name.to_lowercase()
+    let response = ingest_events(sluice.clone(), &name, headers, body).await;
+    // Only names of this server's sources label a series (a standby knows none).
+    let exists = |n: &str| {
+        matches!(
+            sluice.push_source(n),
+            Ok(Some(_)) | Err(IngestRefusal::Conflict(_))
+        )
     };
-    exporter.http.count(&source, code.as_u16());
+    let source = if exists(&name) {
+        name.clone()
+    } else if exists(&name.to_lowercase()) {
+        name.to_lowercase()
+    } else {
+        String::new()
+    };
+    exporter.http.count(&source, response.status().as_u16());
     response
 }
 
