@@ -631,7 +631,14 @@ pub fn pg_type_is_visible_function() -> datafusion::logical_expr::ScalarUDF {
         arrow::datatypes::DataType::Boolean,
         datafusion::logical_expr::Volatility::Stable,
         std::sync::Arc::new(|args: &[ColumnarValue]| {
-            let oids = args[0].to_array(1)?;
+            let oids = match &args[0] {
+                ColumnarValue::Scalar(v) => {
+                    return Ok(ColumnarValue::Scalar(
+                        datafusion::common::ScalarValue::Boolean((!v.is_null()).then_some(true)),
+                    ));
+                }
+                ColumnarValue::Array(a) => a,
+            };
             let visible: BooleanArray = (0..oids.len())
                 .map(|i| (!oids.is_null(i)).then_some(true))
                 .collect();
@@ -651,7 +658,20 @@ pub fn pg_size_pretty_function() -> datafusion::logical_expr::ScalarUDF {
         arrow::datatypes::DataType::Utf8,
         datafusion::logical_expr::Volatility::Immutable,
         std::sync::Arc::new(|args: &[ColumnarValue]| {
-            let sizes = args[0].to_array(1)?;
+            use datafusion::common::ScalarValue;
+            let sizes = match &args[0] {
+                // A constant (`pg_table_size` answers one): one answer for every row.
+                ColumnarValue::Scalar(v) => {
+                    let size = match v.cast_to(&arrow::datatypes::DataType::Int64)? {
+                        ScalarValue::Int64(n) => n,
+                        _ => None,
+                    };
+                    return Ok(ColumnarValue::Scalar(ScalarValue::Utf8(
+                        size.map(size_pretty),
+                    )));
+                }
+                ColumnarValue::Array(a) => a,
+            };
             let sizes = sizes.as_primitive::<arrow::datatypes::Int64Type>();
             let out: StringArray = (0..sizes.len())
                 .map(|i| sizes.is_valid(i).then(|| size_pretty(sizes.value(i))))

@@ -533,9 +533,22 @@ async fn relations_are_described_by_the_statements_that_made_them() {
     assert!(source.contains("'datagen'"), "{source}");
     let stream = described("clicks_all").await;
     assert!(stream.starts_with("CREATE STREAM clicks_all"), "{stream}");
-    // psql shows it.
+    // psql shows it, for one relation and for all.
     let out = sluice_tests::psql(server.pg_addr, "\\dt+ clicks_all");
     assert!(out.contains("CREATE STREAM clicks_all"), "{out}");
+    let out = sluice_tests::psql(server.pg_addr, "\\dt+");
+    assert!(
+        out.contains("CREATE STREAM clicks_all") && out.contains("CREATE SOURCE clicks"),
+        "{out}"
+    );
+    let out = sluice_tests::psql(
+        server.pg_addr,
+        "SELECT relname, pg_size_pretty(pg_table_size(oid)), pg_size_pretty(8192::bigint) FROM pg_catalog.pg_class WHERE relnamespace = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'public') ORDER BY relname",
+    );
+    assert!(
+        out.contains("clicks||8192 bytes") && out.contains("clicks_all||8192 bytes"),
+        "{out}"
+    );
     for (relation, name) in [("sources", "clicks"), ("streams", "clicks_all")] {
         let sql: String = pg
             .query_one(
