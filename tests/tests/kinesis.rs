@@ -554,3 +554,111 @@ async fn three_streams_of_one_source_read_each_shard_once() {
     );
     server.shutdown().await;
 }
+
+/// A stream's shards are its splits: two readers of one source, each opened for one shard,
+/// read disjoint records (each only its shard's) that together are the stream, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_opened_for_one_shard_each_read_the_stream_once_between_them() {
+    use std::sync::{Arc, Mutex};
+
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+    use sluice_engine::connector::{SourceFeed, Splits};
+    use sluice_engine::{FanOut, Message, SourceContext};
+
+    let client = kinesis_client();
+    let input = format!("split-readers-{}", std::process::id());
+    create_stream(&client, &input, 2).await;
+    put_shipments(&client, &input, 0..120).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let lake = sluice_connectors::lake::Lake::open(dir.path().to_str().unwrap()).unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("seq", DataType::Int64, false),
+        Field::new("_kinesis_shard_id", DataType::Utf8, false),
+    ]));
+    let endpoint = kinesis_endpoint();
+    let options = [
+        ("connector", "kinesis"),
+        ("stream", input.as_str()),
+        ("endpoint", endpoint.as_str()),
+        ("poll_interval", "100 ms"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let spec = sluice_connectors::registry(&lake)
+        .source(
+            sluice_engine::WithOptions::new("source `shipments`", options),
+            &schema,
+        )
+        .unwrap();
+    let shards = spec.splits().await.unwrap();
+    assert_eq!(shards.len(), 2, "{shards:?}");
+
+    let (bad, _bad_rx) = tokio::sync::mpsc::channel(16);
+    let read: Arc<Mutex<Vec<(i64, String, String)>>> = Arc::default(); // (seq, shard, reader)
+    let mut cancels = vec![];
+    for shard in &shards {
+        let context = |output: FanOut| SourceContext {
+            output,
+            metrics: Arc::default(),
+            bad_records: bad.clone(),
+            cancel: tokio_util::sync::CancellationToken::new(),
+            watermark: None,
+            checkpoint: None,
+        };
+        let SourceFeed::Shared { reader, .. } = spec
+            .open_splits(
+                "shipments",
+                Arc::clone(&schema),
+                context(FanOut::new("shipments")),
+                &Splits::only([shard.clone()]),
+            )
+            .unwrap()
+        else {
+            panic!("a kinesis source has a shared reader")
+        };
+        let output = FanOut::new("shipments");
+        let mut rx = output.subscribe(64);
+        let ctx = context(output);
+        cancels.push(ctx.cancel.clone());
+        tokio::spawn(reader.run(ctx));
+        let (read, shard) = (Arc::clone(&read), shard.clone());
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if let Message::Data(b) = m {
+                    let seqs = b.column(0).as_primitive::<Int64Type>();
+                    let ids = b.column(1).as_string::<i32>();
+                    let mut read = read.lock().unwrap();
+                    for i in 0..b.num_rows() {
+                        assert!(seqs.is_valid(i));
+                        read.push((seqs.value(i), ids.value(i).to_string(), shard.clone()));
+                    }
+                }
+            }
+        });
+    }
+    wait_for("both shards read", Duration::from_secs(60), || async {
+        (read.lock().unwrap().len() >= 120).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // nothing more comes
+    for c in cancels {
+        c.cancel();
+    }
+    let read = read.lock().unwrap().clone();
+    assert_eq!(read.len(), 120, "every record once");
+    let seqs: BTreeSet<i64> = read.iter().map(|(s, _, _)| *s).collect();
+    assert_eq!(seqs, (0..120).collect(), "every record once");
+    for (seq, shard, reader) in &read {
+        assert_eq!(
+            shard, reader,
+            "record {seq} read by the reader of another shard"
+        );
+    }
+    for shard in &shards {
+        assert!(
+            read.iter().any(|(_, s, _)| s == shard),
+            "shard {shard} had records (12 keys over 2 shards)"
+        );
+    }
+}
