@@ -98,8 +98,9 @@ pub trait SourceSpec: Send + Sync + std::fmt::Debug {
 
     /// How source `name`, producing `schema`, feeds streams from `splits`. `ctx` is the
     /// source's context (its hub, counters, errors channel, cancellation); a push source
-    /// keeps it, readers get theirs when they run. Fails when `splits` names none of the
-    /// source's.
+    /// keeps it, readers get theirs when they run. When `splits` names none of the
+    /// source's, it fails here if the splits are known without asking the service (a source
+    /// with one split), else its reader fails when it starts, listing the splits there are.
     fn open_splits(
         &self,
         name: &str,
