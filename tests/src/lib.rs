@@ -350,3 +350,19 @@ pub fn connectors() -> sluice_engine::connector::ConnectorRegistry {
         .expect("a scratch lake");
     sluice_connectors::registry(&lake)
 }
+
+/// What a source reader run directly by a test is given: it publishes to `output`, without a
+/// watermark or checkpoints; its bad records are drained (they are counted in its metrics).
+/// Call inside a tokio runtime.
+pub fn source_context(output: sluice_engine::FanOut) -> sluice_engine::SourceContext {
+    let (bad_records, mut rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    sluice_engine::SourceContext {
+        output,
+        metrics: std::sync::Arc::default(),
+        bad_records,
+        cancel: tokio_util::sync::CancellationToken::new(),
+        watermark: None,
+        checkpoint: None,
+    }
+}

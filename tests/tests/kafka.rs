@@ -699,15 +699,9 @@ async fn a_backfill_resumed_from_its_checkpoint_joins_with_every_record_once() {
             &schema,
         )
         .unwrap();
-    let (bad, mut bad_rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(async move { while bad_rx.recv().await.is_some() {} });
     let context = |output: FanOut, checkpoint| SourceContext {
-        output,
-        metrics: Arc::default(),
-        bad_records: bad.clone(),
-        cancel: tokio_util::sync::CancellationToken::new(),
-        watermark: None,
         checkpoint,
+        ..sluice_tests::source_context(output)
     };
     // The source's shared reader, and how a stream that starts later catches up with it.
     let open = || match config
@@ -1086,7 +1080,7 @@ async fn readers_opened_for_disjoint_partitions_read_the_topic_once_between_them
 
     use arrow::datatypes::{DataType, Field, Schema};
     use sluice_engine::connector::{SourceFeed, Splits};
-    use sluice_engine::{FanOut, Message, SourceContext};
+    use sluice_engine::{FanOut, Message};
 
     let brokers = kafka_brokers();
     let topic = format!("splits-{}", std::process::id());
@@ -1113,15 +1107,7 @@ async fn readers_opened_for_disjoint_partitions_read_the_topic_once_between_them
         .unwrap();
     assert_eq!(spec.splits().await.unwrap(), ["0", "1", "2", "3"]);
 
-    let (bad, _bad_rx) = tokio::sync::mpsc::channel(16);
-    let context = |output: FanOut| SourceContext {
-        output,
-        metrics: Arc::default(),
-        bad_records: bad.clone(),
-        cancel: tokio_util::sync::CancellationToken::new(),
-        watermark: None,
-        checkpoint: None,
-    };
+    let context = sluice_tests::source_context;
     let open = |splits: &Splits| match spec
         .open_splits(
             "ids",

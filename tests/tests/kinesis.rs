@@ -564,7 +564,7 @@ async fn readers_opened_for_one_shard_each_read_the_stream_once_between_them() {
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::{DataType, Field, Int64Type, Schema};
     use sluice_engine::connector::{SourceFeed, Splits};
-    use sluice_engine::{FanOut, Message, SourceContext};
+    use sluice_engine::{FanOut, Message};
 
     let client = kinesis_client();
     let input = format!("split-readers-{}", std::process::id());
@@ -594,18 +594,10 @@ async fn readers_opened_for_one_shard_each_read_the_stream_once_between_them() {
     let shards = spec.splits().await.unwrap();
     assert_eq!(shards.len(), 2, "{shards:?}");
 
-    let (bad, _bad_rx) = tokio::sync::mpsc::channel(16);
     let read: Arc<Mutex<Vec<(i64, String, String)>>> = Arc::default(); // (seq, shard, reader)
     let mut cancels = vec![];
     for shard in &shards {
-        let context = |output: FanOut| SourceContext {
-            output,
-            metrics: Arc::default(),
-            bad_records: bad.clone(),
-            cancel: tokio_util::sync::CancellationToken::new(),
-            watermark: None,
-            checkpoint: None,
-        };
+        let context = sluice_tests::source_context;
         let SourceFeed::Shared { reader, .. } = spec
             .open_splits(
                 "shipments",
