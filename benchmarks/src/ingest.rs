@@ -33,6 +33,7 @@ pub async fn run(sessions: usize, posts: usize) -> anyhow::Result<()> {
             pg_max: sessions + 10,
             ..Default::default()
         },
+        security: Default::default(),
     };
     let server = sluice_server::start(&config)
         .await

@@ -43,6 +43,7 @@ pub async fn run(queries: usize) -> anyhow::Result<()> {
         statement_timeout: Duration::ZERO,
         checkpoint_retention: sluice_engine::checkpoint::DEFAULT_RETENTION,
         connections: Default::default(),
+        security: Default::default(),
     };
     let server = sluice_server::start(&config)
         .await

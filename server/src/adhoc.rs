@@ -45,6 +45,8 @@ pub struct AdHoc {
     lake: Lake,
     /// Relations' comments (their `CREATE` statements) for `obj_description`.
     comments: Arc<crate::pg_compat::Comments>,
+    /// What each registered name is: `source` or `stream` (for privilege checks).
+    kinds: Arc<std::sync::RwLock<BTreeMap<String, &'static str>>>,
 }
 
 impl std::fmt::Debug for AdHoc {
@@ -97,7 +99,25 @@ impl AdHoc {
             ctx,
             lake,
             comments,
+            kinds: Arc::default(),
         }
+    }
+
+    /// `source` or `stream`, if `name` is one of those registered here.
+    pub fn kind(&self, name: &str) -> Option<&'static str> {
+        self.kinds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied()
+    }
+
+    fn set_kind(&self, name: &str, kind: Option<&'static str>) {
+        let mut kinds = self.kinds.write().unwrap_or_else(|e| e.into_inner());
+        match kind {
+            Some(k) => kinds.insert(name.to_string(), k),
+            None => kinds.remove(name),
+        };
     }
 
     /// Sets the comment of relation `name` (a source's or stream's `CREATE` statement, which
@@ -128,6 +148,42 @@ impl AdHoc {
         }
     }
 
+    /// Checks that `user` may read every source and stream `stmt` reads (wherever it
+    /// reads them: joins, subqueries, `EXPLAIN`, `COPY (…)`), and puts the user's row
+    /// policies on them.
+    pub fn guard(
+        &self,
+        access: &crate::access::AccessControl,
+        user: &str,
+        stmt: &mut DFStatement,
+    ) -> Result<()> {
+        use sluice_sql::access::{Privilege, relations_read, restrict};
+        match stmt {
+            DFStatement::Statement(s) => {
+                let s = s.as_mut();
+                let mut filters = BTreeMap::new();
+                for name in relations_read(s) {
+                    let Some(kind) = self.kind(&name) else {
+                        continue; // not a source or stream: planning says what it is
+                    };
+                    access.require(user, Privilege::Select, Some((kind, &name)))?;
+                    if let Some(f) = access.row_filter(user, &name)? {
+                        filters.insert(name, f);
+                    }
+                }
+                if !filters.is_empty() && restrict(s, &filters).is_none() {
+                    return Err(crate::ServerError::PermissionDenied(format!(
+                        "a row policy of user \"{user}\" cannot be applied to this query"
+                    )));
+                }
+                Ok(())
+            }
+            DFStatement::Explain(e) => self.guard(access, user, &mut e.statement),
+            // Refused before they run (ad-hoc statements are queries).
+            _ => Ok(()),
+        }
+    }
+
     /// Makes stream `name` (rows of `schema`) queryable.
     pub fn register_stream(&self, name: &str, schema: &Schema) -> Result<()> {
         let url = ListingTableUrl::parse(self.lake.dir_url(Zone::Processed, name))?;
@@ -145,6 +201,7 @@ impl AdHoc {
         let table = ListingTable::try_new(config)?;
         self.ctx
             .register_table(TableReference::bare(name), Arc::new(table))?;
+        self.set_kind(name, Some("stream"));
         Ok(())
     }
 
@@ -176,12 +233,14 @@ impl AdHoc {
                 schema,
             }),
         )?;
+        self.set_kind(name, Some("source"));
         Ok(())
     }
 
     /// Forgets a source or stream.
     pub fn deregister(&self, name: &str) -> Result<()> {
         self.comments.remove(name);
+        self.set_kind(name, None);
         self.ctx.deregister_table(TableReference::bare(name))?;
         Ok(())
     }

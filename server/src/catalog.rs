@@ -1,17 +1,22 @@
 //! The catalog as stored in the lake: `_sluice/catalog.json`.
 //!
-//! It lists the `CREATE SOURCE` and `CREATE STREAM` statements that are in force, in the
-//! order they were made; a server starting on the lake runs them again. It is rewritten
-//! whole (one PUT, atomic on both back ends) after every DDL statement.
+//! It lists the `CREATE SOURCE`, `CREATE STREAM` and `CREATE SINK` statements that are in
+//! force, in the order they were made (a server starting on the lake runs them again), and
+//! what access control stores: roles with their SCRAM verifiers, grants, owners, policies,
+//! token hashes and sealed secrets ([`AccessState`]). It is rewritten whole (one PUT, atomic
+//! on both back ends) after every DDL statement.
 
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 use sluice_connectors::lake::{Lake, Zone};
 
+use crate::access::AccessState;
 use crate::error::{Result, ServerError};
 
-/// The catalog format version this build writes and reads.
-pub const CATALOG_VERSION: u32 = 1;
+/// The newest catalog format version this build writes and reads: 2 holds access control
+/// (written only when there is some, so that a build without access control refuses a
+/// catalog that has it rather than ignoring it).
+pub const CATALOG_VERSION: u32 = 2;
 
 /// One catalog entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,10 +29,21 @@ pub struct Entry {
     pub sql: String,
 }
 
+/// A catalog: its objects and its access control.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    /// The objects, in creation order.
+    pub entries: Vec<Entry>,
+    /// Roles, grants, owners, policies, tokens, secrets.
+    pub access: AccessState,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct CatalogFile {
     version: u32,
     entries: Vec<Entry>,
+    #[serde(default, skip_serializing_if = "AccessState::is_empty")]
+    access: AccessState,
 }
 
 fn path(lake: &Lake) -> Path {
@@ -37,7 +53,7 @@ fn path(lake: &Lake) -> Path {
 /// Reads the catalog. An absent file is an empty catalog — unless the lake holds data
 /// (`processed/` or `raw/`): then the catalog was lost, and starting an empty server over
 /// that data would hide it; that is an error.
-pub async fn load(lake: &Lake) -> Result<Vec<Entry>> {
+pub async fn load(lake: &Lake) -> Result<Catalog> {
     match raw(lake).await? {
         Some(bytes) => parse(&bytes).map_err(|e| {
             ServerError::External(format!("{}/{}: {e}", lake.location(), path_in_lake()))
@@ -53,7 +69,7 @@ pub async fn load(lake: &Lake) -> Result<Vec<Entry>> {
                     )));
                 }
             }
-            Ok(vec![])
+            Ok(Catalog::default())
         }
     }
 }
@@ -68,10 +84,10 @@ pub async fn raw(lake: &Lake) -> Result<Option<Vec<u8>>> {
     Ok(lake.get_opt(&path(lake)).await?.map(|b| b.to_vec()))
 }
 
-/// The entries of a catalog file's bytes (none for empty bytes).
-pub fn parse(bytes: &[u8]) -> Result<Vec<Entry>> {
+/// The catalog a file's bytes hold (an empty one for empty bytes).
+pub fn parse(bytes: &[u8]) -> Result<Catalog> {
     if bytes.is_empty() {
-        return Ok(vec![]);
+        return Ok(Catalog::default());
     }
     let file: CatalogFile = serde_json::from_slice(bytes)
         .map_err(|e| ServerError::External(format!("unreadable catalog: {e}")))?;
@@ -81,14 +97,22 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Entry>> {
             file.version
         )));
     }
-    Ok(file.entries)
+    Ok(Catalog {
+        entries: file.entries,
+        access: file.access,
+    })
 }
 
-/// Replaces the catalog with `entries`.
-pub async fn store(lake: &Lake, entries: &[Entry]) -> Result<()> {
+/// Replaces the catalog with `entries` and `access`.
+pub async fn store(lake: &Lake, entries: &[Entry], access: &AccessState) -> Result<()> {
     let file = CatalogFile {
-        version: CATALOG_VERSION,
+        version: if access.is_empty() {
+            1
+        } else {
+            CATALOG_VERSION
+        },
         entries: entries.to_vec(),
+        access: access.clone(),
     };
     let bytes = serde_json::to_vec_pretty(&file).expect("the catalog serialises");
     lake.put(&path(lake), bytes).await?;

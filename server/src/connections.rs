@@ -103,11 +103,24 @@ pub struct Connections {
 
 /// The HTTP listener: admits up to its limit, answers `503` beyond it, and wraps each
 /// connection in a [`TimedIo`].
-#[derive(Debug)]
 pub struct HttpListener {
     inner: TcpListener,
     limit: Limit,
     idle: Duration,
+    /// HTTPS: each connection's handshake first.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Handshakes under way (they progress while `accept` waits for the next connection,
+    /// so a slow client holds up no other).
+    handshakes: futures::stream::FuturesUnordered<Handshake>,
+}
+
+impl std::fmt::Debug for HttpListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpListener")
+            .field("idle", &self.idle)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl HttpListener {
@@ -115,7 +128,72 @@ impl HttpListener {
     /// progress.
     pub fn new(inner: TcpListener, limit: Limit, idle: Duration) -> Self {
         // (A dropped connection's `Admitted` frees its place.)
-        Self { inner, limit, idle }
+        Self {
+            inner,
+            limit,
+            idle,
+            tls: None,
+            handshakes: Default::default(),
+        }
+    }
+
+    /// Serves HTTPS with `tls` (none: plain HTTP).
+    pub fn with_tls(mut self, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        self.tls = tls;
+        self
+    }
+}
+
+/// A TLS handshake under way: the connection once it completes (none if it failed).
+type Handshake =
+    futures::future::BoxFuture<'static, Option<(TimedIo<HttpStream>, std::net::SocketAddr)>>;
+
+/// An HTTP connection: plain, or TLS.
+#[derive(Debug)]
+pub enum HttpStream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for HttpStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            HttpStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            HttpStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for HttpStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            HttpStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            HttpStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            HttpStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            HttpStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            HttpStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            HttpStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
@@ -154,12 +232,22 @@ impl Default for ConnectionLimits {
 }
 
 impl axum::serve::Listener for HttpListener {
-    type Io = TimedIo<TcpStream>;
+    type Io = TimedIo<HttpStream>;
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use futures::StreamExt;
         loop {
-            let (mut stream, addr) = match self.inner.accept().await {
+            let accepted = tokio::select! {
+                a = self.inner.accept() => a,
+                Some(done) = self.handshakes.next(), if !self.handshakes.is_empty() => {
+                    match done {
+                        Some(ready) => return ready,
+                        None => continue,
+                    }
+                }
+            };
+            let (mut stream, addr) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Out of descriptors, say: wait rather than spin.
@@ -169,7 +257,41 @@ impl axum::serve::Listener for HttpListener {
                 }
             };
             match self.limit.admit() {
-                Some(admitted) => return (TimedIo::new(stream, self.idle, admitted), addr),
+                Some(admitted) => match &self.tls {
+                    None => {
+                        return (
+                            TimedIo::new(HttpStream::Plain(stream), self.idle, admitted),
+                            addr,
+                        );
+                    }
+                    Some(tls) => {
+                        let (tls, idle) = (tls.clone(), self.idle);
+                        let limit = if idle.is_zero() {
+                            Duration::from_secs(60)
+                        } else {
+                            idle
+                        };
+                        self.handshakes.push(Box::pin(async move {
+                            match tokio::time::timeout(limit, tls.accept(stream)).await {
+                                Ok(Ok(s)) => Some((
+                                    TimedIo::new(HttpStream::Tls(Box::new(s)), idle, admitted),
+                                    addr,
+                                )),
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%addr, error = %e, "https: handshake failed");
+                                    None
+                                }
+                                Err(_) => {
+                                    admitted.timed_out();
+                                    None
+                                }
+                            }
+                        }));
+                    }
+                },
+                None if self.tls.is_some() => {
+                    tracing::warn!(%addr, "https: too many connections; refused");
+                }
                 None => {
                     tracing::warn!(%addr, "http: too many connections; refused");
                     tokio::spawn(async move {

@@ -26,6 +26,15 @@ pub enum ServerError {
     /// The statement was stopped: its `statement_timeout` passed or the client cancelled it.
     #[error("{0}")]
     Canceled(String),
+    /// The user lacks a privilege the statement needs (SQLSTATE 42501).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A role, user, policy, token or secret that does not exist (42704).
+    #[error("{0}")]
+    UndefinedRole(String),
+    /// A role, policy, token or secret of that name exists already (42710).
+    #[error("{0}")]
+    DuplicateRole(String),
     /// A bug in Sluice.
     #[error("internal error (this is a bug in Sluice): {0}")]
     Internal(String),
@@ -42,6 +51,9 @@ impl ServerError {
             ServerError::Standby(_) => "25006",
             ServerError::External(_) => "58000",
             ServerError::Canceled(_) => "57014",
+            ServerError::PermissionDenied(_) => "42501",
+            ServerError::UndefinedRole(_) => "42704",
+            ServerError::DuplicateRole(_) => "42710",
             ServerError::Internal(_) => "XX000",
         }
     }

@@ -20,13 +20,20 @@
 //! A POST with an `Idempotency-Key` header that repeats one seen within the source's
 //! `idempotency_window` gets the first answer again, and its body is not stored twice.
 //!
+//! With a password set (`SLUICE_PASSWORD`), every request needs credentials: HTTP Basic
+//! with a Sluice user and password, or `Authorization: Bearer <token>` (`CREATE TOKEN`);
+//! without them `401`. Posting events needs `INSERT` on the source (`403` without it).
+//! Without a password (the server then listens on loopback only) a request without
+//! credentials acts as the superuser.
+//!
 //! `GET /ready` is 200 on the lake's writer whose sources, streams and sinks all run (or
 //! finished); 503 on a standby (naming the writer) and when any of them failed (naming each,
 //! with why). `GET /metrics` is the Prometheus exposition ([`crate::metrics`]).
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
@@ -49,7 +56,65 @@ pub fn router(sluice: Node, connections: Connections) -> Router {
         .layer(DefaultBodyLimit::disable())
         .layer(Extension(connections))
         .layer(Extension(Arc::new(Exporter::new())))
+        .layer(axum::middleware::from_fn_with_state(
+            sluice.clone(),
+            authenticate,
+        ))
         .with_state(sluice)
+}
+
+/// The user a request is made as.
+#[derive(Debug, Clone)]
+struct User(String);
+
+/// Who the request's `Authorization` names, if its credentials are right.
+async fn user_of(node: &Node, headers: &HeaderMap) -> Option<String> {
+    use base64::Engine;
+    let access = Arc::clone(node.access());
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return (!access.requires_password()).then(|| crate::access::SUPERUSER.to_string());
+    };
+    let value = value.to_str().ok()?;
+    let (scheme, credentials) = value.split_once(' ')?;
+    let credentials = credentials.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return access.token_user(credentials);
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(credentials)
+        .ok()?;
+    let (user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    let (user, password) = (user.to_string(), password.to_string());
+    node.refresh_access().await;
+    // A SCRAM verifier costs thousands of hash rounds: off the async workers.
+    tokio::task::spawn_blocking(move || access.basic_user(&user, &password))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// `401` unless the request carries valid credentials (or none are needed).
+async fn authenticate(State(node): State<Node>, mut request: Request, next: Next) -> Response {
+    match user_of(&node, request.headers()).await {
+        Some(user) => {
+            request.extensions_mut().insert(User(user));
+            next.run(request).await
+        }
+        None => {
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "authentication required: HTTP Basic with a Sluice user and password, or Authorization: Bearer <token> (CREATE TOKEN)",
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"sluice\", charset=\"UTF-8\""),
+            );
+            response
+        }
+    }
 }
 
 /// The Prometheus exposition of this server's figures (a standby has no pipelines: only
@@ -157,11 +222,12 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 async fn ingest(
     State(sluice): State<Node>,
     Extension(exporter): Extension<Arc<Exporter>>,
+    Extension(User(user)): Extension<User>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let response = ingest_events(sluice.clone(), &name, headers, body).await;
+    let response = ingest_events(sluice.clone(), &user, &name, headers, body).await;
     // Only names of this server's sources label a series (a standby knows none).
     let exists = |n: &str| {
         matches!(
@@ -180,11 +246,20 @@ async fn ingest(
     response
 }
 
-async fn ingest_events(sluice: Node, name: &str, headers: HeaderMap, body: Body) -> Response {
+async fn ingest_events(
+    sluice: Node,
+    user: &str,
+    name: &str,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let name = name.to_string();
-    let lookup = match sluice.push_source(&name) {
-        Ok(None) => sluice.push_source(&name.to_lowercase()),
-        other => other,
+    let (lookup, resolved) = match sluice.push_source(&name) {
+        Ok(None) => (
+            sluice.push_source(&name.to_lowercase()),
+            name.to_lowercase(),
+        ),
+        other => (other, name.clone()),
     };
     let source = match lookup {
         Ok(Some(s)) => s,
@@ -197,6 +272,13 @@ async fn ingest_events(sluice: Node, name: &str, headers: HeaderMap, body: Body)
         Err(IngestRefusal::Conflict(m)) => return error(StatusCode::CONFLICT, m),
         Err(IngestRefusal::Unavailable(m)) => return error(StatusCode::SERVICE_UNAVAILABLE, m),
     };
+    if let Err(e) = sluice.access().require(
+        user,
+        sluice_sql::access::Privilege::Insert,
+        Some(("source", &resolved)),
+    ) {
+        return error(StatusCode::FORBIDDEN, e.to_string());
+    }
     if let Some(refusal) = content_type_refusal(&headers) {
         return refusal;
     }

@@ -17,10 +17,12 @@ use sluice_connectors::lake::{Lake, Zone, athena_ddl, lake_schema, write_athena_
 use sluice_engine::checkpoint::{Coordinator, Fence, NoFence};
 use sluice_engine::connector::ConnectorRegistry;
 use sluice_engine::push::PushSource;
+use sluice_sql::access::{AccessStatement, Privilege};
 use sluice_sql::parser::{CreateSink, CreateSource, CreateStream};
 use sluice_sql::{ObjectKind, Relation, SluiceStatement, SqlError, parse_sql, source_def};
 use tokio_util::sync::CancellationToken;
 
+use crate::access::AccessControl;
 use crate::adhoc::{AdHoc, PARTITION_COLUMNS};
 use crate::catalog::{self, Entry};
 use crate::error::{Result, ServerError};
@@ -215,6 +217,8 @@ struct Inner {
     readers_gate: tokio::sync::watch::Sender<bool>,
     /// The writer lease this instance holds (`None`: the lake has no other writer).
     lease: Option<WriterLease>,
+    /// Roles, privileges, policies, tokens and secrets.
+    access: Arc<AccessControl>,
 }
 
 /// An entry of the name directory.
@@ -363,24 +367,30 @@ impl Sluice {
             Lake::open(lake_location)?,
             None,
             sluice_engine::checkpoint::DEFAULT_RETENTION,
+            Arc::default(),
         )
         .await
     }
 
     /// Opens `lake` as the holder of its writer `lease` (every commit is fenced by it; see
     /// [`crate::lease`]), keeping its newest `checkpoint_retention` checkpoints, and restores
-    /// every source and stream of its catalog.
+    /// every source and stream of its catalog; `access` takes the catalog's roles and grants.
     pub async fn open_as_writer(
         lake: Lake,
         lease: Option<WriterLease>,
         checkpoint_retention: usize,
+        access: Arc<AccessControl>,
     ) -> Result<Sluice> {
         let fence: Arc<dyn Fence> = match &lease {
             Some(l) => Arc::new(l.clone()),
             None => Arc::new(NoFence),
         };
         // The catalog before anything is written: a lake that lost it is not started on.
-        let entries = catalog::load(&lake).await?;
+        let catalog::Catalog {
+            entries,
+            access: stored,
+        } = catalog::load(&lake).await?;
+        access.replace(stored);
         // Recovery first: finish the last checkpoint's commit, drop what never committed.
         let checkpoints =
             Coordinator::open(Arc::new(lake.clone()), DEFAULT_CHECKPOINT_INTERVAL, fence).await?;
@@ -396,15 +406,16 @@ impl Sluice {
                 state: tokio::sync::Mutex::new(State::default()),
                 directory: RwLock::default(),
                 shutdown: CancellationToken::new(),
+                access,
             }),
         };
         sluice.register_system_relations()?;
         for e in entries {
             let restored = match parse_sql(&e.sql) {
                 Ok(mut stmts) if stmts.len() == 1 => match stmts.remove(0) {
-                    SluiceStatement::CreateSource(c) => sluice.create_source(*c, false).await,
-                    SluiceStatement::CreateStream(c) => sluice.create_stream(*c, false).await,
-                    SluiceStatement::CreateSink(c) => sluice.create_sink(*c, false).await,
+                    SluiceStatement::CreateSource(c) => sluice.create_source(*c, None).await,
+                    SluiceStatement::CreateStream(c) => sluice.create_stream(*c, None).await,
+                    SluiceStatement::CreateSink(c) => sluice.create_sink(*c, None).await,
                     other => Err(ServerError::Internal(format!(
                         "unexpected catalog statement {other:?}"
                     ))),
@@ -438,6 +449,11 @@ impl Sluice {
         }
         sluice.inner.readers_gate.send_replace(true);
         Ok(sluice)
+    }
+
+    /// Its access control.
+    pub fn access(&self) -> &Arc<AccessControl> {
+        &self.inner.access
     }
 
     /// The lake this instance writes.
@@ -543,8 +559,8 @@ impl Sluice {
     }
 
     /// The parameters `sql` (one statement) takes and the schema of the rows it returns,
-    /// without running it.
-    pub async fn describe(&self, sql: &str) -> Result<Described> {
+    /// without running it (what `session`'s user may read only).
+    pub async fn describe(&self, sql: &str, session: &Session) -> Result<Described> {
         let mut stmts = crate::pg_compat::parse(sql)?;
         if stmts.len() > 1 {
             return Err(SqlError::Syntax {
@@ -557,7 +573,10 @@ impl Sluice {
             return Ok(Described::default());
         };
         Ok(Described::rows(match stmt {
-            SluiceStatement::Other(s) if is_query(&s) => {
+            SluiceStatement::Other(mut s) if is_query(&s) => {
+                self.inner
+                    .adhoc
+                    .guard(&self.inner.access, session.user(), &mut s)?;
                 return Described::query(&self.inner.adhoc, *s).await;
             }
             SluiceStatement::Show(ObjectKind::Source) => Some(show::sources_schema()),
@@ -583,11 +602,41 @@ impl Sluice {
             )
             .into());
         }
+        let user = session.user();
+        let access = &self.inner.access;
         match stmt {
-            SluiceStatement::CreateSource(c) => self.create_source(*c, true).await,
-            SluiceStatement::CreateStream(c) => self.create_stream(*c, true).await,
-            SluiceStatement::CreateSink(c) => self.create_sink(*c, true).await,
-            SluiceStatement::ExplainStream(c) => {
+            SluiceStatement::CreateSource(c) => {
+                access.require(user, Privilege::Create, None)?;
+                access.check_secrets(user, &c.options)?;
+                self.create_source(*c, Some(user)).await
+            }
+            SluiceStatement::CreateStream(mut c) => {
+                access.require(user, Privilege::Create, None)?;
+                self.guard_stream(user, &mut c)?;
+                self.create_stream(*c, Some(user)).await
+            }
+            SluiceStatement::CreateSink(mut c) => {
+                access.require(user, Privilege::Create, None)?;
+                access.check_secrets(user, &c.options)?;
+                if let Some(kind) = self.inner.adhoc.kind(&c.from) {
+                    access.require(user, Privilege::Select, Some((kind, &c.from)))?;
+                    // The user's policies travel with the rows: the sink delivers only those.
+                    if let Some(policy) = access.row_filter(user, &c.from)? {
+                        c.filter = Some(match c.filter.take() {
+                            None => policy,
+                            Some(own) => SqlExpr::BinaryOp {
+                                left: Box::new(SqlExpr::Nested(Box::new(own))),
+                                op: datafusion::sql::sqlparser::ast::BinaryOperator::And,
+                                right: Box::new(SqlExpr::Nested(Box::new(policy))),
+                            },
+                        });
+                    }
+                }
+                self.create_sink(*c, Some(user)).await
+            }
+            SluiceStatement::Access(a) => self.access_statement(user, *a).await,
+            SluiceStatement::ExplainStream(mut c) => {
+                self.guard_stream(user, &mut c)?;
                 let state = self.inner.state.lock().await;
                 let plan = query_runtime::plan_stream(&c, state.relations()).await?;
                 let text = plan.explain();
@@ -609,7 +658,12 @@ impl Sluice {
                 names,
                 if_exists,
                 cascade,
-            } => self.drop_objects(kind, names, if_exists, cascade).await,
+            } => {
+                for name in &names {
+                    access.require_owner(user, &kind.to_string(), name)?;
+                }
+                self.drop_objects(kind, names, if_exists, cascade).await
+            }
             SluiceStatement::ShowStatus => self.status(),
             SluiceStatement::Show(kind) => {
                 let batch = self.show(kind).await?;
@@ -665,11 +719,70 @@ impl Sluice {
                     batches: vec![batch],
                 })
             }
-            SluiceStatement::Other(s) => run_adhoc(&self.inner.adhoc, *s, session, params).await,
+            SluiceStatement::Other(s) => {
+                run_adhoc(&self.inner.adhoc, access, *s, session, params).await
+            }
         }
     }
 
-    async fn create_source(&self, c: CreateSource, persist: bool) -> Result<Outcome> {
+    /// Checks that `user` may read what stream `c` reads, and puts the user's row
+    /// policies into its query (so the stream, and its catalog entry, carry them).
+    fn guard_stream(&self, user: &str, c: &mut CreateStream) -> Result<()> {
+        let access = &self.inner.access;
+        let mut filters = BTreeMap::new();
+        for name in sluice_sql::access::relations_read(&c.query) {
+            let Some(kind) = self.inner.adhoc.kind(&name) else {
+                continue; // planning says it does not exist
+            };
+            access.require(user, Privilege::Select, Some((kind, &name)))?;
+            if let Some(f) = access.row_filter(user, &name)? {
+                filters.insert(name, f);
+            }
+        }
+        if !filters.is_empty() && sluice_sql::access::restrict(&mut c.query, &filters).is_none() {
+            return Err(ServerError::PermissionDenied(format!(
+                "stream `{}`: a row policy of user \"{user}\" cannot be applied to this query",
+                c.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs an access-control statement, storing the result in the catalog.
+    async fn access_statement(&self, user: &str, stmt: AccessStatement) -> Result<Outcome> {
+        let tag = stmt.tag();
+        let state = self.inner.state.lock().await;
+        let adhoc = &self.inner.adhoc;
+        let (access, token) = self.inner.access.apply(user, &stmt, &|n| adhoc.kind(n))?;
+        self.fenced()?;
+        catalog::store(&self.inner.lake, &state.entries, &access).await?;
+        self.inner.access.replace(access);
+        Ok(match token {
+            None => Outcome::Command(tag),
+            Some(t) => {
+                let schema = Arc::new(Schema::new(vec![
+                    Field::new("name", DataType::Utf8, false),
+                    Field::new("token", DataType::Utf8, false),
+                ]));
+                let batch = RecordBatch::try_new(
+                    Arc::clone(&schema),
+                    vec![
+                        Arc::new(arrow::array::StringArray::from(vec![t.name])),
+                        Arc::new(arrow::array::StringArray::from(vec![t.token])),
+                    ],
+                )
+                .map_err(|e| ServerError::Internal(e.to_string()))?;
+                Outcome::Rows {
+                    schema,
+                    batches: vec![batch],
+                }
+            }
+        })
+    }
+
+    /// Creates a source: `owner` made it now (it is stored), none when restored.
+    async fn create_source(&self, c: CreateSource, owner: Option<&str>) -> Result<Outcome> {
+        let persist = owner.is_some();
         if persist {
             // New objects only: the catalog may hold names from before the rule.
             sluice_sql::limits::check_name(ObjectKind::Source, &c.name)?;
@@ -679,7 +792,12 @@ impl Sluice {
         if state.exists_already(&c.name, ObjectKind::Source, c.if_not_exists)? {
             return Ok(tag);
         }
-        let def = source_def(&c, &self.inner.connectors)?;
+        // Secrets are opened for the connector only: the catalog keeps `SECRET name`.
+        let revealed = CreateSource {
+            options: self.inner.access.reveal_options(&c.options)?,
+            ..c.clone()
+        };
+        let def = source_def(&revealed, &self.inner.connectors)?;
         let mut running = start_source(
             &self.inner.lake,
             def,
@@ -712,14 +830,15 @@ impl Sluice {
             ObjectKind::Source,
             &c.name,
             c.to_string(),
-            persist,
+            owner,
         )
         .await?;
         Ok(tag)
     }
 
-    async fn create_stream(&self, c: CreateStream, persist: bool) -> Result<Outcome> {
-        if persist {
+    /// Creates a stream: `owner` made it now (it is stored), none when restored.
+    async fn create_stream(&self, c: CreateStream, owner: Option<&str>) -> Result<Outcome> {
+        if owner.is_some() {
             // New objects only: the catalog may hold names from before the rule.
             sluice_sql::limits::check_name(ObjectKind::Stream, &c.name)?;
         }
@@ -770,14 +889,15 @@ impl Sluice {
             ObjectKind::Stream,
             &c.name,
             c.to_string(),
-            persist,
+            owner,
         )
         .await?;
         Ok(tag)
     }
 
-    async fn create_sink(&self, c: CreateSink, persist: bool) -> Result<Outcome> {
-        if persist {
+    /// Creates a sink: `owner` made it now (it is stored), none when restored.
+    async fn create_sink(&self, c: CreateSink, owner: Option<&str>) -> Result<Outcome> {
+        if owner.is_some() {
             // New objects only: the catalog may hold names from before the rule.
             sluice_sql::limits::check_name(ObjectKind::Sink, &c.name)?;
         }
@@ -794,9 +914,17 @@ impl Sluice {
             ))
             .into());
         };
+        let filter = match &c.filter {
+            Some(f) => Some(
+                crate::runtime::row_filter(f, &from.schema)
+                    .map_err(|e| SqlError::Invalid(format!("sink `{}`: WHERE {f}: {e}", c.name)))?,
+            ),
+            None => None,
+        };
+        // Secrets are opened for the connector only: the catalog keeps `SECRET name`.
         let opts = sluice_engine::WithOptions::new(
             format!("sink `{}`", c.name),
-            c.options.iter().cloned(),
+            self.inner.access.reveal_options(&c.options)?,
         );
         let config = self
             .inner
@@ -841,18 +969,13 @@ impl Sluice {
             &self.inner.shutdown,
             &self.inner.readers_gate.subscribe(),
             checkpointed.then_some((&self.inner.checkpoints, exactly_once)),
+            filter,
         )
         .await?;
         self.directory_mut().insert(c.name.clone(), Named::Sink);
         state.sinks.insert(c.name.clone(), running);
-        self.record(
-            &mut state,
-            ObjectKind::Sink,
-            &c.name,
-            c.to_string(),
-            persist,
-        )
-        .await?;
+        self.record(&mut state, ObjectKind::Sink, &c.name, c.to_string(), owner)
+            .await?;
         Ok(tag)
     }
 
@@ -915,6 +1038,7 @@ impl Sluice {
             collect_drop_order(&state, kind, name, &mut order);
         }
         // Readers first: `order` lists dependents before what they read.
+        let mut dropped = vec![];
         for (k, name) in order {
             match k {
                 ObjectKind::Stream => {
@@ -968,19 +1092,27 @@ impl Sluice {
                 self.inner.adhoc.deregister(&name)?;
             }
             state.entries.retain(|e| e.name != name);
+            dropped.push(name);
         }
-        self.persist(&mut state).await?;
+        let mut access = self.inner.access.state();
+        for name in &dropped {
+            AccessControl::dropped(&mut access, name);
+        }
+        self.fenced()?;
+        catalog::store(&self.inner.lake, &state.entries, &access).await?;
+        self.inner.access.replace(access);
         Ok(tag)
     }
 
-    /// Adds a created object to the catalog, and stores the catalog if `persist`.
+    /// Adds a created object to the catalog, and stores the catalog (with its owner) if
+    /// someone made it now.
     async fn record(
         &self,
         state: &mut State,
         kind: ObjectKind,
         name: &str,
         sql: String,
-        persist: bool,
+        owner: Option<&str>,
     ) -> Result<()> {
         if matches!(kind, ObjectKind::Source | ObjectKind::Stream) {
             // psql's `\d+` and `\dt+` show it as the relation's description.
@@ -992,15 +1124,14 @@ impl Sluice {
             name: name.to_string(),
             sql,
         });
-        if persist {
-            self.persist(state).await?;
+        if let Some(owner) = owner {
+            let mut access = self.inner.access.state();
+            AccessControl::owned(&mut access, name, owner);
+            self.fenced()?;
+            catalog::store(&self.inner.lake, &state.entries, &access).await?;
+            self.inner.access.replace(access);
         }
         Ok(())
-    }
-
-    async fn persist(&self, state: &mut State) -> Result<()> {
-        self.fenced()?;
-        catalog::store(&self.inner.lake, &state.entries).await
     }
 
     /// An error once this instance no longer holds the lake's writer lease.
@@ -1193,11 +1324,13 @@ impl Sluice {
 /// `BEGIN`, …).
 pub(crate) async fn run_adhoc(
     adhoc: &AdHoc,
+    access: &AccessControl,
     stmt: DFStatement,
     session: &Session,
     params: Option<ParamValues>,
 ) -> Result<Outcome> {
-    let (stmt, copy) = copy_out(stmt)?;
+    let (mut stmt, copy) = copy_out(stmt)?;
+    adhoc.guard(access, session.user(), &mut stmt)?;
     if let DFStatement::Statement(s) = &stmt {
         match s.as_ref() {
             Statement::StartTransaction { .. } => return Ok(Outcome::Command("BEGIN".into())),
@@ -1235,7 +1368,6 @@ pub(crate) async fn run_adhoc(
     }
     let options = session.options();
     let names = crate::pg_compat::column_names(&stmt);
-    let mut stmt = stmt;
     crate::pg_compat::alias_duplicate_names(&mut stmt);
     crate::pg_compat::inline_settings(&mut stmt, |name| session.setting(name))?;
     let start = async {

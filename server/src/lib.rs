@@ -4,6 +4,7 @@
 //! [`Sluice`] is the instance every connection shares; [`pg`] and [`http`] are its two
 //! front doors; [`start`] binds both and opens the lake.
 
+pub mod access;
 pub mod adhoc;
 pub mod catalog;
 pub mod connections;
@@ -18,10 +19,12 @@ pub mod pg;
 pub mod pg_compat;
 pub mod query_runtime;
 pub mod runtime;
+pub mod scram;
 pub mod server;
 pub mod session;
 pub mod show;
 pub mod system;
+pub mod tls;
 
 pub use error::{Result, ServerError};
 pub use instance::{Outcome, Sluice};

@@ -35,13 +35,15 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_LAKE", default_value = "./sluice-lake")]
     lake: String,
 
-    /// Address of the Postgres-protocol listener (user and database: sluice; no password).
-    /// Port 0 picks a free port (printed at startup).
+    /// Address of the Postgres-protocol listener (database: sluice; superuser: sluice).
+    /// Port 0 picks a free port (printed at startup). An address other than loopback needs
+    /// a password (SLUICE_PASSWORD or --password-file).
     #[arg(long, env = "SLUICE_PG_LISTEN", default_value = "127.0.0.1:6875")]
     pg_listen: SocketAddr,
 
     /// Address of the HTTP listener: POST /v1/sources/{name}/events, GET /health.
-    /// Port 0 picks a free port (printed at startup).
+    /// Port 0 picks a free port (printed at startup). An address other than loopback needs
+    /// a password.
     #[arg(long, env = "SLUICE_HTTP_LISTEN", default_value = "127.0.0.1:6876")]
     http_listen: SocketAddr,
 
@@ -84,6 +86,52 @@ struct ServeArgs {
     /// more fails alone. Default: a quarter of the machine's memory.
     #[arg(long, env = "SLUICE_QUERY_MEMORY", value_parser = parse_bytes)]
     query_memory: Option<u64>,
+
+    /// A file holding the superuser's password (its first line), instead of SLUICE_PASSWORD.
+    /// With a password every Postgres login is checked with SCRAM-SHA-256 and every HTTP
+    /// request needs credentials (Basic, or a bearer token); without one, logins are
+    /// trusted and the server listens on loopback addresses only.
+    #[arg(long, value_name = "FILE", conflicts_with = "password")]
+    password_file: Option<std::path::PathBuf>,
+
+    /// The superuser's password (prefer --password-file: the environment is readable by
+    /// the user's other processes).
+    #[arg(
+        long = "password",
+        env = "SLUICE_PASSWORD",
+        hide_env_values = true,
+        hide = true
+    )]
+    password: Option<String>,
+
+    /// TLS certificate chain (PEM) for both listeners: pgwire answers SSLRequest
+    /// (sslmode=require / verify-full), HTTP becomes HTTPS. Needs --tls-key.
+    #[arg(
+        long,
+        env = "SLUICE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// The TLS certificate's private key (PEM).
+    #[arg(
+        long,
+        env = "SLUICE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
+
+    /// The key that seals CREATE SECRET values in the lake's catalog: a long random string
+    /// (e.g. `openssl rand -base64 32`); the same one every start.
+    #[arg(
+        long = "secret-key",
+        env = "SLUICE_SECRET_KEY",
+        hide_env_values = true,
+        hide = true
+    )]
+    secret_key: Option<String>,
 }
 
 /// A size such as `512MB`, `4GB`.
@@ -160,6 +208,28 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let password = match &args.password_file {
+        Some(path) => {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!(
+                        "sluice: cannot read --password-file {}: {e}",
+                        path.display()
+                    );
+                    std::process::exit(2);
+                }
+            };
+            Some(text.lines().next().unwrap_or_default().to_string())
+        }
+        None => args.password.clone(),
+    };
+    if password.as_deref() == Some("") {
+        eprintln!(
+            "sluice: the superuser's password is empty: set one, or unset it to trust logins on loopback"
+        );
+        std::process::exit(2);
+    }
     let config = ServerConfig {
         lake: args.lake.clone(),
         pg_listen: args.pg_listen,
@@ -172,6 +242,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             pg_startup_timeout: args.pg_startup_timeout,
             http_max: args.http_max_connections,
             http_idle: args.http_idle_timeout,
+        },
+        security: sluice_server::server::Security {
+            password,
+            secret_key: args.secret_key.clone().filter(|k| !k.is_empty()),
+            tls: match (&args.tls_cert, &args.tls_key) {
+                (Some(cert), Some(key)) => Some(sluice_server::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
         },
     };
     if let Some(bytes) = args.query_memory {

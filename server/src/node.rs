@@ -17,6 +17,7 @@ use sluice_sql::{ObjectKind, Relation, SluiceStatement, parse_sql, source_def};
 use crate::query_runtime;
 use crate::session::Session;
 
+use crate::access::AccessControl;
 use crate::adhoc::AdHoc;
 use crate::catalog;
 use crate::error::{Result, ServerError};
@@ -27,6 +28,8 @@ use crate::lease::LeaseRecord;
 #[derive(Debug, Clone)]
 pub struct Node {
     role: Arc<RwLock<Role>>,
+    /// Who may log in and do what (the writer's, or the catalog's as a standby reads it).
+    access: Arc<AccessControl>,
 }
 
 #[derive(Debug, Clone)]
@@ -43,25 +46,50 @@ pub struct StandbyView {
     holder: Arc<Mutex<LeaseRecord>>,
     /// Ad-hoc tables, rebuilt when the writer's catalog changes: (its bytes, the context).
     adhoc: tokio::sync::Mutex<Option<(Vec<u8>, AdHoc)>>,
+    /// Follows the catalog's roles and grants.
+    access: Arc<AccessControl>,
 }
 
 impl Node {
     /// The writer of its lake.
     pub fn writer(sluice: Sluice) -> Self {
         Self {
+            access: Arc::clone(sluice.access()),
             role: Arc::new(RwLock::new(Role::Writer(sluice))),
         }
     }
 
-    /// A standby of `lake`, whose writer is `holder`.
-    pub fn standby(lake: Lake, holder: Arc<Mutex<LeaseRecord>>) -> Self {
+    /// A standby of `lake`, whose writer is `holder`; `access` follows the lake's catalog
+    /// (and is the writer's once this server takes over).
+    pub fn standby(
+        lake: Lake,
+        holder: Arc<Mutex<LeaseRecord>>,
+        access: Arc<AccessControl>,
+    ) -> Self {
         let view = StandbyView {
             lake,
             holder,
             adhoc: tokio::sync::Mutex::new(None),
+            access: Arc::clone(&access),
         };
         Self {
             role: Arc::new(RwLock::new(Role::Standby(Arc::new(view)))),
+            access,
+        }
+    }
+
+    /// Who may log in and do what.
+    pub fn access(&self) -> &Arc<AccessControl> {
+        &self.access
+    }
+
+    /// Brings a standby's roles and grants up to the catalog in the lake (a login may be
+    /// of a user the writer made since); the writer's are always current.
+    pub async fn refresh_access(&self) {
+        if let Role::Standby(v) = self.role()
+            && let Err(e) = v.adhoc().await
+        {
+            tracing::warn!(error = %e, "standby: cannot read the catalog");
         }
     }
 
@@ -105,10 +133,10 @@ impl Node {
     }
 
     /// The parameters `sql` takes and the rows it returns (see [`Sluice::describe`]).
-    pub async fn describe(&self, sql: &str) -> Result<Described> {
+    pub async fn describe(&self, sql: &str, session: &Session) -> Result<Described> {
         match self.role() {
-            Role::Writer(s) => s.describe(sql).await,
-            Role::Standby(v) => v.describe(sql).await,
+            Role::Writer(s) => s.describe(sql, session).await,
+            Role::Standby(v) => v.describe(sql, session).await,
         }
     }
 
@@ -200,7 +228,9 @@ impl StandbyView {
                     Some(h.generation as i64),
                 )
             }
-            SluiceStatement::Other(s) => run_adhoc(&self.adhoc().await?, *s, session, params).await,
+            SluiceStatement::Other(s) => {
+                run_adhoc(&self.adhoc().await?, &self.access, *s, session, params).await
+            }
             _ => Err(ServerError::Standby(format!(
                 "{}: run DDL and SHOW there",
                 self.refusal()
@@ -208,14 +238,16 @@ impl StandbyView {
         }
     }
 
-    async fn describe(&self, sql: &str) -> Result<Described> {
+    async fn describe(&self, sql: &str, session: &Session) -> Result<Described> {
         let mut stmts = crate::pg_compat::parse(sql)?;
         match stmts.pop() {
             Some(SluiceStatement::ShowStatus) => {
                 Ok(Described::rows(Some(crate::show::status_schema())))
             }
-            Some(SluiceStatement::Other(s)) if is_query(&s) => {
-                Described::query(&self.adhoc().await?, *s).await
+            Some(SluiceStatement::Other(mut s)) if is_query(&s) => {
+                let adhoc = self.adhoc().await?;
+                adhoc.guard(&self.access, session.user(), &mut s)?;
+                Described::query(&adhoc, *s).await
             }
             _ => Ok(Described::default()),
         }
@@ -233,7 +265,9 @@ impl StandbyView {
         let adhoc = AdHoc::new(self.lake.clone());
         let connectors = sluice_connectors::registry(&self.lake);
         let mut relations: std::collections::BTreeMap<String, Relation> = Default::default();
-        for e in catalog::parse(&bytes)? {
+        let catalog = catalog::parse(&bytes)?;
+        self.access.replace(catalog.access);
+        for e in catalog.entries {
             let Ok(mut stmts) = parse_sql(&e.sql) else {
                 continue;
             };

@@ -1,7 +1,11 @@
 //! The Postgres wire protocol front door (simple and extended query protocols).
 //!
-//! User `sluice`, database `sluice`, no password (the listener is on loopback by default).
-//! Every error reaches the client as a Postgres error with a SQLSTATE; a statement's
+//! Database `sluice`; users are the superuser `sluice` and the roles `CREATE USER` makes.
+//! With `SLUICE_PASSWORD` set every login is a SCRAM-SHA-256 exchange (nothing else is
+//! offered: no cleartext, no MD5), checked against the user's stored verifier, its state
+//! kept per connection (see [`crate::scram`]); without it the user name is trusted (the
+//! listener is then on loopback only). TLS (`SSLRequest`) when the server has a certificate
+//! ([`crate::tls`]). Every error reaches the client as a Postgres error with a SQLSTATE; a statement's
 //! failure never affects other connections, and a panic while serving one connection ends
 //! only that connection (each runs in its own task).
 
@@ -17,8 +21,7 @@ use async_trait::async_trait;
 use datafusion::common::ParamValues;
 use datafusion::physical_plan::SendableRecordBatchStream;
 use futures::{Sink, StreamExt, stream};
-use pgwire::api::auth::StartupHandler;
-use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::auth::{DefaultServerParameterProvider, StartupHandler};
 use pgwire::api::cancel::CancelHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
@@ -26,24 +29,45 @@ use pgwire::api::results::{CopyResponse, FieldInfo, QueryResponse, Response, Tag
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
-    ClientInfo, ClientPortalStore, METADATA_DATABASE, METADATA_USER, PgWireServerHandlers, Type,
+    ClientInfo, ClientPortalStore, METADATA_DATABASE, METADATA_USER, PgWireConnectionState,
+    PgWireServerHandlers, PidSecretKeyGenerator, RandomPidSecretKeyGenerator, Type,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::cancel::CancelRequest;
 use pgwire::messages::copy::CopyData;
 use pgwire::messages::data::DataRow;
+use pgwire::messages::startup::Authentication;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::access::Login;
 use crate::connections::Limit;
 use crate::copy::CopyFormat;
 use crate::error::ServerError;
 use crate::instance::{Described, Outcome};
 use crate::node::Node;
+use crate::scram::ScramError;
 use crate::session::{Session, Sessions};
 
-/// The only user and database name accepted.
+/// The only database name accepted (and the superuser's name).
 pub const USER: &str = "sluice";
+
+/// The SASL mechanism offered: the only one.
+const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+
+/// A login under way on one connection: the startup packet came, the SCRAM exchange has not
+/// finished.
+#[derive(Debug)]
+struct PendingLogin {
+    user: String,
+    verifier: Option<crate::scram::Verifier>,
+    /// The user exists with a password.
+    real: bool,
+    /// Why even the right password does not let this user in.
+    refusal: Option<String>,
+    /// After the client's first message.
+    exchange: Option<crate::scram::Exchange>,
+}
 
 /// A prepared statement: its text, the parameter types the client declared in `Parse`
 /// (`None`: left to the server), and what the plan says it takes and returns.
@@ -84,6 +108,10 @@ pub struct PgHandler {
     /// Where this connection's session is left at startup, for the task that notices the
     /// client hanging up (one handler per connection).
     session_slot: Option<Arc<std::sync::OnceLock<std::sync::Weak<Session>>>>,
+    /// This connection's login (one handler per connection: logins never mix).
+    login: Arc<std::sync::Mutex<Option<PendingLogin>>>,
+    /// Backend ids and cancel keys (shared by every connection).
+    keys: Arc<RandomPidSecretKeyGenerator>,
 }
 
 impl PgHandler {
@@ -96,6 +124,8 @@ impl PgHandler {
             statement_timeout,
             started: None,
             session_slot: None,
+            login: Arc::default(),
+            keys: Arc::default(),
         }
     }
 
@@ -130,6 +160,7 @@ pub async fn serve(
     statement_timeout: Duration,
     limit: Limit,
     startup_timeout: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let base = PgHandler::new(sluice, statement_timeout);
     loop {
@@ -151,6 +182,7 @@ pub async fn serve(
                 let mut handler = base.clone();
                 handler.started = Some(Arc::clone(&started));
                 handler.session_slot = Some(Arc::clone(&slot));
+                handler.login = Arc::default();
                 let handlers = Arc::new(Handlers(Arc::new(handler)));
                 let (socket, peer_end) = match watchable(socket) {
                     Ok(pair) => pair,
@@ -159,8 +191,9 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let connection = pgwire::tokio::process_socket(socket, None, handlers);
+                    let connection = pgwire::tokio::process_socket(socket, tls, handlers);
                     // Ends with the connection (and with it the second handle on the socket).
                     let hangup = watch_for_hangup(peer_end, slot);
                     let startup_deadline = async {
@@ -357,46 +390,28 @@ fn to_response(r: crate::Result<Outcome>, format: &Format) -> PgWireResult<Respo
     }
 }
 
-#[async_trait]
-impl NoopStartupHandler for PgHandler {
-    async fn post_startup<C>(
-        &self,
-        client: &mut C,
-        _message: PgWireFrontendMessage,
-    ) -> PgWireResult<()>
+fn login_error(code: &str, message: String) -> PgWireError {
+    user_error(code, "FATAL", message)
+}
+
+impl PgHandler {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Option<PendingLogin>> {
+        self.login.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The client is in as `user`: its session, cancel key, and the messages that end the
+    /// startup (`AuthenticationOk`, parameters, `BackendKeyData`, `ReadyForQuery`).
+    async fn logged_in<C>(&self, client: &mut C, user: &str) -> PgWireResult<()>
     where
         C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let user = client
-            .metadata()
-            .get(METADATA_USER)
-            .cloned()
-            .unwrap_or_default();
-        if user != USER {
-            return Err(user_error(
-                "28000",
-                "FATAL",
-                format!("role \"{user}\" does not exist (connect as user \"{USER}\")"),
-            ));
-        }
-        let db = client
-            .metadata()
-            .get(METADATA_DATABASE)
-            .cloned()
-            .unwrap_or_else(|| user.clone());
-        if db != USER {
-            return Err(user_error(
-                "3D000",
-                "FATAL",
-                format!("database \"{db}\" does not exist (connect to database \"{USER}\")"),
-            ));
-        }
-        // The session, and the key a CancelRequest names it by (pgwire sent both to the
-        // client as BackendKeyData).
         let session = Self::session(client);
-        let (pid, key) = client.pid_and_secret_key();
+        session.log_in(user);
+        let (pid, key) = self.keys.generate(client);
+        client.set_pid_and_secret_key(pid, key.clone());
+        // The key a CancelRequest names the session by (sent as BackendKeyData).
         self.sessions.register(pid, key, &session);
         if let Some(slot) = &self.session_slot {
             let _ = slot.set(Arc::downgrade(&session));
@@ -404,22 +419,162 @@ impl NoopStartupHandler for PgHandler {
         if let Some(started) = &self.started {
             started.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        // pgwire's startup reported `server_version` as "16.6-pgwire-…"; a later
-        // ParameterStatus replaces it: the version `SHOW server_version` and `version()` give.
+        let mut parameters = DefaultServerParameterProvider::default();
+        // The version `SHOW server_version` and `version()` give (not "16.6-pgwire-…").
         if let Some((_, version)) = crate::session::SERVER_SETTINGS
             .iter()
             .find(|(n, _)| *n == "server_version")
         {
-            futures::SinkExt::send(
-                client,
-                PgWireBackendMessage::ParameterStatus(
-                    pgwire::messages::startup::ParameterStatus::new(
-                        "server_version".into(),
-                        (*version).into(),
-                    ),
-                ),
-            )
-            .await?;
+            parameters.server_version = (*version).into();
+        }
+        parameters.is_superuser = self.sluice.access().is_superuser(user);
+        pgwire::api::auth::finish_authentication(client, &parameters).await
+    }
+}
+
+#[async_trait]
+impl StartupHandler for PgHandler {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match message {
+            PgWireFrontendMessage::Startup(ref startup) => {
+                pgwire::api::auth::protocol_negotiation(client, startup).await?;
+                pgwire::api::auth::save_startup_parameters_to_metadata(client, startup);
+                let user = client
+                    .metadata()
+                    .get(METADATA_USER)
+                    .cloned()
+                    .unwrap_or_default();
+                let db = client
+                    .metadata()
+                    .get(METADATA_DATABASE)
+                    .cloned()
+                    .unwrap_or_else(|| user.clone());
+                if db != USER {
+                    return Err(login_error(
+                        "3D000",
+                        format!(
+                            "database \"{db}\" does not exist (connect to database \"{USER}\")"
+                        ),
+                    ));
+                }
+                // A standby learns of users the writer made since it last looked.
+                self.sluice.refresh_access().await;
+                match self.sluice.access().login(&user) {
+                    Login::Trusted => self.logged_in(client, &user).await?,
+                    Login::Refused(why) => return Err(login_error("28000", why)),
+                    Login::Scram {
+                        verifier,
+                        real,
+                        refusal,
+                    } => {
+                        *self.pending() = Some(PendingLogin {
+                            user,
+                            verifier: Some(verifier),
+                            real,
+                            refusal,
+                            exchange: None,
+                        });
+                        client.set_state(PgWireConnectionState::AuthenticationInProgress);
+                        futures::SinkExt::send(
+                            client,
+                            PgWireBackendMessage::Authentication(Authentication::SASL(vec![
+                                SCRAM_SHA_256.to_string(),
+                            ])),
+                        )
+                        .await?;
+                    }
+                }
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(msg) => {
+                let Some(mut pending) = self.pending().take() else {
+                    return Err(login_error("08P01", "unexpected password message".into()));
+                };
+                let failed = |user: &str| {
+                    login_error(
+                        "28P01",
+                        format!("password authentication failed for user \"{user}\""),
+                    )
+                };
+                match pending.exchange.take() {
+                    None => {
+                        // Only SASL was offered: anything else (a cleartext password) fails.
+                        let Ok(initial) = msg.into_sasl_initial_response() else {
+                            return Err(failed(&pending.user));
+                        };
+                        if initial.auth_method != SCRAM_SHA_256 {
+                            return Err(login_error(
+                                "28000",
+                                format!(
+                                    "SASL mechanism {} is not supported (use {SCRAM_SHA_256})",
+                                    initial.auth_method
+                                ),
+                            ));
+                        }
+                        let verifier = pending.verifier.take().expect("set at startup");
+                        let (exchange, server_first) = initial
+                            .data
+                            .as_deref()
+                            .ok_or_else(|| "no client-first message".to_string())
+                            .and_then(|data| {
+                                crate::scram::Exchange::start(data, verifier)
+                                    .map_err(|e| format!("{e:?}"))
+                            })
+                            .map_err(|e| {
+                                login_error("08P01", format!("malformed SCRAM message: {e}"))
+                            })?;
+                        pending.exchange = Some(exchange);
+                        *self.pending() = Some(pending);
+                        futures::SinkExt::send(
+                            client,
+                            PgWireBackendMessage::Authentication(Authentication::SASLContinue(
+                                server_first.into_bytes().into(),
+                            )),
+                        )
+                        .await?;
+                    }
+                    Some(exchange) => {
+                        let Ok(response) = msg.into_sasl_response() else {
+                            return Err(failed(&pending.user));
+                        };
+                        match exchange.finish(&response.data) {
+                            Ok(server_final) if pending.real => {
+                                futures::SinkExt::send(
+                                    client,
+                                    PgWireBackendMessage::Authentication(
+                                        Authentication::SASLFinal(server_final.into_bytes().into()),
+                                    ),
+                                )
+                                .await?;
+                                if let Some(why) = pending.refusal {
+                                    return Err(login_error("28000", why));
+                                }
+                                self.logged_in(client, &pending.user).await?;
+                            }
+                            Ok(_) | Err(ScramError::WrongPassword) => {
+                                tracing::info!(user = %pending.user, "pg: password authentication failed");
+                                return Err(failed(&pending.user));
+                            }
+                            Err(ScramError::Protocol(why)) => {
+                                tracing::info!(user = %pending.user, "pg: malformed SCRAM message: {why}");
+                                return Err(login_error(
+                                    "08P01",
+                                    format!("malformed SCRAM message: {why}"),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -468,7 +623,7 @@ impl QueryParser for PgHandler {
 
     async fn parse_sql<C>(
         &self,
-        _client: &C,
+        client: &C,
         sql: &str,
         types: &[Option<Type>],
     ) -> PgWireResult<Option<Prepared>>
@@ -477,7 +632,7 @@ impl QueryParser for PgHandler {
     {
         let described = self
             .sluice
-            .describe(sql)
+            .describe(sql, &Self::session(client))
             .await
             .map_err(|e| PgWireError::UserError(Box::new(pg_error(&e))))?;
         Ok(Some(Prepared {

@@ -687,8 +687,40 @@ pub struct RunningSink {
 /// acknowledged (connectors' `write_batch` returns then).
 struct Counted {
     inner: Box<dyn sluice_engine::Sink>,
+    /// The sink's `WHERE`: only rows it holds for are delivered.
+    filter: Option<Arc<dyn datafusion::physical_plan::PhysicalExpr>>,
     delivered: Option<Arc<AtomicU64>>,
     checkpoint: Option<CheckpointHandle>,
+}
+
+/// A sink's `WHERE` predicate over its input's rows (`schema`), ready to evaluate.
+pub fn row_filter(
+    predicate: &datafusion::sql::sqlparser::ast::Expr,
+    schema: &arrow::datatypes::SchemaRef,
+) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::PhysicalExpr>> {
+    let ctx = datafusion::prelude::SessionContext::new();
+    let df_schema = datafusion::common::DFSchema::try_from(schema.as_ref().clone())?;
+    let logical = ctx.parse_sql_expr(&predicate.to_string(), &df_schema)?;
+    let physical = ctx.create_physical_expr(logical, &df_schema)?;
+    let t = physical.data_type(schema)?;
+    if t != arrow::datatypes::DataType::Boolean {
+        return Err(datafusion::error::DataFusionError::Plan(format!(
+            "the condition must be boolean, not {t}"
+        )));
+    }
+    Ok(physical)
+}
+
+/// The rows of `batch` `filter` holds for (NULL: not).
+fn apply_filter(
+    filter: &dyn datafusion::physical_plan::PhysicalExpr,
+    batch: &arrow::record_batch::RecordBatch,
+) -> datafusion::error::Result<arrow::record_batch::RecordBatch> {
+    let mask = filter.evaluate(batch)?.into_array(batch.num_rows())?;
+    let mask = arrow::array::AsArray::as_boolean_opt(mask.as_ref()).ok_or_else(|| {
+        datafusion::error::DataFusionError::Internal("a filter that is not boolean".into())
+    })?;
+    Ok(arrow::compute::filter_record_batch(batch, mask)?)
 }
 
 /// A report with nothing staged: what a sink that delivers as it goes tells a checkpoint.
@@ -708,6 +740,16 @@ impl sluice_engine::Sink for Counted {
         &mut self,
         batch: arrow::record_batch::RecordBatch,
     ) -> sluice_engine::Result<()> {
+        let batch = match &self.filter {
+            Some(f) => {
+                let batch = apply_filter(f.as_ref(), &batch)?;
+                if batch.num_rows() == 0 {
+                    return Ok(());
+                }
+                batch
+            }
+            None => batch,
+        };
         let n = batch.num_rows() as u64;
         self.inner.write_batch(batch).await?;
         if let Some(delivered) = &self.delivered {
@@ -755,7 +797,10 @@ const SINK_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// a stream that checkpoints) the sink takes part in them: exactly once, its rows travel
 /// with the checkpoints; otherwise a checkpoint
 /// completes only once the sink has had every row before its barrier acknowledged, so a
-/// restart replays whatever it may not have delivered (at least once).
+/// restart replays whatever it may not have delivered (at least once). Given `filter` (the
+/// sink's `WHERE`, with the policies of its owner) it delivers only the rows that pass.
+// One argument per thing a sink is made of; a struct of them would only rename this list.
+#[allow(clippy::too_many_arguments)]
 pub async fn start_sink(
     lake: &Lake,
     create: CreateSink,
@@ -764,6 +809,7 @@ pub async fn start_sink(
     parent: &CancellationToken,
     gate: &Gate,
     checkpoints: Option<(&Coordinator, bool)>,
+    filter: Option<Arc<dyn datafusion::physical_plan::PhysicalExpr>>,
 ) -> Result<RunningSink> {
     let coordinator = checkpoints.map(|(c, _)| c);
     let exactly_once = checkpoints.is_some_and(|(_, e)| e);
@@ -833,6 +879,7 @@ pub async fn start_sink(
     };
     let sink: Box<dyn sluice_engine::Sink> = Box::new(Counted {
         inner,
+        filter,
         // Exactly once, the connector counts: its rows are delivered after their checkpoint.
         delivered: (!exactly_once).then(|| Arc::clone(&delivered)),
         checkpoint: acknowledged,

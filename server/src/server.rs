@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::Arc;
 
+use crate::access::AccessControl;
 use crate::connections::{ConnectionLimits, Connections, HttpListener, Limit};
 use crate::error::{Result, ServerError};
 use crate::instance::Sluice;
@@ -34,6 +35,20 @@ pub struct ServerConfig {
     pub checkpoint_retention: usize,
     /// Connection limits and timeouts of both listeners.
     pub connections: ConnectionLimits,
+    /// Passwords, secrets and TLS.
+    pub security: Security,
+}
+
+/// The security settings of a server (see [`crate::access`] and [`crate::tls`]).
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// The superuser's password (`SLUICE_PASSWORD`); none: logins are trusted, and the
+    /// listeners must be on loopback addresses.
+    pub password: Option<String>,
+    /// The key that seals secrets (`SLUICE_SECRET_KEY`).
+    pub secret_key: Option<String>,
+    /// TLS for both listeners.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// A started server.
@@ -58,6 +73,30 @@ pub struct RunningServer {
 /// Binds both listeners, opens the lake and takes its writer lease (restoring the catalog
 /// and running every pipeline), or serves as a standby until the lease expires.
 pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
+    let security = &config.security;
+    if security.password.is_none() {
+        for (flag, addr) in [
+            ("--pg-listen", config.pg_listen),
+            ("--http-listen", config.http_listen),
+        ] {
+            if !addr.ip().is_loopback() {
+                return Err(ServerError::External(format!(
+                    "refusing to listen on {addr} ({flag}) without a password: anyone who reaches it \
+                     could do anything. Set SLUICE_PASSWORD (or --password-file) to require logins, \
+                     or listen on a loopback address (127.0.0.1, ::1)"
+                )));
+            }
+        }
+    }
+    let tls = security
+        .tls
+        .as_ref()
+        .map(crate::tls::Tls::load)
+        .transpose()?;
+    let access = Arc::new(AccessControl::new(
+        security.password.as_deref(),
+        security.secret_key.as_deref(),
+    ));
     let bind = |what: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -87,9 +126,13 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
     let (node, started_as_writer) = match lease::acquire(&lake, me).await? {
         Acquired::Writer(lease) => {
             forward(&lease);
-            let sluice =
-                Sluice::open_as_writer(lake.clone(), Some(lease), config.checkpoint_retention)
-                    .await?;
+            let sluice = Sluice::open_as_writer(
+                lake.clone(),
+                Some(lease),
+                config.checkpoint_retention,
+                Arc::clone(&access),
+            )
+            .await?;
             (Node::writer(sluice), true)
         }
         Acquired::Standby(standby) => {
@@ -101,11 +144,16 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
             tracing::info!(
                 "standby: the lake's writer is {holder}; serving queries, taking over when its lease expires"
             );
-            let node = Node::standby(lake.clone(), std::sync::Arc::clone(&standby.holder));
+            let node = Node::standby(
+                lake.clone(),
+                Arc::clone(&standby.holder),
+                Arc::clone(&access),
+            );
             let promoted = node.clone();
             let lost = lease_lost.clone();
             let lake = lake.clone();
             let retention = config.checkpoint_retention;
+            let access = Arc::clone(&access);
             tokio::spawn(async move {
                 let lease = match standby.take_over().await {
                     Ok(l) => l,
@@ -120,7 +168,7 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
                     to.cancel();
                 });
                 tracing::info!("standby: taking over as the lake's writer");
-                match Sluice::open_as_writer(lake, Some(lease), retention).await {
+                match Sluice::open_as_writer(lake, Some(lease), retention, access).await {
                     Ok(sluice) => promoted.promote(sluice),
                     Err(e) => {
                         tracing::error!("cannot take over the lake: {e}");
@@ -138,7 +186,8 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
         http: Arc::clone(&http_limit.counters),
     };
     let app = crate::http::router(node.clone(), counters);
-    let http = HttpListener::new(http, http_limit, limits.http_idle);
+    let http = HttpListener::new(http, http_limit, limits.http_idle)
+        .with_tls(tls.as_ref().map(|t| t.http.clone()));
     let tasks = vec![
         tokio::spawn(crate::pg::serve(
             pg,
@@ -146,6 +195,7 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
             config.statement_timeout,
             pg_limit,
             limits.pg_startup_timeout,
+            tls.map(|t| t.pg),
         )),
         tokio::spawn(async move {
             if let Err(e) = axum::serve(http, app).await {

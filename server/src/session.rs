@@ -64,6 +64,8 @@ pub struct Session {
     current: Mutex<Option<Guard>>,
     /// Notices for the client, sent before the statement's result.
     notices: Mutex<Vec<String>>,
+    /// The user who logged in (unset: the superuser, for the server's own statements).
+    user: std::sync::OnceLock<String>,
 }
 
 /// Why a statement stopped early.
@@ -86,6 +88,25 @@ impl Stopped {
 }
 
 impl Session {
+    /// A session of `user`.
+    pub fn of(user: &str) -> Self {
+        let s = Self::default();
+        let _ = s.user.set(user.to_string());
+        s
+    }
+
+    /// Sets the user once, at login (a second call changes nothing).
+    pub fn log_in(&self, user: &str) {
+        let _ = self.user.set(user.to_string());
+    }
+
+    /// The session's user.
+    pub fn user(&self) -> &str {
+        self.user
+            .get()
+            .map_or(crate::access::SUPERUSER, String::as_str)
+    }
+
     /// The session's `statement_timeout`, if it set one.
     pub fn statement_timeout(&self) -> Option<Duration> {
         *lock(&self.statement_timeout)

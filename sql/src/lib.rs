@@ -7,8 +7,10 @@
 //!   watermark, connector configuration.
 //! - [`planner`] turns the query of a `CREATE STREAM` into a [`StreamPlan`]: DataFusion plans
 //!   and optimises it, and each logical node becomes an operator spec of the runtime.
+//! - [`access`] parses users, roles, grants, policies, tokens and secrets.
 //! - [`window`] plans window table functions (`TUMBLE`, `HOP`, `SESSION`) in `FROM`.
 
+pub mod access;
 pub mod error;
 pub mod limits;
 pub mod parser;

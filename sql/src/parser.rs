@@ -84,6 +84,8 @@ pub struct CreateSink {
     pub if_not_exists: bool,
     /// The source or stream whose rows it delivers (case-folded).
     pub from: String,
+    /// `WHERE predicate`: only the rows it holds for are delivered.
+    pub filter: Option<Expr>,
     /// `WITH (…)` options.
     pub options: Vec<(String, String)>,
 }
@@ -118,6 +120,8 @@ pub enum SluiceStatement {
     ShowAthenaDdl(String),
     /// `SHOW STATUS`: the server's role in its lake (writer or standby).
     ShowStatus,
+    /// Users, roles, privileges, policies, tokens, secrets (see [`crate::access`]).
+    Access(Box<crate::access::AccessStatement>),
     /// Any other statement: DataFusion's to run.
     Other(Box<DFStatement>),
 }
@@ -157,9 +161,12 @@ pub fn parse_sql(sql: &str) -> Result<Vec<SluiceStatement>> {
 }
 
 /// Any error while parsing; turned into [`SqlError::Syntax`] with a position.
-type PResult<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+pub(crate) type PResult<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 fn parse_statement(p: &mut DFParser<'_>) -> PResult<SluiceStatement> {
+    if crate::access::starts(p) {
+        return Ok(SluiceStatement::Access(Box::new(crate::access::parse(p)?)));
+    }
     if peek_word(p, 0, "CREATE") {
         if peek_word(p, 1, "SOURCE") {
             p.parser.next_token();
@@ -184,11 +191,17 @@ fn parse_statement(p: &mut DFParser<'_>) -> PResult<SluiceStatement> {
             let name = object_name(&p.parser.parse_object_name(false)?)?;
             p.parser.expect_keyword(Keyword::FROM)?;
             let from = object_name(&p.parser.parse_object_name(false)?)?;
+            let filter = if p.parser.parse_keyword(Keyword::WHERE) {
+                Some(p.parser.parse_expr()?)
+            } else {
+                None
+            };
             let options = parse_with_options(p)?;
             return Ok(SluiceStatement::CreateSink(Box::new(CreateSink {
                 name,
                 if_not_exists,
                 from,
+                filter,
                 options,
             })));
         }
@@ -331,6 +344,20 @@ fn parse_with_options(p: &mut DFParser<'_>) -> PResult<Vec<(String, String)>> {
     loop {
         let key = p.parse_option_key()?.to_ascii_lowercase();
         p.parser.expect_token(&Token::Eq)?;
+        // `key = SECRET name`: the value of a secret, looked up when the object starts.
+        if peek_word(p, 0, "SECRET") && matches!(p.parser.peek_nth_token(1).token, Token::Word(_)) {
+            p.parser.next_token();
+            let secret = ident(&p.parser.parse_identifier()?);
+            if options.iter().any(|(k, _)| *k == key) {
+                return Err(format!("option `{key}` is given twice").into());
+            }
+            options.push((key, format!("{}{secret}", crate::access::SECRET_REFERENCE)));
+            if p.parser.consume_token(&Token::Comma) {
+                continue;
+            }
+            p.parser.expect_token(&Token::RParen)?;
+            return Ok(options);
+        }
         let value = match p.parse_option_value()? {
             Value::SingleQuotedString(s)
             | Value::DoubleQuotedString(s)
@@ -338,6 +365,11 @@ fn parse_with_options(p: &mut DFParser<'_>) -> PResult<Vec<(String, String)>> {
             Value::Number(n, _) => n,
             other => other.to_string(),
         };
+        if value.starts_with(crate::access::SECRET_REFERENCE) {
+            return Err(
+                format!("option `{key}`: the value starts with a reserved character").into(),
+            );
+        }
         if options.iter().any(|(k, _)| *k == key) {
             return Err(format!("option `{key}` is given twice").into());
         }
@@ -368,7 +400,7 @@ fn kind_at(p: &DFParser<'_>, n: usize, plural: bool) -> Option<ObjectKind> {
     }
 }
 
-fn peek_word(p: &DFParser<'_>, n: usize, word: &str) -> bool {
+pub(crate) fn peek_word(p: &DFParser<'_>, n: usize, word: &str) -> bool {
     matches!(&p.parser.peek_nth_token(n).token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(word))
 }
 
@@ -381,7 +413,7 @@ pub fn ident(i: &Ident) -> String {
     }
 }
 
-fn object_name(n: &ObjectName) -> PResult<String> {
+pub(crate) fn object_name(n: &ObjectName) -> PResult<String> {
     match n.0.as_slice() {
         [part] => Ok(part
             .as_ident()
@@ -457,6 +489,9 @@ impl fmt::Display for CreateSink {
             quote(&self.name),
             quote(&self.from)
         )?;
+        if let Some(filter) = &self.filter {
+            write!(f, " WHERE {filter}")?;
+        }
         write_options(f, &self.options)
     }
 }
@@ -467,7 +502,10 @@ fn write_options(f: &mut fmt::Formatter<'_>, options: &[(String, String)]) -> fm
     }
     let o: Vec<String> = options
         .iter()
-        .map(|(k, v)| format!("'{}' = '{}'", k.replace('\'', "''"), v.replace('\'', "''")))
+        .map(|(k, v)| match crate::access::secret_name(v) {
+            Some(secret) => format!("'{}' = SECRET {}", k.replace('\'', "''"), quote(secret)),
+            None => format!("'{}' = '{}'", k.replace('\'', "''"), v.replace('\'', "''")),
+        })
         .collect();
     write!(f, " WITH ({})", o.join(", "))
 }

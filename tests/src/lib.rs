@@ -20,6 +20,7 @@ pub async fn start_server(lake: &Path) -> RunningServer {
         statement_timeout: std::time::Duration::ZERO,
         checkpoint_retention: sluice_engine::checkpoint::DEFAULT_RETENTION,
         connections: Default::default(),
+        security: Default::default(),
     };
     sluice_server::start(&config)
         .await
