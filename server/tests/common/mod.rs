@@ -47,6 +47,12 @@ impl DerefMut for Server {
     }
 }
 
+impl From<Child> for Server {
+    fn from(child: Child) -> Self {
+        Self(child)
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
