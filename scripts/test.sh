@@ -54,9 +54,24 @@ need_promtool() {
   command -v promtool >/dev/null 2>&1 || { echo "promtool is required by the tests: install Debian's prometheus package" >&2; exit 1; }
 }
 
+# openssl (the security tests make a CA and a server certificate) and curl (HTTPS client).
+need_openssl_curl() {
+  command -v openssl >/dev/null 2>&1 && command -v curl >/dev/null 2>&1 && return 0
+  say "installing openssl and curl"
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq openssl curl >/dev/null
+  fi
+  command -v openssl >/dev/null 2>&1 && command -v curl >/dev/null 2>&1 || {
+    echo "openssl and curl are required by the tests: install them" >&2
+    exit 1
+  }
+}
+
 need_psql
 need_pgjdbc
 need_promtool
+need_openssl_curl
 export SLUICE_TEST_PGJDBC_JAR="$PGJDBC_JAR"
 
 say "services (Kafka-protocol broker, schema registry, S3 + SQS, Kinesis)"
