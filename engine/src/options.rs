@@ -122,6 +122,12 @@ impl WithOptions {
             .collect()
     }
 
+    /// An error about these options, saying whose they are (without any value: for
+    /// options that may hold credentials).
+    pub fn error(&self, message: &str) -> EngineError {
+        EngineError::InvalidOption(format!("{}: {message}", self.owner))
+    }
+
     /// An error saying option `key` has the bad value `value`; `what` says what is expected.
     pub fn bad(&self, key: &str, value: &str, what: &str) -> EngineError {
         EngineError::InvalidOption(format!(

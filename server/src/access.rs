@@ -450,6 +450,24 @@ impl AccessControl {
             .collect()
     }
 
+    /// `e`, with the value of every secret `options` name replaced by `SECRET name` (an
+    /// error about a connector's options may quote a value).
+    pub fn redact(&self, options: &[(String, String)], e: ServerError) -> ServerError {
+        let message = e.to_string();
+        let mut redacted = message.clone();
+        for name in options.iter().filter_map(|(_, v)| secret_name(v)) {
+            if let Ok(value) = self.reveal(name)
+                && !value.is_empty()
+            {
+                redacted = redacted.replace(&value, &format!("SECRET {name}"));
+            }
+        }
+        if redacted == message {
+            return e;
+        }
+        ServerError::Sql(sluice_sql::SqlError::InvalidOption(redacted))
+    }
+
     /// An error unless `user` may use every secret `options` name (its owner or a
     /// superuser), and each exists.
     pub fn check_secrets(&self, user: &str, options: &[(String, String)]) -> Result<()> {

@@ -94,8 +94,9 @@ impl Described {
     /// shape matters here).
     pub async fn query(adhoc: &AdHoc, mut stmt: DFStatement) -> Result<Self> {
         let names = crate::pg_compat::column_names(&stmt);
-        crate::pg_compat::alias_duplicate_names(&mut stmt);
+        // Settings first: two of them inlined as equal literals are then aliased apart.
         crate::pg_compat::inline_settings(&mut stmt, |n| Session::default().setting(n))?;
+        crate::pg_compat::alias_duplicate_names(&mut stmt);
         let plan = adhoc.plan(stmt, &Default::default()).await?;
         Self::of(&plan, names.as_deref())
     }
@@ -608,6 +609,7 @@ impl Sluice {
             SluiceStatement::CreateSource(c) => {
                 access.require(user, Privilege::Create, None)?;
                 access.check_secrets(user, &c.options)?;
+                warn_clear_credentials(session, &c.options);
                 self.create_source(*c, Some(user)).await
             }
             SluiceStatement::CreateStream(mut c) => {
@@ -618,6 +620,7 @@ impl Sluice {
             SluiceStatement::CreateSink(mut c) => {
                 access.require(user, Privilege::Create, None)?;
                 access.check_secrets(user, &c.options)?;
+                warn_clear_credentials(session, &c.options);
                 if let Some(kind) = self.inner.adhoc.kind(&c.from) {
                     access.require(user, Privilege::Select, Some((kind, &c.from)))?;
                     // The user's policies travel with the rows: the sink delivers only those.
@@ -797,7 +800,8 @@ impl Sluice {
             options: self.inner.access.reveal_options(&c.options)?,
             ..c.clone()
         };
-        let def = source_def(&revealed, &self.inner.connectors)?;
+        let redact = |e: ServerError| self.inner.access.redact(&c.options, e);
+        let def = source_def(&revealed, &self.inner.connectors).map_err(|e| redact(e.into()))?;
         let mut running = start_source(
             &self.inner.lake,
             def,
@@ -806,7 +810,8 @@ impl Sluice {
             &c.to_string(),
             &self.inner.readers_gate.subscribe(),
         )
-        .await?;
+        .await
+        .map_err(redact)?;
         if running.push.is_some() && !persist && running.replay_from.is_none() {
             // Restored, and no checkpoint has it: no stream's output from it was committed,
             // so everything it stored is published again.
@@ -930,7 +935,10 @@ impl Sluice {
             .inner
             .connectors
             .sink(opts, &from.schema)
-            .map_err(|e| SqlError::InvalidOption(e.to_string()))?;
+            .map_err(|e| {
+                let e = SqlError::InvalidOption(e.to_string()).into();
+                self.inner.access.redact(&c.options, e)
+            })?;
         let input = state
             .input(&c.from)
             .ok_or_else(|| ServerError::Internal(format!("`{}` is not running", c.from)))?;
@@ -971,7 +979,8 @@ impl Sluice {
             checkpointed.then_some((&self.inner.checkpoints, exactly_once)),
             filter,
         )
-        .await?;
+        .await
+        .map_err(|e| self.inner.access.redact(&c.options, e))?;
         self.directory_mut().insert(c.name.clone(), Named::Sink);
         state.sinks.insert(c.name.clone(), running);
         self.record(&mut state, ObjectKind::Sink, &c.name, c.to_string(), owner)
@@ -1322,6 +1331,22 @@ impl Sluice {
 /// Runs a statement that is not Sluice's own over the lake's tables in `adhoc`, in a
 /// client's `session`: a read-only query, or a session statement clients send (`SET`,
 /// `BEGIN`, …).
+/// A NOTICE for each option that looks like a credential but is written in the statement
+/// (and so stored in the catalog as written) rather than given as `SECRET name`.
+fn warn_clear_credentials(session: &Session, options: &[(String, String)]) {
+    for (key, value) in options {
+        let k = key.to_ascii_lowercase();
+        let credential = ["password", "secret", "token", "jaas", "private"]
+            .iter()
+            .any(|w| k.contains(w));
+        if credential && sluice_sql::access::secret_name(value).is_none() {
+            session.notice(format!(
+                "option `{key}` is stored in the catalog as written: give it as SECRET name (CREATE SECRET name AS '…') to keep it sealed"
+            ));
+        }
+    }
+}
+
 pub(crate) async fn run_adhoc(
     adhoc: &AdHoc,
     access: &AccessControl,
@@ -1368,8 +1393,9 @@ pub(crate) async fn run_adhoc(
     }
     let options = session.options();
     let names = crate::pg_compat::column_names(&stmt);
-    crate::pg_compat::alias_duplicate_names(&mut stmt);
+    // Settings first: two of them inlined as equal literals are then aliased apart.
     crate::pg_compat::inline_settings(&mut stmt, |name| session.setting(name))?;
+    crate::pg_compat::alias_duplicate_names(&mut stmt);
     let start = async {
         let mut plan = adhoc.plan(stmt, &options).await?;
         if let Some(params) = params {

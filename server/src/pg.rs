@@ -408,7 +408,8 @@ impl PgHandler {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let session = Self::session(client);
-        session.log_in(user);
+        let superuser = self.sluice.access().is_superuser(user);
+        session.log_in(user, superuser);
         let (pid, key) = self.keys.generate(client);
         client.set_pid_and_secret_key(pid, key.clone());
         // The key a CancelRequest names the session by (sent as BackendKeyData).
@@ -427,7 +428,7 @@ impl PgHandler {
         {
             parameters.server_version = (*version).into();
         }
-        parameters.is_superuser = self.sluice.access().is_superuser(user);
+        parameters.is_superuser = superuser;
         pgwire::api::auth::finish_authentication(client, &parameters).await
     }
 }

@@ -132,6 +132,18 @@ pub fn inline_settings(
         let Expr::Function(f) = e else {
             return ControlFlow::Continue(());
         };
+        // `current_user`, `session_user`, `current_role`, `user`: the session's user.
+        if matches!(f.args, FunctionArguments::None)
+            && let [part] = f.name.0.as_slice()
+            && let Some(i) = part.as_ident()
+            && ["current_user", "session_user", "current_role", "user"]
+                .iter()
+                .any(|n| i.value.eq_ignore_ascii_case(n))
+            && let Some(user) = setting("session_authorization")
+        {
+            *e = Expr::value(Value::SingleQuotedString(user));
+            return ControlFlow::Continue(());
+        }
         let is_it = f
             .name
             .0

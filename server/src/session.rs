@@ -64,8 +64,9 @@ pub struct Session {
     current: Mutex<Option<Guard>>,
     /// Notices for the client, sent before the statement's result.
     notices: Mutex<Vec<String>>,
-    /// The user who logged in (unset: the superuser, for the server's own statements).
-    user: std::sync::OnceLock<String>,
+    /// The user who logged in, and whether it is a superuser (unset: the superuser, for
+    /// the server's own statements).
+    user: std::sync::OnceLock<(String, bool)>,
 }
 
 /// Why a statement stopped early.
@@ -88,23 +89,17 @@ impl Stopped {
 }
 
 impl Session {
-    /// A session of `user`.
-    pub fn of(user: &str) -> Self {
-        let s = Self::default();
-        let _ = s.user.set(user.to_string());
-        s
-    }
-
-    /// Sets the user once, at login (a second call changes nothing).
-    pub fn log_in(&self, user: &str) {
-        let _ = self.user.set(user.to_string());
+    /// Sets the user once, at login (a second call changes nothing); `superuser` is what
+    /// `SHOW is_superuser` says.
+    pub fn log_in(&self, user: &str, superuser: bool) {
+        let _ = self.user.set((user.to_string(), superuser));
     }
 
     /// The session's user.
     pub fn user(&self) -> &str {
         self.user
             .get()
-            .map_or(crate::access::SUPERUSER, String::as_str)
+            .map_or(crate::access::SUPERUSER, |(u, _)| u.as_str())
     }
 
     /// The session's `statement_timeout`, if it set one.
@@ -147,6 +142,14 @@ impl Session {
     /// know.
     pub fn setting(&self, name: &str) -> Option<String> {
         let name = name.to_ascii_lowercase();
+        match name.as_str() {
+            "session_authorization" => return Some(self.user().to_string()),
+            "is_superuser" => {
+                let superuser = self.user.get().is_none_or(|(_, s)| *s);
+                return Some(if superuser { "on" } else { "off" }.into());
+            }
+            _ => {}
+        }
         if name == "statement_timeout" {
             return Some(match self.statement_timeout() {
                 Some(t) if !t.is_zero() => format!("{}ms", t.as_millis()),

@@ -427,6 +427,19 @@ fn users_grants_policies_tokens_and_secrets_over_tls() {
     .unwrap_err();
     assert!(err.contains("must be owner of stream orders_all"), "{err}");
 
+    // The session is the user who logged in.
+    assert_eq!(
+        count("acme", ACME_PW, "SELECT current_user, session_user")
+            .unwrap()
+            .trim(),
+        "acme|acme"
+    );
+    assert_eq!(
+        count("acme", ACME_PW, "SHOW is_superuser").unwrap().trim(),
+        "off"
+    );
+    assert_eq!(root(pg, &ca, "SHOW is_superuser").trim(), "on");
+
     // Drivers over TLS with SCRAM (the same policies).
     let python = std::env::var("SLUICE_TEST_PYTHON")
         .expect("SLUICE_TEST_PYTHON is not set: run the tests with scripts/test.sh");
@@ -492,6 +505,29 @@ fn users_grants_policies_tokens_and_secrets_over_tls() {
         pg,
         &ca,
         "SELECT sql FROM sluice.sinks WHERE name = 'secret_out'",
+    );
+    // A credential written out in the statement is stored as written: the user is told.
+    let out = Command::new("psql")
+        .args(["-X", "-A", "-t", "-w"])
+        .arg(format!(
+            "host=localhost port={pg} dbname=sluice user=sluice sslmode=verify-full sslrootcert={}",
+            ca.display()
+        ))
+        .arg("-c")
+        .arg(format!(
+            "CREATE SINK clear_out FROM orders_all WITH (connector = 'kafka', brokers = '{brokers}',
+               topic = '{topic}-3', format = 'json', 'properties.sasl.password' = 'not-a-secret')"
+        ))
+        .env("PGPASSWORD", ROOT_PW)
+        .output()
+        .unwrap();
+    let notice = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{notice}");
+    assert!(
+        notice.contains(
+            "NOTICE:  option `properties.sasl.password` is stored in the catalog as written"
+        ),
+        "{notice}"
     );
     assert!(shown.contains("SECRET kafka_pw"), "{shown}");
     let err = count("acme", ACME_PW, &format!(

@@ -124,7 +124,7 @@ impl KinesisConfig {
             },
         };
         let format = crate::formats::take_format(opts, &["json", "csv", "avro"])?;
-        let aws = AwsOptions::take(opts);
+        let aws = AwsOptions::take(opts)?;
         let raw_zone = opts.take_bool("raw_zone")?.unwrap_or(false);
         let batch_size: i32 = opts
             .take_parsed("batch_size", "a whole number from 1 to 10000")?

@@ -73,7 +73,7 @@ impl KinesisSinkConfig {
             stream,
             partition_key,
             format,
-            aws: AwsOptions::take(opts),
+            aws: AwsOptions::take(opts)?,
         })
     }
 }

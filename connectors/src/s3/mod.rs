@@ -118,7 +118,7 @@ impl LandingConfig {
             format,
             notifications,
             poll_interval,
-            aws: crate::kinesis::AwsOptions::take(opts),
+            aws: crate::kinesis::AwsOptions::take(opts)?,
             batch_size,
         })
     }
