@@ -757,6 +757,29 @@ impl Sluice {
         let state = self.inner.state.lock().await;
         let adhoc = &self.inner.adhoc;
         let (access, token) = self.inner.access.apply(user, &stmt, &|n| adhoc.kind(n))?;
+        if let AccessStatement::CreatePolicy {
+            name, on, using, ..
+        } = &stmt
+        {
+            // A predicate that does not plan over the stream would fail every query of the
+            // users it names: refused now instead.
+            let sql = format!(
+                "SELECT * FROM {} WHERE {using}",
+                sluice_sql::parser::quote(on)
+            );
+            let planned = match crate::pg_compat::parse(&sql)?.pop() {
+                Some(SluiceStatement::Other(q)) => {
+                    adhoc.plan(*q, &Default::default()).await.map(|_| ())
+                }
+                _ => Err(ServerError::Internal(format!("`{sql}` is not a query"))),
+            };
+            if let Err(e) = planned {
+                return Err(SqlError::Invalid(format!(
+                    "policy `{name}` on `{on}`: USING ({using}): {e}"
+                ))
+                .into());
+            }
+        }
         self.fenced()?;
         catalog::store(&self.inner.lake, &state.entries, &access).await?;
         self.inner.access.replace(access);

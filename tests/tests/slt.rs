@@ -230,7 +230,17 @@ impl AsyncDB for SluiceDb {
             self.wait_for_rows(stream.trim(), n).await?;
             return Ok(DBOutput::StatementComplete(0));
         }
-        let mut results = self.sluice.execute(sql).await;
+        // `AS <user>` on the first line: the rest runs in a session of that user.
+        let session = sluice_server::session::Session::default();
+        let mut sql = sql;
+        if let Some(rest) = trimmed.strip_prefix("AS ")
+            && let Some((user, statement)) = rest.split_once('\n')
+        {
+            let user = user.trim();
+            session.log_in(user, self.sluice.access().is_superuser(user));
+            sql = statement;
+        }
+        let mut results = self.sluice.execute_in(sql, &session).await;
         let last = match results.pop() {
             Some(Ok(o)) => Some(o.collect().await),
             other => other,
