@@ -662,7 +662,8 @@ impl Sluice {
                 if_exists,
                 cascade,
             } => {
-                for name in &names {
+                // (What does not exist is for the drop to report, or skip with IF EXISTS.)
+                for name in names.iter().filter(|n| self.directory().contains_key(*n)) {
                     access.require_owner(user, &kind.to_string(), name)?;
                 }
                 self.drop_objects(kind, names, if_exists, cascade).await
