@@ -527,7 +527,7 @@ impl StartupHandler for PgHandler {
                             .ok_or_else(|| "no client-first message".to_string())
                             .and_then(|data| {
                                 crate::scram::Exchange::start(data, verifier)
-                                    .map_err(|e| format!("{e:?}"))
+                                    .map_err(|e| e.to_string())
                             })
                             .map_err(|e| {
                                 login_error("08P01", format!("malformed SCRAM message: {e}"))

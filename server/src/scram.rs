@@ -144,6 +144,15 @@ pub enum ScramError {
     WrongPassword,
 }
 
+impl fmt::Display for ScramError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScramError::Protocol(m) => f.write_str(m),
+            ScramError::WrongPassword => f.write_str("wrong password"),
+        }
+    }
+}
+
 /// The server's side of one login, between the client's first and final messages.
 #[derive(Debug)]
 pub struct Exchange {
