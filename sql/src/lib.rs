@@ -12,6 +12,7 @@
 
 pub mod access;
 pub mod error;
+pub mod join;
 pub mod limits;
 pub mod parser;
 pub mod planner;

@@ -38,7 +38,7 @@ use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 use sluice_engine::operators::{
     Dedup, DedupKeep, DedupSpec, Filter, LatePolicy, Lateness, Projection, SessionAggregate,
-    Unnest, WindowAggregate, WindowAggregateSpec,
+    StreamJoin, StreamJoinSpec, Unnest, WindowAggregate, WindowAggregateSpec,
 };
 use sluice_engine::sink::FileRolling;
 use sluice_engine::{Operator, WithOptions};
@@ -105,6 +105,15 @@ pub enum OpSpec {
         /// The schema of its input.
         input: SchemaRef,
     },
+    /// Join the two sides' rows (after the branches merge; see [`StreamJoin`]).
+    Join {
+        /// What to compute.
+        spec: StreamJoinSpec,
+        /// The schema of its input (the merged sides).
+        input: SchemaRef,
+        /// For `EXPLAIN`: the kind, keys and bounds.
+        description: String,
+    },
 }
 
 impl OpSpec {
@@ -130,6 +139,9 @@ impl OpSpec {
                 origin,
             )?),
             OpSpec::Dedup { spec, input } => Box::new(Dedup::try_new(spec.clone(), input, origin)?),
+            OpSpec::Join { spec, input, .. } => {
+                Box::new(StreamJoin::new(spec.clone(), input, origin)?)
+            }
         })
     }
 
@@ -184,6 +196,7 @@ impl OpSpec {
                     describe_lateness(&spec.lateness)
                 )
             }
+            OpSpec::Join { description, .. } => description.clone(),
             OpSpec::Dedup { spec, .. } => {
                 let keys: Vec<String> = spec.keys.iter().map(|e| e.to_string()).collect();
                 let keep = match spec.keep {
@@ -258,7 +271,7 @@ pub struct BranchPlan {
     /// Its operators, first to last.
     pub ops: Vec<OpSpec>,
     /// Index of the event-time column in this branch's output, if it is carried through.
-    event_time: Option<usize>,
+    pub(crate) event_time: Option<usize>,
 }
 
 /// A planned stream, ready to run.
@@ -497,6 +510,11 @@ pub async fn plan_stream(
             spec.key_exprs()
         }
         Some(OpSpec::Dedup { spec, .. }) => spec.keys.clone(),
+        Some(OpSpec::Join { spec, .. }) => (1..=spec.keys)
+            .map(|i| {
+                Arc::new(Column::new(&merge_schema_field(&post, i), i)) as Arc<dyn PhysicalExpr>
+            })
+            .collect(),
         _ => vec![],
     };
     let parallelism = match parallelism {
@@ -561,18 +579,26 @@ pub async fn plan_stream(
     })
 }
 
+/// The name of column `i` of the input of the first `post` operator (a join's).
+fn merge_schema_field(post: &[OpSpec], i: usize) -> String {
+    match post.first() {
+        Some(OpSpec::Join { input, .. }) => input.field(i).name().clone(),
+        _ => String::new(),
+    }
+}
+
 /// Subtasks of a stateful stream when it does not say: one per core.
 fn default_parallelism() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// A translated plan: branches of stateless operators, then what runs after they merge.
-struct Translated {
-    branches: Vec<BranchPlan>,
-    post: Vec<OpSpec>,
-    merge_schema: Option<SchemaRef>,
+pub(crate) struct Translated {
+    pub(crate) branches: Vec<BranchPlan>,
+    pub(crate) post: Vec<OpSpec>,
+    pub(crate) merge_schema: Option<SchemaRef>,
     /// Index of the event-time column in the post chain's output.
-    post_event_time: Option<usize>,
+    pub(crate) post_event_time: Option<usize>,
 }
 
 /// Translates the top of a plan: a stateful node (window aggregation, dedup) and the
@@ -588,7 +614,10 @@ fn translate_stream(
         p.exists(|n| {
             Ok(matches!(
                 n,
-                LogicalPlan::Aggregate(_) | LogicalPlan::Window(_) | LogicalPlan::Distinct(_)
+                LogicalPlan::Aggregate(_)
+                    | LogicalPlan::Window(_)
+                    | LogicalPlan::Distinct(_)
+                    | LogicalPlan::Join(_)
             ))
         })
         .unwrap_or(false)
@@ -632,6 +661,7 @@ fn translate_stream(
             row_number_dedup(f, w, relations, props, opts)
         }
         LogicalPlan::Distinct(d) => distinct_dedup(d, relations, props, opts),
+        LogicalPlan::Join(j) => crate::join::join_stream(j, relations, props, opts.lateness),
         // The ORDER BY of a `DISTINCT ON` only chooses the row kept (the dedup reads it);
         // the order of an unbounded output means nothing.
         LogicalPlan::Sort(sort)
@@ -666,7 +696,7 @@ fn translate_stream(
 }
 
 /// Fails unless every branch reads an input with event time.
-fn needs_event_time(
+pub(crate) fn needs_event_time(
     branches: &[BranchPlan],
     relations: &BTreeMap<String, Relation>,
     what: &str,
@@ -965,7 +995,7 @@ fn window_aggregate(
     })())
 }
 
-fn translate(
+pub(crate) fn translate(
     plan: &LogicalPlan,
     relations: &BTreeMap<String, Relation>,
     props: &ExecutionProps,

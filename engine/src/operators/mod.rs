@@ -21,6 +21,7 @@ mod dedup;
 mod filter;
 mod projection;
 mod session_aggregate;
+mod stream_join;
 mod unnest;
 mod window_aggregate;
 
@@ -28,6 +29,7 @@ pub use dedup::{Dedup, DedupKeep, DedupSpec};
 pub use filter::Filter;
 pub use projection::Projection;
 pub use session_aggregate::SessionAggregate;
+pub use stream_join::{JoinKind, StreamJoin, StreamJoinSpec};
 pub use unnest::Unnest;
 pub use window_aggregate::{WindowAggregate, WindowAggregateSpec};
 

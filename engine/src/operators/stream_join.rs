@@ -1,0 +1,587 @@
+//! `StreamJoin`: two inputs joined on equal keys within bounds of event time — Flink's
+//! interval joins (`s.ts BETWEEN o.ts AND o.ts + INTERVAL '1' HOUR`) and window joins (both
+//! sides windowed alike, joined on `window_start`, `window_end` and keys).
+//!
+//! Its contract:
+//! - **Input**: one merged input whose rows come from either side. Column `side` (0: left,
+//!   1: right) says which; then the join key (`keys`, computed by each side's branch, the
+//!   same types on both); then the left side's columns, then the right side's (the other
+//!   side's are NULL). Rows of one key reach one subtask (the key columns route them).
+//! - **Matching**: a row is matched against the stored rows of the other side with an equal,
+//!   non-NULL key; a pair is emitted when the residual `filter` (the time bounds and any
+//!   other condition, over the output row) holds — at once, whichever side came second. The
+//!   row is then stored.
+//! - **Bounds**: each row has an *expiry*, from its side's `expiry` expression: the event
+//!   time after which no row of the other side can match it (`o.ts + 1 hour` for the left of
+//!   the interval join above, `s.ts - 0` for its right; `window_end` in a window join). Once
+//!   the horizon (watermark minus allowed lateness) passes the expiry of every row of a
+//!   stored batch, the batch is dropped; rows of a side an outer join preserves that never
+//!   matched are emitted then, with NULLs for the other side. A row kept a little longer
+//!   than its expiry cannot match wrongly: the filter holds the exact bounds.
+//! - **Late rows**: a row whose event time is behind the horizon could have matched rows
+//!   already dropped: it is late (errors zone or dropped, per the stream's `late_events`).
+//! - **Watermark**: the horizon, held back to the earliest event time among stored rows of
+//!   the side whose time the output carries (an emitted row is never behind it).
+//! - **End of input**: every stored row an outer join preserves that never matched is
+//!   emitted.
+//!
+//! Exactly the batch join of the rows that were on time (`tests/tests/differential.rs`).
+//!
+//! State: per side, the stored input batches (as they arrived, after late rows were taken
+//! out), each with its rows' matched flags, the latest expiry and earliest event time among
+//! its rows, and an index from encoded key to (batch, row).
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, UInt32Array, new_null_array};
+use arrow::compute::{cast, filter_record_batch, interleave, take};
+use arrow::datatypes::{DataType, Int64Type, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use arrow::row::{RowConverter, Rows, SortField};
+use datafusion::physical_expr::PhysicalExpr;
+
+use super::{
+    ForwardedWatermark, Lateness, check_state_version, restored_watermarks, save_watermarks,
+};
+use crate::checkpoint::{KeyFilter, OperatorState};
+use crate::error::{EngineError, Result};
+use crate::operator::{Collector, Operator};
+use crate::time::EventTime;
+
+/// The layout of this operator's checkpointed state (bump it when the layout changes).
+const STATE_VERSION: u32 = 1;
+
+/// Which rows without a match an outer join keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinKind {
+    /// Only pairs.
+    Inner,
+    /// Pairs, and left rows without one.
+    Left,
+    /// Pairs, and right rows without one.
+    Right,
+    /// Pairs, and rows of either side without one.
+    Full,
+}
+
+impl JoinKind {
+    /// Whether rows of `side` (0 left, 1 right) without a match are emitted.
+    fn preserves(self, side: usize) -> bool {
+        matches!(
+            (self, side),
+            (JoinKind::Left | JoinKind::Full, 0) | (JoinKind::Right | JoinKind::Full, 1)
+        )
+    }
+}
+
+/// What a [`StreamJoin`] computes (see the module docs for the input layout).
+#[derive(Debug, Clone)]
+pub struct StreamJoinSpec {
+    /// Inner or outer.
+    pub kind: JoinKind,
+    /// How many key columns follow the side column.
+    pub keys: usize,
+    /// The left side's columns in the input.
+    pub left: Range<usize>,
+    /// The right side's columns in the input.
+    pub right: Range<usize>,
+    /// Per side, a row's event time (over the whole input row; a timestamp or µs): what
+    /// lateness is judged by.
+    pub time: [Arc<dyn PhysicalExpr>; 2],
+    /// Per side, the event time after which no row of the other side can match a row
+    /// (over the whole input row; a timestamp).
+    pub expiry: [Arc<dyn PhysicalExpr>; 2],
+    /// The condition a pair must meet besides equal keys (over the output row).
+    pub filter: Option<Arc<dyn PhysicalExpr>>,
+    /// The output: the left side's columns, then the right side's.
+    pub output: SchemaRef,
+    /// The side whose event time the output carries, and that time of a row of it (over
+    /// the whole input row): the watermark is held back to the earliest such time in state.
+    /// None: the output has no event time.
+    pub output_time: Option<(usize, Arc<dyn PhysicalExpr>)>,
+    /// When a row is late.
+    pub lateness: Lateness,
+}
+
+/// One stored input batch.
+#[derive(Debug)]
+struct Stored {
+    batch: RecordBatch,
+    keys: Rows,
+    /// Rows whose key has a NULL (in no index entry).
+    null_key: Vec<bool>,
+    matched: Vec<bool>,
+    max_expiry: i64,
+    /// The earliest output event time among its rows (the side the output's time is from).
+    min_time: i64,
+}
+
+/// One side's state.
+#[derive(Debug, Default)]
+struct Side {
+    batches: HashMap<u64, Stored>,
+    index: HashMap<Box<[u8]>, Vec<(u64, u32)>>,
+    rows: usize,
+}
+
+/// See the module docs.
+pub struct StreamJoin {
+    spec: StreamJoinSpec,
+    origin: String,
+    converter: RowConverter,
+    sides: [Side; 2],
+    next_id: u64,
+    watermark: Option<i64>,
+    forwarded: ForwardedWatermark,
+}
+
+impl StreamJoin {
+    /// A join per `spec` over input rows of `input`; `origin` names the stream in
+    /// errors-zone records.
+    pub fn new(spec: StreamJoinSpec, input: &SchemaRef, origin: &str) -> Result<Self> {
+        let fields = (1..=spec.keys)
+            .map(|i| SortField::new(input.field(i).data_type().clone()))
+            .collect();
+        Ok(Self {
+            converter: RowConverter::new(fields)?,
+            spec,
+            origin: origin.to_string(),
+            sides: [Side::default(), Side::default()],
+            next_id: 0,
+            watermark: None,
+            forwarded: ForwardedWatermark::default(),
+        })
+    }
+
+    fn range(&self, side: usize) -> Range<usize> {
+        if side == 0 {
+            self.spec.left.clone()
+        } else {
+            self.spec.right.clone()
+        }
+    }
+
+    /// Rows stored on each side (for `SHOW STREAMS`).
+    pub fn state_rows(&self) -> [usize; 2] {
+        [self.sides[0].rows, self.sides[1].rows]
+    }
+
+    fn horizon(&self) -> Option<i64> {
+        self.watermark.map(|w| self.spec.lateness.horizon(w))
+    }
+
+    /// Timestamps (µs) of a timestamp or integer array.
+    fn micros(a: &ArrayRef) -> Result<Vec<Option<i64>>> {
+        let a = match a.data_type() {
+            DataType::Int64 => Arc::clone(a),
+            DataType::Timestamp(TimeUnit::Microsecond, _) => cast(a, &DataType::Int64)?,
+            other => {
+                let us =
+                    cast(a, &DataType::Timestamp(TimeUnit::Microsecond, None)).map_err(|_| {
+                        EngineError::Internal(format!("join: event time of type {other}"))
+                    })?;
+                cast(&us, &DataType::Int64)?
+            }
+        };
+        Ok(a.as_primitive::<Int64Type>().iter().collect())
+    }
+
+    /// The output rows for `pairs` of (row of `batch` on `side`, stored row of the other side).
+    fn pairs_batch(
+        &self,
+        side: usize,
+        batch: &RecordBatch,
+        pairs: &[(u32, (u64, u32))],
+    ) -> Result<RecordBatch> {
+        let other = 1 - side;
+        let here = UInt32Array::from_iter_values(pairs.iter().map(|(r, _)| *r));
+        let mine: Vec<ArrayRef> = self
+            .range(side)
+            .map(|c| take(batch.column(c), &here, None))
+            .collect::<std::result::Result<_, _>>()?;
+        let theirs = self.gather(other, pairs.iter().map(|(_, s)| *s))?;
+        let (left, right) = if side == 0 {
+            (mine, theirs)
+        } else {
+            (theirs, mine)
+        };
+        let columns: Vec<ArrayRef> = left.into_iter().chain(right).collect();
+        Ok(RecordBatch::try_new(
+            Arc::clone(&self.spec.output),
+            columns,
+        )?)
+    }
+
+    /// The columns of `side` of its stored rows `rows`.
+    fn gather(
+        &self,
+        side: usize,
+        rows: impl Iterator<Item = (u64, u32)> + Clone,
+    ) -> Result<Vec<ArrayRef>> {
+        let mut ids: Vec<u64> = rows.clone().map(|(b, _)| b).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let stored = &self.sides[side].batches;
+        let indices: Vec<(usize, usize)> = rows
+            .map(|(b, r)| (ids.binary_search(&b).expect("listed above"), r as usize))
+            .collect();
+        self.range(side)
+            .map(|c| {
+                let arrays: Vec<&dyn Array> = ids
+                    .iter()
+                    .map(|id| stored[id].batch.column(c).as_ref())
+                    .collect();
+                Ok(interleave(&arrays, &indices)?)
+            })
+            .collect()
+    }
+
+    /// Emits rows of `side` (of `batch`, at `rows`) with NULLs for the other side.
+    fn emit_unmatched(
+        &self,
+        side: usize,
+        batch: &RecordBatch,
+        rows: &[u32],
+        out: &mut Collector,
+    ) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let idx = UInt32Array::from_iter_values(rows.iter().copied());
+        let n = rows.len();
+        let mine: Vec<ArrayRef> = self
+            .range(side)
+            .map(|c| take(batch.column(c), &idx, None))
+            .collect::<std::result::Result<_, _>>()?;
+        let other_fields = if side == 0 {
+            self.spec.left.len()..self.spec.output.fields().len()
+        } else {
+            0..self.spec.left.len()
+        };
+        let nulls: Vec<ArrayRef> = other_fields
+            .map(|i| new_null_array(self.spec.output.field(i).data_type(), n))
+            .collect();
+        let columns: Vec<ArrayRef> = if side == 0 {
+            mine.into_iter().chain(nulls).collect()
+        } else {
+            nulls.into_iter().chain(mine).collect()
+        };
+        out.emit(RecordBatch::try_new(
+            Arc::clone(&self.spec.output),
+            columns,
+        )?);
+        Ok(())
+    }
+
+    /// Stores `batch` (rows of `side`, none late) with the rows' matched flags.
+    fn store(&mut self, side: usize, batch: RecordBatch, matched: Vec<bool>) -> Result<()> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        let key_columns: Vec<ArrayRef> = (1..=self.spec.keys)
+            .map(|i| Arc::clone(batch.column(i)))
+            .collect();
+        let keys = self.converter.convert_columns(&key_columns)?;
+        let null_key: Vec<bool> = (0..n)
+            .map(|r| key_columns.iter().any(|k| k.is_null(r)))
+            .collect();
+        let expiry = self.spec.expiry[side]
+            .evaluate(&batch)
+            .and_then(|v| v.into_array(n))?;
+        let max_expiry = Self::micros(&expiry)?
+            .into_iter()
+            .map(|e| e.unwrap_or(i64::MIN))
+            .max()
+            .unwrap_or(i64::MIN);
+        let min_time = match &self.spec.output_time {
+            Some((s, e)) if *s == side => {
+                Self::micros(&e.evaluate(&batch).and_then(|v| v.into_array(n))?)?
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or(i64::MAX)
+            }
+            _ => i64::MAX,
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let state = &mut self.sides[side];
+        for (r, null) in null_key.iter().enumerate() {
+            if !null {
+                state
+                    .index
+                    .entry(keys.row(r).as_ref().into())
+                    .or_default()
+                    .push((id, r as u32));
+            }
+        }
+        state.rows += n;
+        state.batches.insert(
+            id,
+            Stored {
+                batch,
+                keys,
+                null_key,
+                matched,
+                max_expiry,
+                min_time,
+            },
+        );
+        Ok(())
+    }
+
+    /// Rows of one side: late ones out, the rest matched against the other side and stored.
+    fn process_side(&mut self, side: usize, batch: RecordBatch, out: &mut Collector) -> Result<()> {
+        let n = batch.num_rows();
+        let times = Self::micros(
+            &self.spec.time[side]
+                .evaluate(&batch)
+                .and_then(|v| v.into_array(n))?,
+        )?;
+        let batch = match self.horizon() {
+            Some(h) => {
+                let mut keep = Vec::with_capacity(n);
+                for (r, t) in times.iter().enumerate() {
+                    let late = t.is_none_or(|t| t < h);
+                    if late {
+                        let reason = match t {
+                            Some(_) => {
+                                "late: its event time is behind the watermark, so rows it could have joined with are gone"
+                            }
+                            None => "no event time (NULL)",
+                        };
+                        self.spec
+                            .lateness
+                            .late_row(&batch, r, &self.origin, reason, out);
+                    }
+                    keep.push(!late);
+                }
+                if keep.iter().all(|k| *k) {
+                    batch
+                } else {
+                    filter_record_batch(&batch, &BooleanArray::from(keep))?
+                }
+            }
+            None => batch,
+        };
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        let key_columns: Vec<ArrayRef> = (1..=self.spec.keys)
+            .map(|i| Arc::clone(batch.column(i)))
+            .collect();
+        let keys = self.converter.convert_columns(&key_columns)?;
+        let other = 1 - side;
+        let mut pairs: Vec<(u32, (u64, u32))> = vec![];
+        for r in 0..n {
+            if key_columns.iter().any(|k| k.is_null(r)) {
+                continue;
+            }
+            if let Some(found) = self.sides[other].index.get(keys.row(r).as_ref()) {
+                pairs.extend(found.iter().map(|s| (r as u32, *s)));
+            }
+        }
+        let mut matched = vec![false; n];
+        if !pairs.is_empty() {
+            let candidates = self.pairs_batch(side, &batch, &pairs)?;
+            let (joined, passed) = match &self.spec.filter {
+                Some(f) => {
+                    let mask = f
+                        .evaluate(&candidates)
+                        .and_then(|v| v.into_array(candidates.num_rows()))?;
+                    let mask = mask.as_boolean_opt().ok_or_else(|| {
+                        EngineError::Internal("join: the condition is not boolean".into())
+                    })?;
+                    let passed: Vec<bool> = (0..mask.len())
+                        .map(|i| mask.is_valid(i) && mask.value(i))
+                        .collect();
+                    (filter_record_batch(&candidates, mask)?, passed)
+                }
+                None => (candidates, vec![true; pairs.len()]),
+            };
+            out.emit(joined);
+            let track_other = self.spec.kind.preserves(other);
+            for ((r, (id, row)), ok) in pairs.iter().zip(passed) {
+                if ok {
+                    matched[*r as usize] = true;
+                    if track_other && let Some(s) = self.sides[other].batches.get_mut(id) {
+                        s.matched[*row as usize] = true;
+                    }
+                }
+            }
+        }
+        self.store(side, batch, matched)
+    }
+
+    /// Drops the stored batches of `side` whose every row is past the horizon, emitting the
+    /// unmatched rows an outer join keeps (all of them when `everything`).
+    fn expire(&mut self, side: usize, horizon: i64, out: &mut Collector) -> Result<()> {
+        let gone: Vec<u64> = self.sides[side]
+            .batches
+            .iter()
+            .filter(|(_, s)| s.max_expiry < horizon)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.drop_batch(side, id, out)?;
+        }
+        Ok(())
+    }
+
+    fn drop_batch(&mut self, side: usize, id: u64, out: &mut Collector) -> Result<()> {
+        let state = &mut self.sides[side];
+        let Some(stored) = state.batches.remove(&id) else {
+            return Ok(());
+        };
+        state.rows -= stored.batch.num_rows();
+        for r in 0..stored.batch.num_rows() {
+            if stored.null_key[r] {
+                continue;
+            }
+            let key = stored.keys.row(r);
+            if let Some(entries) = state.index.get_mut(key.as_ref()) {
+                entries.retain(|(b, _)| *b != id);
+                if entries.is_empty() {
+                    state.index.remove(key.as_ref());
+                }
+            }
+        }
+        if self.spec.kind.preserves(side) {
+            let unmatched: Vec<u32> = (0..stored.batch.num_rows())
+                .filter(|r| !stored.matched[*r])
+                .map(|r| r as u32)
+                .collect();
+            self.emit_unmatched(side, &stored.batch, &unmatched, out)?;
+        }
+        Ok(())
+    }
+
+    fn forward_watermark(&mut self, out: &mut Collector) {
+        let Some(horizon) = self.horizon() else {
+            return;
+        };
+        let held = self
+            .spec
+            .output_time
+            .as_ref()
+            .and_then(|(side, _)| self.sides[*side].batches.values().map(|s| s.min_time).min());
+        self.forwarded.advance(horizon, held, out);
+    }
+}
+
+impl Operator for StreamJoin {
+    fn name(&self) -> &str {
+        "join"
+    }
+
+    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
+        let sides = batch
+            .column(0)
+            .as_primitive::<arrow::datatypes::UInt8Type>();
+        let first = sides.value(0);
+        if sides.values().iter().all(|s| *s == first) {
+            return self.process_side(usize::from(first != 0), batch, out);
+        }
+        for side in [0u8, 1] {
+            let mask = BooleanArray::from_iter(sides.values().iter().map(|s| Some(*s == side)));
+            let part = filter_record_batch(&batch, &mask)?;
+            if part.num_rows() > 0 {
+                self.process_side(usize::from(side), part, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, t: EventTime, out: &mut Collector) -> Result<()> {
+        if self.watermark.is_some_and(|w| w >= t.0) {
+            return Ok(());
+        }
+        self.watermark = Some(t.0);
+        let horizon = self.spec.lateness.horizon(t.0);
+        for side in [0, 1] {
+            self.expire(side, horizon, out)?;
+        }
+        self.forward_watermark(out);
+        Ok(())
+    }
+
+    fn on_close(&mut self, out: &mut Collector) -> Result<()> {
+        for side in [0, 1] {
+            let mut ids: Vec<u64> = self.sides[side].batches.keys().copied().collect();
+            ids.sort_unstable();
+            for id in ids {
+                self.drop_batch(side, id, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// State: per side a table of the stored input rows with a last column `matched`; the
+    /// watermarks.
+    fn snapshot(&mut self) -> Result<Option<OperatorState>> {
+        let mut state = OperatorState {
+            version: STATE_VERSION,
+            ..OperatorState::default()
+        };
+        for (side, name) in [(0, "left"), (1, "right")] {
+            let mut ids: Vec<u64> = self.sides[side].batches.keys().copied().collect();
+            ids.sort_unstable();
+            let mut parts = vec![];
+            for id in ids {
+                let s = &self.sides[side].batches[&id];
+                let mut columns = s.batch.columns().to_vec();
+                columns.push(Arc::new(BooleanArray::from(s.matched.clone())));
+                let mut fields: Vec<arrow::datatypes::FieldRef> =
+                    s.batch.schema().fields().iter().cloned().collect();
+                fields.push(Arc::new(arrow::datatypes::Field::new(
+                    "matched",
+                    DataType::Boolean,
+                    false,
+                )));
+                parts.push(RecordBatch::try_new(
+                    Arc::new(arrow::datatypes::Schema::new(fields)),
+                    columns,
+                )?);
+            }
+            if let Some(first) = parts.first() {
+                let table = arrow::compute::concat_batches(&first.schema(), &parts)?;
+                state.tables.insert(name.into(), table);
+            }
+        }
+        save_watermarks(&mut state, self.watermark, &self.forwarded);
+        Ok(Some(state))
+    }
+
+    fn restore(&mut self, parts: Vec<OperatorState>, keep: &KeyFilter) -> Result<()> {
+        check_state_version(self.name(), &parts, STATE_VERSION)?;
+        (self.watermark, self.forwarded) = restored_watermarks(&parts);
+        for part in parts {
+            for (side, name) in [(0, "left"), (1, "right")] {
+                let Some(table) = part.tables.get(name) else {
+                    continue;
+                };
+                let Some(mine) = keep.keep_rows(table)? else {
+                    continue;
+                };
+                let last = mine.num_columns() - 1;
+                let matched: Vec<bool> = mine
+                    .column(last)
+                    .as_boolean_opt()
+                    .ok_or_else(|| {
+                        EngineError::Checkpoint("join: `matched` is not boolean".into())
+                    })?
+                    .iter()
+                    .map(|m| m.unwrap_or(false))
+                    .collect();
+                let mut rows = mine;
+                rows.remove_column(last);
+                self.store(side, rows, matched)?;
+            }
+        }
+        Ok(())
+    }
+}

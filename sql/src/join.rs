@@ -1,0 +1,405 @@
+//! Streaming joins: a logical `Join` → the two sides as branches, padded into one merged
+//! input, and a [`StreamJoin`](sluice_engine::operators::StreamJoin) after the merge.
+//!
+//! A join runs only when event time bounds it (else its state would only grow):
+//! - **interval join**: the condition bounds the right side's event time by the left's from
+//!   both sides (`s.ts BETWEEN o.ts AND o.ts + INTERVAL '1' HOUR`, `o.ts > s.ts - …`, any
+//!   direction, `<`/`<=`/`>`/`>=`/`BETWEEN`);
+//! - **window join**: both sides are windowed (`TUMBLE`/`HOP`/`CUMULATE`) and joined on
+//!   `window_start` and `window_end` (and keys).
+//!
+//! Anything else (a regular join) is refused, naming these forms.
+//!
+//! The merged input: `side` (UInt8), the equi-join keys `__key0…`, the left side's columns
+//! `__l0…`, the right side's `__r0…` (those of the other side NULL). Each side's branches end
+//! with the projection that pads them so.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::{DFSchema, JoinType, ScalarValue};
+use datafusion::execution::context::ExecutionProps;
+use datafusion::logical_expr::utils::split_conjunction;
+use datafusion::logical_expr::{Expr, ExprSchemable, Operator as BinaryOp};
+use datafusion::physical_expr::expressions::{BinaryExpr, CastExpr, Column, Literal};
+use datafusion::physical_expr::{PhysicalExpr, create_physical_expr};
+use sluice_engine::operators::{JoinKind, Lateness, StreamJoinSpec};
+
+use crate::error::{Result, SqlError};
+use crate::planner::{BranchPlan, OpSpec, Relation, Translated, needs_event_time, translate};
+use crate::window::{WINDOW_END, WINDOW_START};
+
+fn unbounded() -> SqlError {
+    SqlError::NotSupported(
+        "a regular JOIN of unbounded inputs would keep every row forever: bound it in event time \
+         with an interval join (ON o.k = s.k AND s.ts BETWEEN o.ts AND o.ts + INTERVAL '1' HOUR) \
+         or a window join (both sides TUMBLE/HOP/CUMULATE, ON l.window_start = r.window_start \
+         AND l.window_end = r.window_end AND …)"
+            .into(),
+    )
+}
+
+/// A term `column + offset` (µs) of a time condition; `column` indexes the join's output.
+fn linear(e: &Expr, schema: &DFSchema) -> Option<(usize, i64)> {
+    match e {
+        Expr::Column(c) => Some((schema.index_of_column(c).ok()?, 0)),
+        Expr::Cast(c) if matches!(c.field.data_type(), DataType::Timestamp(..)) => {
+            linear(&c.expr, schema)
+        }
+        Expr::BinaryExpr(b) if matches!(b.op, BinaryOp::Plus | BinaryOp::Minus) => {
+            let (col, base) = linear(&b.left, schema)?;
+            let d = interval_micros(&b.right)?;
+            let d = if b.op == BinaryOp::Minus { -d } else { d };
+            Some((col, base.checked_add(d)?))
+        }
+        _ => None,
+    }
+}
+
+/// A constant interval's length in µs (months have none).
+fn interval_micros(e: &Expr) -> Option<i64> {
+    let Expr::Literal(v, _) = e else {
+        return None;
+    };
+    match v {
+        ScalarValue::IntervalMonthDayNano(Some(i)) if i.months == 0 => {
+            Some(i64::from(i.days) * 86_400_000_000 + i.nanoseconds / 1_000)
+        }
+        ScalarValue::IntervalDayTime(Some(i)) => {
+            Some(i64::from(i.days) * 86_400_000_000 + i64::from(i.milliseconds) * 1_000)
+        }
+        ScalarValue::DurationMicrosecond(Some(d)) => Some(*d),
+        ScalarValue::DurationMillisecond(Some(d)) => d.checked_mul(1_000),
+        ScalarValue::DurationSecond(Some(d)) => d.checked_mul(1_000_000),
+        _ => None,
+    }
+}
+
+/// The bounds `a <= r - l <= b` the condition puts on the right side's time `r` relative
+/// to the left's `l` (output column indices `lt`, `rt`), where it gives them.
+fn time_bounds(
+    filter: Option<&Expr>,
+    schema: &DFSchema,
+    lt: usize,
+    rt: usize,
+) -> (Option<i64>, Option<i64>) {
+    let (mut lower, mut upper): (Option<i64>, Option<i64>) = (None, None);
+    let mut note = |op: BinaryOp, a: &Expr, b: &Expr| {
+        let (Some((ca, oa)), Some((cb, ob))) = (linear(a, schema), linear(b, schema)) else {
+            return;
+        };
+        // a + oa  op  b + ob, as r - l  op'  c.
+        let (op, c) = if ca == rt && cb == lt {
+            (op, ob - oa)
+        } else if ca == lt && cb == rt {
+            let flipped = match op {
+                BinaryOp::Lt => BinaryOp::Gt,
+                BinaryOp::LtEq => BinaryOp::GtEq,
+                BinaryOp::Gt => BinaryOp::Lt,
+                BinaryOp::GtEq => BinaryOp::LtEq,
+                other => other,
+            };
+            (flipped, oa - ob)
+        } else {
+            return;
+        };
+        match op {
+            BinaryOp::Lt | BinaryOp::LtEq => upper = Some(upper.map_or(c, |u| u.min(c))),
+            BinaryOp::Gt | BinaryOp::GtEq => lower = Some(lower.map_or(c, |l| l.max(c))),
+            _ => {}
+        }
+    };
+    for c in filter.map(split_conjunction).unwrap_or_default() {
+        match c {
+            Expr::BinaryExpr(b)
+                if matches!(
+                    b.op,
+                    BinaryOp::Lt | BinaryOp::LtEq | BinaryOp::Gt | BinaryOp::GtEq
+                ) =>
+            {
+                note(b.op, &b.left, &b.right)
+            }
+            Expr::Between(b) if !b.negated => {
+                note(BinaryOp::GtEq, &b.expr, &b.low);
+                note(BinaryOp::LtEq, &b.expr, &b.high);
+            }
+            _ => {}
+        }
+    }
+    (lower, upper)
+}
+
+/// The event-time column of a side's branches (the same in each).
+fn side_time(branches: &[BranchPlan], what: &str) -> Result<usize> {
+    let first = branches[0].event_time;
+    match first {
+        Some(i) if branches.iter().all(|b| b.event_time == first) => Ok(i),
+        _ => Err(SqlError::Invalid(format!(
+            "a streaming join needs the event-time column of its {what} input: keep it in that side's select list"
+        ))),
+    }
+}
+
+/// `e` (a timestamp) as µs.
+fn micros_of(e: Arc<dyn PhysicalExpr>, schema: &Schema) -> Result<Arc<dyn PhysicalExpr>> {
+    let cast: Arc<dyn PhysicalExpr> = Arc::new(CastExpr::new(e, DataType::Int64, None));
+    cast.data_type(schema)?;
+    Ok(cast)
+}
+
+fn kind_name(kind: JoinKind) -> &'static str {
+    match kind {
+        JoinKind::Inner => "inner",
+        JoinKind::Left => "left outer",
+        JoinKind::Right => "right outer",
+        JoinKind::Full => "full outer",
+    }
+}
+
+/// Translates a join (see the module docs).
+pub(crate) fn join_stream(
+    j: &datafusion::logical_expr::Join,
+    relations: &BTreeMap<String, Relation>,
+    props: &ExecutionProps,
+    lateness: Lateness,
+) -> Result<Translated> {
+    let kind = match j.join_type {
+        JoinType::Inner => JoinKind::Inner,
+        JoinType::Left => JoinKind::Left,
+        JoinType::Right => JoinKind::Right,
+        JoinType::Full => JoinKind::Full,
+        other => {
+            return Err(SqlError::NotSupported(format!(
+                "streaming {other} joins are not supported: INNER, LEFT, RIGHT and FULL OUTER are"
+            )));
+        }
+    };
+    let mut left = translate(&j.left, relations, props)?;
+    let mut right = translate(&j.right, relations, props)?;
+    needs_event_time(&left, relations, "a streaming join")?;
+    needs_event_time(&right, relations, "a streaming join")?;
+    let (ls, rs) = (j.left.schema(), j.right.schema());
+    let nl = ls.fields().len();
+
+    // Window join: both sides' window bounds among the keys.
+    let is_bound = |e: &Expr, name: &str| matches!(e, Expr::Column(c) if c.name == name);
+    let window_join = [WINDOW_START, WINDOW_END]
+        .iter()
+        .all(|w| j.on.iter().any(|(l, r)| is_bound(l, w) && is_bound(r, w)));
+    // An interval join's time columns: each side's event time (kept in the plan when the
+    // condition reads it).
+    let times = match (side_time(&left, "left"), side_time(&right, "right")) {
+        (Ok(lt), Ok(rt)) => Some((lt, rt)),
+        _ => None,
+    };
+    let (lower, upper) = match times {
+        Some((lt, rt)) => time_bounds(j.filter.as_ref(), &j.schema, lt, nl + rt),
+        None => (None, None),
+    };
+    let bounds = match (window_join, lower, upper) {
+        (true, _, _) => None,
+        (false, Some(a), Some(b)) if a <= b => Some((a, b)),
+        (false, Some(_), Some(_)) => {
+            return Err(SqlError::Invalid(
+                "the join's time bounds leave no interval: nothing could ever match".into(),
+            ));
+        }
+        (false, _, _) => return Err(unbounded()),
+    };
+
+    // The merged input.
+    let mut fields = vec![Field::new("side", DataType::UInt8, false)];
+    let mut key_types = vec![];
+    for (i, (l, r)) in j.on.iter().enumerate() {
+        let (tl, tr) = (l.get_type(ls)?, r.get_type(rs)?);
+        if tl != tr {
+            return Err(SqlError::NotSupported(format!(
+                "join keys `{l}` ({tl}) and `{r}` ({tr}) differ in type: cast one to the other's"
+            )));
+        }
+        fields.push(Field::new(format!("__key{i}"), tl.clone(), true));
+        key_types.push(tl);
+    }
+    let keys = key_types.len();
+    let left_start = fields.len();
+    for (i, f) in ls.fields().iter().enumerate() {
+        fields.push(Field::new(format!("__l{i}"), f.data_type().clone(), true));
+    }
+    let right_start = fields.len();
+    for (i, f) in rs.fields().iter().enumerate() {
+        fields.push(Field::new(format!("__r{i}"), f.data_type().clone(), true));
+    }
+    let merged: SchemaRef = Arc::new(Schema::new(fields));
+
+    // Each side's branches end with the padding projection.
+    let pad = |side: u8, branches: &mut Vec<BranchPlan>| -> Result<()> {
+        let schema = if side == 0 { ls } else { rs };
+        let mut exprs: Vec<Arc<dyn PhysicalExpr>> =
+            vec![Arc::new(Literal::new(ScalarValue::UInt8(Some(side))))];
+        for (l, r) in &j.on {
+            let e = if side == 0 { l } else { r };
+            exprs.push(create_physical_expr(e, schema, props, &Default::default())?);
+        }
+        let start = if side == 0 { left_start } else { right_start };
+        let own = start..start + schema.fields().len();
+        for (i, f) in merged.fields().iter().enumerate().skip(left_start) {
+            exprs.push(if own.contains(&i) {
+                Arc::new(Column::new(schema.field(i - start).name(), i - start))
+            } else {
+                Arc::new(Literal::new(ScalarValue::try_from(f.data_type())?))
+            });
+        }
+        for b in branches.iter_mut() {
+            b.ops.push(OpSpec::Project {
+                exprs: exprs.clone(),
+                schema: Arc::clone(&merged),
+            });
+            b.event_time = None;
+        }
+        Ok(())
+    };
+    pad(0, &mut left)?;
+    pad(1, &mut right)?;
+
+    // When a stored row can no longer match; its event time; the output's.
+    let col = |i: usize| Arc::new(Column::new(merged.field(i).name(), i)) as Arc<dyn PhysicalExpr>;
+    let window_bound = |start: usize, schema: &DFSchema, name: &str| -> Result<usize> {
+        schema
+            .index_of_column_by_name(None, name)
+            .map(|i| start + i)
+            .ok_or_else(|| SqlError::Internal(format!("a window join side without {name}")))
+    };
+    let plus = |e: Arc<dyn PhysicalExpr>, d: i64| -> Result<Arc<dyn PhysicalExpr>> {
+        let micros = micros_of(e, &merged)?;
+        Ok(Arc::new(BinaryExpr::new(
+            micros,
+            BinaryOp::Plus,
+            Arc::new(Literal::new(ScalarValue::Int64(Some(d)))),
+        )))
+    };
+    let (expiry, time, description) = match bounds {
+        Some((a, b)) => {
+            let (lt, rt) = times.expect("bounds come from the time columns");
+            (
+                [
+                    plus(col(left_start + lt), b)?,
+                    plus(col(right_start + rt), -a)?,
+                ],
+                [col(left_start + lt), col(right_start + rt)],
+                format!(
+                    "interval join ({}; {r} between {l} {} and {l} {})",
+                    kind_name(kind),
+                    signed(a),
+                    signed(b),
+                    r = qualified(&j.schema, nl + rt),
+                    l = qualified(&j.schema, lt),
+                ),
+            )
+        }
+        None => {
+            // A row can only meet rows of its window: none on time once the horizon
+            // reaches the window's end.
+            let end = |start: usize, schema: &DFSchema| -> Result<Arc<dyn PhysicalExpr>> {
+                plus(col(window_bound(start, schema, WINDOW_END)?), -1)
+            };
+            let (le, re) = (end(left_start, ls)?, end(right_start, rs)?);
+            (
+                [Arc::clone(&le), Arc::clone(&re)],
+                [le, re],
+                format!("window join ({})", kind_name(kind)),
+            )
+        }
+    };
+    let keys_shown: Vec<String> = j.on.iter().map(|(l, r)| format!("{l} = {r}")).collect();
+    let description = format!("{description} on [{}]", keys_shown.join(", "));
+    let filter = j
+        .filter
+        .as_ref()
+        .map(|f| create_physical_expr(f, &j.schema, props, &Default::default()))
+        .transpose()?;
+    let output: SchemaRef = Arc::new(j.schema.as_arrow().clone());
+    // The output's event time: the left side's (the right's for a RIGHT join; none for a
+    // FULL join, whose rows may lack either): its time column, or its window's start.
+    let side_output_time = |side: usize| -> Result<(usize, Arc<dyn PhysicalExpr>)> {
+        let (start, schema) = if side == 0 {
+            (left_start, ls)
+        } else {
+            (right_start, rs)
+        };
+        let i = match times {
+            Some((lt, rt)) if bounds.is_some() => {
+                if side == 0 {
+                    lt
+                } else {
+                    rt
+                }
+            }
+            _ => window_bound(0, schema, WINDOW_START)?,
+        };
+        Ok((i, col(start + i)))
+    };
+    let (output_time, post_event_time) = match kind {
+        JoinKind::Inner | JoinKind::Left => {
+            let (i, e) = side_output_time(0)?;
+            (Some((0, e)), Some(i))
+        }
+        JoinKind::Right => {
+            let (i, e) = side_output_time(1)?;
+            (Some((1, e)), Some(nl + i))
+        }
+        JoinKind::Full => (None, None),
+    };
+    let spec = StreamJoinSpec {
+        kind,
+        keys,
+        left: left_start..right_start,
+        right: right_start..merged.fields().len(),
+        time,
+        expiry,
+        filter,
+        output,
+        output_time,
+        lateness,
+    };
+    let mut branches = left;
+    branches.extend(right);
+    Ok(Translated {
+        branches,
+        post: vec![OpSpec::Join {
+            spec,
+            input: Arc::clone(&merged),
+            description,
+        }],
+        merge_schema: Some(merged),
+        post_event_time,
+    })
+}
+
+/// `+ 1h`, `- 30s`, `+ 0s`, `+ 250ms`.
+fn signed(micros: i64) -> String {
+    let m = micros.unsigned_abs();
+    if m == 0 {
+        return "+ 0s".into();
+    }
+    let amount = [
+        (3_600_000_000, "h"),
+        (60_000_000, "m"),
+        (1_000_000, "s"),
+        (1_000, "ms"),
+    ]
+    .iter()
+    .find(|(unit, _)| m.is_multiple_of(*unit))
+    .map_or(format!("{m}us"), |(unit, name)| {
+        format!("{}{name}", m / unit)
+    });
+    format!("{} {amount}", if micros < 0 { "-" } else { "+" })
+}
+
+/// `o.ts`: column `i` of the join's output as the query names it.
+fn qualified(schema: &DFSchema, i: usize) -> String {
+    match schema.qualified_field(i) {
+        (Some(q), f) => format!("{q}.{}", f.name()),
+        (None, f) => f.name().clone(),
+    }
+}
