@@ -361,6 +361,43 @@ const CASES: &[(&str, &str)] = &[
         "CREATE STREAM s WITH (dedup_ttl = '1 day') AS SELECT DISTINCT ON (id) id, k, v, ts FROM events",
         "SELECT DISTINCT ON (id) id, k, v, ts FROM events ORDER BY id, seq",
     ),
+    (
+        // Interval join (a self-join: each event with those of its key up to 3 s later).
+        "CREATE STREAM s AS
+         SELECT a.k, a.seq AS a_seq, b.seq AS b_seq, a.v + b.v AS vv, a.ts, b.ts AS b_ts
+         FROM events a JOIN events b
+         ON a.k = b.k AND b.ts BETWEEN a.ts AND a.ts + INTERVAL '3 seconds'",
+        "SELECT a.k, a.seq, b.seq, a.v + b.v, a.ts, b.ts
+         FROM events a JOIN events b
+         ON a.k = b.k AND b.ts BETWEEN a.ts AND a.ts + INTERVAL '3 seconds'
+         WHERE a.ts >= a.arrival_wm AND b.ts >= b.arrival_wm",
+    ),
+    (
+        // Left outer, bounds the other way round and strict, a condition besides them:
+        // events without a match are kept (once the watermark passes their bound).
+        "CREATE STREAM s AS
+         SELECT a.k, a.seq AS a_seq, b.seq AS b_seq, a.ts
+         FROM events a LEFT JOIN events b
+         ON a.k = b.k AND a.ts > b.ts - INTERVAL '2 seconds' AND a.ts < b.ts AND b.v > 10",
+        "SELECT a.k, a.seq, b.seq, a.ts
+         FROM events a LEFT JOIN events b
+         ON a.k = b.k AND a.ts > b.ts - INTERVAL '2 seconds' AND a.ts < b.ts AND b.v > 10
+            AND b.ts >= b.arrival_wm
+         WHERE a.ts >= a.arrival_wm",
+    ),
+    (
+        // Window join: events of a key in the same 10 s window.
+        "CREATE STREAM s AS
+         SELECT a.k, a.window_start, a.window_end, a.seq AS a_seq, b.seq AS b_seq
+         FROM TUMBLE(events, ts, INTERVAL '10 seconds') a
+         JOIN TUMBLE(events, ts, INTERVAL '10 seconds') b
+         ON a.k = b.k AND a.window_start = b.window_start AND a.window_end = b.window_end",
+        "SELECT a.k, a.window_start, a.window_end, a.seq, b.seq
+         FROM TUMBLE(events, ts, INTERVAL '10 seconds') a
+         JOIN TUMBLE(events, ts, INTERVAL '10 seconds') b
+         ON a.k = b.k AND a.window_start = b.window_start AND a.window_end = b.window_end
+         WHERE a.window_end > a.arrival_wm AND b.window_end > b.arrival_wm",
+    ),
 ];
 
 fn events() -> impl Strategy<Value = Vec<Generated>> {
