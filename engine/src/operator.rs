@@ -15,12 +15,15 @@ pub struct OperatorCounts {
     pub late: u64,
     /// Rows a dedup dropped because their key was seen before.
     pub duplicates: u64,
+    /// The change in rows the operator holds in its state (a join's stored rows).
+    pub state_rows: i64,
 }
 
 impl std::ops::AddAssign for OperatorCounts {
     fn add_assign(&mut self, other: Self) {
         self.late += other.late;
         self.duplicates += other.duplicates;
+        self.state_rows += other.state_rows;
     }
 }
 
@@ -58,6 +61,11 @@ impl Collector {
     /// Counts `n` rows that arrived behind the watermark.
     pub fn count_late(&mut self, n: u64) {
         self.counts.late += n;
+    }
+
+    /// Notes that the operator's state grew (or, negative, shrank) by `n` rows.
+    pub fn add_state_rows(&mut self, n: i64) {
+        self.counts.state_rows += n;
     }
 
     /// Counts `n` rows dropped as duplicates.

@@ -51,6 +51,7 @@ pub fn streams_schema() -> SchemaRef {
         ts_field("last_event_time"),
         ts_field("watermark"),
         Field::new("checkpoints", DataType::Utf8, false),
+        Field::new("state_rows", DataType::Int64, false),
     ]))
 }
 
@@ -223,6 +224,7 @@ pub fn streams<'a>(
     let (mut rin, mut rout, mut errors, mut files, mut last, mut wm) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut late, mut duplicates, mut checkpoints) = (vec![], vec![], vec![]);
+    let mut state_rows: Vec<i64> = vec![];
     for (name, reason) in unrestored {
         cols.0.push(name.clone());
         cols.1.push(unrestored_status(reason));
@@ -240,6 +242,7 @@ pub fn streams<'a>(
         last.push(None);
         wm.push(None);
         checkpoints.push("off".to_string());
+        state_rows.push(0);
     }
     for s in streams {
         checkpoints.push(checkpoints_text(
@@ -256,6 +259,7 @@ pub fn streams<'a>(
         errors.push(m.bad_records);
         late.push(m.late_events);
         duplicates.push(m.duplicates);
+        state_rows.push(m.state_rows.max(0));
         files.push(s.files_written.load(Ordering::Relaxed));
         last.push(m.last_event_time.map(|t| t.micros()));
         wm.push(m.watermark.map(|t| t.micros()));
@@ -275,6 +279,7 @@ pub fn streams<'a>(
             ts(last),
             ts(wm),
             strings(checkpoints),
+            Arc::new(arrow::array::Int64Array::from(state_rows)),
         ],
     )
 }

@@ -135,6 +135,8 @@ pub struct StreamJoin {
     next_id: u64,
     watermark: Option<i64>,
     forwarded: ForwardedWatermark,
+    /// Rows restored into state, reported with the first message handled.
+    unreported: i64,
 }
 
 impl StreamJoin {
@@ -152,6 +154,7 @@ impl StreamJoin {
             next_id: 0,
             watermark: None,
             forwarded: ForwardedWatermark::default(),
+            unreported: 0,
         })
     }
 
@@ -275,8 +278,15 @@ impl StreamJoin {
         Ok(())
     }
 
-    /// Stores `batch` (rows of `side`, none late) with the rows' matched flags.
-    fn store(&mut self, side: usize, batch: RecordBatch, matched: Vec<bool>) -> Result<()> {
+    /// Stores `batch` (rows of `side`, none late) with the rows' matched flags; the state
+    /// grew by its rows.
+    fn store(
+        &mut self,
+        side: usize,
+        batch: RecordBatch,
+        matched: Vec<bool>,
+        out: &mut Collector,
+    ) -> Result<()> {
         let n = batch.num_rows();
         if n == 0 {
             return Ok(());
@@ -319,6 +329,7 @@ impl StreamJoin {
             }
         }
         state.rows += n;
+        out.add_state_rows(n as i64);
         state.batches.insert(
             id,
             Stored {
@@ -414,7 +425,7 @@ impl StreamJoin {
                 }
             }
         }
-        self.store(side, batch, matched)
+        self.store(side, batch, matched, out)
     }
 
     /// Drops the stored batches of `side` whose every row is past the horizon, emitting the
@@ -438,6 +449,7 @@ impl StreamJoin {
             return Ok(());
         };
         state.rows -= stored.batch.num_rows();
+        out.add_state_rows(-(stored.batch.num_rows() as i64));
         for r in 0..stored.batch.num_rows() {
             if stored.null_key[r] {
                 continue;
@@ -479,6 +491,7 @@ impl Operator for StreamJoin {
     }
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
+        out.add_state_rows(std::mem::take(&mut self.unreported));
         let sides = batch
             .column(0)
             .as_primitive::<arrow::datatypes::UInt8Type>();
@@ -497,6 +510,7 @@ impl Operator for StreamJoin {
     }
 
     fn on_watermark(&mut self, t: EventTime, out: &mut Collector) -> Result<()> {
+        out.add_state_rows(std::mem::take(&mut self.unreported));
         if self.watermark.is_some_and(|w| w >= t.0) {
             return Ok(());
         }
@@ -510,6 +524,7 @@ impl Operator for StreamJoin {
     }
 
     fn on_close(&mut self, out: &mut Collector) -> Result<()> {
+        out.add_state_rows(std::mem::take(&mut self.unreported));
         for side in [0, 1] {
             let mut ids: Vec<u64> = self.sides[side].batches.keys().copied().collect();
             ids.sort_unstable();
@@ -559,6 +574,7 @@ impl Operator for StreamJoin {
     fn restore(&mut self, parts: Vec<OperatorState>, keep: &KeyFilter) -> Result<()> {
         check_state_version(self.name(), &parts, STATE_VERSION)?;
         (self.watermark, self.forwarded) = restored_watermarks(&parts);
+        let mut counted = Collector::default();
         for part in parts {
             for (side, name) in [(0, "left"), (1, "right")] {
                 let Some(table) = part.tables.get(name) else {
@@ -579,9 +595,10 @@ impl Operator for StreamJoin {
                     .collect();
                 let mut rows = mine;
                 rows.remove_column(last);
-                self.store(side, rows, matched)?;
+                self.store(side, rows, matched, &mut counted)?;
             }
         }
+        self.unreported += counted.take_counts().state_rows;
         Ok(())
     }
 }
