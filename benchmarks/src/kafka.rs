@@ -321,6 +321,7 @@ pub async fn run(args: &Args, checkpoint: bool, librdkafka: bool) -> anyhow::Res
             kind: ObjectKind::Source,
             schema: Arc::clone(&def.schema),
             event_time_column: Some("ts".into()),
+            primary_key: vec![],
         },
     )]);
     let plan = plan_stream(&stream, &relations).await?;

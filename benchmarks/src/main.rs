@@ -444,6 +444,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
                 kind: ObjectKind::Source,
                 schema: Arc::clone(&def.schema),
                 event_time_column: Some("ts".into()),
+                primary_key: vec![],
             },
         );
         let plan = plan_stream(&stream, &relations).await?;

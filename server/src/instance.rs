@@ -314,6 +314,7 @@ impl State {
                     kind: ObjectKind::Source,
                     schema: Arc::clone(&s.def.schema),
                     event_time_column: s.def.watermark.as_ref().map(|w| w.column.clone()),
+                    primary_key: s.def.create.primary_key.clone(),
                 },
             );
         }
@@ -324,6 +325,7 @@ impl State {
                     kind: ObjectKind::Stream,
                     schema: Arc::clone(&s.plan.output_schema),
                     event_time_column: s.plan.event_time_column.clone(),
+                    primary_key: vec![],
                 },
             );
         }

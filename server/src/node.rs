@@ -282,6 +282,7 @@ impl StandbyView {
                                 kind: ObjectKind::Source,
                                 schema: Arc::clone(&def.schema),
                                 event_time_column: def.watermark.as_ref().map(|w| w.column.clone()),
+                                primary_key: c.primary_key.clone(),
                             },
                         );
                     }
@@ -295,6 +296,7 @@ impl StandbyView {
                                 kind: ObjectKind::Stream,
                                 schema: Arc::clone(&plan.output_schema),
                                 event_time_column: plan.event_time_column.clone(),
+                                primary_key: vec![],
                             },
                         );
                     }

@@ -18,16 +18,21 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::TableReference;
 use datafusion::common::{DFSchema, JoinType, ScalarValue};
 use datafusion::execution::context::ExecutionProps;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{Expr, ExprSchemable, Operator as BinaryOp};
 use datafusion::physical_expr::expressions::{BinaryExpr, CastExpr, Column, Literal};
 use datafusion::physical_expr::{PhysicalExpr, create_physical_expr};
-use sluice_engine::operators::{JoinKind, Lateness, StreamJoinSpec};
+use sluice_engine::operators::{JoinKind, StreamJoinSpec, TemporalJoinSpec};
 
 use crate::error::{Result, SqlError};
-use crate::planner::{BranchPlan, OpSpec, Relation, Translated, needs_event_time, translate};
+use crate::planner::{
+    BranchPlan, OpSpec, Relation, StatefulOptions, Translated, needs_event_time, translate,
+};
+use crate::temporal::Temporal;
 use crate::window::{WINDOW_END, WINDOW_START};
 
 fn unbounded() -> SqlError {
@@ -158,12 +163,43 @@ fn kind_name(kind: JoinKind) -> &'static str {
 }
 
 /// Translates a join (see the module docs).
+/// The name a side of a join goes by (its alias, else its table), and its table's name.
+fn side_names(plan: &LogicalPlan) -> Option<(String, String)> {
+    match plan {
+        LogicalPlan::SubqueryAlias(a) => {
+            let table = side_names(&a.input).map(|(_, t)| t).unwrap_or_default();
+            Some((a.alias.table().to_string(), table))
+        }
+        LogicalPlan::TableScan(s) => {
+            let t = s.table_name.table().to_string();
+            Some((t.clone(), t))
+        }
+        LogicalPlan::Projection(p) => side_names(&p.input),
+        LogicalPlan::Filter(f) => side_names(&f.input),
+        _ => None,
+    }
+}
+
 pub(crate) fn join_stream(
     j: &datafusion::logical_expr::Join,
     relations: &BTreeMap<String, Relation>,
     props: &ExecutionProps,
-    lateness: Lateness,
+    opts: &StatefulOptions,
 ) -> Result<Translated> {
+    let lateness = opts.lateness;
+    let temporal_of = |p: &LogicalPlan| -> Option<(&Temporal, String)> {
+        let (name, table) = side_names(p)?;
+        opts.temporal
+            .iter()
+            .find(|t| t.relation == name || t.relation == table)
+            .map(|t| (t, table))
+    };
+    if temporal_of(&j.left).is_some() {
+        return Err(SqlError::NotSupported(
+            "FOR SYSTEM_TIME AS OF goes on the right side of the join (the versioned table)".into(),
+        ));
+    }
+    let temporal = temporal_of(&j.right);
     let kind = match j.join_type {
         JoinType::Inner => JoinKind::Inner,
         JoinType::Left => JoinKind::Left,
@@ -198,6 +234,7 @@ pub(crate) fn join_stream(
         None => (None, None),
     };
     let bounds = match (window_join, lower, upper) {
+        _ if temporal.is_some() => None,
         (true, _, _) => None,
         (false, Some(a), Some(b)) if a <= b => Some((a, b)),
         (false, Some(_), Some(_)) => {
@@ -261,6 +298,21 @@ pub(crate) fn join_stream(
     };
     pad(0, &mut left)?;
     pad(1, &mut right)?;
+
+    if let Some((t, table)) = temporal {
+        return temporal_join(
+            j,
+            relations,
+            props,
+            opts,
+            kind,
+            (t, &table),
+            times,
+            (left, right),
+            Arc::clone(&merged),
+            (left_start, right_start),
+        );
+    }
 
     // When a stored row can no longer match; its event time; the output's.
     let col = |i: usize| Arc::new(Column::new(merged.field(i).name(), i)) as Arc<dyn PhysicalExpr>;
@@ -402,4 +454,123 @@ fn qualified(schema: &DFSchema, i: usize) -> String {
         (Some(q), f) => format!("{q}.{}", f.name()),
         (None, f) => f.name().clone(),
     }
+}
+
+/// A join of the right side `FOR SYSTEM_TIME AS OF` a left column (or `PROCTIME()`): see
+/// [`sluice_engine::operators::TemporalJoin`].
+#[allow(clippy::too_many_arguments)]
+fn temporal_join(
+    j: &datafusion::logical_expr::Join,
+    relations: &BTreeMap<String, Relation>,
+    props: &ExecutionProps,
+    opts: &StatefulOptions,
+    kind: JoinKind,
+    (temporal, table): (&Temporal, &str),
+    times: Option<(usize, usize)>,
+    (left, right): (Vec<BranchPlan>, Vec<BranchPlan>),
+    merged: SchemaRef,
+    (left_start, right_start): (usize, usize),
+) -> Result<Translated> {
+    let left_outer = match kind {
+        JoinKind::Inner => false,
+        JoinKind::Left => true,
+        _ => {
+            return Err(SqlError::NotSupported(
+                "a temporal join is INNER or LEFT (each left row looks up its version)".into(),
+            ));
+        }
+    };
+    let ls = j.left.schema();
+    let key = relations
+        .get(table)
+        .map(|r| r.primary_key.clone())
+        .unwrap_or_default();
+    if key.is_empty() {
+        return Err(SqlError::Invalid(format!(
+            "`{table}` is read FOR SYSTEM_TIME AS OF but has no primary key: declare PRIMARY KEY (…) on it (each row is then the new version of its key)"
+        )));
+    }
+    let mut joined_on: Vec<String> =
+        j.on.iter()
+            .filter_map(|(_, r)| match r {
+                Expr::Column(c) => Some(c.name.clone()),
+                _ => None,
+            })
+            .collect();
+    joined_on.sort();
+    let mut wanted = key.clone();
+    wanted.sort();
+    if joined_on != wanted || j.on.len() != key.len() {
+        return Err(SqlError::Invalid(format!(
+            "a temporal join looks versions up by `{table}`'s primary key ({}): join on exactly those columns",
+            key.join(", ")
+        )));
+    }
+    let Some((_, rt)) = times else {
+        return Err(SqlError::Invalid(format!(
+            "a temporal join needs the event time of both sides: keep them in the select list (`{table}`'s versions are ordered by it)"
+        )));
+    };
+    let col = |i: usize| Arc::new(Column::new(merged.field(i).name(), i)) as Arc<dyn PhysicalExpr>;
+    let (as_of, as_of_index, shown) = match &temporal.as_of {
+        None => (None, times.map(|(lt, _)| lt), "processing time".to_string()),
+        Some(e) => {
+            let (qualifier, name) = match e {
+                datafusion::sql::sqlparser::ast::Expr::Identifier(i) => (None, i.value.clone()),
+                datafusion::sql::sqlparser::ast::Expr::CompoundIdentifier(parts) => (
+                    parts.iter().rev().nth(1).map(|p| p.value.clone()),
+                    parts.last().map(|p| p.value.clone()).unwrap_or_default(),
+                ),
+                other => {
+                    return Err(SqlError::NotSupported(format!(
+                        "FOR SYSTEM_TIME AS OF {other}: give a time column of the other side (o.ts) or PROCTIME()"
+                    )));
+                }
+            };
+            let q = qualifier.as_deref().map(TableReference::bare);
+            let i = ls
+                .index_of_column_by_name(q.as_ref(), &name.to_lowercase())
+                .ok_or_else(|| {
+                    SqlError::Invalid(format!(
+                        "FOR SYSTEM_TIME AS OF {e}: not a column of the join's other side"
+                    ))
+                })?;
+            (Some(col(left_start + i)), Some(i), e.to_string())
+        }
+    };
+    let filter = j
+        .filter
+        .as_ref()
+        .map(|f| create_physical_expr(f, &j.schema, props, &Default::default()))
+        .transpose()?;
+    let keys_shown: Vec<String> = j.on.iter().map(|(l, r)| format!("{l} = {r}")).collect();
+    let description = format!(
+        "temporal join ({}; {} as of {shown}) on [{}]",
+        kind_name(kind),
+        temporal.relation,
+        keys_shown.join(", ")
+    );
+    let spec = TemporalJoinSpec {
+        left_outer,
+        keys: j.on.len(),
+        left: left_start..right_start,
+        right: right_start..merged.fields().len(),
+        as_of,
+        version_time: col(right_start + rt),
+        filter,
+        output: Arc::new(j.schema.as_arrow().clone()),
+        lateness: opts.lateness,
+    };
+    let mut branches = left;
+    branches.extend(right);
+    Ok(Translated {
+        branches,
+        post: vec![OpSpec::TemporalJoin {
+            spec,
+            input: Arc::clone(&merged),
+            description,
+        }],
+        merge_schema: Some(merged),
+        post_event_time: as_of_index,
+    })
 }

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod parser;
 pub mod planner;
 pub mod source;
+pub mod temporal;
 pub mod types;
 pub mod window;
 

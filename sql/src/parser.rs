@@ -58,6 +58,8 @@ pub struct CreateSource {
     pub columns: Vec<ColumnDef>,
     /// `WATERMARK FOR column AS expr`: the column (case-folded) and the expression.
     pub watermark: Option<(String, Expr)>,
+    /// `PRIMARY KEY (columns)` (case-folded): each row is the new version of its key.
+    pub primary_key: Vec<String>,
     /// `WITH (…)` options, keys lower-cased, values as text.
     pub options: Vec<(String, String)>,
 }
@@ -134,6 +136,7 @@ pub fn parse_sql(sql: &str) -> Result<Vec<SluiceStatement>> {
         .map_err(|e| syntax(sql, e))?;
     crate::limits::check_complexity(&tokens)?;
     let tokens = crate::window::rewrite_flink_form(tokens);
+    let (tokens, mut system_times) = crate::temporal::strip_system_time(tokens);
     let mut p = DFParserBuilder::new(ParserInput::Tokens(tokens))
         .with_dialect(&dialect)
         .build()
@@ -156,6 +159,25 @@ pub fn parse_sql(sql: &str) -> Result<Vec<SluiceStatement>> {
         }
         out.push(parse_statement(&mut p).map_err(|e| syntax(sql, e))?);
         expect_delimiter = true;
+    }
+    for stmt in &mut out {
+        match stmt {
+            SluiceStatement::CreateStream(c) | SluiceStatement::ExplainStream(c) => {
+                crate::temporal::attach(&mut c.query, &mut system_times)
+            }
+            SluiceStatement::Other(s) => {
+                if let DFStatement::Statement(s) = s.as_mut() {
+                    crate::temporal::attach(s.as_mut(), &mut system_times)
+                }
+            }
+            _ => {}
+        }
+    }
+    if !system_times.is_empty() {
+        return Err(SqlError::Syntax {
+            message: "FOR SYSTEM_TIME AS OF must follow a table in FROM or JOIN (`JOIN customers FOR SYSTEM_TIME AS OF o.ts AS c`)".into(),
+            position: None,
+        });
     }
     Ok(out)
 }
@@ -288,8 +310,19 @@ fn parse_create_source(p: &mut DFParser<'_>) -> PResult<CreateSource> {
     p.parser.expect_token(&Token::LParen)?;
     let mut columns = Vec::new();
     let mut watermark = None;
+    let mut primary_key: Vec<String> = vec![];
     loop {
-        if peek_word(p, 0, "WATERMARK") {
+        if peek_word(p, 0, "PRIMARY") && peek_word(p, 1, "KEY") {
+            p.parser.next_token();
+            p.parser.next_token();
+            p.parser.expect_token(&Token::LParen)?;
+            let cols = p.parser.parse_comma_separated(|p| p.parse_identifier())?;
+            p.parser.expect_token(&Token::RParen)?;
+            if !primary_key.is_empty() {
+                return Err("a source can declare only one PRIMARY KEY".into());
+            }
+            primary_key = cols.iter().map(ident).collect();
+        } else if peek_word(p, 0, "WATERMARK") {
             p.parser.next_token();
             p.parser.expect_keyword(Keyword::FOR)?;
             let col = ident(&p.parser.parse_identifier()?);
@@ -307,12 +340,29 @@ fn parse_create_source(p: &mut DFParser<'_>) -> PResult<CreateSource> {
         p.parser.expect_token(&Token::RParen)?;
         break;
     }
+    // `column type PRIMARY KEY` too.
+    for c in &mut columns {
+        let before = c.options.len();
+        c.options.retain(|o| {
+            !matches!(
+                o.option,
+                datafusion::sql::sqlparser::ast::ColumnOption::PrimaryKey(_)
+            )
+        });
+        if c.options.len() != before {
+            if !primary_key.is_empty() {
+                return Err("a source can declare only one PRIMARY KEY".into());
+            }
+            primary_key = vec![ident(&c.name)];
+        }
+    }
     let options = parse_with_options(p)?;
     Ok(CreateSource {
         name,
         if_not_exists,
         columns,
         watermark,
+        primary_key,
         options,
     })
 }
@@ -465,6 +515,10 @@ impl fmt::Display for CreateSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "CREATE SOURCE {} (", quote(&self.name))?;
         let mut parts: Vec<String> = self.columns.iter().map(|c| c.to_string()).collect();
+        if !self.primary_key.is_empty() {
+            let cols: Vec<String> = self.primary_key.iter().map(|c| quote(c)).collect();
+            parts.push(format!("PRIMARY KEY ({})", cols.join(", ")));
+        }
         if let Some((col, expr)) = &self.watermark {
             parts.push(format!("WATERMARK FOR {} AS {expr}", quote(col)));
         }

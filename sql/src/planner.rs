@@ -38,7 +38,8 @@ use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 use sluice_engine::operators::{
     Dedup, DedupKeep, DedupSpec, Filter, LatePolicy, Lateness, Projection, SessionAggregate,
-    StreamJoin, StreamJoinSpec, Unnest, WindowAggregate, WindowAggregateSpec,
+    StreamJoin, StreamJoinSpec, TemporalJoin, TemporalJoinSpec, Unnest, WindowAggregate,
+    WindowAggregateSpec,
 };
 use sluice_engine::sink::FileRolling;
 use sluice_engine::{Operator, WithOptions};
@@ -56,6 +57,9 @@ pub struct Relation {
     pub schema: SchemaRef,
     /// Its event-time column, if it has one.
     pub event_time_column: Option<String>,
+    /// Its primary key (`PRIMARY KEY (…)` of a source): each row is the new version of its
+    /// key. Empty: none.
+    pub primary_key: Vec<String>,
 }
 
 /// One runtime operator, ready to instantiate.
@@ -105,6 +109,16 @@ pub enum OpSpec {
         /// The schema of its input.
         input: SchemaRef,
     },
+    /// Join each left row with the right side's version at its time (after the branches
+    /// merge; see [`TemporalJoin`]).
+    TemporalJoin {
+        /// What to compute.
+        spec: TemporalJoinSpec,
+        /// The schema of its input (the merged sides).
+        input: SchemaRef,
+        /// For `EXPLAIN`.
+        description: String,
+    },
     /// Join the two sides' rows (after the branches merge; see [`StreamJoin`]).
     Join {
         /// What to compute.
@@ -141,6 +155,9 @@ impl OpSpec {
             OpSpec::Dedup { spec, input } => Box::new(Dedup::try_new(spec.clone(), input, origin)?),
             OpSpec::Join { spec, input, .. } => {
                 Box::new(StreamJoin::new(spec.clone(), input, origin)?)
+            }
+            OpSpec::TemporalJoin { spec, input, .. } => {
+                Box::new(TemporalJoin::new(spec.clone(), input, origin)?)
             }
         })
     }
@@ -196,7 +213,9 @@ impl OpSpec {
                     describe_lateness(&spec.lateness)
                 )
             }
-            OpSpec::Join { description, .. } => description.clone(),
+            OpSpec::Join { description, .. } | OpSpec::TemporalJoin { description, .. } => {
+                description.clone()
+            }
             OpSpec::Dedup { spec, .. } => {
                 let keys: Vec<String> = spec.keys.iter().map(|e| e.to_string()).collect();
                 let keep = match spec.keep {
@@ -230,13 +249,15 @@ fn describe_lateness(l: &Lateness) -> String {
 }
 
 /// Settings of a stream's stateful operators, from its `WITH` options.
-#[derive(Debug, Clone, Copy, Default)]
-struct StatefulOptions {
-    lateness: Lateness,
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StatefulOptions {
+    pub(crate) lateness: Lateness,
     /// `dedup_ttl`, µs.
     dedup_ttl: i64,
     /// The gap of the query's `SESSION` window, µs, if it has one.
     session_gap: Option<i64>,
+    /// The relations the query reads `FOR SYSTEM_TIME AS OF`.
+    pub(crate) temporal: Vec<crate::temporal::Temporal>,
 }
 
 /// The gap of the `SESSION` window among `used`, if any; refuses a session mixed with other
@@ -466,11 +487,16 @@ pub async fn plan_stream(
             Arc::new(EmptyTable::new(Arc::clone(&rel.schema))),
         )?;
     }
+    // `FOR SYSTEM_TIME AS OF` is Sluice's to plan: DataFusion plans the join without it —
+    // and without pruning columns, so both sides keep the times the join reads.
+    let mut query = stmt.query.clone();
+    stateful.temporal = crate::temporal::take_versions(&mut query);
+    if !stateful.temporal.is_empty() {
+        ctx.remove_optimizer_rule("optimize_projections");
+    }
     let state = ctx.state();
     let plan = state
-        .statement_to_plan(DFStatement::Statement(Box::new(Statement::Query(
-            stmt.query.clone(),
-        ))))
+        .statement_to_plan(DFStatement::Statement(Box::new(Statement::Query(query))))
         .await?;
     let plan = state.optimize(&plan)?;
     let windows_used = windows_used
@@ -510,6 +536,11 @@ pub async fn plan_stream(
             spec.key_exprs()
         }
         Some(OpSpec::Dedup { spec, .. }) => spec.keys.clone(),
+        Some(OpSpec::TemporalJoin { spec, .. }) => (1..=spec.keys)
+            .map(|i| {
+                Arc::new(Column::new(&merge_schema_field(&post, i), i)) as Arc<dyn PhysicalExpr>
+            })
+            .collect(),
         Some(OpSpec::Join { spec, .. }) => (1..=spec.keys)
             .map(|i| {
                 Arc::new(Column::new(&merge_schema_field(&post, i), i)) as Arc<dyn PhysicalExpr>
@@ -582,7 +613,9 @@ pub async fn plan_stream(
 /// The name of column `i` of the input of the first `post` operator (a join's).
 fn merge_schema_field(post: &[OpSpec], i: usize) -> String {
     match post.first() {
-        Some(OpSpec::Join { input, .. }) => input.field(i).name().clone(),
+        Some(OpSpec::Join { input, .. } | OpSpec::TemporalJoin { input, .. }) => {
+            input.field(i).name().clone()
+        }
         _ => String::new(),
     }
 }
@@ -661,7 +694,7 @@ fn translate_stream(
             row_number_dedup(f, w, relations, props, opts)
         }
         LogicalPlan::Distinct(d) => distinct_dedup(d, relations, props, opts),
-        LogicalPlan::Join(j) => crate::join::join_stream(j, relations, props, opts.lateness),
+        LogicalPlan::Join(j) => crate::join::join_stream(j, relations, props, opts),
         // The ORDER BY of a `DISTINCT ON` only chooses the row kept (the dedup reads it);
         // the order of an unbounded output means nothing.
         LogicalPlan::Sort(sort)

@@ -38,6 +38,13 @@ pub fn source_def(stmt: &CreateSource, connectors: &ConnectorRegistry) -> Result
         )));
     }
     let schema = source_schema(&owner, &stmt.columns)?;
+    for k in &stmt.primary_key {
+        if schema.index_of(k).is_err() {
+            return Err(SqlError::Invalid(format!(
+                "{owner}: PRIMARY KEY names `{k}`, which is not one of its columns"
+            )));
+        }
+    }
     let watermark = match &stmt.watermark {
         None => None,
         Some((col, expr)) => {

@@ -68,6 +68,7 @@ fn relations() -> BTreeMap<String, Relation> {
             kind: ObjectKind::Source,
             schema,
             event_time_column: Some("ts".into()),
+            primary_key: vec![],
         },
     )])
 }

@@ -123,6 +123,7 @@ fn relations() -> BTreeMap<String, Relation> {
             kind: ObjectKind::Source,
             schema: schema(),
             event_time_column: Some("ts".into()),
+            primary_key: vec![],
         },
     )])
 }

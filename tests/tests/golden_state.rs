@@ -109,6 +109,7 @@ async fn pipeline(sql: &str, schema: &SchemaRef) -> OperatorChain {
             kind: ObjectKind::Source,
             schema: Arc::clone(schema),
             event_time_column: Some("ts".into()),
+            primary_key: vec![],
         },
     )]);
     let plan = plan_stream(&stream, &relations).await.unwrap();

@@ -22,6 +22,7 @@ mod filter;
 mod projection;
 mod session_aggregate;
 mod stream_join;
+mod temporal_join;
 mod unnest;
 mod window_aggregate;
 
@@ -30,6 +31,7 @@ pub use filter::Filter;
 pub use projection::Projection;
 pub use session_aggregate::SessionAggregate;
 pub use stream_join::{JoinKind, StreamJoin, StreamJoinSpec};
+pub use temporal_join::{TemporalJoin, TemporalJoinSpec};
 pub use unnest::Unnest;
 pub use window_aggregate::{WindowAggregate, WindowAggregateSpec};
 
