@@ -488,11 +488,14 @@ pub async fn plan_stream(
         )?;
     }
     // `FOR SYSTEM_TIME AS OF` is Sluice's to plan: DataFusion plans the join without it —
-    // and without pruning columns, so both sides keep the times the join reads.
+    // and without pruning columns (both sides keep the times the join reads) or pushing the
+    // join's conditions into the versioned side (a version is looked up first, then the
+    // condition applies to it: filtering the versions would bring back superseded ones).
     let mut query = stmt.query.clone();
     stateful.temporal = crate::temporal::take_versions(&mut query);
     if !stateful.temporal.is_empty() {
         ctx.remove_optimizer_rule("optimize_projections");
+        ctx.remove_optimizer_rule("push_down_filter");
     }
     let state = ctx.state();
     let plan = state

@@ -116,16 +116,19 @@ fn arrange(events: &[Generated], cuts: &[bool], delay: i64) -> Input {
     input
 }
 
+/// `events`, and `versions`: the same events, read as the versions of their key `k`
+/// (a relation with a primary key, for temporal joins; every branch reads the one source).
 fn relations() -> BTreeMap<String, Relation> {
-    BTreeMap::from([(
-        "events".to_string(),
-        Relation {
-            kind: ObjectKind::Source,
-            schema: schema(),
-            event_time_column: Some("ts".into()),
-            primary_key: vec![],
-        },
-    )])
+    let relation = |primary_key: Vec<String>| Relation {
+        kind: ObjectKind::Source,
+        schema: schema(),
+        event_time_column: Some("ts".into()),
+        primary_key,
+    };
+    BTreeMap::from([
+        ("events".to_string(), relation(vec![])),
+        ("versions".to_string(), relation(vec!["k".into()])),
+    ])
 }
 
 /// Runs `sql` (a `CREATE STREAM`) over `input` with Sluice's planner and its stream task —
@@ -398,6 +401,33 @@ const CASES: &[(&str, &str)] = &[
          JOIN TUMBLE(events, ts, INTERVAL '10 seconds') b
          ON a.k = b.k AND a.window_start = b.window_start AND a.window_end = b.window_end
          WHERE a.window_end > a.arrival_wm AND b.window_end > b.arrival_wm",
+    ),
+    (
+        // Temporal join: each event with the latest version of its key at its time (ties in
+        // time: the last to arrive), against an as-of reference of window functions.
+        "CREATE STREAM s AS
+         SELECT e.seq AS e_seq, e.k, e.ts, v.seq AS v_seq, v.v AS vv
+         FROM events e JOIN versions FOR SYSTEM_TIME AS OF e.ts AS v ON e.k = v.k",
+        "WITH on_time AS (SELECT * FROM events WHERE ts >= arrival_wm),
+         candidates AS (
+             SELECT e.seq AS e_seq, e.k, e.ts, v.seq AS v_seq, v.v AS vv,
+                    row_number() OVER (PARTITION BY e.seq ORDER BY v.ts DESC, v.seq DESC) AS rn
+             FROM on_time e JOIN on_time v ON e.k = v.k AND v.ts <= e.ts)
+         SELECT e_seq, k, ts, v_seq, vv FROM candidates WHERE rn = 1",
+    ),
+    (
+        // … and kept without one (LEFT): the versions start at some events' own times, so
+        // events of a key before its first version find none.
+        "CREATE STREAM s AS
+         SELECT e.seq AS e_seq, e.k, v.seq AS v_seq
+         FROM events e LEFT JOIN versions AS v FOR SYSTEM_TIME AS OF e.ts
+         ON e.k = v.k AND v.v > 25",
+        "WITH on_time AS (SELECT * FROM events WHERE ts >= arrival_wm),
+         candidates AS (
+             SELECT e.seq AS e_seq, e.k, v.seq AS v_seq, v.v AS vv,
+                    row_number() OVER (PARTITION BY e.seq ORDER BY v.ts DESC, v.seq DESC) AS rn
+             FROM on_time e LEFT JOIN on_time v ON e.k = v.k AND v.ts <= e.ts)
+         SELECT e_seq, k, CASE WHEN vv > 25 THEN v_seq END FROM candidates WHERE rn = 1",
     ),
 ];
 
