@@ -1109,6 +1109,12 @@ pub(crate) fn translate(
             Ok(out)
         }
         LogicalPlan::Window(_) => Err(window_functions_unsupported()),
+        LogicalPlan::Join(_) => Err(SqlError::NotSupported(
+            "streaming JOIN is not supported yet at this place: a stream runs one join, of two \
+             sources or streams (with filters and projections on either side); to join more, \
+             create a stream of the first join and join it in another"
+                .into(),
+        )),
         LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => Err(SqlError::NotSupported(
             "a stream must read from a source or another stream (this query reads no table, or can never return a row)".into(),
         )),

@@ -279,6 +279,35 @@ pub fn row_to_json(batch: &RecordBatch, row: usize) -> String {
 
 /// A bad record for row `row` of `batch`, rejected by the operator `origin` because of
 /// `reason`.
+/// The columns `range` of a merged join input row as the output names them (`names` from
+/// `first`): what a late row of one side looks like in the errors zone.
+pub(crate) fn side_rows(
+    batch: &RecordBatch,
+    range: std::ops::Range<usize>,
+    output: &arrow::datatypes::SchemaRef,
+    first: usize,
+) -> RecordBatch {
+    let fields: Vec<arrow::datatypes::Field> = range
+        .clone()
+        .enumerate()
+        .map(|(i, c)| {
+            arrow::datatypes::Field::new(
+                output.field(first + i).name(),
+                batch.schema().field(c).data_type().clone(),
+                true,
+            )
+        })
+        .collect();
+    let columns = range
+        .map(|c| std::sync::Arc::clone(batch.column(c)))
+        .collect();
+    RecordBatch::try_new(
+        std::sync::Arc::new(arrow::datatypes::Schema::new(fields)),
+        columns,
+    )
+    .unwrap_or_else(|_| batch.clone())
+}
+
 pub(crate) fn bad_row(batch: &RecordBatch, row: usize, origin: &str, reason: &str) -> BadRecord {
     BadRecord {
         payload: row_to_json(batch, row),

@@ -355,6 +355,8 @@ impl StreamJoin {
         let batch = match self.horizon() {
             Some(h) => {
                 let mut keep = Vec::with_capacity(n);
+                let first = if side == 0 { 0 } else { self.spec.left.len() };
+                let mut shown: Option<RecordBatch> = None;
                 for (r, t) in times.iter().enumerate() {
                     let late = t.is_none_or(|t| t < h);
                     if late {
@@ -364,9 +366,12 @@ impl StreamJoin {
                             }
                             None => "no event time (NULL)",
                         };
+                        let shown = shown.get_or_insert_with(|| {
+                            super::side_rows(&batch, self.range(side), &self.spec.output, first)
+                        });
                         self.spec
                             .lateness
-                            .late_row(&batch, r, &self.origin, reason, out);
+                            .late_row(shown, r, &self.origin, reason, out);
                     }
                     keep.push(!late);
                 }
@@ -600,5 +605,130 @@ impl Operator for StreamJoin {
         }
         self.unreported += counted.take_counts().state_rows;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Int64Array, UInt8Array};
+    use arrow::datatypes::{Field, Schema};
+    use datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
+    use datafusion::scalar::ScalarValue;
+
+    use super::*;
+    use crate::message::Message;
+
+    /// `l JOIN r ON l.k = r.k AND r.t BETWEEN l.t AND l.t + 10` (times as plain µs), left outer.
+    fn join() -> (StreamJoin, SchemaRef) {
+        let int = |n: &str| Field::new(n, DataType::Int64, true);
+        let input: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("side", DataType::UInt8, false),
+            int("__key0"),
+            int("__l0"),
+            int("__l1"),
+            int("__r0"),
+            int("__r1"),
+        ]));
+        let output: SchemaRef =
+            Arc::new(Schema::new(vec![int("k"), int("t"), int("k"), int("r_t")]));
+        let col = |n: &str, i: usize| Arc::new(Column::new(n, i)) as Arc<dyn PhysicalExpr>;
+        let plus = |e: Arc<dyn PhysicalExpr>, d: i64| -> Arc<dyn PhysicalExpr> {
+            Arc::new(BinaryExpr::new(
+                e,
+                datafusion::logical_expr::Operator::Plus,
+                Arc::new(Literal::new(ScalarValue::Int64(Some(d)))),
+            ))
+        };
+        let between: Arc<dyn PhysicalExpr> = Arc::new(BinaryExpr::new(
+            Arc::new(BinaryExpr::new(
+                col("r_t", 3),
+                datafusion::logical_expr::Operator::GtEq,
+                col("t", 1),
+            )),
+            datafusion::logical_expr::Operator::And,
+            Arc::new(BinaryExpr::new(
+                col("r_t", 3),
+                datafusion::logical_expr::Operator::LtEq,
+                plus(col("t", 1), 10),
+            )),
+        ));
+        let spec = StreamJoinSpec {
+            kind: JoinKind::Left,
+            keys: 1,
+            left: 2..4,
+            right: 4..6,
+            time: [col("__l1", 3), col("__r1", 5)],
+            expiry: [plus(col("__l1", 3), 10), col("__r1", 5)],
+            filter: Some(between),
+            output: Arc::clone(&output),
+            output_time: Some((0, col("__l1", 3))),
+            lateness: Lateness::default(),
+        };
+        (StreamJoin::new(spec, &input, "stream j").unwrap(), input)
+    }
+
+    fn rows(input: &SchemaRef, side: u8, rows: &[(i64, i64)]) -> RecordBatch {
+        let n = rows.len();
+        let key = Int64Array::from_iter_values(rows.iter().map(|r| r.0));
+        let t = Int64Array::from_iter_values(rows.iter().map(|r| r.1));
+        let none = || Arc::new(Int64Array::new_null(n)) as ArrayRef;
+        let (l, r): (Vec<ArrayRef>, Vec<ArrayRef>) = if side == 0 {
+            (
+                vec![Arc::new(key.clone()), Arc::new(t)],
+                vec![none(), none()],
+            )
+        } else {
+            (
+                vec![none(), none()],
+                vec![Arc::new(key.clone()), Arc::new(t)],
+            )
+        };
+        let mut columns: Vec<ArrayRef> =
+            vec![Arc::new(UInt8Array::from(vec![side; n])), Arc::new(key)];
+        columns.extend(l);
+        columns.extend(r);
+        RecordBatch::try_new(Arc::clone(input), columns).unwrap()
+    }
+
+    fn data(out: &mut Collector) -> Vec<String> {
+        let mut got = vec![];
+        for m in out.take_messages() {
+            if let Message::Data(b) = m {
+                for r in 0..b.num_rows() {
+                    got.push(super::super::row_to_json(&b, r));
+                }
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn pairs_at_once_outer_rows_at_their_bound_late_rows_named_as_the_query_names_them() {
+        let (mut j, input) = join();
+        let mut out = Collector::default();
+        j.process_batch(rows(&input, 0, &[(1, 100), (2, 100)]), &mut out)
+            .unwrap();
+        j.process_batch(rows(&input, 1, &[(1, 105), (1, 200)]), &mut out)
+            .unwrap();
+        // The pair comes with the second row; r_t 200 is outside the bound.
+        assert_eq!(data(&mut out), [r#"{"k":1,"t":100,"k":1,"r_t":105}"#]);
+        assert_eq!(j.state_rows(), [2, 2]);
+        // The horizon passes 110 (left rows' bound): key 2 had no match.
+        j.on_watermark(EventTime(111), &mut out).unwrap();
+        let emitted = data(&mut out);
+        assert_eq!(emitted, [r#"{"k":2,"t":100}"#]);
+        assert_eq!(j.state_rows()[0], 0);
+        // A right row behind the horizon is late, reported with the query's column names.
+        j.process_batch(rows(&input, 1, &[(1, 50)]), &mut out)
+            .unwrap();
+        let late = out.take_rejected();
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].payload, r#"{"k":1,"r_t":50}"#, "{late:?}");
+        assert_eq!(out.take_counts().late, 1);
+        // Restored at another moment: the state comes back whole.
+        let snapshot = j.snapshot().unwrap().unwrap();
+        let (mut again, _) = join();
+        again.restore(vec![snapshot], &KeyFilter::all()).unwrap();
+        assert_eq!(again.state_rows(), j.state_rows());
     }
 }

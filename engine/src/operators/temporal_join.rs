@@ -199,8 +199,14 @@ impl TemporalJoin {
                 _ => false,
             };
             if late {
-                self.spec.lateness.late_row(
+                let shown = super::side_rows(
                     &batch,
+                    self.spec.right.clone(),
+                    &self.spec.output,
+                    self.spec.left.len(),
+                );
+                self.spec.lateness.late_row(
+                    &shown,
                     r,
                     &self.origin,
                     "late: a version behind the watermark (rows at its time were already joined)",
@@ -347,17 +353,18 @@ impl TemporalJoin {
         let times = micros(&as_of.evaluate(&batch)?.into_array(n)?)?;
         let horizon = self.horizon();
         let mut keep = vec![];
+        let shown = || super::side_rows(&batch, self.spec.left.clone(), &self.spec.output, 0);
         for (r, time) in times.iter().enumerate() {
             match (*time, horizon) {
                 (Some(t), Some(h)) if t < h => self.spec.lateness.late_row(
-                    &batch,
+                    &shown(),
                     r,
                     &self.origin,
                     "late: behind the watermark (the versions at its time may be gone)",
                     out,
                 ),
                 (None, _) => self.spec.lateness.late_row(
-                    &batch,
+                    &shown(),
                     r,
                     &self.origin,
                     "no time to look the version up at (NULL)",
