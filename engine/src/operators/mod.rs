@@ -246,23 +246,51 @@ pub(crate) fn gather_rows(
     batches: &std::collections::HashMap<u64, (RecordBatch, usize)>,
     rows: impl Iterator<Item = (u64, u32)> + Clone,
 ) -> crate::error::Result<Vec<arrow::array::ArrayRef>> {
+    let Some((first, _)) = rows.clone().next() else {
+        return Ok(vec![]);
+    };
+    let columns = 0..batches[&first].0.num_columns();
+    gather_columns(|id| &batches[&id].0, columns, rows)
+}
+
+/// Columns `columns` of the rows `rows` — (batch id, row) pairs, in output order — of the
+/// batches `batch` finds by id (one `interleave` per column).
+pub(crate) fn gather_columns<'a>(
+    batch: impl Fn(u64) -> &'a RecordBatch,
+    columns: std::ops::Range<usize>,
+    rows: impl Iterator<Item = (u64, u32)> + Clone,
+) -> crate::error::Result<Vec<arrow::array::ArrayRef>> {
     let mut ids: Vec<u64> = rows.clone().map(|(b, _)| b).collect();
     ids.sort_unstable();
     ids.dedup();
-    let sources: Vec<&RecordBatch> = ids.iter().map(|id| &batches[id].0).collect();
+    let sources: Vec<&RecordBatch> = ids.iter().map(|id| batch(*id)).collect();
     let indices: Vec<(usize, usize)> = rows
         .map(|(b, r)| (ids.binary_search(&b).expect("listed above"), r as usize))
         .collect();
-    let Some(first) = sources.first() else {
-        return Ok(vec![]);
-    };
-    Ok((0..first.num_columns())
+    Ok(columns
         .map(|c| {
             let arrays: Vec<&dyn arrow::array::Array> =
                 sources.iter().map(|b| b.column(c).as_ref()).collect();
             arrow::compute::interleave(&arrays, &indices)
         })
         .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// The values of a timestamp (any unit) or integer array as µs.
+pub(crate) fn micros(a: &arrow::array::ArrayRef) -> crate::error::Result<Vec<Option<i64>>> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{DataType, TimeUnit};
+    let a = match a.data_type() {
+        DataType::Int64 => std::sync::Arc::clone(a),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => arrow::compute::cast(a, &DataType::Int64)?,
+        _ => arrow::compute::cast(
+            &arrow::compute::cast(a, &DataType::Timestamp(TimeUnit::Microsecond, None))?,
+            &DataType::Int64,
+        )?,
+    };
+    Ok(a.as_primitive::<arrow::datatypes::Int64Type>()
+        .iter()
+        .collect())
 }
 
 /// Renders row `row` of `batch` as one JSON object, for the errors zone.

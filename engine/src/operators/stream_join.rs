@@ -36,8 +36,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, UInt32Array, new_null_array};
-use arrow::compute::{cast, filter_record_batch, interleave, take};
-use arrow::datatypes::{DataType, Int64Type, SchemaRef, TimeUnit};
+use arrow::compute::{filter_record_batch, take};
+use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_expr::PhysicalExpr;
@@ -175,22 +175,6 @@ impl StreamJoin {
         self.watermark.map(|w| self.spec.lateness.horizon(w))
     }
 
-    /// Timestamps (µs) of a timestamp or integer array.
-    fn micros(a: &ArrayRef) -> Result<Vec<Option<i64>>> {
-        let a = match a.data_type() {
-            DataType::Int64 => Arc::clone(a),
-            DataType::Timestamp(TimeUnit::Microsecond, _) => cast(a, &DataType::Int64)?,
-            other => {
-                let us =
-                    cast(a, &DataType::Timestamp(TimeUnit::Microsecond, None)).map_err(|_| {
-                        EngineError::Internal(format!("join: event time of type {other}"))
-                    })?;
-                cast(&us, &DataType::Int64)?
-            }
-        };
-        Ok(a.as_primitive::<Int64Type>().iter().collect())
-    }
-
     /// The output rows for `pairs` of (row of `batch` on `side`, stored row of the other side).
     fn pairs_batch(
         &self,
@@ -223,22 +207,8 @@ impl StreamJoin {
         side: usize,
         rows: impl Iterator<Item = (u64, u32)> + Clone,
     ) -> Result<Vec<ArrayRef>> {
-        let mut ids: Vec<u64> = rows.clone().map(|(b, _)| b).collect();
-        ids.sort_unstable();
-        ids.dedup();
         let stored = &self.sides[side].batches;
-        let indices: Vec<(usize, usize)> = rows
-            .map(|(b, r)| (ids.binary_search(&b).expect("listed above"), r as usize))
-            .collect();
-        self.range(side)
-            .map(|c| {
-                let arrays: Vec<&dyn Array> = ids
-                    .iter()
-                    .map(|id| stored[id].batch.column(c).as_ref())
-                    .collect();
-                Ok(interleave(&arrays, &indices)?)
-            })
-            .collect()
+        super::gather_columns(|id| &stored[&id].batch, self.range(side), rows)
     }
 
     /// Emits rows of `side` (of `batch`, at `rows`) with NULLs for the other side.
@@ -301,14 +271,14 @@ impl StreamJoin {
         let expiry = self.spec.expiry[side]
             .evaluate(&batch)
             .and_then(|v| v.into_array(n))?;
-        let max_expiry = Self::micros(&expiry)?
+        let max_expiry = super::micros(&expiry)?
             .into_iter()
             .map(|e| e.unwrap_or(i64::MIN))
             .max()
             .unwrap_or(i64::MIN);
         let min_time = match &self.spec.output_time {
             Some((s, e)) if *s == side => {
-                Self::micros(&e.evaluate(&batch).and_then(|v| v.into_array(n))?)?
+                super::micros(&e.evaluate(&batch).and_then(|v| v.into_array(n))?)?
                     .into_iter()
                     .flatten()
                     .min()
@@ -347,7 +317,7 @@ impl StreamJoin {
     /// Rows of one side: late ones out, the rest matched against the other side and stored.
     fn process_side(&mut self, side: usize, batch: RecordBatch, out: &mut Collector) -> Result<()> {
         let n = batch.num_rows();
-        let times = Self::micros(
+        let times = super::micros(
             &self.spec.time[side]
                 .evaluate(&batch)
                 .and_then(|v| v.into_array(n))?,

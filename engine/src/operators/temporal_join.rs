@@ -22,8 +22,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, new_null_array};
-use arrow::compute::{cast, filter_record_batch, interleave};
-use arrow::datatypes::{DataType, Int64Type, SchemaRef, TimeUnit};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
 use datafusion::physical_expr::PhysicalExpr;
@@ -92,18 +92,6 @@ pub struct TemporalJoin {
     forwarded: ForwardedWatermark,
     rows: i64,
     unreported: i64,
-}
-
-fn micros(a: &ArrayRef) -> Result<Vec<Option<i64>>> {
-    let a = match a.data_type() {
-        DataType::Int64 => Arc::clone(a),
-        DataType::Timestamp(TimeUnit::Microsecond, _) => cast(a, &DataType::Int64)?,
-        _ => cast(
-            &cast(a, &DataType::Timestamp(TimeUnit::Microsecond, None))?,
-            &DataType::Int64,
-        )?,
-    };
-    Ok(a.as_primitive::<Int64Type>().iter().collect())
 }
 
 impl TemporalJoin {
@@ -188,7 +176,7 @@ impl TemporalJoin {
 
     fn add_versions(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
         let n = batch.num_rows();
-        let times = micros(&self.spec.version_time.evaluate(&batch)?.into_array(n)?)?;
+        let times = super::micros(&self.spec.version_time.evaluate(&batch)?.into_array(n)?)?;
         let keys = self.keys_of(&batch)?;
         let horizon = self.horizon();
         let mut keep = vec![];
@@ -294,23 +282,8 @@ impl TemporalJoin {
         Ok(())
     }
 
-    fn gather(&self, range: Range<usize>, rows: &[(u64, u32)]) -> Result<Vec<ArrayRef>> {
-        let mut ids: Vec<u64> = rows.iter().map(|(b, _)| *b).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let indices: Vec<(usize, usize)> = rows
-            .iter()
-            .map(|(b, r)| (ids.binary_search(b).expect("listed"), *r as usize))
-            .collect();
-        range
-            .map(|c| {
-                let arrays: Vec<&dyn Array> = ids
-                    .iter()
-                    .map(|id| self.batches[id].batch.column(c).as_ref())
-                    .collect();
-                Ok(interleave(&arrays, &indices)?)
-            })
-            .collect()
+    fn gather(&self, range: Range<usize>, rows: &[Loc]) -> Result<Vec<ArrayRef>> {
+        super::gather_columns(|id| &self.batches[&id].batch, range, rows.iter().copied())
     }
 
     fn build(&self, pairs: &[(Loc, Loc)]) -> Result<RecordBatch> {
@@ -350,7 +323,7 @@ impl TemporalJoin {
                 .collect();
             return self.join(rows, out);
         };
-        let times = micros(&as_of.evaluate(&batch)?.into_array(n)?)?;
+        let times = super::micros(&as_of.evaluate(&batch)?.into_array(n)?)?;
         let horizon = self.horizon();
         let mut keep = vec![];
         let shown = || super::side_rows(&batch, self.spec.left.clone(), &self.spec.output, 0);
