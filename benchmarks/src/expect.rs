@@ -272,3 +272,55 @@ pub async fn first_bids(source_sql: &str) -> anyhow::Result<Fingerprint> {
     .await?;
     Ok(f)
 }
+
+/// The hash of a `join` result row.
+fn bid_pair_hash(auction: i64, first: i64, next: i64, ts: i64) -> u64 {
+    row_hash(&[auction, first, next, ts], None)
+}
+
+/// What `join` must produce: each bid with every later bid of its auction at most `within`
+/// µs after it (the bids come in event-time order, each at its own time).
+pub async fn bid_pairs(source_sql: &str, within: i64) -> anyhow::Result<Fingerprint> {
+    let mut f = Fingerprint::default();
+    // Per auction, the recent bids: (time, bidder), oldest first.
+    let mut recent: std::collections::HashMap<i64, std::collections::VecDeque<(i64, i64)>> =
+        std::collections::HashMap::new();
+    generated(source_sql, |b| {
+        let (auction, bidder, ts) = (ints(b, "auction")?, ints(b, "bidder")?, ints(b, "ts")?);
+        for i in 0..b.num_rows() {
+            let (a, t) = (auction.value(i), ts.value(i));
+            let q = recent.entry(a).or_default();
+            while q.front().is_some_and(|(u, _)| *u < t - within) {
+                q.pop_front();
+            }
+            for (u, first) in q.iter() {
+                if *u < t {
+                    f.add(bid_pair_hash(a, *first, bidder.value(i), *u));
+                }
+            }
+            q.push_back((t, bidder.value(i)));
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(f)
+}
+
+/// The fingerprint of `join` result rows.
+pub fn fingerprint_bid_pairs(f: &mut Fingerprint, b: &RecordBatch) -> anyhow::Result<()> {
+    let (auction, first, next, ts) = (
+        ints(b, "auction")?,
+        ints(b, "first_bidder")?,
+        ints(b, "next_bidder")?,
+        ints(b, "ts")?,
+    );
+    for i in 0..b.num_rows() {
+        f.add(bid_pair_hash(
+            auction.value(i),
+            first.value(i),
+            next.value(i),
+            ts.value(i),
+        ));
+    }
+    Ok(())
+}

@@ -58,7 +58,8 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     parallelism: usize,
     /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop,
-    /// hop60 (1-hour windows sliding every minute), dedup, kafka (needs a broker: `eval "$(scripts/services.sh start)"`; the source's one
+    /// hop60 (1-hour windows sliding every minute), dedup, join (an interval self-join of the
+    /// bids: each bid with the later bids of its auction within 20 ms), kafka (needs a broker: `eval "$(scripts/services.sh start)"`; the source's one
     /// reader and a stream, as `sluice serve` runs them), kafka-librdkafka (the same, the
     /// source fetching with librdkafka: compare the two in one run), json (the kafka pipeline's bids
     /// through its JSON decoder alone, no broker), arrow-json (the same bids through
@@ -112,6 +113,13 @@ const BIDS: &str = "CREATE SOURCE clicks (auction BIGINT NOT NULL, bidder BIGINT
     WITH (connector = 'datagen', rows_per_second = '0', seed = '1', start_time = '2024-01-01T00:00:00Z',
           time_step = '10 us', fields.auction.max = '999', fields.price.max = '100000',
           fields.channel.cardinality = '4', fields.url.length = '32', fields.extra.length = '16')";
+/// How far apart (µs) the two bids of a `join` pair are at most.
+const JOIN_WITHIN: i64 = 20_000;
+/// An interval join of the bids with themselves: each bid with the later bids of its auction
+/// within 20 ms (about two per bid).
+const JOIN: &str = "CREATE STREAM pairs AS SELECT a.auction, a.bidder AS first_bidder,
+    b.bidder AS next_bidder, a.ts FROM clicks a JOIN clicks b
+    ON a.auction = b.auction AND b.ts > a.ts AND b.ts <= a.ts + INTERVAL '20' MILLISECOND";
 /// Nexmark-style 10-second tumbling count and sum per auction.
 const TUMBLE: &str = "CREATE STREAM per_auction AS SELECT auction, window_start, window_end,
     count(*) AS bids, sum(price) AS volume FROM TUMBLE(clicks, ts, INTERVAL '10 seconds')
@@ -139,6 +147,8 @@ enum RowCheck {
     CleanClicks,
     /// `dedup`: bidder and time of each first bid.
     FirstBids,
+    /// `join`: auction, both bidders and the first bid's time of each pair.
+    BidPairs,
 }
 
 /// A sink that counts rows, fingerprints them, and drops them.
@@ -166,6 +176,7 @@ impl Sink for Discard {
                 }
                 Ok(())
             })(),
+            RowCheck::BidPairs => expect::fingerprint_bid_pairs(&mut f, &batch),
         };
         checked.map_err(|e| sluice_engine::EngineError::Internal(e.to_string()))
     }
@@ -329,7 +340,7 @@ fn emission_latency(
 }
 
 async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
-    let source_sql = if matches!(kind, "tumble" | "hop" | "hop60" | "dedup") {
+    let source_sql = if matches!(kind, "tumble" | "hop" | "hop60" | "dedup" | "join") {
         BIDS
     } else {
         SOURCE
@@ -432,6 +443,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
             "hop" => HOP,
             "hop60" => HOP60,
             "dedup" => DEDUP,
+            "join" => JOIN,
             _ => QUERY,
         };
         let SluiceStatement::CreateStream(stream) = parse_sql(query)?.remove(0) else {
@@ -523,10 +535,10 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
         } else if kind != "lake" {
             Box::new(Discard {
                 counted: Arc::clone(&counted),
-                check: if kind == "dedup" {
-                    RowCheck::FirstBids
-                } else {
-                    RowCheck::CleanClicks
+                check: match kind {
+                    "dedup" => RowCheck::FirstBids,
+                    "join" => RowCheck::BidPairs,
+                    _ => RowCheck::CleanClicks,
                 },
                 fingerprint: Arc::clone(&fingerprint),
             })
@@ -584,11 +596,11 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
             let n = counted.load(Ordering::Relaxed);
             anyhow::ensure!(n == events, "counted {n} of {events} events");
         }
-        "discard" | "dedup" => {
-            let expected = if kind == "dedup" {
-                expect::first_bids(&sql).await?
-            } else {
-                expect::clean_clicks(&sql).await?
+        "discard" | "dedup" | "join" => {
+            let expected = match kind {
+                "dedup" => expect::first_bids(&sql).await?,
+                "join" => expect::bid_pairs(&sql, JOIN_WITHIN).await?,
+                _ => expect::clean_clicks(&sql).await?,
             };
             let produced = *fingerprint.lock().unwrap_or_else(|e| e.into_inner());
             anyhow::ensure!(
@@ -636,6 +648,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
             "lake" => "datagen -> filter+project -> lake (Parquet)",
             "tumble" => "bids -> 10s tumble count+sum/auction -> discard",
             "dedup" => "bids -> dedup by bidder -> discard",
+            "join" => "bids interval self-join (20 ms) -> discard",
             "hop60" => "bids -> 1h/1min hop count/auction -> discard",
             _ => "bids -> 10s/2s hop count/auction -> discard",
         },
@@ -734,6 +747,7 @@ fn main() -> anyhow::Result<()> {
             "hop" => "hop",
             "hop60" => "hop60",
             "dedup" => "dedup",
+            "join" => "join",
             "kafka" => "kafka",
             "kafka-librdkafka" => "kafka-librdkafka",
             "json" => "json",
@@ -750,7 +764,7 @@ fn main() -> anyhow::Result<()> {
             }
             other => {
                 anyhow::bail!(
-                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, hop60, dedup, kafka, kafka-librdkafka, json, arrow-json, json-messy, arrow-json-messy, ingest, pg-params)"
+                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, hop60, dedup, join, kafka, kafka-librdkafka, json, arrow-json, json-messy, arrow-json-messy, ingest, pg-params)"
                 )
             }
         };

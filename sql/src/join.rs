@@ -413,6 +413,7 @@ pub(crate) fn join_stream(
         output,
         output_time,
         lateness,
+        bounds,
     };
     let mut branches = left;
     branches.extend(right);

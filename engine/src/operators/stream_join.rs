@@ -29,7 +29,8 @@
 //!
 //! State: per side, the stored input batches (as they arrived, after late rows were taken
 //! out), each with its rows' matched flags, the latest expiry and earliest event time among
-//! its rows, and an index from encoded key to (batch, row).
+//! its rows, and an index from encoded key to its rows (event time, batch, row) in time order
+//! — an interval join's probe looks only at the other side's rows within the bounds.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -103,6 +104,18 @@ pub struct StreamJoinSpec {
     pub output_time: Option<(usize, Arc<dyn PhysicalExpr>)>,
     /// When a row is late.
     pub lateness: Lateness,
+    /// An interval join's bounds `a ≤ r − l ≤ b` (µs) on the two sides' `time`s: a probe
+    /// looks only at the other side's rows within them (the filter still decides). None:
+    /// every row of the key (a window join, whose key holds the window).
+    pub bounds: Option<(i64, i64)>,
+}
+
+/// A stored row in a key's index entry: its event time, batch and row.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    time: i64,
+    batch: u64,
+    row: u32,
 }
 
 /// One stored input batch.
@@ -122,7 +135,8 @@ struct Stored {
 #[derive(Debug, Default)]
 struct Side {
     batches: HashMap<u64, Stored>,
-    index: HashMap<Box<[u8]>, Vec<(u64, u32)>>,
+    /// Per key, its rows in event-time order.
+    index: HashMap<Box<[u8]>, Vec<Entry>>,
     rows: usize,
 }
 
@@ -286,16 +300,28 @@ impl StreamJoin {
             }
             _ => i64::MAX,
         };
+        let times = super::micros(
+            &self.spec.time[side]
+                .evaluate(&batch)
+                .and_then(|v| v.into_array(n))?,
+        )?;
         let id = self.next_id;
         self.next_id += 1;
         let state = &mut self.sides[side];
         for (r, null) in null_key.iter().enumerate() {
             if !null {
-                state
-                    .index
-                    .entry(keys.row(r).as_ref().into())
-                    .or_default()
-                    .push((id, r as u32));
+                let time = times[r].unwrap_or(i64::MIN);
+                let entries = state.index.entry(keys.row(r).as_ref().into()).or_default();
+                // Rows come nearly in time order: almost always an append.
+                let at = entries.partition_point(|e| e.time <= time);
+                entries.insert(
+                    at,
+                    Entry {
+                        time,
+                        batch: id,
+                        row: r as u32,
+                    },
+                );
             }
         }
         state.rows += n;
@@ -362,14 +388,32 @@ impl StreamJoin {
             .collect();
         let keys = self.converter.convert_columns(&key_columns)?;
         let other = 1 - side;
+        let times = super::micros(
+            &self.spec.time[side]
+                .evaluate(&batch)
+                .and_then(|v| v.into_array(n))?,
+        )?;
         let mut pairs: Vec<(u32, (u64, u32))> = vec![];
-        for r in 0..n {
+        for (r, time) in times.iter().enumerate() {
             if key_columns.iter().any(|k| k.is_null(r)) {
                 continue;
             }
-            if let Some(found) = self.sides[other].index.get(keys.row(r).as_ref()) {
-                pairs.extend(found.iter().map(|s| (r as u32, *s)));
-            }
+            let Some(found) = self.sides[other].index.get(keys.row(r).as_ref()) else {
+                continue;
+            };
+            // The other side's times a match can have: r − l ∈ [a, b].
+            let range = match (self.spec.bounds, *time) {
+                (Some((a, b)), Some(t)) if side == 0 => (t.saturating_add(a), t.saturating_add(b)),
+                (Some((a, b)), Some(t)) => (t.saturating_sub(b), t.saturating_sub(a)),
+                _ => (i64::MIN, i64::MAX),
+            };
+            let from = found.partition_point(|e| e.time < range.0);
+            let to = found.partition_point(|e| e.time <= range.1);
+            pairs.extend(
+                found[from..to.max(from)]
+                    .iter()
+                    .map(|e| (r as u32, (e.batch, e.row))),
+            );
         }
         let mut matched = vec![false; n];
         if !pairs.is_empty() {
@@ -425,15 +469,18 @@ impl StreamJoin {
         };
         state.rows -= stored.batch.num_rows();
         out.add_state_rows(-(stored.batch.num_rows() as i64));
-        for r in 0..stored.batch.num_rows() {
-            if stored.null_key[r] {
-                continue;
-            }
-            let key = stored.keys.row(r);
-            if let Some(entries) = state.index.get_mut(key.as_ref()) {
-                entries.retain(|(b, _)| *b != id);
+        // Each key of the batch once: its entries of this batch go in one pass.
+        let mut keys: Vec<&[u8]> = (0..stored.batch.num_rows())
+            .filter(|r| !stored.null_key[*r])
+            .map(|r| stored.keys.row(r).data())
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            if let Some(entries) = state.index.get_mut(key) {
+                entries.retain(|e| e.batch != id);
                 if entries.is_empty() {
-                    state.index.remove(key.as_ref());
+                    state.index.remove(key);
                 }
             }
         }
@@ -633,6 +680,7 @@ mod tests {
             output: Arc::clone(&output),
             output_time: Some((0, col("__l1", 3))),
             lateness: Lateness::default(),
+            bounds: Some((0, 10)),
         };
         (StreamJoin::new(spec, &input, "stream j").unwrap(), input)
     }
