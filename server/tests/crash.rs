@@ -1,7 +1,8 @@
 //! Exactly-once across crashes: `sluice serve` is killed with SIGKILL at random moments
 //! while a Kafka source → dedup → 10-second windows → lake pipeline runs, and restarted each
 //! time on the same lake; at the end the processed zone holds exactly the reference answer.
-//! Also: HTTP ingest, datagen pipelines, and an interval join of a Kafka and an HTTP source.
+//! Also: HTTP ingest, datagen pipelines, and an interval join and a temporal join of a Kafka
+//! and an HTTP source.
 
 mod common;
 
@@ -819,5 +820,157 @@ fn an_interval_join_killed_at_random_moments_joins_every_pair_exactly_once() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(got.len(), expected.len(), "every pair, once");
+    assert_eq!(got, expected);
+}
+
+/// A temporal join of a Kafka source (orders) with an HTTP source of versions (customers'
+/// tiers), killed at random moments: every order joined once, with the version in force at
+/// its time.
+#[test]
+fn a_temporal_join_killed_at_random_moments_enriches_every_order_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU16, Ordering};
+
+    const N: i64 = 3_000;
+    const CUSTOMERS: i64 = 20;
+    let ts_text = |us: i64| {
+        chrono::DateTime::from_timestamp_micros(us)
+            .unwrap()
+            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string()
+    };
+    let brokers = kafka_brokers();
+    let topic = format!("temporal-crash-{}", std::process::id());
+    create_topic(&brokers, &topic, 1);
+    let lake = tempfile::tempdir().unwrap();
+    let serve_http = |lake: &std::path::Path| {
+        common::serve_ports(|cmd| {
+            cmd.env("SLUICE_LAKE", lake);
+        })
+    };
+    let (child, port, http) = serve_http(lake.path());
+    psql(
+        port,
+        &format!(
+            "CREATE SOURCE orders (order_id BIGINT NOT NULL, customer BIGINT NOT NULL, ts TIMESTAMP NOT NULL,
+                                   WATERMARK FOR ts AS ts - INTERVAL '5 seconds')
+             WITH (connector = 'kafka', brokers = '{brokers}', topic = '{topic}', batch_size = '200');
+             CREATE SOURCE customers (customer BIGINT NOT NULL, tier TEXT NOT NULL, ts TIMESTAMP NOT NULL,
+                                      PRIMARY KEY (customer), WATERMARK FOR ts AS ts - INTERVAL '5 seconds')
+             WITH (connector = 'http');
+             CREATE STREAM enriched WITH (checkpoint_interval = '300 ms') AS
+             SELECT o.order_id, c.tier, o.ts FROM orders o
+             JOIN customers FOR SYSTEM_TIME AS OF o.ts AS c ON o.customer = c.customer"
+        ),
+    );
+    // Order i every 10 ms; every customer gets a new tier each second (`t<second>`), so
+    // order i's tier is `t<i / 100>`.
+    let order_ts = |i: i64| T0 + i * 10_000;
+    let seconds = N / 100 + 1;
+    let shipper_port = Arc::new(AtomicU16::new(http));
+    let versions = {
+        let port = Arc::clone(&shipper_port);
+        std::thread::spawn(move || {
+            // The sentinel at the end moves the watermark past every order.
+            for s in 0..=seconds + 60 {
+                let s = if s > seconds { 3_600 } else { s };
+                let body: String = (0..CUSTOMERS)
+                    .map(|c| {
+                        format!(
+                            "{{\"customer\":{c},\"tier\":\"t{s}\",\"ts\":\"{}\"}}\n",
+                            ts_text(T0 + s * 1_000_000)
+                        )
+                    })
+                    .collect();
+                let key = format!("versions-{s}");
+                while post_once(
+                    port.load(Ordering::Relaxed),
+                    "/v1/sources/customers/events",
+                    Some(&key),
+                    &body,
+                ) != Some(200)
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                if s == 3_600 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        })
+    };
+    let producer = {
+        let (brokers, topic) = (brokers.clone(), topic.clone());
+        std::thread::spawn(move || {
+            for chunk in (0..N).collect::<Vec<_>>().chunks(100) {
+                let records = chunk.iter().map(|&i| {
+                    (
+                        i.to_string(),
+                        format!(
+                            r#"{{"order_id":{i},"customer":{},"ts":"{}"}}"#,
+                            i % CUSTOMERS,
+                            ts_text(order_ts(i))
+                        ),
+                    )
+                });
+                produce_records(&brokers, &topic, records);
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            // Far ahead: the orders' watermark passes them all.
+            produce_records(
+                &brokers,
+                &topic,
+                [(
+                    "-1".to_string(),
+                    format!(
+                        r#"{{"order_id":-1,"customer":0,"ts":"{}"}}"#,
+                        ts_text(T0 + 3_600_000_000)
+                    ),
+                )],
+            );
+        })
+    };
+    let mut seed = u64::from(std::process::id()) ^ 0x7e3;
+    println!("kill moments seed: {seed}");
+    let (mut child, mut port) = (child, port);
+    for round in 0..4 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(300 + (seed >> 33) % 1_500));
+        child.kill().unwrap(); // SIGKILL: no shutdown, no final checkpoint
+        child.wait().unwrap();
+        println!("killed (round {round})");
+        let (c, p, h) = serve_http(lake.path());
+        (child, port) = (c, p);
+        shipper_port.store(h, Ordering::Relaxed);
+    }
+    producer.join().unwrap();
+    versions.join().unwrap();
+    let joined = |port: u16| -> Vec<(i64, String)> {
+        psql(
+            port,
+            "SELECT order_id, tier FROM enriched WHERE order_id >= 0 ORDER BY order_id",
+        )
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (id, tier) = l.split_once('|').unwrap();
+            (id.parse().unwrap(), tier.to_string())
+        })
+        .collect()
+    };
+    let expected: Vec<(i64, String)> = (0..N).map(|i| (i, format!("t{}", i / 100))).collect();
+    let start = Instant::now();
+    let mut got = joined(port);
+    while got.len() < expected.len() && start.elapsed() < Duration::from_secs(90) {
+        std::thread::sleep(Duration::from_millis(250));
+        got = joined(port);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let got = joined(port);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(got.len(), expected.len(), "every order, once");
     assert_eq!(got, expected);
 }
