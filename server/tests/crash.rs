@@ -428,6 +428,48 @@ fn datagen_pipelines_killed_at_random_moments_write_what_an_uninterrupted_run_wr
     );
 }
 
+/// Starts `sluice serve` on `lake`: the server, its pg and HTTP ports.
+fn serve_http(lake: &std::path::Path) -> (Server, u16, u16) {
+    common::serve_ports(|cmd| {
+        cmd.env("SLUICE_LAKE", lake);
+    })
+}
+
+/// Kills the server four times at moments drawn from `seed` (SIGKILL: no shutdown, no final
+/// checkpoint), restarting it on `lake` each time and telling clients its new HTTP port;
+/// returns the last server, still running, and its pg port.
+fn kill_and_restart_http(
+    lake: &std::path::Path,
+    mut child: Server,
+    http_port: &std::sync::atomic::AtomicU16,
+    seed: u64,
+) -> (Server, u16) {
+    let mut seed = seed;
+    println!("kill moments seed: {seed}");
+    let mut port = 0;
+    for round in 0..4 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(300 + (seed >> 33) % 1_500));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        println!("killed (round {round})");
+        let (c, p, h) = serve_http(lake);
+        (child, port) = (c, p);
+        http_port.store(h, std::sync::atomic::Ordering::Relaxed);
+    }
+    (child, port)
+}
+
+/// A timestamp (µs) as the JSON of a record writes it.
+fn ts_text(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .unwrap()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
+}
+
 /// POSTs `body` to the server's HTTP port; the response status, or `None` when the server
 /// is not there (killed) or the connection broke.
 fn post(port: u16, path: &str, body: &str) -> Option<u16> {
@@ -458,11 +500,6 @@ fn http_ingest_killed_at_random_moments_keeps_every_acknowledged_event_exactly_o
     use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 
     let lake = tempfile::tempdir().unwrap();
-    let serve_http = |lake: &std::path::Path| {
-        common::serve_ports(|cmd| {
-            cmd.env("SLUICE_LAKE", lake);
-        })
-    };
     let (child, port, http) = serve_http(lake.path());
     psql(
         port,
@@ -512,21 +549,12 @@ fn http_ingest_killed_at_random_moments_keeps_every_acknowledged_event_exactly_o
             (acknowledged, batch * 50)
         })
     };
-    let mut seed = u64::from(std::process::id());
-    println!("kill moments seed: {seed}");
-    let (mut child, mut port) = (child, port);
-    for round in 0..4 {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        std::thread::sleep(Duration::from_millis(300 + (seed >> 33) % 1_500));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        println!("killed (round {round})");
-        let (c, p, h) = serve_http(lake.path());
-        (child, port) = (c, p);
-        http_port.store(h, Ordering::Relaxed);
-    }
+    let (mut child, port) = kill_and_restart_http(
+        lake.path(),
+        child,
+        &http_port,
+        u64::from(std::process::id()),
+    );
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     let (acknowledged, sent) = client.join().unwrap();
@@ -704,21 +732,10 @@ fn an_interval_join_killed_at_random_moments_joins_every_pair_exactly_once() {
     use std::sync::atomic::{AtomicU16, Ordering};
 
     const N: i64 = 4_000;
-    let ts_text = |us: i64| {
-        chrono::DateTime::from_timestamp_micros(us)
-            .unwrap()
-            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
-            .to_string()
-    };
     let brokers = kafka_brokers();
     let topic = format!("join-crash-{}", std::process::id());
     create_topic(&brokers, &topic, 1);
     let lake = tempfile::tempdir().unwrap();
-    let serve_http = |lake: &std::path::Path| {
-        common::serve_ports(|cmd| {
-            cmd.env("SLUICE_LAKE", lake);
-        })
-    };
     let (child, port, http) = serve_http(lake.path());
     psql(
         port,
@@ -783,21 +800,12 @@ fn an_interval_join_killed_at_random_moments_joins_every_pair_exactly_once() {
         })
     };
     // Killed while both sides arrive (about 6 s each).
-    let mut seed = u64::from(std::process::id()) ^ 0x5eed;
-    println!("kill moments seed: {seed}");
-    let (mut child, mut port) = (child, port);
-    for round in 0..4 {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        std::thread::sleep(Duration::from_millis(300 + (seed >> 33) % 1_500));
-        child.kill().unwrap(); // SIGKILL: no shutdown, no final checkpoint
-        child.wait().unwrap();
-        println!("killed (round {round})");
-        let (c, p, h) = serve_http(lake.path());
-        (child, port) = (c, p);
-        http_port.store(h, Ordering::Relaxed);
-    }
+    let (mut child, port) = kill_and_restart_http(
+        lake.path(),
+        child,
+        &http_port,
+        u64::from(std::process::id()) ^ 0x5eed,
+    );
     producer.join().unwrap();
     shipper.join().unwrap();
     let joined = |port: u16| -> Vec<i64> {
@@ -833,21 +841,10 @@ fn a_temporal_join_killed_at_random_moments_enriches_every_order_once() {
 
     const N: i64 = 3_000;
     const CUSTOMERS: i64 = 20;
-    let ts_text = |us: i64| {
-        chrono::DateTime::from_timestamp_micros(us)
-            .unwrap()
-            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
-            .to_string()
-    };
     let brokers = kafka_brokers();
     let topic = format!("temporal-crash-{}", std::process::id());
     create_topic(&brokers, &topic, 1);
     let lake = tempfile::tempdir().unwrap();
-    let serve_http = |lake: &std::path::Path| {
-        common::serve_ports(|cmd| {
-            cmd.env("SLUICE_LAKE", lake);
-        })
-    };
     let (child, port, http) = serve_http(lake.path());
     psql(
         port,
@@ -930,21 +927,12 @@ fn a_temporal_join_killed_at_random_moments_enriches_every_order_once() {
             );
         })
     };
-    let mut seed = u64::from(std::process::id()) ^ 0x7e3;
-    println!("kill moments seed: {seed}");
-    let (mut child, mut port) = (child, port);
-    for round in 0..4 {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        std::thread::sleep(Duration::from_millis(300 + (seed >> 33) % 1_500));
-        child.kill().unwrap(); // SIGKILL: no shutdown, no final checkpoint
-        child.wait().unwrap();
-        println!("killed (round {round})");
-        let (c, p, h) = serve_http(lake.path());
-        (child, port) = (c, p);
-        shipper_port.store(h, Ordering::Relaxed);
-    }
+    let (mut child, port) = kill_and_restart_http(
+        lake.path(),
+        child,
+        &shipper_port,
+        u64::from(std::process::id()) ^ 0x7e3,
+    );
     producer.join().unwrap();
     versions.join().unwrap();
     let joined = |port: u16| -> Vec<(i64, String)> {

@@ -131,6 +131,13 @@ struct Stored {
     min_time: i64,
 }
 
+/// What [`StreamJoin::prepare`] computes of a batch.
+struct Prepared {
+    keys: Rows,
+    null_key: Vec<bool>,
+    times: Vec<Option<i64>>,
+}
+
 /// One side's state.
 #[derive(Debug, Default)]
 struct Side {
@@ -262,12 +269,33 @@ impl StreamJoin {
         Ok(())
     }
 
-    /// Stores `batch` (rows of `side`, none late) with the rows' matched flags; the state
-    /// grew by its rows.
+    /// The encoded keys of `batch`'s rows, which have a NULL in their key, and their event
+    /// times (µs) on `side`: computed once per batch, for the probe and the store.
+    fn prepare(&self, side: usize, batch: &RecordBatch) -> Result<Prepared> {
+        let n = batch.num_rows();
+        let key_columns: Vec<ArrayRef> = (1..=self.spec.keys)
+            .map(|i| Arc::clone(batch.column(i)))
+            .collect();
+        Ok(Prepared {
+            keys: self.converter.convert_columns(&key_columns)?,
+            null_key: (0..n)
+                .map(|r| key_columns.iter().any(|k| k.is_null(r)))
+                .collect(),
+            times: super::micros(
+                &self.spec.time[side]
+                    .evaluate(batch)
+                    .and_then(|v| v.into_array(n))?,
+            )?,
+        })
+    }
+
+    /// Stores `batch` (rows of `side`, none late, `prepared` for it) with the rows' matched
+    /// flags; the state grew by its rows.
     fn store(
         &mut self,
         side: usize,
         batch: RecordBatch,
+        prepared: Prepared,
         matched: Vec<bool>,
         out: &mut Collector,
     ) -> Result<()> {
@@ -275,13 +303,11 @@ impl StreamJoin {
         if n == 0 {
             return Ok(());
         }
-        let key_columns: Vec<ArrayRef> = (1..=self.spec.keys)
-            .map(|i| Arc::clone(batch.column(i)))
-            .collect();
-        let keys = self.converter.convert_columns(&key_columns)?;
-        let null_key: Vec<bool> = (0..n)
-            .map(|r| key_columns.iter().any(|k| k.is_null(r)))
-            .collect();
+        let Prepared {
+            keys,
+            null_key,
+            times,
+        } = prepared;
         let expiry = self.spec.expiry[side]
             .evaluate(&batch)
             .and_then(|v| v.into_array(n))?;
@@ -300,11 +326,6 @@ impl StreamJoin {
             }
             _ => i64::MAX,
         };
-        let times = super::micros(
-            &self.spec.time[side]
-                .evaluate(&batch)
-                .and_then(|v| v.into_array(n))?,
-        )?;
         let id = self.next_id;
         self.next_id += 1;
         let state = &mut self.sides[side];
@@ -383,22 +404,14 @@ impl StreamJoin {
         if n == 0 {
             return Ok(());
         }
-        let key_columns: Vec<ArrayRef> = (1..=self.spec.keys)
-            .map(|i| Arc::clone(batch.column(i)))
-            .collect();
-        let keys = self.converter.convert_columns(&key_columns)?;
+        let prepared = self.prepare(side, &batch)?;
         let other = 1 - side;
-        let times = super::micros(
-            &self.spec.time[side]
-                .evaluate(&batch)
-                .and_then(|v| v.into_array(n))?,
-        )?;
         let mut pairs: Vec<(u32, (u64, u32))> = vec![];
-        for (r, time) in times.iter().enumerate() {
-            if key_columns.iter().any(|k| k.is_null(r)) {
+        for (r, time) in prepared.times.iter().enumerate() {
+            if prepared.null_key[r] {
                 continue;
             }
-            let Some(found) = self.sides[other].index.get(keys.row(r).as_ref()) else {
+            let Some(found) = self.sides[other].index.get(prepared.keys.row(r).as_ref()) else {
                 continue;
             };
             // The other side's times a match can have: r − l ∈ [a, b].
@@ -444,7 +457,7 @@ impl StreamJoin {
                 }
             }
         }
-        self.store(side, batch, matched, out)
+        self.store(side, batch, prepared, matched, out)
     }
 
     /// Drops the stored batches of `side` whose every row is past the horizon, emitting the
@@ -617,7 +630,8 @@ impl Operator for StreamJoin {
                     .collect();
                 let mut rows = mine;
                 rows.remove_column(last);
-                self.store(side, rows, matched, &mut counted)?;
+                let prepared = self.prepare(side, &rows)?;
+                self.store(side, rows, prepared, matched, &mut counted)?;
             }
         }
         self.unreported += counted.take_counts().state_rows;
