@@ -15,6 +15,7 @@
 //! with the projection that pads them so.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -26,11 +27,13 @@ use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{Expr, ExprSchemable, Operator as BinaryOp};
 use datafusion::physical_expr::expressions::{BinaryExpr, CastExpr, Column, Literal};
 use datafusion::physical_expr::{PhysicalExpr, create_physical_expr};
-use sluice_engine::operators::{JoinKind, StreamJoinSpec, TemporalJoinSpec};
+use sluice_engine::operators::{
+    JoinKind, JoinSideSpec, JoinSidesSpec, SideOpsSpec, StreamJoinSpec, TemporalJoinSpec,
+};
 
 use crate::error::{Result, SqlError};
 use crate::planner::{
-    BranchPlan, OpSpec, Relation, StatefulOptions, Translated, needs_event_time, translate,
+    BranchPlan, OpSpec, Relation, StatefulOptions, Translated, needs_event_time, translate_stream,
 };
 use crate::temporal::Temporal;
 use crate::window::{WINDOW_END, WINDOW_START};
@@ -162,7 +165,6 @@ fn kind_name(kind: JoinKind) -> &'static str {
     }
 }
 
-/// Translates a join (see the module docs).
 /// The name a side of a join goes by (its alias, else its table), and its table's name.
 fn side_names(plan: &LogicalPlan) -> Option<(String, String)> {
     match plan {
@@ -180,6 +182,7 @@ fn side_names(plan: &LogicalPlan) -> Option<(String, String)> {
     }
 }
 
+/// Translates a join (see the module docs).
 pub(crate) fn join_stream(
     j: &datafusion::logical_expr::Join,
     relations: &BTreeMap<String, Relation>,
@@ -211,22 +214,38 @@ pub(crate) fn join_stream(
             )));
         }
     };
-    let mut left = translate(&j.left, relations, props)?;
-    let mut right = translate(&j.right, relations, props)?;
-    needs_event_time(&left, relations, "a streaming join")?;
-    needs_event_time(&right, relations, "a streaming join")?;
+    let mut left = join_side(&j.left, relations, props, opts)?;
+    let mut right = join_side(&j.right, relations, props, opts)?;
+    needs_event_time(&left.branches, relations, "a streaming join")?;
+    needs_event_time(&right.branches, relations, "a streaming join")?;
     let (ls, rs) = (j.left.schema(), j.right.schema());
     let nl = ls.fields().len();
+    let aggregated = !left.ops.is_empty() || !right.ops.is_empty();
 
     // Window join: both sides' window bounds among the keys.
-    let is_bound = |e: &Expr, name: &str| matches!(e, Expr::Column(c) if c.name == name);
-    let window_join = [WINDOW_START, WINDOW_END]
-        .iter()
-        .all(|w| j.on.iter().any(|(l, r)| is_bound(l, w) && is_bound(r, w)));
+    let is_col = |e: &Expr, schema: &DFSchema, i: usize| matches!(e, Expr::Column(c) if schema.index_of_column(c).ok() == Some(i));
+    let window_pair = |which: fn((usize, usize)) -> usize| {
+        let (Some(lw), Some(rw)) = (left.window, right.window) else {
+            return false;
+        };
+        j.on.iter()
+            .any(|(l, r)| is_col(l, ls, which(lw)) && is_col(r, rs, which(rw)))
+    };
+    let window_join = window_pair(|w| w.0) && window_pair(|w| w.1);
+    if aggregated && (temporal.is_some() || !window_join) {
+        return Err(SqlError::NotSupported(
+            "a join side that aggregates joins in a window join only: both sides windowed \
+             alike and joined on their window_start and window_end (Nexmark q8's shape)"
+                .into(),
+        ));
+    }
     // An interval join's time columns: each side's event time (kept in the plan when the
     // condition reads it).
-    let times = match (side_time(&left, "left"), side_time(&right, "right")) {
-        (Ok(lt), Ok(rt)) => Some((lt, rt)),
+    let times = match (
+        side_time(&left.branches, "left"),
+        side_time(&right.branches, "right"),
+    ) {
+        (Ok(lt), Ok(rt)) if !aggregated => Some((lt, rt)),
         _ => None,
     };
     let (lower, upper) = match times {
@@ -245,9 +264,9 @@ pub(crate) fn join_stream(
         (false, _, _) => return Err(unbounded()),
     };
 
-    // The merged input.
+    // The join's input (each side's output columns), and what the branches send (the same,
+    // but for an aggregated side what its aggregation reads).
     let mut fields = vec![Field::new("side", DataType::UInt8, false)];
-    let mut key_types = vec![];
     for (i, (l, r)) in j.on.iter().enumerate() {
         let (tl, tr) = (l.get_type(ls)?, r.get_type(rs)?);
         if tl != tr {
@@ -255,49 +274,77 @@ pub(crate) fn join_stream(
                 "join keys `{l}` ({tl}) and `{r}` ({tr}) differ in type: cast one to the other's"
             )));
         }
-        fields.push(Field::new(format!("__key{i}"), tl.clone(), true));
-        key_types.push(tl);
+        fields.push(Field::new(format!("__key{i}"), tl, true));
     }
-    let keys = key_types.len();
-    let left_start = fields.len();
-    for (i, f) in ls.fields().iter().enumerate() {
-        fields.push(Field::new(format!("__l{i}"), f.data_type().clone(), true));
-    }
-    let right_start = fields.len();
-    for (i, f) in rs.fields().iter().enumerate() {
-        fields.push(Field::new(format!("__r{i}"), f.data_type().clone(), true));
-    }
-    let merged: SchemaRef = Arc::new(Schema::new(fields));
+    let keys = j.on.len();
+    let side_fields = |prefix: &str, schema: &Schema| -> Vec<Field> {
+        schema
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| Field::new(format!("{prefix}{i}"), f.data_type().clone(), true))
+            .collect()
+    };
+    let layout = |l: &Schema, r: &Schema| -> SchemaRef {
+        let mut all = fields.clone();
+        all.extend(side_fields("__l", l));
+        all.extend(side_fields("__r", r));
+        Arc::new(Schema::new(all))
+    };
+    let merged = layout(ls.as_arrow(), rs.as_arrow());
+    let wire = layout(&left.wire, &right.wire);
+    let left_start = 1 + keys;
+    let right_start = left_start + ls.fields().len();
 
-    // Each side's branches end with the padding projection.
-    let pad = |side: u8, branches: &mut Vec<BranchPlan>| -> Result<()> {
-        let schema = if side == 0 { ls } else { rs };
+    // Each side's branches end with the projection that pads them into what they send.
+    let right_wire_start = left_start + left.wire.fields().len();
+    let pad = |side: u8, s: &mut JoinSideBranches| -> Result<()> {
+        let on: Vec<&Expr> =
+            j.on.iter()
+                .map(|(l, r)| if side == 0 { l } else { r })
+                .collect();
         let mut exprs: Vec<Arc<dyn PhysicalExpr>> =
             vec![Arc::new(Literal::new(ScalarValue::UInt8(Some(side))))];
-        for (l, r) in &j.on {
-            let e = if side == 0 { l } else { r };
-            exprs.push(create_physical_expr(e, schema, props, &Default::default())?);
+        for (i, e) in on.iter().enumerate() {
+            exprs.push(match &s.aggregate_keys {
+                Some(k) => Arc::clone(&k[i]),
+                None => {
+                    let schema = if side == 0 { ls } else { rs };
+                    create_physical_expr(e, schema, props, &Default::default())?
+                }
+            });
         }
-        let start = if side == 0 { left_start } else { right_start };
-        let own = start..start + schema.fields().len();
-        for (i, f) in merged.fields().iter().enumerate().skip(left_start) {
+        let start = if side == 0 {
+            left_start
+        } else {
+            right_wire_start
+        };
+        let own = start..start + s.wire.fields().len();
+        for (i, f) in wire.fields().iter().enumerate().skip(left_start) {
             exprs.push(if own.contains(&i) {
-                Arc::new(Column::new(schema.field(i - start).name(), i - start))
+                Arc::new(Column::new(s.wire.field(i - start).name(), i - start))
             } else {
                 Arc::new(Literal::new(ScalarValue::try_from(f.data_type())?))
             });
         }
-        for b in branches.iter_mut() {
+        for b in s.branches.iter_mut() {
             b.ops.push(OpSpec::Project {
                 exprs: exprs.clone(),
-                schema: Arc::clone(&merged),
+                schema: Arc::clone(&wire),
             });
             b.event_time = None;
         }
         Ok(())
     };
+    left.aggregate_keys = left.keys_for(&j.on, ls, 0)?;
+    right.aggregate_keys = right.keys_for(&j.on, rs, 1)?;
     pad(0, &mut left)?;
     pad(1, &mut right)?;
+    let (left_window, right_window) = (left.window, right.window);
+    let sides = aggregated
+        .then(|| join_sides(j, &left, &right, &wire, &merged))
+        .transpose()?;
+    let (left, right) = (left.branches, right.branches);
 
     if let Some((t, table)) = temporal {
         return temporal_join(
@@ -316,11 +363,10 @@ pub(crate) fn join_stream(
 
     // When a stored row can no longer match; its event time; the output's.
     let col = |i: usize| Arc::new(Column::new(merged.field(i).name(), i)) as Arc<dyn PhysicalExpr>;
-    let window_bound = |start: usize, schema: &DFSchema, name: &str| -> Result<usize> {
-        schema
-            .index_of_column_by_name(None, name)
-            .map(|i| start + i)
-            .ok_or_else(|| SqlError::Internal(format!("a window join side without {name}")))
+    // A window join side's bounds (start, end) among its columns.
+    let window_of = |side: usize| -> Result<(usize, usize)> {
+        let w = if side == 0 { left_window } else { right_window };
+        w.ok_or_else(|| SqlError::Internal("a window join side without its window".into()))
     };
     let plus = |e: Arc<dyn PhysicalExpr>, d: i64| -> Result<Arc<dyn PhysicalExpr>> {
         let micros = micros_of(e, &merged)?;
@@ -352,10 +398,10 @@ pub(crate) fn join_stream(
         None => {
             // A row can only meet rows of its window: none on time once the horizon
             // reaches the window's end.
-            let end = |start: usize, schema: &DFSchema| -> Result<Arc<dyn PhysicalExpr>> {
-                plus(col(window_bound(start, schema, WINDOW_END)?), -1)
-            };
-            let (le, re) = (end(left_start, ls)?, end(right_start, rs)?);
+            let (le, re) = (
+                plus(col(left_start + window_of(0)?.1), -1)?,
+                plus(col(right_start + window_of(1)?.1), -1)?,
+            );
             (
                 [Arc::clone(&le), Arc::clone(&re)],
                 [le, re],
@@ -374,11 +420,7 @@ pub(crate) fn join_stream(
     // The output's event time: the left side's (the right's for a RIGHT join; none for a
     // FULL join, whose rows may lack either): its time column, or its window's start.
     let side_output_time = |side: usize| -> Result<(usize, Arc<dyn PhysicalExpr>)> {
-        let (start, schema) = if side == 0 {
-            (left_start, ls)
-        } else {
-            (right_start, rs)
-        };
+        let start = if side == 0 { left_start } else { right_start };
         let i = match times {
             Some((lt, rt)) if bounds.is_some() => {
                 if side == 0 {
@@ -387,7 +429,7 @@ pub(crate) fn join_stream(
                     rt
                 }
             }
-            _ => window_bound(0, schema, WINDOW_START)?,
+            _ => window_of(side)?.0,
         };
         Ok((i, col(start + i)))
     };
@@ -417,15 +459,196 @@ pub(crate) fn join_stream(
     };
     let mut branches = left;
     branches.extend(right);
+    let mut post: Vec<OpSpec> = sides.into_iter().collect();
+    post.push(OpSpec::Join {
+        spec,
+        input: Arc::clone(&merged),
+        description,
+    });
     Ok(Translated {
         branches,
-        post: vec![OpSpec::Join {
-            spec,
-            input: Arc::clone(&merged),
-            description,
-        }],
-        merge_schema: Some(merged),
+        post,
+        merge_schema: Some(wire),
         post_event_time,
+    })
+}
+
+/// One side of a join, translated: its branches, and for a side that aggregates, the
+/// operators that run after the merge, in front of the join ([`OpSpec::JoinSides`]).
+struct JoinSideBranches {
+    branches: Vec<BranchPlan>,
+    /// What its branches send: the side's columns, or for an aggregated side what its
+    /// aggregation reads.
+    wire: SchemaRef,
+    /// An aggregated side's operators: its window aggregation, then filters and projections.
+    ops: Vec<OpSpec>,
+    /// Its window's bounds (start, end) among the side's columns, if it is windowed.
+    window: Option<(usize, usize)>,
+    /// An aggregated side's join key computed from what its branches send (GROUP BY keys).
+    aggregate_keys: Option<Vec<Arc<dyn PhysicalExpr>>>,
+    /// For an aggregated side, per join key: its column among the side's columns, and its
+    /// place among the aggregation's state keys (`None` for the window's bounds).
+    key_columns: Vec<(usize, Option<usize>)>,
+}
+
+/// Translates one side of a join: its branches, and for a side that aggregates per window
+/// (Nexmark q8's sides), the aggregation and what follows it.
+fn join_side(
+    plan: &LogicalPlan,
+    relations: &BTreeMap<String, Relation>,
+    props: &ExecutionProps,
+    opts: &StatefulOptions,
+) -> Result<JoinSideBranches> {
+    let t = translate_stream(plan, relations, props, opts)?;
+    let schema = plan.schema();
+    if t.post.is_empty() {
+        let bound = |name: &str| schema.index_of_column_by_name(None, name);
+        return Ok(JoinSideBranches {
+            branches: t.branches,
+            wire: Arc::new(schema.as_arrow().clone()),
+            ops: vec![],
+            window: bound(WINDOW_START).zip(bound(WINDOW_END)),
+            aggregate_keys: None,
+            key_columns: vec![],
+        });
+    }
+    let refused = || {
+        SqlError::NotSupported(
+            "a side of a join may aggregate per window (GROUP BY …, window_start, window_end of \
+             TUMBLE, HOP or CUMULATE), then filter and project; for other stateful operations \
+             on a side (deduplication, session windows, another join), make that side a stream \
+             of its own and join the stream"
+                .into(),
+        )
+    };
+    let Some(OpSpec::WindowAggregate { spec, .. }) = t.post.first() else {
+        return Err(refused());
+    };
+    if !t.post[1..]
+        .iter()
+        .all(|o| matches!(o, OpSpec::Filter { .. } | OpSpec::Project { .. }))
+    {
+        return Err(refused());
+    }
+    let find =
+        |g: usize| (0..schema.fields().len()).find(|&i| aggregate_column(&t.post, i) == Some(g));
+    let window = find(spec.window_start).zip(find(spec.window_end));
+    let wire = t
+        .merge_schema
+        .ok_or_else(|| SqlError::Internal("an aggregation without its input schema".into()))?;
+    Ok(JoinSideBranches {
+        branches: t.branches,
+        wire,
+        ops: t.post,
+        window,
+        aggregate_keys: None,
+        key_columns: vec![],
+    })
+}
+
+/// The aggregation's output column that column `i` of an aggregated side is (through the
+/// filters and projections after the aggregation), if it is one.
+fn aggregate_column(ops: &[OpSpec], mut i: usize) -> Option<usize> {
+    for op in ops[1..].iter().rev() {
+        if let OpSpec::Project { exprs, .. } = op {
+            i = exprs.get(i)?.downcast_ref::<Column>()?.index();
+        }
+    }
+    Some(i)
+}
+
+impl JoinSideBranches {
+    /// For an aggregated side: its join key (side `side` of `on`) over what its branches
+    /// send — each key must be one of its GROUP BY columns — and notes where each is
+    /// among its columns and its aggregation's state keys.
+    fn keys_for(
+        &mut self,
+        on: &[(Expr, Expr)],
+        schema: &DFSchema,
+        side: usize,
+    ) -> Result<Option<Vec<Arc<dyn PhysicalExpr>>>> {
+        let Some(OpSpec::WindowAggregate { spec, .. }) = self.ops.first() else {
+            return Ok(None);
+        };
+        let mut exprs = vec![];
+        for pair in on {
+            let e = if side == 0 { &pair.0 } else { &pair.1 };
+            let column = match e {
+                Expr::Column(c) => schema.index_of_column(c).ok(),
+                _ => None,
+            };
+            let group = column
+                .and_then(|i| aggregate_column(&self.ops, i))
+                .filter(|&g| g < spec.group_exprs.len());
+            let (Some(column), Some(group)) = (column, group) else {
+                return Err(SqlError::NotSupported(format!(
+                    "`{e}` joins an aggregated side: its join keys must be its GROUP BY columns \
+                     (as they are, not computed from them)"
+                )));
+            };
+            let windows = [spec.window_start, spec.window_end];
+            let state_key = (!windows.contains(&group))
+                .then(|| group - windows.iter().filter(|&&w| w < group).count());
+            self.key_columns.push((column, state_key));
+            exprs.push(Arc::clone(&spec.group_exprs[group]));
+        }
+        Ok(Some(exprs))
+    }
+}
+
+/// The operator that runs the aggregated sides of a window join after the merge: its
+/// input is what the branches send (`wire`), its output the join's input (`merged`). Rows
+/// are routed by the join keys other than the window's bounds (each aggregated side's
+/// groups hold them).
+fn join_sides(
+    j: &datafusion::logical_expr::Join,
+    left: &JoinSideBranches,
+    right: &JoinSideBranches,
+    wire: &SchemaRef,
+    merged: &SchemaRef,
+) -> Result<OpSpec> {
+    let keys = j.on.len();
+    let routed: Vec<usize> = (0..keys)
+        .filter(|&i| {
+            [left, right]
+                .iter()
+                .all(|s| s.ops.is_empty() || s.key_columns[i].1.is_some())
+        })
+        .collect();
+    let side_spec = |s: &JoinSideBranches, input: usize, output: Range<usize>| JoinSideSpec {
+        input: input..input + s.wire.fields().len(),
+        output,
+        ops: (!s.ops.is_empty()).then(|| SideOpsSpec {
+            schema: Arc::clone(&s.wire),
+            keys: s.key_columns.iter().map(|k| k.0).collect(),
+            state_keys: routed
+                .iter()
+                .map(|&i| s.key_columns[i].1.expect("routed keys are state keys"))
+                .collect(),
+        }),
+    };
+    let (nl, nr) = (
+        j.left.schema().fields().len(),
+        j.right.schema().fields().len(),
+    );
+    let start = 1 + keys;
+    let spec = JoinSidesSpec {
+        keys,
+        sides: [
+            side_spec(left, start, start..start + nl),
+            side_spec(
+                right,
+                start + left.wire.fields().len(),
+                start + nl..start + nl + nr,
+            ),
+        ],
+        output: Arc::clone(merged),
+    };
+    Ok(OpSpec::JoinSides {
+        spec,
+        ops: [left.ops.clone(), right.ops.clone()],
+        input: Arc::clone(wire),
+        routed: routed.iter().map(|i| i + 1).collect(),
     })
 }
 

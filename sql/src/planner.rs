@@ -37,12 +37,12 @@ use datafusion::physical_expr::{PhysicalExpr, create_physical_expr, expressions:
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 use sluice_engine::operators::{
-    Dedup, DedupKeep, DedupSpec, Filter, LatePolicy, Lateness, Projection, SessionAggregate,
-    StreamJoin, StreamJoinSpec, TemporalJoin, TemporalJoinSpec, Unnest, WindowAggregate,
-    WindowAggregateSpec,
+    Dedup, DedupKeep, DedupSpec, Filter, JoinSides, JoinSidesSpec, LatePolicy, Lateness,
+    Projection, SessionAggregate, StreamJoin, StreamJoinSpec, TemporalJoin, TemporalJoinSpec,
+    Unnest, WindowAggregate, WindowAggregateSpec,
 };
 use sluice_engine::sink::FileRolling;
-use sluice_engine::{Operator, WithOptions};
+use sluice_engine::{Operator, OperatorChain, WithOptions};
 
 use crate::error::{Result, SqlError};
 use crate::parser::{CreateStream, ObjectKind};
@@ -119,6 +119,20 @@ pub enum OpSpec {
         /// For `EXPLAIN`.
         description: String,
     },
+    /// Run a join side's own operators (a window aggregation and what follows it) before
+    /// the join (after the branches merge; see [`JoinSides`]).
+    JoinSides {
+        /// The layout.
+        spec: JoinSidesSpec,
+        /// Each side's operators (none for a side that only passes through).
+        ops: [Vec<OpSpec>; 2],
+        /// The schema of its input (the merged sides as the branches send them).
+        input: SchemaRef,
+        /// The input's join key columns the rows are routed by: all but the window's bounds
+        /// (a side's window aggregation keeps its groups by its GROUP BY keys, which hold
+        /// these).
+        routed: Vec<usize>,
+    },
     /// Join the two sides' rows (after the branches merge; see [`StreamJoin`]).
     Join {
         /// What to compute.
@@ -153,6 +167,22 @@ impl OpSpec {
                 origin,
             )?),
             OpSpec::Dedup { spec, input } => Box::new(Dedup::try_new(spec.clone(), input, origin)?),
+            OpSpec::JoinSides { spec, ops, .. } => {
+                let chain = |ops: &[OpSpec]| -> Result<Option<OperatorChain>> {
+                    if ops.is_empty() {
+                        return Ok(None);
+                    }
+                    let ops = ops
+                        .iter()
+                        .map(|o| o.instantiate(origin))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok(Some(OperatorChain::new(ops)))
+                };
+                Box::new(JoinSides::new(
+                    spec.clone(),
+                    [chain(&ops[0])?, chain(&ops[1])?],
+                )?)
+            }
             OpSpec::Join { spec, input, .. } => {
                 Box::new(StreamJoin::new(spec.clone(), input, origin)?)
             }
@@ -212,6 +242,18 @@ impl OpSpec {
                     aggs.join(", "),
                     describe_lateness(&spec.lateness)
                 )
+            }
+            OpSpec::JoinSides { ops, .. } => {
+                let sides: Vec<String> = ["left", "right"]
+                    .iter()
+                    .zip(ops)
+                    .filter(|(_, ops)| !ops.is_empty())
+                    .map(|(side, ops)| {
+                        let ops: Vec<String> = ops.iter().map(OpSpec::describe).collect();
+                        format!("{side}: {}", ops.join(" -> "))
+                    })
+                    .collect();
+                format!("join sides ({})", sides.join("; "))
             }
             OpSpec::Join { description, .. } | OpSpec::TemporalJoin { description, .. } => {
                 description.clone()
@@ -544,6 +586,10 @@ pub async fn plan_stream(
                 Arc::new(Column::new(&merge_schema_field(&post, i), i)) as Arc<dyn PhysicalExpr>
             })
             .collect(),
+        Some(OpSpec::JoinSides { routed, input, .. }) => routed
+            .iter()
+            .map(|&i| Arc::new(Column::new(input.field(i).name(), i)) as Arc<dyn PhysicalExpr>)
+            .collect(),
         Some(OpSpec::Join { spec, .. }) => (1..=spec.keys)
             .map(|i| {
                 Arc::new(Column::new(&merge_schema_field(&post, i), i)) as Arc<dyn PhysicalExpr>
@@ -640,7 +686,7 @@ pub(crate) struct Translated {
 /// Translates the top of a plan: a stateful node (window aggregation, dedup) and the
 /// filters and projections above it run after the merge; everything below it (or a plan
 /// without one) goes to the branches.
-fn translate_stream(
+pub(crate) fn translate_stream(
     plan: &LogicalPlan,
     relations: &BTreeMap<String, Relation>,
     props: &ExecutionProps,

@@ -403,6 +403,30 @@ const CASES: &[(&str, &str)] = &[
          WHERE a.window_end > a.arrival_wm AND b.window_end > b.arrival_wm",
     ),
     (
+        // Window join of aggregated sides (Nexmark q8's shape), LEFT, one side filtered
+        // after its aggregation and grouped by more than the join key (its state is divided
+        // by the join key alone on restore): per key, 10 s window and `v > 20`, the count of
+        // events (where more than one), with the sum of the key's events over 10.
+        "CREATE STREAM s AS
+         SELECT a.k, a.starttime, a.n, b.total
+         FROM (SELECT k, window_start AS starttime, window_end AS endtime, count(*) AS n
+               FROM TUMBLE(events, ts, INTERVAL '10 seconds')
+               GROUP BY v > 20, k, window_start, window_end HAVING count(*) > 1) a
+         LEFT JOIN (SELECT k, window_start AS starttime, window_end AS endtime, sum(v) AS total
+               FROM TUMBLE(events, ts, INTERVAL '10 seconds') WHERE v > 10
+               GROUP BY window_start, window_end, k) b
+         ON a.k = b.k AND a.starttime = b.starttime AND a.endtime = b.endtime",
+        "SELECT a.k, a.starttime, a.n, b.total
+         FROM (SELECT k, window_start AS starttime, window_end AS endtime, count(*) AS n
+               FROM TUMBLE(events, ts, INTERVAL '10 seconds') WHERE window_end > arrival_wm
+               GROUP BY v > 20, k, window_start, window_end HAVING count(*) > 1) a
+         LEFT JOIN (SELECT k, window_start AS starttime, window_end AS endtime, sum(v) AS total
+               FROM TUMBLE(events, ts, INTERVAL '10 seconds')
+               WHERE v > 10 AND window_end > arrival_wm
+               GROUP BY window_start, window_end, k) b
+         ON a.k = b.k AND a.starttime = b.starttime AND a.endtime = b.endtime",
+    ),
+    (
         // Temporal join: each event with the latest version of its key at its time (ties in
         // time: the last to arrive), against an as-of reference of window functions.
         "CREATE STREAM s AS

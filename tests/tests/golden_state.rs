@@ -38,6 +38,13 @@ const CASES: &[(&str, &str)] = &[
          FROM TUMBLE(t, ts, INTERVAL '10 seconds') GROUP BY k, window_start, window_end",
     ),
     (
+        // A boolean key among others (DataFusion's multi-column group table).
+        "boolean_key_aggregate",
+        "CREATE STREAM b AS SELECT k > 5 AS big, k % 3 AS r, window_start, window_end,
+            count(*) AS n FROM TUMBLE(t, ts, INTERVAL '10 seconds')
+         GROUP BY k > 5, k % 3, window_start, window_end",
+    ),
+    (
         "hop_aggregate",
         "CREATE STREAM h AS SELECT window_start, window_end, count(*) AS n, sum(k) AS keys
          FROM HOP(t, ts, INTERVAL '5 seconds', INTERVAL '20 seconds')

@@ -33,6 +33,9 @@ pub struct OperatorState {
 #[derive(Debug, Clone, Default)]
 pub struct KeyFilter {
     route: Option<(HashRouter, usize)>,
+    /// Which of the key columns an operator passes are the router's keys, in the router's
+    /// order (`None`: all of them, as they are).
+    select: Option<Vec<usize>>,
 }
 
 impl KeyFilter {
@@ -45,6 +48,17 @@ impl KeyFilter {
     pub fn subtask(router: HashRouter, index: usize) -> Self {
         Self {
             route: Some((router, index)),
+            select: None,
+        }
+    }
+
+    /// The same filter for an operator whose keys are not the router's: the router's key
+    /// columns are its key columns `columns` (in the router's order). A join side's window
+    /// aggregation, say, keeps its groups by all its keys, and the join routes by some.
+    pub fn selecting(&self, columns: Vec<usize>) -> Self {
+        Self {
+            route: self.route.clone(),
+            select: Some(columns),
         }
     }
 
@@ -53,17 +67,32 @@ impl KeyFilter {
     pub fn keeps(&self, keys: &[ArrayRef], rows: usize) -> Result<Vec<bool>> {
         match &self.route {
             None => Ok(vec![true; rows]),
-            Some((router, index)) => Ok(router
-                .route_keys(keys, rows)?
-                .into_iter()
-                .map(|s| s == *index)
-                .collect()),
+            Some((router, index)) => {
+                let selected: Vec<ArrayRef>;
+                let keys = match &self.select {
+                    None => keys,
+                    Some(columns) => {
+                        selected = columns.iter().map(|&c| Arc::clone(&keys[c])).collect();
+                        &selected
+                    }
+                };
+                Ok(router
+                    .route_keys(keys, rows)?
+                    .into_iter()
+                    .map(|s| s == *index)
+                    .collect())
+            }
         }
     }
 
     /// Splits whole input rows (batches the router's expressions apply to): the rows this
     /// subtask keeps.
     pub fn keep_rows(&self, batch: &RecordBatch) -> Result<Option<RecordBatch>> {
+        if self.select.is_some() {
+            return Err(crate::error::EngineError::Internal(
+                "a state of whole rows restored under a key selection".into(),
+            ));
+        }
         match &self.route {
             None => Ok(Some(batch.clone())),
             Some((router, index)) => Ok(router.split(batch)?.swap_remove(*index)),

@@ -19,6 +19,7 @@
 
 mod dedup;
 mod filter;
+mod join_sides;
 mod projection;
 mod session_aggregate;
 mod stream_join;
@@ -28,6 +29,7 @@ mod window_aggregate;
 
 pub use dedup::{Dedup, DedupKeep, DedupSpec};
 pub use filter::Filter;
+pub use join_sides::{JoinSideSpec, JoinSides, JoinSidesSpec, SideOpsSpec};
 pub use projection::Projection;
 pub use session_aggregate::SessionAggregate;
 pub use stream_join::{JoinKind, StreamJoin, StreamJoinSpec};

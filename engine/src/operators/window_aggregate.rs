@@ -430,9 +430,14 @@ impl Operator for WindowAggregate {
             let groups: Vec<usize> = (0..n).collect();
             if let Some(g) = &mut w.groups {
                 let keys = g.emit(EmitTo::All)?;
+                // Into a fresh table: DataFusion 55's table of a boolean key column among
+                // others cannot intern again after emitting all (it reads its emptied bits).
+                let mut fresh =
+                    new_group_values(Arc::clone(&self.key_schema), &GroupOrdering::None)?;
                 let mut again = Vec::with_capacity(n);
-                g.intern(&keys, &mut again)?;
+                fresh.intern(&keys, &mut again)?;
                 debug_assert_eq!(again, groups);
+                *g = fresh;
                 columns.extend(keys);
             }
             let fresh = create_accumulators(&self.spec.aggregates)?;
