@@ -155,6 +155,32 @@ pub async fn windows(source_sql: &str, slide: i64, size: i64) -> anyhow::Result<
     Ok(out)
 }
 
+/// What `q8` must produce: per auction and tumbling window of `size` µs holding a bid over
+/// `high`, its bids and the sum of the prices over `high`.
+pub async fn q8_windows(source_sql: &str, size: i64, high: i64) -> anyhow::Result<Windows> {
+    // (auction, window start) → (bids, volume over `high`, whether any bid is over `high`)
+    let mut windows: BTreeMap<(i64, i64), (i64, i64, bool)> = BTreeMap::new();
+    generated(source_sql, |b| {
+        let (auction, price, ts) = (ints(b, "auction")?, ints(b, "price")?, ints(b, "ts")?);
+        for i in 0..b.num_rows() {
+            let start = ts.value(i).div_euclid(size) * size;
+            let e = windows.entry((auction.value(i), start)).or_default();
+            e.0 += 1;
+            if price.value(i) > high {
+                e.1 += price.value(i);
+                e.2 = true;
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(windows
+        .into_iter()
+        .filter(|(_, (_, _, any))| *any)
+        .map(|((auction, start), (n, volume, _))| ((auction, start, start + size), (n, volume)))
+        .collect())
+}
+
 /// The windows a windowed pipeline produced: `auction`, `window_start`, `window_end`, a count
 /// column and (when `sum` is given) a sum column.
 pub fn produced_windows(

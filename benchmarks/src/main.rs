@@ -9,7 +9,8 @@
 //! a discarding sink / the lake), `tumble` and `hop` (Nexmark-shaped bids → 10-second tumbling
 //! count + sum per auction / 10 s windows sliding every 2 s, count per auction → discard).
 //!
-//! `hop60` is a 1-hour window sliding every minute (60 windows per bid). Every pipeline's
+//! `hop60` is a 1-hour window sliding every minute (60 windows per bid); `join` an interval
+//! self-join of the bids, `q8` Nexmark q8's window join of two window aggregations. Every pipeline's
 //! result rows are checked against an expectation computed without Sluice's operators (see
 //! `expect.rs`); a run whose rows differ fails instead of printing a figure.
 //!
@@ -20,6 +21,7 @@
 
 mod expect;
 mod ingest;
+mod join_state;
 mod kafka;
 mod pg_params;
 
@@ -59,7 +61,8 @@ struct Args {
     parallelism: usize,
     /// Which pipelines to run (comma separated): source, discard, lake, bids, tumble, hop,
     /// hop60 (1-hour windows sliding every minute), dedup, join (an interval self-join of the
-    /// bids: each bid with the later bids of its auction within 20 ms), kafka (needs a broker: `eval "$(scripts/services.sh start)"`; the source's one
+    /// bids: each bid with the later bids of its auction within 20 ms), q8 (Nexmark q8's
+    /// shape: a window join of two window aggregations of the bids), kafka (needs a broker: `eval "$(scripts/services.sh start)"`; the source's one
     /// reader and a stream, as `sluice serve` runs them), kafka-librdkafka (the same, the
     /// source fetching with librdkafka: compare the two in one run), json (the kafka pipeline's bids
     /// through its JSON decoder alone, no broker), arrow-json (the same bids through
@@ -120,6 +123,18 @@ const JOIN_WITHIN: i64 = 20_000;
 const JOIN: &str = "CREATE STREAM pairs AS SELECT a.auction, a.bidder AS first_bidder,
     b.bidder AS next_bidder, a.ts FROM clicks a JOIN clicks b
     ON a.auction = b.auction AND b.ts > a.ts AND b.ts <= a.ts + INTERVAL '20' MILLISECOND";
+/// The price `q8`'s second side keeps bids over.
+const Q8_HIGH: i64 = 50_000; // (spelled out in `Q8`)
+/// Nexmark q8's shape, a window join of two aggregated sides: per auction and 10-second
+/// window, its bids, with the volume of its bids over 50 000 in the same window.
+const Q8: &str = "CREATE STREAM q8 AS SELECT p.auction, p.starttime AS window_start,
+    p.endtime AS window_end, p.bids, a.volume
+    FROM (SELECT auction, window_start AS starttime, window_end AS endtime, count(*) AS bids
+          FROM TUMBLE(clicks, ts, INTERVAL '10 seconds') GROUP BY auction, window_start, window_end) p
+    JOIN (SELECT auction, window_start AS starttime, window_end AS endtime, sum(price) AS volume
+          FROM TUMBLE(clicks, ts, INTERVAL '10 seconds') WHERE price > 50000
+          GROUP BY auction, window_start, window_end) a
+    ON p.auction = a.auction AND p.starttime = a.starttime AND p.endtime = a.endtime";
 /// Nexmark-style 10-second tumbling count and sum per auction.
 const TUMBLE: &str = "CREATE STREAM per_auction AS SELECT auction, window_start, window_end,
     count(*) AS bids, sum(price) AS volume FROM TUMBLE(clicks, ts, INTERVAL '10 seconds')
@@ -339,19 +354,26 @@ fn emission_latency(
     Some([pick(0.5), pick(0.99), *lat.last().expect("not empty")])
 }
 
+/// A datagen `CREATE SOURCE` that stops after `events` rows, in batches of `batch_size`.
+fn with_rows(source_sql: &str, events: u64, batch_size: usize) -> String {
+    source_sql.replace(
+        "rows_per_second = '0'",
+        &format!("rows_per_second = '0', max_rows = '{events}', batch_size = '{batch_size}'"),
+    )
+}
+
+/// The bids source of `events` rows.
+fn bids_sql(events: u64, batch_size: usize) -> String {
+    with_rows(BIDS, events, batch_size)
+}
+
 async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Result<Measured> {
-    let source_sql = if matches!(kind, "tumble" | "hop" | "hop60" | "dedup" | "join") {
+    let source_sql = if matches!(kind, "tumble" | "hop" | "hop60" | "dedup" | "join" | "q8") {
         BIDS
     } else {
         SOURCE
     };
-    let mut sql = source_sql.replace(
-        "rows_per_second = '0'",
-        &format!(
-            "rows_per_second = '0', max_rows = '{}', batch_size = '{}'",
-            args.events, args.batch_size
-        ),
-    );
+    let mut sql = with_rows(source_sql, args.events, args.batch_size);
     if kind == "dedup" {
         // Bidders from `--dedup-keys` (by default so many that nearly every bid has a new one).
         sql = sql.replace(
@@ -383,7 +405,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
     // When the source's watermark advanced (for the emission latency of windows).
     let watermarks = Arc::new(std::sync::Mutex::new(Vec::<(i64, Instant)>::new()));
     let arrivals = Arc::new(std::sync::Mutex::new(Vec::<(i64, Instant)>::new()));
-    let watermark_log = if matches!(kind, "tumble" | "hop" | "hop60") {
+    let watermark_log = if matches!(kind, "tumble" | "hop" | "hop60" | "q8") {
         let mut rx = source_out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY);
         let log = Arc::clone(&watermarks);
         Some(tokio::spawn(async move {
@@ -444,6 +466,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
             "hop60" => HOP60,
             "dedup" => DEDUP,
             "join" => JOIN,
+            "q8" => Q8,
             _ => QUERY,
         };
         let SluiceStatement::CreateStream(stream) = parse_sql(query)?.remove(0) else {
@@ -623,6 +646,12 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
                 "lake: the Parquet files hold {produced:?}, expected {expected:?}"
             );
         }
+        "q8" => {
+            let expected = expect::q8_windows(&sql, 10_000_000, Q8_HIGH).await?;
+            let rows = std::mem::take(&mut *window_rows.lock().unwrap_or_else(|e| e.into_inner()));
+            let produced = expect::produced_windows(&rows, "bids", Some("volume"))?;
+            expect::same_windows(&produced, &expected, true)?;
+        }
         _ => {
             let (slide, size, with_sum) = match kind {
                 "tumble" => (10_000_000, 10_000_000, true),
@@ -649,6 +678,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
             "tumble" => "bids -> 10s tumble count+sum/auction -> discard",
             "dedup" => "bids -> dedup by bidder -> discard",
             "join" => "bids interval self-join (20 ms) -> discard",
+            "q8" => "bids q8 window join of 2 aggregates -> discard",
             "hop60" => "bids -> 1h/1min hop count/auction -> discard",
             _ => "bids -> 10s/2s hop count/auction -> discard",
         },
@@ -748,6 +778,7 @@ fn main() -> anyhow::Result<()> {
             "hop60" => "hop60",
             "dedup" => "dedup",
             "join" => "join",
+            "q8" => "q8",
             "kafka" => "kafka",
             "kafka-librdkafka" => "kafka-librdkafka",
             "json" => "json",
@@ -764,7 +795,7 @@ fn main() -> anyhow::Result<()> {
             }
             other => {
                 anyhow::bail!(
-                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, hop60, dedup, join, kafka, kafka-librdkafka, json, arrow-json, json-messy, arrow-json-messy, ingest, pg-params)"
+                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, hop60, dedup, join, q8, kafka, kafka-librdkafka, json, arrow-json, json-messy, arrow-json-messy, ingest, pg-params)"
                 )
             }
         };
@@ -817,6 +848,21 @@ fn main() -> anyhow::Result<()> {
                 "  {keys} live keys; resident set peaked {:.0} MB above the start: {:.0} bytes per key (8-byte keys, 9 encoded)",
                 bytes as f64 / 1e6,
                 bytes as f64 / keys as f64
+            );
+        }
+        if kind == "join" {
+            // Every row held: up to a million bids, no watermark.
+            let events = args.events.min(1_000_000);
+            let s = rt.block_on(join_state::measure(
+                &bids_sql(events, args.batch_size),
+                JOIN,
+            ))?;
+            println!(
+                "  state with every row held ({events} bids, no watermark): {} rows, {:.0} MB: {:.0} bytes per live row (a bid as Arrow: {:.0} bytes)",
+                s.rows,
+                s.bytes as f64 / 1e6,
+                s.bytes as f64 / s.rows.max(1) as f64,
+                s.input_bytes_per_row
             );
         }
     }

@@ -15,8 +15,8 @@ pub struct Metrics {
     batches: AtomicU64,
     late_events: AtomicU64,
     duplicates: AtomicU64,
-    /// Rows held in operator state, over every subtask.
-    state_rows: AtomicI64,
+    /// Rows held in operator state, over every subtask, per input side.
+    state_rows: [AtomicI64; 2],
     last_event_time: AtomicI64,
     watermark: AtomicI64,
     /// How far behind the newest record a source's reader is, in ms; `i64::MIN`: unknown.
@@ -38,7 +38,7 @@ impl Default for Metrics {
             batches: AtomicU64::new(0),
             late_events: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
-            state_rows: AtomicI64::new(0),
+            state_rows: [AtomicI64::new(0), AtomicI64::new(0)],
             last_event_time: AtomicI64::new(i64::MIN),
             watermark: AtomicI64::new(i64::MIN),
             lag_millis: AtomicI64::new(i64::MIN),
@@ -67,8 +67,9 @@ pub struct MetricsSnapshot {
     pub late_events: u64,
     /// Rows dropped by a dedup because their key was seen before.
     pub duplicates: u64,
-    /// Rows held in operator state now (a join's stored rows of both sides).
-    pub state_rows: i64,
+    /// Rows held in operator state now, per input side (a join's stored rows of its left
+    /// and right sides).
+    pub state_rows: [i64; 2],
     /// The largest event time seen, if any.
     pub last_event_time: Option<EventTime>,
     /// The current watermark, if any was emitted.
@@ -131,8 +132,10 @@ impl Metrics {
         if c.duplicates > 0 {
             self.duplicates.fetch_add(c.duplicates, Ordering::Relaxed);
         }
-        if c.state_rows != 0 {
-            self.state_rows.fetch_add(c.state_rows, Ordering::Relaxed);
+        for (held, n) in self.state_rows.iter().zip(c.state_rows) {
+            if n != 0 {
+                held.fetch_add(n, Ordering::Relaxed);
+            }
         }
     }
 
@@ -209,7 +212,10 @@ impl Metrics {
             batches: self.batches.load(Ordering::Relaxed),
             late_events: self.late_events.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
-            state_rows: self.state_rows.load(Ordering::Relaxed),
+            state_rows: [
+                self.state_rows[0].load(Ordering::Relaxed),
+                self.state_rows[1].load(Ordering::Relaxed),
+            ],
             last_event_time: opt(self.last_event_time.load(Ordering::Relaxed)),
             watermark: opt(self.watermark.load(Ordering::Relaxed)),
             lag_millis: Some(self.lag_millis.load(Ordering::Relaxed)).filter(|v| *v != i64::MIN),

@@ -15,15 +15,17 @@ pub struct OperatorCounts {
     pub late: u64,
     /// Rows a dedup dropped because their key was seen before.
     pub duplicates: u64,
-    /// The change in rows the operator holds in its state (a join's stored rows).
-    pub state_rows: i64,
+    /// The change in rows the operator holds in its state, per input side: a join's stored
+    /// rows of its left and right sides.
+    pub state_rows: [i64; 2],
 }
 
 impl std::ops::AddAssign for OperatorCounts {
     fn add_assign(&mut self, other: Self) {
         self.late += other.late;
         self.duplicates += other.duplicates;
-        self.state_rows += other.state_rows;
+        self.state_rows[0] += other.state_rows[0];
+        self.state_rows[1] += other.state_rows[1];
     }
 }
 
@@ -63,9 +65,16 @@ impl Collector {
         self.counts.late += n;
     }
 
-    /// Notes that the operator's state grew (or, negative, shrank) by `n` rows.
-    pub fn add_state_rows(&mut self, n: i64) {
-        self.counts.state_rows += n;
+    /// Notes that the operator's state grew (or, negative, shrank) by `n` rows of input
+    /// `side` (0: left, 1: right).
+    pub fn add_state_rows(&mut self, side: usize, n: i64) {
+        self.counts.state_rows[side] += n;
+    }
+
+    /// Notes changes in state rows of both sides at once (see [`Collector::add_state_rows`]).
+    pub fn add_state_rows_by_side(&mut self, rows: [i64; 2]) {
+        self.counts.state_rows[0] += rows[0];
+        self.counts.state_rows[1] += rows[1];
     }
 
     /// Counts `n` rows dropped as duplicates.

@@ -198,6 +198,10 @@ fn record(v: &Vitals) {
         } else {
             1.0
         });
+        for (side, rows) in ["left", "right"].into_iter().zip(m.state_rows) {
+            gauge!("sluice_stream_state_rows", "stream" => stream.clone(), "side" => side)
+                .set(rows.max(0) as f64);
+        }
         gauge!("sluice_stream_state_bytes", "stream" => stream).set(s.state_bytes as f64);
     }
     for (name, delivered, failed) in &v.sinks {
@@ -287,6 +291,11 @@ fn describe() {
     describe_gauge!(
         "sluice_stream_up",
         "1 while a stream runs (or finished), 0 once it failed."
+    );
+    describe_gauge!(
+        "sluice_stream_state_rows",
+        Unit::Count,
+        "Rows a stream's join holds in its state, per side (left: also any one-input operator)."
     );
     describe_gauge!(
         "sluice_stream_state_bytes",

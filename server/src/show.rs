@@ -52,6 +52,8 @@ pub fn streams_schema() -> SchemaRef {
         ts_field("watermark"),
         Field::new("checkpoints", DataType::Utf8, false),
         Field::new("state_rows", DataType::Int64, false),
+        Field::new("state_rows_left", DataType::Int64, false),
+        Field::new("state_rows_right", DataType::Int64, false),
     ]))
 }
 
@@ -224,7 +226,8 @@ pub fn streams<'a>(
     let (mut rin, mut rout, mut errors, mut files, mut last, mut wm) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut late, mut duplicates, mut checkpoints) = (vec![], vec![], vec![]);
-    let mut state_rows: Vec<i64> = vec![];
+    // Total, left side, right side.
+    let mut state_rows: [Vec<i64>; 3] = [vec![], vec![], vec![]];
     for (name, reason) in unrestored {
         cols.0.push(name.clone());
         cols.1.push(unrestored_status(reason));
@@ -242,7 +245,9 @@ pub fn streams<'a>(
         last.push(None);
         wm.push(None);
         checkpoints.push("off".to_string());
-        state_rows.push(0);
+        for v in &mut state_rows {
+            v.push(0);
+        }
     }
     for s in streams {
         checkpoints.push(checkpoints_text(
@@ -259,7 +264,10 @@ pub fn streams<'a>(
         errors.push(m.bad_records);
         late.push(m.late_events);
         duplicates.push(m.duplicates);
-        state_rows.push(m.state_rows.max(0));
+        let [left, right] = m.state_rows.map(|n| n.max(0));
+        state_rows[0].push(left + right);
+        state_rows[1].push(left);
+        state_rows[2].push(right);
         files.push(s.files_written.load(Ordering::Relaxed));
         last.push(m.last_event_time.map(|t| t.micros()));
         wm.push(m.watermark.map(|t| t.micros()));
@@ -279,8 +287,14 @@ pub fn streams<'a>(
             ts(last),
             ts(wm),
             strings(checkpoints),
-            Arc::new(arrow::array::Int64Array::from(state_rows)),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            state_rows
+                .into_iter()
+                .map(|v| Arc::new(arrow::array::Int64Array::from(v)) as ArrayRef),
+        )
+        .collect(),
     )
 }
 

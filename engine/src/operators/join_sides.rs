@@ -162,7 +162,7 @@ impl JoinSides {
         let counts = inner.take_counts();
         out.count_late(counts.late);
         out.count_duplicates(counts.duplicates);
-        out.add_state_rows(counts.state_rows);
+        out.add_state_rows_by_side(counts.state_rows);
         let ops = self.spec.sides[side]
             .ops
             .as_ref()

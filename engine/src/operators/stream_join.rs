@@ -157,7 +157,7 @@ pub struct StreamJoin {
     watermark: Option<i64>,
     forwarded: ForwardedWatermark,
     /// Rows restored into state, reported with the first message handled.
-    unreported: i64,
+    unreported: [i64; 2],
 }
 
 impl StreamJoin {
@@ -175,7 +175,7 @@ impl StreamJoin {
             next_id: 0,
             watermark: None,
             forwarded: ForwardedWatermark::default(),
-            unreported: 0,
+            unreported: [0, 0],
         })
     }
 
@@ -190,6 +190,35 @@ impl StreamJoin {
     /// Rows stored on each side (for `SHOW STREAMS`).
     pub fn state_rows(&self) -> [usize; 2] {
         [self.sides[0].rows, self.sides[1].rows]
+    }
+
+    /// Bytes the state takes in memory: the stored batches' Arrow buffers, their encoded
+    /// keys and per-row flags, and the index (its entries and keys; the hash tables' own
+    /// slack aside). Walks the whole state: for measurements, not the hot path.
+    pub fn state_bytes(&self) -> usize {
+        let entry = std::mem::size_of::<Entry>();
+        let slot = std::mem::size_of::<(Box<[u8]>, Vec<Entry>)>();
+        self.sides
+            .iter()
+            .map(|s| {
+                let batches: usize = s
+                    .batches
+                    .values()
+                    .map(|b| {
+                        b.batch.get_array_memory_size()
+                            + b.keys.size()
+                            + b.null_key.capacity()
+                            + b.matched.capacity()
+                    })
+                    .sum();
+                let index: usize = s
+                    .index
+                    .iter()
+                    .map(|(k, v)| slot + k.len() + v.capacity() * entry)
+                    .sum();
+                batches + index
+            })
+            .sum()
     }
 
     fn horizon(&self) -> Option<i64> {
@@ -346,7 +375,7 @@ impl StreamJoin {
             }
         }
         state.rows += n;
-        out.add_state_rows(n as i64);
+        out.add_state_rows(side, n as i64);
         state.batches.insert(
             id,
             Stored {
@@ -481,7 +510,7 @@ impl StreamJoin {
             return Ok(());
         };
         state.rows -= stored.batch.num_rows();
-        out.add_state_rows(-(stored.batch.num_rows() as i64));
+        out.add_state_rows(side, -(stored.batch.num_rows() as i64));
         // Each key of the batch once: its entries of this batch go in one pass.
         let mut keys: Vec<&[u8]> = (0..stored.batch.num_rows())
             .filter(|r| !stored.null_key[*r])
@@ -526,7 +555,7 @@ impl Operator for StreamJoin {
     }
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
-        out.add_state_rows(std::mem::take(&mut self.unreported));
+        out.add_state_rows_by_side(std::mem::take(&mut self.unreported));
         let sides = batch
             .column(0)
             .as_primitive::<arrow::datatypes::UInt8Type>();
@@ -545,7 +574,7 @@ impl Operator for StreamJoin {
     }
 
     fn on_watermark(&mut self, t: EventTime, out: &mut Collector) -> Result<()> {
-        out.add_state_rows(std::mem::take(&mut self.unreported));
+        out.add_state_rows_by_side(std::mem::take(&mut self.unreported));
         if self.watermark.is_some_and(|w| w >= t.0) {
             return Ok(());
         }
@@ -559,7 +588,7 @@ impl Operator for StreamJoin {
     }
 
     fn on_close(&mut self, out: &mut Collector) -> Result<()> {
-        out.add_state_rows(std::mem::take(&mut self.unreported));
+        out.add_state_rows_by_side(std::mem::take(&mut self.unreported));
         for side in [0, 1] {
             let mut ids: Vec<u64> = self.sides[side].batches.keys().copied().collect();
             ids.sort_unstable();
@@ -634,7 +663,11 @@ impl Operator for StreamJoin {
                 self.store(side, rows, prepared, matched, &mut counted)?;
             }
         }
-        self.unreported += counted.take_counts().state_rows;
+        let restored = counted.take_counts().state_rows;
+        self.unreported = [
+            self.unreported[0] + restored[0],
+            self.unreported[1] + restored[1],
+        ];
         Ok(())
     }
 }

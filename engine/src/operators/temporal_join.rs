@@ -74,6 +74,8 @@ pub struct TemporalJoinSpec {
 struct Stored {
     batch: RecordBatch,
     live: usize,
+    /// 0: left rows waiting, 1: versions.
+    side: usize,
 }
 
 /// See the module docs.
@@ -91,7 +93,7 @@ pub struct TemporalJoin {
     watermark: Option<i64>,
     forwarded: ForwardedWatermark,
     rows: i64,
-    unreported: i64,
+    unreported: [i64; 2],
 }
 
 impl TemporalJoin {
@@ -112,7 +114,7 @@ impl TemporalJoin {
             watermark: None,
             forwarded: ForwardedWatermark::default(),
             rows: 0,
-            unreported: 0,
+            unreported: [0, 0],
         })
     }
 
@@ -134,20 +136,20 @@ impl TemporalJoin {
         if let Some(s) = self.batches.get_mut(&id) {
             s.live -= 1;
             self.rows -= 1;
-            out.add_state_rows(-1);
+            out.add_state_rows(s.side, -1);
             if s.live == 0 {
                 self.batches.remove(&id);
             }
         }
     }
 
-    fn store(&mut self, batch: RecordBatch, live: usize, out: &mut Collector) -> u64 {
+    fn store(&mut self, side: usize, batch: RecordBatch, live: usize, out: &mut Collector) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.rows += live as i64;
-        out.add_state_rows(live as i64);
+        out.add_state_rows(side, live as i64);
         if live > 0 {
-            self.batches.insert(id, Stored { batch, live });
+            self.batches.insert(id, Stored { batch, live, side });
         }
         id
     }
@@ -204,7 +206,7 @@ impl TemporalJoin {
                 keep.push(r);
             }
         }
-        let id = self.store(batch, keep.len(), out);
+        let id = self.store(1, batch, keep.len(), out);
         for r in keep {
             let key = keys[r].clone().expect("kept rows have keys");
             let t = times[r].expect("kept rows have times");
@@ -317,7 +319,7 @@ impl TemporalJoin {
         let keys = self.keys_of(&batch)?;
         let Some(as_of) = self.spec.as_of.clone() else {
             // Processing time: joined now.
-            let id = self.store(batch, n, out);
+            let id = self.store(0, batch, n, out);
             let rows = (0..n)
                 .map(|r| (id, r as u32, keys[r].clone(), i64::MAX))
                 .collect();
@@ -346,7 +348,7 @@ impl TemporalJoin {
                 (Some(t), _) => keep.push((r, t)),
             }
         }
-        let id = self.store(batch, keep.len(), out);
+        let id = self.store(0, batch, keep.len(), out);
         for (r, t) in keep {
             let seq = self.arrivals;
             self.arrivals += 1;
@@ -376,7 +378,7 @@ impl Operator for TemporalJoin {
     }
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
-        out.add_state_rows(std::mem::take(&mut self.unreported));
+        out.add_state_rows_by_side(std::mem::take(&mut self.unreported));
         let sides = batch
             .column(0)
             .as_primitive::<arrow::datatypes::UInt8Type>();
@@ -399,7 +401,7 @@ impl Operator for TemporalJoin {
     }
 
     fn on_watermark(&mut self, t: EventTime, out: &mut Collector) -> Result<()> {
-        out.add_state_rows(std::mem::take(&mut self.unreported));
+        out.add_state_rows_by_side(std::mem::take(&mut self.unreported));
         if self.watermark.is_some_and(|w| w >= t.0) {
             return Ok(());
         }
@@ -419,7 +421,7 @@ impl Operator for TemporalJoin {
     }
 
     fn on_close(&mut self, out: &mut Collector) -> Result<()> {
-        out.add_state_rows(std::mem::take(&mut self.unreported));
+        out.add_state_rows_by_side(std::mem::take(&mut self.unreported));
         self.release_waiting(None, out)
     }
 
@@ -468,7 +470,11 @@ impl Operator for TemporalJoin {
                 "temporal join: restoring emitted rows".into(),
             ));
         }
-        self.unreported += counted.take_counts().state_rows;
+        let restored = counted.take_counts().state_rows;
+        self.unreported = [
+            self.unreported[0] + restored[0],
+            self.unreported[1] + restored[1],
+        ];
         (self.watermark, self.forwarded) = restored_watermarks(&parts);
         Ok(())
     }
