@@ -325,7 +325,7 @@ impl State {
                     kind: ObjectKind::Stream,
                     schema: Arc::clone(&s.plan.output_schema),
                     event_time_column: s.plan.event_time_column.clone(),
-                    primary_key: vec![],
+                    primary_key: s.plan.primary_key.clone(),
                 },
             );
         }

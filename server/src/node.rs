@@ -296,7 +296,7 @@ impl StandbyView {
                                 kind: ObjectKind::Stream,
                                 schema: Arc::clone(&plan.output_schema),
                                 event_time_column: plan.event_time_column.clone(),
-                                primary_key: vec![],
+                                primary_key: plan.primary_key.clone(),
                             },
                         );
                     }

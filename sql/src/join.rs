@@ -711,7 +711,7 @@ fn temporal_join(
         .unwrap_or_default();
     if key.is_empty() {
         return Err(SqlError::Invalid(format!(
-            "`{table}` is read FOR SYSTEM_TIME AS OF but has no primary key: declare PRIMARY KEY (…) on it (each row is then the new version of its key)"
+            "`{table}` is read FOR SYSTEM_TIME AS OF but has no primary key: declare PRIMARY KEY (…) on it (a stream: WITH (primary_key = '…')); each row is then the new version of its key"
         )));
     }
     let mut joined_on: Vec<String> =

@@ -368,6 +368,9 @@ pub struct StreamPlan {
     /// The `checkpoint_timeout` option: how long an epoch may wait for this stream before it
     /// is aborted (`None`: ten intervals, at least a minute).
     pub checkpoint_timeout: Option<std::time::Duration>,
+    /// The `primary_key` option: the columns whose values a row is the new version of (the
+    /// stream is then a changelog a temporal join can read `FOR SYSTEM_TIME AS OF`).
+    pub primary_key: Vec<String>,
 }
 
 impl StreamPlan {
@@ -512,6 +515,10 @@ pub async fn plan_stream(
     if parallelism == Some(0) {
         return Err(opts.bad("parallelism", "0", "a positive integer").into());
     }
+    let primary_key: Vec<String> = opts
+        .take_str("primary_key")
+        .map(|k| k.split(',').map(|c| c.trim().to_string()).collect())
+        .unwrap_or_default();
     let dedup_ttl_given = opts.contains("dedup_ttl");
     if let Some(d) = opts.take_duration("dedup_ttl")? {
         stateful.dedup_ttl = micros(d);
@@ -616,6 +623,20 @@ pub async fn plan_stream(
     };
     let output_schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
     let merge_schema = merge_schema.unwrap_or_else(|| Arc::clone(&output_schema));
+    if let Some(c) = primary_key
+        .iter()
+        .find(|c| c.is_empty() || output_schema.index_of(c).is_err())
+    {
+        let columns: Vec<&str> = output_schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        return Err(SqlError::InvalidOption(format!(
+            "{owner}: option `primary_key` names `{c}`, which is not one of its columns ({})",
+            columns.join(", ")
+        )));
+    }
     let inputs: BTreeSet<String> = branches.iter().map(|b| b.input.clone()).collect();
     if inputs.contains(&stmt.name) {
         return Err(SqlError::Invalid(format!("{owner} cannot read itself")));
@@ -656,6 +677,7 @@ pub async fn plan_stream(
         writer,
         checkpoint_interval,
         checkpoint_timeout,
+        primary_key,
     })
 }
 
