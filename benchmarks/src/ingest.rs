@@ -29,6 +29,7 @@ pub async fn run(sessions: usize, posts: usize) -> anyhow::Result<()> {
         lease_ttl: sluice_server::lease::DEFAULT_LEASE_TTL,
         statement_timeout: Duration::ZERO,
         checkpoint_retention: sluice_engine::checkpoint::DEFAULT_RETENTION,
+        glue_database: None,
         connections: sluice_server::connections::ConnectionLimits {
             pg_max: sessions + 10,
             ..Default::default()

@@ -42,6 +42,7 @@ pub async fn run(queries: usize) -> anyhow::Result<()> {
         lease_ttl: sluice_server::lease::DEFAULT_LEASE_TTL,
         statement_timeout: Duration::ZERO,
         checkpoint_retention: sluice_engine::checkpoint::DEFAULT_RETENTION,
+        glue_database: None,
         connections: Default::default(),
         security: Default::default(),
     };

@@ -33,6 +33,10 @@ pub enum ConnectorError {
         /// What went wrong.
         reason: String,
     },
+    /// The Glue Data Catalog failed or refused (the message says what was being done); a
+    /// retry may help.
+    #[error("Glue: {0}")]
+    Glue(String),
     /// A runtime error.
     #[error(transparent)]
     Engine(#[from] EngineError),

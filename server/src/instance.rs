@@ -13,7 +13,7 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Set, SetExpr, Statement, Value};
-use sluice_connectors::lake::{Lake, Zone, athena_ddl, lake_schema, write_athena_ddl};
+use sluice_connectors::lake::{Lake, Zone, athena_ddl, lake_schema, today};
 use sluice_engine::checkpoint::{Coordinator, Fence, NoFence};
 use sluice_engine::connector::ConnectorRegistry;
 use sluice_engine::push::PushSource;
@@ -220,6 +220,8 @@ struct Inner {
     lease: Option<WriterLease>,
     /// Roles, privileges, policies, tokens and secrets.
     access: Arc<AccessControl>,
+    /// Each stream's table over its processed files.
+    tables: Arc<crate::lake_tables::LakeTables>,
 }
 
 /// An entry of the name directory.
@@ -371,18 +373,21 @@ impl Sluice {
             None,
             sluice_engine::checkpoint::DEFAULT_RETENTION,
             Arc::default(),
+            None,
         )
         .await
     }
 
     /// Opens `lake` as the holder of its writer `lease` (every commit is fenced by it; see
     /// [`crate::lease`]), keeping its newest `checkpoint_retention` checkpoints, and restores
-    /// every source and stream of its catalog; `access` takes the catalog's roles and grants.
+    /// every source and stream of its catalog; `access` takes the catalog's roles and grants;
+    /// each stream's table is registered in `glue` too when given.
     pub async fn open_as_writer(
         lake: Lake,
         lease: Option<WriterLease>,
         checkpoint_retention: usize,
         access: Arc<AccessControl>,
+        glue: Option<sluice_connectors::lake::GlueCatalog>,
     ) -> Result<Sluice> {
         let fence: Arc<dyn Fence> = match &lease {
             Some(l) => Arc::new(l.clone()),
@@ -404,6 +409,7 @@ impl Sluice {
                 checkpoints,
                 readers_gate: tokio::sync::watch::channel(false).0,
                 adhoc: AdHoc::new(lake.clone()),
+                tables: Arc::new(crate::lake_tables::LakeTables::new(lake.clone(), glue)),
                 connectors: sluice_connectors::registry(&lake),
                 lake,
                 state: tokio::sync::Mutex::new(State::default()),
@@ -413,6 +419,7 @@ impl Sluice {
             }),
         };
         sluice.register_system_relations()?;
+        sluice.inner.tables.spawn(sluice.inner.shutdown.clone());
         for e in entries {
             let restored = match parse_sql(&e.sql) {
                 Ok(mut stmts) if stmts.len() == 1 => match stmts.remove(0) {
@@ -663,12 +670,29 @@ impl Sluice {
                 names,
                 if_exists,
                 cascade,
+                options,
             } => {
+                let mut opts = sluice_engine::WithOptions::new(
+                    format!("DROP {}", kind.to_string().to_uppercase()),
+                    options,
+                );
+                let drop_table = match kind {
+                    ObjectKind::Stream => opts.take_bool("drop_table")?.unwrap_or(false),
+                    _ => false,
+                };
+                opts.finish()?;
                 // (What does not exist is for the drop to report, or skip with IF EXISTS.)
                 for name in names.iter().filter(|n| self.directory().contains_key(*n)) {
                     access.require_owner(user, &kind.to_string(), name)?;
                 }
-                self.drop_objects(kind, names, if_exists, cascade).await
+                let dropped = names.clone();
+                let outcome = self.drop_objects(kind, names, if_exists, cascade).await?;
+                if drop_table {
+                    for name in dropped {
+                        self.inner.tables.drop_table(&name).await?;
+                    }
+                }
+                Ok(outcome)
             }
             SluiceStatement::ShowStatus => self.status(),
             SluiceStatement::Show(kind) => {
@@ -712,7 +736,8 @@ impl Sluice {
                     return Err(SqlError::UndefinedObject(what).into());
                 };
                 let rows = lake_schema(&stream.plan.output_schema);
-                let ddl = athena_ddl(&self.inner.lake, &name, &rows, None)
+                let first_day = self.inner.tables.first_day(&name).unwrap_or_else(today);
+                let ddl = athena_ddl(&self.inner.lake, &name, &rows, &first_day, None)
                     .map_err(|e| SqlError::NotSupported(e.to_string()))?;
                 let schema = athena_schema();
                 let batch = RecordBatch::try_new(
@@ -904,15 +929,10 @@ impl Sluice {
         };
         self.inner.adhoc.register_stream(&c.name, &schema)?;
         // The Athena table next to the data (a type Athena lacks only costs the file).
-        let lake_rows = lake_schema(&schema);
-        match athena_ddl(&self.inner.lake, &c.name, &lake_rows, None) {
-            Ok(ddl) => {
-                if let Err(e) = write_athena_ddl(&self.inner.lake, &c.name, &ddl).await {
-                    tracing::warn!(stream = %c.name, "cannot write the Athena DDL: {e}");
-                }
-            }
-            Err(e) => tracing::warn!(stream = %c.name, "no Athena DDL: {e}"),
-        }
+        self.inner
+            .tables
+            .register(&c.name, lake_schema(&schema))
+            .await;
         self.directory_mut().insert(c.name.clone(), Named::Stream);
         state.streams.insert(c.name.clone(), running);
         self.record(
@@ -1095,6 +1115,7 @@ impl Sluice {
                     }
                     // Its checkpointed state goes too: a new stream of that name starts afresh.
                     self.inner.checkpoints.deregister(&name, false);
+                    self.inner.tables.forget(&name);
                     // And what it staged after that checkpoint.
                     for (zone, dir) in [
                         (Zone::Internal, format!("staging/{name}")),
@@ -1197,6 +1218,8 @@ impl Sluice {
             lake.register(Zone::Errors, name);
         }
         let checkpoints = &self.inner.checkpoints;
+        let glue_failures: HashMap<String, u64> =
+            self.inner.tables.glue_failures().into_iter().collect();
         Vitals {
             sources: state
                 .sources
@@ -1211,6 +1234,7 @@ impl Sluice {
                     metrics: s.metrics.snapshot(),
                     failed: failed(&s.status),
                     state_bytes: checkpoints.state_bytes(&s.plan.name),
+                    glue_failures: glue_failures.get(&s.plan.name).copied(),
                 })
                 .collect(),
             sinks: state
@@ -1277,6 +1301,7 @@ impl Sluice {
                 &state.unrestored_of(ObjectKind::Stream),
                 show::LastCheckpoint::of(&self.inner.checkpoints),
                 |stream| self.inner.checkpoints.health(stream),
+                |stream| self.inner.tables.glue_status(stream),
             ),
             ObjectKind::Sink => {
                 show::sinks(state.sinks.values(), &state.unrestored_of(ObjectKind::Sink))

@@ -12,6 +12,7 @@ pub mod copy;
 pub mod error;
 pub mod http;
 pub mod instance;
+pub mod lake_tables;
 pub mod lease;
 pub mod metrics;
 pub mod node;

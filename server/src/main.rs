@@ -87,6 +87,12 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_QUERY_MEMORY", value_parser = parse_bytes)]
     query_memory: Option<u64>,
 
+    /// Registers every stream's table in this AWS Glue Data Catalog database (created if
+    /// missing): columns, Parquet SerDe, dt/hour partition keys with partition projection,
+    /// location. Region, endpoint and credentials come from the AWS environment, as for S3.
+    #[arg(long, env = "SLUICE_GLUE_DATABASE", value_name = "NAME")]
+    glue_database: Option<String>,
+
     /// A file holding the superuser's password (its first line), instead of SLUICE_PASSWORD.
     /// With a password every Postgres login is checked with SCRAM-SHA-256 and every HTTP
     /// request needs credentials (Basic, or a bearer token); without one, logins are
@@ -237,6 +243,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         lease_ttl: args.lease_ttl,
         statement_timeout: args.statement_timeout,
         checkpoint_retention: args.checkpoint_retention as usize,
+        glue_database: args.glue_database.clone().filter(|d| !d.is_empty()),
         connections: sluice_server::connections::ConnectionLimits {
             pg_max: args.pg_max_connections,
             pg_startup_timeout: args.pg_startup_timeout,

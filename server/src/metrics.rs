@@ -71,6 +71,8 @@ pub struct StreamVitals {
     pub failed: bool,
     /// The bytes of operator state its last checkpoint wrote.
     pub state_bytes: u64,
+    /// Failed Glue calls for its table (`None`: no Glue catalog).
+    pub glue_failures: Option<u64>,
 }
 
 /// HTTP ingest answers by (source, status code).
@@ -202,6 +204,9 @@ fn record(v: &Vitals) {
             gauge!("sluice_stream_state_rows", "stream" => stream.clone(), "side" => side)
                 .set(rows.max(0) as f64);
         }
+        if let Some(n) = s.glue_failures {
+            counter!("sluice_glue_failures_total", "stream" => stream.clone()).absolute(n);
+        }
         gauge!("sluice_stream_state_bytes", "stream" => stream).set(s.state_bytes as f64);
     }
     for (name, delivered, failed) in &v.sinks {
@@ -291,6 +296,11 @@ fn describe() {
     describe_gauge!(
         "sluice_stream_up",
         "1 while a stream runs (or finished), 0 once it failed."
+    );
+    describe_counter!(
+        "sluice_glue_failures_total",
+        Unit::Count,
+        "Failed Glue Data Catalog calls for a stream's table (each retried)."
     );
     describe_gauge!(
         "sluice_stream_state_rows",

@@ -37,6 +37,8 @@ pub struct ServerConfig {
     pub connections: ConnectionLimits,
     /// Passwords, secrets and TLS.
     pub security: Security,
+    /// The Glue database streams' tables are registered in (`--glue-database`).
+    pub glue_database: Option<String>,
 }
 
 /// The security settings of a server (see [`crate::access`] and [`crate::tls`]).
@@ -110,6 +112,10 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
     };
     let (pg_addr, http_addr) = (local(&pg)?, local(&http)?);
     let lake = Lake::open(&config.lake)?;
+    let glue = match &config.glue_database {
+        Some(db) => Some(sluice_connectors::lake::GlueCatalog::connect(db).await?),
+        None => None,
+    };
     let me = Candidate {
         pg: pg_addr.to_string(),
         http: http_addr.to_string(),
@@ -131,6 +137,7 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
                 Some(lease),
                 config.checkpoint_retention,
                 Arc::clone(&access),
+                glue.clone(),
             )
             .await?;
             (Node::writer(sluice), true)
@@ -154,6 +161,7 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
             let lake = lake.clone();
             let retention = config.checkpoint_retention;
             let access = Arc::clone(&access);
+            let glue = glue.clone();
             tokio::spawn(async move {
                 let lease = match standby.take_over().await {
                     Ok(l) => l,
@@ -168,7 +176,7 @@ pub async fn start(config: &ServerConfig) -> Result<RunningServer> {
                     to.cancel();
                 });
                 tracing::info!("standby: taking over as the lake's writer");
-                match Sluice::open_as_writer(lake, Some(lease), retention, access).await {
+                match Sluice::open_as_writer(lake, Some(lease), retention, access, glue).await {
                     Ok(sluice) => promoted.promote(sluice),
                     Err(e) => {
                         tracing::error!("cannot take over the lake: {e}");

@@ -54,6 +54,7 @@ pub fn streams_schema() -> SchemaRef {
         Field::new("state_rows", DataType::Int64, false),
         Field::new("state_rows_left", DataType::Int64, false),
         Field::new("state_rows_right", DataType::Int64, false),
+        Field::new("glue", DataType::Utf8, true),
     ]))
 }
 
@@ -221,7 +222,9 @@ pub fn streams<'a>(
     unrestored: &[(String, String)],
     last_checkpoint: LastCheckpoint,
     health: impl Fn(&str) -> Option<CheckpointHealth>,
+    glue: impl Fn(&str) -> Option<String>,
 ) -> Result<RecordBatch, ArrowError> {
+    let mut glue_status: Vec<Option<String>> = vec![];
     let mut cols: (Vec<String>, Vec<String>, Vec<String>) = (vec![], vec![], vec![]);
     let (mut rin, mut rout, mut errors, mut files, mut last, mut wm) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -248,6 +251,7 @@ pub fn streams<'a>(
         for v in &mut state_rows {
             v.push(0);
         }
+        glue_status.push(None);
     }
     for s in streams {
         checkpoints.push(checkpoints_text(
@@ -268,6 +272,7 @@ pub fn streams<'a>(
         state_rows[0].push(left + right);
         state_rows[1].push(left);
         state_rows[2].push(right);
+        glue_status.push(glue(&s.plan.name));
         files.push(s.files_written.load(Ordering::Relaxed));
         last.push(m.last_event_time.map(|t| t.micros()));
         wm.push(m.watermark.map(|t| t.micros()));
@@ -294,6 +299,7 @@ pub fn streams<'a>(
                 .into_iter()
                 .map(|v| Arc::new(arrow::array::Int64Array::from(v)) as ArrayRef),
         )
+        .chain([Arc::new(StringArray::from(glue_status)) as ArrayRef])
         .collect(),
     )
 }

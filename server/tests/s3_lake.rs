@@ -96,20 +96,36 @@ fn a_stream_on_s3_reads_back_with_duckdb_and_pyarrow_and_its_athena_ddl_parses()
     assert_eq!(hours, 5);
 
     let ddl = psql(port, "SHOW CREATE TABLE per_10min FOR ATHENA");
+    // Partition projection starts at the first event's day, not in 1970.
+    assert!(
+        ddl.contains("'projection.dt.range' = '2024-05-01,NOW'"),
+        "{ddl}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let ddl_file = dir.path().join("ddl.sql");
     std::fs::write(&ddl_file, &ddl).unwrap();
-    // The same DDL lies next to the data, where Athena does not read it.
-    let stored = python(
-        "import boto3, sys; print(boto3.client('s3', endpoint_url=sys.argv[1]).get_object(Bucket=sys.argv[2], Key=sys.argv[3])['Body'].read().decode(), end='')",
-        &[
+    // The same DDL lies next to the data, where Athena does not read it (written when the
+    // stream was created, with today's date, and again once files landed on an earlier day).
+    let started = Instant::now();
+    loop {
+        let stored = python(
+            "import boto3, sys; print(boto3.client('s3', endpoint_url=sys.argv[1]).get_object(Bucket=sys.argv[2], Key=sys.argv[3])['Body'].read().decode(), end='')",
+            &[
+                &endpoint,
+                &bucket,
+                "prod/processed/per_10min/_athena_table.sql",
+            ],
             &endpoint,
-            &bucket,
-            "prod/processed/per_10min/_athena_table.sql",
-        ],
-        &endpoint,
-    );
-    assert_eq!(stored.trim_end(), format!("{ddl};"));
+        );
+        if stored.trim_end() == format!("{ddl};") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the stored DDL is not the stream's: {stored}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let script = std::path::Path::new(&manifest_dir()).join("../tests/python/check_lake.py");
     let mut cmd = Command::new(env("SLUICE_TEST_PYTHON"));

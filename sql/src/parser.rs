@@ -113,6 +113,8 @@ pub enum SluiceStatement {
         if_exists: bool,
         /// `CASCADE` was given: drop the streams that read these too.
         cascade: bool,
+        /// `WITH (…)` options (`drop_table` for streams), keys lower-cased.
+        options: Vec<(String, String)>,
     },
     /// `SHOW SOURCES` / `SHOW STREAMS`.
     Show(ObjectKind),
@@ -253,11 +255,13 @@ fn parse_statement(p: &mut DFParser<'_>) -> PResult<SluiceStatement> {
                 .parse_one_of_keywords(&[Keyword::CASCADE, Keyword::RESTRICT]),
             Some(Keyword::CASCADE)
         );
+        let options = parse_with_options(p)?;
         return Ok(SluiceStatement::Drop {
             kind,
             names,
             if_exists,
             cascade,
+            options,
         });
     }
     if peek_word(p, 0, "SHOW")
@@ -609,7 +613,7 @@ mod tests {
     fn stream_drop_show_describe_and_passthrough() {
         let stmts = parse_sql(
             "CREATE STREAM s WITH (rollover_interval = '1 second') AS SELECT lower(url) AS u FROM clicks WHERE url IS NOT NULL;\
-             DROP STREAM IF EXISTS s, t CASCADE; SHOW SOURCES; show streams; DESCRIBE \"S\"; SELECT 1",
+             DROP STREAM IF EXISTS s, t CASCADE WITH (drop_table = 'true'); SHOW SOURCES; show streams; DESCRIBE \"S\"; SELECT 1",
         )
         .unwrap();
         assert_eq!(stmts.len(), 6);
@@ -623,7 +627,8 @@ mod tests {
                 kind: ObjectKind::Stream,
                 names: vec!["s".into(), "t".into()],
                 if_exists: true,
-                cascade: true
+                cascade: true,
+                options: vec![("drop_table".into(), "true".into())],
             }
         );
         assert_eq!(stmts[2], SluiceStatement::Show(ObjectKind::Source));

@@ -19,6 +19,7 @@ pub async fn start_server(lake: &Path) -> RunningServer {
         lease_ttl: sluice_server::lease::DEFAULT_LEASE_TTL,
         statement_timeout: std::time::Duration::ZERO,
         checkpoint_retention: sluice_engine::checkpoint::DEFAULT_RETENTION,
+        glue_database: None,
         connections: Default::default(),
         security: Default::default(),
     };

@@ -12,10 +12,18 @@
 //! end implements as write-to-staging-file + rename).
 
 mod athena;
+#[cfg(feature = "aws")]
+mod glue;
+#[cfg(not(feature = "aws"))]
+mod no_glue;
 mod parquet_writer;
 mod records;
 
 pub use athena::{ATHENA_DDL_FILE, athena_ddl, write_athena_ddl};
+#[cfg(feature = "aws")]
+pub use glue::GlueCatalog;
+#[cfg(not(feature = "aws"))]
+pub use no_glue::GlueCatalog;
 pub use parquet_writer::{ParquetLakeWriter, lake_schema};
 pub use records::{RecordZone, run_errors_writer};
 
@@ -74,12 +82,14 @@ pub struct Lake {
     stats: Arc<LakeStats>,
 }
 
-/// What a lake's clones committed: files and bytes per zone and name, and how long rows
-/// took from reaching a writer to being in a committed processed file.
+/// What a lake's clones committed: files and bytes per zone and name, how long rows took
+/// from reaching a writer to being in a committed processed file, and the earliest `dt`
+/// partition each stream committed a processed file to.
 #[derive(Debug, Default)]
 pub struct LakeStats {
     committed: std::sync::Mutex<std::collections::BTreeMap<(Zone, String), (u64, u64)>>,
     latencies: std::sync::Mutex<std::collections::VecDeque<std::time::Duration>>,
+    first_days: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// How many latencies [`LakeStats::take_latencies`] keeps between calls.
@@ -99,6 +109,23 @@ impl LakeStats {
         lock(&self.committed)
             .entry((zone, name.to_string()))
             .or_default();
+    }
+
+    /// The earliest `dt` (`YYYY-MM-DD`) of a processed file of `stream` this process
+    /// committed, if any (see [`Lake::first_partition_day`] for what the lake holds).
+    pub fn first_day(&self, stream: &str) -> Option<String> {
+        lock(&self.first_days).get(stream).cloned()
+    }
+
+    fn note_day(&self, stream: &str, day: &str) {
+        let mut days = lock(&self.first_days);
+        match days.get_mut(stream) {
+            Some(d) if d.as_str() <= day => {}
+            Some(d) => *d = day.to_string(),
+            None => {
+                days.insert(stream.to_string(), day.to_string());
+            }
+        }
     }
 
     /// For each processed file committed since the last call, how long after its first row
@@ -240,9 +267,27 @@ impl Lake {
             Some("processed") => Zone::Processed,
             _ => return,
         };
-        if let (Some(name), Some(_)) = (parts.next(), parts.next()) {
-            self.stats.record(zone, name, bytes, first_row_at);
+        let (Some(name), Some(next)) = (parts.next(), parts.next()) else {
+            return;
+        };
+        self.stats.record(zone, name, bytes, first_row_at);
+        if zone == Zone::Processed
+            && let Some(day) = partition_day(next)
+        {
+            self.stats.note_day(name, day);
         }
+    }
+
+    /// The earliest `dt` partition (`YYYY-MM-DD`) under `processed/<stream>/`, if any: one
+    /// listing of the stream's folder (its `dt=…` prefixes), not of its files.
+    pub async fn first_partition_day(&self, stream: &str) -> Result<Option<String>> {
+        let dir = self.dir(Zone::Processed, stream);
+        let listed = self.store.list_with_delimiter(Some(&dir)).await?;
+        Ok(listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().and_then(partition_day).map(str::to_string))
+            .min())
     }
 
     /// Deletes every object under `<lake>/<zone>/<name>/` (and, on a local lake, the
@@ -445,6 +490,20 @@ pub fn partition_values(micros: Option<i64>) -> (String, String) {
         ),
         None => (DEFAULT.to_string(), DEFAULT.to_string()),
     }
+}
+
+/// The day of a `dt=YYYY-MM-DD` folder name (not Hive's default partition).
+fn partition_day(folder: &str) -> Option<&str> {
+    let day = folder.strip_prefix("dt=")?;
+    let b = day.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    (b.len() == 10 && b[4] == b'-' && b[7] == b'-' && digits(0..4) && digits(5..7) && digits(8..10))
+        .then_some(day)
+}
+
+/// Today's `dt` (UTC).
+pub fn today() -> String {
+    partition_values(Some(sluice_engine::EventTime::now().micros())).0
 }
 
 /// A file name unique across processes, ordered by creation time:
