@@ -5,14 +5,10 @@
 //! The throughput run cannot show this: its state is freed every 20 ms of event time (a few
 //! thousand live rows, lost in the process' RSS).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use arrow::record_batch::RecordBatch;
 use sluice_engine::operators::StreamJoin;
 use sluice_engine::{Collector, Message, Operator};
-use sluice_sql::parser::SluiceStatement;
-use sluice_sql::{ObjectKind, OpSpec, Relation, parse_sql, plan_stream};
+use sluice_sql::OpSpec;
 
 /// What the measurement found.
 pub struct JoinState {
@@ -28,19 +24,7 @@ pub struct JoinState {
 /// `stream_sql`, holding every row.
 pub async fn measure(source_sql: &str, stream_sql: &str) -> anyhow::Result<JoinState> {
     let def = crate::source_of(source_sql)?;
-    let SluiceStatement::CreateStream(stream) = parse_sql(stream_sql)?.remove(0) else {
-        anyhow::bail!("not a CREATE STREAM")
-    };
-    let relations = BTreeMap::from([(
-        "clicks".to_string(),
-        Relation {
-            kind: ObjectKind::Source,
-            schema: Arc::clone(&def.schema),
-            event_time_column: Some("ts".into()),
-            primary_key: vec![],
-        },
-    )]);
-    let plan = plan_stream(&stream, &relations).await?;
+    let plan = crate::plan_over_clicks(stream_sql, &def).await?;
     let Some(OpSpec::Join { spec, input, .. }) = plan.post.first() else {
         anyhow::bail!("the stream does not start its post-merge chain with a join")
     };

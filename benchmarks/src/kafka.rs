@@ -5,7 +5,6 @@
 //! from the start of the source until every record was consumed and the last window and file
 //! are written. The broker runs in its own process, so the CPU figure is Sluice's alone.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
@@ -23,8 +22,6 @@ use sluice_engine::pipeline::TaskWiring;
 use sluice_engine::sink::FileRolling;
 use sluice_engine::sink::run_sink;
 use sluice_engine::{FanOut, Message, SourceContext};
-use sluice_sql::parser::SluiceStatement;
-use sluice_sql::{ObjectKind, Relation, parse_sql, plan_stream};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Args, BIDS, Measured, TUMBLE, cpu_time, source_of};
@@ -312,19 +309,7 @@ pub async fn run(args: &Args, checkpoint: bool, librdkafka: bool) -> anyhow::Res
             ),
         },
     };
-    let SluiceStatement::CreateStream(stream) = parse_sql(TUMBLE)?.remove(0) else {
-        anyhow::bail!("not a CREATE STREAM")
-    };
-    let relations = BTreeMap::from([(
-        "clicks".to_string(),
-        Relation {
-            kind: ObjectKind::Source,
-            schema: Arc::clone(&def.schema),
-            event_time_column: Some("ts".into()),
-            primary_key: vec![],
-        },
-    )]);
-    let plan = plan_stream(&stream, &relations).await?;
+    let plan = crate::plan_over_clicks(TUMBLE, &def).await?;
     let cancel = CancellationToken::new();
     let source_out = FanOut::new("clicks");
     let (bad_tx, mut bad_rx) = tokio::sync::mpsc::channel(16);

@@ -354,6 +354,26 @@ fn emission_latency(
     Some([pick(0.5), pick(0.99), *lat.last().expect("not empty")])
 }
 
+/// Plans `stream_sql` (a `CREATE STREAM`) over source `clicks` of `def`, as the server would.
+async fn plan_over_clicks(
+    stream_sql: &str,
+    def: &sluice_sql::SourceDef,
+) -> anyhow::Result<sluice_sql::StreamPlan> {
+    let SluiceStatement::CreateStream(stream) = parse_sql(stream_sql)?.remove(0) else {
+        anyhow::bail!("not a CREATE STREAM")
+    };
+    let relations = BTreeMap::from([(
+        "clicks".to_string(),
+        Relation {
+            kind: ObjectKind::Source,
+            schema: Arc::clone(&def.schema),
+            event_time_column: Some("ts".into()),
+            primary_key: vec![],
+        },
+    )]);
+    Ok(plan_stream(&stream, &relations).await?)
+}
+
 /// A datagen `CREATE SOURCE` that stops after `events` rows, in batches of `batch_size`.
 fn with_rows(source_sql: &str, events: u64, batch_size: usize) -> String {
     source_sql.replace(
@@ -469,20 +489,7 @@ async fn run(kind: &'static str, args: &Args, checkpoint: bool) -> anyhow::Resul
             "q8" => Q8,
             _ => QUERY,
         };
-        let SluiceStatement::CreateStream(stream) = parse_sql(query)?.remove(0) else {
-            anyhow::bail!("not a CREATE STREAM")
-        };
-        let mut relations = BTreeMap::new();
-        relations.insert(
-            "clicks".to_string(),
-            Relation {
-                kind: ObjectKind::Source,
-                schema: Arc::clone(&def.schema),
-                event_time_column: Some("ts".into()),
-                primary_key: vec![],
-            },
-        );
-        let plan = plan_stream(&stream, &relations).await?;
+        let plan = plan_over_clicks(query, &def).await?;
         let out = FanOut::new("out");
         let sink_input = out.subscribe(sluice_engine::DEFAULT_CHANNEL_CAPACITY);
         let parallelism = if plan.partition_keys.is_empty() {

@@ -11,38 +11,10 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set: run the tests with scripts/test.sh, which starts the services, \
-             or first `eval \"$(scripts/services.sh start)\"`"
-        )
-    })
-}
+use common::{aws_env as aws, python_with_aws as python, service_env as env};
 
 fn psql(port: u16, sql: &str) -> String {
     common::psql(port, sql).trim().to_string()
-}
-
-/// The AWS environment pointing at moto.
-fn aws(cmd: &mut Command, endpoint: &str) {
-    cmd.env("AWS_ENDPOINT_URL", endpoint)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1");
-}
-
-fn python(script: &str, args: &[&str], endpoint: &str) -> String {
-    let mut cmd = Command::new(env("SLUICE_TEST_PYTHON"));
-    cmd.args(["-c", script]).args(args);
-    aws(&mut cmd, endpoint);
-    let out = cmd.output().expect("the test Python runs");
-    assert!(
-        out.status.success(),
-        "python: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn create_bucket(endpoint: &str, bucket: &str) {

@@ -208,3 +208,37 @@ pub fn read_topic(brokers: &str, topic: &str) -> Vec<Vec<u8>> {
     }
     values
 }
+
+/// A variable `scripts/services.sh start` sets (a service's address); panics, saying how to
+/// start the services, when it is missing.
+pub fn service_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run the tests with scripts/test.sh, which starts the services, \
+             or first `eval \"$(scripts/services.sh start)\"`"
+        )
+    })
+}
+
+/// The AWS environment pointing at the test services' S3/SQS/Glue server `endpoint`.
+pub fn aws_env(cmd: &mut Command, endpoint: &str) {
+    cmd.env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1");
+}
+
+/// Runs `script` (`python -c`) with `args` in the test services' Python, the AWS
+/// environment pointing at `endpoint`; its standard output (it must succeed).
+pub fn python_with_aws(script: &str, args: &[&str], endpoint: &str) -> String {
+    let mut cmd = Command::new(service_env("SLUICE_TEST_PYTHON"));
+    cmd.args(["-c", script]).args(args);
+    aws_env(&mut cmd, endpoint);
+    let out = cmd.output().expect("the test Python runs");
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
