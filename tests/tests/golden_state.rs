@@ -64,6 +64,25 @@ const CASES: &[(&str, &str)] = &[
         "CREATE STREAM e WITH (dedup_ttl = '1 minute') AS SELECT k, s, v, ts FROM (
             SELECT *, row_number() OVER (PARTITION BY k ORDER BY ts) AS rn FROM t) WHERE rn = 1",
     ),
+    (
+        "interval_join",
+        "CREATE STREAM j AS SELECT a.k, a.v, b.v AS bv, a.ts FROM t a LEFT JOIN t b
+         ON a.k = b.k AND b.ts > a.ts AND b.ts <= a.ts + INTERVAL '2 seconds'",
+    ),
+    (
+        "temporal_join",
+        "CREATE STREAM tj AS SELECT e.k, e.ts, w.s AS version_s FROM t e
+         LEFT JOIN versions FOR SYSTEM_TIME AS OF e.ts AS w ON e.k = w.k",
+    ),
+    (
+        "window_join_of_aggregates",
+        "CREATE STREAM q8 AS SELECT a.k, a.starttime, a.n, b.total
+         FROM (SELECT k, window_start AS starttime, window_end AS endtime, count(*) AS n
+               FROM TUMBLE(t, ts, INTERVAL '10 seconds') GROUP BY k, window_start, window_end) a
+         JOIN (SELECT k, window_start AS starttime, window_end AS endtime, sum(v) AS total
+               FROM TUMBLE(t, ts, INTERVAL '10 seconds') GROUP BY k, window_start, window_end) b
+         ON a.k = b.k AND a.starttime = b.starttime AND a.endtime = b.endtime",
+    ),
 ];
 
 /// Rows `from..to` of the fixed input: 12 keys at a time (new ones every 50 rows, so each
@@ -105,32 +124,76 @@ fn watermark_after(to: i64) -> EventTime {
     EventTime(1_700_000_000_000_000 + (to - 1) * 400_000 - 1_000_000)
 }
 
-/// The stream's operators (its one branch, then the stateful part) as one chain.
-async fn pipeline(sql: &str, schema: &SchemaRef) -> OperatorChain {
+/// A stream's operators: a stream of one branch as one chain (that branch's operators, then
+/// the stateful part); a stream of several (a join) as its branches' chains (stateless, each
+/// fed every input batch) and the chain after their merge, whose state is the snapshot.
+struct Pipeline {
+    branches: Vec<OperatorChain>,
+    chain: OperatorChain,
+}
+
+/// The stream `sql` over `t` (and `versions`: `t`'s rows read as versions of key `k`).
+async fn pipeline(sql: &str, schema: &SchemaRef) -> Pipeline {
     let SluiceStatement::CreateStream(stream) = parse_sql(sql).unwrap().remove(0) else {
         panic!("not a CREATE STREAM")
     };
-    let relations = BTreeMap::from([(
-        "t".to_string(),
-        Relation {
-            kind: ObjectKind::Source,
-            schema: Arc::clone(schema),
-            event_time_column: Some("ts".into()),
-            primary_key: vec![],
-        },
-    )]);
+    let relation = |primary_key: Vec<String>| Relation {
+        kind: ObjectKind::Source,
+        schema: Arc::clone(schema),
+        event_time_column: Some("ts".into()),
+        primary_key,
+    };
+    let relations = BTreeMap::from([
+        ("t".to_string(), relation(vec![])),
+        ("versions".to_string(), relation(vec!["k".into()])),
+    ]);
     let plan = plan_stream(&stream, &relations).await.unwrap();
-    assert_eq!(plan.branches.len(), 1, "{sql}");
-    let ops = plan.branches[0].ops.iter().chain(&plan.post);
-    OperatorChain::new(ops.map(|o| o.instantiate("golden").unwrap()).collect())
+    let chain = |ops: &mut dyn Iterator<Item = &sluice_sql::OpSpec>| {
+        OperatorChain::new(ops.map(|o| o.instantiate("golden").unwrap()).collect())
+    };
+    if plan.branches.len() == 1 {
+        return Pipeline {
+            branches: vec![],
+            chain: chain(&mut plan.branches[0].ops.iter().chain(&plan.post)),
+        };
+    }
+    Pipeline {
+        branches: plan
+            .branches
+            .iter()
+            .map(|b| chain(&mut b.ops.iter()))
+            .collect(),
+        chain: chain(&mut plan.post.iter()),
+    }
 }
 
-/// Runs `msgs` through `chain`; returns the rows it emitted, as sorted text lines.
-fn run(chain: &mut OperatorChain, msgs: Vec<Message>) -> Vec<String> {
+/// What `msg` is once through the branches (a batch goes through each).
+fn through_branches(p: &mut Pipeline, msg: Message) -> Vec<Message> {
+    if p.branches.is_empty() {
+        return vec![msg];
+    }
+    let Message::Data(batch) = msg else {
+        return vec![msg];
+    };
+    let mut merged = vec![];
+    for b in &mut p.branches {
+        let mut out = Collector::default();
+        b.process(Message::Data(batch.clone()), &mut out).unwrap();
+        merged.extend(out.take_messages());
+    }
+    merged
+}
+
+/// Runs `msgs` through `p`; returns the rows it emitted, as sorted text lines.
+fn run(p: &mut Pipeline, msgs: Vec<Message>) -> Vec<String> {
     let mut rows = vec![];
+    let msgs: Vec<Message> = msgs
+        .into_iter()
+        .flat_map(|m| through_branches(p, m))
+        .collect();
     for m in msgs {
         let mut out = Collector::default();
-        chain.process(m, &mut out).unwrap();
+        p.chain.process(m, &mut out).unwrap();
         for m in out.take_messages() {
             if let Message::Data(b) = m {
                 let text = arrow::util::pretty::pretty_format_batches(&[b])
@@ -307,7 +370,7 @@ async fn golden_checkpoints_of_every_stateful_operator_match_and_restore() {
     for (case, sql) in CASES {
         let mut original = pipeline(sql, &schema).await;
         run(&mut original, first.clone());
-        let now = original.snapshot().unwrap();
+        let now = original.chain.snapshot().unwrap();
         assert!(
             now.iter().any(Option::is_some),
             "{case}: the pipeline has no stateful operator"
@@ -331,7 +394,7 @@ async fn golden_checkpoints_of_every_stateful_operator_match_and_restore() {
             .into_iter()
             .map(|s| s.into_iter().collect())
             .collect();
-        restored.restore(parts, &KeyFilter::all()).unwrap();
+        restored.chain.restore(parts, &KeyFilter::all()).unwrap();
         let after_restore = run(&mut restored, second.clone());
         let rest = run(&mut original, second.clone());
         assert!(!rest.is_empty(), "{case}: the second half emits rows");
@@ -362,6 +425,7 @@ async fn a_state_of_an_unknown_layout_version_is_refused() {
         .map(|s| s.into_iter().collect())
         .collect();
     let err = chain
+        .chain
         .restore(parts, &KeyFilter::all())
         .unwrap_err()
         .to_string();
