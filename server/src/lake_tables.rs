@@ -83,7 +83,9 @@ impl LakeTables {
     }
 
     /// Publishes the table of `stream`, whose lake rows have `schema` (created or restored;
-    /// a stream created again with another schema updates it).
+    /// a stream created again with another schema updates it): its DDL file now, its Glue
+    /// table from the next [`LakeTables::sync`] (a slow or failing Glue never holds up a
+    /// `CREATE STREAM`).
     pub async fn register(&self, stream: &str, schema: SchemaRef) {
         let listed = match self.lake.first_partition_day(stream).await {
             Ok(day) => day,
@@ -116,7 +118,7 @@ impl LakeTables {
                 glue,
             },
         );
-        self.sync_one(stream).await;
+        self.sync_one(stream, false).await;
     }
 
     /// Forgets `stream` (dropped): its files and table stay.
@@ -180,11 +182,13 @@ impl LakeTables {
     pub async fn sync(&self) {
         let names: Vec<String> = self.tables().keys().cloned().collect();
         for name in names {
-            self.sync_one(&name).await;
+            self.sync_one(&name, true).await;
         }
     }
 
-    async fn sync_one(&self, stream: &str) {
+    /// Publishes `stream`'s table where it is behind: its DDL file, and its Glue table
+    /// when `with_glue` (and a Glue catalog is configured, and no backoff is running).
+    async fn sync_one(&self, stream: &str, with_glue: bool) {
         let _one = self.publishing.lock().await;
         let committed = self.lake.stats().first_day(stream);
         let (schema, day, write_file, call_glue) = {
@@ -201,7 +205,8 @@ impl LakeTables {
                 return;
             }
             let write_file = t.written.as_ref() != Some(&t.wanted);
-            let call_glue = self.glue.is_some()
+            let call_glue = with_glue
+                && self.glue.is_some()
                 && t.glue.registered.as_ref() != Some(&t.wanted)
                 && t.glue.next_try.is_none_or(|n| Instant::now() >= n);
             (

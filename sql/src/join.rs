@@ -6,13 +6,16 @@
 //!   both sides (`s.ts BETWEEN o.ts AND o.ts + INTERVAL '1' HOUR`, `o.ts > s.ts - …`, any
 //!   direction, `<`/`<=`/`>`/`>=`/`BETWEEN`);
 //! - **window join**: both sides are windowed (`TUMBLE`/`HOP`/`CUMULATE`) and joined on
-//!   `window_start` and `window_end` (and keys).
+//!   `window_start` and `window_end` (and keys); a side may aggregate per window first
+//!   (Nexmark q8), its aggregation then running after the merge in front of the join
+//!   ([`OpSpec::JoinSides`]; see `join_side`).
 //!
 //! Anything else (a regular join) is refused, naming these forms.
 //!
 //! The merged input: `side` (UInt8), the equi-join keys `__key0…`, the left side's columns
 //! `__l0…`, the right side's `__r0…` (those of the other side NULL). Each side's branches end
-//! with the projection that pads them so.
+//! with the projection that pads them so; an aggregated side's branches send its
+//! aggregation's input columns instead, which `JoinSides` turns into the side's columns.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -586,9 +589,10 @@ impl JoinSideBranches {
                      (as they are, not computed from them)"
                 )));
             };
-            let windows = [spec.window_start, spec.window_end];
-            let state_key = (!windows.contains(&group))
-                .then(|| group - windows.iter().filter(|&&w| w < group).count());
+            // Its place among the GROUP BY keys without the window's bounds
+            // (`WindowAggregateSpec::key_exprs`).
+            let window = |g: usize| g == spec.window_start || g == spec.window_end;
+            let state_key = (!window(group)).then(|| (0..group).filter(|&g| !window(g)).count());
             self.key_columns.push((column, state_key));
             exprs.push(Arc::clone(&spec.group_exprs[group]));
         }
