@@ -26,9 +26,11 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, AsArray, BooleanArray, UInt8Array, new_null_array};
+use arrow::array::{ArrayRef, UInt8Array, new_null_array};
 use arrow::compute::filter_record_batch;
-use arrow::datatypes::{SchemaRef, UInt8Type};
+use arrow::compute::kernels::boolean::not;
+use arrow::compute::kernels::cmp::eq;
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
 use super::check_state_version;
@@ -209,17 +211,16 @@ impl Operator for JoinSides {
     }
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
-        let side = batch.column(0).as_primitive::<UInt8Type>();
-        let lefts = side.values().iter().filter(|&&s| s == 0).count();
-        if lefts == batch.num_rows() || lefts == 0 {
-            return self.side_rows(usize::from(lefts == 0), &batch, out);
+        let left = eq(batch.column(0), &UInt8Array::new_scalar(0))?;
+        match left.true_count() {
+            n if n == batch.num_rows() => self.side_rows(0, &batch, out),
+            0 => self.side_rows(1, &batch, out),
+            _ => {
+                self.side_rows(0, &filter_record_batch(&batch, &left)?, out)?;
+                let right = not(&left)?;
+                self.side_rows(1, &filter_record_batch(&batch, &right)?, out)
+            }
         }
-        for s in 0..2u8 {
-            let mask: BooleanArray = side.values().iter().map(|&v| Some(v == s)).collect();
-            let rows = filter_record_batch(&batch, &mask)?;
-            self.side_rows(usize::from(s), &rows, out)?;
-        }
-        Ok(())
     }
 
     fn on_watermark(&mut self, t: EventTime, out: &mut Collector) -> Result<()> {
