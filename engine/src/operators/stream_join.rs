@@ -298,9 +298,24 @@ impl StreamJoin {
         Ok(())
     }
 
+    /// The event times (µs) of `batch`'s rows on `side`.
+    fn times(&self, side: usize, batch: &RecordBatch) -> Result<Vec<Option<i64>>> {
+        super::micros(
+            &self.spec.time[side]
+                .evaluate(batch)
+                .and_then(|v| v.into_array(batch.num_rows()))?,
+        )
+    }
+
     /// The encoded keys of `batch`'s rows, which have a NULL in their key, and their event
-    /// times (µs) on `side`: computed once per batch, for the probe and the store.
-    fn prepare(&self, side: usize, batch: &RecordBatch) -> Result<Prepared> {
+    /// times (µs) on `side` (`times` when the caller has them): computed once per batch, for
+    /// the probe and the store.
+    fn prepare(
+        &self,
+        side: usize,
+        batch: &RecordBatch,
+        times: Option<Vec<Option<i64>>>,
+    ) -> Result<Prepared> {
         let n = batch.num_rows();
         let key_columns: Vec<ArrayRef> = (1..=self.spec.keys)
             .map(|i| Arc::clone(batch.column(i)))
@@ -310,11 +325,10 @@ impl StreamJoin {
             null_key: (0..n)
                 .map(|r| key_columns.iter().any(|k| k.is_null(r)))
                 .collect(),
-            times: super::micros(
-                &self.spec.time[side]
-                    .evaluate(batch)
-                    .and_then(|v| v.into_array(n))?,
-            )?,
+            times: match times {
+                Some(t) => t,
+                None => self.times(side, batch)?,
+            },
         })
     }
 
@@ -359,19 +373,25 @@ impl StreamJoin {
         self.next_id += 1;
         let state = &mut self.sides[side];
         for (r, null) in null_key.iter().enumerate() {
-            if !null {
-                let time = times[r].unwrap_or(i64::MIN);
-                let entries = state.index.entry(keys.row(r).as_ref().into()).or_default();
-                // Rows come nearly in time order: almost always an append.
-                let at = entries.partition_point(|e| e.time <= time);
-                entries.insert(
-                    at,
-                    Entry {
-                        time,
-                        batch: id,
-                        row: r as u32,
-                    },
-                );
+            if *null {
+                continue;
+            }
+            let entry = Entry {
+                time: times[r].unwrap_or(i64::MIN),
+                batch: id,
+                row: r as u32,
+            };
+            let key = keys.row(r);
+            // A key seen before (the common case) costs no allocation.
+            match state.index.get_mut(key.as_ref()) {
+                Some(entries) => {
+                    // Rows come nearly in time order: almost always an append.
+                    let at = entries.partition_point(|e| e.time <= entry.time);
+                    entries.insert(at, entry);
+                }
+                None => {
+                    state.index.insert(key.as_ref().into(), vec![entry]);
+                }
             }
         }
         state.rows += n;
@@ -393,12 +413,8 @@ impl StreamJoin {
     /// Rows of one side: late ones out, the rest matched against the other side and stored.
     fn process_side(&mut self, side: usize, batch: RecordBatch, out: &mut Collector) -> Result<()> {
         let n = batch.num_rows();
-        let times = super::micros(
-            &self.spec.time[side]
-                .evaluate(&batch)
-                .and_then(|v| v.into_array(n))?,
-        )?;
-        let batch = match self.horizon() {
+        let times = self.times(side, &batch)?;
+        let (batch, times) = match self.horizon() {
             Some(h) => {
                 let mut keep = Vec::with_capacity(n);
                 let first = if side == 0 { 0 } else { self.spec.left.len() };
@@ -422,18 +438,27 @@ impl StreamJoin {
                     keep.push(!late);
                 }
                 if keep.iter().all(|k| *k) {
-                    batch
+                    (batch, times)
                 } else {
-                    filter_record_batch(&batch, &BooleanArray::from(keep))?
+                    let on_time = times
+                        .iter()
+                        .zip(&keep)
+                        .filter(|(_, k)| **k)
+                        .map(|(t, _)| *t)
+                        .collect();
+                    (
+                        filter_record_batch(&batch, &BooleanArray::from(keep))?,
+                        on_time,
+                    )
                 }
             }
-            None => batch,
+            None => (batch, times),
         };
         let n = batch.num_rows();
         if n == 0 {
             return Ok(());
         }
-        let prepared = self.prepare(side, &batch)?;
+        let prepared = self.prepare(side, &batch, Some(times))?;
         let other = 1 - side;
         let mut pairs: Vec<(u32, (u64, u32))> = vec![];
         for (r, time) in prepared.times.iter().enumerate() {
@@ -659,7 +684,7 @@ impl Operator for StreamJoin {
                     .collect();
                 let mut rows = mine;
                 rows.remove_column(last);
-                let prepared = self.prepare(side, &rows)?;
+                let prepared = self.prepare(side, &rows, None)?;
                 self.store(side, rows, prepared, matched, &mut counted)?;
             }
         }
