@@ -400,8 +400,12 @@ impl Sluice {
         } = catalog::load(&lake).await?;
         access.replace(stored);
         // Recovery first: finish the last checkpoint's commit, drop what never committed.
-        let checkpoints =
-            Coordinator::open(Arc::new(lake.clone()), DEFAULT_CHECKPOINT_INTERVAL, fence).await?;
+        let checkpoints = Coordinator::open(
+            Arc::new(lake.clone()),
+            DEFAULT_CHECKPOINT_INTERVAL,
+            Arc::clone(&fence),
+        )
+        .await?;
         checkpoints.set_retention(checkpoint_retention);
         let sluice = Sluice {
             inner: Arc::new(Inner {
@@ -409,7 +413,11 @@ impl Sluice {
                 checkpoints,
                 readers_gate: tokio::sync::watch::channel(false).0,
                 adhoc: AdHoc::new(lake.clone()),
-                tables: Arc::new(crate::lake_tables::LakeTables::new(lake.clone(), glue)),
+                tables: Arc::new(crate::lake_tables::LakeTables::new(
+                    lake.clone(),
+                    glue,
+                    Arc::clone(&fence),
+                )),
                 connectors: sluice_connectors::registry(&lake),
                 lake,
                 state: tokio::sync::Mutex::new(State::default()),

@@ -20,6 +20,7 @@ use arrow::datatypes::SchemaRef;
 use sluice_connectors::lake::{
     ATHENA_DDL_FILE, GlueCatalog, Lake, Zone, athena_ddl, today, write_athena_ddl,
 };
+use sluice_engine::checkpoint::Fence;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Result, ServerError};
@@ -62,17 +63,21 @@ struct Table {
 pub struct LakeTables {
     lake: Lake,
     glue: Option<GlueCatalog>,
+    /// The writer lease: a process that may have lost it writes nothing more.
+    fence: Arc<dyn Fence>,
     tables: std::sync::Mutex<HashMap<String, Table>>,
     /// One publication at a time (the last write of a table is its newest description).
     publishing: tokio::sync::Mutex<()>,
 }
 
 impl LakeTables {
-    /// The tables of the streams of `lake`, registered in `glue` too when given.
-    pub fn new(lake: Lake, glue: Option<GlueCatalog>) -> Self {
+    /// The tables of the streams of `lake`, registered in `glue` too when given; nothing is
+    /// written once `fence` says the writer lease may be lost.
+    pub fn new(lake: Lake, glue: Option<GlueCatalog>, fence: Arc<dyn Fence>) -> Self {
         Self {
             lake,
             glue,
+            fence,
             tables: std::sync::Mutex::default(),
             publishing: tokio::sync::Mutex::new(()),
         }
@@ -130,6 +135,7 @@ impl LakeTables {
     /// stays).
     pub async fn drop_table(&self, stream: &str) -> Result<()> {
         let _one = self.publishing.lock().await;
+        self.fence.check()?;
         self.tables().remove(stream);
         let file = self.lake.dir(Zone::Processed, stream).join(ATHENA_DDL_FILE);
         self.lake.delete(&file).await?;
@@ -217,6 +223,10 @@ impl LakeTables {
             )
         };
         if !write_file && !call_glue {
+            return;
+        }
+        // A writer that may have lost its lease (paused past it, say) writes nothing more.
+        if self.fence.check().is_err() {
             return;
         }
         let ddl = match athena_ddl(&self.lake, stream, &schema, &day, None) {
