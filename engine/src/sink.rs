@@ -87,13 +87,17 @@ pub async fn run_sink(mut input: Subscription, mut sink: Box<dyn Sink>) -> Resul
     sink.close().await
 }
 
-/// How a stream's output files roll (the lake writer's options on `CREATE STREAM`).
+/// How a stream's output files roll, and how closed partitions are compacted (the lake
+/// writer's options on `CREATE STREAM`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileRolling {
     /// Close a file after it has been open this long (freshness).
     pub rollover_interval: Duration,
-    /// Close a file once it reaches about this many bytes (file size for Athena).
+    /// Close a file once it reaches about this many bytes (file size for Athena); compaction
+    /// writes files of about this size too.
     pub target_file_size: u64,
+    /// Rewrite closed partitions into few sorted files (`None`: never).
+    pub compaction: Option<Compaction>,
 }
 
 impl Default for FileRolling {
@@ -101,6 +105,28 @@ impl Default for FileRolling {
         Self {
             rollover_interval: Duration::from_secs(10),
             target_file_size: 128 * 1024 * 1024,
+            compaction: None,
         }
+    }
+}
+
+/// When an hour partition of a stream's output counts as closed, so that it is compacted
+/// and marked complete: once the stream's watermark (for a stream placed by arrival time,
+/// the clock) has passed the hour's end by `allowed_lateness` plus `delay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compaction {
+    /// The stream's `allowed_lateness`: rows that late are still taken.
+    pub allowed_lateness: Duration,
+    /// The grace after that (option `compaction_delay`).
+    pub delay: Duration,
+}
+
+impl Compaction {
+    /// The default `compaction_delay`.
+    pub const DEFAULT_DELAY: Duration = Duration::from_secs(300);
+
+    /// How far past an hour's end the watermark must be for it to close, µs.
+    pub fn closes_after_micros(&self) -> i64 {
+        i64::try_from((self.allowed_lateness + self.delay).as_micros()).unwrap_or(i64::MAX)
     }
 }

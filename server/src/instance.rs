@@ -503,6 +503,12 @@ impl Sluice {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What a stream's lake writer calls when a partition is final: its Glue partition.
+    fn on_final(&self) -> sluice_connectors::lake::OnFinal {
+        let tables = Arc::clone(&self.inner.tables);
+        Arc::new(move |marker| tables.partition_final(marker))
+    }
+
     fn directory_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Named>> {
         self.inner
             .directory
@@ -929,9 +935,12 @@ impl Sluice {
                 c.clone(),
                 plan,
                 |n| st.input(n),
-                &self.inner.shutdown,
-                Some(&self.inner.checkpoints),
-                &self.inner.readers_gate.subscribe(),
+                crate::runtime::StreamEnv {
+                    parent: &self.inner.shutdown,
+                    coordinator: Some(&self.inner.checkpoints),
+                    gate: &self.inner.readers_gate.subscribe(),
+                    on_final: Some(self.on_final()),
+                },
             )
             .await?
         };
@@ -1243,6 +1252,7 @@ impl Sluice {
                     failed: failed(&s.status),
                     state_bytes: checkpoints.state_bytes(&s.plan.name),
                     glue_failures: glue_failures.get(&s.plan.name).copied(),
+                    compactions: s.compactions.load(std::sync::atomic::Ordering::Relaxed),
                 })
                 .collect(),
             sinks: state

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
 use sluice_connectors::lake::{
-    ATHENA_DDL_FILE, GlueCatalog, Lake, Zone, athena_ddl, today, write_athena_ddl,
+    ATHENA_DDL_FILE, GlueCatalog, Lake, PartitionMarker, Zone, athena_ddl, today, write_athena_ddl,
 };
 use sluice_engine::checkpoint::Fence;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +56,8 @@ struct Table {
     /// A type Athena lacks: no table can describe the stream (not retried).
     unsupported: bool,
     glue: GlueState,
+    /// Partitions marked complete whose Glue partition is not written yet, by (dt, hour).
+    finals: std::collections::BTreeMap<(String, String), PartitionMarker>,
 }
 
 /// The tables of every stream. See the module docs.
@@ -121,9 +123,23 @@ impl LakeTables {
                 written: None,
                 unsupported: false,
                 glue,
+                finals: Default::default(),
             },
         );
         self.sync_one(stream, false).await;
+    }
+
+    /// A partition of `marker.stream` is final (compacted, its `_SUCCESS` marker written):
+    /// with Glue, its partition is written with the marker's figures from the next
+    /// [`LakeTables::sync`] on (retried like the table).
+    pub fn partition_final(&self, marker: &PartitionMarker) {
+        if self.glue.is_none() {
+            return;
+        }
+        if let Some(t) = self.tables().get_mut(&marker.stream) {
+            t.finals
+                .insert((marker.dt.clone(), marker.hour.clone()), marker.clone());
+        }
     }
 
     /// Forgets `stream` (dropped): its files and table stay.
@@ -223,6 +239,7 @@ impl LakeTables {
             )
         };
         if !write_file && !call_glue {
+            self.sync_partitions(stream, with_glue).await;
             return;
         }
         // A writer that may have lost its lease (paused past it, say) writes nothing more.
@@ -281,6 +298,64 @@ impl LakeTables {
                     t.glue.next_try = Some(Instant::now() + wait);
                 }
             }
+        }
+        self.sync_partitions(stream, with_glue).await;
+    }
+
+    /// Writes the Glue partitions of `stream` marked final since the last round, once its
+    /// table is registered (a failure counts, and waits like the table's).
+    async fn sync_partitions(&self, stream: &str, with_glue: bool) {
+        let Some(glue) = self.glue.as_ref().filter(|_| with_glue) else {
+            return;
+        };
+        let (schema, finals) = {
+            let tables = self.tables();
+            let Some(t) = tables.get(stream) else {
+                return;
+            };
+            let ready =
+                t.glue.registered.is_some() && t.glue.next_try.is_none_or(|n| Instant::now() >= n);
+            if !ready || t.finals.is_empty() {
+                return;
+            }
+            (Arc::clone(&t.schema), t.finals.clone())
+        };
+        if self.fence.check().is_err() {
+            return;
+        }
+        for (key, marker) in finals {
+            let result = glue
+                .upsert_partition(&self.lake, stream, &schema, &marker)
+                .await;
+            let mut tables = self.tables();
+            let Some(t) = tables.get_mut(stream) else {
+                return;
+            };
+            match result {
+                Ok(()) => {
+                    // Unless marked again meanwhile (a reopened hour, compacted again).
+                    if t.finals.get(&key) == Some(&marker) {
+                        t.finals.remove(&key);
+                    }
+                }
+                Err(e) => {
+                    t.glue.failures += 1;
+                    let wait = SYNC_INTERVAL
+                        .saturating_mul(1 << t.glue.failures.min(5))
+                        .min(MAX_GLUE_BACKOFF);
+                    tracing::warn!(
+                        stream,
+                        failures = t.glue.failures,
+                        "Glue partition (retried in {wait:?}): {e}"
+                    );
+                    t.glue.error = Some(e.to_string());
+                    t.glue.next_try = Some(Instant::now() + wait);
+                    return;
+                }
+            }
+        }
+        if let Some(t) = self.tables().get_mut(stream) {
+            t.glue.error = None;
         }
     }
 

@@ -73,6 +73,8 @@ pub struct StreamVitals {
     pub state_bytes: u64,
     /// Failed Glue calls for its table (`None`: no Glue catalog).
     pub glue_failures: Option<u64>,
+    /// Hour partitions it compacted and marked complete.
+    pub compactions: u64,
 }
 
 /// HTTP ingest answers by (source, status code).
@@ -207,6 +209,8 @@ fn record(v: &Vitals) {
         if let Some(n) = s.glue_failures {
             counter!("sluice_glue_failures_total", "stream" => stream.clone()).absolute(n);
         }
+        counter!("sluice_lake_compactions_total", "stream" => stream.clone())
+            .absolute(s.compactions);
         gauge!("sluice_stream_state_bytes", "stream" => stream).set(s.state_bytes as f64);
     }
     for (name, delivered, failed) in &v.sinks {
@@ -301,6 +305,11 @@ fn describe() {
         "sluice_glue_failures_total",
         Unit::Count,
         "Failed Glue Data Catalog calls for a stream's table (each retried)."
+    );
+    describe_counter!(
+        "sluice_lake_compactions_total",
+        Unit::Count,
+        "Hour partitions of a stream compacted and marked complete (_SUCCESS)."
     );
     describe_gauge!(
         "sluice_stream_state_rows",

@@ -21,7 +21,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sluice_connectors::lake::{Lake, ParquetLakeWriter, RecordZone, Zone, run_errors_writer};
+use sluice_connectors::lake::{
+    Lake, OnFinal, ParquetLakeWriter, RecordZone, Zone, run_errors_writer,
+};
 use sluice_engine::checkpoint::{CheckpointHandle, Coordinator, Payload, StreamRegistration};
 use sluice_engine::connector::{ReaderFactory, SinkSpec, SourceFeed};
 use sluice_engine::pipeline::TaskWiring;
@@ -112,6 +114,8 @@ pub struct RunningStream {
     pub metrics: Arc<Metrics>,
     /// Parquet files it made visible in the lake.
     pub files_written: Arc<AtomicU64>,
+    /// Hour partitions it compacted and marked complete.
+    pub compactions: Arc<AtomicU64>,
     /// Its state.
     pub status: SharedStatus,
     /// Stops it.
@@ -402,6 +406,19 @@ fn checkpoint_interval(plan: &StreamPlan, default: Duration) -> Option<Duration>
 /// Opened once readers may start (see `PendingReader::start`).
 pub type Gate = tokio::sync::watch::Receiver<bool>;
 
+/// What a stream runs within: the server's shutdown, checkpoints, readers' gate, and what
+/// hears of its completed partitions.
+pub struct StreamEnv<'a> {
+    /// Cancelled when the server shuts down (the stream's token is a child of it).
+    pub parent: &'a CancellationToken,
+    /// The checkpoint coordinator, if streams checkpoint.
+    pub coordinator: Option<&'a Coordinator>,
+    /// Opened once readers may start.
+    pub gate: &'a Gate,
+    /// Called when one of the stream's hour partitions is compacted and marked complete.
+    pub on_final: Option<OnFinal>,
+}
+
 /// Starts a stream's tasks. `input` resolves a source or stream name to what the stream
 /// reads from it. With a `coordinator`, a stream whose every input can replay from a
 /// checkpoint (readers that keep positions, streams that checkpoint) and whose operators can
@@ -411,10 +428,14 @@ pub async fn start_stream(
     create: CreateStream,
     plan: StreamPlan,
     input: impl Fn(&str) -> Option<Input>,
-    parent: &CancellationToken,
-    coordinator: Option<&Coordinator>,
-    gate: &Gate,
+    env: StreamEnv<'_>,
 ) -> Result<RunningStream> {
+    let StreamEnv {
+        parent,
+        coordinator,
+        gate,
+        on_final,
+    } = env;
     let name = plan.name.clone();
     let origin = format!("stream {name}");
     let spec = plan.pipeline(&origin);
@@ -516,8 +537,11 @@ pub async fn start_stream(
         Arc::clone(&files_written),
     );
     let mut subtask_checkpoints = vec![];
+    let compactions = Arc::new(AtomicU64::new(0));
     if let Some(c) = checkpoints {
-        writer = writer.with_checkpoints(c.writer, cancel.clone());
+        writer = writer
+            .with_checkpoints(c.writer, cancel.clone())
+            .with_compaction(on_final, Arc::clone(&compactions));
         subtask_checkpoints = c.subtasks;
     }
     let mut inputs = inputs.into_iter();
@@ -590,6 +614,7 @@ pub async fn start_stream(
         fanout,
         metrics,
         files_written,
+        compactions,
         status,
         cancel,
         checkpointed,

@@ -41,7 +41,7 @@ use sluice_engine::operators::{
     Projection, SessionAggregate, StreamJoin, StreamJoinSpec, TemporalJoin, TemporalJoinSpec,
     Unnest, WindowAggregate, WindowAggregateSpec,
 };
-use sluice_engine::sink::FileRolling;
+use sluice_engine::sink::{Compaction, FileRolling};
 use sluice_engine::{Operator, OperatorChain, WithOptions};
 
 use crate::error::{Result, SqlError};
@@ -458,6 +458,13 @@ impl StreamPlan {
             self.writer.rollover_interval,
             self.writer.target_file_size
         );
+        if let Some(c) = &self.writer.compaction {
+            let _ = write!(
+                s,
+                ", hours compacted {:?} after they end",
+                std::time::Duration::from_micros(c.closes_after_micros() as u64)
+            );
+        }
         s
     }
 }
@@ -493,6 +500,20 @@ pub async fn plan_stream(
         }
         writer.target_file_size = b;
     }
+    let compaction_on = opts.take_bool("compaction")?;
+    let compaction_delay = opts.take_duration("compaction_delay")?;
+    if compaction_on == Some(false) && compaction_delay.is_some() {
+        return Err(SqlError::InvalidOption(format!(
+            "{owner}: option `compaction_delay` applies when compaction is on, and \
+             `compaction = 'off'` turns it off"
+        )));
+    }
+    if compaction_on == Some(true) && checkpoint_interval.is_some_and(|d| d.is_zero()) {
+        return Err(SqlError::InvalidOption(format!(
+            "{owner}: option `compaction` needs checkpoints (compacted files replace the old \
+             ones in a checkpoint's commit), and `checkpoint_interval = '0s'` turns them off"
+        )));
+    }
     let event_time_override = opts.take_str("event_time_column");
     let mut stateful = StatefulOptions::default();
     let micros = |d: std::time::Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
@@ -524,6 +545,15 @@ pub async fn plan_stream(
         stateful.dedup_ttl = micros(d);
     }
     opts.finish()?;
+    // On by default wherever there are checkpoints to swap the files through.
+    if compaction_on != Some(false) && !checkpoint_interval.is_some_and(|d| d.is_zero()) {
+        writer.compaction = Some(Compaction {
+            allowed_lateness: std::time::Duration::from_micros(
+                u64::try_from(stateful.lateness.allowed).unwrap_or(0),
+            ),
+            delay: compaction_delay.unwrap_or(Compaction::DEFAULT_DELAY),
+        });
+    }
 
     let ctx = SessionContext::new();
     // DISTINCT and DISTINCT ON stay as they are (a dedup), not rewritten into aggregates.

@@ -144,8 +144,7 @@ impl EpochSink {
             target: format!("{}/{stem}.arrow", pending_dir(&self.name)),
             // Deleted once delivered.
             transient: true,
-            bytes: 0,
-            first_row_at: None,
+            ..StagedFile::new("", "")
         };
         self.store.put(&file.staged, write_ipc(&rows)?).await?;
         Ok(Some((file, rows)))

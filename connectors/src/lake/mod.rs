@@ -12,6 +12,7 @@
 //! end implements as write-to-staging-file + rename).
 
 mod athena;
+mod compaction;
 #[cfg(feature = "aws")]
 mod glue;
 #[cfg(not(feature = "aws"))]
@@ -20,11 +21,14 @@ mod parquet_writer;
 mod records;
 
 pub use athena::{ATHENA_DDL_FILE, athena_ddl, write_athena_ddl};
+pub use compaction::{
+    COMPACTION_STAGING, Compacted, MARKER_FILE, PartitionCompactor, PartitionMarker, is_data_file,
+};
 #[cfg(feature = "aws")]
 pub use glue::GlueCatalog;
 #[cfg(not(feature = "aws"))]
 pub use no_glue::GlueCatalog;
-pub use parquet_writer::{ParquetLakeWriter, lake_schema};
+pub use parquet_writer::{OnFinal, ParquetLakeWriter, lake_schema};
 pub use records::{RecordZone, run_errors_writer};
 
 use std::sync::Arc;
@@ -448,7 +452,10 @@ impl sluice_engine::checkpoint::CheckpointStore for Lake {
         let (from, to) = (self.absolute(staged)?, self.absolute(target)?);
         match self.store.rename(&from, &to).await {
             Ok(()) => {
-                self.committed(&to, file.bytes, file.first_row_at);
+                // A compaction's files hold rows committed before: not counted again.
+                if !compaction::is_compaction_file(staged) {
+                    self.committed(&to, file.bytes, file.first_row_at);
+                }
                 Ok(())
             }
             Err(object_store::Error::NotFound { .. }) => match self.store.head(&to).await {

@@ -3,7 +3,7 @@
 
 use arrow::datatypes::Schema;
 
-use super::Lake;
+use super::{Lake, PartitionMarker};
 use crate::error::{ConnectorError, Result};
 
 /// Uninhabited: see the module docs.
@@ -31,6 +31,17 @@ impl GlueCatalog {
 
     /// Creates or updates the table of `stream`.
     pub async fn upsert_table(&self, _: &Lake, _: &str, _: &Schema, _: &str) -> Result<()> {
+        match *self {}
+    }
+
+    /// Creates or updates a completed partition of the table of `stream`.
+    pub async fn upsert_partition(
+        &self,
+        _: &Lake,
+        _: &str,
+        _: &Schema,
+        _: &PartitionMarker,
+    ) -> Result<()> {
         match *self {}
     }
 

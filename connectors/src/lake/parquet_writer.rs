@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, Int64Array, TimestampMicrosecondArray};
@@ -22,6 +23,7 @@ use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
+use futures::FutureExt;
 use object_store::buffered::BufWriter;
 use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::Compression;
@@ -31,6 +33,7 @@ use sluice_engine::sink::FileRolling;
 use sluice_engine::{Barrier, EngineError, Sink};
 use tokio_util::sync::CancellationToken;
 
+use super::compaction::{Compacted, PartitionCompactor, PartitionMarker};
 use super::{Lake, MICROS_PER_HOUR, Zone, unique_file_name};
 
 /// The schema a stream's rows have in the lake: every timestamp becomes
@@ -75,6 +78,51 @@ struct Staging {
     closed: Vec<StagedFile>,
 }
 
+/// Called when a partition is final: its compacted files and marker are published.
+pub type OnFinal = Arc<dyn Fn(&PartitionMarker) + Send + Sync>;
+
+/// A writer's compactions (with checkpoints only: they commit through them).
+///
+/// Every file the writer stages gets a sequence number in report order; the coordinator
+/// counts the writer's files as it publishes them (`published`), so file `n` is published
+/// once that count reaches `n`. An hour is compacted when it is closed, all its files are
+/// published, and no compaction of it waits to be: so a compaction never reads a partition
+/// another one is about to change.
+struct Compactions {
+    compactor: PartitionCompactor,
+    /// µs past an hour's end at which it closes.
+    closes_after: i64,
+    /// Partitions by event time (the watermark closes them), else by arrival (the clock).
+    by_event_time: bool,
+    watermark: Option<i64>,
+    /// Hours with files no compaction has read: hour → sequence number of its last file.
+    dirty: BTreeMap<i64, u64>,
+    /// After a start: the listing of partitions that are not final.
+    scan: Option<tokio::task::JoinHandle<crate::error::Result<Vec<i64>>>>,
+    /// The compaction running, of which hour.
+    running: Option<(
+        i64,
+        tokio::task::JoinHandle<sluice_engine::Result<Option<Compacted>>>,
+    )>,
+    /// Compactions staged, by hour: the sequence number of their last file, and the marker.
+    reported: BTreeMap<i64, (u64, PartitionMarker)>,
+    /// Hours whose compaction failed: retried from this instant on.
+    retry_at: BTreeMap<i64, Instant>,
+    /// Files staged so far (the last sequence number given).
+    staged: u64,
+    /// Files published so far (counted by the coordinator).
+    published: Arc<AtomicU64>,
+    /// Sequence numbers of compaction files not yet published, and how many were.
+    compaction_files: std::collections::VecDeque<u64>,
+    compaction_files_published: u64,
+    on_final: Option<OnFinal>,
+    /// Compactions published.
+    done: Arc<AtomicU64>,
+}
+
+/// How long a failed compaction waits before it is tried again.
+const COMPACTION_RETRY: Duration = Duration::from_secs(60);
+
 /// The processed-zone writer of one stream. See the module docs.
 pub struct ParquetLakeWriter {
     lake: Lake,
@@ -83,8 +131,9 @@ pub struct ParquetLakeWriter {
     event_time_column: Option<usize>,
     config: FileRolling,
     open: BTreeMap<Option<i64>, OpenFile>,
-    files_written: Arc<std::sync::atomic::AtomicU64>,
+    files_written: Arc<AtomicU64>,
     staging: Option<Staging>,
+    compactions: Option<Compactions>,
 }
 
 impl ParquetLakeWriter {
@@ -96,7 +145,7 @@ impl ParquetLakeWriter {
         input_schema: &Schema,
         event_time_column: Option<&str>,
         config: FileRolling,
-        files_written: Arc<std::sync::atomic::AtomicU64>,
+        files_written: Arc<AtomicU64>,
     ) -> Self {
         let schema = lake_schema(input_schema);
         let event_time_column = event_time_column
@@ -111,6 +160,7 @@ impl ParquetLakeWriter {
             open: BTreeMap::new(),
             files_written,
             staging: None,
+            compactions: None,
         }
     }
 
@@ -125,8 +175,58 @@ impl ParquetLakeWriter {
         self
     }
 
+    /// Compacts the stream's closed hour partitions as `config.compaction` says (with
+    /// checkpoints only: call after [`ParquetLakeWriter::with_checkpoints`]); `on_final` is
+    /// called for each partition once its compacted files and marker are published, and
+    /// `done` counts those.
+    pub fn with_compaction(mut self, on_final: Option<OnFinal>, done: Arc<AtomicU64>) -> Self {
+        let Some(c) = self.config.compaction.filter(|_| self.staging.is_some()) else {
+            return self;
+        };
+        let event_time = self
+            .event_time_column
+            .map(|i| self.schema.field(i).name().clone());
+        let compactor = PartitionCompactor::new(
+            self.lake.clone(),
+            self.stream.clone(),
+            Arc::clone(&self.schema),
+            event_time,
+            self.config.target_file_size,
+        );
+        let scan = {
+            let compactor = compactor.clone();
+            tokio::spawn(async move { compactor.open_hours().await })
+        };
+        self.compactions = Some(Compactions {
+            compactor,
+            closes_after: c.closes_after_micros(),
+            by_event_time: self.event_time_column.is_some(),
+            watermark: None,
+            dirty: BTreeMap::new(),
+            scan: Some(scan),
+            running: None,
+            reported: BTreeMap::new(),
+            retry_at: BTreeMap::new(),
+            staged: 0,
+            published: Arc::new(AtomicU64::new(0)),
+            compaction_files: Default::default(),
+            compaction_files_published: 0,
+            on_final,
+            done,
+        });
+        self
+    }
+
+    /// The counter the coordinator advances as it publishes this writer's files.
+    fn publish_counter(&self) -> Arc<AtomicU64> {
+        match &self.compactions {
+            Some(c) => Arc::clone(&c.published),
+            None => Arc::clone(&self.files_written),
+        }
+    }
+
     /// Closes a file: visible at once, or (with checkpoints) staged for the epoch.
-    async fn close_one(&mut self, file: OpenFile) -> sluice_engine::Result<()> {
+    async fn close_one(&mut self, file: OpenFile, hour: Option<i64>) -> sluice_engine::Result<()> {
         let staged = file.staged.clone();
         let counter = if staged.is_some() {
             None // counted when published
@@ -136,16 +236,132 @@ impl ParquetLakeWriter {
         let (target, first_row_at) = (file.target.clone(), file.first_row_at);
         let bytes = close_file(file, &self.stream, counter).await?;
         match (&mut self.staging, staged) {
-            (Some(s), Some(f)) => s.closed.push(f.with_stats(bytes, Some(first_row_at))),
+            (Some(s), Some(f)) => {
+                s.closed.push(f.with_stats(bytes, Some(first_row_at)));
+                if let Some(c) = &mut self.compactions {
+                    c.staged += 1;
+                    if let Some(h) = hour {
+                        c.dirty.insert(h, c.staged);
+                    }
+                }
+            }
             _ => self.lake.committed(&target, bytes, Some(first_row_at)),
         }
         Ok(())
     }
 
+    /// Moves compactions along: publication seen, a finished one staged, the next started.
+    fn compact(&mut self) {
+        let (Some(c), Some(staging)) = (&mut self.compactions, &mut self.staging) else {
+            return;
+        };
+        let published = c.published.load(Ordering::Acquire);
+        while c.compaction_files.front().is_some_and(|&n| n <= published) {
+            c.compaction_files.pop_front();
+            c.compaction_files_published += 1;
+        }
+        self.files_written
+            .store(published - c.compaction_files_published, Ordering::Relaxed);
+        let finals: Vec<i64> = c
+            .reported
+            .iter()
+            .filter(|(_, (n, _))| *n <= published)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in finals {
+            let (_, marker) = c.reported.remove(&h).expect("listed above");
+            c.done.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(stream = %marker.stream, dt = %marker.dt, hour = %marker.hour, rows = marker.rows, files = marker.files.len(), "partition compacted and marked complete");
+            if let Some(f) = &c.on_final {
+                f(&marker);
+            }
+        }
+        if c.scan.as_ref().is_some_and(|t| t.is_finished()) {
+            let scan = c.scan.take().expect("checked");
+            match scan.now_or_never() {
+                Some(Ok(Ok(hours))) => {
+                    for h in hours {
+                        c.dirty.entry(h).or_insert(0);
+                    }
+                }
+                Some(Ok(Err(e))) => {
+                    tracing::warn!(stream = %self.stream, error = %e, "listing the stream's partitions to compact failed; only partitions written from now on are compacted");
+                }
+                _ => {}
+            }
+        }
+        if c.running.as_ref().is_some_and(|(_, t)| t.is_finished()) {
+            let (hour, task) = c.running.take().expect("checked");
+            match task.now_or_never() {
+                Some(Ok(Ok(Some(done)))) => {
+                    tracing::debug!(stream = %self.stream, hour, replaced = done.replaced, files = done.files.len(), "compaction staged");
+                    for f in done.files {
+                        staging.closed.push(f);
+                        c.staged += 1;
+                        c.compaction_files.push_back(c.staged);
+                    }
+                    c.reported.insert(hour, (c.staged, done.marker));
+                }
+                Some(Ok(Ok(None))) => {}
+                Some(Ok(Err(e))) => {
+                    tracing::warn!(stream = %self.stream, hour, error = %e, "compacting a partition failed; retrying in a minute");
+                    c.dirty.entry(hour).or_insert(0);
+                    c.retry_at.insert(hour, Instant::now() + COMPACTION_RETRY);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(stream = %self.stream, hour, error = %e, "a compaction task failed; retrying in a minute");
+                    c.dirty.entry(hour).or_insert(0);
+                    c.retry_at.insert(hour, Instant::now() + COMPACTION_RETRY);
+                }
+                None => {}
+            }
+        }
+        if c.running.is_some() {
+            return;
+        }
+        let now = if c.by_event_time {
+            match c.watermark {
+                Some(w) => w,
+                None => return,
+            }
+        } else {
+            sluice_engine::EventTime::now().micros()
+        };
+        let due = c.dirty.iter().find(|(h, last)| {
+            let end = (**h + 1).saturating_mul(MICROS_PER_HOUR);
+            now >= end.saturating_add(c.closes_after)
+                && **last <= published
+                && !c.reported.contains_key(h)
+                && c.retry_at.get(h).is_none_or(|t| Instant::now() >= *t)
+        });
+        if let Some((&hour, _)) = due {
+            c.dirty.remove(&hour);
+            c.retry_at.remove(&hour);
+            let compactor = c.compactor.clone();
+            c.running = Some((
+                hour,
+                tokio::spawn(async move { compactor.compact(hour).await }),
+            ));
+        }
+    }
+
+    /// Stops a running compaction (what it staged is deleted on the next start, and a
+    /// compaction staged but not reported is simply not committed).
+    fn stop_compactions(&mut self) {
+        if let Some(c) = &mut self.compactions {
+            if let Some((_, t)) = c.running.take() {
+                t.abort();
+            }
+            if let Some(t) = c.scan.take() {
+                t.abort();
+            }
+        }
+    }
+
     /// Closes every open file.
     async fn close_all(&mut self) -> sluice_engine::Result<()> {
-        for (_, f) in std::mem::take(&mut self.open) {
-            self.close_one(f).await?;
+        for (h, f) in std::mem::take(&mut self.open) {
+            self.close_one(f, h).await?;
         }
         Ok(())
     }
@@ -226,13 +442,10 @@ impl ParquetLakeWriter {
                 (path, Some(staged))
             }
         };
-        let props = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .build();
         let writer = AsyncArrowWriter::try_new(
             BufWriter::new(self.lake.store(), path),
             Arc::clone(&self.schema),
-            Some(props),
+            Some(writer_properties()),
         )
         .map_err(|e| EngineError::external("opening a Parquet file", e))?;
         Ok(OpenFile {
@@ -243,6 +456,13 @@ impl ParquetLakeWriter {
             staged,
         })
     }
+}
+
+/// How the lake's Parquet files are written (the stream's files and compaction's alike).
+pub(super) fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build()
 }
 
 /// Finishes a file: writes the Parquet footer and completes the upload, which makes the
@@ -283,7 +503,7 @@ impl Sink for ParquetLakeWriter {
             let size = file.writer.bytes_written() + file.writer.in_progress_size();
             if size as u64 >= self.config.target_file_size {
                 let f = self.open.remove(&hour).expect("present");
-                self.close_one(f).await?;
+                self.close_one(f, hour).await?;
             }
         }
         Ok(())
@@ -305,7 +525,15 @@ impl Sink for ParquetLakeWriter {
             .collect();
         for h in due {
             let f = self.open.remove(&h).expect("present");
-            self.close_one(f).await?;
+            self.close_one(f, h).await?;
+        }
+        self.compact();
+        Ok(())
+    }
+
+    async fn on_watermark(&mut self, t: sluice_engine::EventTime) -> sluice_engine::Result<()> {
+        if let Some(c) = &mut self.compactions {
+            c.watermark = Some(c.watermark.map_or(t.micros(), |w| w.max(t.micros())));
         }
         Ok(())
     }
@@ -319,10 +547,12 @@ impl Sink for ParquetLakeWriter {
             return Ok(());
         };
         self.close_all().await?;
+        self.compact();
+        let published = self.publish_counter();
         let s = self.staging.as_mut().expect("checked above");
         report.report(Payload::Staged {
             files: std::mem::take(&mut s.closed),
-            published: Arc::clone(&self.files_written),
+            published,
         });
         Ok(())
     }
@@ -336,13 +566,16 @@ impl Sink for ParquetLakeWriter {
             // Stopped, not finished: the last checkpoint stands; what was written since is
             // replayed after a restart (its staged files are deleted then).
             self.open.clear();
+            self.stop_compactions();
             return Ok(());
         }
         self.close_all().await?;
+        self.stop_compactions();
+        let published = self.publish_counter();
         if let Some(s) = &mut self.staging {
             s.handle.clone().finish(Payload::Staged {
                 files: std::mem::take(&mut s.closed),
-                published: Arc::clone(&self.files_written),
+                published,
             });
         }
         Ok(())
@@ -356,6 +589,7 @@ impl Sink for ParquetLakeWriter {
         // The last checkpoint stands; what was written since is replayed after a restart
         // (its staged files are deleted then).
         self.open.clear();
+        self.stop_compactions();
         Ok(())
     }
 }
@@ -471,6 +705,7 @@ mod tests {
         let config = FileRolling {
             rollover_interval: Duration::from_millis(1),
             target_file_size: 1,
+            compaction: None,
         };
         let mut w = ParquetLakeWriter::new(lake, "s", &schema, None, config, Arc::clone(&written));
         // Every batch reaches the 1-byte target: each is a complete, visible file at once.

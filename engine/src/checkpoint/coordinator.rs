@@ -183,7 +183,7 @@ impl Coordinator {
                         if f.transient && store.get(&f.staged).await?.is_none() {
                             continue; // published, and consumed since
                         }
-                        store.publish(f).await?;
+                        publish(store.as_ref(), f).await?;
                     }
                 }
                 tracing::info!(
@@ -902,6 +902,16 @@ fn consume_finals(shared: &Shared, used: &[(String, Participant)]) {
 /// How many checkpoint durations are kept for [`Coordinator::take_durations`] between calls.
 pub const MAX_PENDING_DURATIONS: usize = 4096;
 
+/// Makes `f` visible, then deletes the files it replaces. Idempotent, so recovery can
+/// repeat an interrupted phase two.
+async fn publish(store: &dyn CheckpointStore, f: &StagedFile) -> Result<()> {
+    store.publish(f).await?;
+    for old in &f.retires {
+        store.delete(old).await?;
+    }
+    Ok(())
+}
+
 /// Writes epoch `f.epoch`'s state files and manifest, then publishes its staged files (and
 /// those `carried` from aborted epochs). Idempotent: a failed attempt can be repeated with
 /// the same reports. Returns the final reports it used (see [`consume_finals`]).
@@ -1098,7 +1108,7 @@ async fn commit(
     for s in manifest.streams.values() {
         for f in &s.staged {
             shared.fence.check()?;
-            shared.store.publish(f).await?;
+            publish(shared.store.as_ref(), f).await?;
         }
     }
     for (counter, n) in published {

@@ -118,6 +118,10 @@ pub struct StagedFile {
     /// the time from then to the file's commit is the lake's event-to-commit latency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_row_at: Option<i64>,
+    /// Files this one replaces (a compaction's inputs): deleted right after it is
+    /// published, in the same phase two (and again by recovery, if it was interrupted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retires: Vec<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -133,7 +137,14 @@ impl StagedFile {
             transient: false,
             bytes: 0,
             first_row_at: None,
+            retires: vec![],
         }
+    }
+
+    /// The same file, replacing `files` (relative paths) once it is published.
+    pub fn retiring(mut self, files: Vec<String>) -> Self {
+        self.retires = files;
+        self
     }
 
     /// The same file, `bytes` long, whose first row reached its writer at `first_row_at`.
