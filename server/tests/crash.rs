@@ -962,3 +962,77 @@ fn a_temporal_join_killed_at_random_moments_enriches_every_order_once() {
     assert_eq!(got.len(), expected.len(), "every order, once");
     assert_eq!(got, expected);
 }
+
+/// One event-time hour a second; `compacted` compacts each hour as soon as the watermark
+/// passes its end, `plain` keeps the files as written.
+const COMPACTING: &[&str] = &[
+    "CREATE SOURCE readings (sensor BIGINT NOT NULL, value BIGINT, ts TIMESTAMP NOT NULL,
+                             WATERMARK FOR ts AS ts)
+     WITH (connector = 'datagen', rows_per_second = '3600', batch_size = '100', seed = '5',
+           start_time = '2024-05-01T00:00:00Z', time_step = '1 second', fields.sensor.max = '20')",
+    "CREATE STREAM compacted WITH (checkpoint_interval = '300 ms', compaction_delay = '0 s',
+                                   target_file_size = '32KB')
+     AS SELECT sensor, value, ts FROM readings",
+    "CREATE STREAM plain WITH (checkpoint_interval = '300 ms', compaction = 'off')
+     AS SELECT sensor, value, ts FROM readings",
+];
+
+#[test]
+fn kill_9_during_compactions_loses_and_duplicates_nothing() {
+    let lake = tempfile::tempdir().unwrap();
+    let (child, _) = serve_running(lake.path(), COMPACTING);
+    // Hours close and are compacted about once a second: the kills land before, during and
+    // after compactions and their commits.
+    let (mut child, _) = kill_and_restart(lake.path(), child, 5, u64::from(std::process::id()));
+    let root = lake.path().to_str().unwrap();
+    let checksum = "hash(sensor, value, ts)";
+    let hours: Vec<String> = (0..6).map(|h| format!("2024-05-01/{h:02}")).collect();
+    let started = Instant::now();
+    let compacted = loop {
+        let p = common::lake_partitions(root, "compacted", checksum, None);
+        if hours
+            .iter()
+            .all(|h| p.get(h).is_some_and(|p| !p["marker"].is_null()))
+        {
+            break p;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "hours not compacted: {p:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let plain = common::lake_partitions(root, "plain", checksum, None);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for hour in &hours {
+        let (c, p) = (&compacted[hour], &plain[hour]);
+        assert_eq!(c["rows"], 3600, "{hour}: {c:#}");
+        assert_eq!(c["distinct_ts"], 3600, "{hour}: duplicates: {c:#}");
+        assert_eq!(p["rows"], 3600, "{hour}: {p:#}");
+        assert_eq!(
+            c["checksum"], p["checksum"],
+            "{hour}: other rows than written"
+        );
+        assert_eq!(c["ascending"], true, "{hour}");
+        let marker = &c["marker"];
+        assert_eq!(marker["rows"], 3600, "{hour}: {marker:#}");
+        let mut named: Vec<&str> = marker["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        named.sort_unstable();
+        let files: Vec<&str> = c["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f[0].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            named, files,
+            "{hour}: the marker names the partition's files"
+        );
+    }
+}

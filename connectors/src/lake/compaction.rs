@@ -22,7 +22,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, TimestampMicrosecondArray};
+use arrow::array::{Array, RecordBatch, TimestampMicrosecondArray};
 use arrow::datatypes::SchemaRef;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext, ident};
@@ -207,9 +207,20 @@ impl PartitionCompactor {
             .iter()
             .map(|p| format!("{}{p}", self.lake.store_url()))
             .collect();
-        let mut df = ctx
-            .read_parquet(urls, ParquetReadOptions::default().schema(&self.schema))
-            .await?;
+        // Files of another definition of the stream (dropped, created again with other
+        // columns) are left as they are: rewriting them in this one's columns would lose some.
+        let df = match ctx.read_parquet(urls, ParquetReadOptions::default()).await {
+            Ok(df) if same_columns(df.schema().as_arrow(), &self.schema) => df,
+            found => {
+                let why = match found {
+                    Ok(df) => format!("its files have the columns {}", df.schema()),
+                    Err(e) => e.to_string(),
+                };
+                tracing::info!(stream = %self.stream, hour, "a partition of another definition of the stream is not compacted: {why}");
+                return Ok(None);
+            }
+        };
+        let mut df = df;
         if let Some(t) = &self.event_time {
             df = df.sort(vec![ident(t).sort(true, true)])?;
         }
@@ -245,6 +256,7 @@ impl PartitionCompactor {
                 open = Some(self.open_output(&dir, &mut names_out)?);
             }
             let (writer, _) = open.as_mut().expect("opened above");
+            let batch = RecordBatch::try_new(Arc::clone(&self.schema), batch.columns().to_vec())?;
             writer.write(&batch).await.map_err(parquet_err)?;
             if (writer.bytes_written() + writer.in_progress_size()) as u64 >= self.target_file_size
             {
@@ -361,6 +373,15 @@ pub fn is_data_file(name: &str) -> bool {
     name.ends_with(".parquet") && !name.starts_with('_') && !name.starts_with('.')
 }
 
+/// Whether two schemas have the same column names and types, in order.
+fn same_columns(a: &arrow::datatypes::Schema, b: &arrow::datatypes::Schema) -> bool {
+    a.fields().len() == b.fields().len()
+        && a.fields()
+            .iter()
+            .zip(b.fields())
+            .all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
+}
+
 fn same_files(a: &[String], b: &[String]) -> bool {
     let mut a = a.to_vec();
     let mut b = b.to_vec();
@@ -389,7 +410,7 @@ fn rfc3339(micros: i64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::array::Int64Array;
     use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
     use sluice_engine::checkpoint::CheckpointStore;
 
@@ -540,6 +561,27 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn files_of_another_definition_of_the_stream_are_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+        put_file(&lake, 3, &[(1, 3 * MICROS_PER_HOUR)]).await;
+        put_file(&lake, 3, &[(2, 3 * MICROS_PER_HOUR + 1)]).await;
+        let other = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("name", DataType::Utf8, true),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
+        ]));
+        let compactor =
+            PartitionCompactor::new(lake.clone(), "s", other, Some("ts".into()), 1 << 20);
+        assert!(compactor.compact(3).await.unwrap().is_none());
+        assert_eq!(data_files(&lake, 3).await.len(), 2);
     }
 
     #[tokio::test]
