@@ -19,6 +19,7 @@
 //! machine is shared. Compare ratios between pipelines of one run, not absolute numbers
 //! across machines.
 
+mod compaction;
 mod expect;
 mod ingest;
 mod join_state;
@@ -75,7 +76,9 @@ struct Args {
     /// query sessions (queries on their own runtime, then on the streams'; see its module).
     /// `pg-params` runs a whole server and times `--queries` ad-hoc counts over a stream's
     /// files through the extended protocol (prepared, `$1` bound) and the simple protocol,
-    /// interleaved (p50/p99 of each).
+    /// interleaved (p50/p99 of each). `compaction` compacts one hour of `--events` bids
+    /// written as 360 files, and times DuckDB reading the hour before and after (see its
+    /// module; DuckDB from `SLUICE_TEST_PYTHON`).
     #[arg(long, default_value = "source,discard,lake,bids,tumble,hop")]
     pipelines: String,
     /// Dedup: bidders are drawn from this many (the live keys once they have all been seen;
@@ -800,9 +803,13 @@ fn main() -> anyhow::Result<()> {
                 rt.block_on(pg_params::run(args.queries))?;
                 continue;
             }
+            "compaction" => {
+                rt.block_on(compaction::run(args.events))?;
+                continue;
+            }
             other => {
                 anyhow::bail!(
-                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, hop60, dedup, join, q8, kafka, kafka-librdkafka, json, arrow-json, json-messy, arrow-json-messy, ingest, pg-params)"
+                    "unknown pipeline `{other}` (source, discard, lake, bids, tumble, hop, hop60, dedup, join, q8, kafka, kafka-librdkafka, json, arrow-json, json-messy, arrow-json-messy, ingest, pg-params, compaction)"
                 )
             }
         };

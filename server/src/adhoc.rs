@@ -276,20 +276,72 @@ impl AdHoc {
 
     /// Starts a planned statement on the query runtime; its rows come as a stream of
     /// batches, so a large result never sits in memory whole. Dropping the stream stops it.
+    ///
+    /// A query that fails before its first row because a file it listed is gone — a
+    /// compaction replaced the partition's files meanwhile — runs again (up to
+    /// [`MISSING_FILE_RETRIES`] times): it then lists the new files. (Once rows have gone
+    /// to the client, such a failure reaches it.)
     pub async fn run(
         &self,
         plan: LogicalPlan,
         options: &BTreeMap<String, String>,
     ) -> Result<(SchemaRef, SendableRecordBatchStream)> {
-        let ctx = self.session_ctx(options)?;
-        query_runtime::run(async move {
-            let df = ctx.execute_logical_plan(plan).await?;
-            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-            let stream = df.execute_stream().await?;
-            Ok((schema, query_runtime::forward(stream)))
-        })
-        .await
+        use futures::StreamExt;
+        let mut attempt = 0;
+        loop {
+            let ctx = self.session_ctx(options)?;
+            let plan = plan.clone();
+            let (schema, mut rows) = query_runtime::run(async move {
+                let df = ctx.execute_logical_plan(plan).await?;
+                let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+                let stream = df.execute_stream().await?;
+                Ok((schema, query_runtime::forward(stream)))
+            })
+            .await?;
+            let first = rows.next().await;
+            if let Some(Err(e)) = &first
+                && attempt < MISSING_FILE_RETRIES
+                && is_missing_file(e)
+            {
+                attempt += 1;
+                tracing::debug!(
+                    attempt,
+                    "a file the query listed is gone (compacted): running it again: {e}"
+                );
+                continue;
+            }
+            let rows = futures::stream::iter(first).chain(rows);
+            return Ok((
+                Arc::clone(&schema),
+                Box::pin(
+                    datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(schema, rows),
+                ),
+            ));
+        }
     }
+}
+
+/// How often a query is run again when a file it listed was gone before its first row.
+pub const MISSING_FILE_RETRIES: usize = 3;
+
+/// Whether `e` says an object the query listed does not exist (anywhere in its chain).
+fn is_missing_file(e: &DataFusionError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(object_store::Error::NotFound { .. }) = c.downcast_ref::<object_store::Error>()
+        {
+            return true;
+        }
+        if let Some(DataFusionError::ObjectStore(inner)) = c.downcast_ref::<DataFusionError>()
+            && matches!(**inner, object_store::Error::NotFound { .. })
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    // Errors that keep only the message of what they wrap (Parquet's, Arrow's).
+    let text = e.to_string();
+    text.contains("Object at location") && text.contains("not found")
 }
 
 /// A source seen from an ad-hoc query: it has a schema but no stored rows.
@@ -335,4 +387,41 @@ pub fn queryable_schema(schema: &Schema) -> Schema {
         fields.push(Field::new(c, DataType::Utf8, false));
     }
     Schema::new(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gone() -> object_store::Error {
+        object_store::Error::NotFound {
+            path: "processed/s/dt=2024-05-01/hour=07/1.parquet".into(),
+            source: "404".into(),
+        }
+    }
+
+    #[test]
+    fn a_file_gone_is_told_apart_however_it_is_wrapped() {
+        assert!(is_missing_file(&DataFusionError::ObjectStore(Box::new(
+            gone()
+        ))));
+        let parquet = parquet::errors::ParquetError::External(Box::new(gone()));
+        assert!(is_missing_file(&DataFusionError::External(Box::new(
+            parquet
+        ))));
+        let arrow = arrow::error::ArrowError::ExternalError(Box::new(gone()));
+        assert!(is_missing_file(
+            &DataFusionError::ArrowError(Box::new(arrow), None).context("scanning")
+        ));
+        assert!(!is_missing_file(&DataFusionError::Plan(
+            "no such table".into()
+        )));
+        let denied = object_store::Error::PermissionDenied {
+            path: "x".into(),
+            source: "403".into(),
+        };
+        assert!(!is_missing_file(&DataFusionError::ObjectStore(Box::new(
+            denied
+        ))));
+    }
 }

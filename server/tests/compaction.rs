@@ -92,8 +92,11 @@ fn closed_hours_are_compacted_sorted_marked_complete_and_registered_in_glue() {
     let checksum = "hash(user_id, url, ts)";
     let started = Instant::now();
     let compacted = loop {
-        let p = lake_partitions(&lake, "compacted", checksum, Some(&endpoint));
-        if closed.iter().all(|h| !p[*h]["marker"].is_null()) {
+        let p = lake_partitions(&lake, "compacted", checksum, Some(&endpoint), &closed);
+        if closed
+            .iter()
+            .all(|h| p.get(*h).is_some_and(|p| !p["marker"].is_null()))
+        {
             break p;
         }
         assert!(
@@ -102,7 +105,7 @@ fn closed_hours_are_compacted_sorted_marked_complete_and_registered_in_glue() {
         );
         std::thread::sleep(Duration::from_millis(500));
     };
-    let plain = lake_partitions(&lake, "plain", checksum, Some(&endpoint));
+    let plain = lake_partitions(&lake, "plain", checksum, Some(&endpoint), &closed);
     for hour in closed {
         let (c, p) = (&compacted[hour], &plain[hour]);
         // Exactly the rows the uncompacted stream has: one per second of the hour.

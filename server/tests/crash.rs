@@ -987,13 +987,24 @@ fn kill_9_during_compactions_loses_and_duplicates_nothing() {
     let root = lake.path().to_str().unwrap();
     let checksum = "hash(sensor, value, ts)";
     let hours: Vec<String> = (0..6).map(|h| format!("2024-05-01/{h:02}")).collect();
+    let only: Vec<&str> = hours.iter().map(String::as_str).collect();
     let started = Instant::now();
     let compacted = loop {
-        let p = common::lake_partitions(root, "compacted", checksum, None);
-        if hours
-            .iter()
-            .all(|h| p.get(h).is_some_and(|p| !p["marker"].is_null()))
-        {
+        let p = common::lake_partitions(root, "compacted", checksum, None, &only);
+        // Final: each hour's marker names exactly its files.
+        let is_final = |p: &serde_json::Value| {
+            let mut named: Vec<&str> = p["marker"]["files"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
+                .unwrap_or_default();
+            named.sort_unstable();
+            let files: Vec<&str> = p["files"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|f| f[0].as_str()).collect())
+                .unwrap_or_default();
+            !named.is_empty() && named == files
+        };
+        if hours.iter().all(|h| p.get(h).is_some_and(is_final)) {
             break p;
         }
         assert!(
@@ -1002,7 +1013,7 @@ fn kill_9_during_compactions_loses_and_duplicates_nothing() {
         );
         std::thread::sleep(Duration::from_millis(500));
     };
-    let plain = common::lake_partitions(root, "plain", checksum, None);
+    let plain = common::lake_partitions(root, "plain", checksum, None, &only);
     child.kill().unwrap();
     child.wait().unwrap();
     for hour in &hours {

@@ -2,9 +2,10 @@
 """Describes each hour partition of one stream of a Sluice lake, as batch users' tools see it;
 prints JSON for the Rust tests to compare.
 
-    partitions.py LAKE STREAM CHECKSUM [ENDPOINT]
+    partitions.py LAKE STREAM CHECKSUM [ENDPOINT [HOURS]]
 
 LAKE is a local directory or s3://bucket[/prefix] (then ENDPOINT is the S3 server's URL);
+HOURS (comma separated `dt/hour`) limits the reading to those partitions (all when empty);
 CHECKSUM is a DuckDB expression over the stream's columns whose sum fingerprints a partition's
 rows, e.g. `hash(user_id, url, ts)`. The stream's event-time column must be `ts`.
 
@@ -39,7 +40,8 @@ def main():
 
 def describe():
     lake, stream, checksum = sys.argv[1:4]
-    endpoint = sys.argv[4] if len(sys.argv) > 4 else None
+    endpoint = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] else None
+    only = {h for h in sys.argv[5].split(",") if h} if len(sys.argv) > 5 else set()
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     if lake.startswith("s3://"):
@@ -83,6 +85,7 @@ def describe():
         elif name.endswith(".parquet") and not name.startswith(("_", ".")):
             p["files"].append([name, info.size])
 
+    out = {k: p for k, p in out.items() if not only or k in only}
     for key, p in out.items():
         p["files"].sort()
         previous = None
@@ -95,11 +98,14 @@ def describe():
                 previous = t
         p["ascending"] = ascending
 
-    if out:
+    if any(p["files"] for p in out.values()):
+        globs = ", ".join(
+            f"'{url}/dt={k[:10]}/hour={k[11:]}/*.parquet'" for k in sorted(out) if out[k]["files"]
+        ) if only else f"'{url}/*/*/*.parquet'"
         query = (
             f"SELECT dt || '/' || hour, count(*), count(DISTINCT ts), sum({checksum})::VARCHAR, "
             f"strftime(max(ts), '%Y-%m-%dT%H:%M:%S.%fZ') "
-            f"FROM read_parquet('{url}/*/*/*.parquet', hive_partitioning = true, "
+            f"FROM read_parquet([{globs}], hive_partitioning = true, "
             f"hive_types = {{'dt': VARCHAR, 'hour': VARCHAR}}) GROUP BY 1"
         )
         for key, rows, distinct, total, latest in con.execute(query).fetchall():

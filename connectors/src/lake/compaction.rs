@@ -197,7 +197,14 @@ impl PartitionCompactor {
             return Ok(None);
         }
 
-        let config = SessionConfig::new().with_target_partitions(1);
+        let mut config = SessionConfig::new().with_target_partitions(1);
+        // Strings as the files hold them (`Utf8`), not as views: the output is written in
+        // the stream's schema.
+        config
+            .options_mut()
+            .execution
+            .parquet
+            .schema_force_view_types = false;
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(SORT_MEMORY, 1.0)
             .build_arc()?;
@@ -213,7 +220,11 @@ impl PartitionCompactor {
             Ok(df) if same_columns(df.schema().as_arrow(), &self.schema) => df,
             found => {
                 let why = match found {
-                    Ok(df) => format!("its files have the columns {}", df.schema()),
+                    Ok(df) => format!(
+                        "its files have the columns {}, the stream {}",
+                        describe(df.schema().as_arrow()),
+                        describe(&self.schema)
+                    ),
                     Err(e) => e.to_string(),
                 };
                 tracing::info!(stream = %self.stream, hour, "a partition of another definition of the stream is not compacted: {why}");
@@ -373,6 +384,16 @@ pub fn is_data_file(name: &str) -> bool {
     name.ends_with(".parquet") && !name.starts_with('_') && !name.starts_with('.')
 }
 
+/// `name type, …`.
+fn describe(schema: &arrow::datatypes::Schema) -> String {
+    let columns: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| format!("{} {}", f.name(), f.data_type()))
+        .collect();
+    columns.join(", ")
+}
+
 /// Whether two schemas have the same column names and types, in order.
 fn same_columns(a: &arrow::datatypes::Schema, b: &arrow::datatypes::Schema) -> bool {
     a.fields().len() == b.fields().len()
@@ -424,6 +445,7 @@ mod tests {
                 DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
                 false,
             ),
+            Field::new("tag", DataType::Utf8, true),
         ]))
     }
 
@@ -437,6 +459,9 @@ mod tests {
                     TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.1))
                         .with_timezone("UTC"),
                 ),
+                Arc::new(arrow::array::StringArray::from_iter_values(
+                    rows.iter().map(|r| format!("tag {}", r.0)),
+                )),
             ],
         )
         .unwrap();
@@ -454,9 +479,7 @@ mod tests {
     async fn commit(lake: &Lake, c: &Compacted) {
         for f in &c.files {
             lake.publish(f).await.unwrap();
-            for old in &f.retires {
-                CheckpointStore::delete(lake, old).await.unwrap();
-            }
+            lake.delete_all(&f.retires).await.unwrap();
         }
     }
 

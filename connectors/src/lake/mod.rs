@@ -444,6 +444,24 @@ impl sluice_engine::checkpoint::CheckpointStore for Lake {
         }
     }
 
+    async fn delete_all(&self, paths: &[String]) -> sluice_engine::Result<()> {
+        use futures::StreamExt;
+        let absolute = paths
+            .iter()
+            .map(|p| self.absolute(p))
+            .collect::<sluice_engine::Result<Vec<Path>>>()?;
+        let mut deleted = self
+            .store
+            .delete_stream(futures::stream::iter(absolute.into_iter().map(Ok)).boxed());
+        while let Some(r) = deleted.next().await {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(lake_error("deleting replaced files", e)),
+            }
+        }
+        Ok(())
+    }
+
     async fn publish(
         &self,
         file: &sluice_engine::checkpoint::StagedFile,

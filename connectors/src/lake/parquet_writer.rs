@@ -85,9 +85,10 @@ pub type OnFinal = Arc<dyn Fn(&PartitionMarker) + Send + Sync>;
 ///
 /// Every file the writer stages gets a sequence number in report order; the coordinator
 /// counts the writer's files as it publishes them (`published`), so file `n` is published
-/// once that count reaches `n`. An hour is compacted when it is closed, all its files are
-/// published, and no compaction of it waits to be: so a compaction never reads a partition
-/// another one is about to change.
+/// once that count reaches `n`. An hour is compacted when it is closed, it has no open file,
+/// all its files are published, and no compaction of it waits to be: so a compaction never
+/// reads a partition another one is about to change, nor marks one complete while rows of it
+/// are still on their way.
 struct Compactions {
     compactor: PartitionCompactor,
     /// µs past an hour's end at which it closes.
@@ -327,9 +328,11 @@ impl ParquetLakeWriter {
         } else {
             sluice_engine::EventTime::now().micros()
         };
+        let open = &self.open;
         let due = c.dirty.iter().find(|(h, last)| {
             let end = (**h + 1).saturating_mul(MICROS_PER_HOUR);
             now >= end.saturating_add(c.closes_after)
+                && !open.contains_key(&Some(**h))
                 && **last <= published
                 && !c.reported.contains_key(h)
                 && c.retry_at.get(h).is_none_or(|t| Instant::now() >= *t)

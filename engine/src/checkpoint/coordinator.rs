@@ -906,10 +906,9 @@ pub const MAX_PENDING_DURATIONS: usize = 4096;
 /// repeat an interrupted phase two.
 async fn publish(store: &dyn CheckpointStore, f: &StagedFile) -> Result<()> {
     store.publish(f).await?;
-    for old in &f.retires {
-        store.delete(old).await?;
-    }
-    Ok(())
+    // One request on S3: readers listing the partition in between see the old files beside
+    // the new ones for as long as it takes (see `docs/architecture.md`, *Compaction*).
+    store.delete_all(&f.retires).await
 }
 
 /// Writes epoch `f.epoch`'s state files and manifest, then publishes its staged files (and

@@ -22,6 +22,14 @@ pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
     async fn list(&self, prefix: &str) -> Result<Vec<String>>;
     /// Deletes an object; deleting one that does not exist is not an error.
     async fn delete(&self, path: &str) -> Result<()>;
+    /// Deletes objects, in as few requests as the store allows (S3: `DeleteObjects`, 1000
+    /// keys a request); deleting one that does not exist is not an error.
+    async fn delete_all(&self, paths: &[String]) -> Result<()> {
+        for p in paths {
+            self.delete(p).await?;
+        }
+        Ok(())
+    }
     /// Moves `file.staged` to `file.target`. Idempotent: when the staged file is gone and
     /// the target exists, the move already happened.
     async fn publish(&self, file: &super::StagedFile) -> Result<()>;

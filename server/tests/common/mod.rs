@@ -246,19 +246,21 @@ pub fn python_with_aws(script: &str, args: &[&str], endpoint: &str) -> String {
 /// Each hour partition of `stream` in `lake` (a directory, or `s3://…` on the test S3
 /// server `endpoint`), as `tests/python/partitions.py` describes it with DuckDB and pyarrow:
 /// `"dt/hour"` → files, rows, distinct `ts`, the sum of `checksum`, the latest `ts`, whether
-/// `ts` ascends through the files, and the `_SUCCESS` marker.
+/// `ts` ascends through the files, and the `_SUCCESS` marker — of the partitions `hours`
+/// only (`dt/hour`; all when empty).
 pub fn lake_partitions(
     lake: &str,
     stream: &str,
     checksum: &str,
     endpoint: Option<&str>,
+    hours: &[&str],
 ) -> serde_json::Map<String, serde_json::Value> {
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/partitions.py");
     let mut cmd = Command::new(service_env("SLUICE_TEST_PYTHON"));
     cmd.arg(script).args([lake, stream, checksum]);
+    cmd.arg(endpoint.unwrap_or_default()).arg(hours.join(","));
     if let Some(e) = endpoint {
-        cmd.arg(e);
         aws_env(&mut cmd, e);
     }
     let out = cmd.output().expect("the test Python runs");
