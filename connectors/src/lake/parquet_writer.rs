@@ -11,6 +11,10 @@
 //! with the epoch, and the checkpoint coordinator moves them into place once the epoch is
 //! committed (two-phase commit). A stopped stream (server shutdown) leaves its uncommitted
 //! files staged: the next start deletes them and replays their rows from the sources.
+//!
+//! With checkpoints the writer also compacts closed hours ([`ParquetLakeWriter::with_compaction`]):
+//! a background task stages the hour's files rewritten, sorted, with its `_SUCCESS` marker
+//! (see `compaction.rs`), and the writer reports them with the next barrier like its own.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
