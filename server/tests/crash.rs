@@ -1,8 +1,8 @@
 //! Exactly-once across crashes: `sluice serve` is killed with SIGKILL at random moments
 //! while a Kafka source → dedup → 10-second windows → lake pipeline runs, and restarted each
 //! time on the same lake; at the end the processed zone holds exactly the reference answer.
-//! Also: HTTP ingest, datagen pipelines, and an interval join and a temporal join of a Kafka
-//! and an HTTP source.
+//! Also: HTTP ingest, datagen pipelines, an interval join and a temporal join of a Kafka and
+//! an HTTP source, and the compaction of closed hours (on a local lake and on S3).
 
 mod common;
 
@@ -980,17 +980,60 @@ const COMPACTING: &[&str] = &[
 #[test]
 fn kill_9_during_compactions_loses_and_duplicates_nothing() {
     let lake = tempfile::tempdir().unwrap();
-    let (child, _) = serve_running(lake.path(), COMPACTING);
+    let root = lake.path().to_str().unwrap();
+    compactions_killed(root, None, |cmd| {
+        cmd.env("SLUICE_LAKE", root);
+    });
+}
+
+#[test]
+fn kill_9_during_compactions_on_s3_loses_and_duplicates_nothing() {
+    let endpoint = common::service_env("SLUICE_TEST_S3");
+    let bucket = format!("killcompact-{}", std::process::id());
+    common::python_with_aws(
+        "import boto3, sys; boto3.client('s3', endpoint_url=sys.argv[1]).create_bucket(Bucket=sys.argv[2])",
+        &[&endpoint, &bucket],
+        &endpoint,
+    );
+    let lake = format!("s3://{bucket}/prod");
+    compactions_killed(&lake, Some(&endpoint), |cmd| {
+        cmd.args(["--lake", &lake]);
+        common::aws_env(cmd, &endpoint);
+    });
+}
+
+/// Runs [`COMPACTING`] on `root` (on the S3 server `endpoint`, if given; `configure` points
+/// the server there), kills the server five times at random moments, then checks the first
+/// six hours: compacted, final, and holding exactly the rows of the uncompacted stream.
+fn compactions_killed(
+    root: &str,
+    endpoint: Option<&str>,
+    configure: impl Fn(&mut std::process::Command),
+) {
+    let (mut child, port) = serve_with(&configure);
+    for sql in COMPACTING {
+        psql(port, sql);
+    }
     // Hours close and are compacted about once a second: the kills land before, during and
     // after compactions and their commits.
-    let (mut child, _) = kill_and_restart(lake.path(), child, 5, u64::from(std::process::id()));
-    let root = lake.path().to_str().unwrap();
+    let mut seed = u64::from(std::process::id());
+    println!("kill moments seed: {seed}");
+    for round in 0..5 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(300 + (seed >> 33) % 1_500));
+        child.kill().unwrap(); // SIGKILL: no shutdown, no final checkpoint
+        child.wait().unwrap();
+        println!("killed (round {round})");
+        (child, _) = serve_with(&configure);
+    }
     let checksum = "hash(sensor, value, ts)";
     let hours: Vec<String> = (0..6).map(|h| format!("2024-05-01/{h:02}")).collect();
     let only: Vec<&str> = hours.iter().map(String::as_str).collect();
     let started = Instant::now();
     let compacted = loop {
-        let p = common::lake_partitions(root, "compacted", checksum, None, &only);
+        let p = common::lake_partitions(root, "compacted", checksum, endpoint, &only);
         // Final: each hour's marker names exactly its files.
         let is_final = |p: &serde_json::Value| {
             let mut named: Vec<&str> = p["marker"]["files"]
@@ -1013,7 +1056,7 @@ fn kill_9_during_compactions_loses_and_duplicates_nothing() {
         );
         std::thread::sleep(Duration::from_millis(500));
     };
-    let plain = common::lake_partitions(root, "plain", checksum, None, &only);
+    let plain = common::lake_partitions(root, "plain", checksum, endpoint, &only);
     child.kill().unwrap();
     child.wait().unwrap();
     for hour in &hours {
