@@ -221,3 +221,111 @@ fn compaction_options_are_checked() {
     }
     child.kill().unwrap();
 }
+
+/// POSTs newline-delimited JSON `body` to the HTTP ingest of `source`; the status code.
+fn post(http: u16, source: &str, body: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args([
+            "-H",
+            "Content-Type: application/x-ndjson",
+            "--data-binary",
+            body,
+        ])
+        .arg(format!(
+            "http://127.0.0.1:{http}/v1/sources/{source}/events"
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Events `(id, seconds after 2024-05-01T07:00Z)` as ingest bodies take them.
+fn events(rows: &[(i64, i64)]) -> String {
+    const T0: i64 = 1_714_546_800; // 2024-05-01T07:00:00Z
+    rows.iter()
+        .map(|(id, s)| {
+            let t = chrono::DateTime::from_timestamp(T0 + s, 0).unwrap();
+            format!(
+                "{{\"id\":{id},\"ts\":\"{}\"}}\n",
+                t.format("%Y-%m-%dT%H:%M:%SZ")
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_late_row_reopens_a_complete_hour_which_is_compacted_and_marked_again() {
+    let lake = tempfile::tempdir().unwrap();
+    let root = lake.path().to_str().unwrap().to_string();
+    let (mut child, port, http) = common::serve_ports(|cmd| {
+        cmd.env("SLUICE_LAKE", &root);
+    });
+    psql(
+        port,
+        "CREATE SOURCE events (id BIGINT NOT NULL, ts TIMESTAMP NOT NULL, WATERMARK FOR ts AS ts)
+         WITH (connector = 'http')",
+    );
+    psql(
+        port,
+        "CREATE STREAM kept WITH (checkpoint_interval = '200 ms', compaction_delay = '0 s')
+         AS SELECT id, ts FROM events",
+    );
+    let hour = "2024-05-01/07";
+    let wait_marker = |rows: u64| {
+        let started = Instant::now();
+        loop {
+            let p = lake_partitions(&root, "kept", "hash(id, ts)", None, &[hour]);
+            let p = &p[hour];
+            let named: Vec<&Value> = p["marker"]["files"]
+                .as_array()
+                .map(|a| a.iter().collect())
+                .unwrap_or_default();
+            let files: Vec<&Value> = p["files"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| &f[0])
+                .collect();
+            if p["marker"]["rows"] == rows && named == files {
+                return p.clone();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "hour {hour} not final with {rows} rows: {p:#}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    // Three files of the hour (each post lands before a checkpoint closes its file), then an
+    // event past its end: the watermark closes it.
+    for part in 0..3 {
+        let rows: Vec<(i64, i64)> = (part * 100..part * 100 + 100)
+            .map(|i| (i, i * 10))
+            .collect();
+        assert_eq!(post(http, "events", &events(&rows)), "200");
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert_eq!(post(http, "events", &events(&[(999, 5400)])), "200");
+    let first = wait_marker(300);
+    assert_eq!(first["files"].as_array().unwrap().len(), 1, "{first:#}");
+    assert_eq!(first["rows"], 300);
+
+    // A late row (the stream has no window to drop it): the hour opens again, is compacted
+    // again with it, and its marker rewritten.
+    assert_eq!(post(http, "events", &events(&[(1000, 1799)])), "200");
+    let second = wait_marker(301);
+    assert_eq!(second["rows"], 301);
+    assert_eq!(second["distinct_ts"], 301);
+    assert_eq!(second["ascending"], true);
+    assert_eq!(second["files"].as_array().unwrap().len(), 1, "{second:#}");
+    assert_ne!(second["files"], first["files"], "rewritten");
+    assert_eq!(
+        psql(
+            port,
+            "SELECT count(*) FROM kept WHERE dt = '2024-05-01' AND hour = '07'"
+        ),
+        "301"
+    );
+    child.kill().unwrap();
+}
