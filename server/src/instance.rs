@@ -1252,7 +1252,14 @@ impl Sluice {
                     failed: failed(&s.status),
                     state_bytes: checkpoints.state_bytes(&s.plan.name),
                     glue_failures: glue_failures.get(&s.plan.name).copied(),
-                    compactions: s.compactions.load(std::sync::atomic::Ordering::Relaxed),
+                    compactions: s
+                        .compactions
+                        .done
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    compaction_failures: s
+                        .compactions
+                        .failed
+                        .load(std::sync::atomic::Ordering::Relaxed),
                 })
                 .collect(),
             sinks: state

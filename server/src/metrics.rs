@@ -75,6 +75,8 @@ pub struct StreamVitals {
     pub glue_failures: Option<u64>,
     /// Hour partitions it compacted and marked complete.
     pub compactions: u64,
+    /// Compactions that failed (each retried).
+    pub compaction_failures: u64,
 }
 
 /// HTTP ingest answers by (source, status code).
@@ -211,6 +213,8 @@ fn record(v: &Vitals) {
         }
         counter!("sluice_lake_compactions_total", "stream" => stream.clone())
             .absolute(s.compactions);
+        counter!("sluice_lake_compaction_failures_total", "stream" => stream.clone())
+            .absolute(s.compaction_failures);
         gauge!("sluice_stream_state_bytes", "stream" => stream).set(s.state_bytes as f64);
     }
     for (name, delivered, failed) in &v.sinks {
@@ -310,6 +314,11 @@ fn describe() {
         "sluice_lake_compactions_total",
         Unit::Count,
         "Hour partitions of a stream compacted and marked complete (_SUCCESS)."
+    );
+    describe_counter!(
+        "sluice_lake_compaction_failures_total",
+        Unit::Count,
+        "Compactions of a stream's closed hours that failed (each retried a minute later)."
     );
     describe_gauge!(
         "sluice_stream_state_rows",

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice_connectors::lake::{
-    Lake, OnFinal, ParquetLakeWriter, RecordZone, Zone, run_errors_writer,
+    CompactionCounts, Lake, OnFinal, ParquetLakeWriter, RecordZone, Zone, run_errors_writer,
 };
 use sluice_engine::checkpoint::{CheckpointHandle, Coordinator, Payload, StreamRegistration};
 use sluice_engine::connector::{ReaderFactory, SinkSpec, SourceFeed};
@@ -114,8 +114,8 @@ pub struct RunningStream {
     pub metrics: Arc<Metrics>,
     /// Parquet files it made visible in the lake.
     pub files_written: Arc<AtomicU64>,
-    /// Hour partitions it compacted and marked complete.
-    pub compactions: Arc<AtomicU64>,
+    /// Its compactions: hours compacted and marked complete, failures.
+    pub compactions: Arc<CompactionCounts>,
     /// Its state.
     pub status: SharedStatus,
     /// Stops it.
@@ -537,7 +537,7 @@ pub async fn start_stream(
         Arc::clone(&files_written),
     );
     let mut subtask_checkpoints = vec![];
-    let compactions = Arc::new(AtomicU64::new(0));
+    let compactions: Arc<CompactionCounts> = Arc::default();
     if let Some(c) = checkpoints {
         writer = writer
             .with_checkpoints(c.writer, cancel.clone())

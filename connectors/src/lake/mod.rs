@@ -28,7 +28,7 @@ pub use compaction::{
 pub use glue::GlueCatalog;
 #[cfg(not(feature = "aws"))]
 pub use no_glue::GlueCatalog;
-pub use parquet_writer::{OnFinal, ParquetLakeWriter, lake_schema};
+pub use parquet_writer::{CompactionCounts, OnFinal, ParquetLakeWriter, lake_schema};
 pub use records::{RecordZone, run_errors_writer};
 
 use std::sync::Arc;

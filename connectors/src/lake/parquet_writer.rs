@@ -85,6 +85,15 @@ struct Staging {
 /// Called when a partition is final: its compacted files and marker are published.
 pub type OnFinal = Arc<dyn Fn(&PartitionMarker) + Send + Sync>;
 
+/// A stream's compactions so far (for its metrics).
+#[derive(Debug, Default)]
+pub struct CompactionCounts {
+    /// Hours compacted and marked complete (published).
+    pub done: AtomicU64,
+    /// Compactions that failed (each is retried a minute later).
+    pub failed: AtomicU64,
+}
+
 /// A writer's compactions (with checkpoints only: they commit through them).
 ///
 /// Every file the writer stages gets a sequence number in report order; the coordinator
@@ -121,8 +130,7 @@ struct Compactions {
     compaction_files: std::collections::VecDeque<u64>,
     compaction_files_published: u64,
     on_final: Option<OnFinal>,
-    /// Compactions published.
-    done: Arc<AtomicU64>,
+    counts: Arc<CompactionCounts>,
 }
 
 /// How long a failed compaction waits before it is tried again.
@@ -183,8 +191,12 @@ impl ParquetLakeWriter {
     /// Compacts the stream's closed hour partitions as `config.compaction` says (with
     /// checkpoints only: call after [`ParquetLakeWriter::with_checkpoints`]); `on_final` is
     /// called for each partition once its compacted files and marker are published, and
-    /// `done` counts those.
-    pub fn with_compaction(mut self, on_final: Option<OnFinal>, done: Arc<AtomicU64>) -> Self {
+    /// `counts` counts those and the failures.
+    pub fn with_compaction(
+        mut self,
+        on_final: Option<OnFinal>,
+        counts: Arc<CompactionCounts>,
+    ) -> Self {
         let Some(c) = self.config.compaction.filter(|_| self.staging.is_some()) else {
             return self;
         };
@@ -217,7 +229,7 @@ impl ParquetLakeWriter {
             compaction_files: Default::default(),
             compaction_files_published: 0,
             on_final,
-            done,
+            counts,
         });
         self
     }
@@ -275,7 +287,7 @@ impl ParquetLakeWriter {
             .collect();
         for h in finals {
             let (_, marker) = c.reported.remove(&h).expect("listed above");
-            c.done.fetch_add(1, Ordering::Relaxed);
+            c.counts.done.fetch_add(1, Ordering::Relaxed);
             tracing::info!(stream = %marker.stream, dt = %marker.dt, hour = %marker.hour, rows = marker.rows, files = marker.files.len(), "partition compacted and marked complete");
             if let Some(f) = &c.on_final {
                 f(&marker);
@@ -309,11 +321,13 @@ impl ParquetLakeWriter {
                 }
                 Some(Ok(Ok(None))) => {}
                 Some(Ok(Err(e))) => {
+                    c.counts.failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(stream = %self.stream, hour, error = %e, "compacting a partition failed; retrying in a minute");
                     c.dirty.entry(hour).or_insert(0);
                     c.retry_at.insert(hour, Instant::now() + COMPACTION_RETRY);
                 }
                 Some(Err(e)) => {
+                    c.counts.failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(stream = %self.stream, hour, error = %e, "a compaction task failed; retrying in a minute");
                     c.dirty.entry(hour).or_insert(0);
                     c.retry_at.insert(hour, Instant::now() + COMPACTION_RETRY);
