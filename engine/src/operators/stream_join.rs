@@ -129,6 +129,9 @@ struct Stored {
     max_expiry: i64,
     /// The earliest output event time among its rows (the side the output's time is from).
     min_time: i64,
+    /// The earliest and latest event time of its rows in the index: where its entries lie
+    /// in each key's time-ordered list.
+    entry_times: (i64, i64),
 }
 
 /// What [`StreamJoin::prepare`] computes of a batch.
@@ -138,12 +141,13 @@ struct Prepared {
     times: Vec<Option<i64>>,
 }
 
-/// One side's state.
+/// One side's state. (foldhash rather than std's SipHash: the index is looked up for every
+/// row stored and probed; SipHash's DoS resistance buys nothing for keys already routed.)
 #[derive(Debug, Default)]
 struct Side {
-    batches: HashMap<u64, Stored>,
+    batches: HashMap<u64, Stored, foldhash::fast::RandomState>,
     /// Per key, its rows in event-time order.
-    index: HashMap<Box<[u8]>, Vec<Entry>>,
+    index: HashMap<Box<[u8]>, Vec<Entry>, foldhash::fast::RandomState>,
     rows: usize,
 }
 
@@ -372,6 +376,7 @@ impl StreamJoin {
         let id = self.next_id;
         self.next_id += 1;
         let state = &mut self.sides[side];
+        let mut entry_times = (i64::MAX, i64::MIN);
         for (r, null) in null_key.iter().enumerate() {
             if *null {
                 continue;
@@ -381,6 +386,7 @@ impl StreamJoin {
                 batch: id,
                 row: r as u32,
             };
+            entry_times = (entry_times.0.min(entry.time), entry_times.1.max(entry.time));
             let key = keys.row(r);
             // A key seen before (the common case) costs no allocation.
             match state.index.get_mut(key.as_ref()) {
@@ -405,6 +411,7 @@ impl StreamJoin {
                 matched,
                 max_expiry,
                 min_time,
+                entry_times,
             },
         );
         Ok(())
@@ -543,9 +550,21 @@ impl StreamJoin {
             .collect();
         keys.sort_unstable();
         keys.dedup();
+        // Its entries lie within its rows' times in each key's time-ordered list: only that
+        // stretch is searched (rows come nearly in time order, so it is short).
+        let (earliest, latest) = stored.entry_times;
         for key in keys {
             if let Some(entries) = state.index.get_mut(key) {
-                entries.retain(|e| e.batch != id);
+                let from = entries.partition_point(|e| e.time < earliest);
+                let to = entries.partition_point(|e| e.time <= latest).max(from);
+                let mut kept = from;
+                for i in from..to {
+                    if entries[i].batch != id {
+                        entries.swap(kept, i);
+                        kept += 1;
+                    }
+                }
+                entries.drain(kept..to);
                 if entries.is_empty() {
                     state.index.remove(key);
                 }
