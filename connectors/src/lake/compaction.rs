@@ -216,22 +216,20 @@ impl PartitionCompactor {
             .collect();
         // Files of another definition of the stream (dropped, created again with other
         // columns) are left as they are: rewriting them in this one's columns would lose some.
-        let df = match ctx.read_parquet(urls, ParquetReadOptions::default()).await {
-            Ok(df) if same_columns(df.schema().as_arrow(), &self.schema) => df,
-            found => {
-                let why = match found {
-                    Ok(df) => format!(
-                        "its files have the columns {}, the stream {}",
-                        describe(df.schema().as_arrow()),
-                        describe(&self.schema)
-                    ),
-                    Err(e) => e.to_string(),
-                };
-                tracing::info!(stream = %self.stream, hour, "a partition of another definition of the stream is not compacted: {why}");
-                return Ok(None);
-            }
-        };
-        let mut df = df;
+        // (A file that cannot be read fails the compaction: it is retried, and counted.)
+        let mut df = ctx
+            .read_parquet(urls, ParquetReadOptions::default())
+            .await?;
+        if !same_columns(df.schema().as_arrow(), &self.schema) {
+            tracing::info!(
+                stream = %self.stream,
+                hour,
+                "a partition of another definition of the stream is not compacted: its files have the columns {}, the stream {}",
+                describe(df.schema().as_arrow()),
+                describe(&self.schema)
+            );
+            return Ok(None);
+        }
         if let Some(t) = &self.event_time {
             df = df.sort(vec![ident(t).sort(true, true)])?;
         }

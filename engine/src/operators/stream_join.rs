@@ -32,7 +32,7 @@
 //! its rows, and an index from encoded key to its rows (event time, batch, row) in time order
 //! — an interval join's probe looks only at the other side's rows within the bounds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -147,7 +147,8 @@ struct Prepared {
 struct Side {
     batches: HashMap<u64, Stored, foldhash::fast::RandomState>,
     /// Per key, its rows in event-time order.
-    index: HashMap<Box<[u8]>, Vec<Entry>, foldhash::fast::RandomState>,
+    /// (A deque: rows expire oldest first, and the oldest are at its front.)
+    index: HashMap<Box<[u8]>, VecDeque<Entry>, foldhash::fast::RandomState>,
     rows: usize,
 }
 
@@ -396,7 +397,9 @@ impl StreamJoin {
                     entries.insert(at, entry);
                 }
                 None => {
-                    state.index.insert(key.as_ref().into(), vec![entry]);
+                    state
+                        .index
+                        .insert(key.as_ref().into(), VecDeque::from([entry]));
                 }
             }
         }
@@ -484,8 +487,8 @@ impl StreamJoin {
             let from = found.partition_point(|e| e.time < range.0);
             let to = found.partition_point(|e| e.time <= range.1);
             pairs.extend(
-                found[from..to.max(from)]
-                    .iter()
+                found
+                    .range(from..to.max(from))
                     .map(|e| (r as u32, (e.batch, e.row))),
             );
         }
@@ -555,6 +558,10 @@ impl StreamJoin {
         let (earliest, latest) = stored.entry_times;
         for key in keys {
             if let Some(entries) = state.index.get_mut(key) {
+                // The common case: the oldest entries, at the front.
+                while entries.front().is_some_and(|e| e.batch == id) {
+                    entries.pop_front();
+                }
                 let from = entries.partition_point(|e| e.time < earliest);
                 let to = entries.partition_point(|e| e.time <= latest).max(from);
                 let mut kept = from;
