@@ -44,6 +44,24 @@ struct GlueState {
     next_try: Option<Instant>,
 }
 
+impl GlueState {
+    /// A Glue call for `stream`'s `what` (table, partition) failed: counted, shown, and
+    /// retried after a backoff doubling from [`SYNC_INTERVAL`] up to [`MAX_GLUE_BACKOFF`].
+    fn failed(&mut self, stream: &str, what: &str, e: &dyn std::fmt::Display) {
+        self.failures += 1;
+        let wait = SYNC_INTERVAL
+            .saturating_mul(1 << self.failures.min(5))
+            .min(MAX_GLUE_BACKOFF);
+        tracing::warn!(
+            stream,
+            failures = self.failures,
+            "Glue {what} (retried in {wait:?}): {e}"
+        );
+        self.error = Some(e.to_string());
+        self.next_try = Some(Instant::now() + wait);
+    }
+}
+
 /// One stream's table.
 #[derive(Debug)]
 struct Table {
@@ -284,19 +302,7 @@ impl LakeTables {
                     t.glue.error = None;
                     t.glue.next_try = None;
                 }
-                Err(e) => {
-                    t.glue.failures += 1;
-                    let wait = SYNC_INTERVAL
-                        .saturating_mul(1 << t.glue.failures.min(5))
-                        .min(MAX_GLUE_BACKOFF);
-                    tracing::warn!(
-                        stream,
-                        failures = t.glue.failures,
-                        "Glue (retried in {wait:?}): {e}"
-                    );
-                    t.glue.error = Some(e.to_string());
-                    t.glue.next_try = Some(Instant::now() + wait);
-                }
+                Err(e) => t.glue.failed(stream, "table", &e),
             }
         }
         self.sync_partitions(stream, with_glue).await;
@@ -339,17 +345,7 @@ impl LakeTables {
                     }
                 }
                 Err(e) => {
-                    t.glue.failures += 1;
-                    let wait = SYNC_INTERVAL
-                        .saturating_mul(1 << t.glue.failures.min(5))
-                        .min(MAX_GLUE_BACKOFF);
-                    tracing::warn!(
-                        stream,
-                        failures = t.glue.failures,
-                        "Glue partition (retried in {wait:?}): {e}"
-                    );
-                    t.glue.error = Some(e.to_string());
-                    t.glue.next_try = Some(Instant::now() + wait);
+                    t.glue.failed(stream, "partition", &e);
                     return;
                 }
             }
