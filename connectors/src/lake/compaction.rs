@@ -74,8 +74,6 @@ pub struct PartitionMarker {
 /// ones; the marker comes last).
 #[derive(Debug, Clone)]
 pub struct Compacted {
-    /// The hour (hours since the Unix epoch).
-    pub hour: i64,
     /// New data files, then the marker.
     pub files: Vec<StagedFile>,
     /// What the marker says.
@@ -315,7 +313,6 @@ impl PartitionCompactor {
         marker_file.retires = retired;
         files.push(marker_file);
         Ok(Some(Compacted {
-            hour,
             files,
             marker,
             replaced,

@@ -202,7 +202,7 @@ impl StreamJoin {
     /// slack aside). Walks the whole state: for measurements, not the hot path.
     pub fn state_bytes(&self) -> usize {
         let entry = std::mem::size_of::<Entry>();
-        let slot = std::mem::size_of::<(Box<[u8]>, Vec<Entry>)>();
+        let slot = std::mem::size_of::<(Box<[u8]>, VecDeque<Entry>)>();
         self.sides
             .iter()
             .map(|s| {
